@@ -1,0 +1,70 @@
+"""Errors that the CLI maps to exit codes and one-line `error:` messages.
+
+`BadInput` (exit 2) is anything wrong with what the user gave us, found before training starts.
+`StageFailed` (exit 1) is a stage that stopped on its own account (a guard, a crash mid-training).
+"""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Iterable
+
+
+class AlignError(Exception):
+    """Base class: carries one or more one-line problems and an optional hint."""
+
+    exit_code = 1
+
+    def __init__(self, problems: str | Iterable[str], hint: str | None = None):
+        self.problems = [problems] if isinstance(problems, str) else list(problems)
+        self.hint = hint
+        super().__init__("; ".join(self.problems))
+
+
+class BadInput(AlignError):
+    """The recipe, the data or the arguments are wrong. Exit code 2."""
+
+    exit_code = 2
+
+
+class StageFailed(AlignError):
+    """A stage stopped during training (a guard fired, or an unexpected error). Exit code 1."""
+
+    exit_code = 1
+
+
+def closest(word: str, choices: Iterable[str]) -> str | None:
+    """The closest valid name to a misspelt one, or None when nothing is close."""
+    matches = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.6)
+    return matches[0] if matches else None
+
+
+def unknown_key_message(where: str, key: str, choices: Iterable[str]) -> str:
+    """`<where>: unknown key 'x' (did you mean 'y'?)` — the one wording used for every unknown key."""
+    suggestion = closest(key, choices)
+    tail = f" (did you mean '{suggestion}'?)" if suggestion else ""
+    return f"{where}: unknown key '{key}'{tail}"
+
+
+class Problems:
+    """Collects the problems of several checks, so they are all reported together, once."""
+
+    def __init__(self) -> None:
+        self.problems: list[str] = []
+        self.hints: list[str] = []
+
+    def add(self, problems: Iterable[str]) -> None:
+        self.problems += list(problems)
+
+    def absorb(self, exc: AlignError, prefix: str = "") -> None:
+        self.problems += [f"{prefix}{p}" for p in exc.problems]
+        if exc.hint:
+            self.hints.append(exc.hint)
+
+    def raise_if_any(self) -> None:
+        """Raises:
+        BadInput: with every problem collected, and their hints joined.
+        """
+        if self.problems:
+            problems = list(dict.fromkeys(self.problems))
+            raise BadInput(problems, hint="; ".join(dict.fromkeys(self.hints)) or None)

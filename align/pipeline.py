@@ -1,0 +1,397 @@
+"""Runs a recipe's stages in order: preflight for all of them first, then train, fingerprint, record.
+
+Preflight loads and checks every stage's data and model before the first step of training, so a typo
+in stage three is reported before hours of stage one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import importlib
+import json
+import logging
+import os
+import platform
+import shutil
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+from align import __version__
+from align.errors import AlignError, BadInput, Problems, StageFailed
+from align.files import read_json, write_json_atomic, write_text_atomic
+from align.recipe import DataSpec, Recipe, ScratchModel, Stage, redact, to_yaml
+from align.runtime import (
+    CURRENT_STAGE,
+    RunContext,
+    StageOutput,
+    Tracker,
+    choose_precision,
+    is_main_process,
+    setup_logging,
+)
+from align.stages.common import StageResult
+
+logger = logging.getLogger(__name__)
+
+STAGE_MODULES = {"lm": "align.stages.lm", "sft": "align.stages.sft", "dpo": "align.stages.dpo"}
+# Credentials that must never reach the run directory, whatever key they hide under.
+SECRET_ENV = ("WANDB_API_KEY", "HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "OPENAI_API_KEY")
+
+
+def stage_module(kind: str) -> Any:
+    """The module implementing a stage kind (`run` and `preflight`).
+
+    Raises:
+        BadInput: the kind is not implemented in this version of align.
+    """
+    try:
+        return importlib.import_module(STAGE_MODULES[kind])
+    except ModuleNotFoundError as exc:
+        if exc.name == STAGE_MODULES[kind]:
+            raise BadInput(f"kind: {kind}: not available in align {__version__} yet") from None
+        raise
+
+
+def secret_values() -> list[str]:
+    names = set(SECRET_ENV) | {k for k in os.environ if any(w in k.upper() for w in ("TOKEN", "SECRET", "PASSWORD"))}
+    return [os.environ[k] for k in names if os.environ.get(k)]
+
+
+def resolved_recipe(recipe: Recipe, specs: dict[str, DataSpec] | None = None) -> dict[str, Any]:
+    """The recipe with defaults filled in, omitted models spelled `@<previous>`, and data cards expanded."""
+    data = recipe.model_dump(mode="json")
+    for i, stage in enumerate(data["stages"]):
+        if stage["model"] is None and i > 0:
+            stage["model"] = f"@{data['stages'][i - 1]['name']}"
+        spec = (specs or {}).get(stage["name"])
+        if spec is not None:
+            expanded = spec.model_dump(mode="json")
+            expanded["source"] = spec.source.model_dump(mode="json", exclude_none=True)
+            stage["data"] = {"card": recipe.stages[i].data.card, **expanded}
+        else:
+            stage["data"] = {k: v for k, v in stage["data"].items() if v is not None}
+    return data
+
+
+# --------------------------------------------------------------------------------------------------
+# Preflight
+
+
+def resolve_specs(recipe: Recipe) -> dict[str, DataSpec]:
+    """Every stage's data spec (cards expanded), with format/kind checks. Collects all problems.
+
+    Raises:
+        BadInput: every problem found, together.
+    """
+    from align.data import check_kind, resolve_data
+
+    specs, found = {}, Problems()
+    for stage in recipe.stages:
+        where = f"stages.{stage.name}.data"
+        try:
+            specs[stage.name] = spec = resolve_data(stage.data, recipe.base_dir, where)
+            found.add(check_kind(spec, stage.kind, where))
+        except BadInput as exc:
+            found.absorb(exc)
+    found.raise_if_any()
+    return specs
+
+
+def check_models(recipe: Recipe, found: Problems) -> None:
+    """Problems with stage models that can be found without loading weights."""
+    from align.models import hub_config, scratch_config
+
+    for stage in recipe.stages:
+        where = f"stages.{stage.name}.model"
+        try:
+            if isinstance(stage.model, ScratchModel):
+                scratch_config(stage.model, where)
+            elif isinstance(stage.model, str) and not stage.model.startswith("@"):
+                hub_config(stage.model, where)
+        except BadInput as exc:
+            found.absorb(exc)
+
+
+def load_all_data(recipe: Recipe, specs: dict[str, DataSpec], found: Problems) -> dict[str, Any]:
+    """Load every stage's data up front; problems go to `found`."""
+    from align.data import load_data
+
+    data = {}
+    for stage in recipe.stages:
+        CURRENT_STAGE.set(stage.name)
+        try:
+            data[stage.name] = load_data(specs[stage.name], seed=recipe.seed, base_dir=recipe.base_dir)
+        except BadInput as exc:
+            found.absorb(exc)
+    CURRENT_STAGE.set("-")
+    return data
+
+
+def preflight(recipe: Recipe) -> tuple[dict[str, DataSpec], dict[str, Any]]:
+    """Validate models and data for all stages; return the specs and the loaded data.
+
+    Raises:
+        BadInput: all problems found, together.
+    """
+    specs = resolve_specs(recipe)
+    found = Problems()
+    for stage in recipe.stages:
+        try:
+            stage_module(stage.kind)
+        except BadInput as exc:
+            found.absorb(exc, prefix=f"stages.{stage.name}.")
+    check_models(recipe, found)
+    data = load_all_data(recipe, specs, found)
+    found.raise_if_any()
+    return specs, data
+
+
+# --------------------------------------------------------------------------------------------------
+# Fingerprints and records
+
+
+def fingerprint(stage: Stage, spec: DataSpec, input_fingerprint: str, recipe: Recipe, precision: str) -> str:
+    """A hash of everything that determines a stage's output: config, data, input model, seed, align."""
+    payload = {
+        "stage": stage.model_dump(mode="json"),
+        "data": spec.model_dump(mode="json"),
+        "input": input_fingerprint,
+        "seed": recipe.seed,
+        "precision": precision,
+        "align": __version__,
+    }
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def versions() -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {"align": __version__, "python": platform.python_version()}
+    for name in ("torch", "transformers", "trl", "datasets", "peft", "accelerate", "wandb"):
+        with contextlib.suppress(PackageNotFoundError):
+            out[name] = version(name)
+    return out
+
+
+class Records:
+    """pipeline.json and each stage's summary.json, rewritten atomically on every change."""
+
+    def __init__(self, recipe: Recipe, run_dir: Path):
+        self.run_dir = run_dir
+        self.pipeline: dict[str, Any] = {
+            "name": recipe.name,
+            "stages": [
+                {"name": s.name, "kind": s.kind, "status": "pending", "fingerprint": None, "dir": str(run_dir / s.name)}
+                for s in recipe.stages
+            ],
+        }
+
+    def update(self, name: str, **fields: Any) -> None:
+        for entry in self.pipeline["stages"]:
+            if entry["name"] == name:
+                entry.update(fields)
+        if is_main_process():
+            write_json_atomic(self.run_dir / "pipeline.json", self.pipeline)
+
+    def summary(self, stage: Stage, result: StageResult | None, *, status: str, fp: str, input_model: str, **extra):
+        data = {
+            "stage": stage.name,
+            "kind": stage.kind,
+            "status": status,
+            "fingerprint": fp,
+            "input_model": input_model,
+            "model_dir": str(result.model_dir) if result and result.model_dir else None,
+            "versions": versions(),
+            "metrics": result.metrics if result else {},
+            **(result.extra if result else {}),
+            **extra,
+        }
+        if is_main_process():
+            write_json_atomic(self.run_dir / stage.name / "summary.json", data)
+        return data
+
+
+# --------------------------------------------------------------------------------------------------
+# Running
+
+
+def check_output_dir(run_dir: Path, recipe: Recipe, fresh: bool) -> None:
+    """Refuse to write into a directory that holds something other than this recipe's runs.
+
+    Raises:
+        BadInput: the directory holds another recipe's run, or files align did not write.
+    """
+    if fresh or not run_dir.exists():
+        return
+    pipeline = read_json(run_dir / "pipeline.json")
+    if pipeline is None:
+        if any(run_dir.iterdir()):
+            raise BadInput(
+                f"{run_dir}: output directory is not empty and holds no align run",
+                hint="choose another --output-dir",
+            )
+        return
+    if pipeline.get("name") != recipe.name:
+        raise BadInput(
+            f"{run_dir}: holds the run of recipe '{pipeline.get('name')}', not '{recipe.name}'",
+            hint="choose another --output-dir, or pass --fresh to replace it",
+        )
+
+
+def run_pipeline(
+    recipe: Recipe,
+    *,
+    output_dir: Path,
+    log_level: str = "info",
+    fresh: bool = False,
+) -> list[dict[str, Any]]:
+    """Preflight every stage, then run them in order; return each stage's summary.
+
+    Raises:
+        BadInput: a problem found before training started (exit 2).
+        StageFailed: a stage failed during training (exit 1); later stages are not run.
+    """
+    check_output_dir(output_dir, recipe, fresh)
+    precision = choose_precision(recipe.precision)
+    specs, data = preflight(recipe)
+
+    # Nothing is written before this point: bad input leaves an existing run directory as it was.
+    output_dir.mkdir(parents=True, exist_ok=True)
+    setup_logging(log_level, output_dir / "align.log")
+    logger.info("align %s: recipe %s, %d stages -> %s", __version__, recipe.name, len(recipe.stages), output_dir)
+    logger.info("precision %s: %s", precision.name, precision.reason)
+    if is_main_process():
+        resolved = redact(resolved_recipe(recipe, specs), secret_values())
+        write_text_atomic(output_dir / "recipe.yaml", to_yaml(resolved))
+    group = f"{recipe.name}-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
+    tracker = Tracker(recipe.tracking.wandb, recipe.name, group, output_dir)
+    ctx = RunContext(recipe=recipe, run_dir=output_dir, precision=precision, tracker=tracker, data=data)
+    records = Records(recipe, output_dir)
+    records.update(recipe.stages[0].name)
+
+    summaries = []
+    input_fp = ""
+    for i, stage in enumerate(recipe.stages, start=1):
+        CURRENT_STAGE.set(stage.name)
+        source = ctx.model_source(stage)
+        if isinstance(source, str) and source.startswith("@"):
+            input_fp = ctx.outputs[source[1:]].fingerprint
+        elif isinstance(source, str):
+            input_fp = source
+        fp = fingerprint(stage, specs[stage.name], input_fp, recipe, precision.name)
+        stage_dir = ctx.stage_dir(stage)
+        cached = None if fresh else _cached_summary(stage_dir, fp)
+        if cached is not None:
+            logger.info(
+                "[%d/%d] %s: unchanged since the last run (fingerprint %s): cached",
+                i,
+                len(recipe.stages),
+                stage.name,
+                fp,
+            )
+            ctx.outputs[stage.name] = StageOutput(stage.name, stage.kind, Path(cached["model_dir"]), fp, "cached")
+            cached["status"] = "cached"
+            if is_main_process():
+                write_json_atomic(stage_dir / "summary.json", cached)
+            records.update(stage.name, status="cached", fingerprint=fp, input_model=cached.get("input_model"))
+            summaries.append(cached)
+            continue
+
+        if stage_dir.exists() and is_main_process():
+            shutil.rmtree(stage_dir)  # a changed (or --fresh) stage starts clean: no stale metrics rows
+        input_model = ctx.input_label(stage)
+        logger.info("[%d/%d] %s: %s from %s on %s", i, len(recipe.stages), stage.name, stage.kind, input_model,
+                    specs[stage.name].name or "inline data")  # fmt: skip
+        records.update(stage.name, status="running", fingerprint=fp, input_model=input_model)
+        records.summary(stage, None, status="running", fp=fp, input_model=input_model)
+        tracker.start_stage(stage, redact(resolved_recipe(recipe, specs)["stages"][i - 1], secret_values()))
+        started = time.perf_counter()
+        try:
+            result = stage_module(stage.kind).run(stage, ctx)
+        except BaseException as exc:
+            error = exc.problems[0] if isinstance(exc, AlignError) else f"{type(exc).__name__}: {exc}"
+            records.summary(stage, None, status="failed", fp=fp, input_model=input_model, error=error)
+            records.update(stage.name, status="failed")
+            tracker.finish_stage(exit_code=1)
+            if isinstance(exc, AlignError):
+                raise
+            if isinstance(exc, KeyboardInterrupt):
+                raise
+            raise StageFailed(f"stage {stage.name} failed: {error}") from exc
+        elapsed = time.perf_counter() - started
+        summary = records.summary(
+            stage, result, status="completed", fp=fp, input_model=input_model, wall_time_s=elapsed
+        )
+        records.update(stage.name, status="completed")
+        tracker.summary(result.metrics)
+        tracker.finish_stage()
+        ctx.outputs[stage.name] = StageOutput(stage.name, stage.kind, result.model_dir, fp)
+        summaries.append(summary)
+        logger.info("[%d/%d] %s: completed in %.1f s", i, len(recipe.stages), stage.name, elapsed)
+    CURRENT_STAGE.set("-")
+    return summaries
+
+
+def _cached_summary(stage_dir: Path, fp: str) -> dict[str, Any] | None:
+    summary = read_json(stage_dir / "summary.json")
+    if not summary or summary.get("status") not in ("completed", "cached") or summary.get("fingerprint") != fp:
+        return None
+    if not summary.get("model_dir") or not Path(summary["model_dir"]).is_dir():
+        return None
+    return summary
+
+
+# --------------------------------------------------------------------------------------------------
+# Dry run
+
+
+def dry_run(recipe: Recipe, output_dir: Path) -> str:
+    """Validate everything that can be validated without training and describe what training would do.
+
+    Raises:
+        BadInput: every problem found, as in a real run.
+    """
+    from align.models import hub_config, load_tokenizer, scratch_config, train_tokenizer
+    from align.recipe import WandbSettings
+
+    precision = choose_precision(recipe.precision)
+    specs, data = preflight(recipe)
+    tracker = Tracker(WandbSettings(mode="disabled"), recipe.name, "dry-run", output_dir)
+    ctx = RunContext(recipe=recipe, run_dir=output_dir, precision=precision, tracker=tracker, data=data)
+    lines = [f"preflight: recipe {recipe.name}, {len(recipe.stages)} stages, output {output_dir}",
+             f"precision: {precision.name} ({precision.reason})"]  # fmt: skip
+    loaded: dict[str, tuple[Any, Any]] = {}
+    for i, stage in enumerate(recipe.stages, start=1):
+        CURRENT_STAGE.set(stage.name)
+        source = ctx.model_source(stage)
+        where = f"stages.{stage.name}.model"
+        if isinstance(source, ScratchModel):
+            tokenizer = train_tokenizer(data[stage.name]["train"]["text"], source.vocab_size)
+            config = scratch_config(source, where, vocab_size=len(tokenizer))
+            model_label = f"scratch:{source.model_type} (tokenizer trained here: {len(tokenizer)} tokens)"
+        elif source.startswith("@"):
+            tokenizer, config = loaded[source[1:]]
+            model_label = f"{source} (the output of stage {source[1:]})"
+        else:
+            config, tokenizer = hub_config(source, where), load_tokenizer(source)
+            model_label = source
+        loaded[stage.name] = (tokenizer, config)
+        info = stage_module(stage.kind).preflight(stage, ctx, tokenizer, config)
+        split = data[stage.name]
+        lines += ["", f"[{i}/{len(recipe.stages)}] {stage.name} ({stage.kind})",
+                  f"  model: {model_label}",
+                  f"  data: {specs[stage.name].name or 'inline'} ({specs[stage.name].format}): "
+                  f"{len(split['train'])} train rows, {len(split['validation'])} validation rows"]  # fmt: skip
+        examples = info.pop("examples", [])
+        for key, value in info.items():
+            lines.append(f"  {key}: {value:.4f}" if isinstance(value, float) else f"  {key}: {value}")
+        if stage.early_stopping is not None:
+            lines.append(f"  early stopping: patience {stage.early_stopping.patience}, restores the best checkpoint")
+        for n, example in enumerate(examples, start=1):
+            lines.append(f"  example {n}:")
+            lines += [f"    {k}: {v!r}" for k, v in example.items()]
+    lines += ["", "dry run: nothing was trained or written"]
+    return "\n".join(lines)

@@ -1,0 +1,455 @@
+"""Recipes: YAML loading, `--set` overrides, a strict pydantic schema, and cross-field checks.
+
+Every problem is collected and raised once as `BadInput`, each naming its YAML path
+(`stages.lm.train.max_steps`) and, for an unknown key, the closest valid one.
+"""
+
+from __future__ import annotations
+
+import copy
+import re
+import types
+import typing
+from pathlib import Path
+from typing import Any, Literal, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, TypeAdapter, ValidationError, model_validator
+
+from align.errors import BadInput, unknown_key_message
+
+STAGE_KINDS = ("lm", "sft", "dpo")
+FORMATS = ("text", "prompt_completion", "messages", "preference", "preference_implicit", "preference_messages")
+# The fields each format needs; `columns:` maps them to the source's own column names.
+FORMAT_FIELDS: dict[str, tuple[str, ...]] = {
+    "text": ("text",),
+    "prompt_completion": ("prompt", "completion"),
+    "messages": ("messages",),
+    "preference": ("prompt", "chosen", "rejected"),
+    "preference_implicit": ("chosen", "rejected"),
+    "preference_messages": ("prompt", "chosen", "rejected"),
+}
+KIND_FORMATS: dict[str, tuple[str, ...]] = {
+    "lm": ("text",),
+    "sft": ("text", "prompt_completion", "messages"),
+    "dpo": ("preference", "preference_implicit", "preference_messages"),
+}
+# Training arguments align decides itself; setting them in `train:` would fight it, so they are errors.
+MANAGED_TRAIN_KEYS: dict[str, str] = {
+    "output_dir": "align writes to <run dir>/<stage>/checkpoints; use --output-dir",
+    "report_to": "tracking is set once for all stages under `tracking:`",
+    "bf16": "use the recipe's top-level `precision:` (auto | bf16 | fp16 | fp32)",
+    "fp16": "use the recipe's top-level `precision:` (auto | bf16 | fp16 | fp32)",
+    "run_name": "wandb runs are named <recipe>/<stage>",
+    "seed": "use the recipe's top-level `seed:`",
+    "load_best_model_at_end": "set `early_stopping:` on the stage; align then restores the best model",
+    "metric_for_best_model": "early stopping always watches eval_loss",
+}
+
+
+class Strict(BaseModel):
+    """Base for every recipe section: unknown keys are errors, values are assigned with validation."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class WandbSettings(Strict):
+    project: str = Field("align", description="wandb project the stage runs go to")
+    entity: str | None = Field(None, description="wandb team or user; None means your default entity")
+    mode: Literal["online", "offline", "disabled"] = Field(
+        "offline", description="online falls back to offline, with a warning, without credentials or network"
+    )
+    tags: list[str] = Field(default_factory=list, description="tags added to every stage's run")
+
+
+class Tracking(Strict):
+    wandb: WandbSettings = Field(default_factory=WandbSettings)
+    log_level: Literal["debug", "info", "warning"] = Field("info", description="console log level")
+
+
+class EarlyStopping(Strict):
+    patience: int = Field(3, ge=1, description="evaluations without improvement before stopping")
+    threshold: float = Field(0.0, ge=0.0, description="smallest eval-loss drop that counts as an improvement")
+
+
+class Source(Strict):
+    hub: str | None = Field(None, description="a Hugging Face Hub dataset id")
+    config: str | None = Field(None, description="the hub dataset's configuration name")
+    revision: str | None = Field(None, description="a hub revision (branch, tag or commit)")
+    builtin: str | None = Field(None, description="an offline data set align generates (see align/builtin.py)")
+    files: list[str] | dict[str, list[str]] | None = Field(
+        None, description="local files (jsonl, json, csv, parquet, txt); a list, or {split: [files]}"
+    )
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> Source:
+        given = [k for k in ("hub", "builtin", "files") if getattr(self, k) is not None]
+        if len(given) != 1:
+            raise ValueError(f"give exactly one of hub, builtin, files (got {', '.join(given) or 'none'})")
+        return self
+
+
+class Splits(Strict):
+    train: str = Field("train", description="the source split to train on")
+    validation: str | None = Field(None, description="the source split to evaluate on; null cuts one from train")
+
+
+class DataSpec(Strict):
+    """A data card's front matter, or the same fields given inline in a stage's `data:`."""
+
+    name: str | None = None
+    source: Source
+    format: Literal[FORMATS]  # type: ignore[valid-type]
+    columns: dict[str, str] = Field(default_factory=dict, description="format field -> source column")
+    splits: Splits = Field(default_factory=Splits)
+    valid_fraction: float = Field(0.05, gt=0.0, lt=1.0, description="held-out share cut from train (seeded)")
+    max_train_rows: int | None = Field(None, ge=1, description="keep at most this many training rows")
+    max_eval_rows: int | None = Field(None, ge=1, description="keep at most this many validation rows")
+    license: str | None = None
+    stages: list[str] = Field(default_factory=list, description="stage kinds this data set suits")
+
+    @model_validator(mode="after")
+    def _columns_match_format(self) -> DataSpec:
+        fields = FORMAT_FIELDS[self.format]
+        for key in self.columns:
+            if key not in fields:
+                raise ValueError(unknown_key_message(f"columns (format {self.format})", key, fields))
+        return self
+
+
+class DataRef(Strict):
+    """`data:` in a stage: a card by name, optionally with fields overridden, or a whole inline spec."""
+
+    card: str | None = None
+    name: str | None = None
+    source: Source | None = None
+    format: Literal[FORMATS] | None = None  # type: ignore[valid-type]
+    columns: dict[str, str] | None = None
+    splits: Splits | None = None
+    valid_fraction: float | None = Field(None, gt=0.0, lt=1.0)
+    max_train_rows: int | None = Field(None, ge=1)
+    max_eval_rows: int | None = Field(None, ge=1)
+    license: str | None = None
+    stages: list[str] | None = None
+
+
+class ScratchModel(BaseModel):
+    """A model built from a config: `model_type` plus any size overrides of that config class.
+
+    The overrides are checked against the config class when the stage is validated, since which keys exist
+    depends on `model_type`.
+    """
+
+    model_config = ConfigDict(extra="allow")
+    model_type: str = Field(description="a transformers model type, e.g. gpt2, llama, openai-gpt")
+    vocab_size: int = Field(4096, ge=256, description="vocabulary of the byte-level BPE tokenizer trained on the data")
+
+
+class Stage(Strict):
+    name: str = Field(description="stage name: its directory in the run and its key in --set paths")
+    kind: Literal[STAGE_KINDS]  # type: ignore[valid-type]
+    model: str | ScratchModel | None = Field(
+        None, description="hub id, local directory, @<stage>, or {model_type: ...}; omitted: the previous stage"
+    )
+    data: DataRef
+    train: dict[str, Any] = Field(default_factory=dict, description="keys of the TRL config class of this kind")
+    early_stopping: EarlyStopping | None = None
+
+
+class Recipe(Strict):
+    name: str = Field(description="run directory name under runs/")
+    seed: int = 42
+    precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
+    tracking: Tracking = Field(default_factory=Tracking)
+    stages: list[Stage] = Field(min_length=1)
+    # Where the recipe was read from: relative data paths resolve against its directory.
+    _path: Path | None = PrivateAttr(None)
+
+    @property
+    def base_dir(self) -> Path:
+        return self._path.parent if self._path is not None else Path.cwd()
+
+
+# --------------------------------------------------------------------------------------------------
+# Loading
+
+
+def load_yaml(path: Path) -> dict[str, Any]:
+    """Read a YAML mapping with the safe loader.
+
+    Raises:
+        BadInput: the file is missing, is not YAML, or is not a mapping.
+    """
+    if not path.is_file():
+        raise BadInput(f"{path}: no such file")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark is not None else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise BadInput(f"{path}:{where} malformed YAML: {problem}") from None
+    if not isinstance(data, dict):
+        raise BadInput(f"{path}: a recipe must be a YAML mapping, got {type(data).__name__}")
+    return data
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str], source: str = "--set") -> dict[str, Any]:
+    """Apply `KEY=VALUE` overrides by dotted path; under `stages`, a part names a stage (or its index).
+
+    Values are parsed as YAML scalars, so `max_steps=20` is an int and `mode=offline` a string.
+
+    Raises:
+        BadInput: an override without `=`, or naming a stage that does not exist.
+    """
+    raw = copy.deepcopy(raw)
+    for item in overrides:
+        if "=" not in item:
+            raise BadInput(f"{source} {item}: expected KEY=VALUE")
+        key, _, text = item.partition("=")
+        try:
+            value = yaml.safe_load(text) if text.strip() else ""
+        except yaml.YAMLError:
+            value = text
+        parts = [p for p in key.strip().split(".") if p]
+        if not parts:
+            raise BadInput(f"{source} {item}: empty key")
+        node: Any = raw
+        for i, part in enumerate(parts[:-1]):
+            if isinstance(node, list):
+                node = _stage_by_name(node, part, f"{source} {key}")
+                continue
+            nxt = node.get(part)
+            if nxt is None:
+                nxt = node[part] = {}
+            if not isinstance(nxt, dict | list):
+                raise BadInput(f"{source} {key}: '{'.'.join(parts[: i + 1])}' is a value, not a section")
+            node = nxt
+        if isinstance(node, list):
+            raise BadInput(f"{source} {key}: name a key inside the stage, e.g. {key}.train.max_steps=20")
+        node[parts[-1]] = value
+    return raw
+
+
+def _stage_by_name(stages: list[Any], part: str, where: str) -> dict[str, Any]:
+    names = [s.get("name", s.get("kind")) for s in stages if isinstance(s, dict)]
+    for stage in stages:
+        if isinstance(stage, dict) and stage.get("name", stage.get("kind")) == part:
+            return stage
+    if part.isdigit() and int(part) < len(stages):
+        return stages[int(part)]
+    message = unknown_key_message(where, part, names).replace("unknown key", "no stage named")
+    raise BadInput(message if "did you mean" in message else f"{message} (stages: {', '.join(map(str, names))})")
+
+
+def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
+    """Load, override and validate a recipe; collect every problem and raise them together.
+
+    Raises:
+        BadInput: anything wrong with the recipe, each problem naming its YAML path.
+    """
+    path = Path(path)
+    raw = apply_overrides(load_yaml(path), overrides or [])
+    for stage in raw.get("stages") or []:
+        # A stage's name defaults to its kind, so the common one-stage-per-kind recipe needs no names.
+        if isinstance(stage, dict) and "name" not in stage and isinstance(stage.get("kind"), str):
+            stage["name"] = stage["kind"]
+    problems = list(_unknown_keys(raw, Recipe, "", raw))
+    for stage in raw.get("stages") or []:
+        if isinstance(stage, dict) and stage.get("kind") in STAGE_KINDS and isinstance(stage.get("train"), dict):
+            where = f"stages.{stage.get('name')}.train"
+            problems += check_train(stage["kind"], stage["train"], bool(stage.get("early_stopping")), where)
+    try:
+        recipe = Recipe.model_validate(raw)
+    except ValidationError as exc:
+        problems += [_format_error(err, raw) for err in exc.errors() if err["type"] != "extra_forbidden"]
+        raise BadInput([f"{path}: {p}" for p in _dedupe(problems)]) from None
+    problems += check_recipe(recipe)
+    if problems:
+        raise BadInput([f"{path}: {p}" for p in _dedupe(problems)])
+    recipe._path = path
+    return recipe
+
+
+def _dedupe(items: list[str]) -> list[str]:
+    return list(dict.fromkeys(items))
+
+
+def _yaml_path(loc: tuple[Any, ...], raw: dict[str, Any]) -> str:
+    """`('stages', 0, 'train')` -> `stages.lm.train`: the same spelling `--set` takes."""
+    parts: list[str] = []
+    node: Any = raw
+    for part in loc:
+        if isinstance(part, int) and isinstance(node, list) and part < len(node):
+            item = node[part]
+            label = item.get("name") if isinstance(item, dict) else None
+            parts.append(str(label) if label else str(part))
+            node = item
+        elif isinstance(part, str):
+            if part in {"str", "ScratchModel", "list[str]"} or part.startswith(("dict[", "function-")):
+                continue  # pydantic names union members in locations; they are not YAML keys
+            parts.append(part)
+            node = node.get(part) if isinstance(node, dict) else None
+    return ".".join(parts) or "(top level)"
+
+
+def _format_error(err: dict[str, Any], raw: dict[str, Any]) -> str:
+    where = _yaml_path(tuple(err["loc"]), raw)
+    msg = err["msg"]
+    if err["type"] == "missing":
+        return f"{where}: required key is missing"
+    if err["type"] == "value_error":
+        msg = msg.removeprefix("Value error, ")
+    value = err.get("input")
+    shown = f" (got {value!r})" if not isinstance(value, dict | list) and err["type"] != "value_error" else ""
+    return f"{where}: {msg}{shown}"
+
+
+def _model_of(annotation: Any) -> type[BaseModel] | None:
+    """The Strict model inside an annotation like `X | None` or `list[X]`, if there is exactly one."""
+    if isinstance(annotation, type) and issubclass(annotation, Strict):
+        return annotation
+    origin = typing.get_origin(annotation)
+    if origin in (Union, types.UnionType, list):
+        found = [m for m in map(_model_of, typing.get_args(annotation)) if m is not None]
+        return found[0] if len(found) == 1 else None
+    return None
+
+
+def _unknown_keys(node: Any, model: type[BaseModel], where: str, raw: dict[str, Any]):
+    """Yield an unknown-key message for every key the schema does not know, with a suggestion."""
+    if isinstance(node, list):
+        for i, item in enumerate(node):
+            label = item.get("name") if isinstance(item, dict) and item.get("name") else str(i)
+            yield from _unknown_keys(item, model, f"{where}.{label}", raw)
+        return
+    if not isinstance(node, dict):
+        return
+    fields = model.model_fields
+    for key, value in node.items():
+        path = f"{where}.{key}".lstrip(".")
+        if key not in fields:
+            yield unknown_key_message(where.lstrip(".") or "(top level)", str(key), fields)
+            continue
+        sub = _model_of(fields[key].annotation)
+        if sub is not None:
+            yield from _unknown_keys(value, sub, path, raw)
+
+
+# --------------------------------------------------------------------------------------------------
+# Cross-field checks
+
+
+def check_recipe(recipe: Recipe) -> list[str]:
+    """Checks that involve several fields, all in one place. Returns every problem found."""
+    problems: list[str] = []
+    seen: set[str] = set()
+    for i, stage in enumerate(recipe.stages):
+        where = f"stages.{stage.name}"
+        if stage.name in seen:
+            problems.append(f"{where}.name: two stages are named '{stage.name}'")
+        if not re.fullmatch(r"[A-Za-z0-9_.-]+", stage.name):
+            problems.append(f"{where}.name: use letters, digits, '_', '-' or '.' (it names a directory)")
+        if isinstance(stage.model, str) and stage.model.startswith("@"):
+            ref = stage.model[1:]
+            if ref not in seen:
+                later = ref in {s.name for s in recipe.stages[i:]}
+                problems.append(
+                    f"{where}.model: '@{ref}' "
+                    + ("is not an earlier stage" if later else f"names no stage (stages: {', '.join(seen) or '-'})")
+                )
+        if stage.model is None and i == 0:
+            problems.append(f"{where}.model: the first stage needs a model (hub id, path or {{model_type: ...}})")
+        seen.add(stage.name)
+    return problems
+
+
+def config_class(kind: str) -> type:
+    """The config class whose fields a stage's `train:` takes: LMConfig (TrainingArguments), SFTConfig, DPOConfig."""
+    if kind == "lm":
+        from align.stages.lm_config import LMConfig
+
+        return LMConfig
+    if kind == "sft":
+        from trl import SFTConfig
+
+        return SFTConfig
+    from trl import DPOConfig
+
+    return DPOConfig
+
+
+def _train_field_types(kind: str) -> dict[str, Any]:
+    cls = config_class(kind)
+    try:
+        return typing.get_type_hints(cls)
+    except Exception:  # a hint that does not resolve: fall back to names only
+        return {f: Any for f in cls.__dataclass_fields__}
+
+
+def check_train(kind: str, train: dict[str, Any], early_stopping: bool, where: str) -> list[str]:
+    """Check `train:` keys and value types against the kind's config class; coerce values in place.
+
+    Returns every problem, each naming `<where>.<key>`.
+    """
+    hints = _train_field_types(kind)
+    fields = {name for name, f in config_class(kind).__dataclass_fields__.items() if f.init}
+    problems = []
+    for key, value in list(train.items()):
+        if key in MANAGED_TRAIN_KEYS:
+            problems.append(f"{where}.{key}: set by align: {MANAGED_TRAIN_KEYS[key]}")
+            continue
+        if key not in fields:
+            problems.append(
+                unknown_key_message(where, key, fields) + f" ({config_class(kind).__name__} has no such field)"
+            )
+            continue
+        hint = hints.get(key, Any)
+        try:
+            checked = TypeAdapter(hint, config=ConfigDict(arbitrary_types_allowed=True)).validate_python(value)
+            # Keep the value as written where it was already right (20, not 20.0); take the coerced one where
+            # YAML got it wrong (`1e-4` without a dot is a string to YAML, a float to us).
+            if checked != value:
+                train[key] = checked
+        except ValidationError as exc:
+            msg = exc.errors()[0]["msg"]
+            problems.append(f"{where}.{key}: {msg} (got {value!r})")
+        except Exception:  # a type pydantic cannot build a validator for: TRL checks it when the stage starts
+            pass
+    if early_stopping and str(train.get("eval_strategy", "steps")) in ("no", "IntervalStrategy.NO"):
+        problems.append(f"{where}.eval_strategy: early_stopping needs evaluations; remove eval_strategy: no")
+    return problems
+
+
+# --------------------------------------------------------------------------------------------------
+# Output
+
+
+SECRET_NAME = re.compile(r"(token|key|secret|password|passwd)", re.IGNORECASE)
+# Names that hold "token"/"key" but are ordinary settings, not credentials.
+NOT_SECRET = re.compile(
+    r"^((pad|eos|bos|unk|sep|cls|mask)_token(_id)?|.*tokens?_.*|.*_tokens|.*tokenizer.*|max_tokens|key_.*)$"
+)
+
+
+def redact(node: Any, secrets: list[str] | None = None) -> Any:
+    """A copy with credential-like keys' values and any known secret value replaced by '***'."""
+    secrets = [s for s in (secrets or []) if s and len(s) >= 4]
+    if isinstance(node, dict):
+        out = {}
+        for k, v in node.items():
+            if SECRET_NAME.search(str(k)) and not NOT_SECRET.match(str(k)) and isinstance(v, str | int | float):
+                out[k] = "***"
+            else:
+                out[k] = redact(v, secrets)
+        return out
+    if isinstance(node, list):
+        return [redact(v, secrets) for v in node]
+    if isinstance(node, str):
+        for s in secrets:
+            node = node.replace(s, "***")
+    return node
+
+
+def to_yaml(data: dict[str, Any]) -> str:
+    return yaml.safe_dump(data, sort_keys=False, default_flow_style=False, allow_unicode=True)

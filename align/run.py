@@ -1,0 +1,137 @@
+"""The command line: `python -m align.run RECIPE.yaml [--set KEY=VALUE ...] [options]`.
+
+Exit codes: 0 success; 2 bad input found before training; 1 any other failure.
+Errors are one `error:` line each (plus an optional `hint:`), with a traceback only at `--log-level debug`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import traceback
+from pathlib import Path
+from typing import Any
+
+from align.errors import AlignError
+
+logger = logging.getLogger("align.run")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m align.run",
+        description="Run an align recipe: its stages (lm, sft, dpo) in order, each on the previous one's output.",
+    )
+    parser.add_argument("recipe", type=Path, help="the recipe YAML file")
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a recipe value by dotted path, stages by name: --set stages.lm.train.max_steps=20",
+    )
+    parser.add_argument("--output-dir", type=Path, help="run directory (default: runs/<recipe name>)")
+    parser.add_argument("--dry-run", action="store_true", help="validate everything and show the plan; train nothing")
+    parser.add_argument("--print-config", action="store_true", help="print the resolved recipe as YAML and exit")
+    parser.add_argument("--fresh", action="store_true", help="ignore earlier results in the run directory")
+    parser.add_argument("--log-level", choices=["debug", "info", "warning"], help="console level (default: recipe's)")
+    parser.add_argument("--offline", action="store_true", help="never contact the Hugging Face Hub")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    # Heavy imports (torch, transformers) wait until after argument parsing, so --help is instant.
+    from align.runtime import setup_logging
+
+    setup_logging(args.log_level or "info")
+    try:
+        return _main(args)
+    except AlignError as exc:
+        if args.log_level == "debug":
+            traceback.print_exc()
+        for problem in exc.problems:
+            print(f"error: {problem}", file=sys.stderr)
+        if exc.hint:
+            print(f"hint: {exc.hint}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:  # the last resort: one line, the traceback only when asked for
+        if args.log_level == "debug":
+            traceback.print_exc()
+        logger.debug("unexpected error", exc_info=True)
+        print(
+            f"error: unexpected {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}", file=sys.stderr
+        )
+        print("hint: rerun with --log-level debug for the traceback", file=sys.stderr)
+        return 1
+
+
+def _main(args: argparse.Namespace) -> int:
+    from align.pipeline import dry_run, resolve_specs, resolved_recipe, run_pipeline, secret_values
+    from align.recipe import load_recipe, redact, to_yaml
+    from align.runtime import check_hub, is_main_process, setup_logging
+
+    recipe = load_recipe(args.recipe, args.overrides)
+    level = args.log_level or recipe.tracking.log_level
+    setup_logging(level)
+    if args.print_config:
+        print(to_yaml(redact(resolved_recipe(recipe, resolve_specs(recipe)), secret_values())), end="")
+        return 0
+
+    output_dir = args.output_dir or Path("runs") / recipe.name
+    if needs_hub(recipe):
+        check_hub(args.offline)
+    elif args.offline:
+        check_hub(True)
+    if args.dry_run:
+        print(dry_run(recipe, output_dir))
+        return 0
+
+    summaries = run_pipeline(recipe, output_dir=output_dir, log_level=level, fresh=args.fresh)
+    if is_main_process():
+        print(results_table(summaries))
+    return 0
+
+
+def needs_hub(recipe: Any) -> bool:
+    """Whether any stage names a hub model or hub data (so reachability is worth a probe)."""
+    from align.data import card_path, read_card_fields
+    from align.models import is_local_model
+
+    for stage in recipe.stages:
+        if isinstance(stage.model, str) and not stage.model.startswith("@") and not is_local_model(stage.model):
+            return True
+        if stage.data.source is not None and stage.data.source.hub:
+            return True
+        if stage.data.card is not None:
+            try:
+                source = read_card_fields(card_path(stage.data.card, recipe.base_dir)).get("source") or {}
+            except AlignError:
+                continue  # preflight reports it
+            if isinstance(source, dict) and source.get("hub"):
+                return True
+    return False
+
+
+KEY_METRICS = ("eval_loss_before", "eval_loss", "perplexity_before", "perplexity", "pref_accuracy")
+
+
+def results_table(summaries: list[dict[str, Any]]) -> str:
+    """One line per stage: status, the metrics that matter, time, where the model is."""
+    rows = [("stage", "status", "metrics", "time", "model")]
+    for s in summaries:
+        m = s.get("metrics") or {}
+        shown = " ".join(f"{k}={m[k]:.4g}" for k in KEY_METRICS if isinstance(m.get(k), int | float))
+        seconds = m.get("train_runtime_s")
+        rows.append((s["stage"], s["status"], shown, f"{seconds:.0f}s" if seconds else "-", s.get("model_dir") or "-"))
+    widths = [max(len(str(r[i])) for r in rows) for i in range(5)]
+    return "\n".join("  ".join(str(c).ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,434 @@
+"""THE shared setup: logging, experiment tracking, precision, seeding, hub reachability, rank.
+
+Everything here is decided once per pipeline run, with the reason logged. Stages never configure
+logging or import wandb themselves: they take what `RunContext` hands them.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import logging
+import logging.handlers
+import os
+import socket
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+from urllib.parse import urlparse
+
+from align.errors import BadInput, StageFailed
+
+if TYPE_CHECKING:
+    from datasets import DatasetDict
+
+    from align.recipe import Recipe, ScratchModel, Stage, WandbSettings
+
+logger = logging.getLogger(__name__)
+
+# --------------------------------------------------------------------------------------------------
+# Rank
+
+
+def rank() -> int:
+    """This process's global rank under torchrun/accelerate (0 when not distributed)."""
+    return int(os.environ.get("RANK", "0"))
+
+
+def is_main_process() -> bool:
+    return rank() == 0
+
+
+# --------------------------------------------------------------------------------------------------
+# Logging
+
+CURRENT_STAGE: contextvars.ContextVar[str] = contextvars.ContextVar("align_stage", default="-")
+LOG_FORMAT = "%(asctime)s %(levelname)-7s [%(stage)s] %(name)s: %(message)s"
+LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING}
+# Library verbosity follows ours one notch quieter: at `info` transformers would dump every config.
+LIBRARY_LEVELS = {"debug": logging.INFO, "info": logging.WARNING, "warning": logging.WARNING}
+LIBRARIES = ("transformers", "datasets", "trl", "peft", "accelerate", "huggingface_hub")
+
+
+class _StageFilter(logging.Filter):
+    """Stamps each record with the stage that is running (and the rank off the main process)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        stage = CURRENT_STAGE.get()
+        record.stage = stage if is_main_process() else f"rank{rank()} {stage}"
+        return True
+
+
+# Library warnings that alarm without cause in align's normal flow; they still reach align.log.
+_HARMLESS = (
+    "`loss_type=None` was set in the config but it is unrecognized",  # every from-scratch GPT-2
+    "There were missing keys in the checkpoint model loaded: ['lm_head.weight']",  # tied weights, restored by tying
+    "mtime may not be reliable on this filesystem",  # checkpoint ordering falls back to step numbers: fine
+)
+
+
+class _HarmlessFilter(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        return not any(text in message for text in _HARMLESS)
+
+
+class _AlignHandler(logging.Handler):
+    """Marker base so a second setup (tests, notebooks) replaces our handlers instead of adding more."""
+
+
+class _ConsoleHandler(logging.StreamHandler, _AlignHandler):
+    pass
+
+
+class _FileHandler(logging.FileHandler, _AlignHandler):
+    pass
+
+
+class _Buffer(logging.handlers.MemoryHandler, _AlignHandler):
+    """Holds records from before the run directory exists, so align.log starts at the command's start."""
+
+
+_buffer: _Buffer | None = None
+
+
+def setup_logging(level: str = "info", log_file: Path | None = None) -> None:
+    """Console at `level` (main process; others warnings only), a DEBUG log file, libraries routed through us."""
+    global _buffer
+    root = logging.getLogger()
+    held = _buffer.buffer if _buffer is not None else []
+    for handler in [h for h in root.handlers if isinstance(h, _AlignHandler)]:
+        root.removeHandler(handler)
+        if not isinstance(handler, _Buffer):
+            handler.close()
+    root.setLevel(logging.DEBUG)
+    formatter = logging.Formatter(LOG_FORMAT, datefmt="%H:%M:%S")
+
+    console = _ConsoleHandler(sys.stderr)
+    console.setLevel(LEVELS[level] if is_main_process() else logging.WARNING)
+    console.setFormatter(formatter)
+    console.addFilter(_StageFilter())
+    console.addFilter(_HarmlessFilter())
+    root.addHandler(console)
+    if log_file is not None and is_main_process():
+        log_file.parent.mkdir(parents=True, exist_ok=True)
+        file_handler = _FileHandler(log_file, encoding="utf-8")
+        file_handler.setLevel(logging.DEBUG)
+        file_handler.setFormatter(formatter)
+        for record in held:
+            file_handler.handle(record)
+        file_handler.addFilter(_StageFilter())
+        root.addHandler(file_handler)
+        _buffer = None
+    else:
+        _buffer = _Buffer(capacity=100_000, flushLevel=logging.CRITICAL + 1)
+        _buffer.buffer = list(held)
+        _buffer.addFilter(_StageFilter())
+        root.addHandler(_buffer)
+
+    # The libraries' records flow into our handlers: one format, one file, one level policy.
+    for name in LIBRARIES:
+        lib = logging.getLogger(name)
+        lib.handlers.clear()
+        lib.propagate = True
+        lib.setLevel(LIBRARY_LEVELS[level])
+    _quiet_library_handlers(level)
+    logging.captureWarnings(True)
+    logging.getLogger("py.warnings").setLevel(logging.ERROR if level != "debug" else logging.WARNING)
+
+
+def _quiet_library_handlers(level: str) -> None:
+    """transformers and datasets install their own stderr handlers on import; route them through ours."""
+    from datasets.utils import logging as ds_logging
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_default_handler()
+    hf_logging.enable_propagation()
+    hf_logging.set_verbosity(LIBRARY_LEVELS[level])
+    ds_logging.get_logger().handlers.clear()
+    ds_logging.get_logger().propagate = True
+    ds_logging.set_verbosity(LIBRARY_LEVELS[level])
+    if not sys.stderr.isatty():
+        # Progress bars are noise in logs and CI; people at a terminal keep them.
+        ds_logging.disable_progress_bar()
+        hf_logging.disable_progress_bar()
+
+
+# --------------------------------------------------------------------------------------------------
+# Hub reachability
+
+TRUTHY = {"1", "true", "yes", "on"}
+
+
+def hub_offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "").lower() in TRUTHY
+
+
+def go_offline(reason: str) -> None:
+    """Switch the Hugging Face libraries to offline mode, so a missing file fails at once, not after retries."""
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    os.environ["HF_DATASETS_OFFLINE"] = "1"
+    # The libraries read these at import; patch the module constants where they are already loaded.
+    if "huggingface_hub" in sys.modules:
+        import huggingface_hub.constants as hub_constants
+
+        hub_constants.HF_HUB_OFFLINE = True
+    if "datasets" in sys.modules:
+        import datasets.config as ds_config
+
+        ds_config.HF_HUB_OFFLINE = True
+    logger.debug("hub offline: %s", reason)
+
+
+def reachable(url: str, timeout: float = 3.0) -> bool:
+    """Whether a TCP connection to the URL's host opens within `timeout` seconds."""
+    parsed = urlparse(url)
+    try:
+        with socket.create_connection((parsed.hostname or "", parsed.port or 443), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def check_hub(offline_flag: bool) -> None:
+    """Decide once whether the hub is usable; if not, go offline so the cache still serves what it has."""
+    if offline_flag:
+        go_offline("--offline")
+    elif hub_offline():
+        go_offline("HF_HUB_OFFLINE is set")
+    elif not reachable(os.environ.get("HF_ENDPOINT", "https://huggingface.co")):
+        logger.warning("the Hugging Face Hub is not reachable: using only what is in the local cache")
+        go_offline("hub unreachable")
+
+
+# --------------------------------------------------------------------------------------------------
+# Precision
+
+
+@dataclass(frozen=True)
+class Precision:
+    """The numeric precision of training, with the reason it was chosen."""
+
+    name: str  # bf16 | fp16 | fp32
+    reason: str
+    device: str
+
+    @property
+    def train_args(self) -> dict[str, bool]:
+        return {"bf16": self.name == "bf16", "fp16": self.name == "fp16"}
+
+
+def choose_precision(requested: str) -> Precision:
+    """Pick the training precision from the hardware.
+
+    `auto`: bf16 where the GPU supports it; fp16 only where it does not (its overflow is the usual cause
+    of NaN losses); fp32 on the CPU.
+
+    Raises:
+        BadInput: an explicit choice this hardware cannot run.
+    """
+    import torch
+
+    if torch.cuda.is_available():
+        device = torch.cuda.get_device_name(0)
+        bf16_ok = torch.cuda.is_bf16_supported()
+    else:
+        device, bf16_ok = "cpu", False
+    on_gpu = device != "cpu"
+
+    if requested == "auto":
+        if on_gpu and bf16_ok:
+            return Precision("bf16", f"{device} supports bf16: fp32's range at half the memory", device)
+        if on_gpu:
+            logger.warning(
+                "%s has no bf16: using fp16, whose narrow range can overflow into NaN losses; "
+                "if the loss turns NaN, use precision: fp32",
+                device,
+            )
+            return Precision("fp16", f"{device} lacks bf16; fp16 is the fastest it has (NaN risk)", device)
+        return Precision("fp32", "no GPU: mixed precision brings no speed on the CPU", device)
+    if requested == "fp16" and not on_gpu:
+        raise BadInput("precision: fp16 needs a CUDA GPU and none is available", hint="use precision: auto or fp32")
+    if requested == "bf16" and on_gpu and not bf16_ok:
+        raise BadInput(f"precision: bf16: {device} does not support bf16", hint="use precision: auto (fp16) or fp32")
+    if requested == "bf16" and not on_gpu:
+        return Precision(
+            "bf16", "requested; on the CPU bf16 runs through autocast and is often slower than fp32", device
+        )
+    return Precision(requested, "requested in the recipe", device)
+
+
+def seed_everything(seed: int) -> None:
+    from transformers import set_seed
+
+    set_seed(seed)
+
+
+# --------------------------------------------------------------------------------------------------
+# Tracking
+
+
+class Tracker:
+    """wandb behind one small interface: one run per stage, grouped per pipeline run.
+
+    With mode `disabled` it does nothing and never imports wandb, so stages never branch on tracking.
+    """
+
+    def __init__(self, settings: WandbSettings, recipe_name: str, group: str, run_dir: Path):
+        self.settings = settings
+        self.recipe_name = recipe_name
+        self.group = group
+        self.run_dir = run_dir
+        self.mode = self._effective_mode(settings.mode) if is_main_process() else "disabled"
+        self.run: Any = None
+
+    def _effective_mode(self, mode: str) -> str:
+        if mode != "online" or os.environ.get("WANDB_MODE") in ("offline", "disabled"):
+            return os.environ.get("WANDB_MODE", mode) if mode == "online" else mode
+        has_key = bool(os.environ.get("WANDB_API_KEY")) or _netrc_has_wandb()
+        base = os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai")
+        if has_key and reachable(base):
+            return "online"
+        why = "no wandb credentials (WANDB_API_KEY or `wandb login`)" if not has_key else f"{base} is not reachable"
+        logger.warning(
+            "wandb: %s; logging offline under %s — sync later with `wandb sync %s/wandb/offline-run-*`",
+            why,
+            self.run_dir / "wandb",
+            self.run_dir,
+        )
+        return "offline"
+
+    @property
+    def report_to(self) -> list[str]:
+        return ["wandb"] if self.mode != "disabled" else []
+
+    def start_stage(self, stage: Stage, config: dict[str, Any]) -> None:
+        """Open this stage's wandb run; the Trainer's WandbCallback then logs into it."""
+        if self.mode == "disabled":
+            return
+        import wandb
+
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.run = wandb.init(
+            project=self.settings.project,
+            entity=self.settings.entity,
+            name=f"{self.recipe_name}/{stage.name}",
+            group=self.group,
+            job_type=stage.kind,
+            tags=self.settings.tags or None,
+            config=config,
+            dir=str(self.run_dir),
+            mode=self.mode,
+            reinit="finish_previous",
+            settings=wandb.Settings(console="off", quiet=True, silent=True),
+        )
+        where = self.run.url if self.mode == "online" else self.run.dir
+        logger.info("wandb %s run %s: %s", self.mode, self.run.name, where)
+
+    def log(self, values: dict[str, Any]) -> None:
+        if self.run is not None:
+            self.run.log(values)
+
+    def summary(self, values: dict[str, Any]) -> None:
+        if self.run is not None:
+            for key, value in values.items():
+                if value is not None:
+                    self.run.summary[key] = value
+
+    def alert(self, title: str, text: str) -> None:
+        if self.run is not None and self.mode == "online":
+            self.run.alert(title=title, text=text)
+
+    def finish_stage(self, exit_code: int = 0) -> None:
+        if self.run is not None:
+            self.run.finish(exit_code=exit_code)
+            self.run = None
+
+
+def _netrc_has_wandb() -> bool:
+    import netrc
+
+    try:
+        auth = netrc.netrc().authenticators("api.wandb.ai")
+    except (OSError, netrc.NetrcParseError):
+        return False
+    return bool(auth and auth[2])
+
+
+# --------------------------------------------------------------------------------------------------
+# The context every stage receives
+
+
+@dataclass
+class StageOutput:
+    """What a finished stage hands on: where its model is and what produced it."""
+
+    name: str
+    kind: str
+    model_dir: Path
+    fingerprint: str
+    status: str = "completed"
+
+
+@dataclass
+class RunContext:
+    """Everything decided once for the pipeline, handed to each stage's `run(stage, ctx)`."""
+
+    recipe: Recipe
+    run_dir: Path
+    precision: Precision
+    tracker: Tracker
+    data: dict[str, DatasetDict] = field(default_factory=dict)
+    outputs: dict[str, StageOutput] = field(default_factory=dict)
+    fingerprints: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def seed(self) -> int:
+        return self.recipe.seed
+
+    def stage_dir(self, stage: Stage) -> Path:
+        return self.run_dir / stage.name
+
+    def model_source(self, stage: Stage) -> str | ScratchModel:
+        """The stage's `model` as written, with an omitted one read as `@<previous stage>`."""
+        if stage.model is not None:
+            return stage.model
+        names = [s.name for s in self.recipe.stages]
+        return f"@{names[names.index(stage.name) - 1]}"
+
+    def model_ref(self, stage: Stage) -> str | ScratchModel:
+        """What to load: a `@stage` reference becomes that stage's saved model directory."""
+        source = self.model_source(stage)
+        if isinstance(source, str) and source.startswith("@"):
+            return str(self.outputs[source[1:]].model_dir)
+        return source
+
+    def input_label(self, stage: Stage) -> str:
+        """The input model as `summary.json` records it: `@lm (runs/x/lm/model)`, a hub id, or `scratch:gpt2`."""
+        source = self.model_source(stage)
+        if isinstance(source, str) and source.startswith("@"):
+            return f"{source} ({self.outputs[source[1:]].model_dir})"
+        if isinstance(source, str):
+            return source
+        return f"scratch:{source.model_type}"
+
+    def check_finite(self, writer: Any, stage: Stage) -> None:
+        """Stop the pipeline when training logged a non-finite loss, naming the likely cause.
+
+        Raises:
+            StageFailed: the loss went NaN or infinite.
+        """
+        bad = writer.nonfinite
+        if bad is None:
+            return
+        causes = []
+        if self.precision.name == "fp16":
+            causes.append("fp16 overflow (use precision: bf16 or fp32)")
+        lr = stage.train.get("learning_rate")
+        causes.append(f"a learning rate too high{f' ({lr})' if lr is not None else ''}")
+        causes.append("a bad batch (empty or corrupt rows)")
+        raise StageFailed(
+            f"stage {stage.name}: {bad['split']} loss became {bad['value']} at step {bad['step']}; "
+            f"likely cause: {', or '.join(causes)}",
+            hint="the last good checkpoint is kept under " + str(self.stage_dir(stage) / "checkpoints"),
+        )

@@ -1,0 +1,128 @@
+"""Pieces every stage shares: training arguments, evaluation phases, and the stage's result."""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from align.errors import BadInput
+from align.recipe import config_class
+
+if TYPE_CHECKING:
+    from transformers import Trainer
+
+    from align.guards import MetricsWriter
+    from align.recipe import Stage
+    from align.runtime import RunContext
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class StageResult:
+    """What a stage returns: its status, where its model is, and the summary metrics of the contract."""
+
+    name: str
+    kind: str
+    status: str
+    model_dir: Path | None
+    input_model: str
+    metrics: dict[str, Any] = field(default_factory=dict)
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def training_args(stage: Stage, ctx: RunContext, *, supports_checkpointing: bool, **fixed: Any) -> Any:
+    """The TRL config for a stage: the recipe's `train:` keys, with what align manages set on top.
+
+    align decides the output directory, tracking, precision, seed, and (with early stopping) the best-model
+    bookkeeping, logging each decision that a user might not expect.
+
+    Raises:
+        BadInput: the TRL config class rejects the combination (it names the problem).
+    """
+    import sys
+
+    cfg: dict[str, Any] = {"logging_steps": 10, "eval_strategy": "steps", "save_total_limit": 2}
+    cfg.update(stage.train)
+    cfg.update(
+        output_dir=str(ctx.stage_dir(stage) / "checkpoints"),
+        report_to=ctx.tracker.report_to,
+        run_name=f"{ctx.recipe.name}/{stage.name}",
+        seed=ctx.seed,
+        # A NaN loss must be seen as NaN: the Trainer's filter would log it as 0.
+        logging_nan_inf_filter=False,
+        include_num_input_tokens_seen="non_padding",
+        **ctx.precision.train_args,
+    )
+    cfg.update(fixed)
+    cfg.setdefault("disable_tqdm", not sys.stderr.isatty())
+    cfg.setdefault("dataloader_pin_memory", ctx.precision.device != "cpu")
+    if "gradient_checkpointing" not in stage.train:
+        cfg["gradient_checkpointing"] = supports_checkpointing
+        if not supports_checkpointing:
+            logger.info("gradient checkpointing off: this model does not support it")
+    elif stage.train["gradient_checkpointing"] and not supports_checkpointing:
+        raise BadInput(f"stages.{stage.name}.train.gradient_checkpointing: this model does not support it")
+
+    if stage.early_stopping is not None:
+        # The best checkpoint must be on disk to be restored, so saving follows evaluation step for step.
+        cfg.update(load_best_model_at_end=True, metric_for_best_model="eval_loss", greater_is_better=False)
+        cfg["save_strategy"] = cfg["eval_strategy"]
+        if cfg.get("eval_steps") is not None:
+            cfg["save_steps"] = cfg["eval_steps"]
+        logger.info(
+            "early stopping (patience %d): align set load_best_model_at_end, metric_for_best_model=eval_loss and "
+            "save_strategy/save_steps = eval_strategy/eval_steps (%s/%s)",
+            stage.early_stopping.patience,
+            cfg["eval_strategy"],
+            cfg.get("eval_steps") or cfg["logging_steps"],
+        )
+    try:
+        args = config_class(stage.kind)(**cfg)
+    except (ValueError, TypeError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise BadInput(f"stages.{stage.name}.train: {first}") from None
+    # Every argument, once, in align.log: what actually ran, defaults included.
+    logger.debug("%s for stage %s:\n%s", type(args).__name__, stage.name, args.to_json_string())
+    return args
+
+
+def planned_steps(args: Any, n_train: int, world_size: int = 1) -> int:
+    """Optimizer steps the Trainer will take for `n_train` rows (or `max_steps` where set)."""
+    if args.max_steps and args.max_steps > 0:
+        return int(args.max_steps)
+    per_step = args.per_device_train_batch_size * args.gradient_accumulation_steps * world_size
+    return max(1, math.ceil(n_train / per_step)) * math.ceil(args.num_train_epochs)
+
+
+def evaluate(trainer: Trainer, writer: MetricsWriter, phase: str) -> dict[str, float]:
+    """Evaluate outside training: `before` lands on the eval curve at step 0; `final` is kept apart."""
+    from transformers.integrations import WandbCallback
+
+    writer.phase = None if phase == "before" else f"eval_{phase}"
+    wandb_cb = None
+    if phase != "before":
+        # The final evaluation re-measures the restored model; on the wandb curve it would read as a new point.
+        wandb_cb = trainer.pop_callback(WandbCallback)
+    try:
+        return trainer.evaluate()
+    finally:
+        writer.phase = None
+        if wandb_cb is not None:
+            trainer.add_callback(wandb_cb)
+
+
+def perplexity(loss: float | None) -> float | None:
+    if loss is None or not math.isfinite(loss):
+        return None
+    return math.exp(min(loss, 700.0))
+
+
+def quiet_console(trainer: Trainer) -> None:
+    """Drop the Trainer's own printing of log dicts: MetricsWriter logs each row once, through `logging`."""
+    from transformers.trainer_callback import PrinterCallback
+
+    trainer.remove_callback(PrinterCallback)

@@ -1,0 +1,154 @@
+"""`kind: lm` — causal-LM fine-tuning on plain text with transformers' Trainer (why not TRL: see lm_config.py).
+
+Text is tokenized, joined and cut into full blocks no longer than the model's positions, so every token
+in a batch is real: no compute goes to padding and no sample ends mid-block.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING, Any
+
+from align.stages.common import StageResult, evaluate, perplexity, planned_steps, quiet_console, training_args
+
+if TYPE_CHECKING:
+    from align.recipe import Stage
+    from align.runtime import RunContext
+
+logger = logging.getLogger(__name__)
+
+
+def block_size(stage: Stage, config: Any) -> int:
+    """Block length: `train.max_length` (TRL's default 1024), capped at the model's positions."""
+    from align.models import model_positions
+
+    wanted = stage.train.get("max_length") or 1024
+    limit = model_positions(config)
+    if limit is not None and wanted > limit:
+        logger.info("block size %d: capped at the model's %d positions (max_length was %d)", limit, limit, wanted)
+        return limit
+    return int(wanted)
+
+
+def collate_blocks(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """Stack full blocks; every token is a label.
+
+    transformers' DataCollatorForLanguageModeling masks labels equal to the pad token, and with pad = eos (the
+    usual choice for GPT tokenizers) it would silently never train the model to end a text.
+    """
+    import torch
+
+    input_ids = torch.tensor([row["input_ids"] for row in rows], dtype=torch.long)
+    return {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids), "labels": input_ids.clone()}
+
+
+def run(stage: Stage, ctx: RunContext) -> StageResult:
+    """Fine-tune a causal LM on a text data set; evaluate before and after; save the model."""
+    from transformers import EarlyStoppingCallback, Trainer
+
+    from align.data import pack_text_blocks
+    from align.guards import MetricsWriter, best_eval
+    from align.models import build_model, save_model
+    from align.runtime import is_main_process, seed_everything
+
+    stage_dir = ctx.stage_dir(stage)
+
+    # 1. Seed, model and tokenizer ---------------------------------------------------------------
+    seed_everything(ctx.seed)
+    data = ctx.data[stage.name]
+    model, tokenizer = build_model(ctx.model_ref(stage), f"stages.{stage.name}.model", texts=data["train"]["text"])
+
+    # 2. Data: full blocks of real tokens ---------------------------------------------------------
+    size = block_size(stage, model.config)
+    train_blocks, train_stats = pack_text_blocks(data["train"], tokenizer, size)
+    eval_blocks, eval_stats = pack_text_blocks(data["validation"], tokenizer, size)
+    logger.info(
+        "%d train blocks and %d eval blocks of %d tokens (%d and %d tail tokens dropped)",
+        train_stats["blocks"], eval_stats["blocks"], size, train_stats["dropped_tokens"], eval_stats["dropped_tokens"],
+    )  # fmt: skip
+
+    # 3. Trainer ------------------------------------------------------------------------------------
+    args = training_args(stage, ctx, supports_checkpointing=model.supports_gradient_checkpointing, max_length=size)
+    writer = MetricsWriter(stage_dir / "metrics.jsonl", main_process=is_main_process())
+    callbacks: list[Any] = [writer]
+    if stage.early_stopping is not None:
+        callbacks.append(EarlyStoppingCallback(stage.early_stopping.patience, stage.early_stopping.threshold))
+    trainer = Trainer(
+        model=model,
+        args=args,
+        train_dataset=train_blocks,
+        eval_dataset=eval_blocks,
+        data_collator=collate_blocks,
+        processing_class=tokenizer,
+        callbacks=callbacks,
+    )
+    quiet_console(trainer)
+    logger.info(
+        "training: %d steps planned, effective batch %d blocks (%d per device x %d accumulation x %d processes)",
+        planned_steps(args, len(train_blocks), args.world_size),
+        args.per_device_train_batch_size * args.gradient_accumulation_steps * args.world_size,
+        args.per_device_train_batch_size, args.gradient_accumulation_steps, args.world_size,
+    )  # fmt: skip
+
+    # 4. Evaluate, train, evaluate ------------------------------------------------------------------
+    before = evaluate(trainer, writer, "before")
+    result = trainer.train()
+    ctx.check_finite(writer, stage)
+    after = evaluate(trainer, writer, "final")
+
+    # 5. Save and summarise -------------------------------------------------------------------------
+    model_dir = stage_dir / "model"
+    if is_main_process():
+        save_model(trainer.model, tokenizer, model_dir)
+    state = trainer.state
+    best = best_eval(writer.rows)
+    train_tokens = int(state.num_input_tokens_seen or 0)
+    runtime = float(result.metrics.get("train_runtime", 0.0))
+    metrics = {
+        "train_loss": result.training_loss,
+        "eval_loss": after.get("eval_loss"),
+        "eval_loss_before": before.get("eval_loss"),
+        "global_step": state.global_step,
+        "best_step": best["step"] if best else None,
+        "stopped_early": stage.early_stopping is not None and state.global_step < state.max_steps,
+        "train_runtime_s": runtime,
+        "train_tokens": train_tokens,
+        "tokens_per_s": train_tokens / runtime if runtime > 0 else None,
+        "perplexity": perplexity(after.get("eval_loss")),
+        "perplexity_before": perplexity(before.get("eval_loss")),
+    }
+    extra = {"block_size": size, "train_blocks": train_stats["blocks"], "eval_blocks": eval_stats["blocks"]}
+    return StageResult(stage.name, stage.kind, "completed", model_dir, ctx.input_label(stage), metrics, extra)
+
+
+def preflight(stage: Stage, ctx: RunContext, tokenizer: Any, config: Any) -> dict[str, Any]:
+    """What `--dry-run` shows for an LM stage: blocks, token counts, dropped tail, planned steps, a sample."""
+    from align.data import pack_text_blocks
+
+    data = ctx.data[stage.name]
+    size = block_size(stage, config)
+    train_blocks, train_stats = pack_text_blocks(data["train"], tokenizer, size)
+    _, eval_stats = pack_text_blocks(data["validation"], tokenizer, size)
+    args = training_args(stage, ctx, supports_checkpointing=_supports_checkpointing(config), max_length=size)
+    sample = tokenizer.decode(train_blocks[0]["input_ids"][:64]) if len(train_blocks) else ""
+    return {
+        "block_size": size,
+        "train_tokens": train_stats["tokens"],
+        "eval_tokens": eval_stats["tokens"],
+        "train_blocks": train_stats["blocks"],
+        "eval_blocks": eval_stats["blocks"],
+        "truncation_rate": train_stats["dropped_tokens"] / max(1, train_stats["tokens"]),
+        "packing_efficiency": 1.0,  # every position of every block holds a real token
+        "planned_steps": planned_steps(args, train_stats["blocks"]),
+        "effective_batch": args.per_device_train_batch_size * args.gradient_accumulation_steps,
+        "examples": [{"text": sample, "loss_mask": "every token is trained on (language modelling)"}],
+    }
+
+
+def _supports_checkpointing(config: Any) -> bool:
+    from transformers import MODEL_FOR_CAUSAL_LM_MAPPING
+
+    try:
+        return bool(MODEL_FOR_CAUSAL_LM_MAPPING[type(config)].supports_gradient_checkpointing)
+    except KeyError:
+        return False

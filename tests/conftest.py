@@ -1,0 +1,65 @@
+"""Shared fixtures: tiny from-scratch models on the builtin corpus, CPU, fp32, fixed seed, tmp_path."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parent.parent
+
+# Tests never reach a server: wandb writes offline, the hub is never asked.
+os.environ.setdefault("WANDB_MODE", "offline")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.pop("WANDB_API_KEY", None)
+
+TINY_MODEL = {"model_type": "gpt2", "vocab_size": 512, "n_layer": 2, "n_head": 2, "n_embd": 32, "n_positions": 64}
+
+
+def tiny_lm_recipe(**overrides: Any) -> dict[str, Any]:
+    """A one-stage LM recipe that trains in a few seconds on 2 CPU cores."""
+    stage = {
+        "name": "lm",
+        "kind": "lm",
+        "model": dict(TINY_MODEL),
+        "data": {"card": "python-docs", "max_train_rows": 200, "max_eval_rows": 40},
+        "train": {
+            "max_length": 64,
+            "max_steps": 30,
+            "per_device_train_batch_size": 8,
+            "learning_rate": 3.0e-3,
+            "logging_steps": 5,
+            "eval_steps": 10,
+        },
+    }
+    stage.update(overrides.pop("stage", {}))
+    recipe = {"name": "tiny", "seed": 0, "tracking": {"wandb": {"mode": "disabled"}}, "stages": [stage]}
+    recipe.update(overrides)
+    return recipe
+
+
+def write_yaml(path: Path, data: dict[str, Any]) -> Path:
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    return path
+
+
+def read_jsonl(path: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+@pytest.fixture
+def run_cli(capsys):
+    """Run `python -m align.run ARGS` in-process; returns (exit code, stdout, stderr)."""
+    from align.run import main
+
+    def _run(*args: str) -> tuple[int, str, str]:
+        code = main([str(a) for a in args])
+        out, err = capsys.readouterr()
+        return code, out, err
+
+    return _run

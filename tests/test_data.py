@@ -1,0 +1,129 @@
+"""Data cards, loading from files and builtin sources, column mapping, splits, and bad data."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from align.builtin import python_docs
+from align.data import load_data, pack_text_blocks, resolve_data
+from align.errors import BadInput
+from align.recipe import DataRef, DataSpec
+from tests.conftest import REPO
+
+
+def spec(**fields) -> DataSpec:
+    return DataSpec.model_validate({"format": "text", **fields})
+
+
+def test_python_docs_is_deterministic_real_prose():
+    first, second = python_docs(), python_docs()
+    assert first == second
+    chars = sum(map(len, first["text"]))
+    assert len(first["text"]) > 2000 and 400_000 < chars < 600_000
+    assert all(t.strip() for t in first["text"])
+
+
+def test_card_loads_by_name_with_fields_overridden():
+    resolved = resolve_data(DataRef(card="python-docs", valid_fraction=0.1), REPO, "stages.lm.data")
+    assert resolved.source.builtin == "python-docs" and resolved.valid_fraction == 0.1
+    assert resolved.name == "python-docs" and resolved.license
+
+
+def test_unknown_card_suggests_the_closest():
+    with pytest.raises(BadInput, match="data card 'python-doc' not found \\(did you mean 'python-docs'\\?\\)"):
+        resolve_data(DataRef(card="python-doc"), REPO, "stages.lm.data")
+
+
+def test_valid_fraction_cut_is_seeded_and_only_used_without_a_validation_split(tmp_path):
+    card = spec(source={"builtin": "python-docs"}, valid_fraction=0.05)
+    a = load_data(card, seed=1, base_dir=tmp_path)
+    b = load_data(card, seed=1, base_dir=tmp_path)
+    c = load_data(card, seed=2, base_dir=tmp_path)
+    assert a["validation"]["text"] == b["validation"]["text"]
+    assert a["validation"]["text"] != c["validation"]["text"]
+    total = len(a["train"]) + len(a["validation"])
+    assert len(a["validation"]) == pytest.approx(0.05 * total, abs=2)
+
+    (tmp_path / "train.txt").write_text("one line\nanother line\n" * 20)
+    (tmp_path / "valid.txt").write_text("held out\n")
+    own = spec(
+        source={"files": {"train": ["train.txt"], "validation": ["valid.txt"]}}, splits={"validation": "validation"}
+    )
+    loaded = load_data(own, seed=1, base_dir=tmp_path)
+    assert loaded["validation"]["text"] == ["held out"] and len(loaded["train"]) == 40
+
+
+@pytest.mark.parametrize("suffix", [".jsonl", ".json", ".csv", ".parquet", ".txt"])
+def test_every_file_type_loads_with_columns_mapped(tmp_path, suffix):
+    rows = [{"body": f"row number {i}", "other": i} for i in range(40)]
+    path = tmp_path / f"data{suffix}"
+    if suffix == ".jsonl":
+        path.write_text("\n".join(json.dumps(r) for r in rows))
+    elif suffix == ".json":
+        path.write_text(json.dumps(rows))
+    elif suffix == ".csv":
+        path.write_text("body,other\n" + "\n".join(f"{r['body']},{r['other']}" for r in rows))
+    elif suffix == ".parquet":
+        from datasets import Dataset
+
+        Dataset.from_list(rows).to_parquet(str(path))
+    else:
+        path.write_text("\n".join(r["body"] for r in rows))
+    columns = {} if suffix == ".txt" else {"text": "body"}
+    loaded = load_data(spec(source={"files": [path.name]}, columns=columns), seed=0, base_dir=tmp_path)
+    assert loaded["train"].column_names == ["text"]
+    assert len(loaded["train"]) + len(loaded["validation"]) == 40
+
+
+def test_broken_json_names_its_line(tmp_path):
+    (tmp_path / "d.jsonl").write_text('{"text": "fine"}\n{"text": "also fine"}\n{"text": broken}\n')
+    with pytest.raises(BadInput, match="d.jsonl: line 3: broken JSON"):
+        load_data(spec(source={"files": ["d.jsonl"]}), seed=0, base_dir=tmp_path)
+
+
+def test_empty_file_says_so(tmp_path):
+    (tmp_path / "d.jsonl").write_text("")
+    with pytest.raises(BadInput, match="d.jsonl: empty file"):
+        load_data(spec(source={"files": ["d.jsonl"]}), seed=0, base_dir=tmp_path)
+
+
+def test_missing_column_names_file_column_and_a_mapping(tmp_path):
+    (tmp_path / "d.csv").write_text("question,answer\n" + "what,that\n" * 10)
+    with pytest.raises(BadInput) as info:
+        load_data(spec(source={"files": ["d.csv"]}), seed=0, base_dir=tmp_path)
+    message = info.value.problems[0]
+    assert "d.csv" in message and "column 'text' missing" in message and "question, answer" in message
+
+
+def test_non_string_text_names_the_row(tmp_path):
+    rows = [{"text": "fine"}] * 30 + [{"text": 5}]
+    (tmp_path / "d.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    card = spec(
+        source={"files": {"train": ["d.jsonl"], "validation": ["d.jsonl"]}}, splits={"validation": "validation"}
+    )
+    with pytest.raises(BadInput, match=r"d.jsonl \(train\): row 30: column 'text' must be a string, got int"):
+        load_data(card, seed=0, base_dir=tmp_path)
+
+
+def test_missing_file_and_unknown_type(tmp_path):
+    with pytest.raises(BadInput, match="nope.jsonl: no such data file"):
+        load_data(spec(source={"files": ["nope.jsonl"]}), seed=0, base_dir=tmp_path)
+    (tmp_path / "d.xml").write_text("<a/>")
+    with pytest.raises(BadInput, match="unsupported file type '.xml'"):
+        load_data(spec(source={"files": ["d.xml"]}), seed=0, base_dir=tmp_path)
+
+
+def test_blocks_are_full_and_all_real_tokens():
+    from align.models import train_tokenizer
+
+    texts = python_docs()["text"][:300]
+    tokenizer = train_tokenizer(texts, 512)
+    from datasets import Dataset
+
+    blocks, stats = pack_text_blocks(Dataset.from_dict({"text": texts}), tokenizer, 64)
+    assert all(len(ids) == 64 for ids in blocks["input_ids"])
+    assert stats["block_tokens"] == 64 * len(blocks)
+    # Only the tail that cannot fill a block is dropped: real tokens are >= 99% of what was tokenized.
+    assert stats["block_tokens"] / stats["tokens"] >= 0.99

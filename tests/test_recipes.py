@@ -1,0 +1,139 @@
+"""Every shipped recipe resolves; the recipe schema rejects what it should, naming the key."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from align.errors import BadInput
+from align.recipe import apply_overrides, load_recipe
+from tests.conftest import REPO, tiny_lm_recipe, write_yaml
+
+RECIPES = sorted((REPO / "recipes").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.name)
+def test_shipped_recipe_prints_config(path: Path, run_cli):
+    code, out, err = run_cli(path, "--print-config")
+    assert code == 0, err
+    resolved = yaml.safe_load(out)
+    for stage in resolved["stages"]:
+        data = stage["data"]
+        # The card is expanded: source, format, columns and valid_fraction are all shown.
+        assert {"source", "format", "columns", "valid_fraction"} <= set(data), data
+        assert stage["model"], "every stage shows where its model comes from"
+
+
+def test_wikitext_recipe_is_the_classic_experiment(run_cli):
+    code, out, _ = run_cli(REPO / "recipes/wikitext_lm.yaml", "--print-config")
+    assert code == 0
+    stage = yaml.safe_load(out)["stages"][0]
+    assert stage["model"] == "openai-community/openai-gpt"
+    assert stage["data"]["source"] == {"hub": "wikitext", "config": "wikitext-2-raw-v1"}
+    assert stage["data"]["valid_fraction"] == 0.05
+    assert stage["train"]["logging_steps"] == 100 and stage["train"]["eval_steps"] == 500
+    assert stage["train"]["gradient_accumulation_steps"] > 1
+    assert stage["early_stopping"]["patience"] >= 1
+
+
+def test_set_overrides_by_stage_name_and_parses_yaml_scalars(tmp_path, run_cli):
+    path = write_yaml(tmp_path / "r.yaml", tiny_lm_recipe())
+    code, out, err = run_cli(path, "--print-config", "--set", "stages.lm.train.max_steps=7", "--set", "seed=3")
+    assert code == 0, err
+    resolved = yaml.safe_load(out)
+    assert resolved["stages"][0]["train"]["max_steps"] == 7 and resolved["seed"] == 3
+
+
+def test_omitted_model_means_previous_stage(tmp_path):
+    recipe = tiny_lm_recipe()
+    second = {"name": "more", "kind": "lm", "data": {"card": "python-docs"}}
+    recipe["stages"].append(second)
+    loaded = load_recipe(write_yaml(tmp_path / "r.yaml", recipe))
+    from align.pipeline import resolved_recipe
+
+    assert resolved_recipe(loaded)["stages"][1]["model"] == "@lm"
+
+
+def problems_of(tmp_path: Path, recipe: dict, *overrides: str) -> list[str]:
+    with pytest.raises(BadInput) as info:
+        load_recipe(write_yaml(tmp_path / "r.yaml", recipe), list(overrides))
+    return info.value.problems
+
+
+def test_unknown_keys_name_their_path_and_the_closest_key(tmp_path):
+    recipe = tiny_lm_recipe(precison="bf16")
+    recipe["stages"][0]["early_stoping"] = {"patience": 2}
+    recipe["stages"][0]["train"]["max_stpes"] = 3
+    recipe["tracking"]["wandb"]["projct"] = "x"
+    problems = problems_of(tmp_path, recipe)
+    text = "\n".join(problems)
+    assert "unknown key 'precison' (did you mean 'precision'?)" in text
+    assert "stages.lm: unknown key 'early_stoping' (did you mean 'early_stopping'?)" in text
+    assert "stages.lm.train: unknown key 'max_stpes' (did you mean 'max_steps'?)" in text
+    assert "tracking.wandb: unknown key 'projct' (did you mean 'project'?)" in text
+    assert len(problems) == 4, "every problem is reported, once"
+    assert all(p.startswith(str(tmp_path / "r.yaml")) for p in problems), "each line names the file"
+
+
+def test_train_value_types_are_checked_and_named(tmp_path):
+    problems = problems_of(tmp_path, tiny_lm_recipe(), "stages.lm.train.max_steps=lots")
+    assert len(problems) == 1 and "stages.lm.train.max_steps" in problems[0] and "lots" in problems[0]
+
+
+def test_yaml_exponent_without_dot_is_still_a_float(tmp_path):
+    # PyYAML reads `1e-4` as a string; TrainingArguments would choke on it later. We coerce it up front.
+    recipe = load_recipe(write_yaml(tmp_path / "r.yaml", tiny_lm_recipe()), ["stages.lm.train.learning_rate=1e-4"])
+    assert recipe.stages[0].train["learning_rate"] == pytest.approx(1e-4)
+
+
+def test_settings_align_manages_are_refused_with_the_right_place(tmp_path):
+    problems = problems_of(tmp_path, tiny_lm_recipe(), "stages.lm.train.bf16=true", "stages.lm.train.output_dir=x")
+    text = "\n".join(problems)
+    assert "train.bf16: set by align: use the recipe's top-level `precision:`" in text
+    assert "train.output_dir: set by align" in text
+
+
+def test_wrong_types_and_bad_values(tmp_path):
+    text = "\n".join(problems_of(tmp_path, tiny_lm_recipe(seed="abc", precision="fp8")))
+    assert "seed:" in text and "precision:" in text
+
+
+def test_stage_references_must_point_back(tmp_path):
+    recipe = tiny_lm_recipe()
+    recipe["stages"][0]["model"] = "@later"
+    recipe["stages"].append({"name": "later", "kind": "lm", "data": {"card": "python-docs"}})
+    assert any("'@later' is not an earlier stage" in p for p in problems_of(tmp_path, recipe))
+
+
+def test_set_with_unknown_stage_suggests_one():
+    with pytest.raises(BadInput, match="no stage named 'lmm' \\(did you mean 'lm'\\?\\)"):
+        apply_overrides(tiny_lm_recipe(), ["stages.lmm.train.max_steps=3"])
+    with pytest.raises(BadInput, match="no stage named 'xyz' \\(stages: lm\\)"):
+        apply_overrides(tiny_lm_recipe(), ["stages.xyz.train.max_steps=3"])
+
+
+def test_malformed_yaml_names_the_line(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("name: x\nstages:\n  - name: [unclosed\n")
+    with pytest.raises(BadInput, match=r"bad.yaml: line \d+ malformed YAML"):
+        load_recipe(path)
+
+
+def test_cli_bad_input_is_one_error_line_exit_2_no_traceback(tmp_path):
+    path = write_yaml(tmp_path / "r.yaml", tiny_lm_recipe(seedd=1))
+    proc = subprocess.run(
+        [sys.executable, "-m", "align.run", str(path), "--print-config"], capture_output=True, text=True, cwd=tmp_path
+    )
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert lines == [f"error: {path}: (top level): unknown key 'seedd' (did you mean 'seed'?)"], proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_missing_recipe_file(run_cli, tmp_path):
+    code, _, err = run_cli(tmp_path / "nope.yaml")
+    assert code == 2 and "nope.yaml: no such file" in err
