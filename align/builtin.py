@@ -27,7 +27,51 @@ def python_docs() -> Rows:
     return {"text": texts, "topic": names}
 
 
-BUILTINS: dict[str, Callable[[], Rows]] = {"python-docs": python_docs}
+def _prose_paragraphs() -> list[tuple[str, str, list[str]]]:
+    """(topic, title, sentences) for every prose paragraph of the help topics with two sentences or more.
+
+    Code, grammar rules and lists are left out: they have no sentences to continue.
+    """
+    from pydoc_data.topics import topics
+
+    out = []
+    for name in sorted(topics):
+        text = topics[name]
+        title = text.strip().splitlines()[0].strip()
+        for paragraph in re.split(r"\n\s*\n", text)[1:]:
+            if (
+                paragraph.startswith((" ", "\t"))
+                or "::=" in paragraph
+                or paragraph.lstrip().startswith(("*", "-", "+", "="))
+            ):
+                continue
+            flat = " ".join(paragraph.split())
+            sentences = re.split(r"(?<=[.!?])\s+(?=[A-Z\"])", flat)
+            if len(sentences) >= 2 and len(flat) >= 80:
+                out.append((name, title, sentences))
+    return out
+
+
+def instruct_prompt(title: str, first_sentence: str) -> str:
+    """The prompt of the instruction sets: a passage's first sentence and the request to continue it."""
+    return f"Continue this passage from the Python documentation on {title}.\n\n{first_sentence}\n\n"
+
+
+def python_docs_instruct() -> Rows:
+    """Prompt/completion pairs: continue a documentation paragraph from its first sentence.
+
+    The completion is the next one or two sentences of the same paragraph, so it is verifiably the right
+    continuation. Columns `prompt`, `completion`, `topic`.
+    """
+    prompts, completions, names = [], [], []
+    for name, title, sentences in _prose_paragraphs():
+        prompts.append(instruct_prompt(title, sentences[0]))
+        completions.append(" ".join(sentences[1:3]))
+        names.append(name)
+    return {"prompt": prompts, "completion": completions, "topic": names}
+
+
+BUILTINS: dict[str, Callable[[], Rows]] = {"python-docs": python_docs, "python-docs-instruct": python_docs_instruct}
 
 
 def load_builtin(name: str) -> Rows:

@@ -283,49 +283,111 @@ def diagnose_file(path: Path, exc: Exception) -> str:
 def map_columns(ds: Dataset, spec: DataSpec, label: str) -> Dataset:
     """Rename the source's columns to the format's fields and drop the rest.
 
+    A field mapped to a list of columns (Alpaca's `[instruction, input]`) joins their non-empty values.
+
     Raises:
         BadInput: a needed column is missing; the message lists the columns there are.
     """
     fields = FORMAT_FIELDS[spec.format]
     optional = OPTIONAL_FIELDS.get(spec.format, ())
-    renames: dict[str, str] = {}
+    sources: dict[str, list[str]] = {}
     for field in fields:
-        column = spec.columns.get(field, field)
-        if column not in ds.column_names:
+        mapped = spec.columns.get(field, field)
+        columns = [mapped] if isinstance(mapped, str) else list(mapped)
+        missing = [c for c in columns if c not in ds.column_names]
+        if missing:
             if field in optional and field not in spec.columns:
                 continue
-            hint = closest(column, ds.column_names)
+            hint = closest(missing[0], ds.column_names)
             suggestion = f"; map it with columns: {{{field}: {hint}}}" if hint else ""
             raise BadInput(
-                f"{label}: column '{column}' missing (columns: {', '.join(ds.column_names)}){suggestion}",
+                f"{label}: column '{missing[0]}' missing (columns: {', '.join(ds.column_names)}){suggestion}",
             )
-        renames[column] = field
-    ds = ds.select_columns(list(renames))
+        sources[field] = columns
+    joined = {f: c for f, c in sources.items() if len(c) > 1}
+    if joined:
+
+        def join(row: dict[str, Any]) -> dict[str, Any]:
+            return {f: "\n\n".join(str(row[c]) for c in cols if row[c]) for f, cols in joined.items()}
+
+        ds = ds.map(join, desc="join columns")
+    renames = {cols[0]: field for field, cols in sources.items() if field not in joined}
+    ds = ds.select_columns(list(renames) + list(joined))
     return ds.rename_columns({k: v for k, v in renames.items() if k != v})
+
+
+ROLES = ("system", "user", "assistant", "tool")
+
+
+def _messages_problem(messages: list[Any], field: str, need_assistant: bool) -> str | None:
+    for i, message in enumerate(messages):
+        if not isinstance(message, dict) or "role" not in message or "content" not in message:
+            return f"column '{field}': message {i} must be a mapping with 'role' and 'content'"
+        if message["role"] not in ROLES:
+            return f"column '{field}': message {i} has unknown role {message['role']!r} (roles: {', '.join(ROLES)})"
+        if not isinstance(message["content"], str):
+            return f"column '{field}': message {i} content must be a string, got {type(message['content']).__name__}"
+    if need_assistant and not any(m["role"] == "assistant" for m in messages):
+        return f"column '{field}': no assistant turn to learn from"
+    return None
+
+
+def _is_empty(value: Any) -> bool:
+    return value is None or (isinstance(value, str | list) and not (value.strip() if isinstance(value, str) else value))
+
+
+def _row_problem(fmt: str, row: dict[str, Any]) -> tuple[str | None, str | None]:
+    """(error, None) for a row that cannot be used, (None, reason) for one to drop, (None, None) for a good one."""
+    for field in FORMAT_FIELDS[fmt]:
+        if field not in row:
+            continue  # an optional field the source does not have
+        value = row[field]
+        if isinstance(value, list) and fmt != "text":
+            error = _messages_problem(value, field, need_assistant=field != "prompt")
+            if error:
+                return error, None
+        elif value is not None and not isinstance(value, str):
+            kind = "a string" if fmt == "text" else "a string or a list of messages"
+            return f"column '{field}' must be {kind}, got {type(value).__name__}", None
+        if field != "prompt" and _is_empty(value):
+            return None, f"empty {field}"
+    return None, None
 
 
 def clean_rows(ds: Dataset, fmt: str, label: str) -> Dataset:
     """Check each row's shape for the format; drop rows that carry nothing to learn, saying how many.
 
     Raises:
-        BadInput: a row of the wrong type, naming the row (0-based, in the loaded split) and column.
+        BadInput: a row of the wrong shape, naming the row (0-based, in the loaded split) and column.
     """
-    if fmt == "text":
-        texts = ds["text"]
-        keep = []
-        for i, value in enumerate(texts):
-            if value is None:
-                continue
-            if not isinstance(value, str):
-                raise BadInput(f"{label}: row {i}: column 'text' must be a string, got {type(value).__name__}")
-            if value.strip():
-                keep.append(i)
-        dropped = len(texts) - len(keep)
-        if dropped:
-            # Blank lines are normal in text corpora (WikiText is a third blank), so this is info, not a warning.
-            logger.info("%s: %d empty rows skipped", label, dropped)
-            ds = ds.select(keep)
+    keep, dropped = [], {}
+    for i, row in enumerate(ds):
+        error, reason = _row_problem(fmt, row)
+        if error:
+            raise BadInput(f"{label}: row {i}: {error}")
+        if reason:
+            dropped[reason] = dropped.get(reason, 0) + 1
+        else:
+            keep.append(i)
+    if dropped:
+        counts = ", ".join(f"{n} {reason}" for reason, n in dropped.items())
+        # Blank lines are normal in text corpora (WikiText is a third blank); anything else deserves a warning.
+        log = logger.info if fmt == "text" else logger.warning
+        log("%s: %d rows skipped (%s)", label, sum(dropped.values()), counts)
+        ds = ds.select(keep)
     return ds
+
+
+def training_texts(ds: Dataset) -> list[str]:
+    """All the text of a split, whatever its format: what a from-scratch tokenizer is trained on."""
+    texts = []
+    for row in ds:
+        for value in row.values():
+            if isinstance(value, str):
+                texts.append(value)
+            elif isinstance(value, list):
+                texts += [m["content"] for m in value if isinstance(m, dict) and isinstance(m.get("content"), str)]
+    return texts
 
 
 # --------------------------------------------------------------------------------------------------

@@ -133,6 +133,15 @@ def build_model(
         logger.info("built %s from scratch: %.2fM parameters", ref.model_type, model.num_parameters() / 1e6)
         return model, tokenizer
 
+    if is_adapter_dir(ref):
+        # LoRA adapters from an earlier stage: the base model with the adapters on top, still trainable.
+        from peft import AutoPeftModelForCausalLM
+
+        tokenizer = load_tokenizer(ref)
+        model = AutoPeftModelForCausalLM.from_pretrained(ref, is_trainable=True, dtype=dtype)
+        logger.info("loaded LoRA adapters from %s on %s", ref, model.peft_config["default"].base_model_name_or_path)
+        return model, tokenizer
+
     hub_config(ref, where)  # fails fast, with a clear message, when the model cannot be had
     tokenizer = load_tokenizer(ref)
     model = AutoModelForCausalLM.from_pretrained(ref, dtype=dtype)
@@ -147,3 +156,171 @@ def save_model(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, direc
     directory.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(directory, safe_serialization=True)
     tokenizer.save_pretrained(directory)
+
+
+# --------------------------------------------------------------------------------------------------
+# Chat templates
+
+# Set on tokenizers that have none (base GPT models, from-scratch models) and saved with the model, so later
+# stages and users render prompts the same way. Role headers are plain text, so no embedding grows; the
+# `{% generation %}` markers let TRL train on assistant turns only.
+DEFAULT_CHAT_TEMPLATE = (
+    "{%- for message in messages -%}"
+    "{%- if message['role'] == 'assistant' -%}"
+    "{{ '### assistant:\n' }}{% generation %}{{ message['content'] + eos_token }}{% endgeneration %}{{ '\n' }}"
+    "{%- else -%}"
+    "{{ '### ' + message['role'] + ':\n' + message['content'] + '\n' }}"
+    "{%- endif -%}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{ '### assistant:\n' }}{%- endif -%}"
+)
+
+
+def ensure_chat_template(tokenizer: PreTrainedTokenizerBase) -> str:
+    """Give the tokenizer a chat template if it has none; return which one it uses ('own' or 'default')."""
+    if getattr(tokenizer, "chat_template", None):
+        return "own"
+    tokenizer.chat_template = DEFAULT_CHAT_TEMPLATE
+    logger.info("the tokenizer has no chat template: using align's default (### role: headers), saved with the model")
+    return "default"
+
+
+def marks_assistant_turns(tokenizer: PreTrainedTokenizerBase) -> bool:
+    """Whether assistant tokens can be told apart: the template has generation markers, or TRL can add them."""
+    from trl.chat_template_utils import get_training_chat_template, has_generation_markers
+
+    if has_generation_markers(tokenizer.chat_template):
+        return True
+    try:
+        return get_training_chat_template(tokenizer) is not None
+    except Exception:  # TRL raises for templates it does not know how to patch
+        return False
+
+
+# --------------------------------------------------------------------------------------------------
+# Packing
+
+
+def attention_separates_sequences(model: PreTrainedModel) -> bool:
+    """Whether the model keeps packed sequences apart when given restarting position ids.
+
+    Padding-free packing puts several sequences in one row and relies on the attention to read sequence
+    boundaries from `position_ids`. Some attention implementations do (flash attention, transformers'
+    packed-mask detection); others let every token see the previous sequence, and models with learned
+    positions may not accept the layout at all. So we ask the model: the second sequence's logits must be
+    the same alone and packed behind another one.
+    """
+    import torch
+
+    was_training = model.training
+    model.eval()
+    vocab = model.get_input_embeddings().num_embeddings
+    generator = torch.Generator().manual_seed(0)
+    first = torch.randint(0, vocab, (1, 7), generator=generator)
+    second = torch.randint(0, vocab, (1, 5), generator=generator)
+    device = next(model.parameters()).device
+    try:
+        with torch.no_grad():
+            alone = model(input_ids=second.to(device), position_ids=torch.arange(5, device=device)[None]).logits
+            packed_ids = torch.cat([first, second], dim=1).to(device)
+            positions = torch.cat([torch.arange(7), torch.arange(5)])[None].to(device)
+            packed = model(input_ids=packed_ids, position_ids=positions).logits[:, 7:]
+        return bool(torch.allclose(alone.float(), packed.float(), atol=1e-3, rtol=1e-3))
+    except Exception as exc:  # the model rejects the layout: no packing for it
+        logger.debug("packing probe failed: %s", exc)
+        return False
+    finally:
+        model.train(was_training)
+
+
+# --------------------------------------------------------------------------------------------------
+# LoRA
+
+
+def is_adapter_dir(ref: str) -> bool:
+    return (Path(ref).expanduser() / "adapter_config.json").is_file()
+
+
+def lora_config(settings: Any) -> Any:
+    from peft import LoraConfig
+
+    return LoraConfig(
+        r=settings.r,
+        lora_alpha=settings.alpha,
+        lora_dropout=settings.dropout,
+        target_modules=settings.target_modules,
+        task_type="CAUSAL_LM",
+    )
+
+
+def save_trained(
+    model: Any, tokenizer: PreTrainedTokenizerBase, directory: Path, merge: bool, base_ref: str | None
+) -> str:
+    """Save a stage's model: full weights, adapters only, or adapters merged into the base. Returns which.
+
+    Adapters record where their base model is (`base_ref`: a hub id or a directory, made absolute). A base built
+    from scratch exists nowhere else, so it is saved beside the adapters, in `base/`.
+    """
+    import json
+
+    from peft import PeftModel
+
+    directory.mkdir(parents=True, exist_ok=True)
+    if not isinstance(model, PeftModel):
+        save_model(model, tokenizer, directory)
+        return "full"
+    if merge:
+        save_model(model.merge_and_unload(), tokenizer, directory)
+        return "merged"
+    model.save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    if base_ref is None:
+        save_model(model.unload(), tokenizer, directory / "base")
+        base_ref = str((directory / "base").resolve())
+    elif Path(base_ref).is_dir():
+        base_ref = str(Path(base_ref).resolve())
+    config_path = directory / "adapter_config.json"
+    config = json.loads(config_path.read_text())
+    config["base_model_name_or_path"] = base_ref
+    config_path.write_text(json.dumps(config, indent=2))
+    return "adapter"
+
+
+# --------------------------------------------------------------------------------------------------
+# Generation
+
+
+def generate(model: Any, tokenizer: PreTrainedTokenizerBase, prompts: list[Any], max_new_tokens: int = 48) -> list[str]:
+    """Greedy answers to prompts (strings, or message lists rendered with the chat template)."""
+    import torch
+
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    limit = model_positions(model.config)
+    if limit is not None:
+        # Prompt and answer must fit the model's positions: keep the prompt's end, and room to answer.
+        max_new_tokens = min(max_new_tokens, limit // 2)
+    answers = []
+    try:
+        for prompt in prompts:
+            if isinstance(prompt, list):
+                text = tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
+            else:
+                text = prompt
+            ids = tokenizer(text, return_tensors="pt", add_special_tokens=False)["input_ids"].to(device)
+            if limit is not None:
+                ids = ids[:, -(limit - max_new_tokens) :]
+            with torch.no_grad():
+                out = model.generate(
+                    input_ids=ids,
+                    attention_mask=torch.ones_like(ids),
+                    max_new_tokens=max_new_tokens,
+                    do_sample=False,
+                    pad_token_id=tokenizer.pad_token_id,
+                    eos_token_id=tokenizer.eos_token_id,
+                )
+            answers.append(tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True))
+    finally:
+        model.train(was_training)
+    return answers

@@ -268,7 +268,7 @@ def run_pipeline(
         write_text_atomic(output_dir / "recipe.yaml", to_yaml(resolved))
     group = f"{recipe.name}-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
     tracker = Tracker(recipe.tracking.wandb, recipe.name, group, output_dir)
-    ctx = RunContext(recipe=recipe, run_dir=output_dir, precision=precision, tracker=tracker, data=data)
+    ctx = RunContext(recipe=recipe, run_dir=output_dir, precision=precision, tracker=tracker, data=data, specs=specs)
     records = Records(recipe, output_dir)
     records.update(recipe.stages[0].name)
 
@@ -354,13 +354,14 @@ def dry_run(recipe: Recipe, output_dir: Path) -> str:
     Raises:
         BadInput: every problem found, as in a real run.
     """
+    from align.data import training_texts
     from align.models import hub_config, load_tokenizer, scratch_config, train_tokenizer
     from align.recipe import WandbSettings
 
     precision = choose_precision(recipe.precision)
     specs, data = preflight(recipe)
     tracker = Tracker(WandbSettings(mode="disabled"), recipe.name, "dry-run", output_dir)
-    ctx = RunContext(recipe=recipe, run_dir=output_dir, precision=precision, tracker=tracker, data=data)
+    ctx = RunContext(recipe=recipe, run_dir=output_dir, precision=precision, tracker=tracker, data=data, specs=specs)
     lines = [f"preflight: recipe {recipe.name}, {len(recipe.stages)} stages, output {output_dir}",
              f"precision: {precision.name} ({precision.reason})"]  # fmt: skip
     loaded: dict[str, tuple[Any, Any]] = {}
@@ -369,7 +370,7 @@ def dry_run(recipe: Recipe, output_dir: Path) -> str:
         source = ctx.model_source(stage)
         where = f"stages.{stage.name}.model"
         if isinstance(source, ScratchModel):
-            tokenizer = train_tokenizer(data[stage.name]["train"]["text"], source.vocab_size)
+            tokenizer = train_tokenizer(training_texts(data[stage.name]["train"]), source.vocab_size)
             config = scratch_config(source, where, vocab_size=len(tokenizer))
             model_label = f"scratch:{source.model_type} (tokenizer trained here: {len(tokenizer)} tokens)"
         elif source.startswith("@"):

@@ -100,7 +100,10 @@ class DataSpec(Strict):
     name: str | None = None
     source: Source
     format: Literal[FORMATS]  # type: ignore[valid-type]
-    columns: dict[str, str] = Field(default_factory=dict, description="format field -> source column")
+    columns: dict[str, str | list[str]] = Field(
+        default_factory=dict,
+        description="format field -> source column; a list joins several columns' non-empty values with blank lines",
+    )
     splits: Splits = Field(default_factory=Splits)
     valid_fraction: float = Field(0.05, gt=0.0, lt=1.0, description="held-out share cut from train (seeded)")
     max_train_rows: int | None = Field(None, ge=1, description="keep at most this many training rows")
@@ -124,7 +127,7 @@ class DataRef(Strict):
     name: str | None = None
     source: Source | None = None
     format: Literal[FORMATS] | None = None  # type: ignore[valid-type]
-    columns: dict[str, str] | None = None
+    columns: dict[str, str | list[str]] | None = None
     splits: Splits | None = None
     valid_fraction: float | None = Field(None, gt=0.0, lt=1.0)
     max_train_rows: int | None = Field(None, ge=1)
@@ -145,6 +148,17 @@ class ScratchModel(BaseModel):
     vocab_size: int = Field(4096, ge=256, description="vocabulary of the byte-level BPE tokenizer trained on the data")
 
 
+class PeftSettings(Strict):
+    """LoRA adapters through peft: only the adapters train; the base model stays frozen."""
+
+    r: int = Field(16, ge=1, description="adapter rank")
+    alpha: int = Field(32, ge=1, description="LoRA scaling numerator (the update is scaled by alpha / r)")
+    dropout: float = Field(0.05, ge=0.0, lt=1.0, description="dropout on the adapter input")
+    target_modules: str | list[str] = Field(
+        "all-linear", description="module names to adapt, or 'all-linear' for every linear layer but the head"
+    )
+
+
 class Stage(Strict):
     name: str = Field(description="stage name: its directory in the run and its key in --set paths")
     kind: Literal[STAGE_KINDS]  # type: ignore[valid-type]
@@ -154,6 +168,9 @@ class Stage(Strict):
     data: DataRef
     train: dict[str, Any] = Field(default_factory=dict, description="keys of the TRL config class of this kind")
     early_stopping: EarlyStopping | None = None
+    peft: PeftSettings | None = Field(None, description="train LoRA adapters instead of every weight")
+    merge: bool = Field(False, description="with peft: save the adapters merged into the model, for the next stage")
+    generations: int = Field(4, ge=0, description="eval prompts answered greedily before and after training (sft)")
 
 
 class Recipe(Strict):
@@ -358,6 +375,10 @@ def check_recipe(recipe: Recipe) -> list[str]:
                     f"{where}.model: '@{ref}' "
                     + ("is not an earlier stage" if later else f"names no stage (stages: {', '.join(seen) or '-'})")
                 )
+        if stage.merge and stage.peft is None:
+            problems.append(f"{where}.merge: merging needs adapters; add `peft:` or remove `merge: true`")
+        if stage.peft is not None and stage.kind == "lm":
+            problems.append(f"{where}.peft: LoRA is for sft and dpo stages; an lm stage trains every weight")
         if stage.model is None and i == 0:
             problems.append(f"{where}.model: the first stage needs a model (hub id, path or {{model_type: ...}})")
         seen.add(stage.name)

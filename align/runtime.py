@@ -22,7 +22,7 @@ from align.errors import BadInput, StageFailed
 if TYPE_CHECKING:
     from datasets import DatasetDict
 
-    from align.recipe import Recipe, ScratchModel, Stage, WandbSettings
+    from align.recipe import DataSpec, Recipe, ScratchModel, Stage, WandbSettings
 
 logger = logging.getLogger(__name__)
 
@@ -335,6 +335,12 @@ class Tracker:
                 if value is not None:
                     self.run.summary[key] = value
 
+    def table(self, key: str, columns: list[str], rows: list[list[Any]]) -> None:
+        if self.run is not None:
+            import wandb
+
+            self.run.log({key: wandb.Table(columns=columns, data=rows)})
+
     def alert(self, title: str, text: str) -> None:
         if self.run is not None and self.mode == "online":
             self.run.alert(title=title, text=text)
@@ -379,6 +385,7 @@ class RunContext:
     precision: Precision
     tracker: Tracker
     data: dict[str, DatasetDict] = field(default_factory=dict)
+    specs: dict[str, DataSpec] = field(default_factory=dict)
     outputs: dict[str, StageOutput] = field(default_factory=dict)
     fingerprints: dict[str, str] = field(default_factory=dict)
 

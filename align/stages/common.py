@@ -126,3 +126,31 @@ def quiet_console(trainer: Trainer) -> None:
     from transformers.trainer_callback import PrinterCallback
 
     trainer.remove_callback(PrinterCallback)
+
+
+def summary_metrics(
+    stage: Stage,
+    trainer: Trainer,
+    result: Any,
+    before: dict[str, float],
+    after: dict[str, float],
+    writer: MetricsWriter,
+) -> dict[str, Any]:
+    """The summary metrics every stage shares (the contract's keys), from the Trainer's state and our rows."""
+    from align.guards import best_eval
+
+    state = trainer.state
+    best = best_eval(writer.rows)
+    train_tokens = int(state.num_input_tokens_seen or 0)
+    runtime = float(result.metrics.get("train_runtime", 0.0))
+    return {
+        "train_loss": result.training_loss,
+        "eval_loss": after.get("eval_loss"),
+        "eval_loss_before": before.get("eval_loss"),
+        "global_step": state.global_step,
+        "best_step": best["step"] if best else None,
+        "stopped_early": stage.early_stopping is not None and state.global_step < state.max_steps,
+        "train_runtime_s": runtime,
+        "train_tokens": train_tokens,
+        "tokens_per_s": train_tokens / runtime if runtime > 0 else None,
+    }

@@ -9,7 +9,15 @@ from __future__ import annotations
 import logging
 from typing import TYPE_CHECKING, Any
 
-from align.stages.common import StageResult, evaluate, perplexity, planned_steps, quiet_console, training_args
+from align.stages.common import (
+    StageResult,
+    evaluate,
+    perplexity,
+    planned_steps,
+    quiet_console,
+    summary_metrics,
+    training_args,
+)
 
 if TYPE_CHECKING:
     from align.recipe import Stage
@@ -19,15 +27,10 @@ logger = logging.getLogger(__name__)
 
 
 def block_size(stage: Stage, config: Any) -> int:
-    """Block length: `train.max_length` (TRL's default 1024), capped at the model's positions."""
-    from align.models import model_positions
+    """Block length: `train.max_length` (default 1024), capped at the model's positions."""
+    from align.stages.sft import capped_max_length
 
-    wanted = stage.train.get("max_length") or 1024
-    limit = model_positions(config)
-    if limit is not None and wanted > limit:
-        logger.info("block size %d: capped at the model's %d positions (max_length was %d)", limit, limit, wanted)
-        return limit
-    return int(wanted)
+    return int(capped_max_length(stage, config) or 1024)
 
 
 def collate_blocks(rows: list[dict[str, Any]]) -> dict[str, Any]:
@@ -47,7 +50,7 @@ def run(stage: Stage, ctx: RunContext) -> StageResult:
     from transformers import EarlyStoppingCallback, Trainer
 
     from align.data import pack_text_blocks
-    from align.guards import MetricsWriter, best_eval
+    from align.guards import MetricsWriter
     from align.models import build_model, save_model
     from align.runtime import is_main_process, seed_everything
 
@@ -100,23 +103,9 @@ def run(stage: Stage, ctx: RunContext) -> StageResult:
     model_dir = stage_dir / "model"
     if is_main_process():
         save_model(trainer.model, tokenizer, model_dir)
-    state = trainer.state
-    best = best_eval(writer.rows)
-    train_tokens = int(state.num_input_tokens_seen or 0)
-    runtime = float(result.metrics.get("train_runtime", 0.0))
-    metrics = {
-        "train_loss": result.training_loss,
-        "eval_loss": after.get("eval_loss"),
-        "eval_loss_before": before.get("eval_loss"),
-        "global_step": state.global_step,
-        "best_step": best["step"] if best else None,
-        "stopped_early": stage.early_stopping is not None and state.global_step < state.max_steps,
-        "train_runtime_s": runtime,
-        "train_tokens": train_tokens,
-        "tokens_per_s": train_tokens / runtime if runtime > 0 else None,
-        "perplexity": perplexity(after.get("eval_loss")),
-        "perplexity_before": perplexity(before.get("eval_loss")),
-    }
+    metrics = summary_metrics(stage, trainer, result, before, after, writer)
+    metrics["perplexity"] = perplexity(after.get("eval_loss"))
+    metrics["perplexity_before"] = perplexity(before.get("eval_loss"))
     extra = {"block_size": size, "train_blocks": train_stats["blocks"], "eval_blocks": eval_stats["blocks"]}
     return StageResult(stage.name, stage.kind, "completed", model_dir, ctx.input_label(stage), metrics, extra)
 
