@@ -71,13 +71,55 @@ def python_docs_instruct() -> Rows:
     return {"prompt": prompts, "completion": completions, "topic": names}
 
 
-BUILTINS: dict[str, Callable[[], Rows]] = {"python-docs": python_docs, "python-docs-instruct": python_docs_instruct}
+def _loop(words: list[str], index: int) -> str:
+    """A degenerate answer of the same length: the start of the right one, then stuck in a loop.
+
+    Two failure shapes small models really produce (see the quickstart's SFT generations): a phrase repeated
+    over and over, or one word stuttered.
+    """
+    keep = max(3, len(words) // 4)
+    head = words[:keep]
+    unit = head[-3:] if index % 2 == 0 else head[-1:]
+    out = list(head)
+    while len(out) < len(words):
+        out += unit
+    return " ".join(out[: len(words)])
 
 
-def load_builtin(name: str) -> Rows:
-    """Columns of the named builtin set, as a dict of equal-length lists.
+def python_docs_preferences() -> dict[str, Rows]:
+    """Preference pairs about form: the right continuation (chosen) against one that falls into a loop.
+
+    The prompts are those of `python-docs-instruct`; chosen is the paragraph's next sentence, verifiably right;
+    rejected starts the same way, then repeats itself to the same length. Columns `prompt`, `chosen`,
+    `rejected`, `topic`; splits `train` and `validation` (every tenth prompt, held out whole).
+    """
+    splits: dict[str, Rows] = {
+        s: {"prompt": [], "chosen": [], "rejected": [], "topic": []} for s in ("train", "validation")
+    }
+    usable = [(n, t, s) for n, t, s in _prose_paragraphs() if len(s[1].split()) >= 8]  # shorter: too short to loop
+    for index, (name, title, sentences) in enumerate(usable):
+        # Every tenth prompt is held out with both its pairs, so no held-out prompt or answer is trained on.
+        rows = splits["validation" if index % 10 == 0 else "train"]
+        for shape in (0, 1):  # both failure shapes for every prompt: twice the pairs
+            rows["prompt"].append(instruct_prompt(title, sentences[0]))
+            rows["chosen"].append(sentences[1])
+            rows["rejected"].append(_loop(sentences[1].split(), shape))
+            rows["topic"].append(name)
+    return splits
+
+
+BUILTINS: dict[str, Callable[[], Rows | dict[str, Rows]]] = {
+    "python-docs": python_docs,
+    "python-docs-instruct": python_docs_instruct,
+    "python-docs-preferences": python_docs_preferences,
+}
+
+
+def load_builtin(name: str) -> dict[str, Rows]:
+    """The named builtin set by split (`train`, and `validation` where it defines one), as columns of lists.
 
     Raises:
         KeyError: no builtin set has that name.
     """
-    return BUILTINS[name]()
+    data = BUILTINS[name]()
+    return data if "train" in data and isinstance(data["train"], dict) else {"train": data}

@@ -182,6 +182,8 @@ def load_data(spec: DataSpec, *, seed: int, base_dir: Path) -> DatasetDict:
     data = DatasetDict(train=map_columns(train, spec, label), validation=map_columns(valid, spec, label))
     for split, ds in data.items():
         data[split] = clean_rows(ds, spec.format, f"{label} ({split})")
+        if spec.format.startswith("preference"):
+            data[split] = explicit_prompts(data[split], spec.format, f"{label} ({split})")
         if len(data[split]) == 0:
             raise BadInput(f"{label}: the {split} split has no usable rows")
     logger.info(
@@ -210,7 +212,7 @@ def _load_builtin(name: str) -> dict[str, Dataset]:
         raise BadInput(
             f"source.builtin: no builtin data set '{name}'" + (f" (did you mean '{guess}'?)" if guess else "")
         )
-    return {"train": Dataset.from_dict(load_builtin(name))}
+    return {split: Dataset.from_dict(rows) for split, rows in load_builtin(name).items()}
 
 
 def _load_hub(spec: DataSpec) -> dict[str, Dataset]:
@@ -342,6 +344,8 @@ def _row_problem(fmt: str, row: dict[str, Any]) -> tuple[str | None, str | None]
         if field not in row:
             continue  # an optional field the source does not have
         value = row[field]
+        if value is None and fmt != "text" and field in row:
+            return f"column '{field}' is missing or null", None
         if isinstance(value, list) and fmt != "text":
             error = _messages_problem(value, field, need_assistant=field != "prompt")
             if error:
@@ -351,7 +355,63 @@ def _row_problem(fmt: str, row: dict[str, Any]) -> tuple[str | None, str | None]
             return f"column '{field}' must be {kind}, got {type(value).__name__}", None
         if field != "prompt" and _is_empty(value):
             return None, f"empty {field}"
+    if fmt.startswith("preference") and row["chosen"] == row["rejected"]:
+        return None, "chosen equals rejected"
     return None, None
+
+
+# Where an implicit string prompt ends: after the last turn marker the two transcripts share (HH-RLHF style).
+TURN_MARKERS = ("\n\nAssistant:", "\nAssistant:", "Assistant:")
+
+
+def split_implicit(chosen: Any, rejected: Any) -> tuple[Any, Any, Any]:
+    """(prompt, chosen, rejected) from two transcripts that share their beginning.
+
+    Message lists split at the first differing turn (TRL's `extract_prompt`). Strings split after the last
+    turn marker of their common prefix, else at its last whitespace, so a shared first word of the two
+    answers ("I think" / "I don't") stays in the answers instead of moving into the prompt.
+    """
+    if isinstance(chosen, list):
+        from trl.data_utils import extract_prompt
+
+        out = extract_prompt({"chosen": chosen, "rejected": rejected})
+        return out["prompt"], out["chosen"], out["rejected"]
+    common = os.path.commonprefix([chosen, rejected])
+    cut = max((common.rfind(m) + len(m) for m in TURN_MARKERS if m in common), default=-1)
+    if cut < 0:
+        cut = max(common.rfind(" "), common.rfind("\n"))
+    cut = max(cut, 0)
+    return chosen[:cut], chosen[cut:], rejected[cut:]
+
+
+def explicit_prompts(ds: Dataset, fmt: str, label: str) -> Dataset:
+    """Every preference row as an explicit (prompt, chosen, rejected) triple, in one shape per data set.
+
+    Implicit prompts are split out of the transcripts; a separate prompt column beside full message lists
+    (UltraFeedback) is dropped in favour of the turns inside them; a string prompt beside assistant-only
+    message lists becomes a user turn.
+
+    Raises:
+        BadInput: transcripts that share no prompt, or a row without any prompt, naming the row.
+    """
+    prompts, chosen_out, rejected_out = [], [], []
+    for i, row in enumerate(ds):
+        prompt, chosen, rejected = row.get("prompt"), row["chosen"], row["rejected"]
+        inside = isinstance(chosen, list) and chosen and chosen[0]["role"] != "assistant"
+        if fmt == "preference_implicit" or inside:
+            prompt, chosen, rejected = split_implicit(chosen, rejected)
+            if not prompt:
+                raise BadInput(f"{label}: row {i}: columns 'chosen' and 'rejected' share no prompt at their start")
+        elif isinstance(chosen, list) and isinstance(prompt, str):
+            prompt = [{"role": "user", "content": prompt}]
+        if _is_empty(prompt):
+            raise BadInput(f"{label}: row {i}: column 'prompt' is empty")
+        prompts.append(prompt)
+        chosen_out.append(chosen)
+        rejected_out.append(rejected)
+    from datasets import Dataset
+
+    return Dataset.from_dict({"prompt": prompts, "chosen": chosen_out, "rejected": rejected_out})
 
 
 def clean_rows(ds: Dataset, fmt: str, label: str) -> Dataset:

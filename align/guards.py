@@ -86,3 +86,58 @@ def best_eval(rows: list[dict[str, Any]]) -> dict[str, Any] | None:
     """The in-training evaluation (step > 0) with the lowest eval loss; None without any."""
     during = [r for r in eval_rows(rows) if r["step"] > 0 and math.isfinite(r["eval_loss"])]
     return min(during, key=lambda r: (r["eval_loss"], r["step"])) if during else None
+
+
+LN2 = math.log(2.0)
+
+
+class DPOGuard(TrainerCallback):
+    """Warnings for the ways DPO fails quietly, each said once.
+
+    - chosen and rejected log-probs both falling steadily: the likelihood of the chosen answers is being
+      pushed down along with the rejected ones (a known DPO failure; lower the learning rate or raise beta);
+    - the loss stuck at ln 2 with rewards at zero: nothing is learned, often because the reference is the
+      policy itself.
+    """
+
+    def __init__(self, tracker: Any = None, window: int = 5):
+        self.tracker = tracker
+        self.window = window
+        self.history: list[dict[str, float]] = []
+        self.warned: set[str] = set()
+
+    def _warn(self, key: str, message: str) -> None:
+        if key in self.warned:
+            return
+        self.warned.add(key)
+        logger.warning(message)
+        if self.tracker is not None:
+            self.tracker.alert(f"DPO: {key}", message)
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if not logs or "logps/chosen" not in logs or state.global_step == 0:
+            return
+        row = {k: float(logs[k]) for k in ("logps/chosen", "logps/rejected", "loss") if k in logs}
+        row["rewards"] = abs(float(logs.get("rewards/chosen", 0.0))) + abs(float(logs.get("rewards/rejected", 0.0)))
+        self.history.append(row)
+        recent = self.history[-self.window :]
+        if len(recent) < self.window:
+            return
+        falling = all(
+            all(b[k] < a[k] for a, b in zip(recent, recent[1:], strict=False))
+            for k in ("logps/chosen", "logps/rejected")
+        )
+        if falling:
+            self._warn(
+                "chosen pushed down",
+                f"DPO: the log-probabilities of both chosen and rejected answers fell for {self.window} logs in a row "
+                f"(chosen now {recent[-1]['logps/chosen']:.2f}): the chosen answers are being made less likely too; "
+                "consider a lower learning rate, a higher beta, or loss_type: [sigmoid, sft] (RPO)",
+            )
+        if all(abs(r.get("loss", 0.0) - LN2) < 1e-3 and r["rewards"] < 1e-6 for r in recent):
+            self._warn(
+                "nothing learned",
+                f"DPO: the loss has stayed at ln 2 = {LN2:.4f} with zero rewards for {self.window} logs: the policy is "
+                "not moving away from the reference; check that the reference is not the policy itself, and the "
+                "learning rate",
+            )

@@ -63,3 +63,16 @@ def run_cli(capsys):
         return code, out, err
 
     return _run
+
+
+@pytest.fixture(autouse=True)
+def _drop_align_log_handlers():
+    """align.run installs console handlers on the stream of the moment; pytest closes captured streams."""
+    yield
+    import logging
+
+    from align.runtime import _AlignHandler
+
+    root = logging.getLogger()
+    for handler in [h for h in root.handlers if isinstance(h, _AlignHandler)]:
+        root.removeHandler(handler)

@@ -1,0 +1,211 @@
+"""`kind: dpo` — Direct Preference Optimization with TRL's DPOTrainer.
+
+The reference is the stage's input model: with LoRA, the same weights with the adapters off (no second
+copy); without, a frozen copy (or its log-probabilities computed once, with `precompute_ref_log_probs`).
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from typing import TYPE_CHECKING, Any
+
+from align.stages.common import StageResult, evaluate, planned_steps, quiet_console, summary_metrics, training_args
+from align.stages.sft import base_model, capped_max_length, early_stopping_callbacks, ensure_template, render_mask
+
+if TYPE_CHECKING:
+    from datasets import Dataset
+
+    from align.recipe import Stage
+    from align.runtime import RunContext
+
+logger = logging.getLogger(__name__)
+
+
+def run(stage: Stage, ctx: RunContext) -> StageResult:
+    """Align a model to preference pairs; measure preference accuracy before and after; save."""
+    from trl import DPOTrainer
+
+    from align.data import training_texts
+    from align.guards import DPOGuard, MetricsWriter
+    from align.models import build_model, is_adapter_dir, lora_config, save_trained
+    from align.runtime import is_main_process, seed_everything
+
+    stage_dir = ctx.stage_dir(stage)
+
+    # 1. Seed, model, tokenizer ---------------------------------------------------------------------
+    seed_everything(ctx.seed)
+    data = ctx.data[stage.name]
+    source = ctx.model_ref(stage)
+    model, tokenizer = build_model(source, f"stages.{stage.name}.model", texts=training_texts(data["train"]))
+    ensure_template(tokenizer)
+    if isinstance(source, str) and is_adapter_dir(source) and stage.peft is None:
+        # Full DPO on top of SFT adapters: fold them in first, so policy and reference both start as the SFT model.
+        model = model.merge_and_unload()
+        logger.info("merged the input's LoRA adapters into its base: policy and reference start from the SFT model")
+
+    # 2. Reference model ----------------------------------------------------------------------------
+    ref_model, reference = reference_for(stage, model)
+    logger.info("reference model: %s", reference)
+
+    # 3. Trainer ------------------------------------------------------------------------------------
+    max_length = capped_max_length(stage, model.config)
+    args = training_args(
+        stage, ctx, supports_checkpointing=model.supports_gradient_checkpointing, max_length=max_length
+    )
+    peft_config = lora_config(stage.peft) if stage.peft is not None and not hasattr(model, "peft_config") else None
+    writer = MetricsWriter(stage_dir / "metrics.jsonl", main_process=is_main_process())
+    guard = DPOGuard(ctx.tracker)
+    trainer = DPOTrainer(
+        model=model,
+        ref_model=ref_model,
+        args=args,
+        train_dataset=data["train"],
+        eval_dataset=data["validation"],
+        processing_class=tokenizer,
+        peft_config=peft_config,
+        callbacks=[writer, guard, *early_stopping_callbacks(stage)],
+    )
+    quiet_console(trainer)
+    steps = planned_steps(args, len(data["train"]), args.world_size)
+    batch = args.per_device_train_batch_size * args.gradient_accumulation_steps * args.world_size
+    logger.info("training: %d steps planned, effective batch %d pairs", steps, batch)
+
+    # 4. Measure, train, measure --------------------------------------------------------------------
+    pairs = data["validation"]
+    pref_before = preference_accuracy(trainer.model, tokenizer, pairs, max_length)
+    before = evaluate(trainer, writer, "before")
+    result = trainer.train()
+    ctx.check_finite(writer, stage)
+    after = evaluate(trainer, writer, "final")
+    pref_after = preference_accuracy(trainer.model, tokenizer, pairs, max_length)
+
+    # 5. Save and summarise -------------------------------------------------------------------------
+    model_dir = stage_dir / "model"
+    saved = "by the main process"
+    if is_main_process():
+        saved = save_trained(trainer.model, tokenizer, model_dir, stage.merge, base_model(ctx, stage, model))
+    metrics = summary_metrics(stage, trainer, result, before, after, writer)
+    metrics.update(
+        reward_accuracy=after.get("eval_rewards/accuracies"),
+        reward_margin=after.get("eval_rewards/margins"),
+        pref_accuracy_before=pref_before,
+        pref_accuracy=pref_after,
+    )
+    extra = {"reference": reference, "saved": saved, "beta": args.beta, "loss_type": args.loss_type}
+    return StageResult(stage.name, stage.kind, "completed", model_dir, ctx.input_label(stage), metrics, extra)
+
+
+def reference_for(stage: Stage, model: Any) -> tuple[Any, str]:
+    """The reference model (None where TRL needs none) and a sentence saying what it is."""
+    if stage.peft is not None or hasattr(model, "peft_config"):
+        if hasattr(model, "peft_config"):
+            return None, "the input's LoRA adapters, copied by TRL as a frozen 'ref' adapter (no second model)"
+        return None, "the input model with the LoRA adapters switched off (no second model in memory)"
+    if stage.train.get("precompute_ref_log_probs"):
+        return None, "the input model's log-probabilities, computed once before training (no second model kept)"
+    # An explicit frozen copy: TRL would otherwise reload the reference from config._name_or_path, which a model
+    # built from scratch does not have.
+    reference = copy.deepcopy(model).eval()
+    for parameter in reference.parameters():
+        parameter.requires_grad_(False)
+    return reference, "a frozen copy of the input model"
+
+
+# --------------------------------------------------------------------------------------------------
+# Preference accuracy
+
+
+def pair_ids(tokenizer: Any, prompt: Any, completion: Any) -> tuple[list[int], list[int]]:
+    """Prompt and completion token ids the way TRL's DPOTrainer splits them (eos after a text completion)."""
+    if isinstance(prompt, list):
+        prompt_ids = tokenizer.apply_chat_template(prompt, tokenize=True, add_generation_prompt=True, return_dict=False)
+        full = tokenizer.apply_chat_template(prompt + completion, tokenize=True, return_dict=False)
+    else:
+        prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        full = tokenizer(prompt + completion + (tokenizer.eos_token or ""), add_special_tokens=False)["input_ids"]
+    shared = 0
+    while shared < min(len(prompt_ids), len(full)) and prompt_ids[shared] == full[shared]:
+        shared += 1
+    return full[:shared], full[shared:]
+
+
+def completion_logps(model: Any, tokenizer: Any, prompts: list[Any], completions: list[Any], max_length: int | None):
+    """Summed log-probability of each completion given its prompt, in batches (prompt cut from the left)."""
+    import torch
+
+    device = next(model.parameters()).device
+    sequences, starts = [], []
+    for prompt, completion in zip(prompts, completions, strict=True):
+        p, c = pair_ids(tokenizer, prompt, completion)
+        if max_length is not None and len(p) + len(c) > max_length:
+            # Like training: keep the completion (cut at max_length) and as much of the prompt's end as fits.
+            c = c[: max_length - 1]
+            p = p[len(p) - (max_length - len(c)) :]
+        sequences.append(p + c)
+        starts.append(len(p))
+    totals = []
+    was_training = model.training
+    model.eval()
+    try:
+        for i in range(0, len(sequences), 16):
+            batch = sequences[i : i + 16]
+            width = max(map(len, batch))
+            ids = torch.full((len(batch), width), tokenizer.pad_token_id or 0, dtype=torch.long)
+            mask = torch.zeros_like(ids)
+            for row, seq in enumerate(batch):
+                ids[row, : len(seq)] = torch.tensor(seq)
+                mask[row, : len(seq)] = 1
+            with torch.no_grad():
+                logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits.float()
+            logps = torch.log_softmax(logits[:, :-1], dim=-1).gather(-1, ids[:, 1:, None].to(device)).squeeze(-1)
+            for row, seq in enumerate(batch):
+                start = max(starts[i + row], 1)
+                totals.append(float(logps[row, start - 1 : len(seq) - 1].sum()))
+    finally:
+        model.train(was_training)
+    return totals
+
+
+def preference_accuracy(model: Any, tokenizer: Any, pairs: Dataset, max_length: int | None) -> float:
+    """Share of pairs where the model gives the chosen completion a higher summed log-probability than the rejected."""
+    chosen = completion_logps(model, tokenizer, pairs["prompt"], pairs["chosen"], max_length)
+    rejected = completion_logps(model, tokenizer, pairs["prompt"], pairs["rejected"], max_length)
+    return sum(c > r for c, r in zip(chosen, rejected, strict=True)) / max(1, len(chosen))
+
+
+# --------------------------------------------------------------------------------------------------
+# Dry run
+
+
+def preflight(stage: Stage, ctx: RunContext, tokenizer: Any, config: Any) -> dict[str, Any]:
+    """What `--dry-run` shows for a DPO stage: two rendered pairs with their loss masks, token statistics."""
+    data = ctx.data[stage.name]
+    ensure_template(tokenizer)
+    max_length = capped_max_length(stage, config)
+    args = training_args(stage, ctx, supports_checkpointing=False, max_length=max_length)
+    train = data["train"]
+    lengths, truncated = [], 0
+    for row in train:
+        for side in ("chosen", "rejected"):
+            p, c = pair_ids(tokenizer, row["prompt"], row[side])
+            lengths.append(len(p) + len(c))
+            truncated += max_length is not None and len(p) + len(c) > max_length
+    examples = []
+    for row in train.select(range(min(2, len(train)))):
+        rendered = {}
+        for side in ("chosen", "rejected"):
+            p, c = pair_ids(tokenizer, row["prompt"], row[side])
+            rendered[side] = render_mask(p + c, [0] * len(p) + [1] * len(c), tokenizer)
+        examples.append(rendered)
+    return {
+        "reference": "LoRA adapters off (no copy)" if stage.peft else "a frozen copy of the input model",
+        "beta": args.beta,
+        "loss_type": args.loss_type,
+        "train_pairs": len(train),
+        "train_tokens": sum(lengths),
+        "max_length": max_length,
+        "truncation_rate": truncated / max(1, len(lengths)),
+        "planned_steps": planned_steps(args, len(train)),
+        "examples": examples,
+    }
