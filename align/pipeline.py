@@ -272,6 +272,28 @@ def run_pipeline(
     records = Records(recipe, output_dir)
     records.update(recipe.stages[0].name)
 
+    try:
+        return _run_stages(recipe, ctx, specs, records, precision.name, fresh)
+    finally:
+        CURRENT_STAGE.set("-")
+        if is_main_process():
+            write_report(output_dir)
+
+
+def write_report(run_dir: Path) -> None:
+    """report.html at the end of every run, failed ones too; a report that cannot be drawn never fails the run."""
+    from align.report import build_report
+
+    try:
+        logger.info("report: %s", build_report(run_dir))
+    except Exception as exc:  # the run's own outcome matters more than its pictures
+        logger.warning("report.html could not be written: %s", exc)
+
+
+def _run_stages(
+    recipe: Recipe, ctx: RunContext, specs: dict[str, DataSpec], records: Records, precision: str, fresh: bool
+) -> list[dict[str, Any]]:
+    tracker = ctx.tracker
     summaries = []
     input_fp = ""
     for i, stage in enumerate(recipe.stages, start=1):
@@ -281,7 +303,7 @@ def run_pipeline(
             input_fp = ctx.outputs[source[1:]].fingerprint
         elif isinstance(source, str):
             input_fp = source
-        fp = fingerprint(stage, specs[stage.name], input_fp, recipe, precision.name)
+        fp = fingerprint(stage, specs[stage.name], input_fp, recipe, precision)
         stage_dir = ctx.stage_dir(stage)
         cached = None if fresh else _cached_summary(stage_dir, fp)
         if cached is not None:
@@ -331,7 +353,6 @@ def run_pipeline(
         ctx.outputs[stage.name] = StageOutput(stage.name, stage.kind, result.model_dir, fp)
         summaries.append(summary)
         logger.info("[%d/%d] %s: completed in %.1f s", i, len(recipe.stages), stage.name, elapsed)
-    CURRENT_STAGE.set("-")
     return summaries
 
 

@@ -435,7 +435,7 @@ class RunContext:
         causes.append(f"a learning rate too high{f' ({lr})' if lr is not None else ''}")
         causes.append("a bad batch (empty or corrupt rows)")
         raise StageFailed(
-            f"stage {stage.name}: {bad['split']} loss became {bad['value']} at step {bad['step']}; "
+            f"stage {stage.name}: non-finite {bad['split']} loss ({bad['value']}) at step {bad['step']}; "
             f"likely cause: {', or '.join(causes)}",
             hint="the last good checkpoint is kept under " + str(self.stage_dir(stage) / "checkpoints"),
         )
