@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -25,6 +26,23 @@ def split_of(logs: dict[str, Any]) -> str:
     return "train"
 
 
+def system_metrics() -> dict[str, float]:
+    """Memory (GPU allocated/reserved, or the process's RSS on the CPU) and GPU utilisation where readable."""
+    import torch
+
+    values: dict[str, float] = {}
+    if torch.cuda.is_available():
+        values["memory/gpu_allocated_gb"] = torch.cuda.memory_allocated() / 2**30
+        values["memory/gpu_reserved_gb"] = torch.cuda.memory_reserved() / 2**30
+        with contextlib.suppress(Exception):  # needs pynvml; not every machine has it
+            values["gpu/utilization"] = float(torch.cuda.utilization())
+    else:
+        import psutil
+
+        values["memory/rss_gb"] = psutil.Process().memory_info().rss / 2**30
+    return values
+
+
 class MetricsWriter(TrainerCallback):
     """Appends every logged row to `metrics.jsonl` as `{"step", "epoch", "split", <metric>: value}`.
 
@@ -32,8 +50,9 @@ class MetricsWriter(TrainerCallback):
     only what the Trainer measured while it trained, plus the step-0 evaluation before it.
     """
 
-    def __init__(self, path: Path, main_process: bool = True):
+    def __init__(self, path: Path, main_process: bool = True, tracker: Any = None):
         self.path = path
+        self.tracker = tracker
         self.main_process = main_process
         self.rows: list[dict[str, Any]] = []
         self.phase: str | None = None
@@ -58,6 +77,16 @@ class MetricsWriter(TrainerCallback):
             if now > self._last_time and seen > self._last_tokens:
                 row["tokens_per_s"] = (seen - self._last_tokens) / (now - self._last_time)
             self._last_time, self._last_tokens = now, seen
+            row.update(system_metrics())
+            if self.tracker is not None:
+                # The Trainer's WandbCallback has logged the Trainer's keys already; these are ours.
+                extra = {
+                    k: v
+                    for k, v in row.items()
+                    if k == "tokens_per_s" or "/" in k and k.split("/")[0] in ("memory", "gpu")
+                }
+                self.tracker.log({f"train/{k}" if k == "tokens_per_s" else k: v for k, v in extra.items()}
+                                 | {"train/global_step": state.global_step})  # fmt: skip
         self.rows.append(row)
         if self.main_process:
             with self.path.open("a", encoding="utf-8") as fh:
@@ -141,3 +170,84 @@ class DPOGuard(TrainerCallback):
                 "not moving away from the reference; check that the reference is not the policy itself, and the "
                 "learning rate",
             )
+
+
+class NumericGuard(TrainerCallback):
+    """Watches the raw loss of every micro-batch and the raw grad norm of every step, not the logged averages.
+
+    - non-finite loss or grad norm: training stops at the end of that step; the stage then fails, naming it;
+    - a loss spike (over twice the running median of the last 50 steps): a warning, and a wandb alert online;
+    - a loss of exactly 0: a warning with the usual causes.
+    """
+
+    def __init__(self, tracker: Any = None, spike_factor: float = 2.0, window: int = 50):
+        self.tracker = tracker
+        self.spike_factor = spike_factor
+        self.window = window
+        self.losses: list[float] = []
+        self.pending: list[Any] = []
+        self.grad_norm: float | None = None
+        self.nonfinite: dict[str, Any] | None = None
+        self.last_spike_step = -(10**9)
+        self.warned_zero = False
+
+    def attach(self, trainer: Any) -> None:
+        """Wrap the trainer's loss and grad-norm functions so each raw value passes through the guard."""
+        compute_loss = trainer.compute_loss
+
+        def watched_loss(model, inputs, return_outputs=False, **kwargs):
+            out = compute_loss(model, inputs, return_outputs=return_outputs, **kwargs)
+            loss = out[0] if return_outputs else out
+            if model.training:
+                self.pending.append(loss.detach())
+            return out
+
+        trainer.compute_loss = watched_loss
+        get_grad_norm = getattr(trainer, "_get_grad_norm", None)
+        if get_grad_norm is not None:  # a private Trainer method: watched where it exists
+
+            def watched_norm(*args, **kwargs):
+                norm = get_grad_norm(*args, **kwargs)
+                self.grad_norm = float(norm) if norm is not None else None
+                return norm
+
+            trainer._get_grad_norm = watched_norm
+
+    def on_step_end(self, args, state, control, **kwargs):
+        import torch
+
+        if not self.pending:
+            return control
+        loss = float(torch.stack([p.float().mean() for p in self.pending]).mean())
+        self.pending.clear()
+        step = state.global_step
+        bad = None
+        if not math.isfinite(loss):
+            bad = {"split": "train", "what": "loss", "value": loss}
+        elif self.grad_norm is not None and not math.isfinite(self.grad_norm):
+            bad = {"split": "train", "what": "grad norm", "value": self.grad_norm}
+        if bad is not None:
+            if self.nonfinite is None:
+                self.nonfinite = {**bad, "step": step}
+            control.should_training_stop = True
+            return control
+        if loss == 0.0 and not self.warned_zero:
+            self.warned_zero = True
+            logger.warning(
+                "train loss is exactly 0 at step %d: usually no token carries a label (every label masked), the "
+                "answers are in the prompt (leaked), or the data repeats one example",
+                step,
+            )
+        recent = self.losses[-self.window :]
+        if len(recent) >= 10:
+            median = sorted(recent)[len(recent) // 2]
+            if median > 0 and loss > self.spike_factor * median and step - self.last_spike_step >= self.window:
+                self.last_spike_step = step
+                message = (
+                    f"loss spike at step {step}: {loss:.4g}, over {self.spike_factor:g}x the recent median {median:.4g}"
+                )
+                logger.warning("%s", message)
+                if self.tracker is not None:
+                    self.tracker.alert("loss spike", message)
+        self.losses.append(loss)
+        return control

@@ -348,6 +348,8 @@ def _run_stages(
             stage, result, status="completed", fp=fp, input_model=input_model, wall_time_s=elapsed
         )
         records.update(stage.name, status="completed")
+        if result.metrics.get("stopped_early"):
+            tracker.log({"train/early_stop_step": result.metrics["global_step"]})
         tracker.summary(result.metrics)
         tracker.finish_stage()
         ctx.outputs[stage.name] = StageOutput(stage.name, stage.kind, result.model_dir, fp)

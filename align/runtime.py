@@ -419,13 +419,13 @@ class RunContext:
             return source
         return f"scratch:{source.model_type}"
 
-    def check_finite(self, writer: Any, stage: Stage) -> None:
-        """Stop the pipeline when training logged a non-finite loss, naming the likely cause.
+    def check_finite(self, stage: Stage, *watchers: Any) -> None:
+        """Stop the pipeline when a watcher saw a non-finite loss or grad norm, naming the likely cause.
 
         Raises:
-            StageFailed: the loss went NaN or infinite.
+            StageFailed: the loss or grad norm went NaN or infinite.
         """
-        bad = writer.nonfinite
+        bad = next((w.nonfinite for w in watchers if getattr(w, "nonfinite", None)), None)
         if bad is None:
             return
         causes = []
@@ -435,7 +435,7 @@ class RunContext:
         causes.append(f"a learning rate too high{f' ({lr})' if lr is not None else ''}")
         causes.append("a bad batch (empty or corrupt rows)")
         raise StageFailed(
-            f"stage {stage.name}: non-finite {bad['split']} loss ({bad['value']}) at step {bad['step']}; "
-            f"likely cause: {', or '.join(causes)}",
+            f"stage {stage.name}: non-finite {bad['split']} {bad.get('what', 'loss')} ({bad['value']}) at step "
+            f"{bad['step']}; likely cause: {', or '.join(causes)}",
             hint="the last good checkpoint is kept under " + str(self.stage_dir(stage) / "checkpoints"),
         )

@@ -57,3 +57,53 @@ def test_report_command_rebuilds_and_rejects_non_runs(tmp_path, capsys):
 
     assert main([str(tmp_path)]) == 2
     assert "not an align run directory" in capsys.readouterr().err
+
+
+def _feed(guard, losses, grad_norm=1.0):
+    """Drive a NumericGuard as the Trainer would: one micro-batch loss, then the step's end."""
+    from types import SimpleNamespace
+
+    import torch
+
+    state, control = SimpleNamespace(global_step=0), SimpleNamespace(should_training_stop=False)
+    for step, loss in enumerate(losses, start=1):
+        guard.pending.append(torch.tensor(loss))
+        guard.grad_norm = grad_norm
+        state.global_step = step
+        guard.on_step_end(None, state, control)
+    return control
+
+
+def test_numeric_guard_stops_on_a_raw_nan_and_on_an_infinite_grad_norm():
+    from align.guards import NumericGuard
+
+    guard = NumericGuard()
+    control = _feed(guard, [2.0, 1.9, float("nan"), 1.8])
+    assert control.should_training_stop is True
+    assert guard.nonfinite["step"] == 3 and guard.nonfinite["what"] == "loss"
+    guard = NumericGuard()
+    control = _feed(guard, [2.0], grad_norm=float("inf"))
+    assert control.should_training_stop and guard.nonfinite["what"] == "grad norm"
+
+
+def test_numeric_guard_warns_on_spikes_and_zero_loss(caplog):
+    from align.guards import NumericGuard
+
+    with caplog.at_level("WARNING"):
+        control = _feed(NumericGuard(), [2.0] * 20 + [9.0] + [2.0] * 5)
+    assert control.should_training_stop is False
+    assert "loss spike at step 21" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        _feed(NumericGuard(), [1.0, 0.0, 0.0])
+    assert caplog.text.count("exactly 0") == 1
+
+
+def test_metrics_rows_carry_throughput_and_memory(tmp_path, run_cli):
+    recipe = tiny_lm_recipe()
+    recipe["stages"][0]["train"]["max_steps"] = 10
+    code, _, err = run_cli(write_yaml(tmp_path / "r.yaml", recipe), "--output-dir", tmp_path / "run")
+    assert code == 0, err
+    rows = [json.loads(line) for line in (tmp_path / "run" / "lm" / "metrics.jsonl").read_text().splitlines()]
+    train = [r for r in rows if r["split"] == "train"]
+    assert all(r["tokens_per_s"] > 0 and r["memory/rss_gb"] > 0 for r in train[1:])

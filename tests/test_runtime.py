@@ -81,4 +81,5 @@ def test_offline_wandb_run_per_stage_holds_the_curves(tmp_path, run_cli):
     info = summarize(runs[0])
     assert info["name"] == "tiny/lm" and info["job_type"] == "lm" and info["group"].startswith("tiny-")
     assert {"train/loss", "eval/loss", "train/grad_norm", "train/learning_rate"} <= info["history_keys"]
+    assert {"train/tokens_per_s", "memory/rss_gb"} <= info["history_keys"], "throughput and memory beside the loss"
     assert info["config"]["kind"] == "lm" and info["config"]["train"]["max_steps"] == 10

@@ -14,7 +14,7 @@ from align.recipe import config_class
 if TYPE_CHECKING:
     from transformers import Trainer
 
-    from align.guards import MetricsWriter
+    from align.guards import MetricsWriter, NumericGuard
     from align.recipe import Stage
     from align.runtime import RunContext
 
@@ -121,11 +121,17 @@ def perplexity(loss: float | None) -> float | None:
     return math.exp(min(loss, 700.0))
 
 
-def quiet_console(trainer: Trainer) -> None:
-    """Drop the Trainer's own printing of log dicts: MetricsWriter logs each row once, through `logging`."""
+def watch(trainer: Trainer, ctx: RunContext) -> NumericGuard:
+    """Silence the Trainer's own printing (MetricsWriter logs each row once) and guard its raw numbers."""
     from transformers.trainer_callback import PrinterCallback
 
+    from align.guards import NumericGuard
+
     trainer.remove_callback(PrinterCallback)
+    guard = NumericGuard(ctx.tracker)
+    guard.attach(trainer)
+    trainer.add_callback(guard)
+    return guard
 
 
 def summary_metrics(

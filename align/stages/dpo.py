@@ -10,7 +10,7 @@ import copy
 import logging
 from typing import TYPE_CHECKING, Any
 
-from align.stages.common import StageResult, evaluate, planned_steps, quiet_console, summary_metrics, training_args
+from align.stages.common import StageResult, evaluate, planned_steps, summary_metrics, training_args, watch
 from align.stages.sft import base_model, capped_max_length, early_stopping_callbacks, ensure_template, render_mask
 
 if TYPE_CHECKING:
@@ -54,7 +54,7 @@ def run(stage: Stage, ctx: RunContext) -> StageResult:
         stage, ctx, supports_checkpointing=model.supports_gradient_checkpointing, max_length=max_length
     )
     peft_config = lora_config(stage.peft) if stage.peft is not None and not hasattr(model, "peft_config") else None
-    writer = MetricsWriter(stage_dir / "metrics.jsonl", main_process=is_main_process())
+    writer = MetricsWriter(stage_dir / "metrics.jsonl", main_process=is_main_process(), tracker=ctx.tracker)
     guard = DPOGuard(ctx.tracker)
     trainer = DPOTrainer(
         model=model,
@@ -66,7 +66,7 @@ def run(stage: Stage, ctx: RunContext) -> StageResult:
         peft_config=peft_config,
         callbacks=[writer, guard, *early_stopping_callbacks(stage)],
     )
-    quiet_console(trainer)
+    guard = watch(trainer, ctx)
     steps = planned_steps(args, len(data["train"]), args.world_size)
     batch = args.per_device_train_batch_size * args.gradient_accumulation_steps * args.world_size
     logger.info("training: %d steps planned, effective batch %d pairs", steps, batch)
@@ -76,7 +76,7 @@ def run(stage: Stage, ctx: RunContext) -> StageResult:
     pref_before = preference_accuracy(trainer.model, tokenizer, pairs, max_length)
     before = evaluate(trainer, writer, "before")
     result = trainer.train()
-    ctx.check_finite(writer, stage)
+    ctx.check_finite(stage, writer, guard)
     after = evaluate(trainer, writer, "final")
     pref_after = preference_accuracy(trainer.model, tokenizer, pairs, max_length)
 

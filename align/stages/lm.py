@@ -14,9 +14,9 @@ from align.stages.common import (
     evaluate,
     perplexity,
     planned_steps,
-    quiet_console,
     summary_metrics,
     training_args,
+    watch,
 )
 
 if TYPE_CHECKING:
@@ -72,7 +72,7 @@ def run(stage: Stage, ctx: RunContext) -> StageResult:
 
     # 3. Trainer ------------------------------------------------------------------------------------
     args = training_args(stage, ctx, supports_checkpointing=model.supports_gradient_checkpointing, max_length=size)
-    writer = MetricsWriter(stage_dir / "metrics.jsonl", main_process=is_main_process())
+    writer = MetricsWriter(stage_dir / "metrics.jsonl", main_process=is_main_process(), tracker=ctx.tracker)
     callbacks: list[Any] = [writer]
     if stage.early_stopping is not None:
         callbacks.append(EarlyStoppingCallback(stage.early_stopping.patience, stage.early_stopping.threshold))
@@ -85,7 +85,7 @@ def run(stage: Stage, ctx: RunContext) -> StageResult:
         processing_class=tokenizer,
         callbacks=callbacks,
     )
-    quiet_console(trainer)
+    guard = watch(trainer, ctx)
     logger.info(
         "training: %d steps planned, effective batch %d blocks (%d per device x %d accumulation x %d processes)",
         planned_steps(args, len(train_blocks), args.world_size),
@@ -96,7 +96,7 @@ def run(stage: Stage, ctx: RunContext) -> StageResult:
     # 4. Evaluate, train, evaluate ------------------------------------------------------------------
     before = evaluate(trainer, writer, "before")
     result = trainer.train()
-    ctx.check_finite(writer, stage)
+    ctx.check_finite(stage, writer, guard)
     after = evaluate(trainer, writer, "final")
 
     # 5. Save and summarise -------------------------------------------------------------------------

@@ -15,9 +15,9 @@ from align.stages.common import (
     evaluate,
     perplexity,
     planned_steps,
-    quiet_console,
     summary_metrics,
     training_args,
+    watch,
 )
 
 if TYPE_CHECKING:
@@ -63,7 +63,7 @@ def run(stage: Stage, ctx: RunContext) -> StageResult:
     peft_config = None
     if stage.peft is not None and not hasattr(model, "peft_config"):
         peft_config = lora_config(stage.peft)
-    writer = MetricsWriter(stage_dir / "metrics.jsonl", main_process=is_main_process())
+    writer = MetricsWriter(stage_dir / "metrics.jsonl", main_process=is_main_process(), tracker=ctx.tracker)
     trainer = SFTTrainer(
         model=model,
         args=args,
@@ -73,7 +73,7 @@ def run(stage: Stage, ctx: RunContext) -> StageResult:
         peft_config=peft_config,
         callbacks=[writer, *early_stopping_callbacks(stage)],
     )
-    quiet_console(trainer)
+    guard = watch(trainer, ctx)
     logger.info(
         "first training example, trained tokens in [[ ]]: %r", render_labels(trainer.train_dataset[0], tokenizer)
     )
@@ -87,7 +87,7 @@ def run(stage: Stage, ctx: RunContext) -> StageResult:
     answers_before = generate(trainer.model, tokenizer, prompts)
     before = evaluate(trainer, writer, "before")
     result = trainer.train()
-    ctx.check_finite(writer, stage)
+    ctx.check_finite(stage, writer, guard)
     after = evaluate(trainer, writer, "final")
     answers_after = generate(trainer.model, tokenizer, prompts)
     generations = [
