@@ -50,11 +50,18 @@ class MetricsWriter(TrainerCallback):
     only what the Trainer measured while it trained, plus the step-0 evaluation before it.
     """
 
-    def __init__(self, path: Path, main_process: bool = True, tracker: Any = None):
+    def __init__(self, path: Path, main_process: bool = True, tracker: Any = None, resume_from: str | None = None):
         self.path = path
         self.tracker = tracker
         self.main_process = main_process
         self.rows: list[dict[str, Any]] = []
+        if resume_from is not None and path.is_file():
+            # Keep what the interrupted run logged up to its checkpoint; the rest will be logged again.
+            step = int(Path(resume_from).name.rsplit("-", 1)[-1])
+            kept = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+            self.rows = [r for r in kept if 0 < r["step"] <= step and r["split"] in ("train", "eval")]
+            if main_process:
+                path.write_text("".join(json.dumps(r, default=str) + "\n" for r in self.rows))
         self.phase: str | None = None
         self.nonfinite: dict[str, Any] | None = None
         self._last_time: float | None = None

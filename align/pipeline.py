@@ -322,7 +322,11 @@ def _run_stages(
             summaries.append(cached)
             continue
 
-        if stage_dir.exists() and is_main_process():
+        checkpoint = None if fresh else interrupted_checkpoint(stage_dir, fp)
+        if checkpoint is not None:
+            ctx.resume[stage.name] = str(checkpoint)
+            logger.info("[%d/%d] %s: resuming from %s", i, len(recipe.stages), stage.name, checkpoint.name)
+        elif stage_dir.exists() and is_main_process():
             shutil.rmtree(stage_dir)  # a changed (or --fresh) stage starts clean: no stale metrics rows
         input_model = ctx.input_label(stage)
         logger.info("[%d/%d] %s: %s from %s on %s", i, len(recipe.stages), stage.name, stage.kind, input_model,
@@ -356,6 +360,18 @@ def _run_stages(
         summaries.append(summary)
         logger.info("[%d/%d] %s: completed in %.1f s", i, len(recipe.stages), stage.name, elapsed)
     return summaries
+
+
+def interrupted_checkpoint(stage_dir: Path, fp: str) -> Path | None:
+    """The last checkpoint of this very stage (same fingerprint) whose run was cut off while running."""
+    from transformers.trainer_utils import get_last_checkpoint
+
+    summary = read_json(stage_dir / "summary.json")
+    if not summary or summary.get("status") != "running" or summary.get("fingerprint") != fp:
+        return None
+    checkpoints = stage_dir / "checkpoints"
+    last = get_last_checkpoint(str(checkpoints)) if checkpoints.is_dir() else None
+    return Path(last) if last else None
 
 
 def _cached_summary(stage_dir: Path, fp: str) -> dict[str, Any] | None:

@@ -388,6 +388,7 @@ class RunContext:
     specs: dict[str, DataSpec] = field(default_factory=dict)
     outputs: dict[str, StageOutput] = field(default_factory=dict)
     fingerprints: dict[str, str] = field(default_factory=dict)
+    resume: dict[str, str] = field(default_factory=dict)
 
     @property
     def seed(self) -> int:
@@ -395,6 +396,10 @@ class RunContext:
 
     def stage_dir(self, stage: Stage) -> Path:
         return self.run_dir / stage.name
+
+    def resume_from(self, stage: Stage) -> str | None:
+        """The checkpoint an interrupted run of this stage left, to continue from (None: start afresh)."""
+        return self.resume.get(stage.name)
 
     def model_source(self, stage: Stage) -> str | ScratchModel:
         """The stage's `model` as written, with an omitted one read as `@<previous stage>`."""

@@ -107,3 +107,36 @@ def test_metrics_rows_carry_throughput_and_memory(tmp_path, run_cli):
     rows = [json.loads(line) for line in (tmp_path / "run" / "lm" / "metrics.jsonl").read_text().splitlines()]
     train = [r for r in rows if r["split"] == "train"]
     assert all(r["tokens_per_s"] > 0 and r["memory/rss_gb"] > 0 for r in train[1:])
+
+
+def test_report_loads_in_a_real_headless_browser(tmp_path, run_cli):
+    """Debian's chromium opens the report from disk, with no network, and every embedded image decodes."""
+    import os
+    import shutil
+    import subprocess
+
+    import pytest
+
+    browser = shutil.which("chromium") or shutil.which("chromium-browser")
+    if browser is None:
+        if os.environ.get("ALIGN_REQUIRE_BROWSER"):
+            pytest.fail("chromium is not installed, and .ci/run requires it (apt-get install chromium)")
+        pytest.skip("chromium is not installed (.ci/run installs it)")
+    recipe = two_stage_recipe()
+    code, _, err = run_cli(write_yaml(tmp_path / "r.yaml", recipe), "--output-dir", tmp_path / "run")
+    assert code == 0, err
+    page = (tmp_path / "run" / "report.html").read_text()
+    probe = (
+        "<script>window.addEventListener('load',()=>{const i=[...document.images];document.body.setAttribute("
+        "'data-decoded',i.filter(x=>x.complete&&x.naturalWidth>0).length+'/'+i.length)})</script>"
+    )
+    (tmp_path / "probe.html").write_text(page.replace("</body>", probe + "</body>"))
+    flags = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+             "--disable-background-networking", "--disable-component-update", "--disable-sync",
+             f"--user-data-dir={tmp_path / 'profile'}", "--virtual-time-budget=5000"]  # fmt: skip
+    dom = subprocess.run(
+        [browser, *flags, "--dump-dom", (tmp_path / "probe.html").as_uri()], capture_output=True, text=True, timeout=120
+    ).stdout
+    decoded = re.search(r'data-decoded="(\d+)/(\d+)"', dom)
+    assert decoded, "the page did not finish loading"
+    assert int(decoded.group(2)) >= 3 and decoded.group(1) == decoded.group(2)

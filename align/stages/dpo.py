@@ -54,7 +54,7 @@ def run(stage: Stage, ctx: RunContext) -> StageResult:
         stage, ctx, supports_checkpointing=model.supports_gradient_checkpointing, max_length=max_length
     )
     peft_config = lora_config(stage.peft) if stage.peft is not None and not hasattr(model, "peft_config") else None
-    writer = MetricsWriter(stage_dir / "metrics.jsonl", main_process=is_main_process(), tracker=ctx.tracker)
+    writer = MetricsWriter(stage_dir / "metrics.jsonl", is_main_process(), ctx.tracker, ctx.resume_from(stage))
     guard = DPOGuard(ctx.tracker)
     trainer = DPOTrainer(
         model=model,
@@ -75,7 +75,7 @@ def run(stage: Stage, ctx: RunContext) -> StageResult:
     pairs = data["validation"]
     pref_before = preference_accuracy(trainer.model, tokenizer, pairs, max_length)
     before = evaluate(trainer, writer, "before")
-    result = trainer.train()
+    result = trainer.train(resume_from_checkpoint=ctx.resume_from(stage))
     ctx.check_finite(stage, writer, guard)
     after = evaluate(trainer, writer, "final")
     pref_after = preference_accuracy(trainer.model, tokenizer, pairs, max_length)

@@ -72,7 +72,7 @@ def run(stage: Stage, ctx: RunContext) -> StageResult:
 
     # 3. Trainer ------------------------------------------------------------------------------------
     args = training_args(stage, ctx, supports_checkpointing=model.supports_gradient_checkpointing, max_length=size)
-    writer = MetricsWriter(stage_dir / "metrics.jsonl", main_process=is_main_process(), tracker=ctx.tracker)
+    writer = MetricsWriter(stage_dir / "metrics.jsonl", is_main_process(), ctx.tracker, ctx.resume_from(stage))
     callbacks: list[Any] = [writer]
     if stage.early_stopping is not None:
         callbacks.append(EarlyStoppingCallback(stage.early_stopping.patience, stage.early_stopping.threshold))
@@ -95,7 +95,7 @@ def run(stage: Stage, ctx: RunContext) -> StageResult:
 
     # 4. Evaluate, train, evaluate ------------------------------------------------------------------
     before = evaluate(trainer, writer, "before")
-    result = trainer.train()
+    result = trainer.train(resume_from_checkpoint=ctx.resume_from(stage))
     ctx.check_finite(stage, writer, guard)
     after = evaluate(trainer, writer, "final")
 

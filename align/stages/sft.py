@@ -63,7 +63,7 @@ def run(stage: Stage, ctx: RunContext) -> StageResult:
     peft_config = None
     if stage.peft is not None and not hasattr(model, "peft_config"):
         peft_config = lora_config(stage.peft)
-    writer = MetricsWriter(stage_dir / "metrics.jsonl", main_process=is_main_process(), tracker=ctx.tracker)
+    writer = MetricsWriter(stage_dir / "metrics.jsonl", is_main_process(), ctx.tracker, ctx.resume_from(stage))
     trainer = SFTTrainer(
         model=model,
         args=args,
@@ -86,7 +86,7 @@ def run(stage: Stage, ctx: RunContext) -> StageResult:
     prompts = eval_prompts(eval_ds, stage.generations)
     answers_before = generate(trainer.model, tokenizer, prompts)
     before = evaluate(trainer, writer, "before")
-    result = trainer.train()
+    result = trainer.train(resume_from_checkpoint=ctx.resume_from(stage))
     ctx.check_finite(stage, writer, guard)
     after = evaluate(trainer, writer, "final")
     answers_after = generate(trainer.model, tokenizer, prompts)
