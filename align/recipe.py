@@ -45,6 +45,8 @@ MANAGED_TRAIN_KEYS: dict[str, str] = {
     "load_best_model_at_end": "set `early_stopping:` on the stage; align then restores the best model",
     "metric_for_best_model": "early stopping always watches eval_loss",
 }
+# The Trainer pickles its arguments into every checkpoint: a credential in `train:` would land on disk.
+CREDENTIAL_TRAIN_KEYS = {"hub_token": "HF_TOKEN"}
 
 
 class Strict(BaseModel):
@@ -417,6 +419,10 @@ def check_train(kind: str, train: dict[str, Any], early_stopping: bool, where: s
     fields = {name for name, f in config_class(kind).__dataclass_fields__.items() if f.init}
     problems = []
     for key, value in list(train.items()):
+        if key in CREDENTIAL_TRAIN_KEYS:
+            env = CREDENTIAL_TRAIN_KEYS[key]
+            problems.append(f"{where}.{key}: credentials stay out of recipes (they are saved with the run); set {env}")
+            continue
         if key in MANAGED_TRAIN_KEYS:
             problems.append(f"{where}.{key}: set by align: {MANAGED_TRAIN_KEYS[key]}")
             continue
