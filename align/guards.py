@@ -236,7 +236,10 @@ class NumericGuard(TrainerCallback):
         if bad is not None:
             if self.nonfinite is None:
                 self.nonfinite = {**bad, "step": step}
+            # Stop now, and never save this step: the last checkpoint on disk stays the last good one.
             control.should_training_stop = True
+            control.should_save = False
+            control.should_evaluate = False
             return control
         if loss == 0.0 and not self.warned_zero:
             self.warned_zero = True

@@ -153,11 +153,32 @@ def preflight(recipe: Recipe) -> tuple[dict[str, DataSpec], dict[str, Any]]:
 # Fingerprints and records
 
 
+def data_identity(spec: DataSpec, base_dir: Path) -> dict[str, Any]:
+    """What pins the data's content: file hashes, the hub revision, or the Python version (builtin sets)."""
+    source = spec.source
+    if source.files is not None:
+        from align.data import resolve_files
+
+        digests = {}
+        for split, paths in resolve_files(spec, base_dir).items():
+            for path in paths:
+                digest = hashlib.sha256()
+                with path.open("rb") as fh:
+                    for block in iter(lambda fh=fh: fh.read(1 << 20), b""):
+                        digest.update(block)
+                digests[f"{split}:{path.name}"] = digest.hexdigest()
+        return digests
+    if source.builtin is not None:
+        return {"python": platform.python_version()}  # pydoc_data's text changes between Python versions
+    return {"revision": source.revision or "main"}
+
+
 def fingerprint(stage: Stage, spec: DataSpec, input_fingerprint: str, recipe: Recipe, precision: str) -> str:
-    """A hash of everything that determines a stage's output: config, data, input model, seed, align."""
+    """A hash of everything that determines a stage's output: config, data and its content, input, seed, align."""
     payload = {
         "stage": stage.model_dump(mode="json"),
         "data": spec.model_dump(mode="json"),
+        "data_content": data_identity(spec, recipe.base_dir),
         "input": input_fingerprint,
         "seed": recipe.seed,
         "precision": precision,

@@ -442,5 +442,14 @@ class RunContext:
         raise StageFailed(
             f"stage {stage.name}: non-finite {bad['split']} {bad.get('what', 'loss')} ({bad['value']}) at step "
             f"{bad['step']}; likely cause: {', or '.join(causes)}",
-            hint="the last good checkpoint is kept under " + str(self.stage_dir(stage) / "checkpoints"),
+            hint=self._last_checkpoint_hint(stage),
         )
+
+    def _last_checkpoint_hint(self, stage: Stage) -> str:
+        from transformers.trainer_utils import get_last_checkpoint
+
+        folder = self.stage_dir(stage) / "checkpoints"
+        last = get_last_checkpoint(str(folder)) if folder.is_dir() else None
+        if last is None:
+            return "no checkpoint had been saved yet; lower the learning rate or fix the data, then rerun"
+        return f"the last good checkpoint is kept: {last}"

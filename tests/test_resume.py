@@ -61,3 +61,17 @@ def test_sigkill_then_rerun_resumes_and_matches_an_uninterrupted_run(tmp_path):
     assert time.perf_counter() - started < 30
     pipeline = json.loads((tmp_path / "cut/pipeline.json").read_text())
     assert [s["status"] for s in pipeline["stages"]] == ["cached"]
+
+
+def test_a_changed_data_file_reruns_the_stage_an_unchanged_one_is_cached(tmp_path, run_cli):
+    (tmp_path / "notes.txt").write_text("\n".join(f"line {i} of some text to learn from" for i in range(120)))
+    recipe = tiny_lm_recipe(stage={"data": {"source": {"files": ["notes.txt"]}, "format": "text"}})
+    recipe["stages"][0]["train"]["max_steps"] = 3
+    path = write_yaml(tmp_path / "r.yaml", recipe)
+    assert run_cli(path, "--output-dir", tmp_path / "run")[0] == 0
+    code, _, err = run_cli(path, "--output-dir", tmp_path / "run")
+    assert code == 0 and "unchanged since the last run" in err
+    (tmp_path / "notes.txt").write_text("\n".join(f"other line {i} with new words" for i in range(120)))
+    code, _, err = run_cli(path, "--output-dir", tmp_path / "run")
+    assert code == 0 and "unchanged since the last run" not in err
+    assert json.loads((tmp_path / "run/pipeline.json").read_text())["stages"][0]["status"] == "completed"
