@@ -12,7 +12,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from align.errors import BadInput, closest, unknown_key_message
+from align.errors import BadInput, StageFailed, closest, unknown_key_message
 from align.recipe import ScratchModel
 
 if TYPE_CHECKING:
@@ -98,11 +98,11 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int) -> PreTrainedTokenize
     return tokenizer
 
 
-def load_tokenizer(ref: str) -> PreTrainedTokenizerBase:
+def load_tokenizer(ref: str, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
     """A hub or local tokenizer, with a pad token set (to eos, else unk) where it has none."""
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(ref)
+    tokenizer = AutoTokenizer.from_pretrained(ref, trust_remote_code=trust_remote_code)
     if tokenizer.pad_token is None:
         fallback = tokenizer.eos_token or tokenizer.unk_token
         if fallback is not None:
@@ -112,7 +112,11 @@ def load_tokenizer(ref: str) -> PreTrainedTokenizerBase:
 
 
 def build_model(
-    ref: str | ScratchModel, where: str, texts: Iterable[str] | None, dtype: Any = None
+    ref: str | ScratchModel,
+    where: str,
+    texts: Iterable[str] | None,
+    dtype: Any = None,
+    trust_remote_code: bool = False,
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Load (or build) the model and tokenizer a stage starts from.
 
@@ -142,9 +146,23 @@ def build_model(
         logger.info("loaded LoRA adapters from %s on %s", ref, model.peft_config["default"].base_model_name_or_path)
         return model, tokenizer
 
-    hub_config(ref, where)  # fails fast, with a clear message, when the model cannot be had
-    tokenizer = load_tokenizer(ref)
-    model = AutoModelForCausalLM.from_pretrained(ref, dtype=dtype)
+    hub_config(ref, where, trust_remote_code)  # fails fast, with a clear message, when the model cannot be had
+    tokenizer = load_tokenizer(ref, trust_remote_code)
+    if trust_remote_code:
+        logger.warning("%s: trust_remote_code is on: the model repository's own Python code runs here", ref)
+    try:
+        # Safetensors only: pickled (.bin) weights can run arbitrary code when they are loaded.
+        model = AutoModelForCausalLM.from_pretrained(
+            ref, dtype=dtype, use_safetensors=True, trust_remote_code=trust_remote_code
+        )
+    except OSError as exc:
+        if "safetensors" not in str(exc):
+            raise
+        raise StageFailed(
+            f"{where}: '{ref}' has no safetensors weights; align does not load pickled (.bin) weights",
+            hint="convert them once (transformers: load, then save_pretrained(..., safe_serialization=True)) and "
+            "point `model:` at the converted directory",
+        ) from None
     if getattr(model.config, "pad_token_id", None) is None and tokenizer.pad_token_id is not None:
         model.config.pad_token_id = tokenizer.pad_token_id
     logger.info("loaded %s: %.2fM parameters", ref, model.num_parameters() / 1e6)

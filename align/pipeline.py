@@ -102,7 +102,7 @@ def resolve_specs(recipe: Recipe) -> dict[str, DataSpec]:
 
 def check_models(recipe: Recipe, found: Problems) -> None:
     """Problems with stage models that can be found without loading weights."""
-    from align.models import hub_config, scratch_config
+    from align.models import hub_config, is_adapter_dir, scratch_config
 
     for stage in recipe.stages:
         where = f"stages.{stage.name}.model"
@@ -110,7 +110,11 @@ def check_models(recipe: Recipe, found: Problems) -> None:
             if isinstance(stage.model, ScratchModel):
                 scratch_config(stage.model, where)
             elif isinstance(stage.model, str) and not stage.model.startswith("@"):
-                hub_config(stage.model, where)
+                hub_config(stage.model, where, stage.trust_remote_code)
+                local = Path(stage.model).expanduser()
+                if local.is_dir() and not is_adapter_dir(stage.model) and not any(local.glob("*.safetensors")):
+                    found.add([f"{where}: {local} has no safetensors weights; align does not load pickled (.bin) "
+                               "weights (convert: save_pretrained(..., safe_serialization=True))"])  # fmt: skip
         except BadInput as exc:
             found.absorb(exc)
 
@@ -214,6 +218,9 @@ class Records:
         for entry in self.pipeline["stages"]:
             if entry["name"] == name:
                 entry.update(fields)
+        self.write()
+
+    def write(self) -> None:
         if is_main_process():
             write_json_atomic(self.run_dir / "pipeline.json", self.pipeline)
 
@@ -291,7 +298,7 @@ def run_pipeline(
     tracker = Tracker(recipe.tracking.wandb, recipe.name, group, output_dir)
     ctx = RunContext(recipe=recipe, run_dir=output_dir, precision=precision, tracker=tracker, data=data, specs=specs)
     records = Records(recipe, output_dir)
-    records.update(recipe.stages[0].name)
+    records.write()
 
     try:
         return _run_stages(recipe, ctx, specs, records, precision.name, fresh)
@@ -322,8 +329,8 @@ def _run_stages(
         source = ctx.model_source(stage)
         if isinstance(source, str) and source.startswith("@"):
             input_fp = ctx.outputs[source[1:]].fingerprint
-        elif isinstance(source, str):
-            input_fp = source
+        else:
+            input_fp = source if isinstance(source, str) else ""  # a scratch model is all in the stage config
         fp = fingerprint(stage, specs[stage.name], input_fp, recipe, precision)
         stage_dir = ctx.stage_dir(stage)
         cached = None if fresh else _cached_summary(stage_dir, fp)
@@ -437,7 +444,8 @@ def dry_run(recipe: Recipe, output_dir: Path) -> str:
             tokenizer, config = loaded[source[1:]]
             model_label = f"{source} (the output of stage {source[1:]})"
         else:
-            config, tokenizer = hub_config(source, where), load_tokenizer(source)
+            config = hub_config(source, where, stage.trust_remote_code)
+            tokenizer = load_tokenizer(source, stage.trust_remote_code)
             model_label = source
         loaded[stage.name] = (tokenizer, config)
         info = stage_module(stage.kind).preflight(stage, ctx, tokenizer, config)

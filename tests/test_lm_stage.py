@@ -202,3 +202,24 @@ def test_run_lm_is_importable():
     from align.stages import run_lm
 
     assert callable(run_lm) and run_lm.__module__ == "align.stages.lm"
+
+
+def test_pickled_weights_are_refused_before_training(tmp_path, run_cli):
+    from transformers import AutoModelForCausalLM
+
+    from align.builtin import python_docs
+    from align.models import scratch_config, train_tokenizer
+    from align.recipe import ScratchModel
+
+    tokenizer = train_tokenizer(python_docs()["text"][:200], 300)
+    config = scratch_config(ScratchModel(**TINY_MODEL), "test", vocab_size=len(tokenizer))
+    model = AutoModelForCausalLM.from_config(config)
+    model.save_pretrained(tmp_path / "pickled")
+    tokenizer.save_pretrained(tmp_path / "pickled")
+    # An old-style checkpoint: pickled weights only.
+    (tmp_path / "pickled" / "model.safetensors").unlink()
+    torch.save(model.state_dict(), tmp_path / "pickled" / "pytorch_model.bin")
+    recipe = tiny_lm_recipe(stage={"model": str(tmp_path / "pickled")})
+    code, _, err = run_cli(write_yaml(tmp_path / "r.yaml", recipe), "--output-dir", tmp_path / "run")
+    assert code == 2 and "has no safetensors weights" in err
+    assert not (tmp_path / "run").exists()

@@ -37,7 +37,12 @@ def run(stage: Stage, ctx: RunContext) -> StageResult:
     seed_everything(ctx.seed)
     data = ctx.data[stage.name]
     source = ctx.model_ref(stage)
-    model, tokenizer = build_model(source, f"stages.{stage.name}.model", texts=training_texts(data["train"]))
+    model, tokenizer = build_model(
+        source,
+        f"stages.{stage.name}.model",
+        texts=training_texts(data["train"]),
+        trust_remote_code=stage.trust_remote_code,
+    )
     ensure_template(tokenizer)
     if isinstance(source, str) and is_adapter_dir(source) and stage.peft is None:
         # Full DPO on top of SFT adapters: fold them in first, so policy and reference both start as the SFT model.

@@ -59,7 +59,10 @@ def run(stage: Stage, ctx: RunContext) -> StageResult:
     # 1. Seed, model and tokenizer ---------------------------------------------------------------
     seed_everything(ctx.seed)
     data = ctx.data[stage.name]
-    model, tokenizer = build_model(ctx.model_ref(stage), f"stages.{stage.name}.model", texts=data["train"]["text"])
+    where = f"stages.{stage.name}.model"
+    model, tokenizer = build_model(
+        ctx.model_ref(stage), where, texts=data["train"]["text"], trust_remote_code=stage.trust_remote_code
+    )
 
     # 2. Data: full blocks of real tokens ---------------------------------------------------------
     size = block_size(stage, model.config)

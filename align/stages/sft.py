@@ -44,8 +44,9 @@ def run(stage: Stage, ctx: RunContext) -> StageResult:
     # 1. Seed, model, tokenizer, chat template ------------------------------------------------------
     seed_everything(ctx.seed)
     data = ctx.data[stage.name]
+    where = f"stages.{stage.name}.model"
     model, tokenizer = build_model(
-        ctx.model_ref(stage), f"stages.{stage.name}.model", texts=training_texts(data["train"])
+        ctx.model_ref(stage), where, texts=training_texts(data["train"]), trust_remote_code=stage.trust_remote_code
     )
     template = ensure_template(tokenizer)
 
