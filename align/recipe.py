@@ -172,7 +172,7 @@ class Stage(Strict):
     early_stopping: EarlyStopping | None = None
     peft: PeftSettings | None = Field(None, description="train LoRA adapters instead of every weight")
     merge: bool = Field(False, description="with peft: save the adapters merged into the model, for the next stage")
-    generations: int = Field(4, ge=0, description="eval prompts answered greedily before and after training (sft)")
+    generations: int = Field(4, ge=0, description="eval prompts answered greedily before and after training (sft, dpo)")
     trust_remote_code: bool = Field(
         False, description="run Python code shipped in the model's hub repository (only for models you trust)"
     )

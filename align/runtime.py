@@ -387,7 +387,6 @@ class RunContext:
     data: dict[str, DatasetDict] = field(default_factory=dict)
     specs: dict[str, DataSpec] = field(default_factory=dict)
     outputs: dict[str, StageOutput] = field(default_factory=dict)
-    fingerprints: dict[str, str] = field(default_factory=dict)
     resume: dict[str, str] = field(default_factory=dict)
 
     @property

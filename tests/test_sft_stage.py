@@ -215,7 +215,7 @@ def test_packing_is_refused_where_samples_would_see_each_other():
 
 def test_render_mask_marks_trained_spans():
     from align.models import train_tokenizer
-    from align.stages.sft import render_mask
+    from align.stages.common import render_mask
 
     tokenizer = train_tokenizer(["question answer"] * 50, 260)
     ids = tokenizer("question answer", add_special_tokens=False)["input_ids"]

@@ -160,3 +160,61 @@ def summary_metrics(
         "train_tokens": train_tokens,
         "tokens_per_s": train_tokens / runtime if runtime > 0 else None,
     }
+
+
+def base_model(ctx: RunContext, stage: Stage, model: Any) -> str | None:
+    """Where the weights under any adapters come from: a hub id or directory; None when built from scratch."""
+    from align.models import is_adapter_dir
+    from align.recipe import ScratchModel
+
+    source = ctx.model_ref(stage)
+    if isinstance(source, ScratchModel):
+        return None
+    if is_adapter_dir(source):
+        return model.peft_config["default"].base_model_name_or_path
+    return source
+
+
+def capped_max_length(stage: Stage, config: Any) -> int | None:
+    """`train.max_length` (TRL's default 1024), capped at the model's positions: longer would crash the model."""
+    from align.models import model_positions
+
+    wanted = stage.train.get("max_length", 1024)
+    limit = model_positions(config)
+    if limit is not None and (wanted is None or wanted > limit):
+        logger.info("max_length %d: capped at the model's %d positions (asked: %s)", limit, limit, wanted)
+        return limit
+    return wanted
+
+
+def early_stopping_callbacks(stage: Stage) -> list[Any]:
+    from transformers import EarlyStoppingCallback
+
+    if stage.early_stopping is None:
+        return []
+    return [EarlyStoppingCallback(stage.early_stopping.patience, stage.early_stopping.threshold)]
+
+
+def render_mask(ids: list[int], mask: list[int], tokenizer: Any) -> str:
+    """Decode a token sequence with the trained spans wrapped in [[ ]]: the loss mask, visible."""
+    out, start = [], 0
+    for i in range(1, len(ids) + 1):
+        if i == len(ids) or bool(mask[i]) != bool(mask[start]):
+            text = tokenizer.decode(ids[start:i])
+            out.append(f"[[{text}]]" if mask[start] else text)
+            start = i
+    return "".join(out)
+
+
+def generation_table(ctx: RunContext, prompts: list[Any], before: list[str], after: list[str]) -> list[dict[str, str]]:
+    """Greedy answers before and after training, side by side: for summary.json and a wandb table."""
+    rows = [{"prompt": show_prompt(p), "before": b, "after": a} for p, b, a in zip(prompts, before, after, strict=True)]
+    if rows:
+        ctx.tracker.table("generations", ["prompt", "before", "after"], [list(r.values()) for r in rows])
+    return rows
+
+
+def show_prompt(prompt: Any) -> str:
+    if isinstance(prompt, list):
+        return "\n".join(f"{m['role']}: {m['content']}" for m in prompt)
+    return prompt

@@ -10,8 +10,19 @@ import copy
 import logging
 from typing import TYPE_CHECKING, Any
 
-from align.stages.common import StageResult, evaluate, planned_steps, summary_metrics, training_args, watch
-from align.stages.sft import base_model, capped_max_length, early_stopping_callbacks, ensure_template, render_mask
+from align.stages.common import (
+    StageResult,
+    base_model,
+    capped_max_length,
+    early_stopping_callbacks,
+    evaluate,
+    generation_table,
+    planned_steps,
+    render_mask,
+    summary_metrics,
+    training_args,
+    watch,
+)
 
 if TYPE_CHECKING:
     from datasets import Dataset
@@ -28,7 +39,14 @@ def run(stage: Stage, ctx: RunContext) -> StageResult:
 
     from align.data import training_texts
     from align.guards import DPOGuard, MetricsWriter
-    from align.models import build_model, is_adapter_dir, lora_config, save_trained
+    from align.models import (
+        build_model,
+        ensure_chat_template,
+        generate,
+        is_adapter_dir,
+        lora_config,
+        save_trained,
+    )
     from align.runtime import is_main_process, seed_everything
 
     stage_dir = ctx.stage_dir(stage)
@@ -43,7 +61,7 @@ def run(stage: Stage, ctx: RunContext) -> StageResult:
         texts=training_texts(data["train"]),
         trust_remote_code=stage.trust_remote_code,
     )
-    ensure_template(tokenizer)
+    ensure_chat_template(tokenizer)
     if isinstance(source, str) and is_adapter_dir(source) and stage.peft is None:
         # Full DPO on top of SFT adapters: fold them in first, so policy and reference both start as the SFT model.
         model = model.merge_and_unload()
@@ -78,12 +96,15 @@ def run(stage: Stage, ctx: RunContext) -> StageResult:
 
     # 4. Measure, train, measure --------------------------------------------------------------------
     pairs = data["validation"]
+    prompts = pairs["prompt"][: stage.generations]
+    answers_before = generate(trainer.model, tokenizer, prompts)
     pref_before = preference_accuracy(trainer.model, tokenizer, pairs, max_length)
     before = evaluate(trainer, writer, "before")
     result = trainer.train(resume_from_checkpoint=ctx.resume_from(stage))
     ctx.check_finite(stage, writer, guard)
     after = evaluate(trainer, writer, "final")
     pref_after = preference_accuracy(trainer.model, tokenizer, pairs, max_length)
+    generations = generation_table(ctx, prompts, answers_before, generate(trainer.model, tokenizer, prompts))
 
     # 5. Save and summarise -------------------------------------------------------------------------
     model_dir = stage_dir / "model"
@@ -97,7 +118,13 @@ def run(stage: Stage, ctx: RunContext) -> StageResult:
         pref_accuracy_before=pref_before,
         pref_accuracy=pref_after,
     )
-    extra = {"reference": reference, "saved": saved, "beta": args.beta, "loss_type": args.loss_type}
+    extra = {
+        "reference": reference,
+        "saved": saved,
+        "beta": args.beta,
+        "loss_type": args.loss_type,
+        "generations": generations,
+    }
     return StageResult(stage.name, stage.kind, "completed", model_dir, ctx.input_label(stage), metrics, extra)
 
 
@@ -185,8 +212,10 @@ def preference_accuracy(model: Any, tokenizer: Any, pairs: Dataset, max_length: 
 
 def preflight(stage: Stage, ctx: RunContext, tokenizer: Any, config: Any) -> dict[str, Any]:
     """What `--dry-run` shows for a DPO stage: two rendered pairs with their loss masks, token statistics."""
+    from align.models import ensure_chat_template
+
     data = ctx.data[stage.name]
-    ensure_template(tokenizer)
+    ensure_chat_template(tokenizer)
     max_length = capped_max_length(stage, config)
     args = training_args(stage, ctx, supports_checkpointing=False, max_length=max_length)
     train = data["train"]

@@ -11,6 +11,8 @@ from typing import TYPE_CHECKING, Any
 
 from align.stages.common import (
     StageResult,
+    capped_max_length,
+    early_stopping_callbacks,
     evaluate,
     perplexity,
     planned_steps,
@@ -28,8 +30,6 @@ logger = logging.getLogger(__name__)
 
 def block_size(stage: Stage, config: Any) -> int:
     """Block length: `train.max_length` (default 1024), capped at the model's positions."""
-    from align.stages.sft import capped_max_length
-
     return int(capped_max_length(stage, config) or 1024)
 
 
@@ -47,7 +47,7 @@ def collate_blocks(rows: list[dict[str, Any]]) -> dict[str, Any]:
 
 def run(stage: Stage, ctx: RunContext) -> StageResult:
     """Fine-tune a causal LM on a text data set; evaluate before and after; save the model."""
-    from transformers import EarlyStoppingCallback, Trainer
+    from transformers import Trainer
 
     from align.data import pack_text_blocks
     from align.guards import MetricsWriter
@@ -76,9 +76,6 @@ def run(stage: Stage, ctx: RunContext) -> StageResult:
     # 3. Trainer ------------------------------------------------------------------------------------
     args = training_args(stage, ctx, supports_checkpointing=model.supports_gradient_checkpointing, max_length=size)
     writer = MetricsWriter(stage_dir / "metrics.jsonl", is_main_process(), ctx.tracker, ctx.resume_from(stage))
-    callbacks: list[Any] = [writer]
-    if stage.early_stopping is not None:
-        callbacks.append(EarlyStoppingCallback(stage.early_stopping.patience, stage.early_stopping.threshold))
     trainer = Trainer(
         model=model,
         args=args,
@@ -86,7 +83,7 @@ def run(stage: Stage, ctx: RunContext) -> StageResult:
         eval_dataset=eval_blocks,
         data_collator=collate_blocks,
         processing_class=tokenizer,
-        callbacks=callbacks,
+        callbacks=[writer, *early_stopping_callbacks(stage)],
     )
     guard = watch(trainer, ctx)
     logger.info(

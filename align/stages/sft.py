@@ -12,9 +12,14 @@ from typing import TYPE_CHECKING, Any
 from align.errors import BadInput
 from align.stages.common import (
     StageResult,
+    base_model,
+    capped_max_length,
+    early_stopping_callbacks,
     evaluate,
+    generation_table,
     perplexity,
     planned_steps,
+    render_mask,
     summary_metrics,
     training_args,
     watch,
@@ -35,7 +40,7 @@ def run(stage: Stage, ctx: RunContext) -> StageResult:
 
     from align.data import training_texts
     from align.guards import MetricsWriter
-    from align.models import build_model, generate, lora_config, save_trained
+    from align.models import build_model, ensure_chat_template, generate, lora_config, save_trained
     from align.runtime import is_main_process, seed_everything
 
     stage_dir = ctx.stage_dir(stage)
@@ -48,7 +53,7 @@ def run(stage: Stage, ctx: RunContext) -> StageResult:
     model, tokenizer = build_model(
         ctx.model_ref(stage), where, texts=training_texts(data["train"]), trust_remote_code=stage.trust_remote_code
     )
-    template = ensure_template(tokenizer)
+    template = ensure_chat_template(tokenizer)
 
     # 2. Data and loss mask -------------------------------------------------------------------------
     train_ds, eval_ds, loss = loss_settings(stage, fmt, data["train"], data["validation"], tokenizer)
@@ -91,11 +96,7 @@ def run(stage: Stage, ctx: RunContext) -> StageResult:
     ctx.check_finite(stage, writer, guard)
     after = evaluate(trainer, writer, "final")
     answers_after = generate(trainer.model, tokenizer, prompts)
-    generations = [
-        {"prompt": _show(p), "before": b, "after": a}
-        for p, b, a in zip(prompts, answers_before, answers_after, strict=True)
-    ]
-    ctx.tracker.table("generations", ["prompt", "before", "after"], [list(g.values()) for g in generations])
+    generations = generation_table(ctx, prompts, answers_before, answers_after)
 
     # 5. Save and summarise -------------------------------------------------------------------------
     model_dir = stage_dir / "model"
@@ -117,12 +118,6 @@ def run(stage: Stage, ctx: RunContext) -> StageResult:
 
 # --------------------------------------------------------------------------------------------------
 # The pieces, in the order `run` uses them
-
-
-def ensure_template(tokenizer: Any) -> str:
-    from align.models import ensure_chat_template
-
-    return ensure_chat_template(tokenizer)
 
 
 def loss_settings(
@@ -242,39 +237,6 @@ def choose_packing(stage: Stage, model: Any) -> tuple[dict[str, Any], str]:
     return {}, f"packing: {'padding-free, as the recipe asks' if asked else 'off, as the recipe asks'}"
 
 
-def base_model(ctx: RunContext, stage: Stage, model: Any) -> str | None:
-    """Where the weights under any adapters come from: a hub id or directory; None when built from scratch."""
-    from align.models import is_adapter_dir
-    from align.recipe import ScratchModel
-
-    source = ctx.model_ref(stage)
-    if isinstance(source, ScratchModel):
-        return None
-    if is_adapter_dir(source):
-        return model.peft_config["default"].base_model_name_or_path
-    return source
-
-
-def capped_max_length(stage: Stage, config: Any) -> int | None:
-    """`train.max_length` (TRL's default 1024), capped at the model's positions: longer would crash the model."""
-    from align.models import model_positions
-
-    wanted = stage.train.get("max_length", 1024)
-    limit = model_positions(config)
-    if limit is not None and (wanted is None or wanted > limit):
-        logger.info("max_length %d: capped at the model's %d positions (asked: %s)", limit, limit, wanted)
-        return limit
-    return wanted
-
-
-def early_stopping_callbacks(stage: Stage) -> list[Any]:
-    from transformers import EarlyStoppingCallback
-
-    if stage.early_stopping is None:
-        return []
-    return [EarlyStoppingCallback(stage.early_stopping.patience, stage.early_stopping.threshold)]
-
-
 def eval_prompts(ds: Dataset, count: int) -> list[Any]:
     """The first `count` eval prompts: the prompt field, or a conversation up to its last assistant turn."""
     prompts = []
@@ -286,23 +248,6 @@ def eval_prompts(ds: Dataset, count: int) -> list[Any]:
         else:
             prompts.append(row["text"][:200])
     return prompts
-
-
-def _show(prompt: Any) -> str:
-    if isinstance(prompt, list):
-        return "\n".join(f"{m['role']}: {m['content']}" for m in prompt)
-    return prompt
-
-
-def render_mask(ids: list[int], mask: list[int], tokenizer: Any) -> str:
-    """Decode a token sequence with the trained spans wrapped in [[ ]]: the loss mask, visible."""
-    out, start = [], 0
-    for i in range(1, len(ids) + 1):
-        if i == len(ids) or bool(mask[i]) != bool(mask[start]):
-            text = tokenizer.decode(ids[start:i])
-            out.append(f"[[{text}]]" if mask[start] else text)
-            start = i
-    return "".join(out)
 
 
 def render_labels(example: dict[str, Any], tokenizer: Any) -> str:
@@ -347,11 +292,11 @@ def render_example(row: dict[str, Any], tokenizer: Any, loss: dict[str, Any]) ->
 
 def preflight(stage: Stage, ctx: RunContext, tokenizer: Any, config: Any) -> dict[str, Any]:
     """What `--dry-run` shows for an SFT stage: two rendered examples with their loss mask, token statistics."""
-    from align.models import marks_assistant_turns
+    from align.models import ensure_chat_template, marks_assistant_turns
 
     data = ctx.data[stage.name]
     fmt = ctx.specs[stage.name].format
-    template = ensure_template(tokenizer)
+    template = ensure_chat_template(tokenizer)
     train, _, loss = loss_settings(stage, fmt, data["train"], data["validation"], tokenizer)
     max_length = capped_max_length(stage, config)
     truncated, lengths = count_truncated(train, tokenizer, max_length, "train")
