@@ -30,7 +30,9 @@ from align.runtime import (
     Tracker,
     choose_precision,
     is_main_process,
+    main_process_first,
     setup_logging,
+    wait_for_everyone,
 )
 from align.stages.common import StageResult
 
@@ -284,7 +286,8 @@ def run_pipeline(
     """
     check_output_dir(output_dir, recipe, fresh)
     precision = choose_precision(recipe.precision)
-    specs, data = preflight(recipe)
+    with main_process_first():
+        specs, data = preflight(recipe)
 
     # Nothing is written before this point: bad input leaves an existing run directory as it was.
     output_dir.mkdir(parents=True, exist_ok=True)
@@ -334,6 +337,7 @@ def _run_stages(
         fp = fingerprint(stage, specs[stage.name], input_fp, recipe, precision)
         stage_dir = ctx.stage_dir(stage)
         cached = None if fresh else _cached_summary(stage_dir, fp)
+        wait_for_everyone()
         if cached is not None:
             logger.info(
                 "[%d/%d] %s: unchanged since the last run (fingerprint %s): cached",
@@ -351,6 +355,8 @@ def _run_stages(
             continue
 
         checkpoint = None if fresh else interrupted_checkpoint(stage_dir, fp)
+        # Every process has decided (cached, resume, or afresh) from the same files; only now may they change.
+        wait_for_everyone()
         if checkpoint is not None:
             ctx.resume[stage.name] = str(checkpoint)
             logger.info("[%d/%d] %s: resuming from %s", i, len(recipe.stages), stage.name, checkpoint.name)
@@ -375,6 +381,7 @@ def _run_stages(
             if isinstance(exc, KeyboardInterrupt):
                 raise
             raise StageFailed(f"stage {stage.name} failed: {error}") from exc
+        wait_for_everyone()  # the next stage loads this one's model: the main process must have saved it
         elapsed = time.perf_counter() - started
         summary = records.summary(
             stage, result, status="completed", fp=fp, input_model=input_model, wall_time_s=elapsed

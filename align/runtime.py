@@ -6,6 +6,7 @@ logging or import wandb themselves: they take what `RunContext` hands them.
 
 from __future__ import annotations
 
+import contextlib
 import contextvars
 import logging
 import logging.handlers
@@ -37,6 +38,30 @@ def rank() -> int:
 
 def is_main_process() -> bool:
     return rank() == 0
+
+
+@contextlib.contextmanager
+def main_process_first():
+    """Under several processes, the main one goes first (downloads, tokenization caches); the others then reuse
+    what it left. Alone, it does nothing."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        yield
+        return
+    import torch
+    from accelerate import PartialState
+
+    # Starting the process group here (gloo on a CPU) lets data preparation wait before any Trainer exists.
+    state = PartialState(cpu=not torch.cuda.is_available())
+    with state.main_process_first():
+        yield
+
+
+def wait_for_everyone() -> None:
+    """A barrier across processes when several run (a no-op alone): stages start and end together."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
 
 
 # --------------------------------------------------------------------------------------------------

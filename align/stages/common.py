@@ -60,6 +60,9 @@ def training_args(stage: Stage, ctx: RunContext, *, supports_checkpointing: bool
     cfg.update(fixed)
     cfg.setdefault("disable_tqdm", not sys.stderr.isatty())
     cfg.setdefault("dataloader_pin_memory", ctx.precision.device != "cpu")
+    # On a machine without a GPU, several processes (torchrun / accelerate launch) only form one distributed run
+    # when the Trainer is told it is on the CPU: it then uses gloo instead of training each rank alone.
+    cfg.setdefault("use_cpu", ctx.precision.device == "cpu")
     if "gradient_checkpointing" not in stage.train:
         cfg["gradient_checkpointing"] = supports_checkpointing
         if not supports_checkpointing:
