@@ -1,0 +1,43 @@
+"""Quickstart: the whole offline lm -> sft -> dpo chain, wall time of the command, target <= 300 s on 2 cores.
+
+An absolute target (there is no other tool to run the same chain against): one run, --fresh, in a temporary
+directory, tracking as the recipe says (wandb offline). Also checks the DPO figures the quickstart promises.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def main() -> int:
+    with tempfile.TemporaryDirectory() as out:
+        started = time.perf_counter()
+        proc = subprocess.run(
+            [sys.executable, "-m", "align.run", str(REPO / "recipes/quickstart.yaml"), "--output-dir", out, "--fresh"],
+            capture_output=True, text=True, cwd=REPO,
+        )  # fmt: skip
+        seconds = time.perf_counter() - started
+        if proc.returncode != 0:
+            print(f"quickstart: failed (exit {proc.returncode}): {proc.stderr.strip().splitlines()[-1]} MISSED")
+            return 1
+        dpo = json.loads((Path(out) / "dpo" / "summary.json").read_text())["metrics"]
+    figures = dpo["pref_accuracy"] >= 0.8 and dpo["pref_accuracy"] > dpo["pref_accuracy_before"]
+    figures = figures and dpo["reward_accuracy"] >= 0.8
+    ok = seconds <= 300 and figures
+    print(
+        f"quickstart: {seconds:.0f} s (target <= 300 s); pref_accuracy {dpo['pref_accuracy_before']:.3f} -> "
+        f"{dpo['pref_accuracy']:.3f}, reward_accuracy {dpo['reward_accuracy']:.3f} (targets >= 0.8) "
+        f"{'ok' if ok else 'MISSED'}"
+    )
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
