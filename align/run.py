@@ -79,12 +79,13 @@ def _main(args: argparse.Namespace) -> int:
     recipe = load_recipe(args.recipe, args.overrides)
     level = args.log_level or recipe.tracking.log_level
     setup_logging(level)
+    specs = resolve_specs(recipe)
     if args.print_config:
-        print(to_yaml(redact(resolved_recipe(recipe, resolve_specs(recipe)), secret_values())), end="")
+        print(to_yaml(redact(resolved_recipe(recipe, specs), secret_values())), end="")
         return 0
 
     output_dir = args.output_dir or Path("runs") / recipe.name
-    if needs_hub(recipe):
+    if needs_hub(recipe, specs):
         check_hub(args.offline)
     elif args.offline:
         check_hub(True)
@@ -98,24 +99,14 @@ def _main(args: argparse.Namespace) -> int:
     return 0
 
 
-def needs_hub(recipe: Any) -> bool:
+def needs_hub(recipe: Any, specs: dict[str, Any]) -> bool:
     """Whether any stage names a hub model or hub data (so reachability is worth a probe)."""
-    from align.data import card_path, read_card_fields
     from align.models import is_local_model
 
     for stage in recipe.stages:
         if isinstance(stage.model, str) and not stage.model.startswith("@") and not is_local_model(stage.model):
             return True
-        if stage.data.source is not None and stage.data.source.hub:
-            return True
-        if stage.data.card is not None:
-            try:
-                source = read_card_fields(card_path(stage.data.card, recipe.base_dir)).get("source") or {}
-            except AlignError:
-                continue  # preflight reports it
-            if isinstance(source, dict) and source.get("hub"):
-                return True
-    return False
+    return any(spec.source.hub for spec in specs.values())
 
 
 KEY_METRICS = ("eval_loss_before", "eval_loss", "perplexity_before", "perplexity", "pref_accuracy")

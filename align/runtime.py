@@ -308,8 +308,10 @@ class Tracker:
         self.run: Any = None
 
     def _effective_mode(self, mode: str) -> str:
-        if mode != "online" or os.environ.get("WANDB_MODE") in ("offline", "disabled"):
-            return os.environ.get("WANDB_MODE", mode) if mode == "online" else mode
+        if mode != "online":
+            return mode
+        if os.environ.get("WANDB_MODE") in ("offline", "disabled"):
+            return os.environ["WANDB_MODE"]  # the environment may keep an online recipe off the network
         has_key = bool(os.environ.get("WANDB_API_KEY")) or _netrc_has_wandb()
         base = os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai")
         if has_key and reachable(base):

@@ -146,7 +146,7 @@ def test_chained_stage_takes_the_previous_output(tmp_path, run_cli):
     summary = json.loads((tmp_path / "run" / "again" / "summary.json").read_text())
     assert summary["input_model"].startswith("@lm (") and summary["input_model"].endswith("lm/model)")
     first = json.loads((tmp_path / "run" / "lm" / "summary.json").read_text())["metrics"]
-    # The second stage starts where the first ended: its loss before equals the first stage's loss after.
+    # The second stage starts from the first one's trained weights, not from a fresh scratch model.
     assert summary["metrics"]["eval_loss_before"] < first["eval_loss_before"]
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 
 import pytest
 
@@ -61,6 +62,7 @@ def test_generations_before_and_after_are_recorded(chain_run):
     for g in generations:
         assert g["prompt"].startswith("Continue this passage") and isinstance(g["before"], str)
         assert isinstance(g["after"], str)
+    assert any(g["before"] != g["after"] for g in generations), "answers after training come from the trained model"
 
 
 def test_default_chat_template_is_saved_with_the_model(chain_run):
@@ -227,3 +229,20 @@ def test_run_sft_is_importable():
     from align.stages import run_sft
 
     assert run_sft.__module__ == "align.stages.sft"
+
+
+def test_truncation_is_counted_and_a_max_length_that_leaves_nothing_is_refused(tmp_path, run_cli):
+    data = {"card": "python-docs-instruct", "max_train_rows": 32, "max_eval_rows": 8}
+    stage = sft_stage(data, model=dict(TINY_MODEL))
+    stage["train"]["max_steps"] = 1
+    code, _, err = run_cli(write_yaml(tmp_path / "r.yaml", one_stage_recipe(stage)), "--output-dir", tmp_path / "a")
+    assert code == 0, err
+    assert re.search(r"train: \d+ of \d+ examples were truncated to max_length=64", err), "capped at 64 positions"
+
+    stage["train"]["max_length"] = 8  # shorter than every prompt: no completion token survives
+    code, _, err = run_cli(write_yaml(tmp_path / "r.yaml", one_stage_recipe(stage)), "--output-dir", tmp_path / "b")
+    assert code == 2 and "8 tokens leave no training example a trained token" in err, err
+
+
+def one_stage_recipe(stage: dict) -> dict:
+    return {"name": "one", "seed": 0, "tracking": {"wandb": {"mode": "disabled"}}, "stages": [stage]}

@@ -165,6 +165,31 @@ def summary_metrics(
     }
 
 
+def metrics_writer(ctx: RunContext, stage: Stage) -> MetricsWriter:
+    """The stage's metrics.jsonl writer: main process only, tracked, keeping rows up to a resumed checkpoint."""
+    from align.guards import MetricsWriter
+    from align.runtime import is_main_process
+
+    path = ctx.stage_dir(stage) / "metrics.jsonl"
+    return MetricsWriter(path, is_main_process(), ctx.tracker, ctx.resume_from(stage))
+
+
+def save_stage_model(
+    ctx: RunContext, stage: Stage, trainer: Trainer, tokenizer: Any, input_model: Any
+) -> tuple[Path, str]:
+    """Save the trained model to `<stage>/model` on the main process; return the directory and what was saved
+    (full weights, adapters, or adapters merged), which `summary.json` records."""
+    from align.models import save_trained
+    from align.runtime import is_main_process
+
+    model_dir = ctx.stage_dir(stage) / "model"
+    if not is_main_process():
+        return model_dir, "by the main process"
+    return model_dir, save_trained(
+        trainer.model, tokenizer, model_dir, stage.merge, base_model(ctx, stage, input_model)
+    )
+
+
 def base_model(ctx: RunContext, stage: Stage, model: Any) -> str | None:
     """Where the weights under any adapters come from: a hub id or directory; None when built from scratch."""
     from align.models import is_adapter_dir

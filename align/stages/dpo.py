@@ -12,13 +12,14 @@ from typing import TYPE_CHECKING, Any
 
 from align.stages.common import (
     StageResult,
-    base_model,
     capped_max_length,
     early_stopping_callbacks,
     evaluate,
     generation_table,
+    metrics_writer,
     planned_steps,
     render_mask,
+    save_stage_model,
     summary_metrics,
     training_args,
     watch,
@@ -38,18 +39,15 @@ def run(stage: Stage, ctx: RunContext) -> StageResult:
     from trl import DPOTrainer
 
     from align.data import training_texts
-    from align.guards import DPOGuard, MetricsWriter
+    from align.guards import DPOGuard
     from align.models import (
         build_model,
         ensure_chat_template,
         generate,
         is_adapter_dir,
         lora_config,
-        save_trained,
     )
-    from align.runtime import is_main_process, seed_everything
-
-    stage_dir = ctx.stage_dir(stage)
+    from align.runtime import seed_everything
 
     # 1. Seed, model, tokenizer ---------------------------------------------------------------------
     seed_everything(ctx.seed)
@@ -77,7 +75,7 @@ def run(stage: Stage, ctx: RunContext) -> StageResult:
         stage, ctx, supports_checkpointing=model.supports_gradient_checkpointing, max_length=max_length
     )
     peft_config = lora_config(stage.peft) if stage.peft is not None and not hasattr(model, "peft_config") else None
-    writer = MetricsWriter(stage_dir / "metrics.jsonl", is_main_process(), ctx.tracker, ctx.resume_from(stage))
+    writer = metrics_writer(ctx, stage)
     guard = DPOGuard(ctx.tracker)
     trainer = DPOTrainer(
         model=model,
@@ -107,10 +105,7 @@ def run(stage: Stage, ctx: RunContext) -> StageResult:
     generations = generation_table(ctx, prompts, answers_before, generate(trainer.model, tokenizer, prompts))
 
     # 5. Save and summarise -------------------------------------------------------------------------
-    model_dir = stage_dir / "model"
-    saved = "by the main process"
-    if is_main_process():
-        saved = save_trained(trainer.model, tokenizer, model_dir, stage.merge, base_model(ctx, stage, model))
+    model_dir, saved = save_stage_model(ctx, stage, trainer, tokenizer, model)
     metrics = summary_metrics(stage, trainer, result, before, after, writer)
     metrics.update(
         reward_accuracy=after.get("eval_rewards/accuracies"),

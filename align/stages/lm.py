@@ -14,8 +14,10 @@ from align.stages.common import (
     capped_max_length,
     early_stopping_callbacks,
     evaluate,
+    metrics_writer,
     perplexity,
     planned_steps,
+    save_stage_model,
     summary_metrics,
     training_args,
     watch,
@@ -50,11 +52,8 @@ def run(stage: Stage, ctx: RunContext) -> StageResult:
     from transformers import Trainer
 
     from align.data import pack_text_blocks
-    from align.guards import MetricsWriter
-    from align.models import build_model, save_model
-    from align.runtime import is_main_process, seed_everything
-
-    stage_dir = ctx.stage_dir(stage)
+    from align.models import build_model
+    from align.runtime import seed_everything
 
     # 1. Seed, model and tokenizer ---------------------------------------------------------------
     seed_everything(ctx.seed)
@@ -75,7 +74,7 @@ def run(stage: Stage, ctx: RunContext) -> StageResult:
 
     # 3. Trainer ------------------------------------------------------------------------------------
     args = training_args(stage, ctx, supports_checkpointing=model.supports_gradient_checkpointing, max_length=size)
-    writer = MetricsWriter(stage_dir / "metrics.jsonl", is_main_process(), ctx.tracker, ctx.resume_from(stage))
+    writer = metrics_writer(ctx, stage)
     trainer = Trainer(
         model=model,
         args=args,
@@ -100,9 +99,7 @@ def run(stage: Stage, ctx: RunContext) -> StageResult:
     after = evaluate(trainer, writer, "final")
 
     # 5. Save and summarise -------------------------------------------------------------------------
-    model_dir = stage_dir / "model"
-    if is_main_process():
-        save_model(trainer.model, tokenizer, model_dir)
+    model_dir, _ = save_stage_model(ctx, stage, trainer, tokenizer, model)
     metrics = summary_metrics(stage, trainer, result, before, after, writer)
     metrics["perplexity"] = perplexity(after.get("eval_loss"))
     metrics["perplexity_before"] = perplexity(before.get("eval_loss"))

@@ -12,14 +12,15 @@ from typing import TYPE_CHECKING, Any
 from align.errors import BadInput
 from align.stages.common import (
     StageResult,
-    base_model,
     capped_max_length,
     early_stopping_callbacks,
     evaluate,
     generation_table,
+    metrics_writer,
     perplexity,
     planned_steps,
     render_mask,
+    save_stage_model,
     summary_metrics,
     training_args,
     watch,
@@ -39,11 +40,9 @@ def run(stage: Stage, ctx: RunContext) -> StageResult:
     from trl import SFTTrainer
 
     from align.data import training_texts
-    from align.guards import MetricsWriter
-    from align.models import build_model, ensure_chat_template, generate, lora_config, save_trained
-    from align.runtime import is_main_process, seed_everything
+    from align.models import build_model, ensure_chat_template, generate, lora_config
+    from align.runtime import seed_everything
 
-    stage_dir = ctx.stage_dir(stage)
     fmt = ctx.specs[stage.name].format
 
     # 1. Seed, model, tokenizer, chat template ------------------------------------------------------
@@ -58,7 +57,6 @@ def run(stage: Stage, ctx: RunContext) -> StageResult:
     # 2. Data and loss mask -------------------------------------------------------------------------
     train_ds, eval_ds, loss = loss_settings(stage, fmt, data["train"], data["validation"], tokenizer)
     max_length = capped_max_length(stage, model.config)
-    count_truncated(train_ds, tokenizer, max_length, "train")
 
     # 3. Trainer ------------------------------------------------------------------------------------
     pack, pack_reason = choose_packing(stage, model)
@@ -69,7 +67,7 @@ def run(stage: Stage, ctx: RunContext) -> StageResult:
     peft_config = None
     if stage.peft is not None and not hasattr(model, "peft_config"):
         peft_config = lora_config(stage.peft)
-    writer = MetricsWriter(stage_dir / "metrics.jsonl", is_main_process(), ctx.tracker, ctx.resume_from(stage))
+    writer = metrics_writer(ctx, stage)
     trainer = SFTTrainer(
         model=model,
         args=args,
@@ -80,6 +78,7 @@ def run(stage: Stage, ctx: RunContext) -> StageResult:
         callbacks=[writer, *early_stopping_callbacks(stage)],
     )
     guard = watch(trainer, ctx)
+    report_truncation(stage, trainer, len(train_ds), len(eval_ds), max_length, args.packing)
     logger.info(
         "first training example, trained tokens in [[ ]]: %r", render_labels(trainer.train_dataset[0], tokenizer)
     )
@@ -99,10 +98,7 @@ def run(stage: Stage, ctx: RunContext) -> StageResult:
     generations = generation_table(ctx, prompts, answers_before, answers_after)
 
     # 5. Save and summarise -------------------------------------------------------------------------
-    model_dir = stage_dir / "model"
-    saved = "by the main process"
-    if is_main_process():
-        saved = save_trained(trainer.model, tokenizer, model_dir, stage.merge, base_model(ctx, stage, model))
+    model_dir, saved = save_stage_model(ctx, stage, trainer, tokenizer, model)
     metrics = summary_metrics(stage, trainer, result, before, after, writer)
     metrics["perplexity"] = perplexity(after.get("eval_loss"))
     metrics["perplexity_before"] = perplexity(before.get("eval_loss"))
@@ -188,7 +184,7 @@ def sequence_lengths(ds: Dataset, tokenizer: Any) -> list[int]:
 
 
 def count_truncated(ds: Dataset, tokenizer: Any, max_length: int | None, split: str) -> tuple[int, list[int]]:
-    """Count (and report) the examples longer than `max_length`, which TRL truncates."""
+    """Count (and report) the examples longer than `max_length` before any trainer exists (for --dry-run)."""
     lengths = sequence_lengths(ds, tokenizer)
     over = sum(1 for n in lengths if max_length is not None and n > max_length)
     if over:
@@ -197,6 +193,31 @@ def count_truncated(ds: Dataset, tokenizer: Any, max_length: int | None, split: 
             max_length,
         )  # fmt: skip
     return over, lengths
+
+
+def report_truncation(stage: Stage, trainer: Any, n_train: int, n_eval: int, max_length: int | None, packed: bool):
+    """Say what TRL's preparation cut: examples truncated to `max_length`, and examples it dropped because
+    truncation left them no trained token. Counted on TRL's own output, so nothing is tokenized twice.
+
+    Raises:
+        BadInput: no training example keeps a trained token (max_length shorter than the prompts).
+    """
+    if packed or max_length is None:
+        return
+    train, where = trainer.train_dataset, f"stages.{stage.name}.train.max_length"
+    if len(train) == 0:
+        raise BadInput(
+            f"{where}: {max_length} tokens leave no training example a trained token (prompts fill it)",
+            hint="raise max_length (align caps it at the model's positions) or shorten the prompts",
+        )
+    truncated = sum(1 for n in map(len, train["input_ids"]) if n >= max_length)
+    if truncated:
+        logger.warning("train: %d of %d examples were truncated to max_length=%d", truncated, len(train), max_length)
+    dropped = {"train": n_train - len(train), "eval": n_eval - len(trainer.eval_dataset)}
+    for split, count in dropped.items():
+        if count:
+            logger.warning("%s: %d examples dropped: truncation at %d tokens left them nothing to learn", split,
+                           count, max_length)  # fmt: skip
 
 
 def choose_packing(stage: Stage, model: Any) -> tuple[dict[str, Any], str]:
