@@ -65,6 +65,13 @@ def run_cli(capsys):
     return _run
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _test_cache(tmp_path_factory):
+    """The tests' own tokenized-data cache (session-wide, set before any module fixture trains): never the
+    user's ~/.cache/align. Tests of the cache itself point ALIGN_CACHE_DIR at a folder of their own."""
+    os.environ["ALIGN_CACHE_DIR"] = str(tmp_path_factory.mktemp("align-cache"))
+
+
 @pytest.fixture(autouse=True)
 def _drop_align_log_handlers():
     """align.run installs console handlers on the stream of the moment; pytest closes captured streams."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 
@@ -87,6 +88,20 @@ def test_precomputed_reference_log_probs(tmp_path, run_cli):
     code, _, err = run_cli(write_yaml(tmp_path / "r.yaml", one_stage(stage)), "--output-dir", tmp_path / "run")
     assert code == 0, err
     assert "computed once" in summary(tmp_path / "run")["reference"]
+
+
+def test_pairs_whose_prompt_fills_max_length_are_counted_and_none_left_is_refused(tmp_path, run_cli):
+    stage = dpo_stage({"card": "python-docs-preferences", "max_train_rows": 32, "max_eval_rows": 8},
+                      model=dict(TINY_MODEL))  # fmt: skip
+    stage["train"]["max_steps"] = 1
+    code, _, err = run_cli(write_yaml(tmp_path / "r.yaml", one_stage(stage)), "--output-dir", tmp_path / "a")
+    assert code == 0, err
+    assert re.search(r"train: \d+ of 32 pairs dropped: the prompt alone fills max_length=64", err), err
+
+    stage["train"]["max_length"] = 4  # shorter than every prompt
+    code, _, err = run_cli(write_yaml(tmp_path / "r.yaml", one_stage(stage)), "--output-dir", tmp_path / "b")
+    assert code == 2 and "every train prompt fills 4 tokens, so no pair is left" in err, err
+    assert not (tmp_path / "b" / "dpo" / "model").exists()
 
 
 def write_jsonl(path, rows):

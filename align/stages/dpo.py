@@ -38,6 +38,7 @@ def run(stage: Stage, ctx: RunContext) -> StageResult:
     """Align a model to preference pairs; measure preference accuracy before and after; save."""
     from trl import DPOTrainer
 
+    from align.cache import cached_trainer
     from align.data import training_texts
     from align.guards import DPOGuard
     from align.models import (
@@ -77,7 +78,7 @@ def run(stage: Stage, ctx: RunContext) -> StageResult:
     peft_config = lora_config(stage.peft) if stage.peft is not None and not hasattr(model, "peft_config") else None
     writer = metrics_writer(ctx, stage)
     guard = DPOGuard(ctx.tracker)
-    trainer = DPOTrainer(
+    trainer = cached_trainer(DPOTrainer, "dpo", ctx.specs[stage.name].format)(
         model=model,
         ref_model=ref_model,
         args=args,
@@ -88,6 +89,7 @@ def run(stage: Stage, ctx: RunContext) -> StageResult:
         callbacks=[writer, guard, *early_stopping_callbacks(stage)],
     )
     guard = watch(trainer, ctx)
+    report_dropped(stage, trainer, len(data["train"]), len(data["validation"]), max_length)
     steps = planned_steps(args, len(data["train"]), args.world_size)
     batch = args.per_device_train_batch_size * args.gradient_accumulation_steps * args.world_size
     logger.info("training: %d steps planned, effective batch %d pairs", steps, batch)
@@ -121,6 +123,27 @@ def run(stage: Stage, ctx: RunContext) -> StageResult:
         "generations": generations,
     }
     return StageResult(stage.name, stage.kind, "completed", model_dir, ctx.input_label(stage), metrics, extra)
+
+
+def report_dropped(stage: Stage, trainer: Any, n_train: int, n_eval: int, max_length: int | None) -> None:
+    """Say how many pairs TRL dropped because the prompt alone fills `max_length` (nothing left to compare).
+
+    Raises:
+        BadInput: no training pair (or no eval pair) is left.
+    """
+    from align.errors import BadInput
+
+    kept = {"train": len(trainer.train_dataset), "eval": len(trainer.eval_dataset)}
+    for split, total in (("train", n_train), ("eval", n_eval)):
+        if total and not kept[split]:
+            raise BadInput(
+                f"stages.{stage.name}.train.max_length: every {split} prompt fills {max_length} tokens, "
+                "so no pair is left to learn from",
+                hint="raise max_length (align caps it at the model's positions) or shorten the prompts",
+            )
+        if kept[split] < total:
+            logger.warning("%s: %d of %d pairs dropped: the prompt alone fills max_length=%s", split,
+                           total - kept[split], total, max_length)  # fmt: skip
 
 
 def reference_for(stage: Stage, model: Any) -> tuple[Any, str]:

@@ -51,7 +51,6 @@ def run(stage: Stage, ctx: RunContext) -> StageResult:
     """Fine-tune a causal LM on a text data set; evaluate before and after; save the model."""
     from transformers import Trainer
 
-    from align.data import pack_text_blocks
     from align.models import build_model
     from align.runtime import seed_everything
 
@@ -65,8 +64,8 @@ def run(stage: Stage, ctx: RunContext) -> StageResult:
 
     # 2. Data: full blocks of real tokens ---------------------------------------------------------
     size = block_size(stage, model.config)
-    train_blocks, train_stats = pack_text_blocks(data["train"], tokenizer, size)
-    eval_blocks, eval_stats = pack_text_blocks(data["validation"], tokenizer, size)
+    train_blocks, train_stats = cached_blocks(data["train"], tokenizer, size, "train")
+    eval_blocks, eval_stats = cached_blocks(data["validation"], tokenizer, size, "eval")
     logger.info(
         "%d train blocks and %d eval blocks of %d tokens (%d and %d tail tokens dropped)",
         train_stats["blocks"], eval_stats["blocks"], size, train_stats["dropped_tokens"], eval_stats["dropped_tokens"],
@@ -105,6 +104,22 @@ def run(stage: Stage, ctx: RunContext) -> StageResult:
     metrics["perplexity_before"] = perplexity(before.get("eval_loss"))
     extra = {"block_size": size, "train_blocks": train_stats["blocks"], "eval_blocks": eval_stats["blocks"]}
     return StageResult(stage.name, stage.kind, "completed", model_dir, ctx.input_label(stage), metrics, extra)
+
+
+def cached_blocks(ds: Any, tokenizer: Any, size: int, split: str) -> tuple[Any, dict[str, int]]:
+    """`pack_text_blocks` through the tokenized-data cache (keyed by the rows, the tokenizer and the block length)."""
+    from align.cache import dataset_fingerprint, fetch, tokenizer_fingerprint
+    from align.data import pack_text_blocks
+
+    parts = {
+        "kind": "lm",
+        "format": "text",
+        "split": split,
+        "data": dataset_fingerprint(ds),
+        "tokenizer": tokenizer_fingerprint(tokenizer),
+        "block_size": size,
+    }
+    return fetch(parts, lambda: pack_text_blocks(ds, tokenizer, size), f"lm {split}")
 
 
 def preflight(stage: Stage, ctx: RunContext, tokenizer: Any, config: Any) -> dict[str, Any]:

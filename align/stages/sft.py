@@ -39,6 +39,7 @@ def run(stage: Stage, ctx: RunContext) -> StageResult:
     """Fine-tune on prompt/completion pairs, conversations or text; evaluate and sample before and after; save."""
     from trl import SFTTrainer
 
+    from align.cache import cached_trainer
     from align.data import training_texts
     from align.models import build_model, ensure_chat_template, generate, lora_config
     from align.runtime import seed_everything
@@ -68,7 +69,7 @@ def run(stage: Stage, ctx: RunContext) -> StageResult:
     if stage.peft is not None and not hasattr(model, "peft_config"):
         peft_config = lora_config(stage.peft)
     writer = metrics_writer(ctx, stage)
-    trainer = SFTTrainer(
+    trainer = cached_trainer(SFTTrainer, "sft", fmt)(
         model=model,
         args=args,
         train_dataset=train_ds,
@@ -205,11 +206,12 @@ def report_truncation(stage: Stage, trainer: Any, n_train: int, n_eval: int, max
     if packed or max_length is None:
         return
     train, where = trainer.train_dataset, f"stages.{stage.name}.train.max_length"
-    if len(train) == 0:
-        raise BadInput(
-            f"{where}: {max_length} tokens leave no training example a trained token (prompts fill it)",
-            hint="raise max_length (align caps it at the model's positions) or shorten the prompts",
-        )
+    for split, kept, total in (("training", len(train), n_train), ("eval", len(trainer.eval_dataset), n_eval)):
+        if total and not kept:
+            raise BadInput(
+                f"{where}: {max_length} tokens leave no {split} example a trained token (prompts fill it)",
+                hint="raise max_length (align caps it at the model's positions) or shorten the prompts",
+            )
     truncated = sum(1 for n in map(len, train["input_ids"]) if n >= max_length)
     if truncated:
         logger.warning("train: %d of %d examples were truncated to max_length=%d", truncated, len(train), max_length)

@@ -1,0 +1,290 @@
+"""The tokenized-data cache: a stage's prepared (tokenized, masked, truncated, packed) data kept on disk.
+
+A second run of the same data through the same tokenizer loads the prepared rows (memory-mapped Arrow files)
+instead of tokenizing again. The key holds everything the preparation reads, so nothing stale is ever reused:
+
+- the data's content (a hash of the Arrow rows handed to the preparation, after align's own conversions),
+- the tokenizer (a hash of every file `save_pretrained` writes: vocabulary, merges, special tokens, chat
+  template), the chat template the trainer renders with, `max_length` and the data format,
+- every `args.<name>` and `self.<name>` that TRL's `_prepare_dataset` reads, found in its source at run time
+  (so a TRL release that reads a new setting keys on it too), and the TRL, transformers, datasets and align
+  versions.
+
+Where: `$ALIGN_CACHE_DIR` (default `~/.cache/align`), folder `tokenized/<key>/`. `ALIGN_CACHE_DIR=off` turns
+the cache off. Delete the folder to reclaim the space; a damaged entry is rebuilt. A cache that cannot be
+written (read-only, disk full) costs a warning, never the run.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import inspect
+import json
+import logging
+import os
+import re
+import shutil
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from align import __version__
+
+if TYPE_CHECKING:
+    from datasets import Dataset
+
+logger = logging.getLogger(__name__)
+
+CACHE_ENV = "ALIGN_CACHE_DIR"
+_META = "align_cache.json"
+# How a tokenizer was loaded (where from, which flags), not what it is: left out of its fingerprint.
+_PATH_KEYS = {
+    "name_or_path", "_name_or_path", "tokenizer_file", "local_files_only", "is_local", "cache_dir", "revision",
+    "_commit_hash", "token", "trust_remote_code", "force_download", "proxies", "subfolder",
+}  # fmt: skip
+
+
+def cache_root() -> Path | None:
+    """The cache folder, or None when `ALIGN_CACHE_DIR=off`."""
+    value = os.environ.get(CACHE_ENV, "").strip()
+    if value.lower() in ("off", "0", "false", "none"):
+        return None
+    if value:
+        return Path(value).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "align"
+
+
+# --------------------------------------------------------------------------------------------------
+# What a key is made of
+
+
+def tokenizer_fingerprint(tokenizer: Any) -> str:
+    """A hash of the tokenizer as it would be saved: every file, with the paths it was loaded from left out."""
+    digest = hashlib.sha256(type(tokenizer).__name__.encode())
+    with tempfile.TemporaryDirectory(prefix="align-tok-") as tmp:
+        tokenizer.save_pretrained(tmp)
+        for path in sorted(p for p in Path(tmp).rglob("*") if p.is_file()):
+            content = path.read_bytes()
+            if path.suffix == ".json":
+                content = json.dumps(_without_paths(json.loads(content)), sort_keys=True).encode()
+            digest.update(path.name.encode() + b"\0" + content + b"\0")
+    # Not every template reaches the saved files the same way across versions; the live one decides rendering.
+    digest.update(str(getattr(tokenizer, "chat_template", None)).encode())
+    return digest.hexdigest()[:20]
+
+
+def _without_paths(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _without_paths(v) for k, v in value.items() if k not in _PATH_KEYS}
+    return value
+
+
+class _HashSink:
+    """A write-only file that hashes what is written to it (Arrow's IPC writer streams into it)."""
+
+    def __init__(self) -> None:
+        self.digest = hashlib.sha256()
+        self.closed = False
+
+    def write(self, data: Any) -> int:
+        self.digest.update(data)
+        return len(data)
+
+    def writable(self) -> bool:
+        return True
+
+    def flush(self) -> None:
+        pass
+
+    def close(self) -> None:
+        self.closed = True
+
+
+def dataset_fingerprint(ds: Dataset) -> str:
+    """A hash of a data set's rows and columns: the Arrow table (and row selection, if any) in IPC form."""
+    import pyarrow as pa
+
+    sink = _HashSink()
+    tables = [ds.data.table] + ([ds._indices.table] if ds._indices is not None else [])
+    for table in tables:
+        stream = pa.PythonFile(sink, mode="w")
+        with pa.ipc.new_stream(stream, table.schema) as writer:
+            writer.write_table(table)
+    return sink.digest.hexdigest()[:20]
+
+
+@functools.cache
+def _read_by(method: Callable[..., Any]) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """The `args.<name>` and `self.<name>` that a preparation method's source reads."""
+    source = inspect.getsource(method)
+    return tuple(sorted(set(re.findall(r"\bargs\.(\w+)", source)))), tuple(
+        sorted(set(re.findall(r"\bself\.(\w+)", source)))
+    )
+
+
+def _value(value: Any) -> Any:
+    """A JSON-able stand-in for a setting: tokenizers by fingerprint, simple values as they are."""
+    if hasattr(value, "save_pretrained") and hasattr(value, "convert_tokens_to_ids"):
+        return tokenizer_fingerprint(value)
+    if value is None or isinstance(value, (str, int, float, bool)):
+        return value
+    if isinstance(value, (list, tuple)):
+        return [_value(v) for v in value]
+    if isinstance(value, dict):
+        return {str(k): _value(v) for k, v in value.items()}
+    return repr(value)  # an object with an address in its repr only ever misses, never hits stale
+
+
+def versions() -> dict[str, str]:
+    from importlib.metadata import version
+
+    return {name: version(name) for name in ("trl", "transformers", "datasets", "tokenizers")} | {"align": __version__}
+
+
+def make_key(parts: dict[str, Any]) -> str:
+    payload = json.dumps(parts | {"versions": versions()}, sort_keys=True, default=str)
+    return hashlib.sha256(payload.encode()).hexdigest()[:24]
+
+
+# --------------------------------------------------------------------------------------------------
+# The store
+
+
+def fetch(
+    parts: dict[str, Any], build: Callable[[], tuple[Dataset, dict[str, Any]]], label: str
+) -> tuple[Dataset, dict[str, Any]]:
+    """Prepared data and its statistics for `parts`: loaded from the cache, or built, stored and loaded back.
+
+    Returns the data set loaded from disk in both cases, so the first and every later run train on the same
+    memory-mapped rows.
+    """
+    root = cache_root()
+    if root is None:
+        return build()
+    entry = root / "tokenized" / make_key(parts)
+    # Every process must take the same path: TRL's preparation holds main-process-first barriers.
+    loaded = _load(entry, label) if _everyone((entry / _META).is_file()) else None
+    if _everyone(loaded is not None):
+        return loaded  # type: ignore[return-value]
+    start = time.perf_counter()
+    ds, stats = build()
+    elapsed = time.perf_counter() - start
+    if _is_main() and _store(entry, ds, {"parts": parts, "stats": stats, "label": label, "build_s": elapsed}):
+        logger.info("%s: prepared %d rows in %.1f s; cached in %s", label, len(ds), elapsed, entry)
+        stored = _load(entry, label, quiet=True)
+        if stored is not None:
+            return stored
+    return ds, stats
+
+
+def _is_main() -> bool:
+    from align.runtime import is_main_process
+
+    return is_main_process()
+
+
+def _everyone(flag: bool) -> bool:
+    """True only where every process of a distributed run says True (a single process: its own answer)."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return flag
+    from accelerate.utils import gather_object
+
+    return all(gather_object([flag]))
+
+
+def _load(entry: Path, label: str, quiet: bool = False) -> tuple[Dataset, dict[str, Any]] | None:
+    from datasets import load_from_disk
+
+    meta_path = entry / _META
+    if not meta_path.is_file():
+        return None
+    try:
+        meta = json.loads(meta_path.read_text())
+        ds = load_from_disk(str(entry))
+    except Exception as exc:  # a damaged entry is rebuilt, not trusted
+        logger.warning("%s: cached tokenized data at %s is unreadable (%s); preparing it again", label, entry, exc)
+        shutil.rmtree(entry, ignore_errors=True)
+        return None
+    if not quiet:
+        logger.info("%s: tokenized data from the cache (%d rows, %s)", label, len(ds), entry)
+    return ds, meta.get("stats", {})
+
+
+def _store(entry: Path, ds: Dataset, meta: dict[str, Any]) -> bool:
+    """Write the entry into a temporary folder and rename it into place: readers never see half an entry."""
+    tmp = None
+    try:
+        entry.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{entry.name}-", dir=entry.parent))
+        ds.save_to_disk(str(tmp))
+        (tmp / _META).write_text(json.dumps(meta, indent=2, default=str))
+        try:
+            tmp.rename(entry)
+        except OSError:
+            if not (entry / _META).is_file():  # not another process that stored it first
+                raise
+        return True
+    except OSError as exc:
+        logger.warning("could not write the tokenized-data cache under %s (%s); continuing without it", entry, exc)
+        return False
+    finally:
+        if tmp is not None and tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+# --------------------------------------------------------------------------------------------------
+# TRL trainers whose data preparation goes through the cache
+
+
+def single_machine() -> bool:
+    """Whether every process shares this machine's disk (the cache is local; a run over several machines skips it)."""
+    world = os.environ.get("WORLD_SIZE", "1")
+    return os.environ.get("LOCAL_WORLD_SIZE", world) == world
+
+
+def cached_trainer(trainer_cls: type, kind: str, data_format: str) -> type:
+    """`trainer_cls` with its `_prepare_dataset` (TRL's tokenize/mask/truncate/pack step) going through the cache.
+
+    TRL prepares in-memory data sets again on every run (datasets' own map cache needs file-backed data, and
+    keys on a pickled tokenizer). Every process takes the same path (hit or miss), so TRL's main-process-first
+    barriers inside the preparation stay matched.
+    """
+    base_prepare = trainer_cls._prepare_dataset
+
+    class Cached(trainer_cls):  # type: ignore[misc, valid-type]
+        def _prepare_dataset(self, dataset: Any, processing_class: Any, args: Any, *rest: Any) -> Any:
+            from datasets import Dataset
+
+            name = rest[-1] if rest else "train"
+            if not isinstance(dataset, Dataset) or any(callable(x) for x in rest) or not single_machine():
+                return base_prepare(self, dataset, processing_class, args, *rest)
+            arg_names, self_names = _read_by(base_prepare)
+            parts = {
+                "kind": kind,
+                "format": data_format,
+                "split": name,
+                "data": dataset_fingerprint(dataset),
+                "tokenizer": tokenizer_fingerprint(processing_class),
+                "call": [_value(x) for x in rest[:-1]],
+                "args": {n: _value(getattr(args, n, None)) for n in arg_names},
+                # `self._tokenizer` is the processing class for text models: hashed once, above.
+                "trainer": {
+                    n: "processing_class"
+                    if getattr(self, n, None) is processing_class
+                    else _value(getattr(self, n, None))
+                    for n in self_names
+                },
+            }
+            prepared, _ = fetch(
+                parts, lambda: (base_prepare(self, dataset, processing_class, args, *rest), {}), f"{kind} {name}"
+            )
+            return prepared
+
+    Cached.__name__ = Cached.__qualname__ = f"Cached{trainer_cls.__name__}"
+    return Cached
