@@ -43,6 +43,35 @@ def system_metrics() -> dict[str, float]:
     return values
 
 
+def reset_peak_memory() -> None:
+    """Start a stage's peak-memory count afresh: the GPU's peak allocation, or on Linux the process's peak
+    resident memory (`/proc/self/clear_refs`), so each stage of a pipeline reports its own peak."""
+    import sys
+
+    if "torch" in sys.modules:
+        import torch
+
+        if torch.cuda.is_available():
+            torch.cuda.reset_peak_memory_stats()
+            return
+    with contextlib.suppress(OSError):
+        Path("/proc/self/clear_refs").write_text("5")
+
+
+def peak_memory_gb() -> float:
+    """The stage's peak GPU memory allocated, or on the CPU the process's peak resident memory (GiB)."""
+    import resource
+
+    import torch
+
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**30
+    with contextlib.suppress(OSError, StopIteration, ValueError):
+        status = Path("/proc/self/status").read_text().splitlines()
+        return int(next(line for line in status if line.startswith("VmHWM:")).split()[1]) / 2**20  # kB
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux reports KiB
+
+
 class MetricsWriter(TrainerCallback):
     """Appends every logged row to `metrics.jsonl` as `{"step", "epoch", "split", <metric>: value}`.
 
@@ -50,8 +79,18 @@ class MetricsWriter(TrainerCallback):
     only what the Trainer measured while it trained, plus the step-0 evaluation before it.
     """
 
-    def __init__(self, path: Path, main_process: bool = True, tracker: Any = None, resume_from: str | None = None):
+    def __init__(
+        self,
+        path: Path,
+        main_process: bool = True,
+        tracker: Any = None,
+        resume_from: str | None = None,
+        started: float | None = None,
+    ):
         self.path = path
+        # `time.perf_counter()` when the stage began: the wait until its first optimizer step is measured from it.
+        self.started = started if started is not None else time.perf_counter()
+        self.first_step_s: float | None = None
         self.tracker = tracker
         self.main_process = main_process
         self.rows: list[dict[str, Any]] = []
@@ -71,6 +110,10 @@ class MetricsWriter(TrainerCallback):
 
     def on_train_begin(self, args, state, control, **kwargs):
         self._last_time, self._last_tokens = time.perf_counter(), state.num_input_tokens_seen or 0
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.first_step_s is None:
+            self.first_step_s = time.perf_counter() - self.started
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if not logs:
@@ -182,13 +225,26 @@ class DPOGuard(TrainerCallback):
 class NumericGuard(TrainerCallback):
     """Watches the raw loss of every micro-batch and the raw grad norm of every step, not the logged averages.
 
-    - non-finite loss or grad norm: training stops at the end of that step; the stage then fails, naming it;
+    - non-finite loss or grad norm: training stops at the end of that step; the stage then fails, naming it.
+      Under fp16 loss scaling an infinite grad norm is the scaler's business (it skips the step and lowers its
+      scale; seen on an H100 at step 20 of a healthy GPT-2 run): only `max_skipped` such steps in a row stop it;
     - a loss spike (over twice the running median of the last 50 steps): a warning, and a wandb alert online;
     - a loss of exactly 0: a warning with the usual causes.
     """
 
-    def __init__(self, tracker: Any = None, spike_factor: float = 2.0, window: int = 50):
+    def __init__(
+        self,
+        tracker: Any = None,
+        spike_factor: float = 2.0,
+        window: int = 50,
+        loss_scaling: bool = False,
+        max_skipped: int = 20,
+    ):
         self.tracker = tracker
+        self.loss_scaling = loss_scaling
+        self.max_skipped = max_skipped  # 20 halvings take the default scale (2**16) below 2**-4: past saving
+        self.skipped_in_a_row = 0
+        self.skipped = 0
         self.spike_factor = spike_factor
         self.window = window
         self.losses: list[float] = []
@@ -220,6 +276,13 @@ class NumericGuard(TrainerCallback):
 
             trainer._get_grad_norm = watched_norm
 
+    def _skipped_by_scaler(self, step: int) -> None:
+        self.skipped_in_a_row += 1
+        self.skipped += 1
+        log = logger.info if self.skipped == 1 else logger.debug
+        log("fp16: the gradients overflowed at step %d; the loss scaler skipped the step and lowered its scale "
+            "(normal while the scale settles; %d in a row stop the run)", step, self.max_skipped)  # fmt: skip
+
     def on_step_end(self, args, state, control, **kwargs):
         import torch
 
@@ -232,7 +295,12 @@ class NumericGuard(TrainerCallback):
         if not math.isfinite(loss):
             bad = {"split": "train", "what": "loss", "value": loss}
         elif self.grad_norm is not None and not math.isfinite(self.grad_norm):
-            bad = {"split": "train", "what": "grad norm", "value": self.grad_norm}
+            if self.loss_scaling and self.skipped_in_a_row + 1 < self.max_skipped:
+                self._skipped_by_scaler(step)
+            else:
+                bad = {"split": "train", "what": "grad norm", "value": self.grad_norm}
+        else:
+            self.skipped_in_a_row = 0
         if bad is not None:
             if self.nonfinite is None:
                 self.nonfinite = {**bad, "step": step}

@@ -8,7 +8,7 @@ so every later stage reuses the same tokenizer.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -114,14 +114,15 @@ def load_tokenizer(ref: str, trust_remote_code: bool = False) -> PreTrainedToken
 def build_model(
     ref: str | ScratchModel,
     where: str,
-    texts: Iterable[str] | None,
+    texts: Callable[[], Iterable[str]] | None,
     dtype: Any = None,
     trust_remote_code: bool = False,
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Load (or build) the model and tokenizer a stage starts from.
 
     `ref` is a local directory or hub id (stage references are resolved to directories by the pipeline),
-    or a `ScratchModel`, which needs the training `texts` for its tokenizer.
+    or a `ScratchModel`, whose tokenizer is trained on `texts()` (called only then: reading every row of a
+    large set costs seconds that a pretrained model should not pay).
 
     Raises:
         BadInput: the model cannot be found or its config is wrong.
@@ -131,7 +132,7 @@ def build_model(
     if isinstance(ref, ScratchModel):
         if texts is None:
             raise BadInput(f"{where}: a from-scratch model needs training text for its tokenizer")
-        tokenizer = train_tokenizer(texts, ref.vocab_size)
+        tokenizer = train_tokenizer(texts(), ref.vocab_size)
         config = scratch_config(ref, where, vocab_size=len(tokenizer))
         model = AutoModelForCausalLM.from_config(config)
         logger.info("built %s from scratch: %.2fM parameters", ref.model_type, model.num_parameters() / 1e6)

@@ -368,7 +368,10 @@ def _run_stages(
         records.update(stage.name, status="running", fingerprint=fp, input_model=input_model)
         records.summary(stage, None, status="running", fp=fp, input_model=input_model)
         tracker.start_stage(stage, redact(resolved_recipe(recipe, specs)["stages"][i - 1], secret_values()))
-        started = time.perf_counter()
+        from align.guards import reset_peak_memory
+
+        reset_peak_memory()
+        started = ctx.stage_started = time.perf_counter()
         try:
             result = stage_module(stage.kind).run(stage, ctx)
         except BaseException as exc:

@@ -47,26 +47,27 @@ def _series(rows: list[dict[str, Any]], split: str, key: str) -> tuple[list[int]
 
 def _png(fig: Any) -> str:
     buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=110, bbox_inches="tight")
-    import matplotlib.pyplot as plt
-
-    plt.close(fig)
+    fig.savefig(buffer, format="png", dpi=110)
     return base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
+def _figure(width: float, height: float, columns: int = 1) -> tuple[Any, Any]:
+    """A bare Agg figure: no pyplot (its import and figure registry cost more than the plots), laid out once
+    when drawn (`bbox_inches='tight'` would draw every figure twice)."""
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(width, height), layout="tight")
+    return fig, fig.subplots(1, columns)
 
 
 def stage_plots(rows: list[dict[str, Any]], summary: dict[str, Any]) -> list[tuple[str, str]]:
     """(title, base64 PNG) for each plot the stage's rows allow."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     plots = []
     metrics = summary.get("metrics") or {}
     train_x, train_y = _series(rows, "train", "loss")
     eval_x, eval_y = _series(rows, "eval", "eval_loss")
     if train_x or eval_x:
-        fig, ax = plt.subplots(figsize=(7, 3.6))
+        fig, ax = _figure(7, 3.6)
         if train_x:
             ax.plot(train_x, train_y, label="train loss", color="#1f77b4")
         if eval_x:
@@ -86,7 +87,7 @@ def stage_plots(rows: list[dict[str, Any]], summary: dict[str, Any]) -> list[tup
     lr_x, lr_y = _series(rows, "train", "learning_rate")
     gn_x, gn_y = _series(rows, "train", "grad_norm")
     if lr_x or gn_x:
-        fig, (left, right) = plt.subplots(1, 2, figsize=(9, 3.2))
+        fig, (left, right) = _figure(9, 3.2, columns=2)
         left.plot(lr_x, lr_y, color="#9467bd")
         left.set_title("learning rate")
         right.plot(gn_x, gn_y, color="#ff7f0e")
@@ -100,7 +101,7 @@ def stage_plots(rows: list[dict[str, Any]], summary: dict[str, Any]) -> list[tup
         _, rejected_y = _series(rows, "eval", "eval_rewards/rejected")
         _, margins = _series(rows, "eval", "eval_rewards/margins")
         _, accuracy = _series(rows, "eval", "eval_rewards/accuracies")
-        fig, (left, right) = plt.subplots(1, 2, figsize=(9, 3.2))
+        fig, (left, right) = _figure(9, 3.2, columns=2)
         left.plot(chosen_x, chosen_y, "o-", label="chosen", color="#2ca02c")
         left.plot(chosen_x, rejected_y, "o-", label="rejected", color="#d62728")
         left.plot(chosen_x, margins, "o--", label="margin", color="#7f7f7f")

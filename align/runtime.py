@@ -415,6 +415,7 @@ class RunContext:
     specs: dict[str, DataSpec] = field(default_factory=dict)
     outputs: dict[str, StageOutput] = field(default_factory=dict)
     resume: dict[str, str] = field(default_factory=dict)
+    stage_started: float | None = None  # time.perf_counter() when the running stage began
 
     @property
     def seed(self) -> int:

@@ -27,7 +27,7 @@ def scratch_tokenizer(text: str = "def f(x): return x + 1"):
     from align.models import build_model
     from align.recipe import ScratchModel
 
-    _, tokenizer = build_model(ScratchModel(**TINY_MODEL), "model", texts=[text] * 50, trust_remote_code=False)
+    _, tokenizer = build_model(ScratchModel(**TINY_MODEL), "model", texts=lambda: [text] * 50, trust_remote_code=False)
     return tokenizer
 
 

@@ -86,6 +86,22 @@ def test_numeric_guard_stops_on_a_raw_nan_and_on_an_infinite_grad_norm():
     assert control.should_training_stop and guard.nonfinite["what"] == "grad norm"
 
 
+def test_under_fp16_loss_scaling_an_overflowed_step_is_skipped_not_fatal(caplog):
+    from align.guards import NumericGuard
+
+    guard = NumericGuard(loss_scaling=True, max_skipped=5)
+    with caplog.at_level("INFO"):
+        control = _feed(guard, [2.0, 1.9], grad_norm=float("inf"))  # the scaler settling: two skipped steps
+        control = _feed(guard, [1.8, 1.7], grad_norm=1.0)
+    assert control.should_training_stop is False and guard.nonfinite is None
+    assert "loss scaler skipped the step" in caplog.text and guard.skipped_in_a_row == 0
+    control = _feed(guard, [1.6] * 5, grad_norm=float("inf"))  # the scale collapses: five in a row
+    assert control.should_training_stop and guard.nonfinite["what"] == "grad norm"
+    guard = NumericGuard(loss_scaling=True)
+    control = _feed(guard, [float("nan")], grad_norm=float("inf"))
+    assert control.should_training_stop and guard.nonfinite["what"] == "loss", "a NaN loss stops at once"
+
+
 def test_numeric_guard_warns_on_spikes_and_zero_loss(caplog):
     from align.guards import NumericGuard
 
@@ -107,6 +123,9 @@ def test_metrics_rows_carry_throughput_and_memory(tmp_path, run_cli):
     rows = [json.loads(line) for line in (tmp_path / "run" / "lm" / "metrics.jsonl").read_text().splitlines()]
     train = [r for r in rows if r["split"] == "train"]
     assert all(r["tokens_per_s"] > 0 and r["memory/rss_gb"] > 0 for r in train[1:])
+    metrics = json.loads((tmp_path / "run" / "lm" / "summary.json").read_text())["metrics"]
+    assert 0.1 < metrics["peak_memory_gb"] < 8, "the stage's peak resident memory, in GiB"
+    assert 0 < metrics["time_to_first_step_s"] < metrics["train_runtime_s"] + 60
 
 
 def test_report_loads_in_a_real_headless_browser(tmp_path, run_cli):

@@ -131,7 +131,7 @@ def watch(trainer: Trainer, ctx: RunContext) -> NumericGuard:
     from align.guards import NumericGuard
 
     trainer.remove_callback(PrinterCallback)
-    guard = NumericGuard(ctx.tracker)
+    guard = NumericGuard(ctx.tracker, loss_scaling=ctx.precision.name == "fp16")
     guard.attach(trainer)
     trainer.add_callback(guard)
     return guard
@@ -146,7 +146,7 @@ def summary_metrics(
     writer: MetricsWriter,
 ) -> dict[str, Any]:
     """The summary metrics every stage shares (the contract's keys), from the Trainer's state and our rows."""
-    from align.guards import best_eval
+    from align.guards import best_eval, peak_memory_gb
 
     state = trainer.state
     best = best_eval(writer.rows)
@@ -162,6 +162,9 @@ def summary_metrics(
         "train_runtime_s": runtime,
         "train_tokens": train_tokens,
         "tokens_per_s": train_tokens / runtime if runtime > 0 else None,
+        # Beyond the contract's keys: the wait before training moves (model, data, first step) and peak memory.
+        "time_to_first_step_s": writer.first_step_s,
+        "peak_memory_gb": peak_memory_gb(),
     }
 
 
@@ -171,7 +174,7 @@ def metrics_writer(ctx: RunContext, stage: Stage) -> MetricsWriter:
     from align.runtime import is_main_process
 
     path = ctx.stage_dir(stage) / "metrics.jsonl"
-    return MetricsWriter(path, is_main_process(), ctx.tracker, ctx.resume_from(stage))
+    return MetricsWriter(path, is_main_process(), ctx.tracker, ctx.resume_from(stage), ctx.stage_started)
 
 
 def save_stage_model(

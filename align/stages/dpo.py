@@ -57,7 +57,7 @@ def run(stage: Stage, ctx: RunContext) -> StageResult:
     model, tokenizer = build_model(
         source,
         f"stages.{stage.name}.model",
-        texts=training_texts(data["train"]),
+        texts=lambda: training_texts(data["train"]),
         trust_remote_code=stage.trust_remote_code,
     )
     ensure_chat_template(tokenizer)

@@ -59,7 +59,7 @@ def run(stage: Stage, ctx: RunContext) -> StageResult:
     data = ctx.data[stage.name]
     where = f"stages.{stage.name}.model"
     model, tokenizer = build_model(
-        ctx.model_ref(stage), where, texts=data["train"]["text"], trust_remote_code=stage.trust_remote_code
+        ctx.model_ref(stage), where, texts=lambda: data["train"]["text"], trust_remote_code=stage.trust_remote_code
     )
 
     # 2. Data: full blocks of real tokens ---------------------------------------------------------

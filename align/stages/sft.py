@@ -51,7 +51,10 @@ def run(stage: Stage, ctx: RunContext) -> StageResult:
     data = ctx.data[stage.name]
     where = f"stages.{stage.name}.model"
     model, tokenizer = build_model(
-        ctx.model_ref(stage), where, texts=training_texts(data["train"]), trust_remote_code=stage.trust_remote_code
+        ctx.model_ref(stage),
+        where,
+        texts=lambda: training_texts(data["train"]),
+        trust_remote_code=stage.trust_remote_code,
     )
     template = ensure_chat_template(tokenizer)
 
@@ -212,7 +215,11 @@ def report_truncation(stage: Stage, trainer: Any, n_train: int, n_eval: int, max
                 f"{where}: {max_length} tokens leave no {split} example a trained token (prompts fill it)",
                 hint="raise max_length (align caps it at the model's positions) or shorten the prompts",
             )
-    truncated = sum(1 for n in map(len, train["input_ids"]) if n >= max_length)
+    import pyarrow.compute as pc
+
+    # Counted in Arrow: materialising every row as a Python list cost 1.5 s on 30,000 examples.
+    lengths = pc.list_value_length(train.with_format("arrow")["input_ids"])
+    truncated = int(pc.sum(pc.greater_equal(lengths, max_length)).as_py() or 0)
     if truncated:
         logger.warning("train: %d of %d examples were truncated to max_length=%d", truncated, len(train), max_length)
     dropped = {"train": n_train - len(train), "eval": n_eval - len(trainer.eval_dataset)}
