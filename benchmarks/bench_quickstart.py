@@ -7,6 +7,7 @@ directory, tracking as the recipe says (wandb offline). Also checks the DPO figu
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -22,6 +23,7 @@ def main() -> int:
         proc = subprocess.run(
             [sys.executable, "-m", "align.run", str(REPO / "recipes/quickstart.yaml"), "--output-dir", out, "--fresh"],
             capture_output=True, text=True, cwd=REPO,
+            env={**os.environ, "ALIGN_CACHE_DIR": str(Path(out) / "cache")},  # cold: a user's first run
         )  # fmt: skip
         seconds = time.perf_counter() - started
         if proc.returncode != 0:
