@@ -302,8 +302,6 @@ def run_pipeline(
     ctx = RunContext(recipe=recipe, run_dir=output_dir, precision=precision, tracker=tracker, data=data, specs=specs)
     records = Records(recipe, output_dir)
     records.write()
-    if is_main_process():
-        prewarm_report()
 
     try:
         return _run_stages(recipe, ctx, specs, records, precision.name, fresh)
@@ -311,19 +309,6 @@ def run_pipeline(
         CURRENT_STAGE.set("-")
         if is_main_process():
             write_report(output_dir)
-
-
-def prewarm_report() -> None:
-    """Import the plotting library in the background while the stages train: the report at the end is then
-    drawn at once instead of first paying about half a second of imports."""
-    import threading
-
-    def load() -> None:
-        with contextlib.suppress(Exception):
-            import matplotlib.backends.backend_agg  # noqa: F401
-            import matplotlib.figure  # noqa: F401
-
-    threading.Thread(target=load, name="align-report-prewarm", daemon=True).start()
 
 
 def write_report(run_dir: Path) -> None:

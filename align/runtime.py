@@ -73,6 +73,9 @@ LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNI
 # Library verbosity follows ours one notch quieter: at `info` transformers would dump every config.
 LIBRARY_LEVELS = {"debug": logging.INFO, "info": logging.WARNING, "warning": logging.WARNING}
 LIBRARIES = ("transformers", "datasets", "trl", "peft", "accelerate", "huggingface_hub")
+# Loggers that speak at DEBUG about their plumbing (font scoring, file locks, connection attempts): thousands
+# of lines per run in align.log, and measurable time, for nothing a user reads.
+PLUMBING = ("matplotlib", "PIL", "filelock", "fsspec", "httpcore", "httpcore2", "httpx", "urllib3", "asyncio")
 
 
 class _StageFilter(logging.Filter):
@@ -158,6 +161,8 @@ def setup_logging(level: str = "info", log_file: Path | None = None) -> None:
         lib.propagate = True
         lib.setLevel(LIBRARY_LEVELS[level])
     _quiet_library_handlers(level)
+    for name in PLUMBING:
+        logging.getLogger(name).setLevel(logging.INFO if level == "debug" else logging.WARNING)
     logging.captureWarnings(True)
     logging.getLogger("py.warnings").setLevel(logging.ERROR if level != "debug" else logging.WARNING)
 
