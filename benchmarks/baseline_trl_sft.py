@@ -44,10 +44,11 @@ def main(model_dir: str, train_file: str, valid_file: str, out: str, settings: s
         processing_class=tokenizer,
     )
     before = trainer.evaluate()
-    trainer.train()
+    result = trainer.train()
     after = trainer.evaluate()
     trainer.save_model(f"{out}/model")
-    print(json.dumps({"eval_loss_before": before["eval_loss"], "eval_loss": after["eval_loss"]}))
+    print(json.dumps({"eval_loss_before": before["eval_loss"], "eval_loss": after["eval_loss"],
+                      "train_runtime_s": result.metrics["train_runtime"]}))  # fmt: skip
 
 
 if __name__ == "__main__":

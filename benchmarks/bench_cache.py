@@ -20,7 +20,7 @@ from pathlib import Path
 import yaml
 from _shared import align_cmd, save_small_model, summary, timed, verdict, write_jsonl
 
-PAIRS, ROWS = 3, 8_000
+PAIRS, ROWS = 3, 10_000
 TRAIN = {"max_length": 160, "max_steps": 2, "per_device_train_batch_size": 16, "logging_steps": 1, "eval_steps": 2,
          "gradient_checkpointing": False}  # fmt: skip
 

@@ -1,9 +1,9 @@
 """DPO reference: peak memory with LoRA (adapters off as the reference) <= 0.7x a separate full reference model;
 and the speed effect of `precompute_ref_log_probs`.
 
-Same saved model (GPT-2, 6 layers x 384, 11M parameters: big enough that weights and optimizer state, not
-the libraries, set the memory), same python-docs-preferences pairs, same steps and batch; three variants per
-round, 3 rounds (precompute in the first only), medians:
+Same saved model (GPT-2, 10 layers x 640, 52M parameters: big enough that weights and optimizer state, not
+the run's own bookkeeping, set the memory; sequences of 48 tokens keep it fast), same python-docs-preferences
+pairs, same steps and batch; three variants per round, 3 rounds (precompute in the first only), medians:
 - copy: full DPO with a frozen copy of the model as the reference (policy + its gradients and AdamW state +
   the copy);
 - lora: LoRA on the attention and MLP projections, the reference being the same weights with adapters off;
@@ -24,9 +24,9 @@ import yaml
 from _shared import REPO, save_small_model, timed, verdict
 
 ROUNDS = 3
-MODEL = {"model_type": "gpt2", "vocab_size": 4096, "n_layer": 8, "n_head": 8, "n_embd": 512, "n_positions": 256}
+MODEL = {"model_type": "gpt2", "vocab_size": 4096, "n_layer": 10, "n_head": 10, "n_embd": 640, "n_positions": 64}
 # One step is enough: AdamW's state, the largest piece a full reference run adds, exists from the first step.
-TRAIN = {"beta": 0.1, "max_length": 64, "max_steps": 1, "per_device_train_batch_size": 2, "learning_rate": 5.0e-5,
+TRAIN = {"beta": 0.1, "max_length": 48, "max_steps": 1, "per_device_train_batch_size": 2, "learning_rate": 5.0e-5,
          "logging_steps": 1, "eval_steps": 1, "gradient_checkpointing": False}  # fmt: skip
 LORA = {"r": 16, "alpha": 32, "dropout": 0.0, "target_modules": ["c_attn", "c_proj", "c_fc"]}
 

@@ -49,13 +49,17 @@ def main() -> int:
                     str(valid_file), str(tmp / "bare"), json.dumps(TRAIN)]  # fmt: skip
 
         bare_s, align_s, losses = [], [], []
-        for _ in range(PAIRS):
-            seconds, proc = timed(baseline, {"WANDB_MODE": "disabled"})
-            bare_s.append(seconds)
-            bare_loss = json.loads(proc.stdout.strip().splitlines()[-1])["eval_loss"]
-            seconds, _ = timed(align_cmd(recipe_path, tmp / "align"), {"ALIGN_CACHE_DIR": "off"})
-            align_s.append(seconds)
-            ours = json.loads((tmp / "align" / "sft" / "summary.json").read_text())["metrics"]["eval_loss"]
+        for i in range(PAIRS):
+            # The order alternates (bare first, then align first, ...) so a drift of the machine hits both sides.
+            for side in ("bare", "align") if i % 2 == 0 else ("align", "bare"):
+                if side == "bare":
+                    seconds, proc = timed(baseline, {"WANDB_MODE": "disabled"})
+                    bare_s.append(seconds)
+                    bare_loss = json.loads(proc.stdout.strip().splitlines()[-1])["eval_loss"]
+                else:
+                    seconds, _ = timed(align_cmd(recipe_path, tmp / "align"), {"ALIGN_CACHE_DIR": "off"})
+                    align_s.append(seconds)
+                    ours = json.loads((tmp / "align" / "sft" / "summary.json").read_text())["metrics"]["eval_loss"]
             losses.append((bare_loss, ours))
     ratio = statistics.median(align_s) / statistics.median(bare_s)
     same = all(abs(a - b) <= 1e-4 * abs(a) for a, b in losses)
