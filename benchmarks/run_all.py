@@ -35,8 +35,10 @@ def main() -> int:
             reason = (proc.stderr.strip().splitlines() or ["no output"])[-1]
             print(f"{script}: no result (exit {proc.returncode}: {reason}) MISSED", flush=True)
         ok = ok and proc.returncode == 0
-    print(f"all benchmarks: {time.perf_counter() - started:.0f} s (target <= 600 s on 2 cores)")
-    return 0 if ok else 1
+    total = time.perf_counter() - started
+    within = total <= 600
+    print(f"all benchmarks: {total:.0f} s (target <= 600 s on 2 cores) {'ok' if within else 'MISSED'}")
+    return 0 if ok and within else 1
 
 
 if __name__ == "__main__":
