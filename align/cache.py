@@ -262,7 +262,8 @@ def cached_trainer(trainer_cls: type, kind: str, data_format: str) -> type:
             from datasets import Dataset
 
             name = rest[-1] if rest else "train"
-            if not isinstance(dataset, Dataset) or any(callable(x) for x in rest) or not single_machine():
+            usable = cache_root() is not None and single_machine() and isinstance(dataset, Dataset)
+            if not usable or any(callable(x) for x in rest):  # no hashing at all when the cache is off
                 return base_prepare(self, dataset, processing_class, args, *rest)
             arg_names, self_names = _read_by(base_prepare)
             parts = {

@@ -108,9 +108,11 @@ def run(stage: Stage, ctx: RunContext) -> StageResult:
 
 def cached_blocks(ds: Any, tokenizer: Any, size: int, split: str) -> tuple[Any, dict[str, int]]:
     """`pack_text_blocks` through the tokenized-data cache (keyed by the rows, the tokenizer and the block length)."""
-    from align.cache import dataset_fingerprint, fetch, tokenizer_fingerprint
+    from align.cache import cache_root, dataset_fingerprint, fetch, tokenizer_fingerprint
     from align.data import pack_text_blocks
 
+    if cache_root() is None:
+        return pack_text_blocks(ds, tokenizer, size)
     parts = {
         "kind": "lm",
         "format": "text",
