@@ -48,9 +48,11 @@ _PATH_KEYS = {
 
 
 def cache_root() -> Path | None:
-    """The cache folder, or None when `ALIGN_CACHE_DIR=off`."""
+    """The cache folder; None when `ALIGN_CACHE_DIR=off`, or when the run spans several machines (the cache is
+    a local folder: a rank on another machine would never find what the main process stored)."""
     value = os.environ.get(CACHE_ENV, "").strip()
-    if value.lower() in ("off", "0", "false", "none"):
+    world = os.environ.get("WORLD_SIZE", "1")
+    if value.lower() in ("off", "0", "false", "none") or os.environ.get("LOCAL_WORLD_SIZE", world) != world:
         return None
     if value:
         return Path(value).expanduser()
@@ -157,11 +159,11 @@ def make_key(parts: dict[str, Any]) -> str:
 def fetch(
     parts: dict[str, Any], build: Callable[[], tuple[Dataset, dict[str, Any]]], label: str
 ) -> tuple[Dataset, dict[str, Any]]:
-    """Prepared data and its statistics for `parts`: loaded from the cache, or built, stored and loaded back.
+    """Prepared data and its statistics for `parts`: loaded from the cache, or built, stored and loaded back
+    (so the first and every later run train on the same memory-mapped rows; where storing fails, and on the
+    other processes of a distributed run, the freshly built rows)."""
+    from align.runtime import is_main_process
 
-    Returns the data set loaded from disk in both cases, so the first and every later run train on the same
-    memory-mapped rows.
-    """
     root = cache_root()
     if root is None:
         return build()
@@ -173,18 +175,12 @@ def fetch(
     start = time.perf_counter()
     ds, stats = build()
     elapsed = time.perf_counter() - start
-    if _is_main() and _store(entry, ds, {"parts": parts, "stats": stats, "label": label, "build_s": elapsed}):
+    if is_main_process() and _store(entry, ds, {"parts": parts, "stats": stats, "label": label, "build_s": elapsed}):
         logger.info("%s: prepared %d rows in %.1f s; cached in %s", label, len(ds), elapsed, entry)
         stored = _load(entry, label, quiet=True)
         if stored is not None:
             return stored
     return ds, stats
-
-
-def _is_main() -> bool:
-    from align.runtime import is_main_process
-
-    return is_main_process()
 
 
 def _everyone(flag: bool) -> bool:
@@ -242,12 +238,6 @@ def _store(entry: Path, ds: Dataset, meta: dict[str, Any]) -> bool:
 # TRL trainers whose data preparation goes through the cache
 
 
-def single_machine() -> bool:
-    """Whether every process shares this machine's disk (the cache is local; a run over several machines skips it)."""
-    world = os.environ.get("WORLD_SIZE", "1")
-    return os.environ.get("LOCAL_WORLD_SIZE", world) == world
-
-
 def cached_trainer(trainer_cls: type, kind: str, data_format: str) -> type:
     """`trainer_cls` with its `_prepare_dataset` (TRL's tokenize/mask/truncate/pack step) going through the cache.
 
@@ -262,7 +252,7 @@ def cached_trainer(trainer_cls: type, kind: str, data_format: str) -> type:
             from datasets import Dataset
 
             name = rest[-1] if rest else "train"
-            usable = cache_root() is not None and single_machine() and isinstance(dataset, Dataset)
+            usable = cache_root() is not None and isinstance(dataset, Dataset)
             if not usable or any(callable(x) for x in rest):  # no hashing at all when the cache is off
                 return base_prepare(self, dataset, processing_class, args, *rest)
             arg_names, self_names = _read_by(base_prepare)

@@ -138,6 +138,14 @@ def test_cache_off(monkeypatch, tmp_path):
     assert not ds.cache_files
 
 
+def test_no_cache_when_the_run_spans_several_machines(monkeypatch, own_cache):
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
+    assert cache.cache_root() == own_cache, "four processes on one machine share its cache"
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    assert cache.cache_root() is None, "two machines: another machine's ranks would never find the entries"
+
+
 # --------------------------------------------------------------------------------------------------
 # Whole runs: lm -> sft -> dpo, again into a fresh directory, then with one tokenizer setting changed
 
