@@ -41,6 +41,7 @@ def run(stage: Stage, ctx: RunContext) -> StageResult:
     from align.cache import cached_trainer
     from align.data import training_texts
     from align.guards import DPOGuard
+    from align.lm_head import install as install_lm_head
     from align.models import (
         build_model,
         ensure_chat_template,
@@ -77,6 +78,7 @@ def run(stage: Stage, ctx: RunContext) -> StageResult:
     )
     peft_config = lora_config(stage.peft) if stage.peft is not None and not hasattr(model, "peft_config") else None
     writer = metrics_writer(ctx, stage)
+    install_lm_head()  # plain logits where TRL's chunked head is slower (align/lm_head.py)
     guard = DPOGuard(ctx.tracker)
     trainer = cached_trainer(DPOTrainer, "dpo", ctx.specs[stage.name].format)(
         model=model,

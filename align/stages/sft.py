@@ -41,6 +41,7 @@ def run(stage: Stage, ctx: RunContext) -> StageResult:
 
     from align.cache import cached_trainer
     from align.data import training_texts
+    from align.lm_head import install as install_lm_head
     from align.models import build_model, ensure_chat_template, generate, lora_config
     from align.runtime import seed_everything
 
@@ -72,6 +73,7 @@ def run(stage: Stage, ctx: RunContext) -> StageResult:
     if stage.peft is not None and not hasattr(model, "peft_config"):
         peft_config = lora_config(stage.peft)
     writer = metrics_writer(ctx, stage)
+    install_lm_head()  # plain logits where TRL's chunked head is slower (align/lm_head.py)
     trainer = cached_trainer(SFTTrainer, "sft", fmt)(
         model=model,
         args=args,

@@ -1,0 +1,108 @@
+"""The LM head of SFT and DPO on a device without Triton: plain logits where they are small, TRL's head elsewhere.
+
+TRL's SFT and DPO trainers score tokens through a chunked LM head (`ChunkedLogProbFunction`) that never holds the
+[tokens, vocabulary] logits: on a GPU a Triton kernel that saves gigabytes on large vocabularies. Without Triton
+(the CPU) it falls back to torch ops that score every position, prompt and padding included, and recompute each
+tile in the backward pass: a training step of the quickstart's SFT model took 1.6-1.8x as long as with plain
+logits (measured here: 16 x 160 tokens, vocabulary 4,096; 0.80-0.90 s vs 0.51 s forward and backward).
+
+So on such a device, and only while the logits stay small (`PLAIN_MAX_LOGITS`), align computes the same per-token
+outputs (log-probabilities, entropy, top-1 hits, mean logit, log sum of squared probabilities) from plain logits;
+larger ones, and every Triton device, keep TRL's function. `ALIGN_LM_HEAD=trl` keeps TRL's everywhere.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import os
+from typing import Any
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+# Above this many logits (tokens x vocabulary) a batch keeps TRL's chunked head: plain logits hold about five
+# tensors of that size through the backward pass (logits, log-softmax, probabilities and their gradients), so
+# 2**25 fp32 logits cost ~0.7 GiB at most — the quickstart's DPO batch is 21M, a 150k-vocabulary model's 2k-token
+# batch 300M.
+PLAIN_MAX_LOGITS = 2**25
+# The arguments of `ChunkedLogProbFunction.forward` this replacement was written against (trl 1.16).
+_CONTRACT = ("ctx", "hidden", "weight", "bias", "targets", "temperature", "chunk_size", "final_logit_softcapping",
+             "logit_scale", "outputs")  # fmt: skip
+
+
+def plain_log_probs(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    targets: torch.Tensor,
+    temperature: float = 1.0,
+    final_logit_softcapping: float | None = None,
+    logit_scale: float = 1.0,
+    outputs: tuple[str, ...] = ("log_probs",),
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+    """TRL's `ChunkedLogProbFunction` outputs from the full logits, differentiable through autograd.
+
+    Returns (log_probs, entropy, log_sum_sq_probs, mean_logits, is_top1), each of shape [N] and `None` unless
+    named in `outputs`; like TRL's, the last three carry no gradient and everything is computed in fp32.
+    """
+    z = torch.nn.functional.linear(hidden, weight, bias).float()
+    # Each transform is a pass over [N, vocabulary] and its backward: skipped where it is the identity
+    if logit_scale != 1.0:
+        z = z * logit_scale
+    if final_logit_softcapping is not None:
+        z = final_logit_softcapping * torch.tanh(z / final_logit_softcapping)
+    if temperature != 1.0:
+        z = z / temperature
+    log_p = z.log_softmax(-1)
+    log_probs = log_p.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+    entropy = -(log_p.exp() * log_p).sum(-1) if "entropy" in outputs else None
+    with torch.no_grad():
+        log_sum_sq_probs = torch.logsumexp(2 * log_p, -1) if "log_sum_sq_probs" in outputs else None
+        mean_logits = z.mean(-1) if "mean_logits" in outputs else None
+        # `argmax` takes the first maximum, as TRL's does: a tie with an earlier token is not a top-1 hit
+        is_top1 = z.argmax(-1) == targets if "is_top1" in outputs else None
+    return log_probs, entropy, log_sum_sq_probs, mean_logits, is_top1
+
+
+def _dispatcher(chunked: Any, use_triton: Any) -> type:
+    class LogProbs:
+        """Stands in for `ChunkedLogProbFunction` where TRL calls it: `apply` picks the implementation per batch."""
+
+        trl_function = chunked
+
+        @staticmethod
+        def apply(hidden, weight, bias, targets, temperature, chunk_size, final_logit_softcapping=None,
+                  logit_scale=1.0, outputs=("log_probs",)):  # fmt: skip
+            small = hidden.shape[0] * weight.shape[0] <= PLAIN_MAX_LOGITS
+            if use_triton(hidden.device) or not small or os.environ.get("ALIGN_LM_HEAD", "").lower() == "trl":
+                return chunked.apply(hidden, weight, bias, targets, temperature, chunk_size,
+                                     final_logit_softcapping, logit_scale, outputs)  # fmt: skip
+            return plain_log_probs(hidden, weight, bias, targets, temperature, final_logit_softcapping, logit_scale,
+                                   outputs)  # fmt: skip
+
+    return LogProbs
+
+
+def install() -> bool:
+    """Route TRL's LM head through the dispatcher (once per process); False where it keeps TRL's own.
+
+    Not installed when the installed TRL's function no longer has the arguments this was written for (a TRL
+    release that changes them keeps its own head rather than a wrong one); `ALIGN_LM_HEAD=trl`, read on every
+    call, sends every batch to TRL's.
+    """
+    import trl.trainer.utils as trl_utils
+    from trl.kernels.chunked_logprob import _use_triton
+
+    current = getattr(trl_utils, "_ChunkedLogProbFunction", None)
+    if current is None:
+        return False
+    if hasattr(current, "trl_function"):
+        return True
+    if tuple(inspect.signature(current.forward).parameters) != _CONTRACT:
+        logger.debug("LM head: TRL's chunked head (its arguments changed: %s)", inspect.signature(current.forward))
+        return False
+    trl_utils._ChunkedLogProbFunction = _dispatcher(current, _use_triton)
+    logger.debug("LM head: plain logits up to %d per batch on devices without Triton", PLAIN_MAX_LOGITS)
+    return True
