@@ -52,11 +52,14 @@ def _png(fig: Any) -> str:
 
 
 def _figure(width: float, height: float, columns: int = 1) -> tuple[Any, Any]:
-    """A bare Agg figure: no pyplot (its import and figure registry cost more than the plots), laid out once
-    when drawn (`bbox_inches='tight'` would draw every figure twice)."""
+    """A bare Agg figure with fixed margins (in inches, room for tick labels, axis labels and titles): no pyplot,
+    whose import and figure registry cost more than the plots, and no layout engine, which measures every text
+    by drawing it once more (~0.1 s a figure: a tenth of an SFT run's whole overhead over bare TRL)."""
     from matplotlib.figure import Figure
 
-    fig = Figure(figsize=(width, height), layout="tight")
+    fig = Figure(figsize=(width, height))
+    fig.subplots_adjust(left=0.8 / width, right=1 - 0.2 / width, bottom=0.5 / height, top=1 - 0.35 / height,
+                        wspace=0.25)  # fmt: skip
     return fig, fig.subplots(1, columns)
 
 
