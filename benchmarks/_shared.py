@@ -1,4 +1,5 @@
-"""What the benchmarks share: timing a whole process, a small saved model, data written to JSONL, medians."""
+"""What the benchmarks share: timing a whole process, runs forked from a preloaded process, a small saved model,
+data written to JSONL, medians."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import os
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -17,13 +19,86 @@ SMALL_GPT2 = {"model_type": "gpt2", "vocab_size": 4096, "n_layer": 4, "n_head": 
 
 def timed(cmd: list[str], env: dict[str, str] | None = None) -> tuple[float, subprocess.CompletedProcess]:
     """Wall seconds of a whole process (imports included), and the process; a failure stops the benchmark."""
+    # Bytecode caching on, as in any installed environment (a shell with PYTHONDONTWRITEBYTECODE set would make
+    # every run recompile align's own modules, a cost bare TRL, whose .pyc files came with its wheel, never pays).
+    full_env = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"} | (env or {})
     started = time.perf_counter()
-    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, env={**os.environ, **(env or {})})
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, env=full_env)
     seconds = time.perf_counter() - started
     if proc.returncode != 0:
         tail = "\n".join(proc.stderr.strip().splitlines()[-15:])
         raise SystemExit(f"{' '.join(cmd[:4])}... failed (exit {proc.returncode}):\n{tail}")
     return seconds, proc
+
+
+def preload() -> None:
+    """Import, once, what every align run imports, so that `forked` runs start from here (no ~7 s of imports each).
+
+    Imports only: no torch operation runs in this process, since a child forked after one may hang in OpenMP."""
+    import datasets  # noqa: F401
+    import matplotlib.figure  # noqa: F401
+    import peft  # noqa: F401
+    from trl import DPOConfig, DPOTrainer, SFTConfig, SFTTrainer  # noqa: F401  (TRL imports these lazily)
+
+    import align.pipeline  # noqa: F401
+    import align.report  # noqa: F401
+    import align.stages.dpo  # noqa: F401
+    import align.stages.sft  # noqa: F401
+
+
+def forked(work: Callable[[], dict[str, Any]], log: Path) -> tuple[float, dict[str, Any]]:
+    """Run `work` in a forked child of this (preloaded) process, its output going to `log`: wall seconds and what
+    `work` returned. A child that fails stops the benchmark with its log's tail."""
+    read_end, write_end = os.pipe()
+    started = time.perf_counter()
+    pid = os.fork()
+    if pid == 0:  # the child: never returns
+        status = 1
+        try:
+            os.close(read_end)
+            out = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+            os.dup2(out, 1)
+            os.dup2(out, 2)
+            result = work()
+            os.write(write_end, json.dumps(result).encode())
+            status = 0
+        except BaseException:
+            import traceback
+
+            traceback.print_exc()
+        finally:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(status)
+    os.close(write_end)
+    with os.fdopen(read_end, "rb") as pipe:
+        payload = pipe.read()
+    _, status = os.waitpid(pid, 0)
+    seconds = time.perf_counter() - started
+    if status != 0 or not payload:
+        tail = "\n".join(log.read_text(errors="replace").strip().splitlines()[-15:])
+        raise SystemExit(f"forked run failed (status {status}):\n{tail}")
+    return seconds, json.loads(payload)
+
+
+def align_run(argv: list[str], env: dict[str, str] | None = None) -> dict[str, Any]:
+    """`python -m align.run ARGV` in this process, for `forked`: its exit code and the resident memory the run
+    added to the loaded libraries (peak after a reset at its start, minus the memory held at its start)."""
+    import datasets
+
+    from align.guards import peak_memory_gb, reset_peak_memory
+    from align.run import main
+
+    os.environ.update(env or {})
+    if env and "HF_DATASETS_CACHE" in env:
+        datasets.config.HF_DATASETS_CACHE = Path(env["HF_DATASETS_CACHE"])  # read at import, so set it here
+    reset_peak_memory()
+    base = peak_memory_gb()
+    code = main(argv)
+    if code != 0:
+        raise SystemExit(f"align.run exited {code}")
+    peak = peak_memory_gb()
+    return {"exit": code, "base_gb": base, "peak_gb": peak, "added_gb": peak - base}
 
 
 def align_cmd(recipe: Path, out: Path, *extra: str) -> list[str]:

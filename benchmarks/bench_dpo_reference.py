@@ -8,8 +8,9 @@ pairs, same steps and batch; three variants per round, 3 rounds (precompute in t
   the copy);
 - lora: LoRA on the attention and MLP projections, the reference being the same weights with adapters off;
 - precompute: full DPO with the reference's log-probabilities computed once before training (no copy kept).
-Memory is the peak resident memory the run added to the libraries it loads (benchmarks/_peak_run.py); speed is
-the Trainer's train_runtime and the stage's wall time, from summary.json.
+Each run is forked from one process that imported the libraries once (`_shared.forked`): memory is the peak
+resident memory the run added to them, speed the Trainer's train_runtime and the stage's wall time, from
+summary.json.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import tempfile
 from pathlib import Path
 
 import yaml
-from _shared import REPO, save_small_model, timed, verdict
+from _shared import align_cmd, align_run, forked, preload, save_small_model, verdict
 
 ROUNDS = 3
 MODEL = {"model_type": "gpt2", "vocab_size": 4096, "n_layer": 10, "n_head": 10, "n_embd": 640, "n_positions": 64}
@@ -34,12 +35,14 @@ LORA = {"r": 16, "alpha": 32, "dropout": 0.0, "target_modules": ["c_attn", "c_pr
 def main() -> int:
     from align.builtin import python_docs_preferences
 
+    preload()
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)
         pairs = python_docs_preferences()["train"]
-        model_dir = save_small_model(tmp / "model", [p + c for p, c in zip(pairs["prompt"], pairs["chosen"],
-                                                                            strict=True)], MODEL)  # fmt: skip
-        stage = {"name": "dpo", "kind": "dpo", "model": str(model_dir), "generations": 0, "train": TRAIN,
+        texts = [p + c for p, c in zip(pairs["prompt"], pairs["chosen"], strict=True)]
+        # built in a child too: this process runs no torch operation before it forks (see `preload`)
+        _, built = forked(lambda: {"model": str(save_small_model(tmp / "model", texts, MODEL))}, tmp / "model.log")
+        stage = {"name": "dpo", "kind": "dpo", "model": built["model"], "generations": 0, "train": TRAIN,
                  "data": {"card": "python-docs-preferences", "max_train_rows": 8, "max_eval_rows": 2}}  # fmt: skip
         variants = {
             "copy": stage,
@@ -55,9 +58,8 @@ def main() -> int:
                 path = tmp / f"{name}.yaml"
                 path.write_text(yaml.safe_dump(recipe, sort_keys=False))
                 out = tmp / name
-                _, proc = timed([sys.executable, str(REPO / "benchmarks/_peak_run.py"), str(path), "--output-dir",
-                                 str(out), "--fresh"], {"ALIGN_CACHE_DIR": "off"})  # fmt: skip
-                memory = json.loads(proc.stdout.strip().splitlines()[-1])
+                argv = align_cmd(path, out)[3:]
+                _, memory = forked(lambda argv=argv: align_run(argv, {"ALIGN_CACHE_DIR": "off"}), tmp / f"{name}.log")
                 summary = json.loads((out / "dpo" / "summary.json").read_text())
                 figures[name].append(memory | {
                     "train_s": summary["metrics"]["train_runtime_s"], "wall_s": summary["wall_time_s"],

@@ -25,9 +25,11 @@ SCRIPTS = [
 
 
 def main() -> int:
-    ok, started = True, time.perf_counter()
+    ok, started, spent = True, time.perf_counter(), []
     for script in SCRIPTS:
+        script_started = time.perf_counter()
         proc = subprocess.run([sys.executable, str(HERE / script)], capture_output=True, text=True)
+        spent.append(f"{script.removeprefix('bench_').removesuffix('.py')} {time.perf_counter() - script_started:.0f}")
         lines = [line for line in proc.stdout.splitlines() if line.strip()]
         if lines:
             print(lines[-1], flush=True)
@@ -37,7 +39,8 @@ def main() -> int:
         ok = ok and proc.returncode == 0
     total = time.perf_counter() - started
     within = total <= 600
-    print(f"all benchmarks: {total:.0f} s (target <= 600 s on 2 cores) {'ok' if within else 'MISSED'}")
+    verdict = "ok" if within else "MISSED"
+    print(f"all benchmarks: {total:.0f} s ({', '.join(spent)} s) (target <= 600 s on 2 cores) {verdict}")
     return 0 if ok and within else 1
 
 
