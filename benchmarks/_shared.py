@@ -59,6 +59,8 @@ def forked(work: Callable[[], dict[str, Any]], log: Path) -> tuple[float, dict[s
             out = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
             os.dup2(out, 1)
             os.dup2(out, 2)
+            # Python's own streams too: they may not be file descriptors 1 and 2 (pytest replaces them)
+            sys.stdout = sys.stderr = os.fdopen(out, "w", buffering=1)
             result = work()
             os.write(write_end, json.dumps(result).encode())
             status = 0
