@@ -87,8 +87,9 @@ def _dispatcher(chunked: Any, use_triton: Any) -> type:
     return LogProbs
 
 
-def install() -> bool:
-    """Route TRL's LM head through the dispatcher (once per process); False where it keeps TRL's own.
+def install(device: torch.device) -> str:
+    """Route TRL's LM head through the dispatcher (once per process) and say, for the log, what `device`'s
+    batches will use.
 
     Not installed when the installed TRL's function no longer has the arguments this was written for (a TRL
     release that changes them keeps its own head rather than a wrong one); `ALIGN_LM_HEAD=trl`, read on every
@@ -99,12 +100,16 @@ def install() -> bool:
 
     current = getattr(trl_utils, "_ChunkedLogProbFunction", None)
     if current is None:
-        return False
-    if hasattr(current, "trl_function"):
-        return True
-    if tuple(inspect.signature(current.forward).parameters) != _CONTRACT:
-        logger.debug("LM head: TRL's chunked head (its arguments changed: %s)", inspect.signature(current.forward))
-        return False
-    trl_utils._ChunkedLogProbFunction = _dispatcher(current, _use_triton)
-    logger.debug("LM head: plain logits up to %d per batch on devices without Triton", PLAIN_MAX_LOGITS)
-    return True
+        return "TRL's own (this TRL has no ChunkedLogProbFunction to stand in for)"
+    if not hasattr(current, "trl_function"):
+        if tuple(inspect.signature(current.forward).parameters) != _CONTRACT:
+            return f"TRL's chunked head (its ChunkedLogProbFunction changed its arguments: {_CONTRACT[1:]} expected)"
+        trl_utils._ChunkedLogProbFunction = _dispatcher(current, _use_triton)
+    if _use_triton(device):
+        return f"TRL's chunked head (Triton on {device.type})"
+    if os.environ.get("ALIGN_LM_HEAD", "").lower() == "trl":
+        return "TRL's chunked head (ALIGN_LM_HEAD=trl)"
+    return (
+        f"plain logits (no Triton on {device.type}: TRL's chunked head is slower here); TRL's above "
+        f"{PLAIN_MAX_LOGITS:,} logits a batch"
+    )

@@ -78,8 +78,10 @@ def _model_step(monkeypatch, mode: str) -> tuple[float, torch.Tensor, list[str]]
 
 
 def test_installed_head_takes_small_cpu_batches_and_matches_trl(monkeypatch):
-    assert lm_head.install() and lm_head.install()  # idempotent
+    said = lm_head.install(torch.device("cpu"))
+    assert said.startswith("plain logits (no Triton on cpu") and lm_head.install(torch.device("cpu")) == said
     assert hasattr(trl_utils._ChunkedLogProbFunction, "trl_function")
+    assert not hasattr(trl_utils._ChunkedLogProbFunction.trl_function, "trl_function")  # installed once, not nested
     trl_loss, trl_grad, trl_calls = _model_step(monkeypatch, "trl")
     plain_loss, plain_grad, plain_calls = _model_step(monkeypatch, "")
     assert trl_calls == ["trl"] and plain_calls == []
@@ -87,6 +89,8 @@ def test_installed_head_takes_small_cpu_batches_and_matches_trl(monkeypatch):
     torch.testing.assert_close(plain_grad, trl_grad, rtol=1e-4, atol=1e-7)
     monkeypatch.setattr(lm_head, "PLAIN_MAX_LOGITS", 10)  # large logits go back to TRL's memory-saving head
     assert _model_step(monkeypatch, "")[2] == ["trl"]
+    monkeypatch.setenv("ALIGN_LM_HEAD", "trl")
+    assert lm_head.install(torch.device("cpu")) == "TRL's chunked head (ALIGN_LM_HEAD=trl)"
 
 
 def test_a_changed_trl_contract_keeps_trls_head(monkeypatch):
@@ -95,5 +99,5 @@ def test_a_changed_trl_contract_keeps_trls_head(monkeypatch):
         def forward(ctx, hidden, weight, bias, targets, temperature, chunk_size, new_argument): ...
 
     monkeypatch.setattr(trl_utils, "_ChunkedLogProbFunction", Changed)
-    assert lm_head.install() is False
+    assert lm_head.install(torch.device("cpu")).startswith("TRL's chunked head (its ChunkedLogProbFunction changed")
     assert trl_utils._ChunkedLogProbFunction is Changed

@@ -78,7 +78,7 @@ def run(stage: Stage, ctx: RunContext) -> StageResult:
     )
     peft_config = lora_config(stage.peft) if stage.peft is not None and not hasattr(model, "peft_config") else None
     writer = metrics_writer(ctx, stage)
-    install_lm_head()  # plain logits where TRL's chunked head is slower (align/lm_head.py)
+    logger.info("LM head: %s", install_lm_head(args.device))  # align/lm_head.py
     guard = DPOGuard(ctx.tracker)
     trainer = cached_trainer(DPOTrainer, "dpo", ctx.specs[stage.name].format)(
         model=model,

@@ -73,7 +73,7 @@ def run(stage: Stage, ctx: RunContext) -> StageResult:
     if stage.peft is not None and not hasattr(model, "peft_config"):
         peft_config = lora_config(stage.peft)
     writer = metrics_writer(ctx, stage)
-    install_lm_head()  # plain logits where TRL's chunked head is slower (align/lm_head.py)
+    logger.info("LM head: %s", install_lm_head(args.device))  # align/lm_head.py
     trainer = cached_trainer(SFTTrainer, "sft", fmt)(
         model=model,
         args=args,
