@@ -15,7 +15,7 @@ import time
 
 os.environ.setdefault("WANDB_MODE", "disabled")
 
-BLOCK, BATCH, STEPS, PAIRS = 128, 16, 10, 3
+BLOCK, BATCH, STEPS, PAIRS = 128, 16, 8, 3
 
 
 def train_seconds(dataset, collator, tokenizer) -> float:
