@@ -16,13 +16,10 @@ larger ones, and every Triton device, keep TRL's function. `ALIGN_LM_HEAD=trl` k
 from __future__ import annotations
 
 import inspect
-import logging
 import os
 from typing import Any
 
 import torch
-
-logger = logging.getLogger(__name__)
 
 # Above this many logits (tokens x vocabulary) a batch keeps TRL's chunked head: plain logits hold about five
 # tensors of that size through the backward pass (logits, log-softmax, probabilities and their gradients), so
@@ -68,6 +65,11 @@ def plain_log_probs(
     return log_probs, entropy, log_sum_sq_probs, mean_logits, is_top1
 
 
+def _trl_everywhere() -> bool:
+    """`ALIGN_LM_HEAD=trl`: TRL's head for every batch (read on every call, so it can be set at any time)."""
+    return os.environ.get("ALIGN_LM_HEAD", "").lower() == "trl"
+
+
 def _dispatcher(chunked: Any, use_triton: Any) -> type:
     class LogProbs:
         """Stands in for `ChunkedLogProbFunction` where TRL calls it: `apply` picks the implementation per batch."""
@@ -78,7 +80,7 @@ def _dispatcher(chunked: Any, use_triton: Any) -> type:
         def apply(hidden, weight, bias, targets, temperature, chunk_size, final_logit_softcapping=None,
                   logit_scale=1.0, outputs=("log_probs",)):  # fmt: skip
             small = hidden.shape[0] * weight.shape[0] <= PLAIN_MAX_LOGITS
-            if use_triton(hidden.device) or not small or os.environ.get("ALIGN_LM_HEAD", "").lower() == "trl":
+            if use_triton(hidden.device) or not small or _trl_everywhere():
                 return chunked.apply(hidden, weight, bias, targets, temperature, chunk_size,
                                      final_logit_softcapping, logit_scale, outputs)  # fmt: skip
             return plain_log_probs(hidden, weight, bias, targets, temperature, final_logit_softcapping, logit_scale,
@@ -107,7 +109,7 @@ def install(device: torch.device) -> str:
         trl_utils._ChunkedLogProbFunction = _dispatcher(current, _use_triton)
     if _use_triton(device):
         return f"TRL's chunked head (Triton on {device.type})"
-    if os.environ.get("ALIGN_LM_HEAD", "").lower() == "trl":
+    if _trl_everywhere():
         return "TRL's chunked head (ALIGN_LM_HEAD=trl)"
     return (
         f"plain logits (no Triton on {device.type}: TRL's chunked head is slower here); TRL's above "

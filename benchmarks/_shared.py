@@ -83,9 +83,10 @@ def forked(work: Callable[[], dict[str, Any]], log: Path) -> tuple[float, dict[s
     return seconds, json.loads(payload)
 
 
-def align_run(argv: list[str], env: dict[str, str] | None = None) -> dict[str, Any]:
-    """`python -m align.run ARGV` in this process, for `forked`: its exit code and the resident memory the run
-    added to the loaded libraries (peak after a reset at its start, minus the memory held at its start)."""
+def align_run(recipe: Path, out: Path, env: dict[str, str] | None = None) -> dict[str, Any]:
+    """`python -m align.run RECIPE --output-dir OUT --fresh` in this process, for `forked` (a failed run stops
+    the benchmark): the resident memory the run added to the loaded libraries (peak after a reset at its start,
+    minus the memory held at its start)."""
     import datasets
 
     from align.guards import peak_memory_gb, reset_peak_memory
@@ -96,15 +97,19 @@ def align_run(argv: list[str], env: dict[str, str] | None = None) -> dict[str, A
         datasets.config.HF_DATASETS_CACHE = Path(env["HF_DATASETS_CACHE"])  # read at import, so set it here
     reset_peak_memory()
     base = peak_memory_gb()
-    code = main(argv)
+    code = main(align_args(recipe, out))
     if code != 0:
         raise SystemExit(f"align.run exited {code}")
     peak = peak_memory_gb()
-    return {"exit": code, "base_gb": base, "peak_gb": peak, "added_gb": peak - base}
+    return {"base_gb": base, "peak_gb": peak, "added_gb": peak - base}
 
 
-def align_cmd(recipe: Path, out: Path, *extra: str) -> list[str]:
-    return [sys.executable, "-m", "align.run", str(recipe), "--output-dir", str(out), "--fresh", *extra]
+def align_args(recipe: Path, out: Path) -> list[str]:
+    return [str(recipe), "--output-dir", str(out), "--fresh"]
+
+
+def align_cmd(recipe: Path, out: Path) -> list[str]:
+    return [sys.executable, "-m", "align.run", *align_args(recipe, out)]
 
 
 def save_small_model(directory: Path, texts: list[str], spec: dict[str, Any] | None = None) -> Path:

@@ -16,10 +16,11 @@ from __future__ import annotations
 import statistics
 import sys
 import tempfile
+from functools import partial
 from pathlib import Path
 
 import yaml
-from _shared import align_cmd, align_run, forked, preload, save_small_model, summary, verdict, write_jsonl
+from _shared import align_run, forked, preload, save_small_model, summary, verdict, write_jsonl
 
 PAIRS, ROWS = 3, 10_000
 TRAIN = {"max_length": 160, "max_steps": 2, "per_device_train_batch_size": 16, "logging_steps": 1, "eval_steps": 2,
@@ -55,10 +56,10 @@ def main() -> int:
         first, second, first_wall, second_wall = [], [], [], []
         for i in range(PAIRS):
             env = {"ALIGN_CACHE_DIR": str(tmp / f"cache{i}"), "HF_DATASETS_CACHE": str(tmp / f"hf{i}")}
-            seconds, _ = forked(lambda env=env: align_run(align_cmd(path, tmp / "first")[3:], env), tmp / "first.log")
+            seconds, _ = forked(partial(align_run, path, tmp / "first", env), tmp / "first.log")
             first.append(summary(tmp / "first", "sft")["metrics"]["time_to_first_step_s"])
             first_wall.append(seconds)
-            seconds, _ = forked(lambda env=env: align_run(align_cmd(path, tmp / "second")[3:], env), tmp / "second.log")
+            seconds, _ = forked(partial(align_run, path, tmp / "second", env), tmp / "second.log")
             second.append(summary(tmp / "second", "sft")["metrics"]["time_to_first_step_s"])
             second_wall.append(seconds)
             hit = "tokenized data from the cache" in (tmp / "second" / "align.log").read_text()

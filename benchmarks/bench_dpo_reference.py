@@ -19,10 +19,11 @@ import json
 import statistics
 import sys
 import tempfile
+from functools import partial
 from pathlib import Path
 
 import yaml
-from _shared import align_cmd, align_run, forked, preload, save_small_model, verdict
+from _shared import align_run, forked, preload, save_small_model, verdict
 
 ROUNDS = 3
 MODEL = {"model_type": "gpt2", "vocab_size": 4096, "n_layer": 10, "n_head": 10, "n_embd": 640, "n_positions": 64}
@@ -58,8 +59,7 @@ def main() -> int:
                 path = tmp / f"{name}.yaml"
                 path.write_text(yaml.safe_dump(recipe, sort_keys=False))
                 out = tmp / name
-                argv = align_cmd(path, out)[3:]
-                _, memory = forked(lambda argv=argv: align_run(argv, {"ALIGN_CACHE_DIR": "off"}), tmp / f"{name}.log")
+                _, memory = forked(partial(align_run, path, out, {"ALIGN_CACHE_DIR": "off"}), tmp / f"{name}.log")
                 summary = json.loads((out / "dpo" / "summary.json").read_text())
                 figures[name].append(memory | {
                     "train_s": summary["metrics"]["train_runtime_s"], "wall_s": summary["wall_time_s"],
