@@ -6,9 +6,14 @@ Every stage's data comes through `load_data`, which returns a `DatasetDict` with
 
 from __future__ import annotations
 
+import csv
+import dataclasses
+import difflib
 import json
 import logging
 import os
+import re
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -16,7 +21,7 @@ import yaml
 from pydantic import ValidationError
 
 from align.errors import BadInput, closest
-from align.recipe import FORMAT_FIELDS, KIND_FORMATS, DataRef, DataSpec, _format_error, _unknown_keys
+from align.recipe import FORMAT_FIELDS, KIND_FORMATS, DataRef, DataSpec, _format_error, _unknown_keys, search_paths
 
 if TYPE_CHECKING:
     from datasets import Dataset, DatasetDict
@@ -27,6 +32,20 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 FILE_BUILDERS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet", ".txt": "text"}
 # Fields a format may leave out: UltraFeedback-style message lists often carry the prompt inside them.
 OPTIONAL_FIELDS = {"preference_messages": ("prompt",)}
+# Each row's index in the split it was read from, carried through the shuffled cuts so that a bad row is named by
+# the file's line (or the source's row), not by its place in a shuffled split. Removed before load_data returns.
+ROW = "__align_row__"
+# Column names that usually hold a format's field: the `columns:` hint when a field is missing from the source.
+FIELD_SYNONYMS: dict[str, tuple[str, ...]] = {
+    "prompt": ("question", "instruction", "input", "query"),
+    "completion": ("answer", "response", "output", "target"),
+    "chosen": ("accepted", "preferred", "better"),
+    "rejected": ("worse", "dispreferred"),
+    "text": ("content", "body", "document"),
+    "messages": ("conversations", "conversation", "dialogue"),
+}
+# Below this many held-out rows an eval metric is coarse: 2 pairs give a pref_accuracy of 0, 0.5 or 1.
+MIN_EVAL_ROWS = 20
 
 
 # --------------------------------------------------------------------------------------------------
@@ -118,10 +137,11 @@ def check_kind(spec: DataSpec, kind: str, where: str) -> list[str]:
 
 
 def resolve_files(spec: DataSpec, base_dir: Path) -> dict[str, list[Path]]:
-    """Local source files by split; relative paths resolve against the recipe's directory, then the cwd.
+    """Local source files by split; a relative path is looked for in the recipe's folder, then the working directory
+    (`search_paths`, the same rule as a local `model:`).
 
     Raises:
-        BadInput: a file is missing or of a type align cannot read.
+        BadInput: a file is missing (naming every place looked in) or of a type align cannot read.
     """
     files = spec.source.files
     by_split = {"train": files} if isinstance(files, list) else dict(files or {})
@@ -129,11 +149,10 @@ def resolve_files(spec: DataSpec, base_dir: Path) -> dict[str, list[Path]]:
     for split, names in by_split.items():
         out[split] = []
         for name in names:
-            path = Path(os.path.expanduser(name))
-            if not path.is_absolute():
-                path = base_dir / name if (base_dir / name).exists() or not Path(name).exists() else Path(name)
+            places = search_paths(name, base_dir)
+            path = next((p for p in places if p.is_file()), places[0])
             if not path.is_file():
-                raise BadInput(f"{path}: no such data file")
+                raise BadInput(f"{name}: no such data file (looked in {' and '.join(map(str, places))})")
             if path.suffix.lower() not in FILE_BUILDERS:
                 raise BadInput(f"{path}: unsupported file type '{path.suffix}' (use {', '.join(FILE_BUILDERS)})")
             out[split].append(path)
@@ -144,52 +163,216 @@ def resolve_files(spec: DataSpec, base_dir: Path) -> dict[str, list[Path]]:
 # Loading
 
 
-def load_data(spec: DataSpec, *, seed: int, base_dir: Path) -> DatasetDict:
+def load_data(spec: DataSpec, *, seed: int, base_dir: Path, where: str | None = None) -> DatasetDict:
     """Load a data set as `train` and `validation` splits whose columns are the format's fields.
 
     The validation split is the source's own where the card names one; otherwise a seeded
-    `valid_fraction` cut from train, so the same seed always holds out the same rows.
+    `valid_fraction` cut from train, so the same seed always holds out the same rows. `where` (the recipe
+    path, `stages.sft.data`) starts every problem and warning.
 
     Raises:
         BadInput: unreachable or unknown source, unreadable or empty file, missing column, bad row.
     """
+    try:
+        return _load_data(spec, seed, base_dir, where)
+    except BadInput as exc:
+        if where is None:
+            raise
+        raise BadInput([f"{where}: {p}" for p in exc.problems], hint=exc.hint) from None
+
+
+def _load_data(spec: DataSpec, seed: int, base_dir: Path, where: str | None) -> DatasetDict:
     from datasets import DatasetDict
 
     source = spec.source
+    label = _source_label(spec)
+    origins: dict[str, RowOrigin] = {}
     if source.builtin is not None:
         splits = _load_builtin(source.builtin)
     elif source.files is not None:
-        splits = {split: _load_files(paths) for split, paths in resolve_files(spec, base_dir).items()}
+        splits = {}
+        for split, paths in resolve_files(spec, base_dir).items():
+            splits[split], counts = _load_files(paths)
+            origins[split] = RowOrigin(label, list(zip(paths, counts, strict=True)))
     else:
         splits = _load_hub(spec)
 
     train_name, valid_name = spec.splits.train, spec.splits.validation
-    label = _source_label(spec)
     for name in (train_name, valid_name):
         if name is not None and name not in splits:
             raise BadInput(f"{label}: no split '{name}' (splits: {', '.join(splits)})")
-    train = splits[train_name]
+    train = _numbered(splits[train_name])
     if valid_name is None:
-        cut = train.train_test_split(test_size=spec.valid_fraction, seed=seed, shuffle=True)
+        try:
+            cut = train.train_test_split(test_size=spec.valid_fraction, seed=seed, shuffle=True)
+        except ValueError:  # a split that would leave train empty
+            raise BadInput(
+                f"{label}: {len(train)} rows are too few to hold out valid_fraction {spec.valid_fraction} and train "
+                "on the rest",
+                hint="add rows, or give a validation file: source: {files: {train: [...], validation: [...]}} with "
+                "splits: {validation: validation}",
+            ) from None
         train, valid = cut["train"], cut["test"]
+        valid_origin = origins.get(train_name) or RowOrigin(f"{label} (split {train_name})")
     else:
-        valid = splits[valid_name]
+        valid = _numbered(splits[valid_name])
+        valid_origin = origins.get(valid_name) or RowOrigin(f"{label} (split {valid_name})")
+    train_origin = origins.get(train_name) or RowOrigin(f"{label} (split {train_name})")
     if spec.max_train_rows is not None and len(train) > spec.max_train_rows:
         train = train.shuffle(seed=seed).select(range(spec.max_train_rows))
     if spec.max_eval_rows is not None and len(valid) > spec.max_eval_rows:
         valid = valid.shuffle(seed=seed).select(range(spec.max_eval_rows))
 
+    names = column_labels(spec)
     data = DatasetDict(train=map_columns(train, spec, label), validation=map_columns(valid, spec, label))
-    for split, ds in data.items():
-        data[split] = clean_rows(ds, spec.format, f"{label} ({split})")
+    for split, origin in (("train", train_origin), ("validation", valid_origin)):
+        data[split] = clean_rows(data[split], spec.format, label, origin=origin, names=names)
         if spec.format.startswith("preference"):
-            data[split] = explicit_prompts(data[split], spec.format, f"{label} ({split})")
+            data[split] = explicit_prompts(data[split], spec.format, label, origin=origin, names=names)
         if len(data[split]) == 0:
             raise BadInput(f"{label}: the {split} split has no usable rows")
+        data[split] = data[split].remove_columns(ROW)
+    warn_unseparated(data, where or label)
+    warn_small_validation(spec, len(data["validation"]), len(splits[train_name]), where or label)
     logger.info(
         "data %s: %d train rows, %d validation rows", spec.name or label, len(data["train"]), len(data["validation"])
     )
     return data
+
+
+def _numbered(ds: Dataset) -> Dataset:
+    import numpy as np
+
+    return ds.add_column(ROW, np.arange(len(ds), dtype=np.int64))
+
+
+@dataclass
+class RowOrigin:
+    """Where a split's rows were read from, so a row is named where the user can find it: a file's line."""
+
+    label: str  # the source, for rows not read from files: `hub dataset x (split train)`
+    # Each file and how many rows it gave, in the order they were read.
+    files: list[tuple[Path, int]] = dataclasses.field(default_factory=list)
+
+    def locate(self, index: int) -> str:
+        """`qa.csv: line 21` for the row at `index` of the split as read (before any shuffle)."""
+        for path, count in self.files:
+            if index < count:
+                return f"{path}: {file_position(path, index)}"
+            index -= count
+        return f"{self.label}: row {index}"
+
+
+def file_position(path: Path, index: int) -> str:
+    """Where the `index`-th row (0-based) that `datasets` read from a file is in it: its line, where it has lines."""
+    suffix = path.suffix.lower()
+    if suffix == ".parquet":
+        return f"row {index}"
+    text = path.read_text(encoding="utf-8", errors="replace")
+    if suffix == ".txt":
+        return f"line {index + 1}"
+    if suffix == ".csv":
+        starts = _csv_record_lines(text)
+    elif suffix == ".json" and text.lstrip().startswith("["):
+        starts = _json_array_lines(text)
+    else:  # JSON Lines: datasets skips blank lines
+        starts = [n for n, line in enumerate(text.splitlines(), start=1) if line.strip()]
+    return f"line {starts[index]}" if index < len(starts) else f"row {index}"
+
+
+def _csv_record_lines(text: str) -> list[int]:
+    """The line each data record starts on (a quoted cell may span lines; blank lines are skipped, as pandas does)."""
+    reader = csv.reader(text.splitlines(keepends=True))
+    starts = []
+    while True:
+        start = reader.line_num + 1
+        try:
+            record = next(reader)
+        except (StopIteration, csv.Error):
+            break
+        if record and not (len(record) == 1 and not record[0].strip()):
+            starts.append(start)
+    return starts[1:]  # the first record is the header
+
+
+_BETWEEN_ITEMS = re.compile(r"[\s,]*")
+
+
+def _json_array_lines(text: str) -> list[int]:
+    """The line each element of a top-level JSON array starts on."""
+    decoder, starts = json.JSONDecoder(), []
+    position = text.index("[") + 1
+    try:
+        while True:
+            position = _BETWEEN_ITEMS.match(text, position).end()
+            if position >= len(text) or text[position] == "]":
+                return starts
+            starts.append(text.count("\n", 0, position) + 1)
+            _, position = decoder.raw_decode(text, position)
+    except json.JSONDecodeError:
+        return starts
+
+
+def warn_small_validation(spec: DataSpec, n_valid: int, n_source: int, where: str) -> None:
+    """A warning when the held-out split is too small for its metrics to mean much, with the setting to change."""
+    if n_valid >= MIN_EVAL_ROWS:
+        return
+    if spec.max_eval_rows is not None and spec.max_eval_rows < MIN_EVAL_ROWS:
+        origin, fix = f"max_eval_rows: {spec.max_eval_rows}", "raise max_eval_rows"
+    elif spec.splits.validation is None:
+        origin = f"valid_fraction {spec.valid_fraction} of {n_source} rows"
+        fix = (
+            f"raise valid_fraction (>= {MIN_EVAL_ROWS / max(1, n_source):.2g} gives {MIN_EVAL_ROWS} rows), or give a "
+            "validation file: source: {files: {train: [...], validation: [...]}} with splits: {validation: validation}"
+        )
+    else:
+        origin, fix = f"the source's split '{spec.splits.validation}'", "give the validation split more rows"
+    logger.warning(
+        "%s: the validation split has only %d rows (%s): eval loss and accuracies measured on it are coarse (an "
+        "accuracy moves in steps of %.2g); %s",
+        where, n_valid, origin, 1 / max(1, n_valid), fix,
+    )  # fmt: skip
+
+
+def warn_unseparated(data: DatasetDict, where: str) -> None:
+    """A warning when string prompts and answers would run together.
+
+    TRL joins a string prompt and its completion (or chosen / rejected answer) with nothing between them, and align
+    keeps that convention; a prompt that does not end in whitespace before an answer that does not start with any
+    trains on 'refer to?The instance'. Counted over both splits.
+    """
+    answers = [f for f in ("completion", "chosen", "rejected") if f in data["train"].column_names]
+    if "prompt" not in data["train"].column_names or not answers:
+        return
+    joined, total, example = 0, 0, None
+    for ds in data.values():
+        columns = [ds["prompt"]] + [ds[f] for f in answers]
+        for prompt, *outs in zip(*columns, strict=True):
+            if not isinstance(prompt, str) or not prompt:
+                continue
+            total += 1
+            bad = [o for o in outs if isinstance(o, str) and o and not prompt[-1].isspace() and not o[0].isspace()]
+            if bad:
+                joined += 1
+                example = example or prompt[-30:] + bad[0][:30]
+    if joined:
+        answer = "completion" if answers == ["completion"] else "chosen or rejected answer"
+        logger.warning(
+            "%s: in %d of %d rows the prompt does not end in whitespace and the %s does not start with any; they are "
+            "joined as they are (TRL's convention), so the model trains on %r: end the prompts with a space or a "
+            "newline, or start the answers with one",
+            where, joined, total, answer, example,
+        )  # fmt: skip
+
+
+def first_unique(values: list[Any], n: int) -> list[Any]:
+    """The first `n` distinct values, in order (prompts may be strings or message lists, which do not hash)."""
+    seen: dict[str, Any] = {}
+    for value in values:
+        if len(seen) >= n:
+            break
+        seen.setdefault(json.dumps(value, sort_keys=True, default=str), value)
+    return list(seen.values())
 
 
 def _source_label(spec: DataSpec) -> str:
@@ -234,7 +417,8 @@ def _load_hub(spec: DataSpec) -> dict[str, Dataset]:
     return dict(loaded)
 
 
-def _load_files(paths: list[Path]) -> Dataset:
+def _load_files(paths: list[Path]) -> tuple[Dataset, list[int]]:
+    """The files' rows as one data set, and how many rows each file gave."""
     from datasets import concatenate_datasets, config, load_dataset
 
     # datasets pings a download counter on S3 for every load, local files too (3 s timeout): on a firewalled
@@ -258,7 +442,7 @@ def _load_files(paths: list[Path]) -> Dataset:
             raise BadInput(f"{path}: no rows")
         parts.append(ds)
     try:
-        return parts[0] if len(parts) == 1 else concatenate_datasets(parts)
+        return (parts[0] if len(parts) == 1 else concatenate_datasets(parts)), [len(part) for part in parts]
     except Exception as exc:
         raise BadInput(f"{', '.join(map(str, paths))}: files have different columns: {exc}") from None
 
@@ -291,24 +475,29 @@ def map_columns(ds: Dataset, spec: DataSpec, label: str) -> Dataset:
     A field mapped to a list of columns (Alpaca's `[instruction, input]`) joins their non-empty values.
 
     Raises:
-        BadInput: a needed column is missing; the message lists the columns there are.
+        BadInput: needed columns are missing: all of them, in one problem that lists the columns there are, with
+            a `columns:` hint where the source's columns suggest one for every missing field.
     """
     fields = FORMAT_FIELDS[spec.format]
     optional = OPTIONAL_FIELDS.get(spec.format, ())
     sources: dict[str, list[str]] = {}
-    for field in fields:
-        mapped = spec.columns.get(field, field)
+    missing: dict[str, list[str]] = {}
+    for name in fields:
+        mapped = spec.columns.get(name, name)
         columns = [mapped] if isinstance(mapped, str) else list(mapped)
-        missing = [c for c in columns if c not in ds.column_names]
-        if missing:
-            if field in optional and field not in spec.columns:
-                continue
-            hint = closest(missing[0], ds.column_names)
-            suggestion = f"; map it with columns: {{{field}: {hint}}}" if hint else ""
-            raise BadInput(
-                f"{label}: column '{missing[0]}' missing (columns: {', '.join(ds.column_names)}){suggestion}",
-            )
-        sources[field] = columns
+        absent = [c for c in columns if c not in ds.column_names]
+        if absent and not (name in optional and name not in spec.columns):
+            missing[name] = absent
+        elif not absent:
+            sources[name] = columns
+    if missing:
+        names = [f"'{c}'" + (f" (for {name})" if c != name else "") for name, cs in missing.items() for c in cs]
+        available = [c for c in ds.column_names if c != ROW]
+        raise BadInput(
+            f"{label}: column{'s' if len(names) > 1 else ''} {', '.join(names)} missing "
+            f"(columns: {', '.join(available)})",
+            hint=columns_hint(spec, missing, sources, available),
+        )
     joined = {f: c for f, c in sources.items() if len(c) > 1}
     if joined:
 
@@ -317,23 +506,69 @@ def map_columns(ds: Dataset, spec: DataSpec, label: str) -> Dataset:
 
         ds = ds.map(join, desc="join columns")
     renames = {cols[0]: field for field, cols in sources.items() if field not in joined}
-    ds = ds.select_columns(list(renames) + list(joined))
+    ds = ds.select_columns(list(renames) + list(joined) + ([ROW] if ROW in ds.column_names else []))
     return ds.rename_columns({k: v for k, v in renames.items() if k != v})
+
+
+def columns_hint(
+    spec: DataSpec, missing: dict[str, list[str]], found: dict[str, list[str]], available: list[str]
+) -> str | None:
+    """`columns: {prompt: question, completion: answer}` when the source has a likely column for every missing one.
+
+    A likely column is the closest spelling of a column the recipe names, else a usual name for the field
+    (`FIELD_SYNONYMS`), else the closest spelling of the field; each column serves one field only.
+    """
+    free = [c for c in available if not any(c in cs for cs in found.values())]
+    lower = {c.lower(): c for c in free}
+    mapping = {name: cs[0] if len(cs) == 1 else cs for name, cs in found.items()}
+    for name, absent in missing.items():
+        mapped = spec.columns.get(name, name)
+        chosen = [c for c in ([mapped] if isinstance(mapped, str) else mapped) if c not in absent]
+        for column in absent:
+            guesses = difflib.get_close_matches(column, free, n=1, cutoff=0.6) if column != name else []
+            guesses += [lower[s] for s in FIELD_SYNONYMS.get(name, ()) if s in lower]
+            guesses += difflib.get_close_matches(name, free, n=1, cutoff=0.6)
+            guess = next((g for g in guesses if g in free), None)
+            if guess is None:
+                return None
+            free.remove(guess)
+            chosen.append(guess)
+        mapping[name] = chosen[0] if len(chosen) == 1 else chosen
+    shown = {name: mapping[name] for name in FORMAT_FIELDS[spec.format] if mapping.get(name, name) != name}
+    return "columns: {" + ", ".join(f"{name}: {_yaml_flow(value)}" for name, value in shown.items()) + "}"
+
+
+def _yaml_flow(value: str | list[str]) -> str:
+    if isinstance(value, list):
+        return "[" + ", ".join(map(_yaml_flow, value)) + "]"
+    return value if re.fullmatch(r"[A-Za-z_][A-Za-z0-9_.-]*", value) else json.dumps(value)
+
+
+def column_labels(spec: DataSpec) -> dict[str, str]:
+    """Each field as the user's data names it: `column 'answer' (completion)`, or `column 'text'` when unmapped."""
+    labels = {}
+    for name in FORMAT_FIELDS[spec.format]:
+        mapped = spec.columns.get(name, name)
+        if isinstance(mapped, str):
+            labels[name] = f"column '{mapped}'" + (f" ({name})" if mapped != name else "")
+        else:
+            labels[name] = "columns " + " + ".join(f"'{c}'" for c in mapped) + f" ({name})"
+    return labels
 
 
 ROLES = ("system", "user", "assistant", "tool")
 
 
-def _messages_problem(messages: list[Any], field: str, need_assistant: bool) -> str | None:
+def _messages_problem(messages: list[Any], column: str, need_assistant: bool) -> str | None:
     for i, message in enumerate(messages):
         if not isinstance(message, dict) or "role" not in message or "content" not in message:
-            return f"column '{field}': message {i} must be a mapping with 'role' and 'content'"
+            return f"{column}: message {i} must be a mapping with 'role' and 'content'"
         if message["role"] not in ROLES:
-            return f"column '{field}': message {i} has unknown role {message['role']!r} (roles: {', '.join(ROLES)})"
+            return f"{column}: message {i} has unknown role {message['role']!r} (roles: {', '.join(ROLES)})"
         if not isinstance(message["content"], str):
-            return f"column '{field}': message {i} content must be a string, got {type(message['content']).__name__}"
+            return f"{column}: message {i} content must be a string, got {type(message['content']).__name__}"
     if need_assistant and not any(m["role"] == "assistant" for m in messages):
-        return f"column '{field}': no assistant turn to learn from"
+        return f"{column}: no assistant turn to learn from"
     return None
 
 
@@ -341,21 +576,25 @@ def _is_empty(value: Any) -> bool:
     return value is None or (isinstance(value, str | list) and not (value.strip() if isinstance(value, str) else value))
 
 
-def _row_problem(fmt: str, row: dict[str, Any]) -> tuple[str | None, str | None]:
-    """(error, None) for a row that cannot be used, (None, reason) for one to drop, (None, None) for a good one."""
+def _row_problem(fmt: str, row: dict[str, Any], names: dict[str, str] | None = None) -> tuple[str | None, str | None]:
+    """(error, None) for a row that cannot be used, (None, reason) for one to drop, (None, None) for a good one.
+
+    `names` says how the user's data names each field (`column_labels`); by default, by the field's name.
+    """
     for field in FORMAT_FIELDS[fmt]:
         if field not in row:
             continue  # an optional field the source does not have
         value = row[field]
+        column = (names or {}).get(field, f"column '{field}'")
         if value is None and fmt != "text" and field in row:
-            return f"column '{field}' is missing or null", None
+            return f"{column} is missing or null", None
         if isinstance(value, list) and fmt != "text":
-            error = _messages_problem(value, field, need_assistant=field != "prompt")
+            error = _messages_problem(value, column, need_assistant=field != "prompt")
             if error:
                 return error, None
         elif value is not None and not isinstance(value, str):
             kind = "a string" if fmt == "text" else "a string or a list of messages"
-            return f"column '{field}' must be {kind}, got {type(value).__name__}", None
+            return f"{column} must be {kind}, got {type(value).__name__}", None
         if field != "prompt" and _is_empty(value):
             return None, f"empty {field}"
     if fmt.startswith("preference") and row["chosen"] == row["rejected"]:
@@ -387,7 +626,9 @@ def split_implicit(chosen: Any, rejected: Any) -> tuple[Any, Any, Any]:
     return chosen[:cut], chosen[cut:], rejected[cut:]
 
 
-def explicit_prompts(ds: Dataset, fmt: str, label: str) -> Dataset:
+def explicit_prompts(
+    ds: Dataset, fmt: str, label: str, origin: RowOrigin | None = None, names: dict[str, str] | None = None
+) -> Dataset:
     """Every preference row as an explicit (prompt, chosen, rejected) triple, in one shape per data set.
 
     Implicit prompts are split out of the transcripts; a separate prompt column beside full message lists
@@ -395,39 +636,56 @@ def explicit_prompts(ds: Dataset, fmt: str, label: str) -> Dataset:
     message lists becomes a user turn.
 
     Raises:
-        BadInput: transcripts that share no prompt, or a row without any prompt, naming the row.
+        BadInput: transcripts that share no prompt, or a row without any prompt, naming the row (see `clean_rows`).
     """
-    prompts, chosen_out, rejected_out = [], [], []
+    names = {f: f"column '{f}'" for f in ("prompt", "chosen", "rejected")} | (names or {})
+    prompts, chosen_out, rejected_out, rows = [], [], [], []
     for i, row in enumerate(ds):
         prompt, chosen, rejected = row.get("prompt"), row["chosen"], row["rejected"]
         inside = isinstance(chosen, list) and chosen and chosen[0]["role"] != "assistant"
         if fmt == "preference_implicit" or inside:
             prompt, chosen, rejected = split_implicit(chosen, rejected)
             if not prompt:
-                raise BadInput(f"{label}: row {i}: columns 'chosen' and 'rejected' share no prompt at their start")
+                raise BadInput(
+                    f"{_row_place(row, i, label, origin)}: {names['chosen']} and {names['rejected']} share no prompt "
+                    "at their start"
+                )
         elif isinstance(chosen, list) and isinstance(prompt, str):
             prompt = [{"role": "user", "content": prompt}]
         if _is_empty(prompt):
-            raise BadInput(f"{label}: row {i}: column 'prompt' is empty")
+            raise BadInput(f"{_row_place(row, i, label, origin)}: {names['prompt']} is empty")
         prompts.append(prompt)
         chosen_out.append(chosen)
         rejected_out.append(rejected)
+        rows.append(row.get(ROW, i))
     from datasets import Dataset
 
-    return Dataset.from_dict({"prompt": prompts, "chosen": chosen_out, "rejected": rejected_out})
+    out = {"prompt": prompts, "chosen": chosen_out, "rejected": rejected_out}
+    return Dataset.from_dict(out | ({ROW: rows} if ROW in ds.column_names else {}))
 
 
-def clean_rows(ds: Dataset, fmt: str, label: str) -> Dataset:
+def _row_place(row: dict[str, Any], i: int, label: str, origin: RowOrigin | None) -> str:
+    """`qa.csv: line 21` where the row's origin is known, else `label: row i` (its place in `ds`)."""
+    if origin is not None and ROW in row:
+        return origin.locate(row[ROW])
+    return f"{label}: row {i}"
+
+
+def clean_rows(
+    ds: Dataset, fmt: str, label: str, origin: RowOrigin | None = None, names: dict[str, str] | None = None
+) -> Dataset:
     """Check each row's shape for the format; drop rows that carry nothing to learn, saying how many.
 
     Raises:
-        BadInput: a row of the wrong shape, naming the row (0-based, in the loaded split) and column.
+        BadInput: a row of the wrong shape, naming the row and the column as the user's data has them: the file's
+            line (from `origin` and the row's `ROW` index) and the column `names` maps the field to. Without them,
+            the row's 0-based place in `ds` and the field.
     """
     keep, dropped = [], {}
     for i, row in enumerate(ds):
-        error, reason = _row_problem(fmt, row)
+        error, reason = _row_problem(fmt, row, names)
         if error:
-            raise BadInput(f"{label}: row {i}: {error}")
+            raise BadInput(f"{_row_place(row, i, label, origin)}: {error}")
         if reason:
             dropped[reason] = dropped.get(reason, 0) + 1
         else:

@@ -8,6 +8,7 @@ so every later stage reuses the same tokenizer.
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -27,27 +28,51 @@ def is_local_model(ref: str) -> bool:
     return Path(ref).expanduser().is_dir()
 
 
-def hub_config(ref: str, where: str, trust_remote_code: bool = False) -> PretrainedConfig:
+def looks_like_path(ref: str) -> bool:
+    """Whether a `model:` can only mean a directory: `./x`, `../x`, `/x`, `~/x`, `a/b/c` or `x/` (a hub id is `name`
+    or `org/name`)."""
+    return ref.startswith((".", "/", "~")) or ref.count("/") > 1 or ref.endswith(("/", os.sep))
+
+
+def hub_config(ref: str, where: str, trust_remote_code: bool = False, base_dir: Path | None = None) -> PretrainedConfig:
     """The config of a hub or local model: a cheap check that it can be loaded at all.
+
+    `base_dir` is the recipe's folder: where, with the working directory, a local path was looked for (the recipe
+    made found ones absolute), so that a missing one can be named with both places.
 
     Raises:
         BadInput: the model is neither a local directory nor reachable/cached on the hub.
     """
     from transformers import AutoConfig
 
+    from align.recipe import search_paths
     from align.runtime import hub_offline
 
+    places = " and ".join(map(str, search_paths(ref, base_dir or Path.cwd())))
+    if looks_like_path(ref) and not is_local_model(ref):
+        raise BadInput(
+            f"{where}: '{ref}': no such directory (looked in {places})",
+            hint="a relative `model:` path is looked for in the recipe's folder, then the working directory",
+        )
     try:
         return AutoConfig.from_pretrained(ref, trust_remote_code=trust_remote_code)
     except Exception as exc:
+        first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+        if is_local_model(ref):
+            raise BadInput(
+                f"{where}: cannot load model from directory '{ref}': {first}",
+                hint="a local `model:` is a directory written by save_pretrained (config.json, safetensors weights, "
+                "tokenizer)",
+            ) from None
         if hub_offline():
-            reason = "not in the local Hugging Face cache, and the hub is offline"
-        else:
-            reason = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+            first = (
+                "not in the local Hugging Face cache, the hub is offline, and there is no local directory of that "
+                f"name either (looked in {places})"
+            )
         raise BadInput(
-            f"{where}: cannot load model '{ref}': {reason}",
-            hint="download it on a connected machine (huggingface-cli download MODEL), or set `model:` to a local "
-            "directory holding a save_pretrained model and tokenizer",
+            f"{where}: cannot load model '{ref}': {first}",
+            hint=f"download it on a connected machine (hf download {ref}), or set `model:` to a local directory "
+            "holding a save_pretrained model and tokenizer",
         ) from None
 
 

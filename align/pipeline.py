@@ -112,7 +112,7 @@ def check_models(recipe: Recipe, found: Problems) -> None:
             if isinstance(stage.model, ScratchModel):
                 scratch_config(stage.model, where)
             elif isinstance(stage.model, str) and not stage.model.startswith("@"):
-                hub_config(stage.model, where, stage.trust_remote_code)
+                hub_config(stage.model, where, stage.trust_remote_code, recipe.base_dir)
                 local = Path(stage.model).expanduser()
                 if local.is_dir() and not is_adapter_dir(stage.model) and not any(local.glob("*.safetensors")):
                     found.add([f"{where}: {local} has no safetensors weights; align does not load pickled (.bin) "
@@ -129,7 +129,9 @@ def load_all_data(recipe: Recipe, specs: dict[str, DataSpec], found: Problems) -
     for stage in recipe.stages:
         CURRENT_STAGE.set(stage.name)
         try:
-            data[stage.name] = load_data(specs[stage.name], seed=recipe.seed, base_dir=recipe.base_dir)
+            data[stage.name] = load_data(
+                specs[stage.name], seed=recipe.seed, base_dir=recipe.base_dir, where=f"stages.{stage.name}.data"
+            )
         except BadInput as exc:
             found.absorb(exc)
     CURRENT_STAGE.set("-")

@@ -7,6 +7,7 @@ Every problem is collected and raised once as `BadInput`, each naming its YAML p
 from __future__ import annotations
 
 import copy
+import os
 import re
 import types
 import typing
@@ -290,6 +291,7 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
     if problems:
         raise BadInput([f"{path}: {p}" for p in _dedupe(problems)])
     recipe._path = path
+    resolve_local_models(recipe)
     return recipe
 
 
@@ -356,6 +358,35 @@ def _unknown_keys(node: Any, model: type[BaseModel], where: str, raw: dict[str, 
         sub = _model_of(fields[key].annotation)
         if sub is not None:
             yield from _unknown_keys(value, sub, path, raw)
+
+
+# --------------------------------------------------------------------------------------------------
+# Local paths
+
+
+def search_paths(name: str, base_dir: Path) -> list[Path]:
+    """Where a path written in a recipe is looked for, in order: the recipe's folder, then the working directory.
+
+    Data files and local model directories follow this one rule. An absolute or `~` path is only itself. The
+    places are absolute, so an error can name exactly where it looked.
+    """
+    path = Path(os.path.expanduser(name))
+    places = [path] if path.is_absolute() else [base_dir / path, Path.cwd() / path]
+    return list(dict.fromkeys(Path(os.path.abspath(p)) for p in places))
+
+
+def resolve_local_models(recipe: Recipe) -> None:
+    """Make each stage's local model directory absolute, found by `search_paths` (the recipe's folder first).
+
+    Done once, at load, so every consumer (preflight, the stages, fingerprints, `--print-config`) sees the same
+    directory whatever the working directory. Hub ids, and paths found in neither place, stay as written:
+    preflight reports a missing one, naming both places.
+    """
+    for stage in recipe.stages:
+        if isinstance(stage.model, str) and stage.model.strip() and not stage.model.startswith("@"):
+            found = next((p for p in search_paths(stage.model, recipe.base_dir) if p.is_dir()), None)
+            if found is not None:
+                stage.model = str(found)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -101,10 +101,16 @@ def _main(args: argparse.Namespace) -> int:
 
 def needs_hub(recipe: Any, specs: dict[str, Any]) -> bool:
     """Whether any stage names a hub model or hub data (so reachability is worth a probe)."""
-    from align.models import is_local_model
+    from align.models import is_local_model, looks_like_path
 
     for stage in recipe.stages:
-        if isinstance(stage.model, str) and not stage.model.startswith("@") and not is_local_model(stage.model):
+        model = stage.model
+        # A path-like model that is not there is a missing directory (preflight says so), not a hub id to probe for.
+        if (
+            isinstance(model, str)
+            and not model.startswith("@")
+            and not (is_local_model(model) or looks_like_path(model))
+        ):
             return True
     return any(spec.source.hub for spec in specs.values())
 

@@ -103,7 +103,7 @@ def test_non_string_text_names_the_row(tmp_path):
     card = spec(
         source={"files": {"train": ["d.jsonl"], "validation": ["d.jsonl"]}}, splits={"validation": "validation"}
     )
-    with pytest.raises(BadInput, match=r"d.jsonl \(train\): row 30: column 'text' must be a string, got int"):
+    with pytest.raises(BadInput, match=r"d.jsonl: line 31: column 'text' must be a string, got int"):
         load_data(card, seed=0, base_dir=tmp_path)
 
 
