@@ -39,7 +39,7 @@ def run(stage: Stage, ctx: RunContext) -> StageResult:
     from trl import DPOTrainer
 
     from align.cache import cached_trainer
-    from align.data import training_texts
+    from align.data import first_unique, training_texts
     from align.guards import DPOGuard
     from align.lm_head import install as install_lm_head
     from align.models import (
@@ -98,7 +98,7 @@ def run(stage: Stage, ctx: RunContext) -> StageResult:
 
     # 4. Measure, train, measure --------------------------------------------------------------------
     pairs = data["validation"]
-    prompts = pairs["prompt"][: stage.generations]
+    prompts = first_unique(pairs["prompt"], stage.generations)  # each held-out prompt comes with several pairs
     answers_before = generate(trainer.model, tokenizer, prompts)
     pref_before = preference_accuracy(trainer.model, tokenizer, pairs, max_length)
     before = evaluate(trainer, writer, "before")
