@@ -1,8 +1,9 @@
 """`python -m align.report RUN_DIR`: a self-contained report.html of a run, plots embedded as PNG.
 
-Per stage: train and eval loss with the best step and any early stop marked; learning rate and grad norm;
-for DPO, rewards of chosen and rejected answers, margins and accuracy. Then a summary table and the
-resolved recipe. Written at the end of every run, failed ones included, from whatever the run left.
+First a table of the stages: each one's key metrics before and after it, and which step its saved model is. Then
+per stage: train and eval loss with the saved model's step and any early stop marked; learning rate and grad norm;
+for DPO, rewards of chosen and rejected answers, margins and accuracy; its metrics and greedy answers before and
+after. Then the resolved recipe. Written at the end of every run, failed ones included, from whatever the run left.
 """
 
 from __future__ import annotations
@@ -27,6 +28,32 @@ SHOWN_METRICS = (
     "train_runtime_s", "train_tokens", "tokens_per_s",
 )  # fmt: skip
 
+# The stages table's metrics per kind: (label, summary key, whose `<key>_before` is the same measure before the
+# stage, and whether lower is better). Each stage is compared with itself, after - before on its own eval set, and
+# never with the stage before it: an SFT stage's eval loss is measured on other data (chat-formatted, completion
+# tokens only) than an LM stage's, and a DPO stage's eval loss is the preference loss, so a difference across
+# stages would subtract two different quantities.
+KEY_METRICS: dict[str, tuple[tuple[str, str, bool], ...]] = {
+    "lm": (("eval loss", "eval_loss", True), ("perplexity", "perplexity", True)),
+    "sft": (("eval loss", "eval_loss", True), ("perplexity", "perplexity", True)),
+    "dpo": (("pref accuracy", "pref_accuracy", False), ("eval loss (DPO)", "eval_loss", True)),
+}
+
+STYLE = (
+    "body{font-family:system-ui,sans-serif;max-width:1000px;margin:2em auto;padding:0 1em;color:#222}"
+    "table{border-collapse:collapse;margin:1em 0}"
+    "td,th{border:1px solid #ccc;padding:4px 8px;text-align:left;vertical-align:top}"
+    "td code{overflow-wrap:anywhere}"
+    "th{background:#f3f3f3}img{max-width:100%}pre{background:#f7f7f7;padding:1em;overflow:auto}"
+    "td.num{text-align:right;font-variant-numeric:tabular-nums;white-space:nowrap}"
+    # Greedy answers: a fixed layout shares the page's width out among the three columns, and the cells wrap, so
+    # the before and after columns (the point of the table) stay on screen beside a long prompt.
+    "table.generations{table-layout:fixed;width:100%}"
+    "table.generations pre{white-space:pre-wrap;overflow-wrap:anywhere;margin:0;padding:.5em;overflow:visible}"
+    ".empty{color:#888;font-style:italic}"
+    ".failed,.worse{color:#b00}.completed,.cached,.better{color:#070}.warn{color:#a60}"
+)
+
 
 def read_rows(path: Path) -> list[dict[str, Any]]:
     """metrics.jsonl rows; a torn last line (a run killed mid-write) is skipped."""
@@ -38,6 +65,34 @@ def read_rows(path: Path) -> list[dict[str, Any]]:
             except ValueError:
                 continue
     return rows
+
+
+def early_stopping_stages(run_dir: Path) -> set[str]:
+    """Names of the stages whose entry in the run's resolved recipe.yaml sets `early_stopping`; empty when the
+    recipe is missing or unreadable (the report then goes by `stopped_early` alone)."""
+    import yaml
+
+    try:
+        recipe = yaml.safe_load((run_dir / "recipe.yaml").read_text(encoding="utf-8"))
+        return {s["name"] for s in recipe["stages"] if s.get("early_stopping")}
+    except (OSError, yaml.YAMLError, KeyError, TypeError, AttributeError):
+        return set()
+
+
+def saved_model_step(summary: dict[str, Any], early_stopping: bool) -> tuple[int, str] | None:
+    """The step the stage's saved model comes from, and why; None where the stage saved none (failed, running).
+
+    `best_step` is always the lowest in-training eval loss, but only early stopping (which sets
+    load_best_model_at_end) restores that step: without it the saved model is the last step's.
+    """
+    metrics = summary.get("metrics") or {}
+    if summary.get("status") not in ("completed", "cached") or not isinstance(metrics.get("global_step"), int):
+        return None
+    if isinstance(metrics.get("best_step"), int) and (early_stopping or metrics.get("stopped_early")):
+        if metrics.get("stopped_early"):
+            return metrics["best_step"], "best eval loss, restored by early stopping"
+        return metrics["best_step"], "best eval loss, restored at the end: early stopping was on"
+    return metrics["global_step"], "last step"
 
 
 def _series(rows: list[dict[str, Any]], split: str, key: str) -> tuple[list[int], list[float]]:
@@ -63,8 +118,11 @@ def _figure(width: float, height: float, columns: int = 1) -> tuple[Any, Any]:
     return fig, fig.subplots(1, columns)
 
 
-def stage_plots(rows: list[dict[str, Any]], summary: dict[str, Any]) -> list[tuple[str, str]]:
-    """(title, base64 PNG) for each plot the stage's rows allow."""
+def stage_plots(
+    rows: list[dict[str, Any]], summary: dict[str, Any], saved: tuple[int, str] | None = None
+) -> list[tuple[str, str, str]]:
+    """(title, base64 PNG, alt text naming what is drawn) for each plot the stage's rows allow; `saved` is
+    `saved_model_step`'s answer, marked on the loss plot."""
     plots = []
     metrics = summary.get("metrics") or {}
     train_x, train_y = _series(rows, "train", "loss")
@@ -75,18 +133,20 @@ def stage_plots(rows: list[dict[str, Any]], summary: dict[str, Any]) -> list[tup
             ax.plot(train_x, train_y, label="train loss", color="#1f77b4")
         if eval_x:
             ax.plot(eval_x, eval_y, "o-", label="eval loss", color="#d62728")
-        if isinstance(metrics.get("best_step"), int):
-            ax.axvline(metrics["best_step"], color="#2ca02c", linestyle="--", label=f"best step {metrics['best_step']}")
+        if saved is not None:
+            ax.axvline(saved[0], color="#2ca02c", linestyle="--", label=f"saved model: step {saved[0]} ({saved[1]})")
         if metrics.get("stopped_early"):
-            ax.axvline(metrics["global_step"], color="#7f7f7f", linestyle=":", label="early stop")
+            step = metrics["global_step"]
+            ax.axvline(step, color="#7f7f7f", linestyle=":", label=f"early stop at step {step}")
         bad = [r for r in rows if isinstance(r.get("loss"), float) and not math.isfinite(r["loss"])]
         if bad:
             ax.axvline(bad[0]["step"], color="black", label=f"non-finite loss at step {bad[0]['step']}")
         ax.set_xlabel("step")
         ax.set_ylabel("loss")
-        ax.legend()
+        ax.legend(fontsize=8)
         ax.grid(alpha=0.3)
-        plots.append(("Train and eval loss", _png(fig)))
+        labels = ax.get_legend_handles_labels()[1]
+        plots.append(("Train and eval loss", _png(fig), "Train and eval loss: " + "; ".join(labels)))
     lr_x, lr_y = _series(rows, "train", "learning_rate")
     gn_x, gn_y = _series(rows, "train", "grad_norm")
     if lr_x or gn_x:
@@ -98,7 +158,7 @@ def stage_plots(rows: list[dict[str, Any]], summary: dict[str, Any]) -> list[tup
         for ax in (left, right):
             ax.set_xlabel("step")
             ax.grid(alpha=0.3)
-        plots.append(("Learning rate and grad norm", _png(fig)))
+        plots.append(("Learning rate and grad norm", _png(fig), "learning rate and grad norm per train step"))
     chosen_x, chosen_y = _series(rows, "eval", "eval_rewards/chosen")
     if chosen_x:
         _, rejected_y = _series(rows, "eval", "eval_rewards/rejected")
@@ -116,7 +176,7 @@ def stage_plots(rows: list[dict[str, Any]], summary: dict[str, Any]) -> list[tup
         for ax in (left, right):
             ax.set_xlabel("step")
             ax.grid(alpha=0.3)
-        plots.append(("DPO rewards", _png(fig)))
+        plots.append(("DPO rewards", _png(fig), "DPO rewards of chosen and rejected answers, margin, reward accuracy"))
     return plots
 
 
@@ -124,6 +184,42 @@ def _fmt(value: Any) -> str:
     if isinstance(value, float):
         return f"{value:.4g}"
     return html.escape(str(value))
+
+
+def key_metric_cells(kind: str, metrics: dict[str, Any]) -> list[str]:
+    """The stages table's metric, before, after and change cells: one line per key metric of the kind."""
+    lines: list[tuple[str, str, str, str]] = []
+    for label, key, lower_is_better in KEY_METRICS.get(kind, (("eval loss", "eval_loss", True),)):
+        before, after = metrics.get(f"{key}_before"), metrics.get(key)
+        if before is None and after is None:
+            continue
+        change = "-"
+        if isinstance(before, int | float) and isinstance(after, int | float):
+            delta = after - before
+            verdict = "" if delta == 0 else "better" if (delta < 0) == lower_is_better else "worse"
+            change = f"<span class='{verdict}'>{delta:+.4g}</span>"
+        lines.append((label, "-" if before is None else _fmt(before), "-" if after is None else _fmt(after), change))
+    if not lines:
+        return ["-", "-", "-", "-"]
+    return ["<br>".join(column) for column in zip(*lines, strict=True)]
+
+
+def _pre(text: Any) -> str:
+    """A prompt or greedy answer as preformatted text; one that is empty or all whitespace (a tiny or broken
+    model's answer) says so rather than leave a blank box."""
+    text = str(text if text is not None else "")
+    if not text.strip():
+        what = f"only whitespace, {len(text)} characters" if text else "empty"
+        return f"<pre><span class='empty'>({what})</span></pre>"
+    return f"<pre>{html.escape(text)}</pre>"
+
+
+def _inside(path: Path, run_dir: Path) -> str:
+    """`path` relative to the run directory where it lies inside it (the report sits there), else as it is."""
+    try:
+        return str(path.resolve().relative_to(run_dir.resolve()))
+    except ValueError:
+        return str(path)
 
 
 def build_report(run_dir: Path) -> Path:
@@ -135,37 +231,52 @@ def build_report(run_dir: Path) -> Path:
     pipeline = read_json(run_dir / "pipeline.json")
     if pipeline is None:
         raise FileNotFoundError(f"{run_dir}: no pipeline.json here: not an align run directory")
+    with_early_stopping = early_stopping_stages(run_dir)
     parts = [
         "<!doctype html><html><head><meta charset='utf-8'>",
         f"<title>align report: {html.escape(pipeline.get('name', ''))}</title>",
-        "<style>body{font-family:system-ui,sans-serif;max-width:1000px;margin:2em auto;padding:0 1em;color:#222}"
-        "table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:4px 8px;text-align:left}"
-        "th{background:#f3f3f3}img{max-width:100%}pre{background:#f7f7f7;padding:1em;overflow:auto}"
-        ".failed{color:#b00}.completed,.cached{color:#070}</style></head><body>",
+        f"<style>{STYLE}</style></head><body>",
         f"<h1>align run: {html.escape(pipeline.get('name', ''))}</h1>",
-        "<h2>Stages</h2><table><tr><th>stage</th><th>kind</th><th>status</th><th>key metrics</th>"
-        "<th>time</th><th>model</th></tr>",
+        "<h2>Stages</h2><p>Each stage against itself: its metrics on its own eval set before and after training "
+        "(change = after &minus; before). Stages are not compared with each other: their eval sets and losses "
+        "differ.</p>",
+        "<table class='stages'><tr><th>stage</th><th>kind</th><th>status</th><th>metric</th><th>before</th>"
+        "<th>after</th><th>change</th><th>saved model</th><th>time</th></tr>",
     ]
     sections = []
     for entry in pipeline.get("stages", []):
         stage_dir = run_dir / entry["name"]
         summary = read_json(stage_dir / "summary.json") or {}
         metrics = summary.get("metrics") or {}
-        status = summary.get("status", entry.get("status", "pending"))
-        key = ", ".join(f"{k}={_fmt(metrics[k])}" for k in SHOWN_METRICS[:8] if metrics.get(k) is not None)
+        status = html.escape(summary.get("status", entry.get("status", "pending")))
+        kind = entry.get("kind", "")
+        saved = saved_model_step(summary, entry["name"] in with_early_stopping)
+        model = "-" if saved is None else f"step {saved[0]} ({html.escape(saved[1])})"
+        if saved is not None and summary.get("model_dir"):
+            model += f"<br><code>{html.escape(_inside(Path(summary['model_dir']), run_dir))}</code>"
+        metric, before, after, change = key_metric_cells(kind, metrics)
         seconds = metrics.get("train_runtime_s")
         parts.append(
-            f"<tr><td>{html.escape(entry['name'])}</td><td>{html.escape(entry.get('kind', ''))}</td>"
-            f"<td class='{status}'>{status}</td><td>{key}</td><td>{f'{seconds:.0f} s' if seconds else '-'}</td>"
-            f"<td>{html.escape(str(summary.get('model_dir') or '-'))}</td></tr>"
+            f"<tr><td>{html.escape(entry['name'])}</td><td>{html.escape(kind)}</td><td class='{status}'>{status}</td>"
+            f"<td>{metric}</td><td class='num'>{before}</td><td class='num'>{after}</td><td class='num'>{change}</td>"
+            f"<td>{model}</td><td class='num'>{f'{seconds:.1f} s' if seconds else '-'}</td></tr>"
         )
-        section = [f"<h2>{html.escape(entry['name'])} ({html.escape(entry.get('kind', ''))}): {status}</h2>"]
+        section = [f"<h2>{html.escape(entry['name'])} ({html.escape(kind)}): {status}</h2>"]
         if summary.get("error"):
             section.append(f"<p class='failed'>{html.escape(summary['error'])}</p>")
         if summary.get("input_model"):
             section.append(f"<p>input model: {html.escape(summary['input_model'])}</p>")
-        for title, png in stage_plots(read_rows(stage_dir / "metrics.jsonl"), summary):
-            section.append(f"<h3>{title}</h3><img alt='{title}' src='data:image/png;base64,{png}'>")
+        if saved is not None:
+            where = html.escape(str(summary.get("model_dir") or "-"))
+            section.append(f"<p class='saved'>saved model: step {saved[0]} ({html.escape(saved[1])}), in {where}</p>")
+            loss, loss_before = metrics.get("eval_loss"), metrics.get("eval_loss_before")
+            if isinstance(loss, int | float) and isinstance(loss_before, int | float) and loss > loss_before:
+                section.append(
+                    f"<p class='warn'>The saved model's eval loss ({_fmt(loss)}) is higher than before this stage "
+                    f"({_fmt(loss_before)}): training made it worse on this stage's eval set.</p>"
+                )
+        for title, png, alt in stage_plots(read_rows(stage_dir / "metrics.jsonl"), summary, saved):
+            section.append(f"<h3>{title}</h3><img alt='{html.escape(alt)}' src='data:image/png;base64,{png}'>")
         if metrics:
             section.append("<table><tr><th>metric</th><th>value</th></tr>")
             section += [f"<tr><td>{k}</td><td>{_fmt(metrics[k])}</td></tr>" for k in SHOWN_METRICS if k in metrics]
@@ -173,13 +284,14 @@ def build_report(run_dir: Path) -> Path:
         generations = summary.get("generations") or []
         if generations:
             section.append(
-                "<h3>Greedy answers to eval prompts</h3><table><tr><th>prompt</th><th>before</th><th>after</th></tr>"
+                "<h3>Greedy answers to eval prompts</h3><table class='generations'><colgroup><col style='width:36%'>"
+                "<col style='width:32%'><col style='width:32%'></colgroup>"
+                "<tr><th>prompt</th><th>before</th><th>after</th></tr>"
             )
             for row in generations:
-                cells = "".join(
-                    f"<td><pre>{html.escape(str(row.get(k, '')))}</pre></td>" for k in ("prompt", "before", "after")
+                section.append(
+                    "<tr>" + "".join(f"<td>{_pre(row.get(k))}</td>" for k in ("prompt", "before", "after")) + "</tr>"
                 )
-                section.append(f"<tr>{cells}</tr>")
             section.append("</table>")
         sections.append("\n".join(section))
     parts.append("</table>")

@@ -5,6 +5,9 @@ from __future__ import annotations
 import base64
 import json
 import re
+from html.parser import HTMLParser
+
+import pytest
 
 from tests.conftest import tiny_lm_recipe, write_yaml
 
@@ -17,6 +20,66 @@ def two_stage_recipe() -> dict:
          "train": {"max_length": 64, "max_steps": 2, "per_device_train_batch_size": 8}}
     )  # fmt: skip
     return recipe
+
+
+def chain_recipe() -> dict:
+    """lm -> sft -> dpo. The SFT stage's learning rate is so high that its eval loss jumps (5.42 before, 7.53 at
+    step 2, 5.58 at 4, 6.08 at 6): early stopping (patience 1) ends it at step 6 and restores step 4, which is
+    still worse than before the stage. The DPO stage has no early stopping, so its model is its last step's,
+    whatever its lowest eval was."""
+    recipe = two_stage_recipe()
+    recipe["stages"][1]["data"]["max_eval_rows"] = 16
+    recipe["stages"][1]["train"].update(max_steps=12, learning_rate=3e-2, logging_steps=2, eval_steps=2)
+    recipe["stages"][1].update(early_stopping={"patience": 1}, generations=2)
+    recipe["stages"].append(
+        {"name": "dpo", "kind": "dpo", "generations": 2,
+         "data": {"card": "python-docs-preferences", "max_train_rows": 32, "max_eval_rows": 16},
+         "train": {"beta": 0.1, "max_length": 64, "max_steps": 4, "per_device_train_batch_size": 8,
+                   "learning_rate": 3e-3, "logging_steps": 2, "eval_steps": 2}}
+    )  # fmt: skip
+    return recipe
+
+
+@pytest.fixture(scope="module")
+def chain_run(tmp_path_factory):
+    """One real lm -> sft -> dpo run (~12 s on 2 idle cores) whose report the tests below read."""
+    from align.run import main
+
+    tmp = tmp_path_factory.mktemp("report")
+    assert main([str(write_yaml(tmp / "r.yaml", chain_recipe())), "--output-dir", str(tmp / "run")]) == 0
+    sft = json.loads((tmp / "run" / "sft" / "summary.json").read_text())["metrics"]
+    assert sft["stopped_early"] and sft["best_step"] < sft["global_step"], "the SFT stage should stop early"
+    return tmp / "run"
+
+
+def summaries(run_dir) -> dict[str, dict]:
+    return {s: json.loads((run_dir / s / "summary.json").read_text())["metrics"] for s in ("lm", "sft", "dpo")}
+
+
+class _Tables(HTMLParser):
+    """Every <table> of a page as rows of cell texts (a <br> inside a cell becomes a newline), and every img's alt."""
+
+    def __init__(self, page: str):
+        super().__init__()
+        self.tables: list[list[list[str]]] = []
+        self.alts: list[str] = []
+        self.feed(page)
+
+    def handle_starttag(self, tag, attrs):
+        if tag == "table":
+            self.tables.append([])
+        elif tag == "tr":
+            self.tables[-1].append([])
+        elif tag in ("td", "th"):
+            self.tables[-1][-1].append("")
+        elif tag == "br":
+            self.tables[-1][-1][-1] += "\n"
+        elif tag == "img":
+            self.alts.append(dict(attrs).get("alt", ""))
+
+    def handle_data(self, data):
+        if self.tables and self.tables[-1] and self.tables[-1][-1]:
+            self.tables[-1][-1][-1] += data.strip()
 
 
 def test_exploding_learning_rate_stops_the_pipeline_and_names_the_cause(tmp_path, run_cli):
@@ -34,15 +97,12 @@ def test_exploding_learning_rate_stops_the_pipeline_and_names_the_cause(tmp_path
     assert (tmp_path / "run" / "report.html").is_file(), "a failed run still gets its report"
 
 
-def test_report_is_self_contained_with_decodable_plots(tmp_path, run_cli):
+def test_report_is_self_contained_with_decodable_plots(chain_run):
     from io import BytesIO
 
     import matplotlib.image
 
-    path = write_yaml(tmp_path / "r.yaml", two_stage_recipe())
-    code, _, err = run_cli(path, "--output-dir", tmp_path / "run")
-    assert code == 0, err
-    page = (tmp_path / "run" / "report.html").read_text()
+    page = (chain_run / "report.html").read_text()
     images = re.findall(r"src='data:image/png;base64,([A-Za-z0-9+/=]+)'", page)
     assert len(images) >= 3
     for data in images:
@@ -50,6 +110,74 @@ def test_report_is_self_contained_with_decodable_plots(tmp_path, run_cli):
         assert pixels.shape[0] > 100 and pixels.shape[1] > 100
     assert "Train and eval loss" in page and "Resolved recipe" in page and "Greedy answers" in page
     assert "http://" not in page and "https://" not in page.split("Resolved recipe")[0], "nothing fetched"
+
+
+def test_stages_table_gives_each_stage_its_metrics_before_and_after_and_the_change(chain_run):
+    page = (chain_run / "report.html").read_text()
+    assert page.index("<h2>Stages</h2>") < page.index("<h2>lm (lm)"), "the table comes before the stage sections"
+    header, *rows = _Tables(page).tables[0]
+    assert header == ["stage", "kind", "status", "metric", "before", "after", "change", "saved model", "time"]
+    by_stage = {row[0]: dict(zip(header, row, strict=True)) for row in rows}
+    assert list(by_stage) == ["lm", "sft", "dpo"]
+    metrics = summaries(chain_run)
+    losses = [("eval loss", "eval_loss"), ("perplexity", "perplexity")]
+    wanted = {
+        "lm": losses,
+        "sft": losses,
+        "dpo": [("pref accuracy", "pref_accuracy"), ("eval loss (DPO)", "eval_loss")],
+    }
+    for stage, shown in wanted.items():
+        row = by_stage[stage]
+        assert row["metric"].splitlines() == [label for label, _ in shown]
+        for i, (_, key) in enumerate(shown):
+            before, after = metrics[stage][f"{key}_before"], metrics[stage][key]
+            assert float(row["before"].splitlines()[i]) == pytest.approx(before, rel=1e-3)
+            assert float(row["after"].splitlines()[i]) == pytest.approx(after, rel=1e-3)
+            # The change is the stage's own after - before, signed; never a difference between two stages.
+            change = row["change"].splitlines()[i]
+            assert change[0] == ("+" if after > before else "-")
+            assert float(change) == pytest.approx(after - before, rel=1e-3)
+    assert by_stage["lm"]["change"].startswith("-") and by_stage["sft"]["change"].startswith("+"), "see chain_recipe"
+    assert by_stage["sft"]["saved model"].startswith("step 4 (best eval loss, restored by early stopping)")
+    assert by_stage["lm"]["saved model"].startswith("step 20 (last step)")
+    assert by_stage["dpo"]["saved model"].startswith("step 4 (last step)")
+
+
+def test_best_step_is_marked_only_where_early_stopping_restored_it(chain_run):
+    """best_step is always the lowest eval; the plot marks the step the saved model is, the best only where
+    early stopping restored it, and says that the restored SFT model is still worse than before the stage."""
+    page = (chain_run / "report.html").read_text()
+    metrics = summaries(chain_run)
+    assert metrics["dpo"]["global_step"] == 4 and metrics["sft"]["best_step"] == 4
+    loss_plots = [alt for alt in _Tables(page).alts if alt.startswith("Train and eval loss")]
+    assert loss_plots == [
+        "Train and eval loss: train loss; eval loss; saved model: step 20 (last step)",
+        "Train and eval loss: train loss; eval loss; saved model: step 4 (best eval loss, restored by early stopping);"
+        " early stop at step 6",
+        "Train and eval loss: train loss; eval loss; saved model: step 4 (last step)",
+    ]
+    assert "best step" not in page
+    sections = {name: page.split(f"<h2>{name} ({name})")[1].split("<h2>")[0] for name in ("lm", "sft", "dpo")}
+    assert "saved model: step 20 (last step)" in sections["lm"]
+    assert "saved model: step 4 (best eval loss, restored by early stopping)" in sections["sft"]
+    assert "saved model: step 4 (last step)" in sections["dpo"]
+    assert metrics["sft"]["eval_loss"] > metrics["sft"]["eval_loss_before"]
+    assert "higher than before this stage" in sections["sft"]
+    assert "higher than before" not in sections["lm"] + sections["dpo"]
+
+
+def test_saved_model_step_follows_the_recipe_and_the_stop():
+    from align.report import saved_model_step
+
+    def summary(status="completed", **metrics):
+        return {"status": status, "metrics": {"global_step": 60, "best_step": 40, "stopped_early": False, **metrics}}
+
+    assert saved_model_step(summary(), early_stopping=False) == (60, "last step")
+    assert saved_model_step(summary(stopped_early=True), early_stopping=False)[0] == 40
+    assert saved_model_step(summary(), early_stopping=True) == (
+        40, "best eval loss, restored at the end: early stopping was on"
+    )  # fmt: skip
+    assert saved_model_step(summary(status="failed"), early_stopping=False) is None
 
 
 def test_report_command_rebuilds_and_rejects_non_runs(tmp_path, capsys):
@@ -128,34 +256,62 @@ def test_metrics_rows_carry_throughput_and_memory(tmp_path, run_cli):
     assert 0 < metrics["time_to_first_step_s"] < metrics["train_runtime_s"] + 60
 
 
-def test_report_loads_in_a_real_headless_browser(tmp_path, run_cli):
-    """Debian's chromium opens the report from disk, with no network, and every embedded image decodes."""
+def test_report_loads_in_a_real_headless_browser(chain_run, tmp_path):
+    """Debian's chromium opens the report from disk, with no network, at 1280 px wide: every embedded image
+    decodes, every cell of the greedy-answer tables is inside the window (prompt, before and after side by side)
+    and nothing scrolls sideways. A full-page screenshot is kept in $ALIGN_ARTIFACTS (else tmp_path/artifacts)."""
     import os
     import shutil
     import subprocess
+    from io import BytesIO
+    from pathlib import Path
 
-    import pytest
+    import matplotlib.image
 
     browser = shutil.which("chromium") or shutil.which("chromium-browser")
     if browser is None:
         if os.environ.get("ALIGN_REQUIRE_BROWSER"):
             pytest.fail("chromium is not installed, and .ci/run requires it (apt-get install chromium)")
         pytest.skip("chromium is not installed (.ci/run installs it)")
-    recipe = two_stage_recipe()
-    code, _, err = run_cli(write_yaml(tmp_path / "r.yaml", recipe), "--output-dir", tmp_path / "run")
-    assert code == 0, err
-    page = (tmp_path / "run" / "report.html").read_text()
+    width = 1280
+    page = (chain_run / "report.html").read_text()
     probe = (
-        "<script>window.addEventListener('load',()=>{const i=[...document.images];document.body.setAttribute("
-        "'data-decoded',i.filter(x=>x.complete&&x.naturalWidth>0).length+'/'+i.length)})</script>"
+        "<script>window.addEventListener('load',()=>{const b=document.body,root=document.documentElement;"
+        "const i=[...document.images];b.setAttribute('data-decoded',i.filter(x=>x.complete&&x.naturalWidth>0)"
+        ".length+'/'+i.length);const cells=[...document.querySelectorAll('h3')].filter(h=>h.textContent"
+        ".startsWith('Greedy answers')).flatMap(h=>[...h.nextElementSibling.querySelectorAll('td,th')]);"
+        "b.setAttribute('data-cells',cells.length);"
+        "b.setAttribute('data-cells-right',Math.max(...cells.map(c=>Math.ceil(c.getBoundingClientRect().right))));"
+        "b.setAttribute('data-viewport',root.clientWidth);b.setAttribute('data-page-width',root.scrollWidth);"
+        "b.setAttribute('data-page-height',root.scrollHeight)})</script>"
     )
     (tmp_path / "probe.html").write_text(page.replace("</body>", probe + "</body>"))
     flags = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-             "--disable-background-networking", "--disable-component-update", "--disable-sync",
+             "--disable-background-networking", "--disable-component-update", "--disable-sync", "--hide-scrollbars",
              f"--user-data-dir={tmp_path / 'profile'}", "--virtual-time-budget=5000"]  # fmt: skip
     dom = subprocess.run(
-        [browser, *flags, "--dump-dom", (tmp_path / "probe.html").as_uri()], capture_output=True, text=True, timeout=120
-    ).stdout
+        [browser, *flags, f"--window-size={width},900", "--dump-dom", (tmp_path / "probe.html").as_uri()],
+        capture_output=True, text=True, timeout=120,
+    ).stdout  # fmt: skip
     decoded = re.search(r'data-decoded="(\d+)/(\d+)"', dom)
     assert decoded, "the page did not finish loading"
     assert int(decoded.group(2)) >= 3 and decoded.group(1) == decoded.group(2)
+    layout = {
+        k: int(float(v))
+        for k, v in re.findall(r'data-(cells|cells-right|viewport|page-width|page-height)="([^"]+)"', dom)
+    }
+    assert layout["viewport"] == width, layout
+    assert layout["cells"] == 2 * 3 * 3, "SFT and DPO: a header and two answers, three cells each"
+    assert layout["cells-right"] <= layout["viewport"], f"greedy-answer cells end past the window: {layout}"
+    assert layout["page-width"] <= layout["viewport"], f"the page scrolls sideways: {layout}"
+
+    artifacts = Path(os.environ.get("ALIGN_ARTIFACTS") or tmp_path / "artifacts")
+    artifacts.mkdir(parents=True, exist_ok=True)
+    shot = artifacts / f"report-{width}px.png"
+    height = min(layout["page-height"], 16000)
+    report = (chain_run / "report.html").as_uri()
+    command = [browser, *flags, f"--window-size={width},{height}", f"--screenshot={shot}", report]
+    subprocess.run(command, capture_output=True, timeout=120)
+    print(f"report screenshot: {shot} (layout at {width} px: {layout})")
+    pixels = matplotlib.image.imread(BytesIO(shot.read_bytes()), format="png")
+    assert pixels.shape[:2] == (height, width)
