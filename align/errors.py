@@ -33,6 +33,20 @@ class StageFailed(AlignError):
     exit_code = 1
 
 
+class Interrupted(AlignError):
+    """A stop asked for by a signal (Ctrl-C, SIGTERM): exit 128 + the signal, 130 or 143; the command resumes."""
+
+    def __init__(self, signum: int, problems: str | Iterable[str], hint: str | None = None):
+        super().__init__(problems, hint)
+        self.signum = signum
+        self.exit_code = 128 + signum
+
+
+class GuardStopped(StageFailed):
+    """A guard stopped training (a non-finite loss): rerunning unchanged would blow up the same way, so the
+    stage does not resume from its checkpoint; the message names the last good one."""
+
+
 def closest(word: str, choices: Iterable[str]) -> str | None:
     """The closest valid name to a misspelt one, or None when nothing is close."""
     matches = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.6)

@@ -21,6 +21,8 @@ def write_text_atomic(path: Path, text: str) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
         try:
+            # mkstemp makes the file private (0600); the rest of the run directory follows the umask, so must this.
+            os.fchmod(fd, 0o666 & ~current_umask())
             with os.fdopen(fd, "w", encoding="utf-8") as fh:
                 fh.write(text)
                 fh.flush()
@@ -31,6 +33,20 @@ def write_text_atomic(path: Path, text: str) -> None:
             raise
     except OSError as exc:
         raise StageFailed(f"{path}: cannot write: {exc.strerror or exc}") from None
+
+
+def current_umask() -> int:
+    """The process's umask, read without changing it where Linux allows (os.umask can only be read by setting it,
+    which would race with files other threads create meanwhile)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def write_json_atomic(path: Path, data: Any) -> None:

@@ -13,16 +13,17 @@ import json
 import logging
 import os
 import platform
-import shutil
+import signal
 import time
 import uuid
 from pathlib import Path
 from typing import Any
 
 from align import __version__
-from align.errors import AlignError, BadInput, Problems, StageFailed
+from align.errors import AlignError, BadInput, GuardStopped, Interrupted, Problems, StageFailed
 from align.files import read_json, write_json_atomic, write_text_atomic
 from align.recipe import DataSpec, Recipe, ScratchModel, Stage, redact, to_yaml
+from align.rundir import RunLock, check_output_dir, clear_for_fresh, remove_inside
 from align.runtime import (
     CURRENT_STAGE,
     RunContext,
@@ -31,9 +32,11 @@ from align.runtime import (
     choose_precision,
     is_main_process,
     main_process_first,
+    same_on_every_rank,
     setup_logging,
     wait_for_everyone,
 )
+from align.signals import raise_if_requested, stop_on_signals
 from align.stages.common import StageResult
 
 logger = logging.getLogger(__name__)
@@ -250,29 +253,6 @@ class Records:
 # Running
 
 
-def check_output_dir(run_dir: Path, recipe: Recipe, fresh: bool) -> None:
-    """Refuse to write into a directory that holds something other than this recipe's runs.
-
-    Raises:
-        BadInput: the directory holds another recipe's run, or files align did not write.
-    """
-    if fresh or not run_dir.exists():
-        return
-    pipeline = read_json(run_dir / "pipeline.json")
-    if pipeline is None:
-        if any(run_dir.iterdir()):
-            raise BadInput(
-                f"{run_dir}: output directory is not empty and holds no align run",
-                hint="choose another --output-dir",
-            )
-        return
-    if pipeline.get("name") != recipe.name:
-        raise BadInput(
-            f"{run_dir}: holds the run of recipe '{pipeline.get('name')}', not '{recipe.name}'",
-            hint="choose another --output-dir, or pass --fresh to replace it",
-        )
-
-
 def run_pipeline(
     recipe: Recipe,
     *,
@@ -280,11 +260,12 @@ def run_pipeline(
     log_level: str = "info",
     fresh: bool = False,
 ) -> list[dict[str, Any]]:
-    """Preflight every stage, then run them in order; return each stage's summary.
+    """Preflight every stage, then run them in order, holding the run directory; return each stage's summary.
 
     Raises:
-        BadInput: a problem found before training started (exit 2).
+        BadInput: a problem found before training started, or the run directory is in use (exit 2).
         StageFailed: a stage failed during training (exit 1); later stages are not run.
+        Interrupted: SIGINT or SIGTERM stopped a stage after saving a checkpoint (exit 130 or 143).
     """
     check_output_dir(output_dir, recipe, fresh)
     precision = choose_precision(recipe.precision)
@@ -292,25 +273,58 @@ def run_pipeline(
         specs, data = preflight(recipe)
 
     # Nothing is written before this point: bad input leaves an existing run directory as it was.
-    output_dir.mkdir(parents=True, exist_ok=True)
-    setup_logging(log_level, output_dir / "align.log")
-    logger.info("align %s: recipe %s, %d stages -> %s", __version__, recipe.name, len(recipe.stages), output_dir)
-    logger.info("precision %s: %s", precision.name, precision.reason)
-    if is_main_process():
-        resolved = redact(resolved_recipe(recipe, specs), secret_values())
-        write_text_atomic(output_dir / "recipe.yaml", to_yaml(resolved))
-    group = f"{recipe.name}-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
-    tracker = Tracker(recipe.tracking.wandb, recipe.name, group, output_dir)
-    ctx = RunContext(recipe=recipe, run_dir=output_dir, precision=precision, tracker=tracker, data=data, specs=specs)
-    records = Records(recipe, output_dir)
-    records.write()
-
-    try:
-        return _run_stages(recipe, ctx, specs, records, precision.name, fresh)
-    finally:
-        CURRENT_STAGE.set("-")
+    with hold_run_dir(output_dir, recipe, fresh):
+        setup_logging(log_level, output_dir / "align.log")
+        logger.info("align %s: recipe %s, %d stages -> %s", __version__, recipe.name, len(recipe.stages), output_dir)
+        logger.info("precision %s: %s", precision.name, precision.reason)
         if is_main_process():
-            write_report(output_dir)
+            resolved = redact(resolved_recipe(recipe, specs), secret_values())
+            write_text_atomic(output_dir / "recipe.yaml", to_yaml(resolved))
+        group = f"{recipe.name}-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
+        tracker = Tracker(recipe.tracking.wandb, recipe.name, group, output_dir)
+        ctx = RunContext(
+            recipe=recipe, run_dir=output_dir, precision=precision, tracker=tracker, data=data, specs=specs
+        )
+        records = Records(recipe, output_dir)
+        records.write()
+        try:
+            with stop_on_signals():
+                return _run_stages(recipe, ctx, specs, records, precision.name, fresh)
+        finally:
+            CURRENT_STAGE.set("-")
+            if is_main_process():
+                write_report(output_dir)
+
+
+@contextlib.contextmanager
+def hold_run_dir(run_dir: Path, recipe: Recipe, fresh: bool):
+    """Lock the run directory for the whole run (main process), check it again under the lock, and clear what
+    earlier runs wrote when `--fresh`. Every process learns the outcome, so none waits for a run that refused.
+
+    Raises:
+        BadInput: another run holds the directory, or it changed into one this run may not use.
+    """
+    lock, refusal = None, None
+    if is_main_process():
+        run_dir.mkdir(parents=True, exist_ok=True)
+        lock = RunLock(run_dir)
+        try:
+            lock.acquire()
+            check_output_dir(run_dir, recipe, fresh)  # another run may have written here while we prepared
+            if fresh:
+                clear_for_fresh(run_dir, [stage.name for stage in recipe.stages])
+        except BadInput as exc:
+            refusal = (exc.problems, exc.hint)
+    refusal = same_on_every_rank(refusal)
+    if refusal is not None:
+        if lock is not None and lock.held:
+            lock.release()
+        raise BadInput(refusal[0], hint=refusal[1])
+    try:
+        yield
+    finally:
+        if lock is not None:
+            lock.release()
 
 
 def write_report(run_dir: Path) -> None:
@@ -331,6 +345,7 @@ def _run_stages(
     input_fp = ""
     for i, stage in enumerate(recipe.stages, start=1):
         CURRENT_STAGE.set(stage.name)
+        raise_if_requested(f"before stage {stage.name}")
         source = ctx.model_source(stage)
         if isinstance(source, str) and source.startswith("@"):
             input_fp = ctx.outputs[source[1:]].fingerprint
@@ -363,7 +378,7 @@ def _run_stages(
             ctx.resume[stage.name] = str(checkpoint)
             logger.info("[%d/%d] %s: resuming from %s", i, len(recipe.stages), stage.name, checkpoint.name)
         elif stage_dir.exists() and is_main_process():
-            shutil.rmtree(stage_dir)  # a changed (or --fresh) stage starts clean: no stale metrics rows
+            remove_inside(ctx.run_dir, stage_dir)  # a changed (or --fresh) stage starts clean: no stale metrics rows
         input_model = ctx.input_label(stage)
         logger.info("[%d/%d] %s: %s from %s on %s", i, len(recipe.stages), stage.name, stage.kind, input_model,
                     specs[stage.name].name or "inline data")  # fmt: skip
@@ -377,13 +392,18 @@ def _run_stages(
         try:
             result = stage_module(stage.kind).run(stage, ctx)
         except BaseException as exc:
-            error = exc.problems[0] if isinstance(exc, AlignError) else f"{type(exc).__name__}: {exc}"
-            records.summary(stage, None, status="failed", fp=fp, input_model=input_model, error=error)
-            records.update(stage.name, status="failed")
+            stopped = _as_stop(exc, stage, stage_dir)
+            status = "interrupted" if stopped is not None else "failed"
+            shown = stopped or exc
+            error = shown.problems[0] if isinstance(shown, AlignError) else f"{type(exc).__name__}: {exc}"
+            # A guard's stop is not resumed: the same settings would run into the same non-finite loss.
+            records.summary(stage, None, status=status, fp=fp, input_model=input_model, error=error,
+                            resumable=not isinstance(exc, GuardStopped))  # fmt: skip
+            records.update(stage.name, status=status)
             tracker.finish_stage(exit_code=1)
+            if stopped is not None:
+                raise stopped from None
             if isinstance(exc, AlignError):
-                raise
-            if isinstance(exc, KeyboardInterrupt):
                 raise
             raise StageFailed(f"stage {stage.name} failed: {error}") from exc
         wait_for_everyone()  # the next stage loads this one's model: the main process must have saved it
@@ -402,16 +422,52 @@ def _run_stages(
     return summaries
 
 
-def interrupted_checkpoint(stage_dir: Path, fp: str) -> Path | None:
-    """The last checkpoint of this very stage (same fingerprint) whose run was cut off while running."""
+def _as_stop(exc: BaseException, stage: Stage, stage_dir: Path) -> Interrupted | None:
+    """The `Interrupted` a signal raised, or one for a KeyboardInterrupt (a second Ctrl-C, or one outside the
+    handler); None for any other failure."""
+    if isinstance(exc, Interrupted):
+        return exc
+    if not isinstance(exc, KeyboardInterrupt):
+        return None
+    from align.signals import requested
+
+    last = _last_checkpoint(stage_dir)
+    signum = requested() or signal.SIGINT
+    return Interrupted(
+        signum,
+        f"stage {stage.name} stopped at once by {signal.Signals(signum).name}"
+        + (f"; its last checkpoint is {last.name}" if last else "; no checkpoint had been saved yet"),
+        hint="run the same command again to " + ("resume from it" if last else "start the stage again"),
+    )
+
+
+def _last_checkpoint(stage_dir: Path) -> Path | None:
     from transformers.trainer_utils import get_last_checkpoint
 
-    summary = read_json(stage_dir / "summary.json")
-    if not summary or summary.get("status") != "running" or summary.get("fingerprint") != fp:
-        return None
     checkpoints = stage_dir / "checkpoints"
     last = get_last_checkpoint(str(checkpoints)) if checkpoints.is_dir() else None
     return Path(last) if last else None
+
+
+# A stage left in one of these resumes from its last checkpoint: cut off while running (SIGKILL, an out-of-memory
+# kill, a lost machine), stopped by a signal, or failed on an error. Not after a guard stopped it (`resumable`).
+RESUMABLE = ("running", "interrupted", "failed")
+
+
+def interrupted_checkpoint(stage_dir: Path, fp: str) -> Path | None:
+    """The last checkpoint of this very stage (same fingerprint) whose run did not complete."""
+    summary = read_json(stage_dir / "summary.json")
+    if not summary or summary.get("status") not in RESUMABLE or summary.get("fingerprint") != fp:
+        return None
+    if summary.get("resumable") is False:
+        logger.warning(
+            "%s: a guard stopped this stage last time (%s): starting it over rather than resuming into the same "
+            "blow-up; change the setting at fault (the learning rate, the precision) first",
+            stage_dir.name,
+            summary.get("error", "non-finite loss"),
+        )
+        return None
+    return _last_checkpoint(stage_dir)
 
 
 def _cached_summary(stage_dir: Path, fp: str) -> dict[str, Any] | None:
@@ -446,6 +502,7 @@ def dry_run(recipe: Recipe, output_dir: Path) -> str:
     loaded: dict[str, tuple[Any, Any]] = {}
     for i, stage in enumerate(recipe.stages, start=1):
         CURRENT_STAGE.set(stage.name)
+        raise_if_requested(f"before stage {stage.name}")
         source = ctx.model_source(stage)
         where = f"stages.{stage.name}.model"
         if isinstance(source, ScratchModel):

@@ -393,16 +393,30 @@ def resolve_local_models(recipe: Recipe) -> None:
 # Cross-field checks
 
 
+# Recipe names, stage names and card names become one folder or file name each: a name made only of dots, or one
+# with a separator, would point outside the run directory (a stage named `..` once deleted the user's files).
+NAME_PATTERN = re.compile(r"(?!\.+$)[A-Za-z0-9_.-]+")
+
+
+def path_component_problems(name: str, where: str, names: str = "a directory") -> list[str]:
+    """A problem when `name` is not one safe path component: letters, digits, '_', '-', '.', never only dots."""
+    if NAME_PATTERN.fullmatch(name):
+        return []
+    return [f"{where}: {name!r} is not a valid name: use letters, digits, '_', '-' or '.', not only dots (it names "
+            f"{names})"]  # fmt: skip
+
+
 def check_recipe(recipe: Recipe) -> list[str]:
     """Checks that involve several fields, all in one place. Returns every problem found."""
-    problems: list[str] = []
+    problems: list[str] = path_component_problems(recipe.name, "name", "the run directory")
     seen: set[str] = set()
     for i, stage in enumerate(recipe.stages):
         where = f"stages.{stage.name}"
         if stage.name in seen:
             problems.append(f"{where}.name: two stages are named '{stage.name}'")
-        if not re.fullmatch(r"[A-Za-z0-9_.-]+", stage.name):
-            problems.append(f"{where}.name: use letters, digits, '_', '-' or '.' (it names a directory)")
+        problems += path_component_problems(stage.name, f"{where}.name")
+        if stage.data.card is not None:
+            problems += path_component_problems(stage.data.card, f"{where}.data.card", "a data card's file")
         if isinstance(stage.model, str) and stage.model.startswith("@"):
             ref = stage.model[1:]
             if ref not in seen:

@@ -1,6 +1,7 @@
 """The command line: `python -m align.run RECIPE.yaml [--set KEY=VALUE ...] [options]`.
 
-Exit codes: 0 success; 2 bad input found before training; 1 any other failure.
+Exit codes: 0 success; 2 bad input found before training (or the run directory in use); 1 any other failure;
+130 / 143 stopped by SIGINT / SIGTERM after saving a checkpoint (the same command resumes).
 Errors are one `error:` line each (plus an optional `hint:`), with a traceback only at `--log-level debug`.
 """
 
@@ -50,15 +51,19 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return _main(args)
     except AlignError as exc:
-        if args.log_level == "debug":
-            traceback.print_exc()
-        for problem in exc.problems:
-            print(f"error: {problem}", file=sys.stderr)
-        if exc.hint:
-            print(f"hint: {exc.hint}", file=sys.stderr)
+        from align.runtime import is_main_process
+
+        # Every process meets the same bad input or stop (they agree on both); the main process says it, once.
+        if is_main_process():
+            if args.log_level == "debug":
+                traceback.print_exc()
+            for problem in exc.problems:
+                print(f"error: {problem}", file=sys.stderr)
+            if exc.hint:
+                print(f"hint: {exc.hint}", file=sys.stderr)
         return exc.exit_code
-    except KeyboardInterrupt:
-        print("error: interrupted", file=sys.stderr)
+    except KeyboardInterrupt:  # before the run installed its handlers (loading, preflight): nothing to save yet
+        print("error: interrupted before training started", file=sys.stderr)
         return 130
     except Exception as exc:  # the last resort: one line, the traceback only when asked for
         if args.log_level == "debug":

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlparse
 
-from align.errors import BadInput, StageFailed
+from align.errors import BadInput, GuardStopped
 
 if TYPE_CHECKING:
     from datasets import DatasetDict
@@ -52,8 +52,26 @@ def main_process_first():
 
     # Starting the process group here (gloo on a CPU) lets data preparation wait before any Trainer exists.
     state = PartialState(cpu=not torch.cuda.is_available())
-    with state.main_process_first():
+    if not state.is_main_process:
+        state.wait_for_everyone()
+    try:
         yield
+    finally:
+        # Reached even when the main process found bad input: the others then meet the same problem themselves
+        # and exit with it, instead of waiting at a barrier the main process never reaches.
+        if state.is_main_process:
+            state.wait_for_everyone()
+
+
+def same_on_every_rank(value: Any) -> Any:
+    """The main process's `value` on every process (a picklable object); alone, `value` itself."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
 
 
 def wait_for_everyone() -> None:
@@ -460,7 +478,7 @@ class RunContext:
         """Stop the pipeline when a watcher saw a non-finite loss or grad norm, naming the likely cause.
 
         Raises:
-            StageFailed: the loss or grad norm went NaN or infinite.
+            GuardStopped: the loss or grad norm went NaN or infinite.
         """
         bad = next((w.nonfinite for w in watchers if getattr(w, "nonfinite", None)), None)
         if bad is None:
@@ -471,7 +489,7 @@ class RunContext:
         lr = stage.train.get("learning_rate")
         causes.append(f"a learning rate too high{f' ({lr})' if lr is not None else ''}")
         causes.append("a bad batch (empty or corrupt rows)")
-        raise StageFailed(
+        raise GuardStopped(
             f"stage {stage.name}: non-finite {bad['split']} {bad.get('what', 'loss')} ({bad['value']}) at step "
             f"{bad['step']}; likely cause: {', or '.join(causes)}",
             hint=self._last_checkpoint_hint(stage),

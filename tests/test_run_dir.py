@@ -1,0 +1,187 @@
+"""The run directory: names never reach outside it, one run holds it at a time, `--fresh` clears only what align
+wrote, and align's files follow the umask like the rest of the directory."""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import REPO, tiny_lm_recipe, write_yaml
+
+
+def short_recipe(**overrides) -> dict:
+    recipe = tiny_lm_recipe(**overrides)
+    recipe["stages"][0]["train"].update(max_steps=2, eval_steps=2, logging_steps=1)
+    recipe["stages"][0]["data"].update(max_train_rows=40, max_eval_rows=8)
+    return recipe
+
+
+# --------------------------------------------------------------------------------------------------
+# Names that are paths
+
+
+@pytest.mark.parametrize("name", ["..", ".", "...", "a/b", "../x"])
+def test_a_stage_named_like_a_path_is_refused_and_nothing_is_deleted(tmp_path, run_cli, name):
+    parent = tmp_path / "parent"
+    parent.mkdir()
+    (parent / "keep.txt").write_text("the user's own file")
+    recipe = short_recipe(stage={"name": name})
+    path = write_yaml(tmp_path / "r.yaml", recipe)
+    code, _, err = run_cli(path, "--output-dir", parent / "run")
+    assert code == 2, err
+    assert f"stages.{name}.name: {name!r} is not a valid name" in err
+    assert (parent / "keep.txt").read_text() == "the user's own file"
+    assert sorted(p.name for p in parent.iterdir()) == ["keep.txt"], "nothing written"
+
+
+@pytest.mark.parametrize("name", ["../../escape", "..", "a/b"])
+def test_a_recipe_name_is_not_a_path(tmp_path, run_cli, monkeypatch, name):
+    monkeypatch.chdir(tmp_path)
+    path = write_yaml(tmp_path / "r.yaml", short_recipe(name=name))
+    code, _, err = run_cli(path)
+    assert code == 2, err
+    assert f"name: {name!r} is not a valid name" in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["r.yaml"], "no run directory anywhere"
+
+
+def test_a_card_name_is_not_a_path(tmp_path, run_cli):
+    recipe = short_recipe()
+    recipe["stages"][0]["data"]["card"] = "../secrets"
+    code, _, err = run_cli(write_yaml(tmp_path / "r.yaml", recipe), "--dry-run")
+    assert code == 2 and "stages.lm.data.card: '../secrets' is not a valid name" in err
+
+
+def test_removal_refuses_the_run_directory_itself_and_anything_outside(tmp_path):
+    from align.errors import StageFailed
+    from align.rundir import remove_inside
+
+    run = tmp_path / "run"
+    (run / "lm").mkdir(parents=True)
+    (tmp_path / "keep.txt").write_text("x")
+    for target in (run, run / ".", run / "..", tmp_path / "keep.txt", run / "lm" / ".." / ".."):
+        with pytest.raises(StageFailed, match="refusing to delete"):
+            remove_inside(run, target)
+    assert (tmp_path / "keep.txt").exists() and (run / "lm").is_dir()
+    os.symlink(tmp_path, run / "link")
+    remove_inside(run, run / "link")
+    assert not (run / "link").exists() and (tmp_path / "keep.txt").exists(), "a link goes, not what it points at"
+    remove_inside(run, run / "lm")
+    assert not (run / "lm").exists()
+
+
+# --------------------------------------------------------------------------------------------------
+# One run per directory
+
+HOLD = """
+import sys, time
+from pathlib import Path
+from align.rundir import RunLock
+lock = RunLock(Path(sys.argv[1]))
+lock.acquire()
+print("held", flush=True)
+time.sleep(120)
+"""
+
+
+def test_a_second_run_is_refused_while_one_holds_the_directory_and_a_dead_holder_is_taken_over(tmp_path, run_cli):
+    path = write_yaml(tmp_path / "r.yaml", short_recipe())
+    run_dir = tmp_path / "run"
+    assert run_cli(path, "--output-dir", run_dir)[0] == 0
+    metrics_before = (run_dir / "lm" / "metrics.jsonl").read_text()
+
+    holder = subprocess.Popen([sys.executable, "-c", HOLD, str(run_dir)], stdout=subprocess.PIPE, text=True, cwd=REPO)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        started = time.strftime("%H:%M")
+        code, _, err = run_cli(path, "--output-dir", run_dir, "--fresh")
+        assert code == 2, err
+        assert f"error: {run_dir} is in use by process {holder.pid} since {started}" in err
+        assert (run_dir / "lm" / "metrics.jsonl").read_text() == metrics_before, "the holder's files are untouched"
+    finally:
+        holder.kill()  # SIGKILL: the lock is left behind, as after an out-of-memory kill
+        holder.wait()
+
+    code, _, err = run_cli(path, "--output-dir", run_dir, "--fresh")
+    assert code == 0, err
+    assert f"taking over the lock of process {holder.pid}" in (run_dir / "align.log").read_text()
+    assert not (run_dir / ".align.lock.json").exists(), "released at the end"
+
+
+def test_only_one_of_two_simultaneous_runs_gets_the_directory(tmp_path):
+    recipe = short_recipe()
+    recipe["stages"][0]["train"].update(max_steps=40)
+    path = write_yaml(tmp_path / "r.yaml", recipe)
+    command = [sys.executable, "-m", "align.run", str(path), "--output-dir", str(tmp_path / "run")]
+    log = (tmp_path / "first.log").open("w")  # a file, not a pipe nobody reads while it fills
+    first = subprocess.Popen(command, stdout=log, stderr=log, cwd=tmp_path)
+    deadline = time.time() + 120
+    while not (tmp_path / "run" / "lm" / "metrics.jsonl").exists() and time.time() < deadline:
+        time.sleep(0.05)  # the first run is training: it holds the directory
+    second = subprocess.run(command, capture_output=True, text=True, cwd=tmp_path, timeout=120)
+    assert first.wait(timeout=300) == 0, (tmp_path / "first.log").read_text()[-3000:]
+    assert second.returncode == 2 and "is in use by process" in second.stderr, second.stderr
+    rows = [json.loads(line) for line in (tmp_path / "run" / "lm" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["split"] for r in rows].count("eval_final") == 1, "one run's rows, not two"
+    assert sum(1 for r in rows if r["split"] == "eval" and r["step"] == 0) == 1
+
+
+# --------------------------------------------------------------------------------------------------
+# --fresh and file modes
+
+
+def test_fresh_clears_what_align_wrote_and_keeps_the_users_files(tmp_path, run_cli):
+    path = write_yaml(tmp_path / "r.yaml", short_recipe())
+    run_dir = tmp_path / "run"
+    assert run_cli(path, "--output-dir", run_dir)[0] == 0
+    (run_dir / "align.log").write_text("OLD RUN LOG\n")
+    stale = run_dir / "wandb" / "offline-run-20260101_000000-old"
+    stale.mkdir(parents=True)
+    (run_dir / "notes.md").write_text("mine")
+    (run_dir / "lm" / "metrics.jsonl").write_text('{"step": 999, "split": "train", "loss": 1.0}\n')
+
+    code, _, err = run_cli(path, "--output-dir", run_dir, "--fresh")
+    assert code == 0, err
+    assert "OLD RUN LOG" not in (run_dir / "align.log").read_text()
+    assert not stale.exists(), "no stale wandb run for `wandb sync` to upload"
+    assert (run_dir / "notes.md").read_text() == "mine"
+    assert '"step": 999' not in (run_dir / "lm" / "metrics.jsonl").read_text()
+
+
+def test_fresh_never_clears_a_folder_that_holds_no_align_run(tmp_path, run_cli):
+    target = tmp_path / "documents"
+    (target / "lm").mkdir(parents=True)
+    (target / "lm" / "thesis.tex").write_text("years of work")
+    code, _, err = run_cli(write_yaml(tmp_path / "r.yaml", short_recipe()), "--output-dir", target, "--fresh")
+    assert code == 2 and "holds no align run" in err
+    assert (target / "lm" / "thesis.tex").read_text() == "years of work"
+
+
+def test_files_follow_the_umask(tmp_path, run_cli):
+    old = os.umask(0o022)
+    try:
+        path = write_yaml(tmp_path / "r.yaml", short_recipe())
+        assert run_cli(path, "--output-dir", tmp_path / "run")[0] == 0
+    finally:
+        os.umask(old)
+    for name in ("report.html", "pipeline.json", "recipe.yaml", "lm/summary.json", "lm/metrics.jsonl"):
+        assert stat.S_IMODE((tmp_path / "run" / name).stat().st_mode) == 0o644, name
+
+
+# --------------------------------------------------------------------------------------------------
+# The test suite itself
+
+
+def test_plain_pytest_collects_from_the_repository_root():
+    pytest_bin = Path(sys.executable).with_name("pytest")
+    proc = subprocess.run(
+        [str(pytest_bin), "--collect-only", "-q", "tests/test_recipes.py"],
+        cwd=REPO, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
