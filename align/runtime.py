@@ -359,6 +359,9 @@ class Tracker:
         import wandb
 
         self.run_dir.mkdir(parents=True, exist_ok=True)
+        # Silent from setup on, not only for this run: otherwise every checkpoint save prints "URL not available in
+        # offline run" (TRL's model card asks for the run's URL). What matters, align logs itself.
+        wandb.setup(settings=wandb.Settings(silent=True))
         self.run = wandb.init(
             project=self.settings.project,
             entity=self.settings.entity,

@@ -114,6 +114,10 @@ class StopOnSignal(TrainerCallback):
     def on_save(self, args, state, control, **kwargs):
         if self.stopping:
             name = signal.Signals(STOP.signum or signal.SIGINT).name
+            # Every rank says it (off the main process as a warning, the only level they print): all name one step.
+            logger.warning(
+                "%s: stopping after step %d, checkpoint-%d saved", name, state.global_step, state.global_step
+            )
             raise Interrupted(
                 STOP.signum or signal.SIGINT,
                 f"stopped by {name} after step {state.global_step}; checkpoint-{state.global_step} is saved",
