@@ -285,6 +285,14 @@ def is_adapter_dir(ref: str) -> bool:
     return (Path(ref).expanduser() / "adapter_config.json").is_file()
 
 
+def adapter_base(ref: str) -> str | None:
+    """The base model a directory of LoRA adapters names in its `adapter_config.json` (a hub id or directory)."""
+    import json
+
+    config = json.loads((Path(ref).expanduser() / "adapter_config.json").read_text())
+    return config.get("base_model_name_or_path")
+
+
 def lora_config(settings: Any) -> Any:
     from peft import LoraConfig
 
@@ -316,7 +324,8 @@ def save_trained(
     if merge:
         save_model(model.merge_and_unload(), tokenizer, directory)
         return "merged"
-    model.save_pretrained(directory)
+    # The trained adapters only: continuing on earlier adapters, TRL's DPO adds a frozen copy named "ref".
+    model.save_pretrained(directory, selected_adapters=[model.active_adapter])
     tokenizer.save_pretrained(directory)
     if base_ref is None:
         save_model(model.unload(), tokenizer, directory / "base")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -178,7 +179,7 @@ def metrics_writer(ctx: RunContext, stage: Stage) -> MetricsWriter:
 
 
 def save_stage_model(
-    ctx: RunContext, stage: Stage, trainer: Trainer, tokenizer: Any, input_model: Any
+    ctx: RunContext, stage: Stage, trainer: Trainer, tokenizer: Any, start: StartingPoint
 ) -> tuple[Path, str]:
     """Save the trained model to `<stage>/model` on the main process; return the directory and what was saved
     (full weights, adapters, or adapters merged), which `summary.json` records."""
@@ -188,22 +189,116 @@ def save_stage_model(
     model_dir = ctx.stage_dir(stage) / "model"
     if not is_main_process():
         return model_dir, "by the main process"
-    return model_dir, save_trained(
-        trainer.model, tokenizer, model_dir, stage.merge, base_model(ctx, stage, input_model)
-    )
+    return model_dir, save_trained(trainer.model, tokenizer, model_dir, stage.merge, start.base)
 
 
-def base_model(ctx: RunContext, stage: Stage, model: Any) -> str | None:
-    """Where the weights under any adapters come from: a hub id or directory; None when built from scratch."""
-    from align.models import is_adapter_dir
+# --------------------------------------------------------------------------------------------------
+# What a stage starts from
+
+
+@dataclass(frozen=True)
+class StartingPoint:
+    """What a stage starts from and what it does with LoRA adapters: decided from the recipe and the files on
+    disk before any model is loaded, so nothing later has to ask a model object what it used to be.
+
+    `input` (recorded in summary.json): "scratch" (built from a config in this stage), "full" (full weights: a hub
+    id, a directory, an earlier stage trained without LoRA), "adapter" (an earlier stage's LoRA adapters, not
+    merged) or "merged" (an earlier stage's adapters merged into its base, as that stage's summary.json says).
+    `lora`: "none" (every weight trains), "new" (fresh adapters on the input), "continue" (the input's adapters
+    train on) or "merge" (the input's adapters are folded into their base first, then every weight trains).
+    `base`: where the weights under this stage's adapters come from, written into the saved adapter config: a hub
+    id or directory; None for a model built from scratch here (saved beside the adapters) or not yet known (dry run).
+    """
+
+    input: str
+    lora: str
+    base: str | None
+
+    def describe(self) -> str:
+        on = f" ({self.base})" if self.base else ""
+        return {
+            "none": "every weight trains",
+            "new": "fresh LoRA adapters on the input model; only they train",
+            "continue": f"the input's LoRA adapters train on, on their base{on}",
+            "merge": f"the input's LoRA adapters are merged into their base{on} first; every weight trains",
+        }[self.lora]
+
+
+def starting_point(ctx: RunContext, stage: Stage) -> StartingPoint:
+    """Decide what the stage starts from (see `StartingPoint`), before its model is loaded."""
+    from align.models import adapter_base
     from align.recipe import ScratchModel
 
-    source = ctx.model_ref(stage)
+    source = ctx.model_source(stage)
     if isinstance(source, ScratchModel):
-        return None
-    if is_adapter_dir(source):
-        return model.peft_config["default"].base_model_name_or_path
-    return source
+        kind, base = "scratch", None
+    elif source.startswith("@") and source[1:] not in ctx.outputs:
+        # A dry run: the earlier stage has saved nothing yet, so its recipe says what it will save.
+        upstream = next(s for s in ctx.recipe.stages if s.name == source[1:])
+        kind, base = planned_output(upstream), None
+    else:
+        ref = ctx.model_ref(stage)
+        kind = input_kind(ref)
+        base = adapter_base(ref) if kind == "adapter" else ref
+    if kind == "adapter":
+        lora = "continue" if stage.peft is not None else "merge"
+    else:
+        lora = "new" if stage.peft is not None else "none"
+    return StartingPoint(kind, lora, base)
+
+
+def planned_output(stage: Stage) -> str:
+    """What a stage will save, from its recipe: adapters (with `peft`), merged (with `merge`), else full weights.
+
+    An adapter input without `peft` is merged and trained in full, so `peft` alone decides."""
+    if stage.peft is None:
+        return "full"
+    return "merged" if stage.merge else "adapter"
+
+
+def input_kind(ref: str) -> str:
+    """What a local directory or hub id holds: LoRA adapters ("adapter"), an earlier stage's adapters merged
+    ("merged": its summary.json, beside `model/`, says so; the weights alone cannot tell), else "full"."""
+    from align.files import read_json
+    from align.models import is_adapter_dir
+
+    if is_adapter_dir(ref):
+        return "adapter"
+    local = Path(ref).expanduser()
+    upstream = read_json(local.parent / "summary.json") if local.is_dir() else None
+    if isinstance(upstream, dict) and upstream.get("saved") == "merged":
+        return "merged"
+    return "full"
+
+
+def load_start(
+    ctx: RunContext, stage: Stage, texts: Callable[[], Iterable[str]] | None
+) -> tuple[Any, Any, StartingPoint]:
+    """Load the stage's input model and tokenizer and bring its LoRA adapters to where the stage starts: merged
+    for a stage that trains every weight, kept trainable for a LoRA stage. Logs what it did.
+
+    Raises:
+        BadInput: the model cannot be found or its config is wrong.
+    """
+    from align.models import build_model
+
+    start = starting_point(ctx, stage)
+    model, tokenizer = build_model(
+        ctx.model_ref(stage), f"stages.{stage.name}.model", texts=texts, trust_remote_code=stage.trust_remote_code
+    )
+    if start.lora == "merge":
+        # A stage without `peft` trains every weight: it starts from the model the adapters make, merged.
+        model = model.merge_and_unload()
+    elif start.lora == "continue":
+        trained = model.peft_config["default"]
+        if (trained.r, trained.lora_alpha) != (stage.peft.r, stage.peft.alpha):
+            logger.warning(
+                "stages.%s.peft: the input's adapters (r=%d, alpha=%d) train on as they are; this stage's r=%d, "
+                "alpha=%d are not applied (to start fresh adapters, save the earlier stage with `merge: true`)",
+                stage.name, trained.r, trained.lora_alpha, stage.peft.r, stage.peft.alpha,
+            )  # fmt: skip
+    logger.info("input: %s; %s", start.input, start.describe())
+    return model, tokenizer, start
 
 
 def capped_max_length(stage: Stage, config: Any) -> int | None:

@@ -1,7 +1,8 @@
 """`kind: dpo` — Direct Preference Optimization with TRL's DPOTrainer.
 
-The reference is the stage's input model: with LoRA, the same weights with the adapters off (no second
-copy); without, a frozen copy (or its log-probabilities computed once, with `precompute_ref_log_probs`).
+The reference is the stage's input model: with fresh LoRA adapters, the same weights with the adapters off (no
+second copy); continuing on an earlier stage's adapters, TRL's frozen copy of them; without LoRA, a frozen copy
+(adapters of the input merged first), or its log-probabilities computed once, with `precompute_ref_log_probs`.
 """
 
 from __future__ import annotations
@@ -16,10 +17,12 @@ from align.stages.common import (
     early_stopping_callbacks,
     evaluate,
     generation_table,
+    load_start,
     metrics_writer,
     planned_steps,
     render_mask,
     save_stage_model,
+    starting_point,
     summary_metrics,
     training_args,
     watch,
@@ -30,6 +33,7 @@ if TYPE_CHECKING:
 
     from align.recipe import Stage
     from align.runtime import RunContext
+    from align.stages.common import StartingPoint
 
 logger = logging.getLogger(__name__)
 
@@ -42,33 +46,18 @@ def run(stage: Stage, ctx: RunContext) -> StageResult:
     from align.data import first_unique, training_texts
     from align.guards import DPOGuard
     from align.lm_head import install as install_lm_head
-    from align.models import (
-        build_model,
-        ensure_chat_template,
-        generate,
-        is_adapter_dir,
-        lora_config,
-    )
+    from align.models import ensure_chat_template, generate, lora_config
     from align.runtime import seed_everything
 
     # 1. Seed, model, tokenizer ---------------------------------------------------------------------
     seed_everything(ctx.seed)
     data = ctx.data[stage.name]
-    source = ctx.model_ref(stage)
-    model, tokenizer = build_model(
-        source,
-        f"stages.{stage.name}.model",
-        texts=lambda: training_texts(data["train"]),
-        trust_remote_code=stage.trust_remote_code,
-    )
+    # Full DPO on SFT adapters merges them first, so policy and reference both start as the SFT model.
+    model, tokenizer, start = load_start(ctx, stage, texts=lambda: training_texts(data["train"]))
     ensure_chat_template(tokenizer)
-    if isinstance(source, str) and is_adapter_dir(source) and stage.peft is None:
-        # Full DPO on top of SFT adapters: fold them in first, so policy and reference both start as the SFT model.
-        model = model.merge_and_unload()
-        logger.info("merged the input's LoRA adapters into its base: policy and reference start from the SFT model")
 
     # 2. Reference model ----------------------------------------------------------------------------
-    ref_model, reference = reference_for(stage, model)
+    ref_model, reference = reference_for(stage, start, model)
     logger.info("reference model: %s", reference)
 
     # 3. Trainer ------------------------------------------------------------------------------------
@@ -76,7 +65,7 @@ def run(stage: Stage, ctx: RunContext) -> StageResult:
     args = training_args(
         stage, ctx, supports_checkpointing=model.supports_gradient_checkpointing, max_length=max_length
     )
-    peft_config = lora_config(stage.peft) if stage.peft is not None and not hasattr(model, "peft_config") else None
+    peft_config = lora_config(stage.peft) if start.lora == "new" else None
     writer = metrics_writer(ctx, stage)
     logger.info("LM head: %s", install_lm_head(args.device))  # align/lm_head.py
     guard = DPOGuard(ctx.tracker)
@@ -109,7 +98,7 @@ def run(stage: Stage, ctx: RunContext) -> StageResult:
     generations = generation_table(ctx, prompts, answers_before, generate(trainer.model, tokenizer, prompts))
 
     # 5. Save and summarise -------------------------------------------------------------------------
-    model_dir, saved = save_stage_model(ctx, stage, trainer, tokenizer, model)
+    model_dir, saved = save_stage_model(ctx, stage, trainer, tokenizer, start)
     metrics = summary_metrics(stage, trainer, result, before, after, writer)
     metrics.update(
         reward_accuracy=after.get("eval_rewards/accuracies"),
@@ -118,6 +107,7 @@ def run(stage: Stage, ctx: RunContext) -> StageResult:
         pref_accuracy=pref_after,
     )
     extra = {
+        "input": start.input,
         "reference": reference,
         "saved": saved,
         "beta": args.beta,
@@ -148,20 +138,30 @@ def report_dropped(stage: Stage, trainer: Any, n_train: int, n_eval: int, max_le
                            total - kept[split], total, max_length)  # fmt: skip
 
 
-def reference_for(stage: Stage, model: Any) -> tuple[Any, str]:
-    """The reference model (None where TRL needs none) and a sentence saying what it is."""
-    if stage.peft is not None or hasattr(model, "peft_config"):
-        if hasattr(model, "peft_config"):
-            return None, "the input's LoRA adapters, copied by TRL as a frozen 'ref' adapter (no second model)"
-        return None, "the input model with the LoRA adapters switched off (no second model in memory)"
+def reference_plan(stage: Stage, start: StartingPoint) -> str:
+    """What the reference model is, in a sentence: for the summary, the log and the dry run alike."""
+    if start.lora == "continue":
+        return "the input's LoRA adapters, copied by TRL as a frozen 'ref' adapter (no second model)"
+    if start.lora == "new":
+        return "the input model with the LoRA adapters switched off (no second model in memory)"
     if stage.train.get("precompute_ref_log_probs"):
-        return None, "the input model's log-probabilities, computed once before training (no second model kept)"
+        return "the input model's log-probabilities, computed once before training (no second model kept)"
+    if start.lora == "merge":
+        return "a frozen copy of the input model, its LoRA adapters merged into the base"
+    return "a frozen copy of the input model"
+
+
+def reference_for(stage: Stage, start: StartingPoint, model: Any) -> tuple[Any, str]:
+    """The reference model (None where TRL needs none) and a sentence saying what it is."""
+    reference = reference_plan(stage, start)
+    if start.lora in ("new", "continue") or stage.train.get("precompute_ref_log_probs"):
+        return None, reference
     # An explicit frozen copy: TRL would otherwise reload the reference from config._name_or_path, which a model
     # built from scratch does not have.
-    reference = copy.deepcopy(model).eval()
-    for parameter in reference.parameters():
+    frozen = copy.deepcopy(model).eval()
+    for parameter in frozen.parameters():
         parameter.requires_grad_(False)
-    return reference, "a frozen copy of the input model"
+    return frozen, reference
 
 
 # --------------------------------------------------------------------------------------------------
@@ -236,6 +236,7 @@ def preflight(stage: Stage, ctx: RunContext, tokenizer: Any, config: Any) -> dic
 
     data = ctx.data[stage.name]
     ensure_chat_template(tokenizer)
+    start = starting_point(ctx, stage)
     max_length = capped_max_length(stage, config)
     args = training_args(stage, ctx, supports_checkpointing=False, max_length=max_length)
     train = data["train"]
@@ -253,7 +254,8 @@ def preflight(stage: Stage, ctx: RunContext, tokenizer: Any, config: Any) -> dic
             rendered[side] = render_mask(p + c, [0] * len(p) + [1] * len(c), tokenizer)
         examples.append(rendered)
     return {
-        "reference": "LoRA adapters off (no copy)" if stage.peft else "a frozen copy of the input model",
+        "input": f"{start.input}: {start.describe()}",
+        "reference": reference_plan(stage, start),
         "beta": args.beta,
         "loss_type": args.loss_type,
         "train_pairs": len(train),

@@ -14,6 +14,7 @@ from align.stages.common import (
     capped_max_length,
     early_stopping_callbacks,
     evaluate,
+    load_start,
     metrics_writer,
     perplexity,
     planned_steps,
@@ -51,16 +52,13 @@ def run(stage: Stage, ctx: RunContext) -> StageResult:
     """Fine-tune a causal LM on a text data set; evaluate before and after; save the model."""
     from transformers import Trainer
 
-    from align.models import build_model
     from align.runtime import seed_everything
 
     # 1. Seed, model and tokenizer ---------------------------------------------------------------
     seed_everything(ctx.seed)
     data = ctx.data[stage.name]
-    where = f"stages.{stage.name}.model"
-    model, tokenizer = build_model(
-        ctx.model_ref(stage), where, texts=lambda: data["train"]["text"], trust_remote_code=stage.trust_remote_code
-    )
+    # An lm stage trains every weight: LoRA adapters of an earlier stage are merged into their base first.
+    model, tokenizer, start = load_start(ctx, stage, texts=lambda: data["train"]["text"])
 
     # 2. Data: full blocks of real tokens ---------------------------------------------------------
     size = block_size(stage, model.config)
@@ -98,11 +96,16 @@ def run(stage: Stage, ctx: RunContext) -> StageResult:
     after = evaluate(trainer, writer, "final")
 
     # 5. Save and summarise -------------------------------------------------------------------------
-    model_dir, _ = save_stage_model(ctx, stage, trainer, tokenizer, model)
+    model_dir, _ = save_stage_model(ctx, stage, trainer, tokenizer, start)
     metrics = summary_metrics(stage, trainer, result, before, after, writer)
     metrics["perplexity"] = perplexity(after.get("eval_loss"))
     metrics["perplexity_before"] = perplexity(before.get("eval_loss"))
-    extra = {"block_size": size, "train_blocks": train_stats["blocks"], "eval_blocks": eval_stats["blocks"]}
+    extra = {
+        "input": start.input,
+        "block_size": size,
+        "train_blocks": train_stats["blocks"],
+        "eval_blocks": eval_stats["blocks"],
+    }
     return StageResult(stage.name, stage.kind, "completed", model_dir, ctx.input_label(stage), metrics, extra)
 
 

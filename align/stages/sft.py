@@ -16,11 +16,13 @@ from align.stages.common import (
     early_stopping_callbacks,
     evaluate,
     generation_table,
+    load_start,
     metrics_writer,
     perplexity,
     planned_steps,
     render_mask,
     save_stage_model,
+    starting_point,
     summary_metrics,
     training_args,
     watch,
@@ -42,7 +44,7 @@ def run(stage: Stage, ctx: RunContext) -> StageResult:
     from align.cache import cached_trainer
     from align.data import training_texts
     from align.lm_head import install as install_lm_head
-    from align.models import build_model, ensure_chat_template, generate, lora_config
+    from align.models import ensure_chat_template, generate, lora_config
     from align.runtime import seed_everything
 
     fmt = ctx.specs[stage.name].format
@@ -50,13 +52,7 @@ def run(stage: Stage, ctx: RunContext) -> StageResult:
     # 1. Seed, model, tokenizer, chat template ------------------------------------------------------
     seed_everything(ctx.seed)
     data = ctx.data[stage.name]
-    where = f"stages.{stage.name}.model"
-    model, tokenizer = build_model(
-        ctx.model_ref(stage),
-        where,
-        texts=lambda: training_texts(data["train"]),
-        trust_remote_code=stage.trust_remote_code,
-    )
+    model, tokenizer, start = load_start(ctx, stage, texts=lambda: training_texts(data["train"]))
     template = ensure_chat_template(tokenizer)
 
     # 2. Data and loss mask -------------------------------------------------------------------------
@@ -69,9 +65,7 @@ def run(stage: Stage, ctx: RunContext) -> StageResult:
     args = training_args(
         stage, ctx, supports_checkpointing=model.supports_gradient_checkpointing, max_length=max_length, **loss, **pack
     )
-    peft_config = None
-    if stage.peft is not None and not hasattr(model, "peft_config"):
-        peft_config = lora_config(stage.peft)
+    peft_config = lora_config(stage.peft) if start.lora == "new" else None
     writer = metrics_writer(ctx, stage)
     logger.info("LM head: %s", install_lm_head(args.device))  # align/lm_head.py
     trainer = cached_trainer(SFTTrainer, "sft", fmt)(
@@ -104,11 +98,12 @@ def run(stage: Stage, ctx: RunContext) -> StageResult:
     generations = generation_table(ctx, prompts, answers_before, answers_after)
 
     # 5. Save and summarise -------------------------------------------------------------------------
-    model_dir, saved = save_stage_model(ctx, stage, trainer, tokenizer, model)
+    model_dir, saved = save_stage_model(ctx, stage, trainer, tokenizer, start)
     metrics = summary_metrics(stage, trainer, result, before, after, writer)
     metrics["perplexity"] = perplexity(after.get("eval_loss"))
     metrics["perplexity_before"] = perplexity(before.get("eval_loss"))
     extra = {
+        "input": start.input,
         "chat_template": template,
         "loss_on": describe_loss(loss, fmt),
         "packing": pack_reason,
@@ -329,6 +324,7 @@ def preflight(stage: Stage, ctx: RunContext, tokenizer: Any, config: Any) -> dic
     data = ctx.data[stage.name]
     fmt = ctx.specs[stage.name].format
     template = ensure_chat_template(tokenizer)
+    start = starting_point(ctx, stage)
     train, _, loss = loss_settings(stage, fmt, data["train"], data["validation"], tokenizer)
     max_length = capped_max_length(stage, config)
     truncated, lengths = count_truncated(train, tokenizer, max_length, "train")
@@ -336,6 +332,7 @@ def preflight(stage: Stage, ctx: RunContext, tokenizer: Any, config: Any) -> dic
     used = [min(n, max_length or n) for n in lengths]
     longest_per_batch = _padded_tokens(used, args.per_device_train_batch_size)
     return {
+        "input": f"{start.input}: {start.describe()}",
         "chat_template": template
         + ("" if fmt != "messages" or marks_assistant_turns(tokenizer) else " (no turn marks)"),
         "loss_on": describe_loss(loss, fmt),
