@@ -126,12 +126,16 @@ def perplexity(loss: float | None) -> float | None:
 
 
 def watch(trainer: Trainer, ctx: RunContext) -> NumericGuard:
-    """Silence the Trainer's own printing (MetricsWriter logs each row once) and guard its raw numbers."""
+    """Silence the Trainer's own printing (MetricsWriter logs each row once), guard its raw numbers, and stop at a
+    step's end with a checkpoint when a signal asks (align/signals.py)."""
     from transformers.trainer_callback import PrinterCallback
 
     from align.guards import NumericGuard
+    from align.signals import StopOnSignal
 
     trainer.remove_callback(PrinterCallback)
+    # Before the guard: on a non-finite step the guard, running after it, cancels the save a signal asked for.
+    trainer.add_callback(StopOnSignal())
     guard = NumericGuard(ctx.tracker, loss_scaling=ctx.precision.name == "fp16")
     guard.attach(trainer)
     trainer.add_callback(guard)
