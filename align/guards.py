@@ -121,6 +121,10 @@ class MetricsWriter(TrainerCallback):
         split = self.phase or split_of(logs)
         row: dict[str, Any] = {"step": state.global_step, "epoch": state.epoch, "split": split}
         row.update({k: v for k, v in logs.items() if k != "epoch"})
+        if self.tracker is not None and self.phase is None:
+            # The Trainer's row for the trackers it has no callback for (align/tracking.py); a phase's evaluation
+            # (the restored model measured again) stays off the curves, as it does for wandb.
+            self.tracker.log_trainer(logs, state.global_step)
         if split == "train" and self._last_time is not None:
             # Tokens per second over the last logging interval, from the Trainer's own token count.
             now, seen = time.perf_counter(), state.num_input_tokens_seen or 0
@@ -129,7 +133,7 @@ class MetricsWriter(TrainerCallback):
             self._last_time, self._last_tokens = now, seen
             row.update(system_metrics())
             if self.tracker is not None:
-                # The Trainer's WandbCallback has logged the Trainer's keys already; these are ours.
+                # The Trainer's keys are logged already (its WandbCallback, `log_trainer`); these are ours.
                 extra = {
                     k: v
                     for k, v in row.items()

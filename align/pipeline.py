@@ -28,7 +28,6 @@ from align.runtime import (
     CURRENT_STAGE,
     RunContext,
     StageOutput,
-    Tracker,
     choose_precision,
     is_main_process,
     main_process_first,
@@ -38,6 +37,7 @@ from align.runtime import (
 )
 from align.signals import raise_if_requested, stop_on_signals
 from align.stages.common import StageResult
+from align.tracking import Tracker, check_installed
 
 logger = logging.getLogger(__name__)
 
@@ -149,6 +149,10 @@ def preflight(recipe: Recipe) -> tuple[dict[str, DataSpec], dict[str, Any]]:
     """
     specs = resolve_specs(recipe)
     found = Problems()
+    try:
+        check_installed(recipe.tracking)  # a tracker that is not installed would fail only once training started
+    except BadInput as exc:
+        found.absorb(exc)
     for stage in recipe.stages:
         try:
             stage_module(stage.kind)
@@ -281,7 +285,7 @@ def run_pipeline(
             resolved = redact(resolved_recipe(recipe, specs), secret_values())
             write_text_atomic(output_dir / "recipe.yaml", to_yaml(resolved))
         group = f"{recipe.name}-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
-        tracker = Tracker(recipe.tracking.wandb, recipe.name, group, output_dir)
+        tracker = Tracker(recipe.tracking, recipe.name, group, output_dir)
         ctx = RunContext(
             recipe=recipe, run_dir=output_dir, precision=precision, tracker=tracker, data=data, specs=specs
         )
@@ -491,11 +495,11 @@ def dry_run(recipe: Recipe, output_dir: Path) -> str:
     """
     from align.data import training_texts
     from align.models import hub_config, load_tokenizer, scratch_config, train_tokenizer
-    from align.recipe import WandbSettings
+    from align.recipe import Tracking, WandbSettings
 
     precision = choose_precision(recipe.precision)
     specs, data = preflight(recipe)
-    tracker = Tracker(WandbSettings(mode="disabled"), recipe.name, "dry-run", output_dir)
+    tracker = Tracker(Tracking(wandb=WandbSettings(mode="disabled")), recipe.name, "dry-run", output_dir)
     ctx = RunContext(recipe=recipe, run_dir=output_dir, precision=precision, tracker=tracker, data=data, specs=specs)
     lines = [f"preflight: recipe {recipe.name}, {len(recipe.stages)} stages, output {output_dir}",
              f"precision: {precision.name} ({precision.reason})"]  # fmt: skip

@@ -65,8 +65,32 @@ class WandbSettings(Strict):
     tags: list[str] = Field(default_factory=list, description="tags added to every stage's run")
 
 
+class TrackioSettings(Strict):
+    """trackio: a local SQLite database, `<run dir>/trackio/<project>.db` (or under TRACKIO_DIR when set)."""
+
+    project: str = Field("align", description="trackio project the stage runs go to (one database per project)")
+
+
+class MlflowSettings(Strict):
+    """MLflow: a parent run per pipeline run, a child run per stage."""
+
+    experiment: str = Field("align", description="MLflow experiment the runs go to (created when missing)")
+    tracking_uri: str | None = Field(
+        None, description="where MLflow stores runs; None: a file store at <run dir>/mlruns (no server needed)"
+    )
+
+
+class TensorBoardSettings(Strict):
+    """TensorBoard: event files under `<run dir>/tensorboard/<pipeline run>/<stage>`. No settings yet: `{}`."""
+
+
 class Tracking(Strict):
-    wandb: WandbSettings = Field(default_factory=WandbSettings)
+    wandb: WandbSettings = Field(default_factory=WandbSettings, description="wandb; mode: disabled turns it off")
+    trackio: TrackioSettings | None = Field(None, description="trackio, when given (`trackio: {}`); needs .[trackio]")
+    mlflow: MlflowSettings | None = Field(None, description="MLflow, when given (`mlflow: {}`); needs .[mlflow]")
+    tensorboard: TensorBoardSettings | None = Field(
+        None, description="TensorBoard, when given (`tensorboard: {}`); needs .[tensorboard]"
+    )
     log_level: Literal["debug", "info", "warning"] = Field("info", description="console log level")
 
 

@@ -27,7 +27,7 @@ LOCK_FILE = ".align.lock"
 LOCK_INFO = ".align.lock.json"
 # The files align writes at the top of a run directory (stage folders come from pipeline.json).
 RUN_FILES = ("pipeline.json", "recipe.yaml", "align.log", "report.html")
-RUN_DIRS = ("wandb",)
+RUN_DIRS = ("wandb", "trackio", "mlruns", "tensorboard")  # the trackers' local records (align/tracking.py)
 OWN_FILES = (LOCK_FILE, LOCK_INFO)
 
 
@@ -85,8 +85,9 @@ def remove_inside(run_dir: Path, target: Path) -> None:
 
 
 def clear_for_fresh(run_dir: Path, stage_names: list[str]) -> None:
-    """`--fresh`: remove what earlier runs wrote (log, records, report, wandb runs, stage folders), so nothing stale
-    survives — the old `align.log`, or wandb runs that `wandb sync` would upload — and keep files the user put there."""
+    """`--fresh`: remove what earlier runs wrote (log, records, report, trackers' runs, stage folders), so nothing
+    stale survives — the old `align.log`, or wandb runs that `wandb sync` would upload — and keep files the user put
+    there."""
     if not run_dir.is_dir():
         return
     old = read_json(run_dir / "pipeline.json") or {}

@@ -1,7 +1,7 @@
-"""THE shared setup: logging, experiment tracking, precision, seeding, hub reachability, rank.
+"""THE shared setup: logging, precision, seeding, hub reachability, rank, and the context each stage receives.
 
 Everything here is decided once per pipeline run, with the reason logged. Stages never configure
-logging or import wandb themselves: they take what `RunContext` hands them.
+logging or import a tracker themselves: they take what `RunContext` hands them (tracking: align/tracking.py).
 """
 
 from __future__ import annotations
@@ -23,7 +23,8 @@ from align.errors import BadInput, GuardStopped
 if TYPE_CHECKING:
     from datasets import DatasetDict
 
-    from align.recipe import DataSpec, Recipe, ScratchModel, Stage, WandbSettings
+    from align.recipe import DataSpec, Recipe, ScratchModel, Stage
+    from align.tracking import Tracker
 
 logger = logging.getLogger(__name__)
 
@@ -310,108 +311,6 @@ def seed_everything(seed: int) -> None:
     from transformers import set_seed
 
     set_seed(seed)
-
-
-# --------------------------------------------------------------------------------------------------
-# Tracking
-
-
-class Tracker:
-    """wandb behind one small interface: one run per stage, grouped per pipeline run.
-
-    With mode `disabled` it does nothing and never imports wandb, so stages never branch on tracking.
-    """
-
-    def __init__(self, settings: WandbSettings, recipe_name: str, group: str, run_dir: Path):
-        self.settings = settings
-        self.recipe_name = recipe_name
-        self.group = group
-        self.run_dir = run_dir
-        self.mode = self._effective_mode(settings.mode) if is_main_process() else "disabled"
-        self.run: Any = None
-
-    def _effective_mode(self, mode: str) -> str:
-        if mode != "online":
-            return mode
-        if os.environ.get("WANDB_MODE") in ("offline", "disabled"):
-            return os.environ["WANDB_MODE"]  # the environment may keep an online recipe off the network
-        has_key = bool(os.environ.get("WANDB_API_KEY")) or _netrc_has_wandb()
-        base = os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai")
-        if has_key and reachable(base):
-            return "online"
-        why = "no wandb credentials (WANDB_API_KEY or `wandb login`)" if not has_key else f"{base} is not reachable"
-        logger.warning(
-            "wandb: %s; logging offline under %s — sync later with `wandb sync %s/wandb/offline-run-*`",
-            why,
-            self.run_dir / "wandb",
-            self.run_dir,
-        )
-        return "offline"
-
-    @property
-    def report_to(self) -> list[str]:
-        return ["wandb"] if self.mode != "disabled" else []
-
-    def start_stage(self, stage: Stage, config: dict[str, Any]) -> None:
-        """Open this stage's wandb run; the Trainer's WandbCallback then logs into it."""
-        if self.mode == "disabled":
-            return
-        import wandb
-
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        # Silent from setup on, not only for this run: otherwise every checkpoint save prints "URL not available in
-        # offline run" (TRL's model card asks for the run's URL). What matters, align logs itself.
-        wandb.setup(settings=wandb.Settings(silent=True))
-        self.run = wandb.init(
-            project=self.settings.project,
-            entity=self.settings.entity,
-            name=f"{self.recipe_name}/{stage.name}",
-            group=self.group,
-            job_type=stage.kind,
-            tags=self.settings.tags or None,
-            config=config,
-            dir=str(self.run_dir),
-            mode=self.mode,
-            reinit="finish_previous",
-            settings=wandb.Settings(console="off", quiet=True, silent=True),
-        )
-        where = self.run.url if self.mode == "online" else self.run.dir
-        logger.info("wandb %s run %s: %s", self.mode, self.run.name, where)
-
-    def log(self, values: dict[str, Any]) -> None:
-        if self.run is not None:
-            self.run.log(values)
-
-    def summary(self, values: dict[str, Any]) -> None:
-        if self.run is not None:
-            for key, value in values.items():
-                if value is not None:
-                    self.run.summary[key] = value
-
-    def table(self, key: str, columns: list[str], rows: list[list[Any]]) -> None:
-        if self.run is not None:
-            import wandb
-
-            self.run.log({key: wandb.Table(columns=columns, data=rows)})
-
-    def alert(self, title: str, text: str) -> None:
-        if self.run is not None and self.mode == "online":
-            self.run.alert(title=title, text=text)
-
-    def finish_stage(self, exit_code: int = 0) -> None:
-        if self.run is not None:
-            self.run.finish(exit_code=exit_code)
-            self.run = None
-
-
-def _netrc_has_wandb() -> bool:
-    import netrc
-
-    try:
-        auth = netrc.netrc().authenticators("api.wandb.ai")
-    except (OSError, netrc.NetrcParseError):
-        return False
-    return bool(auth and auth[2])
 
 
 # --------------------------------------------------------------------------------------------------

@@ -65,6 +65,46 @@ def run_cli(capsys):
     return _run
 
 
+# Credentials that must never reach the run directory or any tracker's files (tests/test_secrets.py).
+SECRETS = {
+    "WANDB_API_KEY": "wandbsecret0123456789abcdef0123456789abcd",
+    "HF_TOKEN": "hf_secretTOKENvalue0123456789",
+    "MY_SERVICE_PASSWORD": "pa55word-very-secret",
+}
+ALL_TRACKERS = {
+    "wandb": {"mode": "offline", "project": "align-test"},
+    "trackio": {"project": "align-test"},
+    "mlflow": {"experiment": "align-test"},
+    "tensorboard": {},
+}
+
+
+@pytest.fixture(scope="session")
+def tracked_run(tmp_path_factory, _test_cache) -> dict[str, Any]:
+    """lm -> sft with every tracker on and credentials in the environment, run once as a user runs it: `python -m
+    align.run` in its own process (trackio fixes its database folder when first imported, so a fresh process is
+    what a user gets). Returns the run directory and the command's stdout and stderr."""
+    import subprocess
+    import sys
+
+    tmp = tmp_path_factory.mktemp("tracked")
+    recipe = tiny_lm_recipe(tracking=ALL_TRACKERS)
+    recipe["stages"][0]["train"].update(max_steps=6, logging_steps=2, eval_steps=3)
+    recipe["stages"].append({
+        "name": "sft", "kind": "sft", "generations": 1,
+        "data": {"card": "python-docs-instruct", "max_train_rows": 48, "max_eval_rows": 16},
+        "train": {"max_length": 64, "max_steps": 4, "per_device_train_batch_size": 8, "learning_rate": 3.0e-3,
+                  "logging_steps": 2, "eval_steps": 2},
+    })  # fmt: skip
+    env = {k: v for k, v in os.environ.items() if k not in ("TRACKIO_DIR", "MLFLOW_TRACKING_URI")} | SECRETS
+    done = subprocess.run(
+        [sys.executable, "-m", "align.run", str(write_yaml(tmp / "r.yaml", recipe)), "--output-dir", str(tmp / "run")],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    return {"run_dir": tmp / "run", "stdout": done.stdout, "stderr": done.stderr}
+
+
 @pytest.fixture(scope="session", autouse=True)
 def _test_cache(tmp_path_factory):
     """The tests' own tokenized-data cache (session-wide, set before any module fixture trains): never the
