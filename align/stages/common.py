@@ -193,7 +193,13 @@ def save_stage_model(
     model_dir = ctx.stage_dir(stage) / "model"
     if not is_main_process():
         return model_dir, "by the main process"
-    return model_dir, save_trained(trainer.model, tokenizer, model_dir, stage.merge, start.base)
+    saved = save_trained(trainer.model, tokenizer, model_dir, stage.merge, start.base)
+    # align/saved.py: how this stage's prompts were formatted in training (align chat follows it, the card says it).
+    from align.saved import record_prompt_format
+
+    data = ctx.data.get(stage.name)
+    record_prompt_format(model_dir, stage.name, stage.kind, ctx.specs[stage.name].format, data and data["train"])
+    return model_dir, saved
 
 
 # --------------------------------------------------------------------------------------------------
