@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from align import __version__
+from align.card import write_model_card
 from align.errors import AlignError, BadInput, GuardStopped, Interrupted, Problems, StageFailed
 from align.files import read_json, write_json_atomic, write_text_atomic
 from align.recipe import DataSpec, Recipe, ScratchModel, Stage, redact, to_yaml
@@ -416,6 +417,7 @@ def _run_stages(
             stage, result, status="completed", fp=fp, input_model=input_model, wall_time_s=elapsed
         )
         records.update(stage.name, status="completed")
+        write_model_card(ctx.run_dir, stage.name)  # align/card.py: model/README.md, from the records just written
         if result.metrics.get("stopped_early"):
             tracker.log({"train/early_stop_step": result.metrics["global_step"]})
         tracker.summary(result.metrics)

@@ -1,0 +1,267 @@
+"""The model card (`model/README.md`) of every saved model: hub metadata, then how the model was made.
+
+Written once a stage's summary.json is complete, from the run's own records: pipeline.json and each stage's
+summary.json (chain, fingerprints, metrics, versions), recipe.yaml (already redacted; data cards expanded), and the
+model's align_prompts.json (how its prompts were formatted). A pushed model then says how it was made. Known secret
+values are redacted once more from the whole card.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from pathlib import Path
+from typing import Any
+
+from align.files import read_json, write_text_atomic
+
+logger = logging.getLogger(__name__)
+
+# The hub's license identifiers that align's data cards use (and a few common ones); any other license is
+# `other`, with its name in `license_name`.
+HUB_LICENSES = {
+    "apache-2.0", "mit", "cc-by-4.0", "cc-by-sa-3.0", "cc-by-sa-4.0", "cc-by-nc-4.0", "cc-by-nc-sa-4.0", "cc0-1.0",
+    "bsd-3-clause", "gpl-3.0", "llama2", "llama3", "openrail", "odc-by", "unknown",
+}  # fmt: skip
+KEY_METRICS = {
+    "lm": ("eval_loss", "perplexity"),
+    "sft": ("eval_loss", "perplexity"),
+    "dpo": ("pref_accuracy", "eval_loss", "reward_accuracy", "reward_margin"),
+}
+OTHER_METRICS = ("train_loss", "global_step", "best_step", "stopped_early", "train_runtime_s", "train_tokens")
+
+
+def write_model_card(run_dir: Path, stage: str) -> Path | None:
+    """Write `<run_dir>/<stage>/model/README.md` (main process only). A card that cannot be written costs a
+    warning, never the run."""
+    from align.runtime import is_main_process
+
+    if not is_main_process():
+        return None
+    try:
+        text = model_card(Path(run_dir), stage)
+        path = Path(run_dir) / stage / "model" / "README.md"
+        write_text_atomic(path, text)
+        logger.info("model card: %s", path)
+        return path
+    except Exception as exc:  # the model is saved; its card is documentation
+        logger.warning("%s: the model card could not be written: %s", stage, exc)
+        return None
+
+
+def model_card(run_dir: Path, stage: str) -> str:
+    """The card's text: YAML metadata, then the chain, metrics, prompt format, usage, versions and recipe."""
+    import yaml
+    from huggingface_hub import ModelCardData
+
+    from align.pipeline import secret_values
+    from align.recipe import redact
+    from align.saved import read_prompt_format
+
+    recipe_text = (run_dir / "recipe.yaml").read_text(encoding="utf-8")
+    recipe = yaml.safe_load(recipe_text) or {}
+    stages = {s["name"]: s for s in recipe.get("stages", [])}
+    chain = stage_chain(stages, stage)
+    summaries = {name: read_json(run_dir / name / "summary.json") or {} for name in chain}
+    summary = summaries[stage]
+    model_dir = run_dir / stage / "model"
+    adapter = (model_dir / "adapter_config.json").is_file()
+    root = stages[chain[0]].get("model")
+    base = base_model(root)
+    datasets = list(dict.fromkeys(d for d in (dataset_id(stages[n].get("data") or {}) for n in chain) if d))
+    licenses = list(dict.fromkeys(stages[n].get("data", {}).get("license") for n in chain if stages[n].get("data")))
+    licenses = [x for x in licenses if x]
+    kind = summary.get("kind") or stages[stage].get("kind", "")
+    metadata = ModelCardData(
+        base_model=base,
+        datasets=datasets or None,
+        tags=["align", kind],
+        library_name="peft" if adapter else "transformers",
+        pipeline_tag="text-generation",
+        **hub_license(licenses),
+    )
+    prompts = read_prompt_format(model_dir, has_chat_template=(model_dir / "chat_template.jinja").is_file())
+    title = f"{recipe.get('name', run_dir.name)} / {stage}"
+    steps = " -> ".join(f"`{n}` ({stages[n].get('kind')})" for n in chain)
+    body = [
+        f"# {title}",
+        "",
+        f"Stage `{stage}` ({kind}) of the align recipe `{recipe.get('name')}`: {describe_root(root)}, then {steps}.",
+        "",
+        "## How it was made",
+        "",
+        "| # | stage | kind | input model | data | fingerprint | saved |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for i, name in enumerate(chain, start=1):
+        s, entry = summaries[name], stages[name]
+        data = entry.get("data") or {}
+        body.append(
+            f"| {i} | `{name}` | {entry.get('kind')} | {short_input(s.get('input_model'), root if i == 1 else None)} "
+            f"| {data_label(data)} | `{s.get('fingerprint', '-')}` | {s.get('saved', 'full')} |"
+        )
+    body += ["", "## Key metrics", "", "Each stage on its own held-out split, before and after it trained.", ""]
+    body += ["| stage | metric | before | after |", "|---|---|---|---|"]
+    for name in chain:
+        metrics = summaries[name].get("metrics") or {}
+        for key in KEY_METRICS.get(stages[name].get("kind"), ()):
+            if key in metrics:
+                before = metrics.get(f"{key}_before")
+                body.append(
+                    f"| `{name}` | {key} | {_fmt(before) if before is not None else '-'} | {_fmt(metrics[key])} |"
+                )
+    metrics = summary.get("metrics") or {}
+    others = ", ".join(f"{k} {_fmt(metrics[k])}" for k in OTHER_METRICS if metrics.get(k) is not None)
+    if others:
+        body += ["", f"`{stage}`: {others}."]
+    verdict = summary.get("verdict")
+    if isinstance(verdict, dict) and verdict.get("status"):
+        reasons = "; ".join(map(str, verdict.get("reasons") or []))
+        body += ["", f"Verdict: **{verdict['status']}**" + (f" ({reasons})" if reasons else "") + "."]
+    body += ["", "## Prompt format", "", prompt_section(prompts), "", "## Usage", "", usage(prompts, adapter)]
+    versions = summary.get("versions") or {}
+    if versions:
+        body += ["", "## Versions", "", ", ".join(f"{k} {v}" for k, v in versions.items()) + "."]
+    body += ["", "## Recipe", "", "As run (secrets redacted, data cards expanded):", ""]
+    body += ["```yaml", recipe_text.rstrip(), "```", ""]
+    text = f"---\n{metadata.to_yaml()}\n---\n\n" + "\n".join(body)
+    return redact(text, secret_values())
+
+
+def stage_chain(stages: dict[str, dict[str, Any]], stage: str) -> list[str]:
+    """The stages whose outputs led to `stage`, first to last: each one's `model: "@<stage>"` followed back (the
+    resolved recipe spells an omitted model as `@<previous stage>`)."""
+    chain = [stage]
+    while True:
+        model = stages[chain[0]].get("model")
+        ref = model[1:] if isinstance(model, str) and model.startswith("@") else None
+        if ref is None or ref not in stages or ref in chain:
+            return chain
+        chain.insert(0, ref)
+
+
+def base_model(root: Any) -> str | None:
+    """The hub id the chain started from; a local directory's own card's `base_model`; None for a scratch model."""
+    if not isinstance(root, str) or not root:
+        return None
+    local = Path(root).expanduser()
+    if local.is_dir():
+        card = local / "README.md"
+        if card.is_file():
+            match = re.search(r"^base_model:\s*(\S+)\s*$", card.read_text(encoding="utf-8").split("\n---", 1)[0], re.M)
+            return match.group(1) if match else None
+        return None
+    return None if root.startswith((".", "/", "~")) else root
+
+
+def describe_root(root: Any) -> str:
+    if isinstance(root, dict):
+        sizes = ", ".join(f"{k} {v}" for k, v in root.items() if k != "model_type")
+        return f"a `{root.get('model_type')}` built from scratch ({sizes})"
+    return f"`{root}`"
+
+
+def short_input(input_model: str | None, root: Any) -> str:
+    """`@lm` for an earlier stage (its local path dropped: it means nothing elsewhere), else the model as named."""
+    if root is not None:
+        return "scratch " + str(root.get("model_type")) if isinstance(root, dict) else f"`{root}`"
+    return f"`{(input_model or '-').split(' (')[0]}`"
+
+
+def dataset_id(data: dict[str, Any]) -> str | None:
+    """The hub id of a stage's data (`source.hub`), else its card's name (builtin and file sets)."""
+    hub = (data.get("source") or {}).get("hub")
+    return hub or data.get("card") or data.get("name")
+
+
+def data_label(data: dict[str, Any]) -> str:
+    name = data.get("card") or data.get("name") or "inline data"
+    hub = (data.get("source") or {}).get("hub")
+    where = f"hub `{hub}`" if hub else ", ".join(f"{k} `{v}`" for k, v in (data.get("source") or {}).items())
+    return f"{name} ({data.get('format')}; {where})" if where else f"{name} ({data.get('format')})"
+
+
+def hub_license(licenses: list[str]) -> dict[str, Any]:
+    """The data cards' licenses as the hub's `license` field: one identifier where they agree, else `other` with
+    their names."""
+    ids = list(dict.fromkeys(_license_id(x) for x in licenses))
+    if not ids:
+        return {}
+    if len(ids) == 1 and ids[0] in HUB_LICENSES:
+        return {"license": ids[0]}
+    return {"license": "other", "license_name": "-and-".join(ids)}
+
+
+def _license_id(text: str) -> str:
+    name = re.sub(r"\(.*?\)", "", text).strip().lower()
+    return re.sub(r"[^a-z0-9.]+", "-", name).strip("-")
+
+
+def prompt_section(prompts: Any) -> str:
+    lines = [f"Prompts: {prompts.describe()}."]
+    if prompts.format == "plain" and prompts.kind != "lm" and prompts.data_format != "text":
+        lines.append(
+            "The tokenizer carries a chat template (align's default `### user:` headers where the base had none) "
+            "that this model **never saw in training**: render prompts as plain text, as below, not through "
+            '`apply_chat_template` or `pipeline("text-generation")` with messages. A multi-turn conversation is '
+            "the turns concatenated (prompt, answer, end-of-text, next prompt), as `align chat` renders it."
+        )
+        if prompts.example_prompt:
+            ending = f" (it ends in {prompts.prompt_suffix!r})" if prompts.prompt_suffix else ""
+            lines += ["", f"A training prompt{ending}:", "", "```text", prompts.example_prompt.rstrip(), "```"]
+    elif prompts.format == "plain":
+        lines.append("Give it text to continue; it knows no chat template.")
+    else:
+        lines.append("Render conversations with the tokenizer's chat template (`apply_chat_template`).")
+    return "\n".join(lines)
+
+
+def usage(prompts: Any, adapter: bool) -> str:
+    if adapter:
+        load = (
+            "from peft import AutoPeftModelForCausalLM\nfrom transformers import AutoTokenizer\n\n"
+            'path = "path/to/model"  # this folder, or its hub repository\n'
+            "model = AutoPeftModelForCausalLM.from_pretrained(path)  # LoRA adapters on the base they name\n"
+        )
+    else:
+        load = (
+            "from transformers import AutoModelForCausalLM, AutoTokenizer\n\n"
+            'path = "path/to/model"  # this folder, or its hub repository\n'
+            "model = AutoModelForCausalLM.from_pretrained(path)\n"
+        )
+    load += "tokenizer = AutoTokenizer.from_pretrained(path)\n"
+    if prompts.format == "chat_template":
+        render = (
+            'messages = [{"role": "user", "content": "What does the assert statement do?"}]\n'
+            'inputs = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", '
+            "return_dict=True)\n"
+        )
+    else:
+        suffix = prompts.prompt_suffix if prompts.format == "plain" else ""
+        render = f'inputs = tokenizer("What does the assert statement do?{_py(suffix)}", return_tensors="pt")\n'
+    generate = (
+        "output = model.generate(**inputs, max_new_tokens=64)\n"
+        'print(tokenizer.decode(output[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True))\n'
+    )
+    adapters_note = (
+        "\nThe adapters name their base model in `adapter_config.json`; where that is a local directory (a base "
+        "built from scratch is saved in `base/` beside them), point `base_model_name_or_path` at it.\n"
+        if adapter
+        else ""
+    )
+    return (
+        f"```python\n{load}{render}{generate}```\n{adapters_note}\nOr in a terminal, prompts rendered as in training "
+        "(see above):\n\n```bash\nalign chat path/to/model            # or: align chat RUN_DIR --stage NAME\n```"
+    )
+
+
+def _py(text: str) -> str:
+    return text.encode("unicode_escape").decode("ascii")
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return str(value)
