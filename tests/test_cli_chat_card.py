@@ -228,14 +228,15 @@ def wait_for(pane, condition, timeout: float = 90.0) -> str:
     raise AssertionError(f"timed out; the terminal shows:\n{pane()}")
 
 
-def test_chat_in_a_real_terminal(run_dir):
+def test_chat_in_a_real_terminal(run_dir, tmp_path):
     """tmux: the banner, two turns answered, /reset, /exit with exit code 0."""
     if shutil.which("tmux") is None:
         if os.environ.get("ALIGN_REQUIRE_TMUX"):
             pytest.fail("tmux is required (ALIGN_REQUIRE_TMUX is set): apt-get install tmux")
         pytest.skip("tmux is not installed")
     align = Path(sys.executable).parent / "align"
-    server = ["tmux", "-L", f"align-test-{os.getpid()}"]  # a private tmux server: nobody else's sessions
+    # A private tmux server whose socket lives in tmp_path: nobody else's sessions, nothing left in /tmp/tmux-*.
+    server = ["tmux", "-S", str(tmp_path / "tmux.sock")]
     command = f"env HF_HUB_OFFLINE=1 {align} chat {run_dir} --temperature 1 --max-new-tokens 8; echo EXIT=$?; sleep 60"
     subprocess.run([*server, "new-session", "-d", "-s", "chat", "-x", "200", "-y", "50", command], check=True)
 
