@@ -1,0 +1,295 @@
+"""align trains through the library and adds only checks and bookkeeping: the same tiny run as an align recipe and
+as a bare TRL / transformers script ends at the same eval loss (within 1e-5).
+
+Both sides read one saved model (weights and tokenizer), the same JSONL files and one dict of settings. align's
+defaults that change what is computed are given to the bare side (`ALIGN_DEFAULTS`); the bookkeeping ones
+(`logging_nan_inf_filter`, `include_num_input_tokens_seen`, progress bars, pinned memory) are left at the
+library's there, so the test also shows they change nothing. The models keep GPT-2's dropout (0.1), so anything
+align draws from the random generators before training would show: before `common.keep_random_state`, the eval at
+step 0 shifted the dropout masks and the sft and lm runs ended 4.3e-4 and 3.2e-3 from the bare scripts' (dpo
+matched anyway: TRL's `disable_dropout` turns dropout off). Measured since: all three equal to the last bit.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.conftest import TINY_MODEL, write_yaml
+
+TOLERANCE = 1e-5
+SEED = 42
+# One set of settings for both sides (align's recipe `train:`, and the bare config class).
+SETTINGS: dict[str, Any] = {
+    "max_steps": 20,
+    "per_device_train_batch_size": 8,
+    "per_device_eval_batch_size": 8,
+    "learning_rate": 5e-4,
+    "eval_steps": 10,  # evaluations while training too: they draw random numbers on both sides alike
+}
+SFT_SETTINGS = {**SETTINGS, "max_length": 128, "packing": False}
+DPO_SETTINGS = {**SETTINGS, "max_length": 128, "beta": 0.1}
+LM_SETTINGS = {**SETTINGS, "max_length": 64}
+# What align sets differently from the library, where it changes what runs (README: "Defaults align changes from
+# the library's"): the bare side gets them by hand. fp32 on the CPU: TRL's configs default to bf16 there.
+ALIGN_DEFAULTS: dict[str, Any] = {
+    "logging_steps": 10,
+    "eval_strategy": "steps",
+    "save_total_limit": 2,
+    "gradient_checkpointing": True,  # GPT-2 supports it
+    "use_cpu": True,
+    "bf16": False,
+    "fp16": False,
+}
+
+
+def tiny_gpt2(directory: Path, tokenizer: Any, dropout: float = 0.1) -> Path:
+    """The tests' tiny GPT-2 (2 layers, hidden 32, the tokenizer's 512 tokens), 128 positions, saved with its
+    tokenizer: what both sides load."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    config = AutoConfig.for_model(
+        **{**TINY_MODEL, "vocab_size": len(tokenizer), "n_positions": 128},
+        resid_pdrop=dropout, embd_pdrop=dropout, attn_pdrop=dropout,
+        bos_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+    )  # fmt: skip
+    AutoModelForCausalLM.from_config(config).save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return directory
+
+
+def write_jsonl(path: Path, rows: list[dict[str, Any]]) -> str:
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return str(path)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    """One torch thread: the tiny model gains nothing from two, and on a 2-core machine shared with other work, two
+    threads spinning for one core made this file take 224 s instead of 26 s (measured)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory) -> dict[str, Any]:
+    return build_world(tmp_path_factory.mktemp("parity"))
+
+
+def build_world(root: Path) -> dict[str, Any]:
+    """The saved models (with dropout, and without for the micro-batch test) and each format's JSONL files."""
+    from align.builtin import python_docs, python_docs_instruct, python_docs_preferences
+    from align.models import train_tokenizer
+
+    instruct = python_docs_instruct()
+    pairs = [{"prompt": p, "completion": c} for p, c in zip(instruct["prompt"], instruct["completion"], strict=True)]
+    prefs = python_docs_preferences()
+    fields = ("prompt", "chosen", "rejected")
+    pref_rows = {
+        split: [dict(zip(fields, row, strict=True)) for row in zip(*(cols[f] for f in fields), strict=True)]
+        for split, cols in prefs.items()
+    }
+    texts = [{"text": t} for t in python_docs()["text"][:400]]
+    files = {
+        "sft": (pairs[:200], pairs[200:216]),
+        "dpo": (pref_rows["train"][:160], pref_rows["validation"][:16]),
+        "lm": (texts[:360], texts[360:]),
+    }
+    paths = {
+        kind: {
+            "train": write_jsonl(root / f"{kind}_train.jsonl", train),
+            "validation": write_jsonl(root / f"{kind}_valid.jsonl", valid),
+        }
+        for kind, (train, valid) in files.items()
+    }
+    tokenizer = train_tokenizer([p["prompt"] + p["completion"] for p in pairs[:200]] + [t["text"] for t in texts], 512)
+    return {
+        "root": root,
+        "files": paths,
+        "model": tiny_gpt2(root / "model", tokenizer),
+        "model_no_dropout": tiny_gpt2(root / "model_no_dropout", tokenizer, dropout=0.0),
+    }
+
+
+# --------------------------------------------------------------------------------------------------
+# The two sides
+
+
+FORMATS = {"sft": "prompt_completion", "dpo": "preference", "lm": "text"}
+
+
+def run_align(
+    world: dict[str, Any], kind: str, settings: dict[str, Any], name: str, model: Path | None = None
+) -> float:
+    """The run as an align recipe (through `run_pipeline`); its final eval loss."""
+    from align.pipeline import run_pipeline
+    from align.recipe import load_recipe
+
+    root, files = world["root"], world["files"][kind]
+    stage = {
+        "name": kind,
+        "kind": kind,
+        "model": str(model or world["model"]),
+        # Greedy answers before training must take no random numbers either; one prompt shows it as well as four.
+        **({"generations": 1} if kind != "lm" else {}),
+        "data": {
+            "source": {"files": {"train": [files["train"]], "validation": [files["validation"]]}},
+            "format": FORMATS[kind],
+            "splits": {"validation": "validation"},
+        },
+        "train": dict(settings),
+    }
+    recipe = {
+        "name": name,
+        "seed": SEED,
+        "precision": "fp32",
+        "tracking": {"wandb": {"mode": "disabled"}},
+        "stages": [stage],
+    }
+    path = write_yaml(root / f"{name}.yaml", recipe)
+    summaries = run_pipeline(load_recipe(path), output_dir=root / "runs" / name, log_level="warning")
+    return summaries[0]["metrics"]["eval_loss"]
+
+
+def bare_config(config_class: type, root: Path, name: str, settings: dict[str, Any]) -> Any:
+    return config_class(output_dir=str(root / "bare" / name), seed=SEED, report_to="none", **ALIGN_DEFAULTS, **settings)
+
+
+def bare_data(world: dict[str, Any], kind: str) -> Any:
+    from datasets import load_dataset
+
+    return load_dataset("json", data_files=world["files"][kind])
+
+
+def bare_sft(world: dict[str, Any]) -> float:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from trl import SFTConfig, SFTTrainer
+
+    data = bare_data(world, "sft")
+    trainer = SFTTrainer(
+        model=AutoModelForCausalLM.from_pretrained(world["model"]),
+        args=bare_config(SFTConfig, world["root"], "sft", SFT_SETTINGS),
+        train_dataset=data["train"],
+        eval_dataset=data["validation"],
+        processing_class=AutoTokenizer.from_pretrained(world["model"]),
+    )
+    trainer.train()
+    return trainer.evaluate()["eval_loss"]
+
+
+def bare_dpo(world: dict[str, Any]) -> float:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from trl import DPOConfig, DPOTrainer
+
+    data = bare_data(world, "dpo")
+    trainer = DPOTrainer(
+        model=AutoModelForCausalLM.from_pretrained(world["model"]),
+        args=bare_config(DPOConfig, world["root"], "dpo", DPO_SETTINGS),
+        train_dataset=data["train"],
+        eval_dataset=data["validation"],
+        processing_class=AutoTokenizer.from_pretrained(world["model"]),
+    )
+    trainer.train()
+    return trainer.evaluate()["eval_loss"]
+
+
+def bare_lm(world: dict[str, Any]) -> float:
+    """transformers' `run_clm` recipe: tokenize, eos after each row, join every 1,000 rows, cut full blocks."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer, TrainingArguments, default_data_collator
+
+    tokenizer = AutoTokenizer.from_pretrained(world["model"])
+    size = LM_SETTINGS["max_length"]
+
+    def tokenize(batch: dict[str, list]) -> dict[str, list]:
+        ids = tokenizer(batch["text"], add_special_tokens=False)["input_ids"]
+        return {"input_ids": [row + [tokenizer.eos_token_id] for row in ids]}
+
+    def group(batch: dict[str, list]) -> dict[str, list]:
+        stream = [token for row in batch["input_ids"] for token in row]
+        blocks = [stream[i : i + size] for i in range(0, len(stream) // size * size, size)]
+        return {"input_ids": blocks, "labels": [list(b) for b in blocks]}
+
+    data = bare_data(world, "lm").map(tokenize, batched=True, remove_columns=["text"])
+    data = data.map(group, batched=True, batch_size=1000, remove_columns=["input_ids"])
+    settings = {k: v for k, v in LM_SETTINGS.items() if k != "max_length"}
+    trainer = Trainer(
+        model=AutoModelForCausalLM.from_pretrained(world["model"]),
+        args=bare_config(TrainingArguments, world["root"], "lm", settings),
+        train_dataset=data["train"],
+        eval_dataset=data["validation"],
+        data_collator=default_data_collator,
+    )
+    trainer.train()
+    return trainer.evaluate()["eval_loss"]
+
+
+# --------------------------------------------------------------------------------------------------
+# The comparisons
+
+
+@pytest.fixture(scope="module")
+def sft_align(world) -> float:
+    return run_align(world, "sft", SFT_SETTINGS, "sft")
+
+
+@pytest.mark.parametrize(
+    ("kind", "settings", "bare"),
+    [("sft", SFT_SETTINGS, bare_sft), ("dpo", DPO_SETTINGS, bare_dpo), ("lm", LM_SETTINGS, bare_lm)],
+)
+def test_align_matches_the_bare_library(world, request, kind, settings, bare):
+    aligned = request.getfixturevalue("sft_align") if kind == "sft" else run_align(world, kind, settings, kind)
+    library = bare(world)
+    assert math.isfinite(aligned)
+    assert abs(aligned - library) <= TOLERANCE, f"{kind}: align {aligned:.7f}, bare {library:.7f}"
+
+
+def test_micro_batches_do_not_change_the_result(world):
+    """8 x 1 and 4 x 2 (gradient accumulation) are one effective batch: the Trainer divides each micro-batch's
+    summed token loss by the tokens of the whole effective batch (measured: equal to the last bit; dividing by each
+    micro-batch's own tokens instead moves the eval loss 7.9e-5). Without dropout: masks drawn for two batches of
+    4 are other random numbers than those drawn for one of 8, in bare torch as in align."""
+    model = world["model_no_dropout"]
+    one = run_align(world, "sft", SFT_SETTINGS, "micro_8x1", model)
+    split = {**SFT_SETTINGS, "per_device_train_batch_size": 4, "gradient_accumulation_steps": 2}
+    two = run_align(world, "sft", split, "micro_4x2", model)
+    assert abs(one - two) <= TOLERANCE, f"8 x 1: {one:.7f}, 4 x 2: {two:.7f}"
+
+
+def test_cpu_lm_head_matches_trls(world, sft_align, monkeypatch):
+    """align/lm_head.py's plain-logits head against TRL's chunked head (`ALIGN_LM_HEAD=trl`)."""
+    monkeypatch.setenv("ALIGN_LM_HEAD", "trl")
+    trl_head = run_align(world, "sft", SFT_SETTINGS, "sft_trl_head")
+    assert abs(sft_align - trl_head) <= TOLERANCE, f"plain logits {sft_align:.7f}, TRL's head {trl_head:.7f}"
+
+
+def test_a_measurement_outside_training_takes_no_random_numbers():
+    """What `keep_random_state` guards (every evaluation outside training runs under it): Python's, numpy's and
+    torch's generators continue after the block exactly as if it had not run."""
+    import random
+
+    import numpy as np
+    import torch
+    from transformers import set_seed
+
+    from align.stages.common import keep_random_state
+
+    def draw() -> tuple[float, float, float]:
+        return random.random(), float(np.random.rand()), float(torch.rand(()))
+
+    set_seed(SEED)
+    expected = draw()
+    set_seed(SEED)
+    with keep_random_state():
+        draw()
+        iter(torch.utils.data.DataLoader(range(4)))  # what `trainer.evaluate()` draws: a seed for the iterator
+    assert draw() == expected
