@@ -6,7 +6,7 @@ instead of tokenizing again. The key holds everything the preparation reads, so 
 - the data's content (a hash of the Arrow rows handed to the preparation, after align's own conversions),
 - the tokenizer (a hash of every file `save_pretrained` writes: vocabulary, merges, special tokens, chat
   template), the chat template the trainer renders with, `max_length` and the data format,
-- every `args.<name>` and `self.<name>` that TRL's `_prepare_dataset` reads, found in its source at run time
+- every `args.<name>` and `self.<name>` that TRL's data preparation reads, found in its source at run time
   (so a TRL release that reads a new setting keys on it too), and the TRL, transformers, datasets and align
   versions.
 
@@ -17,13 +17,10 @@ written (read-only, disk full) costs a warning, never the run.
 
 from __future__ import annotations
 
-import functools
 import hashlib
-import inspect
 import json
 import logging
 import os
-import re
 import shutil
 import tempfile
 import time
@@ -110,22 +107,14 @@ def dataset_fingerprint(ds: Dataset) -> str:
     """A hash of a data set's rows and columns: the Arrow table (and row selection, if any) in IPC form."""
     import pyarrow as pa
 
+    from align.patches import arrow_tables
+
     sink = _HashSink()
-    tables = [ds.data.table] + ([ds._indices.table] if ds._indices is not None else [])
-    for table in tables:
+    for table in arrow_tables(ds):
         stream = pa.PythonFile(sink, mode="w")
         with pa.ipc.new_stream(stream, table.schema) as writer:
             writer.write_table(table)
     return sink.digest.hexdigest()[:20]
-
-
-@functools.cache
-def _read_by(method: Callable[..., Any]) -> tuple[tuple[str, ...], tuple[str, ...]]:
-    """The `args.<name>` and `self.<name>` that a preparation method's source reads."""
-    source = inspect.getsource(method)
-    return tuple(sorted(set(re.findall(r"\bargs\.(\w+)", source)))), tuple(
-        sorted(set(re.findall(r"\bself\.(\w+)", source)))
-    )
 
 
 def _value(value: Any) -> Any:
@@ -239,43 +228,40 @@ def _store(entry: Path, ds: Dataset, meta: dict[str, Any]) -> bool:
 
 
 def cached_trainer(trainer_cls: type, kind: str, data_format: str) -> type:
-    """`trainer_cls` with its `_prepare_dataset` (TRL's tokenize/mask/truncate/pack step) going through the cache.
+    """`trainer_cls` with its data preparation (TRL's tokenize/mask/truncate/pack step) going through the cache.
 
     TRL prepares in-memory data sets again on every run (datasets' own map cache needs file-backed data, and
     keys on a pickled tokenizer). Every process takes the same path (hit or miss), so TRL's main-process-first
-    barriers inside the preparation stay matched.
+    barriers inside the preparation stay matched. The hook into TRL's private method is align/patches.py's.
     """
-    base_prepare = trainer_cls._prepare_dataset
+    from align.patches import settings_read_by_preparation, wrap_preparation
 
-    class Cached(trainer_cls):  # type: ignore[misc, valid-type]
-        def _prepare_dataset(self, dataset: Any, processing_class: Any, args: Any, *rest: Any) -> Any:
-            from datasets import Dataset
+    def around(
+        prepare: Any, trainer: Any, dataset: Any, processing_class: Any, args: Any, extra: tuple, split: str
+    ) -> Any:
+        from datasets import Dataset
 
-            name = rest[-1] if rest else "train"
-            usable = cache_root() is not None and isinstance(dataset, Dataset)
-            if not usable or any(callable(x) for x in rest):  # no hashing at all when the cache is off
-                return base_prepare(self, dataset, processing_class, args, *rest)
-            arg_names, self_names = _read_by(base_prepare)
-            parts = {
-                "kind": kind,
-                "format": data_format,
-                "split": name,
-                "data": dataset_fingerprint(dataset),
-                "tokenizer": tokenizer_fingerprint(processing_class),
-                "call": [_value(x) for x in rest[:-1]],
-                "args": {n: _value(getattr(args, n, None)) for n in arg_names},
-                # `self._tokenizer` is the processing class for text models: hashed once, above.
-                "trainer": {
-                    n: "processing_class"
-                    if getattr(self, n, None) is processing_class
-                    else _value(getattr(self, n, None))
-                    for n in self_names
-                },
-            }
-            prepared, _ = fetch(
-                parts, lambda: (base_prepare(self, dataset, processing_class, args, *rest), {}), f"{kind} {name}"
-            )
-            return prepared
+        usable = cache_root() is not None and isinstance(dataset, Dataset)
+        if not usable or any(callable(x) for x in extra):  # no hashing at all when the cache is off
+            return prepare()
+        arg_names, self_names = settings_read_by_preparation(trainer_cls)
+        parts = {
+            "kind": kind,
+            "format": data_format,
+            "split": split,
+            "data": dataset_fingerprint(dataset),
+            "tokenizer": tokenizer_fingerprint(processing_class),
+            "call": [_value(x) for x in extra],
+            "args": {n: _value(getattr(args, n, None)) for n in arg_names},
+            # `self._tokenizer` is the processing class for text models: hashed once, above.
+            "trainer": {
+                n: "processing_class"
+                if getattr(trainer, n, None) is processing_class
+                else _value(getattr(trainer, n, None))
+                for n in self_names
+            },
+        }
+        prepared, _ = fetch(parts, lambda: (prepare(), {}), f"{kind} {split}")
+        return prepared
 
-    Cached.__name__ = Cached.__qualname__ = f"Cached{trainer_cls.__name__}"
-    return Cached
+    return wrap_preparation(trainer_cls, around)

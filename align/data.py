@@ -419,11 +419,11 @@ def _load_hub(spec: DataSpec) -> dict[str, Dataset]:
 
 def _load_files(paths: list[Path]) -> tuple[Dataset, list[int]]:
     """The files' rows as one data set, and how many rows each file gave."""
-    from datasets import concatenate_datasets, config, load_dataset
+    from datasets import concatenate_datasets, load_dataset
 
-    # datasets pings a download counter on S3 for every load, local files too (3 s timeout): on a firewalled
-    # machine that is 3 s per file for nothing. Local files need no network at all.
-    config.HF_UPDATE_DOWNLOAD_COUNTS = False
+    from align.patches import skip_download_counts
+
+    skip_download_counts()  # align/patches.py: no S3 ping (3 s on a firewalled machine) for a local file
     parts = []
     for path in paths:
         if path.stat().st_size == 0 or not path.read_bytes()[:4096].strip():

@@ -257,28 +257,30 @@ class NumericGuard(TrainerCallback):
         self.nonfinite: dict[str, Any] | None = None
         self.last_spike_step = -(10**9)
         self.warned_zero = False
+        self.watches_grad_norm = True
 
     def attach(self, trainer: Any) -> None:
-        """Wrap the trainer's loss and grad-norm functions so each raw value passes through the guard."""
-        compute_loss = trainer.compute_loss
+        """Have each raw micro-batch loss and step grad norm pass through the guard (align/patches.py's hook)."""
+        from align.patches import watch_raw_numbers
 
-        def watched_loss(model, inputs, return_outputs=False, **kwargs):
-            out = compute_loss(model, inputs, return_outputs=return_outputs, **kwargs)
-            loss = out[0] if return_outputs else out
-            if model.training:
-                self.pending.append(loss.detach())
-            return out
+        def on_grad_norm(norm: Any) -> None:
+            self.grad_norm = float(norm) if norm is not None else None
 
-        trainer.compute_loss = watched_loss
-        get_grad_norm = getattr(trainer, "_get_grad_norm", None)
-        if get_grad_norm is not None:  # a private Trainer method: watched where it exists
+        self.watches_grad_norm = watch_raw_numbers(trainer, self.pending.append, on_grad_norm)
 
-            def watched_norm(*args, **kwargs):
-                norm = get_grad_norm(*args, **kwargs)
-                self.grad_norm = float(norm) if norm is not None else None
-                return norm
-
-            trainer._get_grad_norm = watched_norm
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        # Where the raw grad norm cannot be watched (a Trainer without the hook), the logged one still stops a run.
+        norm = (logs or {}).get("grad_norm")
+        if (
+            not self.watches_grad_norm
+            and isinstance(norm, float)
+            and not math.isfinite(norm)
+            and self.nonfinite is None
+        ):
+            self.nonfinite = {"split": "train", "what": "grad norm", "value": norm, "step": state.global_step}
+            control.should_training_stop = True
+            control.should_save = False
+        return control
 
     def _skipped_by_scaler(self, step: int) -> None:
         self.skipped_in_a_row += 1

@@ -11,11 +11,11 @@ stage from 112 s to 64 s.
 So on such a device, and only while the logits stay small (`PLAIN_MAX_LOGITS`), align computes the same per-token
 outputs (log-probabilities, entropy, top-1 hits, mean logit, log sum of squared probabilities) from plain logits;
 larger ones, and every Triton device, keep TRL's function. `ALIGN_LM_HEAD=trl` keeps TRL's everywhere.
+Installing it touches TRL's private module, so that is done in align/patches.py (`install_lm_head`).
 """
 
 from __future__ import annotations
 
-import inspect
 import os
 from typing import Any
 
@@ -26,9 +26,6 @@ import torch
 # 2**25 fp32 logits cost ~0.7 GiB at most — the quickstart's DPO batch is 21M, a 150k-vocabulary model's 2k-token
 # batch 300M.
 PLAIN_MAX_LOGITS = 2**25
-# The arguments of `ChunkedLogProbFunction.forward` this replacement was written against (trl 1.16).
-_CONTRACT = ("ctx", "hidden", "weight", "bias", "targets", "temperature", "chunk_size", "final_logit_softcapping",
-             "logit_scale", "outputs")  # fmt: skip
 
 
 def plain_log_probs(
@@ -65,53 +62,26 @@ def plain_log_probs(
     return log_probs, entropy, log_sum_sq_probs, mean_logits, is_top1
 
 
-def _trl_everywhere() -> bool:
+def trl_everywhere() -> bool:
     """`ALIGN_LM_HEAD=trl`: TRL's head for every batch (read on every call, so it can be set at any time)."""
     return os.environ.get("ALIGN_LM_HEAD", "").lower() == "trl"
 
 
-def _dispatcher(chunked: Any, use_triton: Any) -> type:
-    class LogProbs:
-        """Stands in for `ChunkedLogProbFunction` where TRL calls it: `apply` picks the implementation per batch."""
+def dispatcher(chunked: Any, use_triton: Any) -> type:
+    """A stand-in for TRL's `ChunkedLogProbFunction` (installed by `align.patches.install_lm_head`): `apply` sends a
+    batch to `plain_log_probs` on a device without Triton while its logits are small, to TRL's function otherwise."""
 
+    class LogProbs:
         trl_function = chunked
 
         @staticmethod
         def apply(hidden, weight, bias, targets, temperature, chunk_size, final_logit_softcapping=None,
                   logit_scale=1.0, outputs=("log_probs",)):  # fmt: skip
             small = hidden.shape[0] * weight.shape[0] <= PLAIN_MAX_LOGITS
-            if use_triton(hidden.device) or not small or _trl_everywhere():
+            if use_triton(hidden.device) or not small or trl_everywhere():
                 return chunked.apply(hidden, weight, bias, targets, temperature, chunk_size,
                                      final_logit_softcapping, logit_scale, outputs)  # fmt: skip
             return plain_log_probs(hidden, weight, bias, targets, temperature, final_logit_softcapping, logit_scale,
                                    outputs)  # fmt: skip
 
     return LogProbs
-
-
-def install(device: torch.device) -> str:
-    """Route TRL's LM head through the dispatcher (once per process) and say, for the log, what `device`'s
-    batches will use.
-
-    Not installed when the installed TRL's function no longer has the arguments this was written for (a TRL
-    release that changes them keeps its own head rather than a wrong one); `ALIGN_LM_HEAD=trl`, read on every
-    call, sends every batch to TRL's.
-    """
-    import trl.trainer.utils as trl_utils
-    from trl.kernels.chunked_logprob import _use_triton
-
-    current = getattr(trl_utils, "_ChunkedLogProbFunction", None)
-    if current is None:
-        return "TRL's own (this TRL has no ChunkedLogProbFunction to stand in for)"
-    if not hasattr(current, "trl_function"):
-        if tuple(inspect.signature(current.forward).parameters) != _CONTRACT:
-            return f"TRL's chunked head (its ChunkedLogProbFunction changed its arguments: {_CONTRACT[1:]} expected)"
-        trl_utils._ChunkedLogProbFunction = _dispatcher(current, _use_triton)
-    if _use_triton(device):
-        return f"TRL's chunked head (Triton on {device.type})"
-    if _trl_everywhere():
-        return "TRL's chunked head (ALIGN_LM_HEAD=trl)"
-    return (
-        f"plain logits (no Triton on {device.type}: TRL's chunked head is slower here); TRL's above "
-        f"{PLAIN_MAX_LOGITS:,} logits a batch"
-    )

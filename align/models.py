@@ -54,6 +54,12 @@ def hub_config(ref: str, where: str, trust_remote_code: bool = False, base_dir: 
             f"{where}: '{ref}': no such directory (looked in {places})",
             hint="a relative `model:` path is looked for in the recipe's folder, then the working directory",
         )
+    if is_adapter_dir(ref):
+        # LoRA adapters hold no config of their own: what must load is the base they name.
+        base = adapter_base(ref)
+        if not base:
+            raise BadInput(f"{where}: '{ref}' holds LoRA adapters but its adapter_config.json names no base model")
+        return hub_config(base, f"{where} (the base model of the adapters in {ref})", trust_remote_code, base_dir)
     try:
         return AutoConfig.from_pretrained(ref, trust_remote_code=trust_remote_code)
     except Exception as exc:
@@ -139,15 +145,17 @@ def load_tokenizer(ref: str, trust_remote_code: bool = False) -> PreTrainedToken
 def build_model(
     ref: str | ScratchModel,
     where: str,
-    texts: Callable[[], Iterable[str]] | None,
+    texts: Callable[[], Iterable[str]] | None = None,
     dtype: Any = None,
     trust_remote_code: bool = False,
+    planned: tuple[PreTrainedTokenizerBase, PretrainedConfig] | None = None,
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Load (or build) the model and tokenizer a stage starts from.
 
     `ref` is a local directory or hub id (stage references are resolved to directories by the pipeline),
-    or a `ScratchModel`, whose tokenizer is trained on `texts()` (called only then: reading every row of a
-    large set costs seconds that a pretrained model should not pay).
+    or a `ScratchModel`, built on the `planned` tokenizer and config where the stage's plan made them, else on a
+    tokenizer trained on `texts()` (called only then: reading every row of a large set costs seconds that a
+    pretrained model should not pay).
 
     Raises:
         BadInput: the model cannot be found or its config is wrong.
@@ -155,10 +163,13 @@ def build_model(
     from transformers import AutoModelForCausalLM
 
     if isinstance(ref, ScratchModel):
-        if texts is None:
+        if planned is not None:
+            tokenizer, config = planned
+        elif texts is not None:
+            tokenizer = train_tokenizer(texts(), ref.vocab_size)
+            config = scratch_config(ref, where, vocab_size=len(tokenizer))
+        else:
             raise BadInput(f"{where}: a from-scratch model needs training text for its tokenizer")
-        tokenizer = train_tokenizer(texts(), ref.vocab_size)
-        config = scratch_config(ref, where, vocab_size=len(tokenizer))
         model = AutoModelForCausalLM.from_config(config)
         logger.info("built %s from scratch: %.2fM parameters", ref.model_type, model.num_parameters() / 1e6)
         return model, tokenizer

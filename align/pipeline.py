@@ -14,6 +14,7 @@ import logging
 import os
 import platform
 import signal
+import sys
 import time
 import uuid
 from pathlib import Path
@@ -23,7 +24,8 @@ from align import __version__
 from align.card import write_model_card
 from align.errors import AlignError, BadInput, GuardStopped, Interrupted, Problems, StageFailed
 from align.files import read_json, write_json_atomic, write_text_atomic
-from align.recipe import DataSpec, Recipe, ScratchModel, Stage, redact, to_yaml
+from align.plan import describe, plain, plan_stages
+from align.recipe import DataSpec, Recipe, ScratchModel, Stage, redact, stage_ref, to_yaml
 from align.rundir import RunLock, check_output_dir, clear_for_fresh, remove_inside
 from align.runtime import (
     CURRENT_STAGE,
@@ -38,7 +40,7 @@ from align.runtime import (
 )
 from align.signals import raise_if_requested, stop_on_signals
 from align.stages.common import StageResult
-from align.tracking import Tracker, check_installed
+from align.tracking import Tracker, check_installed, report_to
 
 logger = logging.getLogger(__name__)
 
@@ -82,6 +84,50 @@ def resolved_recipe(recipe: Recipe, specs: dict[str, DataSpec] | None = None) ->
     return data
 
 
+def print_config(recipe: Recipe, specs: dict[str, DataSpec], output_dir: Path) -> str:
+    """`--print-config`: the resolved recipe as YAML, each stage's `train:` holding the effective value of every
+    setting that matters, each marked with where it came from. Loads no data and no weights; a value that needs a
+    model the machine does not have says so instead of guessing.
+
+    Raises:
+        BadInput: a setting the plan rejects (an option the model does not support, a combination the config
+            class refuses).
+    """
+    precision = choose_precision(recipe.precision)
+    # stdout is the YAML: a library that prints while loading (transformers' "Running in WANDB offline mode")
+    # must not land in it.
+    with contextlib.redirect_stdout(sys.stderr):
+        plans = plan_stages(recipe, specs, None, precision, output_dir, report_to(recipe.tracking.wandb))
+    resolved = redact(resolved_recipe(recipe, specs), secret_values())
+    sources: dict[str, dict[str, str]] = {}
+    for entry, stage in zip(resolved["stages"], recipe.stages, strict=True):
+        settings = plans[stage.name].effective
+        entry["train"] = redact({k: plain(s.value) for k, s in settings.items()}, secret_values())
+        sources[stage.name] = {k: s.source for k, s in settings.items()}
+    return _with_sources(to_yaml(resolved), sources)
+
+
+def _with_sources(text: str, sources: dict[str, dict[str, str]]) -> str:
+    """Append `# <source>` to each line of a stage's `train:` block (comments keep the YAML loadable)."""
+    out, stage, indent = [], None, None
+    for line in text.splitlines():
+        stripped = line.lstrip()
+        depth = len(line) - len(stripped)
+        if stripped.startswith("- name: ") and depth == 0:
+            stage, indent = stripped.removeprefix("- name: ").strip("'\""), None
+        elif stripped == "train:" and stage is not None:
+            indent = depth + 2
+        elif indent is not None and depth < indent:
+            indent = None
+        elif indent is not None and depth == indent and ":" in stripped:
+            key = stripped.split(":", 1)[0]
+            source = sources.get(stage, {}).get(key)
+            if source:
+                line = f"{line}  # {source}"
+        out.append(line)
+    return "\n".join(out) + "\n"
+
+
 # --------------------------------------------------------------------------------------------------
 # Preflight
 
@@ -115,7 +161,7 @@ def check_models(recipe: Recipe, found: Problems) -> None:
         try:
             if isinstance(stage.model, ScratchModel):
                 scratch_config(stage.model, where)
-            elif isinstance(stage.model, str) and not stage.model.startswith("@"):
+            elif isinstance(stage.model, str) and stage_ref(stage.model) is None:
                 hub_config(stage.model, where, stage.trust_remote_code, recipe.base_dir)
                 local = Path(stage.model).expanduser()
                 if local.is_dir() and not is_adapter_dir(stage.model) and not any(local.glob("*.safetensors")):
@@ -276,6 +322,8 @@ def run_pipeline(
     precision = choose_precision(recipe.precision)
     with main_process_first():
         specs, data = preflight(recipe)
+    # Every process plans together: the tokenized-data cache's lookups are collective.
+    plans = plan_stages(recipe, specs, data, precision, output_dir, report_to(recipe.tracking.wandb))
 
     # Nothing is written before this point: bad input leaves an existing run directory as it was.
     with hold_run_dir(output_dir, recipe, fresh):
@@ -288,8 +336,9 @@ def run_pipeline(
         group = f"{recipe.name}-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
         tracker = Tracker(recipe.tracking, recipe.name, group, output_dir)
         ctx = RunContext(
-            recipe=recipe, run_dir=output_dir, precision=precision, tracker=tracker, data=data, specs=specs
-        )
+            recipe=recipe, run_dir=output_dir, precision=precision, tracker=tracker, data=data, specs=specs,
+            plans=plans,
+        )  # fmt: skip
         records = Records(recipe, output_dir)
         records.write()
         try:
@@ -352,8 +401,8 @@ def _run_stages(
         CURRENT_STAGE.set(stage.name)
         raise_if_requested(f"before stage {stage.name}")
         source = ctx.model_source(stage)
-        if isinstance(source, str) and source.startswith("@"):
-            input_fp = ctx.outputs[source[1:]].fingerprint
+        if stage_ref(source) is not None:
+            input_fp = ctx.outputs[stage_ref(source)].fingerprint
         else:
             input_fp = source if isinstance(source, str) else ""  # a scratch model is all in the stage config
         fp = fingerprint(stage, specs[stage.name], input_fp, recipe, precision)
@@ -413,9 +462,9 @@ def _run_stages(
             raise StageFailed(f"stage {stage.name} failed: {error}") from exc
         wait_for_everyone()  # the next stage loads this one's model: the main process must have saved it
         elapsed = time.perf_counter() - started
-        summary = records.summary(
-            stage, result, status="completed", fp=fp, input_model=input_model, wall_time_s=elapsed
-        )
+        # The plan it ran (settings with their sources): the stage's folder says how it was made.
+        summary = records.summary(stage, result, status="completed", fp=fp, input_model=input_model,
+                                  wall_time_s=elapsed, plan=ctx.plans[stage.name].record())  # fmt: skip
         records.update(stage.name, status="completed")
         write_model_card(ctx.run_dir, stage.name)  # align/card.py: model/README.md, from the records just written
         if result.metrics.get("stopped_early"):
@@ -490,52 +539,27 @@ def _cached_summary(stage_dir: Path, fp: str) -> dict[str, Any] | None:
 
 
 def dry_run(recipe: Recipe, output_dir: Path) -> str:
-    """Validate everything that can be validated without training and describe what training would do.
+    """Validate everything that can be validated without training and print the plan the run would execute.
 
     Raises:
         BadInput: every problem found, as in a real run.
     """
-    from align.data import training_texts
-    from align.models import hub_config, load_tokenizer, scratch_config, train_tokenizer
-    from align.recipe import Tracking, WandbSettings
-
     precision = choose_precision(recipe.precision)
     specs, data = preflight(recipe)
-    tracker = Tracker(Tracking(wandb=WandbSettings(mode="disabled")), recipe.name, "dry-run", output_dir)
-    ctx = RunContext(recipe=recipe, run_dir=output_dir, precision=precision, tracker=tracker, data=data, specs=specs)
+    plans = plan_stages(recipe, specs, data, precision, output_dir, report_to(recipe.tracking.wandb))
     lines = [f"preflight: recipe {recipe.name}, {len(recipe.stages)} stages, output {output_dir}",
              f"precision: {precision.name} ({precision.reason})"]  # fmt: skip
-    loaded: dict[str, tuple[Any, Any]] = {}
-    for i, stage in enumerate(recipe.stages, start=1):
-        CURRENT_STAGE.set(stage.name)
-        raise_if_requested(f"before stage {stage.name}")
-        source = ctx.model_source(stage)
-        where = f"stages.{stage.name}.model"
-        if isinstance(source, ScratchModel):
-            tokenizer = train_tokenizer(training_texts(data[stage.name]["train"]), source.vocab_size)
-            config = scratch_config(source, where, vocab_size=len(tokenizer))
-            model_label = f"scratch:{source.model_type} (tokenizer trained here: {len(tokenizer)} tokens)"
-        elif source.startswith("@"):
-            tokenizer, config = loaded[source[1:]]
-            model_label = f"{source} (the output of stage {source[1:]})"
-        else:
-            config = hub_config(source, where, stage.trust_remote_code)
-            tokenizer = load_tokenizer(source, stage.trust_remote_code)
-            model_label = source
-        loaded[stage.name] = (tokenizer, config)
-        info = stage_module(stage.kind).preflight(stage, ctx, tokenizer, config)
+    for plan, stage in zip(plans.values(), recipe.stages, strict=True):
         split = data[stage.name]
-        lines += ["", f"[{i}/{len(recipe.stages)}] {stage.name} ({stage.kind})",
-                  f"  model: {model_label}",
-                  f"  data: {specs[stage.name].name or 'inline'} ({specs[stage.name].format}): "
-                  f"{len(split['train'])} train rows, {len(split['validation'])} validation rows"]  # fmt: skip
-        examples = info.pop("examples", [])
-        for key, value in info.items():
-            lines.append(f"  {key}: {value:.4f}" if isinstance(value, float) else f"  {key}: {value}")
+        plan.details = {
+            "data": f"{specs[stage.name].name or 'inline'} ({specs[stage.name].format}): {len(split['train'])} "
+            f"train rows, {len(split['validation'])} validation rows",
+            **plan.details,
+        }
         if stage.early_stopping is not None:
-            lines.append(f"  early stopping: patience {stage.early_stopping.patience}, restores the best checkpoint")
-        for n, example in enumerate(examples, start=1):
-            lines.append(f"  example {n}:")
-            lines += [f"    {k}: {v!r}" for k, v in example.items()]
+            plan.details["early stopping"] = f"patience {stage.early_stopping.patience}, restores the best checkpoint"
+        if plan.runtime:
+            plan.details["decided when the stage starts"] = "; ".join(plan.runtime)
+    lines += describe(plans)
     lines += ["", "dry run: nothing was trained or written"]
     return "\n".join(lines)

@@ -211,10 +211,23 @@ class Recipe(Strict):
     stages: list[Stage] = Field(min_length=1)
     # Where the recipe was read from: relative data paths resolve against its directory.
     _path: Path | None = PrivateAttr(None)
+    # The dotted paths `--set` gave (`stages.lm.train.learning_rate`): `--print-config` says where a value came from.
+    _overridden: frozenset[str] = PrivateAttr(frozenset())
 
     @property
     def base_dir(self) -> Path:
         return self._path.parent if self._path is not None else Path.cwd()
+
+    @property
+    def overridden(self) -> frozenset[str]:
+        return self._overridden
+
+
+def stage_ref(model: Any) -> str | None:
+    """The stage a `model: "@<stage>"` reference names, or None for anything else (hub id, path, scratch)."""
+    if isinstance(model, str) and model.startswith("@"):
+        return model[1:]
+    return None
 
 
 # --------------------------------------------------------------------------------------------------
@@ -315,6 +328,7 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
     if problems:
         raise BadInput([f"{path}: {p}" for p in _dedupe(problems)])
     recipe._path = path
+    recipe._overridden = frozenset(item.partition("=")[0].strip() for item in overrides or [])
     resolve_local_models(recipe)
     return recipe
 
@@ -407,7 +421,7 @@ def resolve_local_models(recipe: Recipe) -> None:
     preflight reports a missing one, naming both places.
     """
     for stage in recipe.stages:
-        if isinstance(stage.model, str) and stage.model.strip() and not stage.model.startswith("@"):
+        if isinstance(stage.model, str) and stage.model.strip() and stage_ref(stage.model) is None:
             found = next((p for p in search_paths(stage.model, recipe.base_dir) if p.is_dir()), None)
             if found is not None:
                 stage.model = str(found)
@@ -441,14 +455,13 @@ def check_recipe(recipe: Recipe) -> list[str]:
         problems += path_component_problems(stage.name, f"{where}.name")
         if stage.data.card is not None:
             problems += path_component_problems(stage.data.card, f"{where}.data.card", "a data card's file")
-        if isinstance(stage.model, str) and stage.model.startswith("@"):
-            ref = stage.model[1:]
-            if ref not in seen:
-                later = ref in {s.name for s in recipe.stages[i:]}
-                problems.append(
-                    f"{where}.model: '@{ref}' "
-                    + ("is not an earlier stage" if later else f"names no stage (stages: {', '.join(seen) or '-'})")
-                )
+        ref = stage_ref(stage.model)
+        if ref is not None and ref not in seen:
+            later = ref in {s.name for s in recipe.stages[i:]}
+            problems.append(
+                f"{where}.model: '@{ref}' "
+                + ("is not an earlier stage" if later else f"names no stage (stages: {', '.join(seen) or '-'})")
+            )
         if stage.merge and stage.peft is None:
             problems.append(f"{where}.merge: merging needs adapters; add `peft:` or remove `merge: true`")
         if stage.peft is not None and stage.kind == "lm":

@@ -77,8 +77,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _main(args: argparse.Namespace) -> int:
-    from align.pipeline import dry_run, resolve_specs, resolved_recipe, run_pipeline, secret_values
-    from align.recipe import load_recipe, redact, to_yaml
+    from align.pipeline import dry_run, print_config, resolve_specs, run_pipeline
+    from align.recipe import load_recipe
     from align.runtime import check_hub, is_main_process, setup_logging
 
     recipe = load_recipe(args.recipe, args.overrides)
@@ -86,7 +86,8 @@ def _main(args: argparse.Namespace) -> int:
     setup_logging(level)
     specs = resolve_specs(recipe)
     if args.print_config:
-        print(to_yaml(redact(resolved_recipe(recipe, specs), secret_values())), end="")
+        check_hub(True)  # the hub is never asked: a model not in the local cache shows its settings as unknown
+        print(print_config(recipe, specs, args.output_dir or Path("runs") / recipe.name), end="")
         return 0
 
     output_dir = args.output_dir or Path("runs") / recipe.name
@@ -107,13 +108,14 @@ def _main(args: argparse.Namespace) -> int:
 def needs_hub(recipe: Any, specs: dict[str, Any]) -> bool:
     """Whether any stage names a hub model or hub data (so reachability is worth a probe)."""
     from align.models import is_local_model, looks_like_path
+    from align.recipe import stage_ref
 
     for stage in recipe.stages:
         model = stage.model
         # A path-like model that is not there is a missing directory (preflight says so), not a hub id to probe for.
         if (
             isinstance(model, str)
-            and not model.startswith("@")
+            and stage_ref(model) is None
             and not (is_local_model(model) or looks_like_path(model))
         ):
             return True

@@ -23,6 +23,7 @@ from align.errors import BadInput, GuardStopped
 if TYPE_CHECKING:
     from datasets import DatasetDict
 
+    from align.plan import StagePlan
     from align.recipe import DataSpec, Recipe, ScratchModel, Stage
     from align.tracking import Tracker
 
@@ -217,15 +218,10 @@ def go_offline(reason: str) -> None:
     """Switch the Hugging Face libraries to offline mode, so a missing file fails at once, not after retries."""
     os.environ["HF_HUB_OFFLINE"] = "1"
     os.environ["HF_DATASETS_OFFLINE"] = "1"
-    # The libraries read these at import; patch the module constants where they are already loaded.
-    if "huggingface_hub" in sys.modules:
-        import huggingface_hub.constants as hub_constants
+    # The libraries read these at import: their module constants follow (align/patches.py).
+    from align.patches import set_hub_offline
 
-        hub_constants.HF_HUB_OFFLINE = True
-    if "datasets" in sys.modules:
-        import datasets.config as ds_config
-
-        ds_config.HF_HUB_OFFLINE = True
+    set_hub_offline()
     logger.debug("hub offline: %s", reason)
 
 
@@ -340,6 +336,7 @@ class RunContext:
     specs: dict[str, DataSpec] = field(default_factory=dict)
     outputs: dict[str, StageOutput] = field(default_factory=dict)
     resume: dict[str, str] = field(default_factory=dict)
+    plans: dict[str, StagePlan] = field(default_factory=dict)  # align/plan.py: computed before any stage trains
     stage_started: float | None = None  # time.perf_counter() when the running stage began
 
     @property
@@ -355,23 +352,26 @@ class RunContext:
 
     def model_source(self, stage: Stage) -> str | ScratchModel:
         """The stage's `model` as written, with an omitted one read as `@<previous stage>`."""
-        if stage.model is not None:
-            return stage.model
-        names = [s.name for s in self.recipe.stages]
-        return f"@{names[names.index(stage.name) - 1]}"
+        from align.plan import model_source
+
+        return model_source(stage, self.recipe)
 
     def model_ref(self, stage: Stage) -> str | ScratchModel:
         """What to load: a `@stage` reference becomes that stage's saved model directory."""
+        from align.recipe import stage_ref
+
         source = self.model_source(stage)
-        if isinstance(source, str) and source.startswith("@"):
-            return str(self.outputs[source[1:]].model_dir)
-        return source
+        ref = stage_ref(source)
+        return str(self.outputs[ref].model_dir) if ref is not None else source
 
     def input_label(self, stage: Stage) -> str:
         """The input model as `summary.json` records it: `@lm (runs/x/lm/model)`, a hub id, or `scratch:gpt2`."""
+        from align.recipe import stage_ref
+
         source = self.model_source(stage)
-        if isinstance(source, str) and source.startswith("@"):
-            return f"{source} ({self.outputs[source[1:]].model_dir})"
+        ref = stage_ref(source)
+        if ref is not None:
+            return f"{source} ({self.outputs[ref].model_dir})"
         if isinstance(source, str):
             return source
         return f"scratch:{source.model_type}"

@@ -72,7 +72,9 @@ def test_dataset_fingerprint_follows_rows():
 def test_key_reads_the_settings_trl_prepares_with(trainer, must_read):
     import trl
 
-    args, attributes = cache._read_by(getattr(trl, trainer)._prepare_dataset)
+    from align.patches import settings_read_by_preparation
+
+    args, attributes = settings_read_by_preparation(getattr(trl, trainer))
     assert must_read <= set(args)
     assert "_tokenizer" in attributes
 

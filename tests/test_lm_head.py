@@ -9,7 +9,7 @@ import trl.trainer.utils as trl_utils
 from transformers import GPT2Config, GPT2LMHeadModel
 from trl.kernels.chunked_logprob import OPTIONAL_OUTPUTS, ChunkedLogProbFunction
 
-from align import lm_head
+from align import lm_head, patches
 
 ALL = ("log_probs", *OPTIONAL_OUTPUTS)
 
@@ -78,8 +78,8 @@ def _model_step(monkeypatch, mode: str) -> tuple[float, torch.Tensor, list[str]]
 
 
 def test_installed_head_takes_small_cpu_batches_and_matches_trl(monkeypatch):
-    said = lm_head.install(torch.device("cpu"))
-    assert said.startswith("plain logits (no Triton on cpu") and lm_head.install(torch.device("cpu")) == said
+    said = patches.install_lm_head(torch.device("cpu"))
+    assert said.startswith("plain logits (no Triton on cpu") and patches.install_lm_head(torch.device("cpu")) == said
     assert hasattr(trl_utils._ChunkedLogProbFunction, "trl_function")
     assert not hasattr(trl_utils._ChunkedLogProbFunction.trl_function, "trl_function")  # installed once, not nested
     trl_loss, trl_grad, trl_calls = _model_step(monkeypatch, "trl")
@@ -90,7 +90,7 @@ def test_installed_head_takes_small_cpu_batches_and_matches_trl(monkeypatch):
     monkeypatch.setattr(lm_head, "PLAIN_MAX_LOGITS", 10)  # large logits go back to TRL's memory-saving head
     assert _model_step(monkeypatch, "")[2] == ["trl"]
     monkeypatch.setenv("ALIGN_LM_HEAD", "trl")
-    assert lm_head.install(torch.device("cpu")) == "TRL's chunked head (ALIGN_LM_HEAD=trl)"
+    assert patches.install_lm_head(torch.device("cpu")) == "TRL's chunked head (ALIGN_LM_HEAD=trl)"
 
 
 def test_a_changed_trl_contract_keeps_trls_head(monkeypatch):
@@ -99,5 +99,7 @@ def test_a_changed_trl_contract_keeps_trls_head(monkeypatch):
         def forward(ctx, hidden, weight, bias, targets, temperature, chunk_size, new_argument): ...
 
     monkeypatch.setattr(trl_utils, "_ChunkedLogProbFunction", Changed)
-    assert lm_head.install(torch.device("cpu")).startswith("TRL's chunked head (its ChunkedLogProbFunction changed")
+    assert patches.install_lm_head(torch.device("cpu")).startswith(
+        "TRL's chunked head (its ChunkedLogProbFunction changed"
+    )
     assert trl_utils._ChunkedLogProbFunction is Changed

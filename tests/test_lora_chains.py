@@ -184,3 +184,24 @@ def test_dry_run_says_what_a_stage_on_adapters_will_do(tmp_path, run_cli):
     assert "reference: the input's LoRA adapters, copied by TRL as a frozen 'ref' adapter" in lora_section
     assert "input: adapter: the input's LoRA adapters are merged into their base first" in full_section
     assert "reference: a frozen copy of the input model, its LoRA adapters merged into the base" in full_section
+
+
+def test_an_adapter_directory_as_model_path_trains_and_a_missing_base_is_refused(tmp_path, upstream, run_cli):
+    adapters = upstream / "sft_adapter" / "model"
+    recipe = {"name": "on-adapters", "seed": 0, "tracking": {"wandb": {"mode": "disabled"}},
+              "stages": [stage("dpo", "dpo", str(adapters), PREFERENCES, peft=LORA)]}  # fmt: skip
+    code, _, err = run_cli(write_yaml(tmp_path / "r.yaml", recipe), "--output-dir", tmp_path / "run")
+    assert code == 0, err
+    assert summary(tmp_path / "run", "dpo")["input"] == "adapter"
+
+    orphan = tmp_path / "orphan"
+    shutil.copytree(adapters, orphan)
+    config = adapter_config(orphan)
+    config["base_model_name_or_path"] = "nobody/missing-base"
+    (orphan / "adapter_config.json").write_text(json.dumps(config))
+    recipe["stages"][0]["model"] = str(orphan)
+    code, _, err = run_cli(write_yaml(tmp_path / "r2.yaml", recipe), "--output-dir", tmp_path / "run2")
+    assert code == 2, err
+    errors = [line for line in err.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "the base model of the adapters in" in errors[0] and "nobody/missing-base" in errors[0]
+    assert not (tmp_path / "run2").exists(), "nothing written"

@@ -26,6 +26,8 @@ def test_shipped_recipe_prints_config(path: Path, run_cli):
         # The card is expanded: source, format, columns and valid_fraction are all shown.
         assert {"source", "format", "columns", "valid_fraction"} <= set(data), data
         assert stage["model"], "every stage shows where its model comes from"
+        # The effective settings, not only what the recipe wrote: the library's defaults are shown too.
+        assert {"learning_rate", "per_device_train_batch_size", "save_total_limit"} <= set(stage["train"])
 
 
 def test_wikitext_recipe_is_the_classic_experiment(run_cli):

@@ -149,14 +149,14 @@ def test_a_stage_a_guard_stopped_is_not_resumed_into_the_same_blow_up(tmp_path, 
 
 
 def test_a_changed_data_file_reruns_the_stage_an_unchanged_one_is_cached(tmp_path, run_cli):
-    (tmp_path / "notes.txt").write_text("\n".join(f"line {i} of some text to learn from" for i in range(120)))
+    (tmp_path / "notes.txt").write_text("\n".join(f"line {i} of some text to learn from" for i in range(400)))
     recipe = tiny_lm_recipe(stage={"data": {"source": {"files": ["notes.txt"]}, "format": "text"}})
     recipe["stages"][0]["train"]["max_steps"] = 3
     path = write_yaml(tmp_path / "r.yaml", recipe)
     assert run_cli(path, "--output-dir", tmp_path / "run")[0] == 0
     code, _, err = run_cli(path, "--output-dir", tmp_path / "run")
     assert code == 0 and "unchanged since the last run" in err
-    (tmp_path / "notes.txt").write_text("\n".join(f"other line {i} with new words" for i in range(120)))
+    (tmp_path / "notes.txt").write_text("\n".join(f"other line {i} with new words" for i in range(400)))
     code, _, err = run_cli(path, "--output-dir", tmp_path / "run")
     assert code == 0 and "unchanged since the last run" not in err
     assert json.loads((tmp_path / "run/pipeline.json").read_text())["stages"][0]["status"] == "completed"

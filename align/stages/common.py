@@ -5,19 +5,17 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
-
-from align.errors import BadInput
-from align.recipe import config_class
 
 if TYPE_CHECKING:
     from transformers import Trainer
 
     from align.guards import MetricsWriter, NumericGuard
-    from align.recipe import Stage
+    from align.plan import Setting
+    from align.recipe import Recipe, Stage
     from align.runtime import RunContext
 
 logger = logging.getLogger(__name__)
@@ -36,71 +34,26 @@ class StageResult:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
-def training_args(stage: Stage, ctx: RunContext, *, supports_checkpointing: bool, **fixed: Any) -> Any:
-    """The TRL config for a stage: the recipe's `train:` keys, with what align manages set on top.
-
-    align decides the output directory, tracking, precision, seed, and (with early stopping) the best-model
-    bookkeeping, logging each decision that a user might not expect.
+def training_args(stage: Stage, ctx: RunContext, **at_run_time: Any) -> Any:
+    """The config class instance the stage's Trainer receives: its plan's arguments (align/plan.py), computed
+    before any stage trained and shown by `--dry-run`, plus only the decisions the plan left to run time.
 
     Raises:
-        BadInput: the TRL config class rejects the combination (it names the problem).
+        BadInput: the config class rejects the combination (it names the problem).
     """
-    import sys
-
-    cfg: dict[str, Any] = {"logging_steps": 10, "eval_strategy": "steps", "save_total_limit": 2}
-    cfg.update(stage.train)
-    cfg.update(
-        output_dir=str(ctx.stage_dir(stage) / "checkpoints"),
-        report_to=ctx.tracker.report_to,
-        run_name=f"{ctx.recipe.name}/{stage.name}",
-        seed=ctx.seed,
-        # A NaN loss must be seen as NaN: the Trainer's filter would log it as 0.
-        logging_nan_inf_filter=False,
-        include_num_input_tokens_seen="non_padding",
-        **ctx.precision.train_args,
-    )
-    cfg.update(fixed)
-    cfg.setdefault("disable_tqdm", not sys.stderr.isatty())
-    cfg.setdefault("dataloader_pin_memory", ctx.precision.device != "cpu")
-    # On a machine without a GPU, several processes (torchrun / accelerate launch) only form one distributed run
-    # when the Trainer is told it is on the CPU: it then uses gloo instead of training each rank alone.
-    cfg.setdefault("use_cpu", ctx.precision.device == "cpu")
-    if "gradient_checkpointing" not in stage.train:
-        cfg["gradient_checkpointing"] = supports_checkpointing
-        if not supports_checkpointing:
-            logger.info("gradient checkpointing off: this model does not support it")
-    elif stage.train["gradient_checkpointing"] and not supports_checkpointing:
-        raise BadInput(f"stages.{stage.name}.train.gradient_checkpointing: this model does not support it")
-
-    if stage.early_stopping is not None:
-        # The best checkpoint must be on disk to be restored, so saving follows evaluation step for step.
-        cfg.update(load_best_model_at_end=True, metric_for_best_model="eval_loss", greater_is_better=False)
-        cfg["save_strategy"] = cfg["eval_strategy"]
-        if cfg.get("eval_steps") is not None:
-            cfg["save_steps"] = cfg["eval_steps"]
-        logger.info(
-            "early stopping (patience %d): align set load_best_model_at_end, metric_for_best_model=eval_loss and "
-            "save_strategy/save_steps = eval_strategy/eval_steps (%s/%s)",
-            stage.early_stopping.patience,
-            cfg["eval_strategy"],
-            cfg.get("eval_steps") or cfg["logging_steps"],
-        )
-    try:
-        args = config_class(stage.kind)(**cfg)
-    except (ValueError, TypeError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise BadInput(f"stages.{stage.name}.train: {first}") from None
-    # Every argument, once, in align.log: what actually ran, defaults included.
-    logger.debug("%s for stage %s:\n%s", type(args).__name__, stage.name, args.to_json_string())
-    return args
+    return ctx.plans[stage.name].build_args(**at_run_time)
 
 
-def planned_steps(args: Any, n_train: int, world_size: int = 1) -> int:
-    """Optimizer steps the Trainer will take for `n_train` rows (or `max_steps` where set)."""
-    if args.max_steps and args.max_steps > 0:
-        return int(args.max_steps)
-    per_step = args.per_device_train_batch_size * args.gradient_accumulation_steps * world_size
-    return max(1, math.ceil(n_train / per_step)) * math.ceil(args.num_train_epochs)
+def log_training(args: Any, n_train: int, unit: str) -> None:
+    """The planned steps and the effective batch of one optimizer step, as the Trainer will run them."""
+    from align.plan import steps_for
+
+    per_step = args.per_device_train_batch_size * args.gradient_accumulation_steps * args.world_size
+    logger.info(
+        "training: %d steps planned, effective batch %d %s (%d per device x %d accumulation x %d processes)",
+        steps_for(args.max_steps, per_step, args.num_train_epochs, n_train), per_step, unit,
+        args.per_device_train_batch_size, args.gradient_accumulation_steps, args.world_size,
+    )  # fmt: skip
 
 
 def evaluate(trainer: Trainer, writer: MetricsWriter, phase: str) -> dict[str, float]:
@@ -262,23 +215,32 @@ class StartingPoint:
             "merge": f"the input's LoRA adapters are merged into their base{on} first; every weight trains",
         }[self.lora]
 
+    def summary(self) -> str:
+        """What `--dry-run` shows: `adapter: the input's LoRA adapters train on, ...`."""
+        return f"{self.input}: {self.describe()}"
 
-def starting_point(ctx: RunContext, stage: Stage) -> StartingPoint:
-    """Decide what the stage starts from (see `StartingPoint`), before its model is loaded."""
+
+def starting_point(recipe: Recipe, stage: Stage, outputs: dict[str, Any] | None = None) -> StartingPoint:
+    """Decide what the stage starts from (see `StartingPoint`), before its model is loaded.
+
+    `outputs` are the earlier stages' saved outputs (`StageOutput`s by name); an earlier stage not among them (a
+    dry run, or planning before anything trains) has saved nothing yet, so its recipe says what it will save.
+    """
     from align.models import adapter_base
-    from align.recipe import ScratchModel
+    from align.plan import model_source
+    from align.recipe import ScratchModel, stage_ref
 
-    source = ctx.model_source(stage)
+    source = model_source(stage, recipe)
+    ref = stage_ref(source)
     if isinstance(source, ScratchModel):
         kind, base = "scratch", None
-    elif source.startswith("@") and source[1:] not in ctx.outputs:
-        # A dry run: the earlier stage has saved nothing yet, so its recipe says what it will save.
-        upstream = next(s for s in ctx.recipe.stages if s.name == source[1:])
+    elif ref is not None and ref not in (outputs or {}):
+        upstream = next(s for s in recipe.stages if s.name == ref)
         kind, base = planned_output(upstream), None
     else:
-        ref = ctx.model_ref(stage)
-        kind = input_kind(ref)
-        base = adapter_base(ref) if kind == "adapter" else ref
+        path = str(outputs[ref].model_dir) if ref is not None else source
+        kind = input_kind(path)
+        base = adapter_base(path) if kind == "adapter" else path
     if kind == "adapter":
         lora = "continue" if stage.peft is not None else "merge"
     else:
@@ -310,20 +272,24 @@ def input_kind(ref: str) -> str:
     return "full"
 
 
-def load_start(
-    ctx: RunContext, stage: Stage, texts: Callable[[], Iterable[str]] | None
-) -> tuple[Any, Any, StartingPoint]:
+def load_start(ctx: RunContext, stage: Stage) -> tuple[Any, Any, StartingPoint]:
     """Load the stage's input model and tokenizer and bring its LoRA adapters to where the stage starts: merged
     for a stage that trains every weight, kept trainable for a LoRA stage. Logs what it did.
+
+    A model built from scratch is built on its plan's config and tokenizer (trained once, when planning).
 
     Raises:
         BadInput: the model cannot be found or its config is wrong.
     """
     from align.models import build_model
 
-    start = starting_point(ctx, stage)
+    plan = ctx.plans[stage.name]
+    start = starting_point(ctx.recipe, stage, ctx.outputs)
     model, tokenizer = build_model(
-        ctx.model_ref(stage), f"stages.{stage.name}.model", texts=texts, trust_remote_code=stage.trust_remote_code
+        ctx.model_ref(stage),
+        f"stages.{stage.name}.model",
+        trust_remote_code=stage.trust_remote_code,
+        planned=(plan.tokenizer, plan.config) if plan.source == "scratch" else None,
     )
     if start.lora == "merge":
         # A stage without `peft` trains every weight: it starts from the model the adapters make, merged.
@@ -340,16 +306,21 @@ def load_start(
     return model, tokenizer, start
 
 
-def capped_max_length(stage: Stage, config: Any) -> int | None:
-    """`train.max_length` (TRL's default 1024), capped at the model's positions: longer would crash the model."""
+def max_length_setting(stage: Stage, config: Any, default: int | None = 1024) -> Setting:
+    """`train.max_length` (the library's default 1024), capped at the model's positions: longer would crash the
+    model. With the model unknown (print-config, offline), the cap is unknown too, and says so."""
     from align.models import model_positions
+    from align.plan import UNKNOWN, Setting
 
-    wanted = stage.train.get("max_length", 1024)
+    given = "max_length" in stage.train
+    wanted = stage.train.get("max_length", default)
+    source = "recipe" if given else "library default"
+    if config is None:
+        return Setting(wanted, f"{source}; the cap at the model's positions is {UNKNOWN}")
     limit = model_positions(config)
     if limit is not None and (wanted is None or wanted > limit):
-        logger.info("max_length %d: capped at the model's %d positions (asked: %s)", limit, limit, wanted)
-        return limit
-    return wanted
+        return Setting(limit, f"capped at the model's {limit} positions (asked: {wanted})")
+    return Setting(wanted, source)
 
 
 def early_stopping_callbacks(stage: Stage) -> list[Any]:

@@ -13,16 +13,15 @@ from typing import TYPE_CHECKING, Any
 
 from align.stages.common import (
     StageResult,
-    capped_max_length,
     early_stopping_callbacks,
     evaluate,
     generation_table,
     load_start,
+    log_training,
+    max_length_setting,
     metrics_writer,
-    planned_steps,
     render_mask,
     save_stage_model,
-    starting_point,
     summary_metrics,
     training_args,
     watch,
@@ -31,6 +30,7 @@ from align.stages.common import (
 if TYPE_CHECKING:
     from datasets import Dataset
 
+    from align.plan import StageParts
     from align.recipe import Stage
     from align.runtime import RunContext
     from align.stages.common import StartingPoint
@@ -43,17 +43,17 @@ def run(stage: Stage, ctx: RunContext) -> StageResult:
     from trl import DPOTrainer
 
     from align.cache import cached_trainer
-    from align.data import first_unique, training_texts
+    from align.data import first_unique
     from align.guards import DPOGuard
-    from align.lm_head import install as install_lm_head
     from align.models import ensure_chat_template, generate, lora_config
+    from align.patches import install_lm_head
     from align.runtime import seed_everything
 
     # 1. Seed, model, tokenizer ---------------------------------------------------------------------
     seed_everything(ctx.seed)
     data = ctx.data[stage.name]
     # Full DPO on SFT adapters merges them first, so policy and reference both start as the SFT model.
-    model, tokenizer, start = load_start(ctx, stage, texts=lambda: training_texts(data["train"]))
+    model, tokenizer, start = load_start(ctx, stage)
     ensure_chat_template(tokenizer)
 
     # 2. Reference model ----------------------------------------------------------------------------
@@ -61,13 +61,11 @@ def run(stage: Stage, ctx: RunContext) -> StageResult:
     logger.info("reference model: %s", reference)
 
     # 3. Trainer ------------------------------------------------------------------------------------
-    max_length = capped_max_length(stage, model.config)
-    args = training_args(
-        stage, ctx, supports_checkpointing=model.supports_gradient_checkpointing, max_length=max_length
-    )
+    max_length = ctx.plans[stage.name].settings["max_length"].value
+    args = training_args(stage, ctx)
     peft_config = lora_config(stage.peft) if start.lora == "new" else None
     writer = metrics_writer(ctx, stage)
-    logger.info("LM head: %s", install_lm_head(args.device))  # align/lm_head.py
+    logger.info("LM head: %s", install_lm_head(args.device))  # align/lm_head.py, installed by align/patches.py
     guard = DPOGuard(ctx.tracker)
     trainer = cached_trainer(DPOTrainer, "dpo", ctx.specs[stage.name].format)(
         model=model,
@@ -81,9 +79,7 @@ def run(stage: Stage, ctx: RunContext) -> StageResult:
     )
     guard = watch(trainer, ctx)
     report_dropped(stage, trainer, len(data["train"]), len(data["validation"]), max_length)
-    steps = planned_steps(args, len(data["train"]), args.world_size)
-    batch = args.per_device_train_batch_size * args.gradient_accumulation_steps * args.world_size
-    logger.info("training: %d steps planned, effective batch %d pairs", steps, batch)
+    log_training(args, len(trainer.train_dataset), "pairs")
 
     # 4. Measure, train, measure --------------------------------------------------------------------
     pairs = data["validation"]
@@ -182,6 +178,21 @@ def pair_ids(tokenizer: Any, prompt: Any, completion: Any) -> tuple[list[int], l
     return full[:shared], full[shared:]
 
 
+def all_pair_ids(tokenizer: Any, prompts: list[Any], completions: list[Any]) -> list[tuple[list[int], list[int]]]:
+    """`pair_ids` of many rows: string rows tokenized in two batched calls (a per-row loop over every pair of a
+    large set costs seconds before training starts), conversations one by one through the chat template."""
+    if not prompts or not isinstance(prompts[0], str):
+        return [pair_ids(tokenizer, p, c) for p, c in zip(prompts, completions, strict=True)]
+    eos = tokenizer.eos_token or ""
+    prompt_ids = tokenizer(list(prompts), add_special_tokens=False)["input_ids"]
+    fulls = tokenizer([p + c + eos for p, c in zip(prompts, completions, strict=True)], add_special_tokens=False)
+    out = []
+    for p, full in zip(prompt_ids, fulls["input_ids"], strict=True):
+        shared = next((i for i, (a, b) in enumerate(zip(p, full, strict=False)) if a != b), min(len(p), len(full)))
+        out.append((full[:shared], full[shared:]))
+    return out
+
+
 def completion_logps(model: Any, tokenizer: Any, prompts: list[Any], completions: list[Any], max_length: int | None):
     """Summed log-probability of each completion given its prompt, in batches (prompt cut from the left)."""
     import torch
@@ -230,38 +241,49 @@ def preference_accuracy(model: Any, tokenizer: Any, pairs: Dataset, max_length: 
 # Dry run
 
 
-def preflight(stage: Stage, ctx: RunContext, tokenizer: Any, config: Any) -> dict[str, Any]:
-    """What `--dry-run` shows for a DPO stage: two rendered pairs with their loss masks, token statistics."""
+def plan(stage: Stage, *, spec: Any, data: Any, tokenizer: Any, config: Any, start: StartingPoint) -> StageParts:
+    """A DPO stage's part of its plan: max_length, the reference model, and, with the data, the pairs whose prompt
+    alone fills `max_length` (TRL drops them; none left in a split is a problem here, before any stage trains)."""
     from align.models import ensure_chat_template
+    from align.plan import StageParts, batch_figures
 
-    data = ctx.data[stage.name]
+    length = max_length_setting(stage, config)
+    parts = StageParts(
+        fixed={"max_length": length}, details={"input": start.summary(), "reference": reference_plan(stage, start)}
+    )
+    if tokenizer is None or data is None:
+        return parts
     ensure_chat_template(tokenizer)
-    start = starting_point(ctx, stage)
-    max_length = capped_max_length(stage, config)
-    args = training_args(stage, ctx, supports_checkpointing=False, max_length=max_length)
-    train = data["train"]
-    lengths, truncated = [], 0
-    for row in train:
-        for side in ("chosen", "rejected"):
-            p, c = pair_ids(tokenizer, row["prompt"], row[side])
-            lengths.append(len(p) + len(c))
-            truncated += max_length is not None and len(p) + len(c) > max_length
+    max_length = length.value
+    kept, lengths, truncated = {}, [], 0
+    for split, pairs in (("train", data["train"]), ("eval", data["validation"])):
+        prompts = list(pairs["prompt"])
+        sides = [all_pair_ids(tokenizer, prompts, list(pairs[side])) for side in ("chosen", "rejected")]
+        if split == "train":
+            lengths = [len(p) + len(c) for side in sides for p, c in side]
+            truncated = sum(max_length is not None and n > max_length for n in lengths)
+        # TRL drops a pair whose prompt alone fills max_length: nothing of either answer would be left.
+        kept[split] = sum(max_length is None or len(p) < max_length for p, _ in sides[0])
+        if len(pairs) and not kept[split]:
+            parts.problems.append(
+                f"stages.{stage.name}.train.max_length: every {split} prompt fills {max_length} tokens, so no pair "
+                "is left to learn from"
+            )
+            parts.hints.append("raise max_length (align caps it at the model's positions) or shorten the prompts")
     examples = []
-    for row in train.select(range(min(2, len(train)))):
+    for row in data["train"].select(range(min(2, len(data["train"])))):
         rendered = {}
         for side in ("chosen", "rejected"):
             p, c = pair_ids(tokenizer, row["prompt"], row[side])
             rendered[side] = render_mask(p + c, [0] * len(p) + [1] * len(c), tokenizer)
         examples.append(rendered)
-    return {
-        "input": f"{start.input}: {start.describe()}",
-        "reference": reference_plan(stage, start),
-        "beta": args.beta,
-        "loss_type": args.loss_type,
-        "train_pairs": len(train),
-        "train_tokens": sum(lengths),
-        "max_length": max_length,
-        "truncation_rate": truncated / max(1, len(lengths)),
-        "planned_steps": planned_steps(args, len(train)),
-        "examples": examples,
-    }
+    parts.details.update(
+        train_pairs=len(data["train"]),
+        train_tokens=sum(lengths),
+        max_length=max_length,
+        truncation_rate=truncated / max(1, len(lengths)),
+        dropped=f"{len(data['train']) - kept['train']} of {len(data['train'])} train pairs (prompt fills max_length)",
+        examples=examples,
+    )
+    parts.count = lambda effective: batch_figures(effective, kept["train"])
+    return parts

@@ -11,13 +11,13 @@ from typing import TYPE_CHECKING, Any
 
 from align.stages.common import (
     StageResult,
-    capped_max_length,
     early_stopping_callbacks,
     evaluate,
     load_start,
+    log_training,
+    max_length_setting,
     metrics_writer,
     perplexity,
-    planned_steps,
     save_stage_model,
     summary_metrics,
     training_args,
@@ -25,15 +25,11 @@ from align.stages.common import (
 )
 
 if TYPE_CHECKING:
+    from align.plan import StageParts
     from align.recipe import Stage
     from align.runtime import RunContext
 
 logger = logging.getLogger(__name__)
-
-
-def block_size(stage: Stage, config: Any) -> int:
-    """Block length: `train.max_length` (default 1024), capped at the model's positions."""
-    return int(capped_max_length(stage, config) or 1024)
 
 
 def collate_blocks(rows: list[dict[str, Any]]) -> dict[str, Any]:
@@ -56,21 +52,20 @@ def run(stage: Stage, ctx: RunContext) -> StageResult:
 
     # 1. Seed, model and tokenizer ---------------------------------------------------------------
     seed_everything(ctx.seed)
-    data = ctx.data[stage.name]
     # An lm stage trains every weight: LoRA adapters of an earlier stage are merged into their base first.
-    model, tokenizer, start = load_start(ctx, stage, texts=lambda: data["train"]["text"])
+    model, tokenizer, start = load_start(ctx, stage)
 
-    # 2. Data: full blocks of real tokens ---------------------------------------------------------
-    size = block_size(stage, model.config)
-    train_blocks, train_stats = cached_blocks(data["train"], tokenizer, size, "train")
-    eval_blocks, eval_stats = cached_blocks(data["validation"], tokenizer, size, "eval")
+    # 2. Data: full blocks of real tokens, made by the plan ------------------------------------------
+    plan = ctx.plans[stage.name]
+    size = plan.settings["max_length"].value
+    (train_blocks, train_stats), (eval_blocks, eval_stats) = plan.prepared["train"], plan.prepared["eval"]
     logger.info(
         "%d train blocks and %d eval blocks of %d tokens (%d and %d tail tokens dropped)",
         train_stats["blocks"], eval_stats["blocks"], size, train_stats["dropped_tokens"], eval_stats["dropped_tokens"],
     )  # fmt: skip
 
     # 3. Trainer ------------------------------------------------------------------------------------
-    args = training_args(stage, ctx, supports_checkpointing=model.supports_gradient_checkpointing, max_length=size)
+    args = training_args(stage, ctx)
     writer = metrics_writer(ctx, stage)
     trainer = Trainer(
         model=model,
@@ -82,12 +77,7 @@ def run(stage: Stage, ctx: RunContext) -> StageResult:
         callbacks=[writer, *early_stopping_callbacks(stage)],
     )
     guard = watch(trainer, ctx)
-    logger.info(
-        "training: %d steps planned, effective batch %d blocks (%d per device x %d accumulation x %d processes)",
-        planned_steps(args, len(train_blocks), args.world_size),
-        args.per_device_train_batch_size * args.gradient_accumulation_steps * args.world_size,
-        args.per_device_train_batch_size, args.gradient_accumulation_steps, args.world_size,
-    )  # fmt: skip
+    log_training(args, len(train_blocks), "blocks")
 
     # 4. Evaluate, train, evaluate ------------------------------------------------------------------
     before = evaluate(trainer, writer, "before")
@@ -127,34 +117,35 @@ def cached_blocks(ds: Any, tokenizer: Any, size: int, split: str) -> tuple[Any, 
     return fetch(parts, lambda: pack_text_blocks(ds, tokenizer, size), f"lm {split}")
 
 
-def preflight(stage: Stage, ctx: RunContext, tokenizer: Any, config: Any) -> dict[str, Any]:
-    """What `--dry-run` shows for an LM stage: blocks, token counts, dropped tail, planned steps, a sample."""
-    from align.data import pack_text_blocks
+def plan(stage: Stage, *, spec: Any, data: Any, tokenizer: Any, config: Any, start: Any) -> StageParts:
+    """An LM stage's part of its plan: the block length and, with the data, blocks, token counts and a sample."""
+    from align.plan import Setting, StageParts, batch_figures
 
-    data = ctx.data[stage.name]
-    size = block_size(stage, config)
-    train_blocks, train_stats = pack_text_blocks(data["train"], tokenizer, size)
-    _, eval_stats = pack_text_blocks(data["validation"], tokenizer, size)
-    args = training_args(stage, ctx, supports_checkpointing=_supports_checkpointing(config), max_length=size)
+    length = max_length_setting(stage, config)
+    size = int(length.value or 1024)  # the block length: None would mean one endless block
+    parts = StageParts(fixed={"max_length": Setting(size, length.source)}, details={"input": start.summary()})
+    if data is None or tokenizer is None:
+        return parts
+    train_blocks, train_stats = cached_blocks(data["train"], tokenizer, size, "train")
+    eval_blocks, eval_stats = cached_blocks(data["validation"], tokenizer, size, "eval")
+    parts.prepared = {"train": (train_blocks, train_stats), "eval": (eval_blocks, eval_stats)}
+    for split, stats in (("training", train_stats), ("eval", eval_stats)):
+        if not stats["blocks"]:
+            parts.problems.append(
+                f"stages.{stage.name}.train.max_length: the {split} text ({stats['tokens']} tokens) fills no "
+                f"block of {size} tokens"
+            )
+            parts.hints.append("lower max_length, or give the stage more text")
     sample = tokenizer.decode(train_blocks[0]["input_ids"][:64]) if len(train_blocks) else ""
-    return {
-        "block_size": size,
-        "train_tokens": train_stats["tokens"],
-        "eval_tokens": eval_stats["tokens"],
-        "train_blocks": train_stats["blocks"],
-        "eval_blocks": eval_stats["blocks"],
-        "truncation_rate": train_stats["dropped_tokens"] / max(1, train_stats["tokens"]),
-        "packing_efficiency": 1.0,  # every position of every block holds a real token
-        "planned_steps": planned_steps(args, train_stats["blocks"]),
-        "effective_batch": args.per_device_train_batch_size * args.gradient_accumulation_steps,
-        "examples": [{"text": sample, "loss_mask": "every token is trained on (language modelling)"}],
-    }
-
-
-def _supports_checkpointing(config: Any) -> bool:
-    from transformers import MODEL_FOR_CAUSAL_LM_MAPPING
-
-    try:
-        return bool(MODEL_FOR_CAUSAL_LM_MAPPING[type(config)].supports_gradient_checkpointing)
-    except KeyError:
-        return False
+    parts.details.update(
+        block_size=size,
+        train_tokens=train_stats["tokens"],
+        eval_tokens=eval_stats["tokens"],
+        train_blocks=train_stats["blocks"],
+        eval_blocks=eval_stats["blocks"],
+        truncation_rate=train_stats["dropped_tokens"] / max(1, train_stats["tokens"]),
+        packing_efficiency=1.0,  # every position of every block holds a real token
+        examples=[{"text": sample, "loss_mask": "every token is trained on (language modelling)"}],
+    )
+    parts.count = lambda effective: batch_figures(effective, train_stats["blocks"])
+    return parts

@@ -12,17 +12,16 @@ from typing import TYPE_CHECKING, Any
 from align.errors import BadInput
 from align.stages.common import (
     StageResult,
-    capped_max_length,
     early_stopping_callbacks,
     evaluate,
     generation_table,
     load_start,
+    log_training,
+    max_length_setting,
     metrics_writer,
     perplexity,
-    planned_steps,
     render_mask,
     save_stage_model,
-    starting_point,
     summary_metrics,
     training_args,
     watch,
@@ -31,6 +30,7 @@ from align.stages.common import (
 if TYPE_CHECKING:
     from datasets import Dataset
 
+    from align.plan import StageParts
     from align.recipe import Stage
     from align.runtime import RunContext
 
@@ -42,9 +42,8 @@ def run(stage: Stage, ctx: RunContext) -> StageResult:
     from trl import SFTTrainer
 
     from align.cache import cached_trainer
-    from align.data import training_texts
-    from align.lm_head import install as install_lm_head
     from align.models import ensure_chat_template, generate, lora_config
+    from align.patches import install_lm_head
     from align.runtime import seed_everything
 
     fmt = ctx.specs[stage.name].format
@@ -52,22 +51,22 @@ def run(stage: Stage, ctx: RunContext) -> StageResult:
     # 1. Seed, model, tokenizer, chat template ------------------------------------------------------
     seed_everything(ctx.seed)
     data = ctx.data[stage.name]
-    model, tokenizer, start = load_start(ctx, stage, texts=lambda: training_texts(data["train"]))
+    plan = ctx.plans[stage.name]
+    model, tokenizer, start = load_start(ctx, stage)
     template = ensure_chat_template(tokenizer)
 
-    # 2. Data and loss mask -------------------------------------------------------------------------
-    train_ds, eval_ds, loss = loss_settings(stage, fmt, data["train"], data["validation"], tokenizer)
-    max_length = capped_max_length(stage, model.config)
+    # 2. Data and loss mask, as planned -------------------------------------------------------------
+    loss = {k: plan.settings[k].value for k in ("assistant_only_loss", "completion_only_loss") if k in plan.settings}
+    train_ds, eval_ds = apply_loss(loss, fmt, data["train"], data["validation"])
+    max_length = plan.settings["max_length"].value
 
     # 3. Trainer ------------------------------------------------------------------------------------
     pack, pack_reason = choose_packing(stage, model)
     logger.info("%s", pack_reason)
-    args = training_args(
-        stage, ctx, supports_checkpointing=model.supports_gradient_checkpointing, max_length=max_length, **loss, **pack
-    )
+    args = training_args(stage, ctx, **{k: v for k, v in pack.items() if k in plan.runtime})
     peft_config = lora_config(stage.peft) if start.lora == "new" else None
     writer = metrics_writer(ctx, stage)
-    logger.info("LM head: %s", install_lm_head(args.device))  # align/lm_head.py
+    logger.info("LM head: %s", install_lm_head(args.device))  # align/lm_head.py, installed by align/patches.py
     trainer = cached_trainer(SFTTrainer, "sft", fmt)(
         model=model,
         args=args,
@@ -82,10 +81,7 @@ def run(stage: Stage, ctx: RunContext) -> StageResult:
     logger.info(
         "first training example, trained tokens in [[ ]]: %r", render_labels(trainer.train_dataset[0], tokenizer)
     )
-    logger.info(
-        "training: %d steps planned, effective batch %d", planned_steps(args, len(train_ds), args.world_size),
-        args.per_device_train_batch_size * args.gradient_accumulation_steps * args.world_size,
-    )  # fmt: skip
+    log_training(args, len(trainer.train_dataset), "examples")
 
     # 4. Evaluate and sample, train, evaluate and sample ---------------------------------------------
     prompts = eval_prompts(eval_ds, stage.generations)
@@ -117,32 +113,36 @@ def run(stage: Stage, ctx: RunContext) -> StageResult:
 # The pieces, in the order `run` uses them
 
 
-def loss_settings(
-    stage: Stage, fmt: str, train: Dataset, valid: Dataset, tokenizer: Any
-) -> tuple[Dataset, Dataset, dict[str, Any]]:
+def loss_flags(stage: Stage, fmt: str, tokenizer: Any) -> dict[str, Any]:
     """Where the loss falls: completions (prompt_completion), assistant turns (messages), everything (text).
 
-    Where the chat template cannot mark assistant turns, conversations become prompt (all turns before the
-    last assistant turn) and completion (that turn), trained completion-only, and the log says so.
+    Where the chat template cannot mark assistant turns, conversations are trained on their last assistant turn,
+    completion-only (`apply_loss` splits them), and the log says so.
     """
     from align.models import marks_assistant_turns
 
     if fmt == "messages" and stage.train.get("assistant_only_loss", True):
         if marks_assistant_turns(tokenizer):
-            return train, valid, {"assistant_only_loss": True}
+            return {"assistant_only_loss": True}
         logger.warning(
             "the chat template cannot mark assistant turns: training on each conversation's last assistant turn, "
             "with the earlier turns as its prompt (completion-only loss)"
         )
-        split = {"prompt": _before_last_assistant, "completion": _last_assistant}
+        return {"completion_only_loss": True}
+    return {}
 
-        def to_prompt_completion(row: dict[str, Any]) -> dict[str, Any]:
-            return {key: fn(row["messages"]) for key, fn in split.items()}
 
-        train = train.map(to_prompt_completion, remove_columns=["messages"])
-        valid = valid.map(to_prompt_completion, remove_columns=["messages"])
-        return train, valid, {"completion_only_loss": True}
-    return train, valid, {}
+def apply_loss(loss: dict[str, Any], fmt: str, *splits: Dataset) -> list[Dataset]:
+    """The splits as the loss needs them: conversations become prompt (every turn before the last assistant
+    turn) and completion (that turn) where the loss falls on completions only."""
+    if fmt != "messages" or not loss.get("completion_only_loss"):
+        return list(splits)
+    split = {"prompt": _before_last_assistant, "completion": _last_assistant}
+
+    def to_prompt_completion(row: dict[str, Any]) -> dict[str, Any]:
+        return {key: fn(row["messages"]) for key, fn in split.items()}
+
+    return [ds.map(to_prompt_completion, remove_columns=["messages"]) for ds in splits]
 
 
 def describe_loss(loss: dict[str, Any], fmt: str) -> str:
@@ -165,35 +165,35 @@ def _last_assistant(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return [messages[_last_assistant_index(messages)]]
 
 
-def sequence_lengths(ds: Dataset, tokenizer: Any) -> list[int]:
-    """Token length of each example as it will be trained (chat template applied, eos added)."""
-    lengths = []
+def trained_spans(ds: Dataset, tokenizer: Any, loss: dict[str, Any]) -> list[tuple[int, int | None]]:
+    """(length, index of the first trained token or None) of each example as TRL will tokenize it: the figures
+    that say, before any trainer exists, which examples `max_length` truncates and which it leaves nothing to learn.
+    String rows are tokenized in batches (a Python loop over 30,000 rows costs seconds)."""
+    if len(ds) and "text" in ds.column_names:
+        eos = tokenizer.eos_token or ""
+        ids = tokenizer([t + eos for t in list(ds["text"])], add_special_tokens=False)["input_ids"]
+        return [(len(row), 0 if row else None) for row in ids]
+    if len(ds) and "prompt" in ds.column_names and isinstance(ds[0]["prompt"], str):
+        eos = tokenizer.eos_token or ""
+        prompts, completions = list(ds["prompt"]), list(ds["completion"])
+        ids = tokenizer(prompts, add_special_tokens=False)["input_ids"]
+        fulls = tokenizer([p + c + eos for p, c in zip(prompts, completions, strict=True)],
+                          add_special_tokens=False)["input_ids"]  # fmt: skip
+        trained = loss.get("completion_only_loss", True)
+        spans = []
+        for prompt, full in zip(ids, fulls, strict=True):
+            start = 0 if not trained else _shared_prefix(prompt, full)
+            spans.append((len(full), start if start < len(full) else None))
+        return spans
+    spans = []
     for row in ds:
-        if "messages" in row:
-            lengths.append(len(tokenizer.apply_chat_template(row["messages"], tokenize=True, return_dict=False)))
-        elif "prompt" in row:
-            if isinstance(row["prompt"], list):
-                convo = row["prompt"] + row["completion"]
-                lengths.append(len(tokenizer.apply_chat_template(convo, tokenize=True, return_dict=False)))
-            else:
-                lengths.append(
-                    len(tokenizer(row["prompt"] + row["completion"], add_special_tokens=False)["input_ids"]) + 1
-                )
-        else:
-            lengths.append(len(tokenizer(row["text"], add_special_tokens=False)["input_ids"]) + 1)
-    return lengths
+        ids, mask = masked_ids(row, tokenizer, loss)
+        spans.append((len(ids), next((i for i, m in enumerate(mask) if m), None)))
+    return spans
 
 
-def count_truncated(ds: Dataset, tokenizer: Any, max_length: int | None, split: str) -> tuple[int, list[int]]:
-    """Count (and report) the examples longer than `max_length` before any trainer exists (for --dry-run)."""
-    lengths = sequence_lengths(ds, tokenizer)
-    over = sum(1 for n in lengths if max_length is not None and n > max_length)
-    if over:
-        logger.warning(
-            "%s: %d of %d examples are longer than max_length=%d and will be truncated", split, over, len(lengths),
-            max_length,
-        )  # fmt: skip
-    return over, lengths
+def _shared_prefix(a: list[int], b: list[int]) -> int:
+    return next((i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), min(len(a), len(b)))
 
 
 def report_truncation(stage: Stage, trainer: Any, n_train: int, n_eval: int, max_length: int | None, packed: bool):
@@ -287,8 +287,8 @@ def render_labels(example: dict[str, Any], tokenizer: Any) -> str:
     return render_mask(ids, mask, tokenizer)
 
 
-def render_example(row: dict[str, Any], tokenizer: Any, loss: dict[str, Any]) -> str:
-    """How TRL will tokenize one row and where its loss falls, without building a trainer (for --dry-run)."""
+def masked_ids(row: dict[str, Any], tokenizer: Any, loss: dict[str, Any]) -> tuple[list[int], list[int]]:
+    """One row's token ids as TRL will tokenize it, and which of them carry a loss (1) — without a trainer."""
     from trl.chat_template_utils import get_training_chat_template, has_generation_markers
 
     eos = tokenizer.eos_token or ""
@@ -300,54 +300,93 @@ def render_example(row: dict[str, Any], tokenizer: Any, loss: dict[str, Any]) ->
             row["messages"], tokenize=True, return_dict=True, return_assistant_tokens_mask=True, chat_template=template
         )
         mask = out["assistant_masks"] if loss.get("assistant_only_loss") else [1] * len(out["input_ids"])
-        return render_mask(out["input_ids"], mask, tokenizer)
+        return list(out["input_ids"]), list(mask)
     if "prompt" in row:
         if isinstance(row["prompt"], list):
-            prompt = tokenizer.apply_chat_template(row["prompt"], tokenize=True, add_generation_prompt=True)
-            full = tokenizer.apply_chat_template(row["prompt"] + row["completion"], tokenize=True)
+            prompt = tokenizer.apply_chat_template(
+                row["prompt"], tokenize=True, add_generation_prompt=True, return_dict=False
+            )
+            full = tokenizer.apply_chat_template(row["prompt"] + row["completion"], tokenize=True, return_dict=False)
         else:
             prompt = tokenizer(row["prompt"], add_special_tokens=False)["input_ids"]
             full = tokenizer(row["prompt"] + row["completion"] + eos, add_special_tokens=False)["input_ids"]
-        shared = next(
-            (i for i, (a, b) in enumerate(zip(prompt, full, strict=False)) if a != b), min(len(prompt), len(full))
-        )
+        shared = _shared_prefix(prompt, full)
         trained = loss.get("completion_only_loss", True)
-        return render_mask(full, [0] * shared + [int(trained)] * (len(full) - shared), tokenizer)
+        return list(full), [0] * shared + [int(trained)] * (len(full) - shared)
     ids = tokenizer(row["text"] + eos, add_special_tokens=False)["input_ids"]
-    return render_mask(ids, [1] * len(ids), tokenizer)
+    return ids, [1] * len(ids)
 
 
-def preflight(stage: Stage, ctx: RunContext, tokenizer: Any, config: Any) -> dict[str, Any]:
-    """What `--dry-run` shows for an SFT stage: two rendered examples with their loss mask, token statistics."""
+def render_example(row: dict[str, Any], tokenizer: Any, loss: dict[str, Any]) -> str:
+    """How TRL will tokenize one row and where its loss falls, without building a trainer (for --dry-run)."""
+    return render_mask(*masked_ids(row, tokenizer, loss), tokenizer)
+
+
+def plan(stage: Stage, *, spec: Any, data: Any, tokenizer: Any, config: Any, start: Any) -> StageParts:
+    """An SFT stage's part of its plan: max_length, the chat template and loss mask, packing (decided when the
+    model is loaded), and, with the data, the examples `max_length` truncates or leaves nothing to learn.
+
+    A `max_length` that leaves no training (or eval) example a trained token is a problem here, before any stage
+    of the recipe trains.
+    """
     from align.models import ensure_chat_template, marks_assistant_turns
+    from align.plan import UNKNOWN, Setting, StageParts, batch_figures
 
-    data = ctx.data[stage.name]
-    fmt = ctx.specs[stage.name].format
+    fmt = spec.format
+    length = max_length_setting(stage, config)
+    parts = StageParts(fixed={"max_length": length}, details={"input": start.summary()})
+    if "packing" not in stage.train:
+        parts.runtime["packing"] = (
+            "align default: padding-free only where the loaded model's attention keeps packed samples apart "
+            "(probed when the stage starts)"
+        )
+    if tokenizer is None:
+        parts.details["loss_on"] = f"{UNKNOWN} (the chat template decides)" if fmt == "messages" else fmt
+        return parts
     template = ensure_chat_template(tokenizer)
-    start = starting_point(ctx, stage)
-    train, _, loss = loss_settings(stage, fmt, data["train"], data["validation"], tokenizer)
-    max_length = capped_max_length(stage, config)
-    truncated, lengths = count_truncated(train, tokenizer, max_length, "train")
-    args = training_args(stage, ctx, supports_checkpointing=False, max_length=max_length, **loss)
-    used = [min(n, max_length or n) for n in lengths]
-    longest_per_batch = _padded_tokens(used, args.per_device_train_batch_size)
-    return {
-        "input": f"{start.input}: {start.describe()}",
-        "chat_template": template
-        + ("" if fmt != "messages" or marks_assistant_turns(tokenizer) else " (no turn marks)"),
-        "loss_on": describe_loss(loss, fmt),
-        "train_examples": len(train),
-        "train_tokens": sum(used),
-        "max_length": max_length,
-        "truncated": f"{truncated} of {len(lengths)} ({truncated / max(1, len(lengths)):.1%})",
-        "truncation_rate": truncated / max(1, len(lengths)),
-        "packing_efficiency": sum(used) / max(1, longest_per_batch),
-        "packing": "decided when the model is loaded (padding-free only where the attention keeps samples apart)",
-        "planned_steps": planned_steps(args, len(train)),
-        "examples": [
-            {"rendered": render_example(row, tokenizer, loss)} for row in train.select(range(min(2, len(train))))
-        ],
-    }
+    loss = loss_flags(stage, fmt, tokenizer)
+    parts.fixed.update({k: Setting(v, "align default (loss on answers only)") for k, v in loss.items()})
+    parts.details.update(
+        chat_template=template + ("" if fmt != "messages" or marks_assistant_turns(tokenizer) else " (no turn marks)"),
+        loss_on=describe_loss(loss, fmt),
+    )
+    if data is None:
+        return parts
+    train, valid = apply_loss(loss, fmt, data["train"], data["validation"])
+    max_length = length.value
+    counts = {}
+    for split, ds in (("train", train), ("eval", valid)):
+        spans = trained_spans(ds, tokenizer, loss)
+        untrained = sum(1 for _, first in spans if first is None or (max_length is not None and first >= max_length))
+        truncated = sum(1 for n, _ in spans if max_length is not None and n > max_length)
+        counts[split] = (spans, untrained, truncated)
+        if spans and untrained == len(spans):
+            parts.problems.append(
+                f"stages.{stage.name}.train.max_length: {max_length} tokens leave no "
+                f"{'training' if split == 'train' else split} example a trained token (prompts fill it)"
+            )
+            parts.hints.append("raise max_length (align caps it at the model's positions) or shorten the prompts")
+    spans, untrained, truncated = counts["train"]
+    first_rows = train.select(range(min(2, len(train))))
+    used = [min(n, max_length or n) for n, _ in spans]
+    parts.details.update(
+        train_examples=len(train),
+        train_tokens=sum(used),
+        max_length=max_length,
+        truncated=f"{truncated} of {len(spans)} ({truncated / max(1, len(spans)):.1%})",
+        truncation_rate=truncated / max(1, len(spans)),
+        untrained=f"{untrained} of {len(spans)} left no trained token by max_length (dropped)",
+        packing_efficiency=sum(used) / max(1, _padded_tokens(used, _batch_size(stage))),
+        examples=[{"rendered": render_example(row, tokenizer, loss)} for row in first_rows],
+    )
+    parts.count = lambda effective: batch_figures(effective, len(train) - untrained)
+    return parts
+
+
+def _batch_size(stage: Stage) -> int:
+    from align.recipe import config_class
+
+    return int(stage.train.get("per_device_train_batch_size", config_class("sft").per_device_train_batch_size))
 
 
 def _padded_tokens(lengths: list[int], batch_size: int) -> int:

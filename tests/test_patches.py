@@ -1,0 +1,100 @@
+"""align/patches.py is the one module that touches private library code: each hook's contract is pinned here
+against the installed libraries, and each fallback is taken, with one logged line, where a contract breaks."""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import subprocess
+import sys
+
+import pytest
+
+from tests.conftest import REPO
+
+PRIVATE = ("_ChunkedLogProbFunction", "_prepare_dataset", "_get_grad_norm", "_use_triton", "_indices")
+
+
+def test_private_names_appear_in_one_module_only():
+    found = subprocess.run(
+        ["grep", "-rlE", "|".join(PRIVATE), "--include=*.py", "align/"], cwd=REPO, capture_output=True, text=True
+    ).stdout.split()
+    assert found == ["align/patches.py"]
+
+
+@pytest.mark.parametrize("trainer", ["SFTTrainer", "DPOTrainer"])
+def test_trl_preparation_has_the_signature_the_cache_wraps(trainer):
+    import trl
+
+    from align.patches import PREPARE_CONTRACTS
+
+    assert tuple(inspect.signature(getattr(trl, trainer)._prepare_dataset).parameters) == PREPARE_CONTRACTS[trainer]
+
+
+def test_trl_lm_head_has_the_signature_the_cpu_head_replaces():
+    import trl.trainer.utils as trl_utils
+
+    from align.patches import LM_HEAD_CONTRACT
+
+    function = getattr(trl_utils._ChunkedLogProbFunction, "trl_function", trl_utils._ChunkedLogProbFunction)
+    assert tuple(inspect.signature(function.forward).parameters) == LM_HEAD_CONTRACT
+
+
+def test_transformers_trainer_still_has_the_grad_norm_the_guard_watches():
+    from transformers import Trainer
+
+    assert callable(getattr(Trainer, "_get_grad_norm", None))
+
+
+def test_a_changed_preparation_is_left_alone_with_one_line(caplog):
+    from align.patches import wrap_preparation
+
+    class DPOTrainer:  # named as TRL's, with an argument TRL 1.16 did not have
+        def _prepare_dataset(self, dataset, processing_class, args, dataset_name, new_argument): ...
+
+    caplog.set_level(logging.WARNING)
+    for _ in range(2):
+        assert wrap_preparation(DPOTrainer, lambda *a: None) is DPOTrainer
+    assert caplog.text.count("tokenized-data cache (DPOTrainer): the library changed") == 1
+
+
+def test_without_the_grad_norm_hook_the_guard_reads_the_logged_norm(caplog):
+    from types import SimpleNamespace
+
+    from align.guards import NumericGuard
+
+    class OldTrainer:
+        def compute_loss(self, model, inputs, return_outputs=False, **kwargs):
+            return inputs
+
+    guard = NumericGuard()
+    guard.attach(OldTrainer())
+    assert not guard.watches_grad_norm and "grad-norm guard: the library changed" in caplog.text
+    control = SimpleNamespace(should_training_stop=False, should_save=True)
+    guard.on_log(None, SimpleNamespace(global_step=7), control, logs={"loss": 1.0, "grad_norm": float("nan")})
+    assert control.should_training_stop and not control.should_save
+    assert guard.nonfinite == {"split": "train", "what": "grad norm", "value": guard.nonfinite["value"], "step": 7}
+
+
+def test_a_row_selection_hashes_the_same_through_the_fallback_copy():
+    from datasets import Dataset
+
+    from align.cache import dataset_fingerprint
+
+    ds = Dataset.from_dict({"text": [f"row {i}" for i in range(20)]})
+    picked = ds.select([3, 1, 4])
+    assert dataset_fingerprint(picked) != dataset_fingerprint(ds.select([1, 3, 4])), "the selection counts"
+    assert dataset_fingerprint(picked) == dataset_fingerprint(ds.select([3, 1, 4]))
+
+
+def test_offline_switch_reaches_libraries_already_imported(monkeypatch):
+    import datasets.config
+    import huggingface_hub.constants
+
+    from align.patches import set_hub_offline
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", False)
+    set_hub_offline()
+    assert huggingface_hub.constants.HF_HUB_OFFLINE is True and datasets.config.HF_HUB_OFFLINE is True
+    assert "align.patches" in sys.modules

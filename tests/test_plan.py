@@ -1,0 +1,166 @@
+"""One plan: `--dry-run`, `--print-config` and the run share every decision, and every check runs before the first
+stage trains."""
+
+from __future__ import annotations
+
+import yaml
+
+from tests.conftest import TINY_MODEL, tiny_lm_recipe, write_yaml
+
+SMALL = {"max_length": 128, "max_steps": 2, "per_device_train_batch_size": 4, "logging_steps": 1, "eval_steps": 2}
+ROWS = {"max_train_rows": 16, "max_eval_rows": 4}
+
+
+def chain() -> dict:
+    """lm -> sft -> dpo on a tiny scratch model: one stage of every kind."""
+    recipe = tiny_lm_recipe(stage={"model": dict(TINY_MODEL, n_positions=128)})
+    recipe["stages"][0]["train"].update(max_steps=2, eval_steps=2)
+    recipe["stages"][0]["data"].update(max_train_rows=40, max_eval_rows=8)
+    recipe["stages"] += [
+        {"name": "sft", "kind": "sft", "data": {"card": "python-docs-instruct", **ROWS}, "train": dict(SMALL),
+         "generations": 0},
+        {"name": "dpo", "kind": "dpo", "data": {"card": "python-docs-preferences", **ROWS},
+         "train": dict(SMALL, learning_rate=1e-4), "generations": 0},
+    ]  # fmt: skip
+    return recipe
+
+
+def test_the_trainer_gets_exactly_the_planned_arguments_for_every_kind(tmp_path, monkeypatch):
+    """The plan a dry run prints is what each stage's Trainer receives: every planned argument, for each kind."""
+    import transformers
+
+    from align.pipeline import preflight, run_pipeline
+    from align.plan import plan_stages
+    from align.recipe import load_recipe
+    from align.runtime import choose_precision
+    from align.tracking import report_to
+
+    recipe = load_recipe(write_yaml(tmp_path / "r.yaml", chain()))
+    run_dir = tmp_path / "run"
+    specs, data = preflight(recipe)
+    plans = plan_stages(recipe, specs, data, choose_precision("auto"), run_dir, report_to(recipe.tracking.wandb))
+
+    received = {}
+    original = transformers.Trainer.__init__
+
+    def capture(self, *args, **kwargs):
+        received[kwargs["args"].run_name.split("/")[-1]] = kwargs["args"]
+        original(self, *args, **kwargs)
+
+    monkeypatch.setattr(transformers.Trainer, "__init__", capture)
+    run_pipeline(recipe, output_dir=run_dir)
+    assert set(received) == {"lm", "sft", "dpo"}
+    for name, plan in plans.items():
+        args = received[name]
+        for key, setting in plan.settings.items():
+            value = getattr(args, key)
+            assert getattr(value, "value", value) == getattr(setting.value, "value", setting.value), (name, key)
+        for key, setting in plan.effective.items():
+            if key not in plan.runtime:
+                value = getattr(args, key)
+                assert getattr(value, "value", value) == setting.value, (name, key)
+    assert set(plans["sft"].runtime) == {"packing"}, "the one decision left to the loaded model"
+
+
+def test_gradient_checkpointing_is_decided_once_from_the_architecture(tmp_path, run_cli):
+    """The dry run once refused `gradient_checkpointing: true` on sft/dpo (it assumed no support) while the run
+    accepted it, and said "off" while the run turned it on."""
+    recipe = chain()
+    path = write_yaml(tmp_path / "r.yaml", recipe)
+    code, out, err = run_cli(path, "--dry-run", "--output-dir", tmp_path / "run")
+    assert code == 0, err
+    sft = out.split("] sft (sft)")[1].split("] dpo (dpo)")[0]
+    assert "gradient_checkpointing: True  (align default (the model supports it))" in sft
+    recipe["stages"][1]["train"]["gradient_checkpointing"] = True
+    recipe["stages"][2]["train"]["gradient_checkpointing"] = True
+    code, out, err = run_cli(write_yaml(tmp_path / "r.yaml", recipe), "--dry-run", "--output-dir", tmp_path / "run")
+    assert code == 0, err
+    assert out.count("gradient_checkpointing: True  (recipe)") == 2
+
+
+def test_a_max_length_that_leaves_a_later_stage_nothing_is_refused_before_the_first_stage_trains(tmp_path, run_cli):
+    recipe = chain()
+    recipe["stages"][1]["train"]["max_length"] = 8  # shorter than every sft prompt
+    path = write_yaml(tmp_path / "r.yaml", recipe)
+    code, _, err = run_cli(path, "--dry-run", "--output-dir", tmp_path / "run")
+    assert code == 2 and "stages.sft.train.max_length: 8 tokens leave no training example a trained token" in err
+    code, _, err = run_cli(path, "--output-dir", tmp_path / "run")
+    assert code == 2 and "stages.sft.train.max_length: 8 tokens" in err
+    assert not (tmp_path / "run").exists(), "refused before lm trained: nothing written"
+
+
+def test_the_dry_run_names_the_reference_the_run_uses(tmp_path, run_cli):
+    recipe = chain()
+    recipe["stages"][2]["train"]["precompute_ref_log_probs"] = True
+    code, out, err = run_cli(write_yaml(tmp_path / "r.yaml", recipe), "--dry-run", "--output-dir", tmp_path / "r")
+    assert code == 0, err
+    assert "reference: the input model's log-probabilities, computed once before training" in out
+    assert "frozen copy" not in out
+
+
+def train_block(text: str, stage: str) -> dict:
+    """A stage's `train:` mapping from `--print-config` output, and the source comment of each line."""
+    resolved = yaml.safe_load(text)
+    values = next(s for s in resolved["stages"] if s["name"] == stage)["train"]
+    lines = text.split(f"- name: {stage}\n", 1)[1].split("\n  train:\n", 1)[1].splitlines()
+    sources = {}
+    for line in lines:
+        if not line.startswith("    ") or line.startswith("     "):
+            if not line.startswith("    -"):
+                break
+            continue
+        key, _, rest = line.strip().partition(":")
+        sources[key] = rest.split("  # ", 1)[1] if "  # " in rest else None
+    return {"values": values, "sources": sources}
+
+
+def test_print_config_shows_effective_values_and_where_they_came_from(tmp_path, run_cli):
+    recipe = chain()
+    recipe["stages"][0]["early_stopping"] = {"patience": 2}
+    recipe["stages"][2]["train"].pop("learning_rate")
+    recipe["stages"][1]["train"]["max_length"] = 4096  # the tiny model has 128 positions
+    path = write_yaml(tmp_path / "r.yaml", recipe)
+    code, out, err = run_cli(path, "--print-config", "--set", "stages.lm.train.learning_rate=0.002")
+    assert code == 0, err
+    lm, sft, dpo = (train_block(out, name) for name in ("lm", "sft", "dpo"))
+    assert lm["values"]["learning_rate"] == 0.002 and lm["sources"]["learning_rate"] == "--set"
+    assert lm["values"]["save_steps"] == 2 and lm["sources"]["save_steps"].startswith("early stopping")
+    assert lm["values"]["logging_steps"] == 5 and lm["sources"]["logging_steps"] == "recipe"
+    assert sft["values"]["max_length"] == 128 and "capped at the model's 128 positions" in sft["sources"]["max_length"]
+    assert sft["values"]["save_total_limit"] == 2 and sft["sources"]["save_total_limit"].startswith("align default")
+    # TRL's own default, which learned nothing on the quickstart's pairs, is shown as what it is.
+    assert dpo["values"]["learning_rate"] == 1e-6 and dpo["sources"]["learning_rate"] == "library default"
+    assert dpo["sources"]["beta"] == "library default"
+
+
+def test_print_config_offline_without_the_model_shows_what_it_can(tmp_path, run_cli):
+    stage = {"name": "sft", "kind": "sft", "model": "nobody/not-in-any-cache",
+             "data": {"card": "python-docs-instruct"}, "train": {"learning_rate": 1e-4}}  # fmt: skip
+    recipe = {"name": "hub", "tracking": {"wandb": {"mode": "disabled"}}, "stages": [stage]}
+    code, out, err = run_cli(write_yaml(tmp_path / "r.yaml", recipe), "--print-config")
+    assert code == 0, err
+    sft = train_block(out, "sft")
+    assert sft["values"]["learning_rate"] == 1e-4
+    assert "unknown until the model is available" in sft["sources"]["max_length"]
+    assert "unknown until the model is available" in sft["sources"]["gradient_checkpointing"]
+
+
+def test_model_type_scratch_is_planned_once(tmp_path, run_cli, caplog):
+    """The from-scratch tokenizer is trained when planning and the stage builds on it: once, not twice."""
+    import logging
+
+    caplog.set_level(logging.INFO)
+    recipe = tiny_lm_recipe(stage={"model": dict(TINY_MODEL)})
+    recipe["stages"][0]["train"].update(max_steps=1, eval_steps=1)
+    code, _, err = run_cli(write_yaml(tmp_path / "r.yaml", recipe), "--output-dir", tmp_path / "run")
+    assert code == 0, err
+    assert caplog.text.count("trained a byte-level BPE tokenizer") == 1
+
+
+def test_an_lm_stage_whose_eval_text_fills_no_block_is_refused_before_training(tmp_path, run_cli):
+    (tmp_path / "notes.txt").write_text("\n".join(f"line {i} of some text to learn from" for i in range(120)))
+    recipe = tiny_lm_recipe(stage={"data": {"source": {"files": ["notes.txt"]}, "format": "text"}})
+    code, _, err = run_cli(write_yaml(tmp_path / "r.yaml", recipe), "--output-dir", tmp_path / "run")
+    assert code == 2 and "stages.lm.train.max_length: the eval text (59 tokens) fills no block of 64 tokens" in err
+    assert "hint: lower max_length, or give the stage more text" in err
+    assert not (tmp_path / "run").exists()
