@@ -1,4 +1,5 @@
-"""Pieces every stage shares: training arguments, evaluation phases, and the stage's result."""
+"""What every stage shares: the skeleton every training stage runs (`run_stage`), training arguments from the
+plan, evaluation phases, what a stage starts from, and the stage's result."""
 
 from __future__ import annotations
 
@@ -32,6 +33,87 @@ class StageResult:
     input_model: str
     metrics: dict[str, Any] = field(default_factory=dict)
     extra: dict[str, Any] = field(default_factory=dict)
+
+
+# --------------------------------------------------------------------------------------------------
+# The stage skeleton: the sequence every training stage runs, written once
+
+
+class StageKind:
+    """What a kind of stage brings to `run_stage`, and only that: its data and Trainer, the checks on what the
+    Trainer prepared, its measurements before and after training, and its summary metrics.
+
+    A subclass sets itself up in `setup()` from the loaded model (`self.model`, `self.tokenizer`, `self.start`),
+    with the stage's plan (`self.plan`) deciding everything that was decided before any stage trained.
+    """
+
+    unit = "rows"  # what a training row is, for the log: blocks, examples, pairs
+    lm_head = False  # TRL's chunked LM head, which align/patches.py routes on a CPU
+
+    def __init__(self, stage: Stage, ctx: RunContext, model: Any, tokenizer: Any, start: StartingPoint):
+        self.stage, self.ctx, self.model, self.tokenizer, self.start = stage, ctx, model, tokenizer, start
+        self.plan = ctx.plans[stage.name]
+        self.data = ctx.data[stage.name]
+        self.at_run_time: dict[str, Any] = {}  # the decisions the plan left to run time
+        self.extra: dict[str, Any] = {}  # summary.json fields known before training
+        self.setup()
+
+    def setup(self) -> None:
+        """The kind's data and pieces, from the loaded model and the plan."""
+
+    def trainer(self, args: Any, callbacks: list[Any]) -> Trainer:
+        raise NotImplementedError
+
+    def check(self, trainer: Trainer) -> None:
+        """After the Trainer prepared the data: say (or refuse) what its preparation cut."""
+
+    def measure(self, trainer: Trainer) -> dict[str, Any]:
+        """Before and after training, outside it (greedy answers, preference accuracy)."""
+        return {}
+
+    def summarize(
+        self, before: dict[str, Any], after: dict[str, Any], measured_before: dict[str, Any], measured_after: dict
+    ) -> tuple[dict[str, Any], dict[str, Any]]:
+        """The kind's summary metrics and summary.json fields, from the evaluations and measurements."""
+        return {}, {}
+
+
+def run_stage(stage: Stage, ctx: RunContext, kind: type[StageKind]) -> StageResult:
+    """Every training stage: seed -> model -> the kind's setup -> training args (the plan's) -> metrics writer ->
+    Trainer -> watch -> measure and evaluate -> train -> check -> evaluate and measure -> save -> summary."""
+    from align.patches import install_lm_head
+    from align.runtime import seed_everything
+
+    # 1. Seed, model, tokenizer, and the kind's data and pieces --------------------------------------
+    seed_everything(ctx.seed)
+    model, tokenizer, start = load_start(ctx, stage)
+    setup = kind(stage, ctx, model, tokenizer, start)
+
+    # 2. Trainer, with the planned arguments -----------------------------------------------------------
+    args = training_args(stage, ctx, **setup.at_run_time)
+    writer = metrics_writer(ctx, stage)
+    if setup.lm_head:
+        logger.info("LM head: %s", install_lm_head(args.device))  # align/lm_head.py, installed by align/patches.py
+    trainer = setup.trainer(args, [writer, *early_stopping_callbacks(stage)])
+    guard = watch(trainer, ctx)
+    setup.check(trainer)
+    log_training(args, len(trainer.train_dataset), setup.unit)
+
+    # 3. Measure and evaluate, train, evaluate and measure ----------------------------------------------
+    with keep_random_state():  # outside training: no random number training would draw
+        measured_before = setup.measure(trainer)
+    before = evaluate(trainer, writer, "before")
+    result = trainer.train(resume_from_checkpoint=ctx.resume_from(stage))
+    ctx.check_finite(stage, writer, guard)
+    after = evaluate(trainer, writer, "final")
+    measured_after = setup.measure(trainer)
+
+    # 4. Save and summarise ---------------------------------------------------------------------------
+    model_dir, saved = save_stage_model(ctx, stage, trainer, tokenizer, start)
+    metrics, extra = setup.summarize(before, after, measured_before, measured_after)
+    metrics = {**summary_metrics(stage, trainer, result, before, after, writer), **metrics}
+    extra = {"input": start.input, **setup.extra, "saved": saved, **extra}
+    return StageResult(stage.name, stage.kind, "completed", model_dir, ctx.input_label(stage), metrics, extra)
 
 
 def training_args(stage: Stage, ctx: RunContext, **at_run_time: Any) -> Any:
@@ -105,6 +187,11 @@ def perplexity(loss: float | None) -> float | None:
     if loss is None or not math.isfinite(loss):
         return None
     return math.exp(min(loss, 700.0))
+
+
+def perplexities(before: dict[str, Any], after: dict[str, Any]) -> dict[str, float | None]:
+    """`perplexity` and `perplexity_before` (lm and sft summaries): exp of the eval loss after and before."""
+    return {"perplexity": perplexity(after.get("eval_loss")), "perplexity_before": perplexity(before.get("eval_loss"))}
 
 
 def watch(trainer: Trainer, ctx: RunContext) -> NumericGuard:

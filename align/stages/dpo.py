@@ -12,19 +12,12 @@ import logging
 from typing import TYPE_CHECKING, Any
 
 from align.stages.common import (
+    StageKind,
     StageResult,
-    early_stopping_callbacks,
-    evaluate,
     generation_table,
-    load_start,
-    log_training,
     max_length_setting,
-    metrics_writer,
     render_mask,
-    save_stage_model,
-    summary_metrics,
-    training_args,
-    watch,
+    run_stage,
 )
 
 if TYPE_CHECKING:
@@ -40,77 +33,63 @@ logger = logging.getLogger(__name__)
 
 def run(stage: Stage, ctx: RunContext) -> StageResult:
     """Align a model to preference pairs; measure preference accuracy before and after; save."""
-    from trl import DPOTrainer
+    return run_stage(stage, ctx, DPOStage)
 
-    from align.cache import cached_trainer
-    from align.data import first_unique
-    from align.guards import DPOGuard
-    from align.models import ensure_chat_template, generate, lora_config
-    from align.patches import install_lm_head
-    from align.runtime import seed_everything
 
-    # 1. Seed, model, tokenizer ---------------------------------------------------------------------
-    seed_everything(ctx.seed)
-    data = ctx.data[stage.name]
-    # Full DPO on SFT adapters merges them first, so policy and reference both start as the SFT model.
-    model, tokenizer, start = load_start(ctx, stage)
-    ensure_chat_template(tokenizer)
+class DPOStage(StageKind):
+    """TRL's DPOTrainer (through the tokenized-data cache) against the planned reference, with preference accuracy
+    and greedy answers to held-out prompts before and after."""
 
-    # 2. Reference model ----------------------------------------------------------------------------
-    ref_model, reference = reference_for(stage, start, model)
-    logger.info("reference model: %s", reference)
+    unit = "pairs"
+    lm_head = True
 
-    # 3. Trainer ------------------------------------------------------------------------------------
-    max_length = ctx.plans[stage.name].settings["max_length"].value
-    args = training_args(stage, ctx)
-    peft_config = lora_config(stage.peft) if start.lora == "new" else None
-    writer = metrics_writer(ctx, stage)
-    logger.info("LM head: %s", install_lm_head(args.device))  # align/lm_head.py, installed by align/patches.py
-    guard = DPOGuard(ctx.tracker)
-    trainer = cached_trainer(DPOTrainer, "dpo", ctx.specs[stage.name].format)(
-        model=model,
-        ref_model=ref_model,
-        args=args,
-        train_dataset=data["train"],
-        eval_dataset=data["validation"],
-        processing_class=tokenizer,
-        peft_config=peft_config,
-        callbacks=[writer, guard, *early_stopping_callbacks(stage)],
-    )
-    guard = watch(trainer, ctx)
-    report_dropped(stage, trainer, len(data["train"]), len(data["validation"]), max_length)
-    log_training(args, len(trainer.train_dataset), "pairs")
+    def setup(self) -> None:
+        from align.data import first_unique
+        from align.models import ensure_chat_template
 
-    # 4. Measure, train, measure --------------------------------------------------------------------
-    pairs = data["validation"]
-    prompts = first_unique(pairs["prompt"], stage.generations)  # each held-out prompt comes with several pairs
-    answers_before = generate(trainer.model, tokenizer, prompts)
-    pref_before = preference_accuracy(trainer.model, tokenizer, pairs, max_length)
-    before = evaluate(trainer, writer, "before")
-    result = trainer.train(resume_from_checkpoint=ctx.resume_from(stage))
-    ctx.check_finite(stage, writer, guard)
-    after = evaluate(trainer, writer, "final")
-    pref_after = preference_accuracy(trainer.model, tokenizer, pairs, max_length)
-    generations = generation_table(ctx, prompts, answers_before, generate(trainer.model, tokenizer, prompts))
+        ensure_chat_template(self.tokenizer)
+        # Full DPO on SFT adapters merged them first (load_start): policy and reference both start as the SFT model.
+        self.ref_model, reference = reference_for(self.stage, self.start, self.model)
+        logger.info("reference model: %s", reference)
+        self.max_length = self.plan.settings["max_length"].value
+        self.train, self.eval = self.data["train"], self.data["validation"]
+        self.prompts = first_unique(self.eval["prompt"], self.stage.generations)  # each prompt has several pairs
+        self.extra = {"reference": reference}
 
-    # 5. Save and summarise -------------------------------------------------------------------------
-    model_dir, saved = save_stage_model(ctx, stage, trainer, tokenizer, start)
-    metrics = summary_metrics(stage, trainer, result, before, after, writer)
-    metrics.update(
-        reward_accuracy=after.get("eval_rewards/accuracies"),
-        reward_margin=after.get("eval_rewards/margins"),
-        pref_accuracy_before=pref_before,
-        pref_accuracy=pref_after,
-    )
-    extra = {
-        "input": start.input,
-        "reference": reference,
-        "saved": saved,
-        "beta": args.beta,
-        "loss_type": args.loss_type,
-        "generations": generations,
-    }
-    return StageResult(stage.name, stage.kind, "completed", model_dir, ctx.input_label(stage), metrics, extra)
+    def trainer(self, args: Any, callbacks: list[Any]) -> Any:
+        from trl import DPOTrainer
+
+        from align.cache import cached_trainer
+        from align.guards import DPOGuard
+        from align.models import lora_config
+
+        return cached_trainer(DPOTrainer, "dpo", self.ctx.specs[self.stage.name].format)(
+            model=self.model, ref_model=self.ref_model, args=args, train_dataset=self.train,
+            eval_dataset=self.eval, processing_class=self.tokenizer, callbacks=[*callbacks, DPOGuard(self.ctx.tracker)],
+            peft_config=lora_config(self.stage.peft) if self.start.lora == "new" else None,
+        )  # fmt: skip
+
+    def check(self, trainer: Any) -> None:
+        report_dropped(self.stage, trainer, len(self.train), len(self.eval), self.max_length)
+        self.extra.update(beta=trainer.args.beta, loss_type=trainer.args.loss_type)
+
+    def measure(self, trainer: Any) -> dict[str, Any]:
+        from align.models import generate
+
+        return {
+            "answers": generate(trainer.model, self.tokenizer, self.prompts),
+            "pref_accuracy": preference_accuracy(trainer.model, self.tokenizer, self.eval, self.max_length),
+        }
+
+    def summarize(self, before, after, measured_before, measured_after):
+        metrics = {
+            "reward_accuracy": after.get("eval_rewards/accuracies"),
+            "reward_margin": after.get("eval_rewards/margins"),
+            "pref_accuracy_before": measured_before["pref_accuracy"],
+            "pref_accuracy": measured_after["pref_accuracy"],
+        }
+        answers = (measured_before["answers"], measured_after["answers"])
+        return metrics, {"generations": generation_table(self.ctx, self.prompts, *answers)}
 
 
 def report_dropped(stage: Stage, trainer: Any, n_train: int, n_eval: int, max_length: int | None) -> None:

@@ -9,20 +9,7 @@ from __future__ import annotations
 import logging
 from typing import TYPE_CHECKING, Any
 
-from align.stages.common import (
-    StageResult,
-    early_stopping_callbacks,
-    evaluate,
-    load_start,
-    log_training,
-    max_length_setting,
-    metrics_writer,
-    perplexity,
-    save_stage_model,
-    summary_metrics,
-    training_args,
-    watch,
-)
+from align.stages.common import StageKind, StageResult, max_length_setting, perplexities, run_stage
 
 if TYPE_CHECKING:
     from align.plan import StageParts
@@ -46,57 +33,35 @@ def collate_blocks(rows: list[dict[str, Any]]) -> dict[str, Any]:
 
 def run(stage: Stage, ctx: RunContext) -> StageResult:
     """Fine-tune a causal LM on a text data set; evaluate before and after; save the model."""
-    from transformers import Trainer
+    return run_stage(stage, ctx, LMStage)
 
-    from align.runtime import seed_everything
 
-    # 1. Seed, model and tokenizer ---------------------------------------------------------------
-    seed_everything(ctx.seed)
-    # An lm stage trains every weight: LoRA adapters of an earlier stage are merged into their base first.
-    model, tokenizer, start = load_start(ctx, stage)
+class LMStage(StageKind):
+    """transformers' Trainer on full blocks of real tokens (made by the plan), every token a label."""
 
-    # 2. Data: full blocks of real tokens, made by the plan ------------------------------------------
-    plan = ctx.plans[stage.name]
-    size = plan.settings["max_length"].value
-    (train_blocks, train_stats), (eval_blocks, eval_stats) = plan.prepared["train"], plan.prepared["eval"]
-    logger.info(
-        "%d train blocks and %d eval blocks of %d tokens (%d and %d tail tokens dropped)",
-        train_stats["blocks"], eval_stats["blocks"], size, train_stats["dropped_tokens"], eval_stats["dropped_tokens"],
-    )  # fmt: skip
+    unit = "blocks"
 
-    # 3. Trainer ------------------------------------------------------------------------------------
-    args = training_args(stage, ctx)
-    writer = metrics_writer(ctx, stage)
-    trainer = Trainer(
-        model=model,
-        args=args,
-        train_dataset=train_blocks,
-        eval_dataset=eval_blocks,
-        data_collator=collate_blocks,
-        processing_class=tokenizer,
-        callbacks=[writer, *early_stopping_callbacks(stage)],
-    )
-    guard = watch(trainer, ctx)
-    log_training(args, len(train_blocks), "blocks")
+    def setup(self) -> None:
+        # An lm stage trains every weight: LoRA adapters of an earlier stage were merged into their base (load_start).
+        (self.train, train_stats), (self.eval, eval_stats) = self.plan.prepared["train"], self.plan.prepared["eval"]
+        size = self.plan.settings["max_length"].value
+        logger.info(
+            "%d train blocks and %d eval blocks of %d tokens (%d and %d tail tokens dropped)",
+            train_stats["blocks"], eval_stats["blocks"], size, train_stats["dropped_tokens"],
+            eval_stats["dropped_tokens"],
+        )  # fmt: skip
+        self.extra = {"block_size": size, "train_blocks": train_stats["blocks"], "eval_blocks": eval_stats["blocks"]}
 
-    # 4. Evaluate, train, evaluate ------------------------------------------------------------------
-    before = evaluate(trainer, writer, "before")
-    result = trainer.train(resume_from_checkpoint=ctx.resume_from(stage))
-    ctx.check_finite(stage, writer, guard)
-    after = evaluate(trainer, writer, "final")
+    def trainer(self, args: Any, callbacks: list[Any]) -> Any:
+        from transformers import Trainer
 
-    # 5. Save and summarise -------------------------------------------------------------------------
-    model_dir, _ = save_stage_model(ctx, stage, trainer, tokenizer, start)
-    metrics = summary_metrics(stage, trainer, result, before, after, writer)
-    metrics["perplexity"] = perplexity(after.get("eval_loss"))
-    metrics["perplexity_before"] = perplexity(before.get("eval_loss"))
-    extra = {
-        "input": start.input,
-        "block_size": size,
-        "train_blocks": train_stats["blocks"],
-        "eval_blocks": eval_stats["blocks"],
-    }
-    return StageResult(stage.name, stage.kind, "completed", model_dir, ctx.input_label(stage), metrics, extra)
+        return Trainer(
+            model=self.model, args=args, train_dataset=self.train, eval_dataset=self.eval,
+            data_collator=collate_blocks, processing_class=self.tokenizer, callbacks=callbacks,
+        )  # fmt: skip
+
+    def summarize(self, before, after, measured_before, measured_after):
+        return perplexities(before, after), {}
 
 
 def cached_blocks(ds: Any, tokenizer: Any, size: int, split: str) -> tuple[Any, dict[str, int]]:

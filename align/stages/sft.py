@@ -11,20 +11,13 @@ from typing import TYPE_CHECKING, Any
 
 from align.errors import BadInput
 from align.stages.common import (
+    StageKind,
     StageResult,
-    early_stopping_callbacks,
-    evaluate,
     generation_table,
-    load_start,
-    log_training,
     max_length_setting,
-    metrics_writer,
-    perplexity,
+    perplexities,
     render_mask,
-    save_stage_model,
-    summary_metrics,
-    training_args,
-    watch,
+    run_stage,
 )
 
 if TYPE_CHECKING:
@@ -39,74 +32,57 @@ logger = logging.getLogger(__name__)
 
 def run(stage: Stage, ctx: RunContext) -> StageResult:
     """Fine-tune on prompt/completion pairs, conversations or text; evaluate and sample before and after; save."""
-    from trl import SFTTrainer
+    return run_stage(stage, ctx, SFTStage)
 
-    from align.cache import cached_trainer
-    from align.models import ensure_chat_template, generate, lora_config
-    from align.patches import install_lm_head
-    from align.runtime import seed_everything
 
-    fmt = ctx.specs[stage.name].format
+class SFTStage(StageKind):
+    """TRL's SFTTrainer (through the tokenized-data cache) with the planned loss mask, packing where the loaded
+    model's attention keeps packed samples apart, and greedy answers to eval prompts before and after."""
 
-    # 1. Seed, model, tokenizer, chat template ------------------------------------------------------
-    seed_everything(ctx.seed)
-    data = ctx.data[stage.name]
-    plan = ctx.plans[stage.name]
-    model, tokenizer, start = load_start(ctx, stage)
-    template = ensure_chat_template(tokenizer)
+    unit = "examples"
+    lm_head = True
 
-    # 2. Data and loss mask, as planned -------------------------------------------------------------
-    loss = {k: plan.settings[k].value for k in ("assistant_only_loss", "completion_only_loss") if k in plan.settings}
-    train_ds, eval_ds = apply_loss(loss, fmt, data["train"], data["validation"])
-    max_length = plan.settings["max_length"].value
+    def setup(self) -> None:
+        from align.models import ensure_chat_template
 
-    # 3. Trainer ------------------------------------------------------------------------------------
-    pack, pack_reason = choose_packing(stage, model)
-    logger.info("%s", pack_reason)
-    args = training_args(stage, ctx, **{k: v for k, v in pack.items() if k in plan.runtime})
-    peft_config = lora_config(stage.peft) if start.lora == "new" else None
-    writer = metrics_writer(ctx, stage)
-    logger.info("LM head: %s", install_lm_head(args.device))  # align/lm_head.py, installed by align/patches.py
-    trainer = cached_trainer(SFTTrainer, "sft", fmt)(
-        model=model,
-        args=args,
-        train_dataset=train_ds,
-        eval_dataset=eval_ds,
-        processing_class=tokenizer,
-        peft_config=peft_config,
-        callbacks=[writer, *early_stopping_callbacks(stage)],
-    )
-    guard = watch(trainer, ctx)
-    report_truncation(stage, trainer, len(train_ds), len(eval_ds), max_length, args.packing)
-    logger.info(
-        "first training example, trained tokens in [[ ]]: %r", render_labels(trainer.train_dataset[0], tokenizer)
-    )
-    log_training(args, len(trainer.train_dataset), "examples")
+        self.format = self.ctx.specs[self.stage.name].format
+        template = ensure_chat_template(self.tokenizer)
+        settings = self.plan.settings
+        self.loss = {k: settings[k].value for k in ("assistant_only_loss", "completion_only_loss") if k in settings}
+        self.train, self.eval = apply_loss(self.loss, self.format, self.data["train"], self.data["validation"])
+        pack, pack_reason = choose_packing(self.stage, self.model)
+        logger.info("%s", pack_reason)
+        self.at_run_time = {k: v for k, v in pack.items() if k in self.plan.runtime}
+        self.prompts = eval_prompts(self.eval, self.stage.generations)
+        self.extra = {"chat_template": template, "loss_on": describe_loss(self.loss, self.format),
+                      "packing": pack_reason}  # fmt: skip
 
-    # 4. Evaluate and sample, train, evaluate and sample ---------------------------------------------
-    prompts = eval_prompts(eval_ds, stage.generations)
-    answers_before = generate(trainer.model, tokenizer, prompts)
-    before = evaluate(trainer, writer, "before")
-    result = trainer.train(resume_from_checkpoint=ctx.resume_from(stage))
-    ctx.check_finite(stage, writer, guard)
-    after = evaluate(trainer, writer, "final")
-    answers_after = generate(trainer.model, tokenizer, prompts)
-    generations = generation_table(ctx, prompts, answers_before, answers_after)
+    def trainer(self, args: Any, callbacks: list[Any]) -> Any:
+        from trl import SFTTrainer
 
-    # 5. Save and summarise -------------------------------------------------------------------------
-    model_dir, saved = save_stage_model(ctx, stage, trainer, tokenizer, start)
-    metrics = summary_metrics(stage, trainer, result, before, after, writer)
-    metrics["perplexity"] = perplexity(after.get("eval_loss"))
-    metrics["perplexity_before"] = perplexity(before.get("eval_loss"))
-    extra = {
-        "input": start.input,
-        "chat_template": template,
-        "loss_on": describe_loss(loss, fmt),
-        "packing": pack_reason,
-        "saved": saved,
-        "generations": generations,
-    }
-    return StageResult(stage.name, stage.kind, "completed", model_dir, ctx.input_label(stage), metrics, extra)
+        from align.cache import cached_trainer
+        from align.models import lora_config
+
+        return cached_trainer(SFTTrainer, "sft", self.format)(
+            model=self.model, args=args, train_dataset=self.train, eval_dataset=self.eval,
+            processing_class=self.tokenizer, callbacks=callbacks,
+            peft_config=lora_config(self.stage.peft) if self.start.lora == "new" else None,
+        )  # fmt: skip
+
+    def check(self, trainer: Any) -> None:
+        max_length = self.plan.settings["max_length"].value
+        report_truncation(self.stage, trainer, len(self.train), len(self.eval), max_length, trainer.args.packing)
+        example = render_labels(trainer.train_dataset[0], self.tokenizer)
+        logger.info("first training example, trained tokens in [[ ]]: %r", example)
+
+    def measure(self, trainer: Any) -> dict[str, Any]:
+        from align.models import generate
+
+        return {"answers": generate(trainer.model, self.tokenizer, self.prompts)}
+
+    def summarize(self, before, after, measured_before, measured_after):
+        answers = (measured_before["answers"], measured_after["answers"])
+        return perplexities(before, after), {"generations": generation_table(self.ctx, self.prompts, *answers)}
 
 
 # --------------------------------------------------------------------------------------------------
