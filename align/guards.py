@@ -335,3 +335,34 @@ class NumericGuard(TrainerCallback):
                     self.tracker.alert("loss spike", message)
         self.losses.append(loss)
         return control
+
+
+def raise_if_nonfinite(ctx: Any, *watchers: Any) -> None:
+    """Stop the pipeline when a watcher saw a non-finite loss or grad norm, naming the likely cause and the last
+    good checkpoint.
+
+    Raises:
+        GuardStopped: the loss or grad norm went NaN or infinite.
+    """
+    from transformers.trainer_utils import get_last_checkpoint
+
+    from align.errors import GuardStopped
+
+    bad = next((w.nonfinite for w in watchers if getattr(w, "nonfinite", None)), None)
+    if bad is None:
+        return
+    causes = []
+    if ctx.precision.name == "fp16":
+        causes.append("fp16 overflow (use precision: bf16 or fp32)")
+    lr = ctx.stage.train.get("learning_rate")
+    causes.append(f"a learning rate too high{f' ({lr})' if lr is not None else ''}")
+    causes.append("a bad batch (empty or corrupt rows)")
+    folder = ctx.stage_dir / "checkpoints"
+    last = get_last_checkpoint(str(folder)) if folder.is_dir() else None
+    raise GuardStopped(
+        f"stage {ctx.stage.name}: non-finite {bad['split']} {bad.get('what', 'loss')} ({bad['value']}) at step "
+        f"{bad['step']}; likely cause: {', or '.join(causes)}",
+        hint=f"the last good checkpoint is kept: {last}"
+        if last
+        else "no checkpoint had been saved yet; lower the learning rate or fix the data, then rerun",
+    )

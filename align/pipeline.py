@@ -22,15 +22,14 @@ from typing import Any
 
 from align import __version__
 from align.card import write_model_card
+from align.context import RunState, StageContext, StageOutput, input_label
 from align.errors import AlignError, BadInput, GuardStopped, Interrupted, Problems, StageFailed
 from align.files import read_json, write_json_atomic, write_text_atomic
-from align.plan import describe, plain, plan_stages
+from align.plan import describe, model_source, plain, plan_stages
 from align.recipe import DataSpec, Recipe, ScratchModel, Stage, redact, stage_ref, to_yaml
 from align.rundir import RunLock, check_output_dir, clear_for_fresh, remove_inside
 from align.runtime import (
     CURRENT_STAGE,
-    RunContext,
-    StageOutput,
     choose_precision,
     is_main_process,
     main_process_first,
@@ -335,15 +334,12 @@ def run_pipeline(
             write_text_atomic(output_dir / "recipe.yaml", to_yaml(resolved))
         group = f"{recipe.name}-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
         tracker = Tracker(recipe.tracking, recipe.name, group, output_dir)
-        ctx = RunContext(
-            recipe=recipe, run_dir=output_dir, precision=precision, tracker=tracker, data=data, specs=specs,
-            plans=plans,
-        )  # fmt: skip
+        state = RunState(recipe, output_dir, precision, tracker, data, specs, plans)
         records = Records(recipe, output_dir)
         records.write()
         try:
             with stop_on_signals():
-                return _run_stages(recipe, ctx, specs, records, precision.name, fresh)
+                return _run_stages(state, records, fresh)
         finally:
             CURRENT_STAGE.set("-")
             if is_main_process():
@@ -381,6 +377,42 @@ def hold_run_dir(run_dir: Path, recipe: Recipe, fresh: bool):
             lock.release()
 
 
+def stage_context(recipe: Recipe, stage_name: str, output_dir: Path) -> StageContext:
+    """What `run_lm`, `run_sft` or `run_dpo` need to run one stage from Python, without the pipeline: the recipe
+    preflighted and planned as a run would (every stage, so a later one is planned on an earlier one's
+    architecture), the outputs of the earlier stages that completed in `output_dir`, and tracking off.
+
+    It takes no lock and writes no records: `run_pipeline` is the way to run a recipe; this is for a notebook or a
+    script that wants one stage's `StageResult`.
+
+    Raises:
+        BadInput: the recipe's problems, a stage that does not exist, or an earlier stage it needs that has not
+            completed in `output_dir`.
+    """
+    from align.recipe import Tracking
+
+    names = [stage.name for stage in recipe.stages]
+    if stage_name not in names:
+        raise BadInput(f"no stage named '{stage_name}' (stages: {', '.join(names)})")
+    precision = choose_precision(recipe.precision)
+    specs, data = preflight(recipe)
+    plans = plan_stages(recipe, specs, data, precision, output_dir, [])
+    quiet = Tracking.model_validate({"wandb": {"mode": "disabled"}})
+    state = RunState(recipe, output_dir, precision, Tracker(quiet, recipe.name, "python", output_dir), data, specs,
+                     plans)  # fmt: skip
+    for stage in recipe.stages[: names.index(stage_name)]:
+        summary = read_json(output_dir / stage.name / "summary.json") or {}
+        if summary.get("status") in ("completed", "cached") and summary.get("model_dir"):
+            state.outputs[stage.name] = StageOutput(stage.name, stage.kind, Path(summary["model_dir"]),
+                                                    summary.get("fingerprint", ""))  # fmt: skip
+    stage = recipe.stages[names.index(stage_name)]
+    ref = stage_ref(model_source(stage, recipe))
+    if ref is not None and ref not in state.outputs:
+        raise BadInput(f"stage '{stage_name}' starts from '@{ref}', which has not completed in {output_dir}",
+                       hint="run the recipe (align run) or that stage first")  # fmt: skip
+    return state.for_stage(stage)
+
+
 def write_report(run_dir: Path) -> None:
     """report.html at the end of every run, failed ones too; a report that cannot be drawn never fails the run."""
     from align.report import build_report
@@ -391,22 +423,20 @@ def write_report(run_dir: Path) -> None:
         logger.warning("report.html could not be written: %s", exc)
 
 
-def _run_stages(
-    recipe: Recipe, ctx: RunContext, specs: dict[str, DataSpec], records: Records, precision: str, fresh: bool
-) -> list[dict[str, Any]]:
-    tracker = ctx.tracker
+def _run_stages(state: RunState, records: Records, fresh: bool) -> list[dict[str, Any]]:
+    recipe, specs, tracker = state.recipe, state.specs, state.tracker
     summaries = []
     input_fp = ""
     for i, stage in enumerate(recipe.stages, start=1):
         CURRENT_STAGE.set(stage.name)
         raise_if_requested(f"before stage {stage.name}")
-        source = ctx.model_source(stage)
+        source = model_source(stage, recipe)
         if stage_ref(source) is not None:
-            input_fp = ctx.outputs[stage_ref(source)].fingerprint
+            input_fp = state.outputs[stage_ref(source)].fingerprint
         else:
             input_fp = source if isinstance(source, str) else ""  # a scratch model is all in the stage config
-        fp = fingerprint(stage, specs[stage.name], input_fp, recipe, precision)
-        stage_dir = ctx.stage_dir(stage)
+        fp = fingerprint(stage, specs[stage.name], input_fp, recipe, state.precision.name)
+        stage_dir = state.run_dir / stage.name
         cached = None if fresh else _cached_summary(stage_dir, fp)
         wait_for_everyone()
         if cached is not None:
@@ -417,7 +447,7 @@ def _run_stages(
                 stage.name,
                 fp,
             )
-            ctx.outputs[stage.name] = StageOutput(stage.name, stage.kind, Path(cached["model_dir"]), fp, "cached")
+            state.outputs[stage.name] = StageOutput(stage.name, stage.kind, Path(cached["model_dir"]), fp, "cached")
             cached["status"] = "cached"
             if is_main_process():
                 write_json_atomic(stage_dir / "summary.json", cached)
@@ -429,11 +459,10 @@ def _run_stages(
         # Every process has decided (cached, resume, or afresh) from the same files; only now may they change.
         wait_for_everyone()
         if checkpoint is not None:
-            ctx.resume[stage.name] = str(checkpoint)
             logger.info("[%d/%d] %s: resuming from %s", i, len(recipe.stages), stage.name, checkpoint.name)
         elif stage_dir.exists() and is_main_process():
-            remove_inside(ctx.run_dir, stage_dir)  # a changed (or --fresh) stage starts clean: no stale metrics rows
-        input_model = ctx.input_label(stage)
+            remove_inside(state.run_dir, stage_dir)  # a changed (or --fresh) stage starts clean: no stale metrics rows
+        input_model = input_label(stage, recipe, state.outputs)
         logger.info("[%d/%d] %s: %s from %s on %s", i, len(recipe.stages), stage.name, stage.kind, input_model,
                     specs[stage.name].name or "inline data")  # fmt: skip
         records.update(stage.name, status="running", fingerprint=fp, input_model=input_model)
@@ -442,7 +471,8 @@ def _run_stages(
         from align.guards import reset_peak_memory
 
         reset_peak_memory()
-        started = ctx.stage_started = time.perf_counter()
+        ctx = state.for_stage(stage, resume_from=str(checkpoint) if checkpoint is not None else None)
+        started = ctx.started
         try:
             result = stage_module(stage.kind).run(stage, ctx)
         except BaseException as exc:
@@ -464,14 +494,14 @@ def _run_stages(
         elapsed = time.perf_counter() - started
         # The plan it ran (settings with their sources): the stage's folder says how it was made.
         summary = records.summary(stage, result, status="completed", fp=fp, input_model=input_model,
-                                  wall_time_s=elapsed, plan=ctx.plans[stage.name].record())  # fmt: skip
+                                  wall_time_s=elapsed, plan=ctx.plan.record())  # fmt: skip
         records.update(stage.name, status="completed")
         write_model_card(ctx.run_dir, stage.name)  # align/card.py: model/README.md, from the records just written
         if result.metrics.get("stopped_early"):
             tracker.log({"train/early_stop_step": result.metrics["global_step"]})
         tracker.summary(result.metrics)
         tracker.finish_stage()
-        ctx.outputs[stage.name] = StageOutput(stage.name, stage.kind, result.model_dir, fp)
+        state.outputs[stage.name] = StageOutput(stage.name, stage.kind, result.model_dir, fp)
         summaries.append(summary)
         logger.info("[%d/%d] %s: completed in %.1f s", i, len(recipe.stages), stage.name, elapsed)
     return summaries

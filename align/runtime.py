@@ -1,7 +1,8 @@
-"""THE shared setup: logging, precision, seeding, hub reachability, rank, and the context each stage receives.
+"""THE shared setup: logging, precision, seeding, hub reachability and rank.
 
-Everything here is decided once per pipeline run, with the reason logged. Stages never configure
-logging or import a tracker themselves: they take what `RunContext` hands them (tracking: align/tracking.py).
+Everything here is decided once per pipeline run, with the reason logged. Stages never configure logging or
+import a tracker themselves: they take what their context hands them (align/context.py; tracking:
+align/tracking.py).
 """
 
 from __future__ import annotations
@@ -13,19 +14,12 @@ import logging.handlers
 import os
 import socket
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 from urllib.parse import urlparse
 
-from align.errors import BadInput, GuardStopped
-
-if TYPE_CHECKING:
-    from datasets import DatasetDict
-
-    from align.plan import StagePlan
-    from align.recipe import DataSpec, Recipe, ScratchModel, Stage
-    from align.tracking import Tracker
+from align.errors import BadInput
 
 logger = logging.getLogger(__name__)
 
@@ -307,101 +301,3 @@ def seed_everything(seed: int) -> None:
     from transformers import set_seed
 
     set_seed(seed)
-
-
-# --------------------------------------------------------------------------------------------------
-# The context every stage receives
-
-
-@dataclass
-class StageOutput:
-    """What a finished stage hands on: where its model is and what produced it."""
-
-    name: str
-    kind: str
-    model_dir: Path
-    fingerprint: str
-    status: str = "completed"
-
-
-@dataclass
-class RunContext:
-    """Everything decided once for the pipeline, handed to each stage's `run(stage, ctx)`."""
-
-    recipe: Recipe
-    run_dir: Path
-    precision: Precision
-    tracker: Tracker
-    data: dict[str, DatasetDict] = field(default_factory=dict)
-    specs: dict[str, DataSpec] = field(default_factory=dict)
-    outputs: dict[str, StageOutput] = field(default_factory=dict)
-    resume: dict[str, str] = field(default_factory=dict)
-    plans: dict[str, StagePlan] = field(default_factory=dict)  # align/plan.py: computed before any stage trains
-    stage_started: float | None = None  # time.perf_counter() when the running stage began
-
-    @property
-    def seed(self) -> int:
-        return self.recipe.seed
-
-    def stage_dir(self, stage: Stage) -> Path:
-        return self.run_dir / stage.name
-
-    def resume_from(self, stage: Stage) -> str | None:
-        """The checkpoint an interrupted run of this stage left, to continue from (None: start afresh)."""
-        return self.resume.get(stage.name)
-
-    def model_source(self, stage: Stage) -> str | ScratchModel:
-        """The stage's `model` as written, with an omitted one read as `@<previous stage>`."""
-        from align.plan import model_source
-
-        return model_source(stage, self.recipe)
-
-    def model_ref(self, stage: Stage) -> str | ScratchModel:
-        """What to load: a `@stage` reference becomes that stage's saved model directory."""
-        from align.recipe import stage_ref
-
-        source = self.model_source(stage)
-        ref = stage_ref(source)
-        return str(self.outputs[ref].model_dir) if ref is not None else source
-
-    def input_label(self, stage: Stage) -> str:
-        """The input model as `summary.json` records it: `@lm (runs/x/lm/model)`, a hub id, or `scratch:gpt2`."""
-        from align.recipe import stage_ref
-
-        source = self.model_source(stage)
-        ref = stage_ref(source)
-        if ref is not None:
-            return f"{source} ({self.outputs[ref].model_dir})"
-        if isinstance(source, str):
-            return source
-        return f"scratch:{source.model_type}"
-
-    def check_finite(self, stage: Stage, *watchers: Any) -> None:
-        """Stop the pipeline when a watcher saw a non-finite loss or grad norm, naming the likely cause.
-
-        Raises:
-            GuardStopped: the loss or grad norm went NaN or infinite.
-        """
-        bad = next((w.nonfinite for w in watchers if getattr(w, "nonfinite", None)), None)
-        if bad is None:
-            return
-        causes = []
-        if self.precision.name == "fp16":
-            causes.append("fp16 overflow (use precision: bf16 or fp32)")
-        lr = stage.train.get("learning_rate")
-        causes.append(f"a learning rate too high{f' ({lr})' if lr is not None else ''}")
-        causes.append("a bad batch (empty or corrupt rows)")
-        raise GuardStopped(
-            f"stage {stage.name}: non-finite {bad['split']} {bad.get('what', 'loss')} ({bad['value']}) at step "
-            f"{bad['step']}; likely cause: {', or '.join(causes)}",
-            hint=self._last_checkpoint_hint(stage),
-        )
-
-    def _last_checkpoint_hint(self, stage: Stage) -> str:
-        from transformers.trainer_utils import get_last_checkpoint
-
-        folder = self.stage_dir(stage) / "checkpoints"
-        last = get_last_checkpoint(str(folder)) if folder.is_dir() else None
-        if last is None:
-            return "no checkpoint had been saved yet; lower the learning rate or fix the data, then rerun"
-        return f"the last good checkpoint is kept: {last}"

@@ -3,6 +3,7 @@ stage trains."""
 
 from __future__ import annotations
 
+import pytest
 import yaml
 
 from tests.conftest import TINY_MODEL, tiny_lm_recipe, write_yaml
@@ -164,3 +165,25 @@ def test_an_lm_stage_whose_eval_text_fills_no_block_is_refused_before_training(t
     assert code == 2 and "stages.lm.train.max_length: the eval text (59 tokens) fills no block of 64 tokens" in err
     assert "hint: lower max_length, or give the stage more text" in err
     assert not (tmp_path / "run").exists()
+
+
+def test_a_stage_runs_from_python_without_the_pipeline(tmp_path, run_cli):
+    """The README's promise: `run_sft` callable from Python, its inputs built by `stage_context`."""
+    from align.errors import BadInput
+    from align.pipeline import stage_context
+    from align.recipe import load_recipe
+    from align.stages import run_sft
+
+    recipe = chain()
+    recipe["stages"] = recipe["stages"][:2]
+    path = write_yaml(tmp_path / "r.yaml", recipe)
+    with pytest.raises(BadInput, match="starts from '@lm', which has not completed"):
+        stage_context(load_recipe(path), "sft", tmp_path / "run")
+    assert run_cli(path, "--output-dir", tmp_path / "run", "--set", "stages.sft.train.max_steps=1")[0] == 0
+    ctx = stage_context(load_recipe(path), "sft", tmp_path / "run")
+    with pytest.raises(AttributeError):
+        ctx.plan = None  # read-only: a stage changes nothing another stage sees
+    result = run_sft(ctx.stage, ctx)
+    assert result.status == "completed" and result.metrics["global_step"] == 2
+    assert result.metrics["eval_loss"] < result.metrics["eval_loss_before"] * 1.5
+    assert result.model_dir == tmp_path / "run" / "sft" / "model" and (result.model_dir / "config.json").is_file()

@@ -1,5 +1,7 @@
-"""Stage entry points: each is `run(stage, ctx) -> StageResult`.
+"""Stage entry points: each is `run(stage, ctx) -> StageResult`, `ctx` a read-only `align.context.StageContext`.
 
+From Python, `align.pipeline.stage_context(recipe, "sft", Path("runs/x"))` builds the context a stage needs (the
+recipe planned as a run would, the earlier stages' outputs from that run directory); then `run_sft(ctx.stage, ctx)`.
 Imported lazily so `import align.stages` stays cheap; `from align.stages import run_lm` works as usual.
 """
 

@@ -14,10 +14,10 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from transformers import Trainer
 
+    from align.context import StageContext
     from align.guards import MetricsWriter, NumericGuard
     from align.plan import Setting
     from align.recipe import Recipe, Stage
-    from align.runtime import RunContext
 
 logger = logging.getLogger(__name__)
 
@@ -50,10 +50,10 @@ class StageKind:
     unit = "rows"  # what a training row is, for the log: blocks, examples, pairs
     lm_head = False  # TRL's chunked LM head, which align/patches.py routes on a CPU
 
-    def __init__(self, stage: Stage, ctx: RunContext, model: Any, tokenizer: Any, start: StartingPoint):
+    def __init__(self, stage: Stage, ctx: StageContext, model: Any, tokenizer: Any, start: StartingPoint):
         self.stage, self.ctx, self.model, self.tokenizer, self.start = stage, ctx, model, tokenizer, start
-        self.plan = ctx.plans[stage.name]
-        self.data = ctx.data[stage.name]
+        self.plan = ctx.plan
+        self.data = ctx.data
         self.at_run_time: dict[str, Any] = {}  # the decisions the plan left to run time
         self.extra: dict[str, Any] = {}  # summary.json fields known before training
         self.setup()
@@ -78,9 +78,10 @@ class StageKind:
         return {}, {}
 
 
-def run_stage(stage: Stage, ctx: RunContext, kind: type[StageKind]) -> StageResult:
+def run_stage(stage: Stage, ctx: StageContext, kind: type[StageKind]) -> StageResult:
     """Every training stage: seed -> model -> the kind's setup -> training args (the plan's) -> metrics writer ->
     Trainer -> watch -> measure and evaluate -> train -> check -> evaluate and measure -> save -> summary."""
+    from align.guards import raise_if_nonfinite
     from align.patches import install_lm_head
     from align.runtime import seed_everything
 
@@ -103,8 +104,8 @@ def run_stage(stage: Stage, ctx: RunContext, kind: type[StageKind]) -> StageResu
     with keep_random_state():  # outside training: no random number training would draw
         measured_before = setup.measure(trainer)
     before = evaluate(trainer, writer, "before")
-    result = trainer.train(resume_from_checkpoint=ctx.resume_from(stage))
-    ctx.check_finite(stage, writer, guard)
+    result = trainer.train(resume_from_checkpoint=ctx.resume_from)
+    raise_if_nonfinite(ctx, writer, guard)
     after = evaluate(trainer, writer, "final")
     measured_after = setup.measure(trainer)
 
@@ -113,17 +114,17 @@ def run_stage(stage: Stage, ctx: RunContext, kind: type[StageKind]) -> StageResu
     metrics, extra = setup.summarize(before, after, measured_before, measured_after)
     metrics = {**summary_metrics(stage, trainer, result, before, after, writer), **metrics}
     extra = {"input": start.input, **setup.extra, "saved": saved, **extra}
-    return StageResult(stage.name, stage.kind, "completed", model_dir, ctx.input_label(stage), metrics, extra)
+    return StageResult(stage.name, stage.kind, "completed", model_dir, ctx.input_label, metrics, extra)
 
 
-def training_args(stage: Stage, ctx: RunContext, **at_run_time: Any) -> Any:
+def training_args(stage: Stage, ctx: StageContext, **at_run_time: Any) -> Any:
     """The config class instance the stage's Trainer receives: its plan's arguments (align/plan.py), computed
     before any stage trained and shown by `--dry-run`, plus only the decisions the plan left to run time.
 
     Raises:
         BadInput: the config class rejects the combination (it names the problem).
     """
-    return ctx.plans[stage.name].build_args(**at_run_time)
+    return ctx.plan.build_args(**at_run_time)
 
 
 def log_training(args: Any, n_train: int, unit: str) -> None:
@@ -194,7 +195,7 @@ def perplexities(before: dict[str, Any], after: dict[str, Any]) -> dict[str, flo
     return {"perplexity": perplexity(after.get("eval_loss")), "perplexity_before": perplexity(before.get("eval_loss"))}
 
 
-def watch(trainer: Trainer, ctx: RunContext) -> NumericGuard:
+def watch(trainer: Trainer, ctx: StageContext) -> NumericGuard:
     """Silence the Trainer's own printing (MetricsWriter logs each row once), guard its raw numbers, and stop at a
     step's end with a checkpoint when a signal asks (align/signals.py)."""
     from transformers.trainer_callback import PrinterCallback
@@ -242,32 +243,31 @@ def summary_metrics(
     }
 
 
-def metrics_writer(ctx: RunContext, stage: Stage) -> MetricsWriter:
+def metrics_writer(ctx: StageContext, stage: Stage) -> MetricsWriter:
     """The stage's metrics.jsonl writer: main process only, tracked, keeping rows up to a resumed checkpoint."""
     from align.guards import MetricsWriter
     from align.runtime import is_main_process
 
-    path = ctx.stage_dir(stage) / "metrics.jsonl"
-    return MetricsWriter(path, is_main_process(), ctx.tracker, ctx.resume_from(stage), ctx.stage_started)
+    path = ctx.stage_dir / "metrics.jsonl"
+    return MetricsWriter(path, is_main_process(), ctx.tracker, ctx.resume_from, ctx.started)
 
 
 def save_stage_model(
-    ctx: RunContext, stage: Stage, trainer: Trainer, tokenizer: Any, start: StartingPoint
+    ctx: StageContext, stage: Stage, trainer: Trainer, tokenizer: Any, start: StartingPoint
 ) -> tuple[Path, str]:
     """Save the trained model to `<stage>/model` on the main process; return the directory and what was saved
     (full weights, adapters, or adapters merged), which `summary.json` records."""
     from align.models import save_trained
     from align.runtime import is_main_process
 
-    model_dir = ctx.stage_dir(stage) / "model"
+    model_dir = ctx.stage_dir / "model"
     if not is_main_process():
         return model_dir, "by the main process"
     saved = save_trained(trainer.model, tokenizer, model_dir, stage.merge, start.base)
     # align/saved.py: how this stage's prompts were formatted in training (align chat follows it, the card says it).
     from align.saved import record_prompt_format
 
-    data = ctx.data.get(stage.name)
-    record_prompt_format(model_dir, stage.name, stage.kind, ctx.specs[stage.name].format, data and data["train"])
+    record_prompt_format(model_dir, stage.name, stage.kind, ctx.spec.format, ctx.data["train"])
     return model_dir, saved
 
 
@@ -359,7 +359,7 @@ def input_kind(ref: str) -> str:
     return "full"
 
 
-def load_start(ctx: RunContext, stage: Stage) -> tuple[Any, Any, StartingPoint]:
+def load_start(ctx: StageContext, stage: Stage) -> tuple[Any, Any, StartingPoint]:
     """Load the stage's input model and tokenizer and bring its LoRA adapters to where the stage starts: merged
     for a stage that trains every weight, kept trainable for a LoRA stage. Logs what it did.
 
@@ -370,10 +370,10 @@ def load_start(ctx: RunContext, stage: Stage) -> tuple[Any, Any, StartingPoint]:
     """
     from align.models import build_model
 
-    plan = ctx.plans[stage.name]
+    plan = ctx.plan
     start = starting_point(ctx.recipe, stage, ctx.outputs)
     model, tokenizer = build_model(
-        ctx.model_ref(stage),
+        ctx.model_ref,
         f"stages.{stage.name}.model",
         trust_remote_code=stage.trust_remote_code,
         planned=(plan.tokenizer, plan.config) if plan.source == "scratch" else None,
@@ -429,7 +429,9 @@ def render_mask(ids: list[int], mask: list[int], tokenizer: Any) -> str:
     return "".join(out)
 
 
-def generation_table(ctx: RunContext, prompts: list[Any], before: list[str], after: list[str]) -> list[dict[str, str]]:
+def generation_table(
+    ctx: StageContext, prompts: list[Any], before: list[str], after: list[str]
+) -> list[dict[str, str]]:
     """Greedy answers before and after training, side by side: for summary.json and a wandb table."""
     rows = [{"prompt": show_prompt(p), "before": b, "after": a} for p, b, a in zip(prompts, before, after, strict=True)]
     if rows:

@@ -23,15 +23,15 @@ from align.stages.common import (
 if TYPE_CHECKING:
     from datasets import Dataset
 
+    from align.context import StageContext
     from align.plan import StageParts
     from align.recipe import Stage
-    from align.runtime import RunContext
     from align.stages.common import StartingPoint
 
 logger = logging.getLogger(__name__)
 
 
-def run(stage: Stage, ctx: RunContext) -> StageResult:
+def run(stage: Stage, ctx: StageContext) -> StageResult:
     """Align a model to preference pairs; measure preference accuracy before and after; save."""
     return run_stage(stage, ctx, DPOStage)
 
@@ -63,7 +63,7 @@ class DPOStage(StageKind):
         from align.guards import DPOGuard
         from align.models import lora_config
 
-        return cached_trainer(DPOTrainer, "dpo", self.ctx.specs[self.stage.name].format)(
+        return cached_trainer(DPOTrainer, "dpo", self.ctx.spec.format)(
             model=self.model, ref_model=self.ref_model, args=args, train_dataset=self.train,
             eval_dataset=self.eval, processing_class=self.tokenizer, callbacks=[*callbacks, DPOGuard(self.ctx.tracker)],
             peft_config=lora_config(self.stage.peft) if self.start.lora == "new" else None,

@@ -12,9 +12,9 @@ from typing import TYPE_CHECKING, Any
 from align.stages.common import StageKind, StageResult, max_length_setting, perplexities, run_stage
 
 if TYPE_CHECKING:
+    from align.context import StageContext
     from align.plan import StageParts
     from align.recipe import Stage
-    from align.runtime import RunContext
 
 logger = logging.getLogger(__name__)
 
@@ -31,7 +31,7 @@ def collate_blocks(rows: list[dict[str, Any]]) -> dict[str, Any]:
     return {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids), "labels": input_ids.clone()}
 
 
-def run(stage: Stage, ctx: RunContext) -> StageResult:
+def run(stage: Stage, ctx: StageContext) -> StageResult:
     """Fine-tune a causal LM on a text data set; evaluate before and after; save the model."""
     return run_stage(stage, ctx, LMStage)
 

@@ -23,14 +23,14 @@ from align.stages.common import (
 if TYPE_CHECKING:
     from datasets import Dataset
 
+    from align.context import StageContext
     from align.plan import StageParts
     from align.recipe import Stage
-    from align.runtime import RunContext
 
 logger = logging.getLogger(__name__)
 
 
-def run(stage: Stage, ctx: RunContext) -> StageResult:
+def run(stage: Stage, ctx: StageContext) -> StageResult:
     """Fine-tune on prompt/completion pairs, conversations or text; evaluate and sample before and after; save."""
     return run_stage(stage, ctx, SFTStage)
 
@@ -45,7 +45,7 @@ class SFTStage(StageKind):
     def setup(self) -> None:
         from align.models import ensure_chat_template
 
-        self.format = self.ctx.specs[self.stage.name].format
+        self.format = self.ctx.spec.format
         template = ensure_chat_template(self.tokenizer)
         settings = self.plan.settings
         self.loss = {k: settings[k].value for k in ("assistant_only_loss", "completion_only_loss") if k in settings}

@@ -1,0 +1,121 @@
+"""What the pipeline hands a stage: a read-only, typed view of what that stage needs.
+
+The pipeline keeps the run's state (`RunState`: every stage's data, plan, output so far) and, for each stage,
+builds a `StageContext` from it: that stage's data, spec and plan, the outputs of the stages before it, the
+checkpoint to resume from. A stage cannot change it, and reads nothing by another stage's name.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import MappingProxyType
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from align.plan import StagePlan
+    from align.recipe import DataSpec, Recipe, ScratchModel, Stage
+    from align.runtime import Precision
+    from align.tracking import Tracker
+
+
+@dataclass(frozen=True)
+class StageOutput:
+    """What a finished stage hands on: where its model is and what produced it."""
+
+    name: str
+    kind: str
+    model_dir: Path
+    fingerprint: str
+    status: str = "completed"
+
+
+@dataclass(frozen=True)
+class StageContext:
+    """Everything a stage's `run(stage, ctx)` reads, decided before it started. Frozen: a stage changes nothing
+    in it, and so nothing another stage will see."""
+
+    recipe: Recipe
+    stage: Stage
+    run_dir: Path
+    precision: Precision
+    tracker: Tracker
+    data: Any  # this stage's DatasetDict: train and validation
+    spec: DataSpec
+    plan: StagePlan
+    outputs: Mapping[str, StageOutput]  # the stages that finished before this one, by name
+    resume_from: str | None = None  # the checkpoint of an earlier, unfinished run of this very stage
+    started: float = field(default_factory=time.perf_counter)  # time.perf_counter() when the stage began
+
+    @property
+    def seed(self) -> int:
+        return self.recipe.seed
+
+    @property
+    def stage_dir(self) -> Path:
+        return self.run_dir / self.stage.name
+
+    @property
+    def model_source(self) -> str | ScratchModel:
+        """The stage's `model` as written, an omitted one read as `@<previous stage>`."""
+        from align.plan import model_source
+
+        return model_source(self.stage, self.recipe)
+
+    @property
+    def model_ref(self) -> str | ScratchModel:
+        """What to load: a `@stage` reference becomes that stage's saved model directory."""
+        from align.recipe import stage_ref
+
+        ref = stage_ref(self.model_source)
+        return str(self.outputs[ref].model_dir) if ref is not None else self.model_source
+
+    @property
+    def input_label(self) -> str:
+        """The input model as `summary.json` records it: `@lm (runs/x/lm/model)`, a hub id, or `scratch:gpt2`."""
+        return input_label(self.stage, self.recipe, self.outputs)
+
+
+def input_label(stage: Stage, recipe: Recipe, outputs: Mapping[str, StageOutput]) -> str:
+    from align.plan import model_source
+    from align.recipe import stage_ref
+
+    source = model_source(stage, recipe)
+    ref = stage_ref(source)
+    if ref is not None:
+        return f"{source} ({outputs[ref].model_dir})"
+    if isinstance(source, str):
+        return source
+    return f"scratch:{source.model_type}"
+
+
+@dataclass
+class RunState:
+    """The pipeline's own record of a run, changed only by the pipeline: data, specs and plans by stage, and the
+    outputs of the stages finished so far."""
+
+    recipe: Recipe
+    run_dir: Path
+    precision: Precision
+    tracker: Tracker
+    data: dict[str, Any]
+    specs: dict[str, DataSpec]
+    plans: dict[str, StagePlan]
+    outputs: dict[str, StageOutput] = field(default_factory=dict)
+
+    def for_stage(self, stage: Stage, resume_from: str | None = None) -> StageContext:
+        """The read-only view of the run that `stage` gets."""
+        return StageContext(
+            recipe=self.recipe,
+            stage=stage,
+            run_dir=self.run_dir,
+            precision=self.precision,
+            tracker=self.tracker,
+            data=self.data[stage.name],
+            spec=self.specs[stage.name],
+            plan=self.plans[stage.name],
+            outputs=MappingProxyType(dict(self.outputs)),
+            resume_from=resume_from,
+        )
