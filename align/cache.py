@@ -28,7 +28,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from align import __version__
+from align import versions
 
 if TYPE_CHECKING:
     from datasets import Dataset
@@ -36,6 +36,7 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 CACHE_ENV = "ALIGN_CACHE_DIR"
+PREPARED_BY = ("trl", "transformers", "datasets", "tokenizers")
 _META = "align_cache.json"
 # How a tokenizer was loaded (where from, which flags), not what it is: left out of its fingerprint.
 _PATH_KEYS = {
@@ -130,14 +131,9 @@ def _value(value: Any) -> Any:
     return repr(value)  # an object with an address in its repr only ever misses, never hits stale
 
 
-def versions() -> dict[str, str]:
-    from importlib.metadata import version
-
-    return {name: version(name) for name in ("trl", "transformers", "datasets", "tokenizers")} | {"align": __version__}
-
-
 def make_key(parts: dict[str, Any]) -> str:
-    payload = json.dumps(parts | {"versions": versions()}, sort_keys=True, default=str)
+    # The libraries that prepare the rows: another release may prepare them differently.
+    payload = json.dumps(parts | {"versions": versions(PREPARED_BY)}, sort_keys=True, default=str)
     return hashlib.sha256(payload.encode()).hexdigest()[:24]
 
 

@@ -20,7 +20,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from align import __version__
+from align import __version__, versions
 from align.card import write_model_card
 from align.context import RunState, StageContext, StageOutput, input_label
 from align.errors import AlignError, BadInput, GuardStopped, Interrupted, Problems, StageFailed
@@ -248,16 +248,6 @@ def fingerprint(stage: Stage, spec: DataSpec, input_fingerprint: str, recipe: Re
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def versions() -> dict[str, str]:
-    from importlib.metadata import PackageNotFoundError, version
-
-    out = {"align": __version__, "python": platform.python_version()}
-    for name in ("torch", "transformers", "trl", "datasets", "peft", "accelerate", "wandb"):
-        with contextlib.suppress(PackageNotFoundError):
-            out[name] = version(name)
-    return out
-
-
 class Records:
     """pipeline.json and each stage's summary.json, rewritten atomically on every change."""
 
@@ -468,7 +458,7 @@ def _run_stages(state: RunState, records: Records, fresh: bool) -> list[dict[str
         records.update(stage.name, status="running", fingerprint=fp, input_model=input_model)
         records.summary(stage, None, status="running", fp=fp, input_model=input_model)
         tracker.start_stage(stage, redact(resolved_recipe(recipe, specs)["stages"][i - 1], secret_values()))
-        from align.guards import reset_peak_memory
+        from align.metrics import reset_peak_memory
 
         reset_peak_memory()
         ctx = state.for_stage(stage, resume_from=str(checkpoint) if checkpoint is not None else None)

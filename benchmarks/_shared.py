@@ -89,7 +89,7 @@ def align_run(recipe: Path, out: Path, env: dict[str, str] | None = None) -> dic
     minus the memory held at its start)."""
     import datasets
 
-    from align.guards import peak_memory_gb, reset_peak_memory
+    from align.metrics import peak_memory_gb, reset_peak_memory
     from align.run import main
 
     os.environ.update(env or {})

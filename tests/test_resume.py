@@ -104,7 +104,7 @@ def test_a_cached_stage_is_skipped_quickly(tmp_path):
 
 
 def test_a_crash_mid_stage_resumes_from_the_last_checkpoint(tmp_path, run_cli, monkeypatch):
-    from align.guards import MetricsWriter
+    from align.metrics import MetricsWriter
 
     recipe = recipe_for_resume()
     recipe["stages"][0]["train"].update(max_steps=30, eval_steps=10, save_steps=10)

@@ -15,7 +15,8 @@ if TYPE_CHECKING:
     from transformers import Trainer
 
     from align.context import StageContext
-    from align.guards import MetricsWriter, NumericGuard
+    from align.guards import NumericGuard
+    from align.metrics import MetricsWriter
     from align.plan import Setting
     from align.recipe import Recipe, Stage
 
@@ -221,7 +222,7 @@ def summary_metrics(
     writer: MetricsWriter,
 ) -> dict[str, Any]:
     """The summary metrics every stage shares (the contract's keys), from the Trainer's state and our rows."""
-    from align.guards import best_eval, peak_memory_gb
+    from align.metrics import best_eval, peak_memory_gb
 
     state = trainer.state
     best = best_eval(writer.rows)
@@ -245,7 +246,7 @@ def summary_metrics(
 
 def metrics_writer(ctx: StageContext, stage: Stage) -> MetricsWriter:
     """The stage's metrics.jsonl writer: main process only, tracked, keeping rows up to a resumed checkpoint."""
-    from align.guards import MetricsWriter
+    from align.metrics import MetricsWriter
     from align.runtime import is_main_process
 
     path = ctx.stage_dir / "metrics.jsonl"
@@ -416,6 +417,38 @@ def early_stopping_callbacks(stage: Stage) -> list[Any]:
     if stage.early_stopping is None:
         return []
     return [EarlyStoppingCallback(stage.early_stopping.patience, stage.early_stopping.threshold)]
+
+
+def split_ids(tokenizer: Any, prompt: Any, completion: Any) -> tuple[list[int], list[int]]:
+    """Prompt and completion token ids the way TRL's SFT and DPO trainers split them: the completion is what the
+    full sequence (prompt + completion, eos after a text completion) adds after the prompt's tokens."""
+    if isinstance(prompt, list):
+        prompt_ids = tokenizer.apply_chat_template(prompt, tokenize=True, add_generation_prompt=True, return_dict=False)
+        full = tokenizer.apply_chat_template(prompt + completion, tokenize=True, return_dict=False)
+    else:
+        prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        full = tokenizer(prompt + completion + (tokenizer.eos_token or ""), add_special_tokens=False)["input_ids"]
+    shared = _shared_prefix(prompt_ids, full)
+    return full[:shared], full[shared:]
+
+
+def split_all_ids(tokenizer: Any, prompts: list[Any], completions: list[Any]) -> list[tuple[list[int], list[int]]]:
+    """`split_ids` of many rows: string rows tokenized in two batched calls (a per-row loop over every pair of a
+    large set costs seconds before training starts), conversations one by one through the chat template."""
+    if not prompts or not isinstance(prompts[0], str):
+        return [split_ids(tokenizer, p, c) for p, c in zip(prompts, completions, strict=True)]
+    eos = tokenizer.eos_token or ""
+    prompt_ids = tokenizer(list(prompts), add_special_tokens=False)["input_ids"]
+    fulls = tokenizer([p + c + eos for p, c in zip(prompts, completions, strict=True)], add_special_tokens=False)
+    out = []
+    for p, full in zip(prompt_ids, fulls["input_ids"], strict=True):
+        shared = _shared_prefix(p, full)
+        out.append((full[:shared], full[shared:]))
+    return out
+
+
+def _shared_prefix(a: list[int], b: list[int]) -> int:
+    return next((i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), min(len(a), len(b)))
 
 
 def render_mask(ids: list[int], mask: list[int], tokenizer: Any) -> str:

@@ -18,6 +18,8 @@ from align.stages.common import (
     max_length_setting,
     render_mask,
     run_stage,
+    split_all_ids,
+    split_ids,
 )
 
 if TYPE_CHECKING:
@@ -143,35 +145,6 @@ def reference_for(stage: Stage, start: StartingPoint, model: Any) -> tuple[Any, 
 # Preference accuracy
 
 
-def pair_ids(tokenizer: Any, prompt: Any, completion: Any) -> tuple[list[int], list[int]]:
-    """Prompt and completion token ids the way TRL's DPOTrainer splits them (eos after a text completion)."""
-    if isinstance(prompt, list):
-        prompt_ids = tokenizer.apply_chat_template(prompt, tokenize=True, add_generation_prompt=True, return_dict=False)
-        full = tokenizer.apply_chat_template(prompt + completion, tokenize=True, return_dict=False)
-    else:
-        prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
-        full = tokenizer(prompt + completion + (tokenizer.eos_token or ""), add_special_tokens=False)["input_ids"]
-    shared = 0
-    while shared < min(len(prompt_ids), len(full)) and prompt_ids[shared] == full[shared]:
-        shared += 1
-    return full[:shared], full[shared:]
-
-
-def all_pair_ids(tokenizer: Any, prompts: list[Any], completions: list[Any]) -> list[tuple[list[int], list[int]]]:
-    """`pair_ids` of many rows: string rows tokenized in two batched calls (a per-row loop over every pair of a
-    large set costs seconds before training starts), conversations one by one through the chat template."""
-    if not prompts or not isinstance(prompts[0], str):
-        return [pair_ids(tokenizer, p, c) for p, c in zip(prompts, completions, strict=True)]
-    eos = tokenizer.eos_token or ""
-    prompt_ids = tokenizer(list(prompts), add_special_tokens=False)["input_ids"]
-    fulls = tokenizer([p + c + eos for p, c in zip(prompts, completions, strict=True)], add_special_tokens=False)
-    out = []
-    for p, full in zip(prompt_ids, fulls["input_ids"], strict=True):
-        shared = next((i for i, (a, b) in enumerate(zip(p, full, strict=False)) if a != b), min(len(p), len(full)))
-        out.append((full[:shared], full[shared:]))
-    return out
-
-
 def completion_logps(model: Any, tokenizer: Any, prompts: list[Any], completions: list[Any], max_length: int | None):
     """Summed log-probability of each completion given its prompt, in batches (prompt cut from the left)."""
     import torch
@@ -179,7 +152,7 @@ def completion_logps(model: Any, tokenizer: Any, prompts: list[Any], completions
     device = next(model.parameters()).device
     sequences, starts = [], []
     for prompt, completion in zip(prompts, completions, strict=True):
-        p, c = pair_ids(tokenizer, prompt, completion)
+        p, c = split_ids(tokenizer, prompt, completion)
         if max_length is not None and len(p) + len(c) > max_length:
             # Like training: keep the completion (cut at max_length) and as much of the prompt's end as fits.
             c = c[: max_length - 1]
@@ -237,7 +210,7 @@ def plan(stage: Stage, *, spec: Any, data: Any, tokenizer: Any, config: Any, sta
     kept, lengths, truncated = {}, [], 0
     for split, pairs in (("train", data["train"]), ("eval", data["validation"])):
         prompts = list(pairs["prompt"])
-        sides = [all_pair_ids(tokenizer, prompts, list(pairs[side])) for side in ("chosen", "rejected")]
+        sides = [split_all_ids(tokenizer, prompts, list(pairs[side])) for side in ("chosen", "rejected")]
         if split == "train":
             lengths = [len(p) + len(c) for side in sides for p, c in side]
             truncated = sum(max_length is not None and n > max_length for n in lengths)
@@ -253,7 +226,7 @@ def plan(stage: Stage, *, spec: Any, data: Any, tokenizer: Any, config: Any, sta
     for row in data["train"].select(range(min(2, len(data["train"])))):
         rendered = {}
         for side in ("chosen", "rejected"):
-            p, c = pair_ids(tokenizer, row["prompt"], row[side])
+            p, c = split_ids(tokenizer, row["prompt"], row[side])
             rendered[side] = render_mask(p + c, [0] * len(p) + [1] * len(c), tokenizer)
         examples.append(rendered)
     parts.details.update(

@@ -18,6 +18,8 @@ from align.stages.common import (
     perplexities,
     render_mask,
     run_stage,
+    split_all_ids,
+    split_ids,
 )
 
 if TYPE_CHECKING:
@@ -150,26 +152,17 @@ def trained_spans(ds: Dataset, tokenizer: Any, loss: dict[str, Any]) -> list[tup
         ids = tokenizer([t + eos for t in list(ds["text"])], add_special_tokens=False)["input_ids"]
         return [(len(row), 0 if row else None) for row in ids]
     if len(ds) and "prompt" in ds.column_names and isinstance(ds[0]["prompt"], str):
-        eos = tokenizer.eos_token or ""
-        prompts, completions = list(ds["prompt"]), list(ds["completion"])
-        ids = tokenizer(prompts, add_special_tokens=False)["input_ids"]
-        fulls = tokenizer([p + c + eos for p, c in zip(prompts, completions, strict=True)],
-                          add_special_tokens=False)["input_ids"]  # fmt: skip
         trained = loss.get("completion_only_loss", True)
         spans = []
-        for prompt, full in zip(ids, fulls, strict=True):
-            start = 0 if not trained else _shared_prefix(prompt, full)
-            spans.append((len(full), start if start < len(full) else None))
+        for p, c in split_all_ids(tokenizer, list(ds["prompt"]), list(ds["completion"])):
+            start = len(p) if trained else 0
+            spans.append((len(p) + len(c), start if start < len(p) + len(c) else None))
         return spans
     spans = []
     for row in ds:
         ids, mask = masked_ids(row, tokenizer, loss)
         spans.append((len(ids), next((i for i, m in enumerate(mask) if m), None)))
     return spans
-
-
-def _shared_prefix(a: list[int], b: list[int]) -> int:
-    return next((i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), min(len(a), len(b)))
 
 
 def report_truncation(stage: Stage, trainer: Any, n_train: int, n_eval: int, max_length: int | None, packed: bool):
@@ -278,17 +271,9 @@ def masked_ids(row: dict[str, Any], tokenizer: Any, loss: dict[str, Any]) -> tup
         mask = out["assistant_masks"] if loss.get("assistant_only_loss") else [1] * len(out["input_ids"])
         return list(out["input_ids"]), list(mask)
     if "prompt" in row:
-        if isinstance(row["prompt"], list):
-            prompt = tokenizer.apply_chat_template(
-                row["prompt"], tokenize=True, add_generation_prompt=True, return_dict=False
-            )
-            full = tokenizer.apply_chat_template(row["prompt"] + row["completion"], tokenize=True, return_dict=False)
-        else:
-            prompt = tokenizer(row["prompt"], add_special_tokens=False)["input_ids"]
-            full = tokenizer(row["prompt"] + row["completion"] + eos, add_special_tokens=False)["input_ids"]
-        shared = _shared_prefix(prompt, full)
+        prompt, completion = split_ids(tokenizer, row["prompt"], row["completion"])
         trained = loss.get("completion_only_loss", True)
-        return list(full), [0] * shared + [int(trained)] * (len(full) - shared)
+        return prompt + completion, [0] * len(prompt) + [int(trained)] * len(completion)
     ids = tokenizer(row["text"] + eos, add_special_tokens=False)["input_ids"]
     return ids, [1] * len(ids)
 
