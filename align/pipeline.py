@@ -32,9 +32,10 @@ from align.runtime import (
     CURRENT_STAGE,
     choose_precision,
     is_main_process,
+    log_to_file,
     main_process_first,
     same_on_every_rank,
-    setup_logging,
+    set_console_level,
     wait_for_everyone,
 )
 from align.signals import raise_if_requested, stop_on_signals
@@ -316,7 +317,8 @@ def run_pipeline(
 
     # Nothing is written before this point: bad input leaves an existing run directory as it was.
     with hold_run_dir(output_dir, recipe, fresh):
-        setup_logging(log_level, output_dir / "align.log")
+        log_to_file(output_dir / "align.log")
+        set_console_level(log_level)
         logger.info("align %s: recipe %s, %d stages -> %s", __version__, recipe.name, len(recipe.stages), output_dir)
         logger.info("precision %s: %s", precision.name, precision.reason)
         if is_main_process():

@@ -206,6 +206,15 @@ def plan_settings(
     return out, problems
 
 
+def early_stopping_callbacks(stage: Stage) -> list[Any]:
+    """The Trainer's early stopping, for a stage with `early_stopping:` (its settings are `plan_settings`'s)."""
+    from transformers import EarlyStoppingCallback
+
+    if stage.early_stopping is None:
+        return []
+    return [EarlyStoppingCallback(stage.early_stopping.patience, stage.early_stopping.threshold)]
+
+
 def effective_settings(kind: str, name: str, settings: dict[str, Setting], runtime: dict[str, str]) -> dict:
     """KEY_SETTINGS (and every setting align or the recipe gave) as the config class resolves them, each with its
     source: what was given, the library's default, or the library's value derived from another setting."""

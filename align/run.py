@@ -79,11 +79,11 @@ def main(argv: list[str] | None = None) -> int:
 def _main(args: argparse.Namespace) -> int:
     from align.pipeline import dry_run, print_config, resolve_specs, run_pipeline
     from align.recipe import load_recipe
-    from align.runtime import check_hub, is_main_process, setup_logging
+    from align.runtime import check_hub, is_main_process, set_console_level
 
     recipe = load_recipe(args.recipe, args.overrides)
     level = args.log_level or recipe.tracking.log_level
-    setup_logging(level)
+    set_console_level(level)
     specs = resolve_specs(recipe)
     if args.print_config:
         check_hub(True)  # the hub is never asked: a model not in the local cache shows its settings as unknown

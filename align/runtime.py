@@ -135,7 +135,9 @@ _buffer: _Buffer | None = None
 
 
 def setup_logging(level: str = "info", log_file: Path | None = None) -> None:
-    """Console at `level` (main process; others warnings only), a DEBUG log file, libraries routed through us."""
+    """Install align's logging, once per process: a console at `level` (main process; others warnings only), the
+    libraries routed through it, and records held until `log_to_file` names align.log (so the file starts at the
+    command's start). Called again (tests, notebooks), it replaces its own handlers instead of adding more."""
     global _buffer
     root = logging.getLogger()
     held = _buffer.buffer if _buffer is not None else []
@@ -144,30 +146,26 @@ def setup_logging(level: str = "info", log_file: Path | None = None) -> None:
         if not isinstance(handler, _Buffer):
             handler.close()
     root.setLevel(logging.DEBUG)
-    formatter = logging.Formatter(LOG_FORMAT, datefmt="%H:%M:%S")
-
     console = _ConsoleHandler(sys.stderr)
-    console.setLevel(LEVELS[level] if is_main_process() else logging.WARNING)
-    console.setFormatter(formatter)
+    console.setFormatter(logging.Formatter(LOG_FORMAT, datefmt="%H:%M:%S"))
     console.addFilter(_StageFilter())
     console.addFilter(_HarmlessFilter())
     root.addHandler(console)
-    if log_file is not None and is_main_process():
-        log_file.parent.mkdir(parents=True, exist_ok=True)
-        file_handler = _FileHandler(log_file, encoding="utf-8")
-        file_handler.setLevel(logging.DEBUG)
-        file_handler.setFormatter(formatter)
-        for record in held:
-            file_handler.handle(record)
-        file_handler.addFilter(_StageFilter())
-        root.addHandler(file_handler)
-        _buffer = None
-    else:
-        _buffer = _Buffer(capacity=100_000, flushLevel=logging.CRITICAL + 1)
-        _buffer.buffer = list(held)
-        _buffer.addFilter(_StageFilter())
-        root.addHandler(_buffer)
+    _buffer = _Buffer(capacity=100_000, flushLevel=logging.CRITICAL + 1)
+    _buffer.buffer = list(held)
+    _buffer.addFilter(_StageFilter())
+    root.addHandler(_buffer)
+    logging.captureWarnings(True)
+    set_console_level(level)
+    if log_file is not None:
+        log_to_file(log_file)
 
+
+def set_console_level(level: str) -> None:
+    """The console's level (the recipe's `log_level`, or `--log-level`), and the libraries' one notch quieter."""
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, _ConsoleHandler):
+            handler.setLevel(LEVELS[level] if is_main_process() else logging.WARNING)
     # The libraries' records flow into our handlers: one format, one file, one level policy.
     for name in LIBRARIES:
         lib = logging.getLogger(name)
@@ -177,8 +175,32 @@ def setup_logging(level: str = "info", log_file: Path | None = None) -> None:
     _quiet_library_handlers(level)
     for name in PLUMBING:
         logging.getLogger(name).setLevel(logging.INFO if level == "debug" else logging.WARNING)
-    logging.captureWarnings(True)
     logging.getLogger("py.warnings").setLevel(logging.ERROR if level != "debug" else logging.WARNING)
+
+
+def log_to_file(log_file: Path) -> None:
+    """Everything at DEBUG into `log_file` (align.log) from now on, the records held since the start first; on the
+    main process only (the others' warnings reach the console, tagged with their rank)."""
+    global _buffer
+    root = logging.getLogger()
+    if not any(isinstance(h, _ConsoleHandler) for h in root.handlers):
+        setup_logging()  # run_pipeline called from Python, without the command line's setup
+    if not is_main_process():
+        return
+    for handler in [h for h in root.handlers if isinstance(h, _FileHandler)]:
+        root.removeHandler(handler)
+        handler.close()
+    log_file.parent.mkdir(parents=True, exist_ok=True)
+    file_handler = _FileHandler(log_file, encoding="utf-8")
+    file_handler.setLevel(logging.DEBUG)
+    file_handler.setFormatter(logging.Formatter(LOG_FORMAT, datefmt="%H:%M:%S"))
+    for record in _buffer.buffer if _buffer is not None else []:
+        file_handler.handle(record)
+    file_handler.addFilter(_StageFilter())
+    if _buffer is not None:
+        root.removeHandler(_buffer)
+        _buffer = None
+    root.addHandler(file_handler)
 
 
 def _quiet_library_handlers(level: str) -> None:

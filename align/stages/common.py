@@ -84,6 +84,7 @@ def run_stage(stage: Stage, ctx: StageContext, kind: type[StageKind]) -> StageRe
     Trainer -> watch -> measure and evaluate -> train -> check -> evaluate and measure -> save -> summary."""
     from align.guards import raise_if_nonfinite
     from align.patches import install_lm_head
+    from align.plan import early_stopping_callbacks
     from align.runtime import seed_everything
 
     # 1. Seed, model, tokenizer, and the kind's data and pieces --------------------------------------
@@ -96,7 +97,7 @@ def run_stage(stage: Stage, ctx: StageContext, kind: type[StageKind]) -> StageRe
     writer = metrics_writer(ctx, stage)
     if setup.lm_head:
         logger.info("LM head: %s", install_lm_head(args.device))  # align/lm_head.py, installed by align/patches.py
-    trainer = setup.trainer(args, [writer, *early_stopping_callbacks(stage)])
+    trainer = setup.trainer(args, [writer, *early_stopping_callbacks(stage)])  # align/plan.py
     guard = watch(trainer, ctx)
     setup.check(trainer)
     log_training(args, len(trainer.train_dataset), setup.unit)
@@ -409,14 +410,6 @@ def max_length_setting(stage: Stage, config: Any, default: int | None = 1024) ->
     if limit is not None and (wanted is None or wanted > limit):
         return Setting(limit, f"capped at the model's {limit} positions (asked: {wanted})")
     return Setting(wanted, source)
-
-
-def early_stopping_callbacks(stage: Stage) -> list[Any]:
-    from transformers import EarlyStoppingCallback
-
-    if stage.early_stopping is None:
-        return []
-    return [EarlyStoppingCallback(stage.early_stopping.patience, stage.early_stopping.threshold)]
 
 
 def split_ids(tokenizer: Any, prompt: Any, completion: Any) -> tuple[list[int], list[int]]:
