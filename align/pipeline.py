@@ -519,11 +519,13 @@ def _as_stop(exc: BaseException, stage: Stage, stage_dir: Path) -> Interrupted |
 
 
 def _last_checkpoint(stage_dir: Path) -> Path | None:
-    from transformers.trainer_utils import get_last_checkpoint
-
-    checkpoints = stage_dir / "checkpoints"
-    last = get_last_checkpoint(str(checkpoints)) if checkpoints.is_dir() else None
-    return Path(last) if last else None
+    """The newest complete checkpoint: a second Ctrl-C can cut a save short, leaving a newer folder without its
+    trainer state, which the Trainer cannot resume from (the complete one before it can)."""
+    folder = stage_dir / "checkpoints"
+    found = folder.glob("checkpoint-*") if folder.is_dir() else []
+    steps = sorted((int(p.name.rsplit("-", 1)[1]), p) for p in found if p.name.rsplit("-", 1)[1].isdigit())
+    complete = [path for _, path in steps if (path / "trainer_state.json").is_file()]
+    return complete[-1] if complete else None
 
 
 # A stage left in one of these resumes from its last checkpoint: cut off while running (SIGKILL, an out-of-memory

@@ -142,6 +142,8 @@ def test_a_stage_a_guard_stopped_is_not_resumed_into_the_same_blow_up(tmp_path, 
 
     for status in ("running", "interrupted", "failed"):
         assert left(status=status) == checkpoint, status
+    (stage_dir / "checkpoints" / "checkpoint-18").mkdir()  # a save cut short by a second Ctrl-C: no trainer state
+    assert left(status="interrupted") == checkpoint, "the newest complete checkpoint, not the torn one"
     assert left(status="failed", resumable=False, error="non-finite train loss (nan) at step 12") is None
     assert "a guard stopped this stage last time" in caplog.text
     assert left(status="interrupted", fingerprint="other") is None, "a changed stage starts over"
