@@ -212,10 +212,27 @@ def test_chat_loop_streams_keeps_turns_and_ends_cleanly_on_ctrl_d_or_ctrl_c(run_
     assert chat(find_model(run_dir), args, read_line, out, err) == 0
     text = out.getvalue()
     assert text.count("you> ") == 7 and text.count("model> ") == 2
-    first = out.writes.index("model> ")
-    assert len(out.writes[first + 1 : out.writes.index("\n", first)]) > 1, "the answer arrives piece by piece"
     assert "(system prompt set)" in err.getvalue() and "(conversation cleared)" in err.getvalue()
     assert "(unknown command /nope" in err.getvalue()
+
+
+def test_answers_are_streamed_word_by_word(run_dir):
+    """What the sampled answers above cannot show for sure (this tiny model's answer may be one word, or none): the
+    chat's streamer writes decoded text as tokens arrive, not once at the end."""
+    import torch
+    from transformers import AutoTokenizer
+
+    from align.chat import streamer
+    from align.saved import find_model
+
+    tokenizer = AutoTokenizer.from_pretrained(find_model(run_dir).path)
+    out = Recording()
+    stream = streamer(tokenizer, out)
+    stream.put(torch.tensor([tokenizer.encode("the prompt")]))  # skipped: skip_prompt
+    for token in tokenizer.encode(" the value of the attribute is used and so on"):
+        stream.put(torch.tensor([token]))
+    stream.end()
+    assert len(out.writes) > 2 and "".join(out.writes) == " the value of the attribute is used and so on"
 
 
 def wait_for(pane, condition, timeout: float = 90.0) -> str:
