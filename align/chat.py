@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO
 
-from align.errors import AlignError, BadInput
+from align.errors import AlignError, BadInput, print_error
 
 if TYPE_CHECKING:
     from align.saved import PromptFormat, SavedModel
@@ -367,11 +367,7 @@ def main(argv: list[str] | None = None, prog: str = "align chat") -> int:
 
         return chat(find_model(args.model, args.stage), args)
     except AlignError as exc:
-        for problem in exc.problems:
-            print(f"error: {problem}", file=sys.stderr)
-        if exc.hint:
-            print(f"hint: {exc.hint}", file=sys.stderr)
-        return exc.exit_code
+        return print_error(exc)
     except KeyboardInterrupt:  # while loading, before the chat began
         print(file=sys.stderr)
         return 0

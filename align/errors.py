@@ -21,6 +21,17 @@ class AlignError(Exception):
         super().__init__("; ".join(self.problems))
 
 
+def print_error(exc: AlignError) -> int:
+    """The command line's form of an error: one `error:` line per problem, then the `hint:`; returns its exit code."""
+    import sys
+
+    for problem in exc.problems:
+        print(f"error: {problem}", file=sys.stderr)
+    if exc.hint:
+        print(f"hint: {exc.hint}", file=sys.stderr)
+    return exc.exit_code
+
+
 class BadInput(AlignError):
     """The recipe, the data or the arguments are wrong. Exit code 2."""
 

@@ -14,7 +14,7 @@ import os
 import sys
 from pathlib import Path
 
-from align.errors import AlignError, BadInput
+from align.errors import AlignError, BadInput, print_error
 
 logger = logging.getLogger(__name__)
 
@@ -101,11 +101,7 @@ def main(argv: list[str] | None = None, prog: str = "align push") -> int:
         what = f"{saved.stage} ({saved.kind})" if saved.stage else str(saved.path)
         url = push(saved.path, args.repo_id, args.private, token, f"align: {what}")
     except AlignError as exc:
-        for problem in exc.problems:
-            print(f"error: {problem}", file=sys.stderr)
-        if exc.hint:
-            print(f"hint: {exc.hint}", file=sys.stderr)
-        return exc.exit_code
+        return print_error(exc)
     print(f"pushed {saved.path} to https://huggingface.co/{args.repo_id} ({url})")
     return 0
 

@@ -14,7 +14,7 @@ import traceback
 from pathlib import Path
 from typing import Any
 
-from align.errors import AlignError
+from align.errors import AlignError, print_error
 
 logger = logging.getLogger("align.run")
 
@@ -57,10 +57,7 @@ def main(argv: list[str] | None = None) -> int:
         if is_main_process():
             if args.log_level == "debug":
                 traceback.print_exc()
-            for problem in exc.problems:
-                print(f"error: {problem}", file=sys.stderr)
-            if exc.hint:
-                print(f"hint: {exc.hint}", file=sys.stderr)
+            print_error(exc)
         return exc.exit_code
     except KeyboardInterrupt:  # before the run installed its handlers (loading, preflight): nothing to save yet
         print("error: interrupted before training started", file=sys.stderr)
