@@ -7,14 +7,90 @@ The text differs slightly between Python versions; within one version it is fixe
 
 from __future__ import annotations
 
+import functools
 import re
+import zlib
 from collections.abc import Callable
 
 Rows = dict[str, list]
 
+# Bumped whenever what the builtin sets contain changes: it is part of a stage's fingerprint, so a run made with the
+# old contents is not taken as cached. 2: the held-out topics (`test` splits) and the reward split.
+BUILTIN_VERSION = 2
+# The held-out topics: at least this many prose paragraphs (instruction prompts) between them.
+HELD_OUT_PROMPTS = 110
+# Topics with more prose paragraphs than this are never held out: one of them alone would take a large share of
+# the training text (`compound` has 77 of the ~500).
+HELD_OUT_LARGEST_TOPIC = 40
 
-def python_docs() -> Rows:
-    """One row per paragraph of every help topic, topics in sorted order: columns `text`, `topic`."""
+
+@functools.cache
+def held_out_topics() -> frozenset[str]:
+    """The help topics no stage trains on, the same in every builtin set: their paragraphs are the `test` split of
+    `python-docs`, `python-docs-instruct` and `python-docs-preferences`, and nowhere else.
+
+    So an eval stage asks about topics the lm stage never read, the sft stage never answered and the dpo and rm
+    stages never ranked. Topics are taken in the order of the CRC-32 of their names (a fixed, arbitrary order, the
+    same on every machine) until their prose paragraphs reach HELD_OUT_PROMPTS: about 31 of 79 topics, 125
+    instruction prompts and a quarter of the text on Python 3.11.
+    """
+    from pydoc_data.topics import topics
+
+    sizes: dict[str, int] = {}
+    for name, _, _ in _prose_paragraphs():
+        sizes[name] = sizes.get(name, 0) + 1
+    held, count = [], 0
+    for name in sorted(topics, key=lambda t: zlib.crc32(t.encode())):
+        if count >= HELD_OUT_PROMPTS:
+            break
+        if sizes.get(name, 0) > HELD_OUT_LARGEST_TOPIC:
+            continue
+        held.append(name)
+        count += sizes.get(name, 0)
+    return frozenset(held)
+
+
+@functools.cache
+def _held_out_sentences() -> tuple[str, ...]:
+    """The held-out topics' prompt sentences and reference continuations, whitespace collapsed. The help topics
+    repeat some paragraphs under several names (`attribute-access`'s text is also in `specialnames`): a training
+    row holding one of these would teach the answer to a held-out prompt."""
+    held = held_out_topics()
+    out = set()
+    for name, _, sentences in _prose_paragraphs():
+        if name in held:
+            out.update((_flat(sentences[0]), _flat(" ".join(sentences[1:3]))))
+    return tuple(sorted(text for text in out if len(text) >= 40))  # shorter: common phrases, not the answer
+
+
+def _flat(text: str) -> str:
+    return " ".join(text.split())
+
+
+def _place(topic: str, text: str) -> str | None:
+    """Where a row of the builtin sets goes: `test` (a held-out topic), `train`, or None (dropped: it repeats text
+    of a held-out topic under another topic's name)."""
+    if topic in held_out_topics():
+        return "test"
+    flat = _flat(text)
+    return None if any(sentence in flat for sentence in _held_out_sentences()) else "train"
+
+
+def _by_holdout(rows: Rows, texts: list[str]) -> dict[str, Rows]:
+    """Rows split into `train` and `test` (the held-out topics) by `_place`, `texts` being each row's paragraph."""
+    out: dict[str, Rows] = {"train": {k: [] for k in rows}, "test": {k: [] for k in rows}}
+    for i, (topic, text) in enumerate(zip(rows["topic"], texts, strict=True)):
+        split = _place(topic, text)
+        if split is None:
+            continue
+        for key, values in rows.items():
+            out[split][key].append(values[i])
+    return out
+
+
+def python_docs() -> dict[str, Rows]:
+    """One row per paragraph of every help topic, topics in sorted order: columns `text`, `topic`. Splits `train`
+    and `test` (the paragraphs of the held-out topics)."""
     from pydoc_data.topics import topics
 
     texts, names = [], []
@@ -24,9 +100,10 @@ def python_docs() -> Rows:
             if paragraph.strip():
                 texts.append(paragraph)
                 names.append(name)
-    return {"text": texts, "topic": names}
+    return _by_holdout({"text": texts, "topic": names}, texts)
 
 
+@functools.cache
 def _prose_paragraphs() -> list[tuple[str, str, list[str]]]:
     """(topic, title, sentences) for every prose paragraph of the help topics with two sentences or more.
 
@@ -57,18 +134,19 @@ def instruct_prompt(title: str, first_sentence: str) -> str:
     return f"Continue this passage from the Python documentation on {title}.\n\n{first_sentence}\n\n"
 
 
-def python_docs_instruct() -> Rows:
+def python_docs_instruct() -> dict[str, Rows]:
     """Prompt/completion pairs: continue a documentation paragraph from its first sentence.
 
     The completion is the next one or two sentences of the same paragraph, so it is verifiably the right
-    continuation. Columns `prompt`, `completion`, `topic`.
+    continuation. Columns `prompt`, `completion`, `topic`; splits `train` and `test` (the held-out topics).
     """
-    prompts, completions, names = [], [], []
+    prompts, completions, names, paragraphs = [], [], [], []
     for name, title, sentences in _prose_paragraphs():
         prompts.append(instruct_prompt(title, sentences[0]))
         completions.append(" ".join(sentences[1:3]))
         names.append(name)
-    return {"prompt": prompts, "completion": completions, "topic": names}
+        paragraphs.append(" ".join(sentences))
+    return _by_holdout({"prompt": prompts, "completion": completions, "topic": names}, paragraphs)
 
 
 def _loop(words: list[str], index: int) -> str:
@@ -91,15 +169,20 @@ def python_docs_preferences() -> dict[str, Rows]:
 
     The prompts are those of `python-docs-instruct`; chosen is the paragraph's next sentence, verifiably right;
     rejected starts the same way, then repeats itself to the same length. Columns `prompt`, `chosen`,
-    `rejected`, `topic`; splits `train` and `validation` (every tenth prompt, held out whole).
+    `rejected`, `topic`. Splits, each prompt with both its pairs in one split only:
+    - `test`: the held-out topics' prompts (no stage trains on them);
+    - of the rest, `validation` every tenth prompt, `reward` three in ten (a reward model's own training pairs,
+      whose prompts the dpo stage never sees), `train` the other six (the dpo stage's).
     """
-    splits: dict[str, Rows] = {
-        s: {"prompt": [], "chosen": [], "rejected": [], "topic": []} for s in ("train", "validation")
-    }
+    names = ("train", "validation", "reward", "test")
+    splits: dict[str, Rows] = {s: {"prompt": [], "chosen": [], "rejected": [], "topic": []} for s in names}
     usable = [(n, t, s) for n, t, s in _prose_paragraphs() if len(s[1].split()) >= 8]  # shorter: too short to loop
-    for index, (name, title, sentences) in enumerate(usable):
-        # Every tenth prompt is held out with both its pairs, so no held-out prompt or answer is trained on.
-        rows = splits["validation" if index % 10 == 0 else "train"]
+    kept = [row for row in usable if _place(row[0], " ".join(row[2])) == "train"]
+    test = [row for row in usable if _place(row[0], " ".join(row[2])) == "test"]
+    placed = [(("validation" if i % 10 == 0 else "reward" if i % 10 in (2, 5, 8) else "train"), row)
+              for i, row in enumerate(kept)] + [("test", row) for row in test]  # fmt: skip
+    for split, (name, title, sentences) in placed:
+        rows = splits[split]
         for shape in (0, 1):  # both failure shapes for every prompt: twice the pairs
             rows["prompt"].append(instruct_prompt(title, sentences[0]))
             rows["chosen"].append(sentences[1])

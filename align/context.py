@@ -27,7 +27,7 @@ class StageOutput:
 
     name: str
     kind: str
-    model_dir: Path
+    model_dir: Path | None  # None: the stage saves no model (eval)
     fingerprint: str
     status: str = "completed"
 
@@ -82,6 +82,10 @@ def input_label(stage: Stage, recipe: Recipe, outputs: Mapping[str, StageOutput]
     from align.plan import model_source
     from align.recipe import stage_ref
 
+    if stage.kind == "eval":
+        from align.stages.eval import eval_models
+
+        return ", ".join(f"{label}: {ref}" for label, ref in eval_models(stage, recipe).items())
     source = model_source(stage, recipe)
     ref = stage_ref(source)
     if ref is not None:

@@ -163,17 +163,24 @@ def resolve_files(spec: DataSpec, base_dir: Path) -> dict[str, list[Path]]:
 # Loading
 
 
-def load_data(spec: DataSpec, *, seed: int, base_dir: Path, where: str | None = None) -> DatasetDict:
+def load_data(
+    spec: DataSpec, *, seed: int, base_dir: Path, where: str | None = None, prompts_only: bool = False
+) -> DatasetDict:
     """Load a data set as `train` and `validation` splits whose columns are the format's fields.
 
     The validation split is the source's own where the card names one; otherwise a seeded
     `valid_fraction` cut from train, so the same seed always holds out the same rows. `where` (the recipe
     path, `stages.sft.data`) starts every problem and warning.
 
+    `prompts_only` (an eval stage): one split, `test`, with the prompts to answer: the card's `test` split (held
+    out from every stage), else its `validation` split, else all of `train` (a file of prompts).
+
     Raises:
         BadInput: unreachable or unknown source, unreadable or empty file, missing column, bad row.
     """
     try:
+        if prompts_only:
+            return _load_prompts(spec, base_dir, where)
         return _load_data(spec, seed, base_dir, where)
     except BadInput as exc:
         if where is None:
@@ -181,9 +188,8 @@ def load_data(spec: DataSpec, *, seed: int, base_dir: Path, where: str | None = 
         raise BadInput([f"{where}: {p}" for p in exc.problems], hint=exc.hint) from None
 
 
-def _load_data(spec: DataSpec, seed: int, base_dir: Path, where: str | None) -> DatasetDict:
-    from datasets import DatasetDict
-
+def _load_source(spec: DataSpec, base_dir: Path) -> tuple[dict[str, Dataset], dict[str, RowOrigin]]:
+    """Every split of the source as it is, and where each row of a file came from (for error messages)."""
     source = spec.source
     label = _source_label(spec)
     origins: dict[str, RowOrigin] = {}
@@ -196,6 +202,34 @@ def _load_data(spec: DataSpec, seed: int, base_dir: Path, where: str | None) -> 
             origins[split] = RowOrigin(label, list(zip(paths, counts, strict=True)))
     else:
         splits = _load_hub(spec)
+    return splits, origins
+
+
+def _load_prompts(spec: DataSpec, base_dir: Path, where: str | None) -> DatasetDict:
+    """An eval stage's prompts: one split, `test` (see `load_data`)."""
+    from datasets import DatasetDict
+
+    label = _source_label(spec)
+    splits, origins = _load_source(spec, base_dir)
+    name = spec.splits.test or spec.splits.validation or spec.splits.train
+    if name not in splits:
+        raise BadInput(f"{label}: no split '{name}' (splits: {', '.join(splits)})")
+    rows = map_columns(_numbered(splits[name]), spec, label)
+    origin = origins.get(name) or RowOrigin(f"{label} (split {name})")
+    rows = clean_rows(rows, spec.format, label, origin=origin, names=column_labels(spec))
+    if spec.format.startswith("preference"):
+        rows = explicit_prompts(rows, spec.format, label, origin=origin, names=column_labels(spec))
+    if len(rows) == 0:
+        raise BadInput(f"{label}: the {name} split has no usable rows")
+    logger.info("data %s: %d prompts to evaluate (split %s)", spec.name or label, len(rows), name)
+    return DatasetDict(test=rows.remove_columns(ROW))
+
+
+def _load_data(spec: DataSpec, seed: int, base_dir: Path, where: str | None) -> DatasetDict:
+    from datasets import DatasetDict
+
+    label = _source_label(spec)
+    splits, origins = _load_source(spec, base_dir)
 
     train_name, valid_name = spec.splits.train, spec.splits.validation
     for name in (train_name, valid_name):

@@ -7,6 +7,7 @@ so every later stage reuses the same tokenizer.
 
 from __future__ import annotations
 
+import copy
 import logging
 import os
 from collections.abc import Callable, Iterable
@@ -149,6 +150,7 @@ def build_model(
     dtype: Any = None,
     trust_remote_code: bool = False,
     planned: tuple[PreTrainedTokenizerBase, PretrainedConfig] | None = None,
+    reward_head: bool = False,
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Load (or build) the model and tokenizer a stage starts from.
 
@@ -157,10 +159,19 @@ def build_model(
     tokenizer trained on `texts()` (called only then: reading every row of a large set costs seconds that a
     pretrained model should not pay).
 
+    `reward_head` (an rm stage): the same body with a sequence-classification head of one output, a new head
+    (initialised from the seed) on a causal LM; LoRA adapters are loaded onto that body (their module names are the
+    body's, so they fit it as they fit the causal LM).
+
     Raises:
         BadInput: the model cannot be found or its config is wrong.
     """
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    auto: Any = AutoModelForCausalLM
+    extra: dict[str, Any] = {}
+    if reward_head:
+        auto, extra = AutoModelForSequenceClassification, {"num_labels": 1}
 
     if isinstance(ref, ScratchModel):
         if planned is not None:
@@ -170,7 +181,10 @@ def build_model(
             config = scratch_config(ref, where, vocab_size=len(tokenizer))
         else:
             raise BadInput(f"{where}: a from-scratch model needs training text for its tokenizer")
-        model = AutoModelForCausalLM.from_config(config)
+        if reward_head:
+            config = copy.deepcopy(config)
+            config.num_labels, config.pad_token_id = 1, tokenizer.pad_token_id
+        model = auto.from_config(config)
         logger.info("built %s from scratch: %.2fM parameters", ref.model_type, model.num_parameters() / 1e6)
         return model, tokenizer
 
@@ -179,7 +193,13 @@ def build_model(
         from peft import AutoPeftModelForCausalLM
 
         tokenizer = load_tokenizer(ref)
-        model = AutoPeftModelForCausalLM.from_pretrained(ref, is_trainable=True, dtype=dtype)
+        if reward_head:
+            from peft import PeftModel
+
+            body = auto.from_pretrained(adapter_base(ref), dtype=dtype, use_safetensors=True, **extra)
+            model = PeftModel.from_pretrained(body, ref, is_trainable=True)
+        else:
+            model = AutoPeftModelForCausalLM.from_pretrained(ref, is_trainable=True, dtype=dtype)
         logger.info("loaded LoRA adapters from %s on %s", ref, model.peft_config["default"].base_model_name_or_path)
         return model, tokenizer
 
@@ -189,8 +209,8 @@ def build_model(
         logger.warning("%s: trust_remote_code is on: the model repository's own Python code runs here", ref)
     try:
         # Safetensors only: pickled (.bin) weights can run arbitrary code when they are loaded.
-        model = AutoModelForCausalLM.from_pretrained(
-            ref, dtype=dtype, use_safetensors=True, trust_remote_code=trust_remote_code
+        model = auto.from_pretrained(
+            ref, dtype=dtype, use_safetensors=True, trust_remote_code=trust_remote_code, **extra
         )
     except OSError as exc:
         if "safetensors" not in str(exc):
@@ -304,7 +324,9 @@ def adapter_base(ref: str) -> str | None:
     return config.get("base_model_name_or_path")
 
 
-def lora_config(settings: Any) -> Any:
+def lora_config(settings: Any, task_type: str = "CAUSAL_LM") -> Any:
+    """peft's LoraConfig from a stage's `peft:`; `task_type` "SEQ_CLS" (an rm stage) also trains and saves the new
+    score head (peft adds it to `modules_to_save`)."""
     from peft import LoraConfig
 
     return LoraConfig(
@@ -312,7 +334,7 @@ def lora_config(settings: Any) -> Any:
         lora_alpha=settings.alpha,
         lora_dropout=settings.dropout,
         target_modules=settings.target_modules,
-        task_type="CAUSAL_LM",
+        task_type=task_type,
     )
 
 

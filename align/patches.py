@@ -91,6 +91,7 @@ def install_lm_head(device: Any) -> str:
 PREPARE_CONTRACTS = {
     "SFTTrainer": ("self", "dataset", "processing_class", "args", "packing", "formatting_func", "dataset_name"),
     "DPOTrainer": ("self", "dataset", "processing_class", "args", "dataset_name"),
+    "RewardTrainer": ("self", "dataset", "processing_class", "args", "dataset_name"),
 }
 
 Prepare = Callable[..., Any]

@@ -26,7 +26,7 @@ from align.context import RunState, StageContext, StageOutput, input_label
 from align.errors import AlignError, BadInput, GuardStopped, Interrupted, Problems, StageFailed
 from align.files import read_json, write_json_atomic, write_text_atomic
 from align.plan import describe, model_source, plain, plan_stages
-from align.recipe import DataSpec, Recipe, ScratchModel, Stage, redact, stage_ref, to_yaml
+from align.recipe import EVAL_KEYS, TRAINING_KEYS, DataSpec, Recipe, ScratchModel, Stage, redact, stage_ref, to_yaml
 from align.rundir import RunLock, check_output_dir, clear_for_fresh, remove_inside
 from align.runtime import (
     CURRENT_STAGE,
@@ -44,7 +44,7 @@ from align.tracking import Tracker, check_installed, report_to
 
 logger = logging.getLogger(__name__)
 
-STAGE_MODULES = {"lm": "align.stages.lm", "sft": "align.stages.sft", "dpo": "align.stages.dpo"}
+STAGE_MODULES = {kind: f"align.stages.{kind}" for kind in ("lm", "sft", "dpo", "rm", "eval")}
 # Credentials that must never reach the run directory, whatever key they hide under.
 SECRET_ENV = ("WANDB_API_KEY", "HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "OPENAI_API_KEY")
 
@@ -72,8 +72,20 @@ def resolved_recipe(recipe: Recipe, specs: dict[str, DataSpec] | None = None) ->
     """The recipe with defaults filled in, omitted models spelled `@<previous>`, and data cards expanded."""
     data = recipe.model_dump(mode="json")
     for i, stage in enumerate(data["stages"]):
-        if stage["model"] is None and i > 0:
-            stage["model"] = f"@{data['stages'][i - 1]['name']}"
+        given = recipe.stages[i]
+        if given.kind == "eval":
+            from align.stages.eval import baseline_of, eval_models
+
+            # An eval stage's own keys only: the training keys it does not take would read as settings.
+            for key in TRAINING_KEYS:
+                stage.pop(key, None)
+            stage["models"] = eval_models(given, recipe)
+            stage["baseline"] = baseline_of(given, recipe)
+        else:
+            for key in EVAL_KEYS:
+                stage.pop(key, None)
+            if stage["model"] is None:
+                stage["model"] = model_source(given, recipe)
         spec = (specs or {}).get(stage["name"])
         if spec is not None:
             expanded = spec.model_dump(mode="json")
@@ -101,6 +113,8 @@ def print_config(recipe: Recipe, specs: dict[str, DataSpec], output_dir: Path) -
     resolved = redact(resolved_recipe(recipe, specs), secret_values())
     sources: dict[str, dict[str, str]] = {}
     for entry, stage in zip(resolved["stages"], recipe.stages, strict=True):
+        if stage.kind == "eval":
+            continue  # trains nothing: its settings are its own keys, shown as resolved above
         settings = plans[stage.name].effective
         entry["train"] = redact({k: plain(s.value) for k, s in settings.items()}, secret_values())
         sources[stage.name] = {k: s.source for k, s in settings.items()}
@@ -180,8 +194,9 @@ def load_all_data(recipe: Recipe, specs: dict[str, DataSpec], found: Problems) -
         CURRENT_STAGE.set(stage.name)
         try:
             data[stage.name] = load_data(
-                specs[stage.name], seed=recipe.seed, base_dir=recipe.base_dir, where=f"stages.{stage.name}.data"
-            )
+                specs[stage.name], seed=recipe.seed, base_dir=recipe.base_dir, where=f"stages.{stage.name}.data",
+                prompts_only=stage.kind == "eval",
+            )  # fmt: skip
         except BadInput as exc:
             found.absorb(exc)
     CURRENT_STAGE.set("-")
@@ -231,7 +246,10 @@ def data_identity(spec: DataSpec, base_dir: Path) -> dict[str, Any]:
                 digests[f"{split}:{path.name}"] = digest.hexdigest()
         return digests
     if source.builtin is not None:
-        return {"python": platform.python_version()}  # pydoc_data's text changes between Python versions
+        from align.builtin import BUILTIN_VERSION
+
+        # pydoc_data's text changes between Python versions, the sets' contents between align's versions of them.
+        return {"python": platform.python_version(), "builtin": BUILTIN_VERSION}
     return {"revision": source.revision or "main"}
 
 
@@ -422,8 +440,11 @@ def _run_stages(state: RunState, records: Records, fresh: bool) -> list[dict[str
     for i, stage in enumerate(recipe.stages, start=1):
         CURRENT_STAGE.set(stage.name)
         raise_if_requested(f"before stage {stage.name}")
-        source = model_source(stage, recipe)
-        if stage_ref(source) is not None:
+        if stage.kind == "eval":
+            from align.stages.eval import input_fingerprint
+
+            input_fp = input_fingerprint(stage, recipe, state.outputs)  # every model and judge it reads
+        elif stage_ref(source := model_source(stage, recipe)) is not None:
             input_fp = state.outputs[stage_ref(source)].fingerprint
         else:
             input_fp = source if isinstance(source, str) else ""  # a scratch model is all in the stage config
@@ -439,7 +460,8 @@ def _run_stages(state: RunState, records: Records, fresh: bool) -> list[dict[str
                 stage.name,
                 fp,
             )
-            state.outputs[stage.name] = StageOutput(stage.name, stage.kind, Path(cached["model_dir"]), fp, "cached")
+            model_dir = Path(cached["model_dir"]) if cached.get("model_dir") else None
+            state.outputs[stage.name] = StageOutput(stage.name, stage.kind, model_dir, fp, "cached")
             cached["status"] = "cached"
             if is_main_process():
                 write_json_atomic(stage_dir / "summary.json", cached)
@@ -448,10 +470,14 @@ def _run_stages(state: RunState, records: Records, fresh: bool) -> list[dict[str
             continue
 
         checkpoint = None if fresh else interrupted_checkpoint(stage_dir, fp)
+        # An eval stage keeps each model's answers as it makes them (<stage>/progress/): it goes on from those.
+        goes_on = stage.kind == "eval" and not fresh and resumable(stage_dir, fp)
         # Every process has decided (cached, resume, or afresh) from the same files; only now may they change.
         wait_for_everyone()
         if checkpoint is not None:
             logger.info("[%d/%d] %s: resuming from %s", i, len(recipe.stages), stage.name, checkpoint.name)
+        elif goes_on:
+            logger.info("[%d/%d] %s: going on from the answers it kept", i, len(recipe.stages), stage.name)
         elif stage_dir.exists() and is_main_process():
             remove_inside(state.run_dir, stage_dir)  # a changed (or --fresh) stage starts clean: no stale metrics rows
         input_model = input_label(stage, recipe, state.outputs)
@@ -488,7 +514,8 @@ def _run_stages(state: RunState, records: Records, fresh: bool) -> list[dict[str
         summary = records.summary(stage, result, status="completed", fp=fp, input_model=input_model,
                                   wall_time_s=elapsed, plan=ctx.plan.record())  # fmt: skip
         records.update(stage.name, status="completed")
-        write_model_card(ctx.run_dir, stage.name)  # align/card.py: model/README.md, from the records just written
+        if result.model_dir is not None:
+            write_model_card(ctx.run_dir, stage.name)  # align/card.py: model/README.md, from the records just written
         if result.metrics.get("stopped_early"):
             tracker.log({"train/early_stop_step": result.metrics["global_step"]})
         tracker.summary(result.metrics)
@@ -533,11 +560,17 @@ def _last_checkpoint(stage_dir: Path) -> Path | None:
 RESUMABLE = ("running", "interrupted", "failed")
 
 
+def resumable(stage_dir: Path, fp: str) -> bool:
+    """Whether this very stage (same fingerprint) ran before and did not complete."""
+    summary = read_json(stage_dir / "summary.json")
+    return bool(summary) and summary.get("status") in RESUMABLE and summary.get("fingerprint") == fp
+
+
 def interrupted_checkpoint(stage_dir: Path, fp: str) -> Path | None:
     """The last checkpoint of this very stage (same fingerprint) whose run did not complete."""
-    summary = read_json(stage_dir / "summary.json")
-    if not summary or summary.get("status") not in RESUMABLE or summary.get("fingerprint") != fp:
+    if not resumable(stage_dir, fp):
         return None
+    summary = read_json(stage_dir / "summary.json")
     if summary.get("resumable") is False:
         logger.warning(
             "%s: a guard stopped this stage last time (%s): starting it over rather than resuming into the same "
@@ -553,6 +586,8 @@ def _cached_summary(stage_dir: Path, fp: str) -> dict[str, Any] | None:
     summary = read_json(stage_dir / "summary.json")
     if not summary or summary.get("status") not in ("completed", "cached") or summary.get("fingerprint") != fp:
         return None
+    if summary.get("kind") == "eval":  # saves no model: its figures and generations.jsonl are its output
+        return summary if (stage_dir / "generations.jsonl").is_file() else None
     if not summary.get("model_dir") or not Path(summary["model_dir"]).is_dir():
         return None
     return summary
@@ -575,11 +610,9 @@ def dry_run(recipe: Recipe, output_dir: Path) -> str:
              f"precision: {precision.name} ({precision.reason})"]  # fmt: skip
     for plan, stage in zip(plans.values(), recipe.stages, strict=True):
         split = data[stage.name]
-        plan.details = {
-            "data": f"{specs[stage.name].name or 'inline'} ({specs[stage.name].format}): {len(split['train'])} "
-            f"train rows, {len(split['validation'])} validation rows",
-            **plan.details,
-        }
+        rows = ", ".join(f"{len(rows)} {name} rows" for name, rows in split.items())
+        plan.details = {"data": f"{specs[stage.name].name or 'inline'} ({specs[stage.name].format}): {rows}",
+                        **plan.details}  # fmt: skip
         if stage.early_stopping is not None:
             plan.details["early stopping"] = f"patience {stage.early_stopping.patience}, restores the best checkpoint"
         if plan.runtime:

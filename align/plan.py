@@ -290,11 +290,15 @@ def resolve_model(
 
 
 def model_source(stage: Stage, recipe: Recipe) -> str | ScratchModel:
-    """The stage's `model` as written, an omitted one read as `@<previous policy stage>`."""
+    """The stage's `model` as written, an omitted one read as `@<previous policy stage>` (lm, sft or dpo: never an
+    rm or eval stage, so in lm -> sft -> rm -> dpo the dpo stage trains on the sft model)."""
+    from align.recipe import POLICY_KINDS
+
     if stage.model is not None:
         return stage.model
     names = [s.name for s in recipe.stages]
-    return f"@{names[names.index(stage.name) - 1]}"
+    before = recipe.stages[: names.index(stage.name)]
+    return f"@{next(s.name for s in reversed(before) if s.kind in POLICY_KINDS)}"
 
 
 # --------------------------------------------------------------------------------------------------
@@ -324,6 +328,15 @@ def plan_stages(
     found = Problems()
     for stage in recipe.stages:
         CURRENT_STAGE.set(stage.name)
+        if stage.kind == "eval":  # trains nothing: its models, prompts, judges and the leakage check
+            from align.stages.eval import plan_eval
+
+            plan, problems, hints = plan_eval(stage, recipe, specs[stage.name], data and data[stage.name], plans,
+                                              data or {})  # fmt: skip
+            found.add(problems)
+            found.hints += hints
+            plans[stage.name] = plan
+            continue
         try:
             label, source, tokenizer, config = resolve_model(
                 stage, recipe, plans, data and data[stage.name], need_tokenizer=data is not None

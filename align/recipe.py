@@ -19,7 +19,12 @@ from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, TypeAdapter, Val
 
 from align.errors import BadInput, unknown_key_message
 
-STAGE_KINDS = ("lm", "sft", "dpo")
+STAGE_KINDS = ("lm", "sft", "dpo", "rm", "eval")
+# Stages whose model generates text: a stage without `model:` takes the last of these before it (never an rm or eval
+# stage), and so do `align chat` and the eval stage's `models:`.
+POLICY_KINDS = ("lm", "sft", "dpo")
+# Stages that train (everything but eval): they have `train:` and a config class.
+TRAINING_KINDS = ("lm", "sft", "dpo", "rm")
 FORMATS = ("text", "prompt_completion", "messages", "preference", "preference_implicit", "preference_messages")
 # The fields each format needs; `columns:` maps them to the source's own column names.
 FORMAT_FIELDS: dict[str, tuple[str, ...]] = {
@@ -34,6 +39,9 @@ KIND_FORMATS: dict[str, tuple[str, ...]] = {
     "lm": ("text",),
     "sft": ("text", "prompt_completion", "messages"),
     "dpo": ("preference", "preference_implicit", "preference_messages"),
+    "rm": ("preference", "preference_implicit", "preference_messages"),
+    # Prompts from any format with prompts; the reference answer (completion, chosen) is kept when there is one.
+    "eval": ("prompt_completion", "messages", "preference", "preference_implicit", "preference_messages"),
 }
 # Training arguments align decides itself; setting them in `train:` would fight it, so they are errors.
 MANAGED_TRAIN_KEYS: dict[str, str] = {
@@ -119,6 +127,7 @@ class Source(Strict):
 class Splits(Strict):
     train: str = Field("train", description="the source split to train on")
     validation: str | None = Field(None, description="the source split to evaluate on; null cuts one from train")
+    test: str | None = Field(None, description="a held-out split no stage trains on: an eval stage's prompts")
 
 
 class DataSpec(Strict):
@@ -186,6 +195,51 @@ class PeftSettings(Strict):
     )
 
 
+class Generation(Strict):
+    """How an eval stage's models answer: the same settings for every model, so their answers compare."""
+
+    max_new_tokens: int = Field(64, ge=1, description="the longest answer, in tokens")
+    temperature: float = Field(0.0, ge=0.0, description="0: greedy; above 0 samples")
+    top_p: float = Field(1.0, gt=0.0, le=1.0, description="nucleus sampling's probability mass (sampling only)")
+    num_samples: int = Field(1, ge=1, description="answers per prompt (greedy answers are all the same)")
+    batch_size: int = Field(16, ge=1, description="rows per generate call (left-padded)")
+    seed: int = Field(0, description="seeds the sampling; each model label adds its position, so samples differ")
+
+
+class Judge(Strict):
+    """One judge of an eval stage: exactly one of `reward_model` or `reference`."""
+
+    reward_model: str | None = Field(None, description="a sequence-classification model: @<rm stage>, path or hub id")
+    reference: Literal["rouge_l"] | None = Field(None, description="score answers against the data's references")
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> Judge:
+        given = [k for k in ("reward_model", "reference") if getattr(self, k) is not None]
+        if len(given) != 1:
+            raise ValueError(f"give exactly one of reward_model, reference (got {', '.join(given) or 'none'})")
+        return self
+
+    @property
+    def name(self) -> str:
+        """The judge's name in summaries and generations.jsonl: `reward_model` or `rouge_l`."""
+        return "reward_model" if self.reward_model is not None else str(self.reference)
+
+
+class LmEvalSettings(Strict):
+    """lm-evaluation-harness tasks run on every evaluated model (`pip install -e ".[eval]"`)."""
+
+    tasks: list[str] = Field(min_length=1, description="task names (harness tasks, or YAMLs under include_path)")
+    include_path: str | None = Field(None, description="a folder of local task YAMLs (relative to the recipe)")
+    limit: int | None = Field(None, ge=1, description="at most this many examples per task")
+    num_fewshot: int | None = Field(None, ge=0)
+    batch_size: int = Field(8, ge=1)
+
+
+# The keys only an eval stage takes, and those only training stages take: the other kind refuses them.
+EVAL_KEYS = ("models", "baseline", "max_prompts", "generation", "judges", "lm_eval", "allow_overlap")
+TRAINING_KEYS = ("model", "train", "early_stopping", "peft", "merge", "generations")
+
+
 class Stage(Strict):
     name: str = Field(description="stage name: its directory in the run and its key in --set paths")
     kind: Literal[STAGE_KINDS]  # type: ignore[valid-type]
@@ -200,6 +254,18 @@ class Stage(Strict):
     generations: int = Field(4, ge=0, description="eval prompts answered greedily before and after training (sft, dpo)")
     trust_remote_code: bool = Field(
         False, description="run Python code shipped in the model's hub repository (only for models you trust)"
+    )
+    # kind: eval only (see EVAL_KEYS)
+    models: dict[str, str] | None = Field(
+        None, description="eval: label -> model (@stage, directory or hub id); omitted: every earlier policy stage"
+    )
+    baseline: str | None = Field(None, description="eval: the label every model is compared with (default: the first)")
+    max_prompts: int | None = Field(200, ge=1, description="eval: at most this many held-out prompts (the first N)")
+    generation: Generation = Field(default_factory=Generation)
+    judges: list[Judge] = Field(default_factory=list, description="eval: the first judge decides the win rate")
+    lm_eval: LmEvalSettings | None = None
+    allow_overlap: bool = Field(
+        False, description="eval: allow prompts that an earlier stage of this recipe trained on (refused by default)"
     )
 
 
@@ -316,7 +382,7 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
             stage["name"] = stage["kind"]
     problems = list(_unknown_keys(raw, Recipe, "", raw))
     for stage in raw.get("stages") or []:
-        if isinstance(stage, dict) and stage.get("kind") in STAGE_KINDS and isinstance(stage.get("train"), dict):
+        if isinstance(stage, dict) and stage.get("kind") in TRAINING_KINDS and isinstance(stage.get("train"), dict):
             where = f"stages.{stage.get('name')}.train"
             problems += check_train(stage["kind"], stage["train"], bool(stage.get("early_stopping")), where)
     try:
@@ -448,6 +514,7 @@ def check_recipe(recipe: Recipe) -> list[str]:
     """Checks that involve several fields, all in one place. Returns every problem found."""
     problems: list[str] = path_component_problems(recipe.name, "name", "the run directory")
     seen: set[str] = set()
+    kinds: dict[str, str] = {}
     for i, stage in enumerate(recipe.stages):
         where = f"stages.{stage.name}"
         if stage.name in seen:
@@ -465,15 +532,75 @@ def check_recipe(recipe: Recipe) -> list[str]:
         if stage.merge and stage.peft is None:
             problems.append(f"{where}.merge: merging needs adapters; add `peft:` or remove `merge: true`")
         if stage.peft is not None and stage.kind == "lm":
-            problems.append(f"{where}.peft: LoRA is for sft and dpo stages; an lm stage trains every weight")
-        if stage.model is None and i == 0:
-            problems.append(f"{where}.model: the first stage needs a model (hub id, path or {{model_type: ...}})")
+            problems.append(f"{where}.peft: LoRA is for sft, dpo and rm stages; an lm stage trains every weight")
+        problems += _kind_keys(stage, where)
+        if stage.kind != "eval":
+            if stage.model is None and not any(s.kind in POLICY_KINDS for s in recipe.stages[:i]):
+                problems.append(f"{where}.model: the first stage needs a model (hub id, path or {{model_type: ...}})")
+            if ref is not None and kinds.get(ref) not in (None, *POLICY_KINDS):
+                problems.append(f"{where}.model: '@{ref}' is a {kinds[ref]} stage, whose output is not a language "
+                                "model to train on (name an lm, sft or dpo stage)")  # fmt: skip
+        else:
+            problems += _eval_problems(stage, recipe.stages[:i], where)
         seen.add(stage.name)
+        kinds[stage.name] = stage.kind
+    return problems
+
+
+def _kind_keys(stage: Stage, where: str) -> list[str]:
+    """Keys given to the kind that does not take them: an eval stage trains nothing, a training stage evaluates
+    no `models:`."""
+    given = stage.model_fields_set
+    if stage.kind == "eval":
+        wrong = [k for k in TRAINING_KEYS if k in given]
+        return [f"{where}.{k}: an eval stage trains nothing; `{k}` is for training stages (use `models:`)"
+                for k in wrong]  # fmt: skip
+    wrong = [k for k in EVAL_KEYS if k in given]
+    return [f"{where}.{k}: only an eval stage takes `{k}` (this stage is kind {stage.kind})" for k in wrong]
+
+
+def _eval_problems(stage: Stage, earlier: list[Stage], where: str) -> list[str]:
+    """An eval stage's models, baseline and judges against the stages before it."""
+    kinds = {s.name: s.kind for s in earlier}
+    problems = []
+    models = stage.models if stage.models is not None else {s.name: f"@{s.name}" for s in earlier
+                                                            if s.kind in POLICY_KINDS}  # fmt: skip
+    if not models:
+        problems.append(f"{where}.models: nothing to evaluate: no earlier lm, sft or dpo stage; name models "
+                        "(label: @stage, a directory or a hub id)")  # fmt: skip
+    for label, ref in models.items():
+        problems += path_component_problems(label, f"{where}.models.{label}", "the model's label")
+        name = stage_ref(ref)
+        if name is not None and name not in kinds:
+            problems.append(f"{where}.models.{label}: '@{name}' is not an earlier stage "
+                            f"(earlier stages: {', '.join(kinds) or '-'})")  # fmt: skip
+        elif name is not None and kinds[name] not in POLICY_KINDS:
+            problems.append(f"{where}.models.{label}: '@{name}' is a {kinds[name]} stage; only lm, sft and dpo "
+                            "models answer prompts (a reward model judges: put it under `judges:`)")  # fmt: skip
+    if stage.baseline is not None and stage.baseline not in models:
+        problems.append(f"{where}.baseline: '{stage.baseline}' is not one of the models ({', '.join(models)})")
+    for n, judge in enumerate(stage.judges):
+        name = stage_ref(judge.reward_model)
+        if name is not None and kinds.get(name) != "rm":
+            what = f"a {kinds[name]} stage" if name in kinds else "not an earlier stage"
+            problems.append(f"{where}.judges.{n}.reward_model: '@{name}' is {what}; a reward model comes from an "
+                            "earlier rm stage, a directory or a hub id")  # fmt: skip
+    names = [judge.name for judge in stage.judges]
+    if len(set(names)) < len(names):
+        problems.append(f"{where}.judges: two judges of the same kind ({', '.join(names)}); keep one of each")
+    if not stage.judges and stage.lm_eval is None:
+        problems.append(f"{where}.judges: an eval stage needs at least one judge (reward_model or reference) "
+                        "or lm_eval tasks")  # fmt: skip
     return problems
 
 
 def config_class(kind: str) -> type:
-    """The config class whose fields a stage's `train:` takes: LMConfig (TrainingArguments), SFTConfig, DPOConfig."""
+    """The config class whose fields a stage's `train:` takes: LMConfig (TrainingArguments), SFTConfig, DPOConfig,
+    RewardConfig."""
+    if kind == "rm":
+        from trl import RewardConfig
+
+        return RewardConfig
     if kind == "lm":
         from align.stages.lm_config import LMConfig
 

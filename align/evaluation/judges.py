@@ -60,7 +60,6 @@ def reward_model_scores(
     Raises:
         ValueError: the two lists differ in length, or the model does not give one score per sequence.
     """
-    import torch
 
     from align.models import model_positions
 
@@ -79,8 +78,19 @@ def reward_model_scores(
     limit = model_positions(model.config)
     if limit is not None:
         encoded = [ids[-limit:] for ids in encoded]
-
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    return score_token_ids(model, encoded, pad_id, batch_size=batch_size)
+
+
+def score_token_ids(model: Any, encoded: Sequence[Sequence[int]], pad_id: int, *, batch_size: int = 16) -> list[float]:
+    """A reward model's score of each token sequence, in right-padded batches (see `reward_model_scores`): for
+    sequences already rendered and tokenized, such as the pairs TRL's RewardTrainer prepared.
+
+    Raises:
+        ValueError: the model does not give one score per sequence.
+    """
+    import torch
+
     config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
     if config.pad_token_id is None:
         # Sequence-classification heads find each row's last token by its padding; TRL's RewardTrainer sets this too.

@@ -379,6 +379,7 @@ def load_start(ctx: StageContext, stage: Stage) -> tuple[Any, Any, StartingPoint
         f"stages.{stage.name}.model",
         trust_remote_code=stage.trust_remote_code,
         planned=(plan.tokenizer, plan.config) if plan.source == "scratch" else None,
+        reward_head=stage.kind == "rm",  # a reward model: the input's body with a new one-output head
     )
     if start.lora == "merge":
         # A stage without `peft` trains every weight: it starts from the model the adapters make, merged.

@@ -1,0 +1,541 @@
+"""`kind: eval` — did it help? Every model of `models:` answers the same held-out prompts; judges score the answers;
+each model is compared with the baseline, prompt by prompt, with an interval. Trains nothing.
+
+    - name: eval
+      kind: eval
+      models: {sft: "@sft", dpo: "@dpo"}      # label -> @stage, directory or hub id (omitted: every policy stage)
+      baseline: sft                           # omitted: the first model
+      data: {card: python-docs-instruct}      # prompts: the card's `test` split, else validation, else all rows
+      max_prompts: 200
+      generation: {max_new_tokens: 64, temperature: 0.0, num_samples: 1, batch_size: 16, seed: 0}
+      judges: [{reward_model: "@rm"}, {reference: rouge_l}]   # the first decides the win rate
+      lm_eval: {tasks: [...], include_path: tasks/, limit: 100}   # optional, `pip install -e ".[eval]"`
+
+Every answer and its scores go to `<stage>/generations.jsonl`; the figures (per model: each judge's mean score, the
+win rate against the baseline with its 95% bootstrap interval, the length-controlled win rate, answer length,
+repetition, distinct-2, the share of answers that ended) to summary.json. Each model's answers are kept in
+`<stage>/progress/` as soon as they are made, so a stopped eval goes on where it was.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from align.stages.common import StageResult, show_prompt
+
+if TYPE_CHECKING:
+    from align.context import StageContext
+    from align.evaluation import Answer
+    from align.plan import StagePlan
+    from align.recipe import DataSpec, Recipe, Stage
+
+logger = logging.getLogger(__name__)
+
+# Prompts and references shorter than this are not looked for in an lm stage's text: a short phrase occurs in any
+# large text by chance, without the answer having leaked.
+LEAK_MIN_CHARS = 40
+
+
+# --------------------------------------------------------------------------------------------------
+# What is evaluated
+
+
+@dataclass(frozen=True)
+class EvalRow:
+    """One prompt to answer, and its reference answer where the data has one (completion, chosen, last turn)."""
+
+    prompt: Any  # a string, or a list of chat messages
+    reference: str | None
+
+
+def eval_rows(data: Any, data_format: str, limit: int | None) -> list[EvalRow]:
+    """The eval split's prompts (the first `limit`) with their references; a preference set's prompts come twice
+    or more (one per pair): each is kept once."""
+    rows, seen = [], set()
+    for row in data:
+        if data_format == "messages":
+            messages = list(row["messages"])
+            last = messages[-1] if messages else {}
+            has_answer = last.get("role") == "assistant"
+            prompt = messages[:-1] if has_answer else messages
+            reference = last.get("content") if has_answer else None
+        else:
+            prompt = row["prompt"]
+            answer = row.get("completion", row.get("chosen"))
+            reference = answer[-1].get("content") if isinstance(answer, list) and answer else answer
+        key = json.dumps(prompt, sort_keys=True)
+        if key in seen:
+            continue
+        seen.add(key)
+        rows.append(EvalRow(prompt, reference if isinstance(reference, str) else None))
+        if limit is not None and len(rows) >= limit:
+            break
+    return rows
+
+
+def eval_models(stage: Stage, recipe: Recipe) -> dict[str, str]:
+    """label -> model reference: the stage's `models:`, or every policy stage before it, labelled by name."""
+    from align.recipe import POLICY_KINDS
+
+    if stage.models is not None:
+        return dict(stage.models)
+    names = [s.name for s in recipe.stages]
+    before = recipe.stages[: names.index(stage.name)]
+    return {s.name: f"@{s.name}" for s in before if s.kind in POLICY_KINDS}
+
+
+def baseline_of(stage: Stage, recipe: Recipe) -> str:
+    return stage.baseline or next(iter(eval_models(stage, recipe)))
+
+
+def resolve_ref(ref: str, outputs: Any, base_dir: Path) -> str:
+    """A model reference as something to load: an earlier stage's saved directory, a local directory (looked for
+    beside the recipe, then in the working directory), or a hub id as it is."""
+    from align.recipe import search_paths, stage_ref
+
+    name = stage_ref(ref)
+    if name is not None:
+        return str(outputs[name].model_dir)
+    found = next((p for p in search_paths(ref, base_dir) if p.is_dir()), None)
+    return str(found) if found is not None else ref
+
+
+def model_identity(ref: str, outputs: Any, base_dir: Path) -> str:
+    """What pins a model's weights, for the eval's fingerprint: an earlier stage's fingerprint; a directory's
+    stage fingerprint (its summary.json beside it) or else its files' names, sizes and times; a hub id as it is."""
+    from align.files import read_json
+    from align.recipe import stage_ref
+
+    name = stage_ref(ref)
+    if name is not None:
+        return outputs[name].fingerprint
+    path = Path(resolve_ref(ref, outputs, base_dir))
+    if not path.is_dir():
+        return ref
+    summary = read_json(path.parent / "summary.json")
+    made_here = isinstance(summary, dict) and summary.get("fingerprint") and summary.get("model_dir")
+    if made_here and Path(summary["model_dir"]).resolve() == path.resolve():
+        return f"{path}:{summary['fingerprint']}"
+    stats = sorted((str(f.relative_to(path)), f.stat().st_size, f.stat().st_mtime_ns) for f in path.rglob("*")
+                   if f.is_file())  # fmt: skip
+    return f"{path}:" + hashlib.sha256(json.dumps(stats).encode()).hexdigest()[:16]
+
+
+def input_fingerprint(stage: Stage, recipe: Recipe, outputs: Any) -> str:
+    """Every evaluated model's and reward judge's identity: the eval's fingerprint covers them (with the stage's
+    own settings and the prompts' data, which the pipeline adds)."""
+    refs = dict(eval_models(stage, recipe))
+    refs |= {f"judge:{n}": j.reward_model for n, j in enumerate(stage.judges) if j.reward_model is not None}
+    identities = {label: model_identity(ref, outputs, recipe.base_dir) for label, ref in refs.items()}
+    return hashlib.sha256(json.dumps(identities, sort_keys=True).encode()).hexdigest()[:16]
+
+
+# --------------------------------------------------------------------------------------------------
+# Plan
+
+
+def plan_eval(
+    stage: Stage, recipe: Recipe, spec: DataSpec, data: Any, plans: dict[str, StagePlan], chain: dict[str, Any]
+) -> tuple[StagePlan, list[str], list[str]]:
+    """The eval stage's plan: its models, baseline, prompts, generation settings and judges, with every check that
+    can be made before any stage trains: each model's positions leave room for the answers, the reference judge
+    has references, lm-eval is installed, and no prompt was trained on by an earlier stage of this recipe
+    (`chain`: stage name -> its data, None where not loaded). Returns the plan, problems and hints.
+    """
+    from align.plan import Setting, StagePlan, plain
+
+    where = f"stages.{stage.name}"
+    models = eval_models(stage, recipe)
+    problems: list[str] = []
+    hints: list[str] = []
+    settings = {
+        f"generation.{k}": Setting(v, "recipe" if k in stage.generation.model_fields_set else "align default")
+        for k, v in stage.generation.model_dump().items()
+    }
+    settings["max_prompts"] = Setting(stage.max_prompts, "recipe" if "max_prompts" in stage.model_fields_set
+                                      else "align default")  # fmt: skip
+    for label, ref in models.items():
+        config = _planned_config(ref, plans, recipe)
+        limit = _positions(config)
+        if limit is not None and stage.generation.max_new_tokens >= limit:
+            problems.append(f"{where}.generation.max_new_tokens: {stage.generation.max_new_tokens} leaves no room for "
+                            f"a prompt in model {label}'s {limit} positions")  # fmt: skip
+    if stage.lm_eval is not None:
+        from align.errors import BadInput
+
+        try:
+            from align.evaluation.lm_eval import require_lm_eval
+
+            require_lm_eval(f"{where}.lm_eval")
+        except BadInput as exc:
+            problems += exc.problems
+            hints += [exc.hint] if exc.hint else []
+    details: dict[str, Any] = {
+        "models": ", ".join(f"{label}: {ref}" for label, ref in models.items()),
+        "baseline": baseline_of(stage, recipe),
+        "judges": ", ".join(j.name for j in stage.judges) or "-",
+        "decides the win rate": stage.judges[0].name if stage.judges else "-",
+    }
+    if stage.lm_eval is not None:
+        details["lm_eval"] = ", ".join(stage.lm_eval.tasks)
+    if data is not None:
+        rows = eval_rows(data["test"], spec.format, stage.max_prompts)
+        with_reference = sum(r.reference is not None for r in rows)
+        details["prompts"] = f"{len(rows)} (of {len(data['test'])} rows; {with_reference} with a reference answer)"
+        if any(j.reference is not None for j in stage.judges) and with_reference < len(rows):
+            problems.append(f"{where}.judges: the reference judge needs a reference answer for every prompt; "
+                            f"{len(rows) - with_reference} of {len(rows)} have none")  # fmt: skip
+            hints.append("use data with completions (prompt_completion) or chosen answers (preference)")
+        if not stage.allow_overlap:
+            leaks = leaked(rows, recipe, stage, chain)
+            if leaks:
+                problems += leaks
+                hints.append("evaluate on prompts no stage trained on (a card's `test` split), or set "
+                             "`allow_overlap: true` to evaluate on them anyway")  # fmt: skip
+    plan = StagePlan(stage.name, "eval", details["models"], "models", None, None, None, settings, details=details)
+    plan.effective = dict(settings)
+    plan.details["generation"] = plain(stage.generation.model_dump())
+    return plan, problems, hints
+
+
+def _planned_config(ref: str, plans: dict[str, StagePlan], recipe: Recipe) -> Any:
+    from align.recipe import stage_ref
+
+    name = stage_ref(ref)
+    if name is not None:
+        return plans[name].config if name in plans else None
+    try:
+        from align.models import hub_config
+
+        return hub_config(ref, "models", False, recipe.base_dir)
+    except Exception:  # not available offline: the model's own check runs when the stage loads it
+        return None
+
+
+def _positions(config: Any) -> int | None:
+    from align.models import model_positions
+
+    return model_positions(config) if config is not None else None
+
+
+def leaked(rows: list[EvalRow], recipe: Recipe, stage: Stage, chain: dict[str, Any]) -> list[str]:
+    """One problem per earlier training stage of this recipe that trained on some of the eval's prompts: the same
+    prompt (sft, dpo and rm stages), or, for an lm stage, the reference answer (else the prompt) found word for word
+    in its training text."""
+    problems = []
+    names = [s.name for s in recipe.stages]
+    for earlier in recipe.stages[: names.index(stage.name)]:
+        data = chain.get(earlier.name)
+        if earlier.kind == "eval" or data is None:
+            continue
+        train = data["train"]
+        if earlier.kind == "lm":
+            text = "\n".join(_normal(t) for t in train["text"])
+            probes = [_normal(r.reference if r.reference else show_prompt(r.prompt)) for r in rows]
+            hits = [i for i, probe in enumerate(probes) if len(probe) >= LEAK_MIN_CHARS and probe in text]
+            what = "found word for word in its training text"
+        else:
+            trained = {_normal(show_prompt(p)) for p in _train_prompts(train)}
+            hits = [i for i, r in enumerate(rows) if _normal(show_prompt(r.prompt)) in trained]
+            what = "among its training prompts"
+        if hits:
+            first = show_prompt(rows[hits[0]].prompt)
+            problems.append(
+                f"stages.{stage.name}.data: {len(hits)} of {len(rows)} eval prompts are {what} (stage "
+                f"{earlier.name}); the first: {first[:80]!r}"
+            )
+    return problems
+
+
+def _train_prompts(train: Any) -> list[Any]:
+    if "prompt" in train.column_names:
+        return list(train["prompt"])
+    if "messages" in train.column_names:
+        return [m[:-1] if m and m[-1].get("role") == "assistant" else m for m in train["messages"]]
+    return []
+
+
+def _normal(text: str) -> str:
+    return " ".join(text.split())
+
+
+# --------------------------------------------------------------------------------------------------
+# Run
+
+
+def run(stage: Stage, ctx: StageContext) -> StageResult:
+    """Answer the held-out prompts with every model, judge the answers, compare each model with the baseline."""
+    from align.runtime import is_main_process
+
+    models = eval_models(stage, ctx.recipe)
+    label = ", ".join(models)
+    if not is_main_process():  # one process evaluates; the others wait for the next stage
+        return StageResult(stage.name, "eval", "completed", None, label)
+    rows = eval_rows(ctx.data["test"], ctx.spec.format, stage.max_prompts)
+    logger.info("evaluating %d models on %d held-out prompts: %s", len(models), len(rows), label)
+    answers, lm_eval = {}, {}
+    for index, (name, ref) in enumerate(models.items()):
+        answers[name] = answer_all(stage, ctx, name, resolve_ref(ref, ctx.outputs, ctx.recipe.base_dir), rows, index)
+        if stage.lm_eval is not None:
+            lm_eval[name] = run_lm_eval(stage, ctx, resolve_ref(ref, ctx.outputs, ctx.recipe.base_dir))
+        from align.signals import raise_if_requested
+
+        raise_if_requested(f"in stage {stage.name} after model {name} (its answers are kept)")
+    scores = {judge.name: judge_all(judge, ctx, rows, answers) for judge in stage.judges}
+    metrics = figures(stage, ctx, rows, answers, scores, lm_eval)
+    write_generations(ctx.stage_dir / "generations.jsonl", rows, answers, scores)
+    verdict = eval_verdict(metrics)
+    report_to_tracker(ctx, metrics, rows, answers, scores)
+    return StageResult(stage.name, "eval", "completed", None, label, metrics, {"verdict": verdict})
+
+
+def answer_all(stage: Stage, ctx: StageContext, name: str, path: str, rows: list[EvalRow], index: int) -> list:
+    """One model's answers to every prompt (`num_samples` each), from its progress file when an earlier run of
+    this very stage made them, else generated and kept there at once."""
+    from align.evaluation import generate_batched
+
+    gen = stage.generation
+    key = hashlib.sha256(json.dumps([model_identity(path, ctx.outputs, ctx.recipe.base_dir), gen.model_dump(),
+                                     [show_prompt(r.prompt) for r in rows], index]).encode()).hexdigest()  # fmt: skip
+    progress = ctx.stage_dir / "progress" / f"{name}.json"
+    kept = _read_progress(progress, key)
+    if kept is not None:
+        logger.info("%s: %d answers kept from the earlier run of this stage", name, len(kept))
+        return kept
+    model, tokenizer, prompt_format = load_policy(path, f"stages.{stage.name}.models.{name}")
+    prompts = [render_prompt(r.prompt, prompt_format) for r in rows]
+    fmt = "plain" if prompt_format.format == "plain" and all(isinstance(p, str) for p in prompts) else "chat_template"
+    # A different seed per model: sampled answers of two copies of one model must differ, or they would tie.
+    answers = generate_batched(
+        model, tokenizer, prompts, max_new_tokens=gen.max_new_tokens, temperature=gen.temperature, top_p=gen.top_p,
+        num_samples=gen.num_samples, batch_size=gen.batch_size, seed=gen.seed + index, prompt_format=fmt,
+    )  # fmt: skip
+    del model
+    _write_progress(progress, key, answers)
+    flat = [a for per_prompt in answers for a in per_prompt]
+    length, ended = sum(a.tokens for a in flat) / max(1, len(flat)), sum(a.ended for a in flat) / max(1, len(flat))
+    logger.info("%s: %d answers, mean %.1f tokens, %.0f%% ended on their own", name, len(flat), length, 100 * ended)
+    return answers
+
+
+def load_policy(path: str, where: str) -> tuple[Any, Any, Any]:
+    """A model that answers (adapters merged into their base), its tokenizer, and how its prompts were formatted
+    in training (align_prompts.json; a model from elsewhere: its chat template if it has one)."""
+    from align.models import build_model
+    from align.saved import read_prompt_format
+
+    model, tokenizer = build_model(path, where)
+    if hasattr(model, "merge_and_unload"):
+        model = model.merge_and_unload()
+    local = Path(path)
+    prompt_format = read_prompt_format(local if local.is_dir() else Path("-"), tokenizer.chat_template is not None)
+    return model, tokenizer, prompt_format
+
+
+def render_prompt(prompt: Any, prompt_format: Any) -> Any:
+    """A prompt the way the model saw prompts in training: a plain string (with the trained prompts' common
+    ending, where it lacks it) or chat messages."""
+    if prompt_format.format == "chat_template":
+        return [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
+    if isinstance(prompt, str) and prompt_format.prompt_suffix and not prompt.endswith(prompt_format.prompt_suffix):
+        return prompt.rstrip() + prompt_format.prompt_suffix
+    return prompt
+
+
+def judge_all(judge: Any, ctx: StageContext, rows: list[EvalRow], answers: dict[str, list]) -> dict[str, list]:
+    """One judge's score of every answer: label -> per prompt -> per sample."""
+    from align.evaluation import reward_model_scores, rouge_l_f1
+
+    flat = [(label, p, s) for label, per in answers.items() for p, samples in enumerate(per) for s in samples]
+    if judge.reference is not None:
+        values = rouge_l_f1([a.text for _, _, a in flat], [rows[p].reference or "" for _, p, _ in flat])
+    else:
+        from align.models import build_model
+        from align.saved import read_prompt_format
+
+        path = resolve_ref(judge.reward_model, ctx.outputs, ctx.recipe.base_dir)
+        model, tokenizer = build_model(path, f"stages.{ctx.stage.name}.judges", reward_head=True)
+        if hasattr(model, "merge_and_unload"):
+            model = model.merge_and_unload()
+        local = Path(path) if Path(path).is_dir() else Path("-")
+        record = read_prompt_format(local, tokenizer.chat_template is not None)
+        prompts = [render_prompt(rows[p].prompt, record) for _, p, _ in flat]
+        fmt = "plain" if all(isinstance(p, str) for p in prompts) else "chat_template"
+        values = reward_model_scores(model, tokenizer, prompts, [a.text for _, _, a in flat],
+                                     batch_size=ctx.stage.generation.batch_size, prompt_format=fmt)  # fmt: skip
+    out: dict[str, list] = {label: [[] for _ in rows] for label in answers}
+    for (label, p, _), value in zip(flat, values, strict=True):
+        out[label][p].append(float(value))
+    return out
+
+
+def run_lm_eval(stage: Stage, ctx: StageContext, path: str) -> dict[str, Any]:
+    from align.evaluation.lm_eval import run_lm_eval as harness
+
+    settings = stage.lm_eval
+    include = settings.include_path
+    include_path = None
+    if include is not None:
+        from align.recipe import search_paths
+
+        include_path = next((p for p in search_paths(include, ctx.recipe.base_dir) if p.is_dir()), Path(include))
+    return harness(path, tasks=settings.tasks, include_path=include_path, limit=settings.limit,
+                   num_fewshot=settings.num_fewshot, batch_size=settings.batch_size,
+                   device=ctx.precision.device, seed=ctx.seed)  # fmt: skip
+
+
+# --------------------------------------------------------------------------------------------------
+# Figures
+
+
+def figures(
+    stage: Stage,
+    ctx: StageContext,
+    rows: list[EvalRow],
+    answers: dict[str, list],
+    scores: dict[str, dict[str, list]],
+    lm_eval: dict[str, Any],
+) -> dict[str, Any]:
+    """The eval summary's metrics (the contract's keys): per model each judge's mean, the win rate against the
+    baseline by every judge (the first judge's is `win_rate`), answer statistics and lm-eval figures."""
+    from align.evaluation import answer_statistics, compare_pairwise
+
+    baseline = baseline_of(stage, ctx.recipe)
+    models = eval_models(stage, ctx.recipe)
+    judges = [j.name for j in stage.judges]
+    out: dict[str, Any] = {"baseline": baseline, "prompts": len(rows), "judge": judges[0] if judges else None,
+                           "judges": judges, "models": {}}  # fmt: skip
+    lengths = {label: [[a.tokens for a in samples] for samples in per] for label, per in answers.items()}
+    for label, per in answers.items():
+        entry: dict[str, Any] = {"model": models[label]}
+        entry["score_mean"] = {j: _mean([v for p in scores[j][label] for v in p]) for j in judges}
+        entry["win_rates"] = {}
+        for j in judges:
+            result = compare_pairwise(scores[j][label], scores[j][baseline], lengths[label], lengths[baseline],
+                                      seed=stage.generation.seed)  # fmt: skip
+            entry["win_rates"][j] = {**result.summary(), "length_coefficient": result.length_coefficient}
+        if judges:
+            entry.update({k: entry["win_rates"][judges[0]][k] for k in ("win_rate", "win_rate_ci", "lc_win_rate")})
+        entry.update(answer_statistics([a for samples in per for a in samples]))
+        if label in lm_eval:
+            entry["lm_eval"] = lm_eval[label]
+        entry["verdict"] = model_verdict(label, baseline, entry, out["models"].get(baseline), judges)
+        out["models"][label] = entry
+    return out
+
+
+def _mean(values: list[float]) -> float | None:
+    return sum(values) / len(values) if values else None
+
+
+def model_verdict(
+    label: str, baseline: str, entry: dict[str, Any], base: dict[str, Any] | None, judges: list[str]
+) -> dict[str, Any]:
+    """A model against the baseline by the first judge's raw win rate: `better` or `worse` where the 95% interval
+    excludes 0.5, else `no_difference`. The raw rate, not the length-controlled one: the LC fit forgives an answer
+    cut short by the length limit, which is a real failure here. Shorter, more repetitive or fewer ended answers
+    than the baseline's are warnings."""
+    if label == baseline:
+        return {"status": "baseline", "reasons": [f"{label} is the baseline every model is compared with"],
+                "warnings": []}  # fmt: skip
+    if not judges:
+        return {"status": "no_difference", "reasons": ["no judge compared the answers (lm_eval figures only)"],
+                "warnings": []}  # fmt: skip
+    low, high = entry["win_rate_ci"]
+    status = "better" if low > 0.5 else "worse" if high < 0.5 else "no_difference"
+    reasons = [f"win rate {entry['win_rate']:.2f} [{low:.2f}, {high:.2f}] against {baseline} by {judges[0]} "
+               f"(length-controlled {entry['lc_win_rate']:.2f})"]  # fmt: skip
+    for j in judges[1:]:
+        other = entry["win_rates"][j]
+        low_j, high_j = other["win_rate_ci"]
+        reasons.append(f"by {j}: {other['win_rate']:.2f} [{low_j:.2f}, {high_j:.2f}]")
+    warnings = []
+    if base is not None:
+        if entry["mean_length"] < 0.8 * base["mean_length"]:
+            warnings.append(f"shorter answers: {entry['mean_length']:.1f} tokens against {base['mean_length']:.1f}")
+        if entry["repetition"] > base["repetition"] + 0.05:
+            warnings.append(f"more repetitive: repeated 4-grams {entry['repetition']:.2f} against "
+                            f"{base['repetition']:.2f}")  # fmt: skip
+        if entry["eos_rate"] < base["eos_rate"] - 0.05:
+            warnings.append(f"fewer answers end on their own: {entry['eos_rate']:.0%} against {base['eos_rate']:.0%}")
+    return {"status": status, "reasons": reasons, "warnings": warnings}
+
+
+def eval_verdict(metrics: dict[str, Any]) -> dict[str, Any]:
+    """The stage's own verdict: the last model's against the baseline (the end of the chain, as `models:` lists
+    it), with every model's line among the reasons."""
+    others = [(label, m["verdict"]) for label, m in metrics["models"].items() if label != metrics["baseline"]]
+    if not others:
+        return {"status": "baseline", "reasons": ["only the baseline was evaluated"], "warnings": []}
+    reasons = [f"{label}: {v['status']}: {v['reasons'][0]}" for label, v in others]
+    warnings = [f"{label}: {w}" for label, v in others for w in v["warnings"]]
+    return {"status": others[-1][1]["status"], "reasons": reasons, "warnings": warnings}
+
+
+def write_generations(path: Path, rows: list[EvalRow], answers: dict[str, list], scores: dict[str, dict]) -> None:
+    """`generations.jsonl`: one line per prompt x model x sample, with every judge's score."""
+    from align.files import write_text_atomic
+
+    lines = []
+    for p, row in enumerate(rows):
+        for label, per in answers.items():
+            for s, answer in enumerate(per[p]):
+                lines.append(json.dumps({
+                    "prompt_index": p, "prompt": show_prompt(row.prompt), "reference": row.reference,
+                    "model": label, "sample": s, "answer": answer.text, "tokens": answer.tokens,
+                    "ended": answer.ended, "scores": {j: scores[j][label][p][s] for j in scores},
+                }))  # fmt: skip
+    write_text_atomic(path, "\n".join(lines) + "\n")
+
+
+def report_to_tracker(ctx: StageContext, metrics: dict[str, Any], rows: list, answers: dict, scores: dict) -> None:
+    """The figures as the stage's summary, and the answers side by side as a table (largest regressions first)."""
+    flat = {}
+    for label, entry in metrics["models"].items():
+        for key in ("win_rate", "lc_win_rate", "mean_length", "repetition", "distinct_2", "eos_rate"):
+            if isinstance(entry.get(key), int | float):
+                flat[f"eval/{label}/{key}"] = entry[key]
+    ctx.tracker.summary(flat)
+    judge, baseline = metrics["judge"], metrics["baseline"]
+    if judge is None:
+        return
+    columns = ["prompt", "model", "answer", "baseline answer", "score - baseline score"]
+    table = []
+    for label in answers:
+        if label == baseline:
+            continue
+        for p, row in enumerate(rows):
+            delta = _mean(scores[judge][label][p]) - _mean(scores[judge][baseline][p])
+            table.append([show_prompt(row.prompt), label, answers[label][p][0].text, answers[baseline][p][0].text,
+                          delta])  # fmt: skip
+    table.sort(key=lambda r: r[-1])
+    ctx.tracker.table("eval/answers", columns, table[:50])
+
+
+# --------------------------------------------------------------------------------------------------
+# Progress files
+
+
+def _write_progress(path: Path, key: str, answers: list[list[Answer]]) -> None:
+    from align.files import write_text_atomic
+
+    data = {"key": key, "answers": [[[a.text, list(a.token_ids), a.ended, a.prompt_truncated] for a in per]
+                                    for per in answers]}  # fmt: skip
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(path, json.dumps(data))
+
+
+def _read_progress(path: Path, key: str) -> list[list[Answer]] | None:
+    from align.evaluation import Answer
+    from align.files import read_json
+
+    data = read_json(path)
+    if not isinstance(data, dict) or data.get("key") != key:
+        return None
+    return [[Answer(text, tuple(ids), ended, truncated) for text, ids, ended, truncated in per]
+            for per in data["answers"]]  # fmt: skip

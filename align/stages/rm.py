@@ -1,0 +1,163 @@
+"""`kind: rm` — a reward model, trained with TRL's RewardTrainer on preference pairs.
+
+The model is the input policy (by default the previous lm, sft or dpo stage's output) with a sequence-classification
+head of one output: the same body, tokenizer and chat template, a new head. It learns to score the chosen answer
+above the rejected one (Bradley-Terry), and an eval stage uses it as a judge. Train it on pairs whose prompts the
+dpo stage does not train on (the builtin preferences' `reward` split): a judge trained on DPO's own pairs agrees
+with DPO by construction.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING, Any
+
+from align.stages.common import StageKind, StageResult, max_length_setting, render_mask, run_stage, split_all_ids
+
+if TYPE_CHECKING:
+    from align.context import StageContext
+    from align.plan import StageParts
+    from align.recipe import Stage
+    from align.stages.common import StartingPoint
+
+logger = logging.getLogger(__name__)
+
+
+def run(stage: Stage, ctx: StageContext) -> StageResult:
+    """Train a reward model on preference pairs; measure held-out accuracy before and after; save."""
+    return run_stage(stage, ctx, RMStage)
+
+
+class RMStage(StageKind):
+    """TRL's RewardTrainer (through the tokenized-data cache), with held-out pair accuracy before and after."""
+
+    unit = "pairs"
+
+    def setup(self) -> None:
+        from align.models import ensure_chat_template
+
+        ensure_chat_template(self.tokenizer)
+        self.train, self.eval = self.data["train"], self.data["validation"]
+        self.max_length = self.plan.settings["max_length"].value
+
+    def trainer(self, args: Any, callbacks: list[Any]) -> Any:
+        from trl import RewardTrainer
+
+        from align.cache import cached_trainer
+        from align.models import lora_config
+
+        return cached_trainer(RewardTrainer, "rm", self.ctx.spec.format)(
+            model=self.model, args=args, train_dataset=self.train, eval_dataset=self.eval,
+            processing_class=self.tokenizer, callbacks=callbacks,
+            peft_config=lora_config(self.stage.peft, "SEQ_CLS") if self.start.lora == "new" else None,
+        )  # fmt: skip
+
+    def check(self, trainer: Any) -> None:
+        report_dropped(self.stage, trainer, len(self.train), len(self.eval), self.max_length)
+
+    def measure(self, trainer: Any) -> dict[str, Any]:
+        """Every held-out pair the Trainer evaluates, scored as it scores them (its own token ids)."""
+        from align.evaluation.judges import score_token_ids
+
+        pairs = trainer.eval_dataset
+        pad = self.tokenizer.pad_token_id
+        size = trainer.args.per_device_eval_batch_size
+        chosen = score_token_ids(trainer.model, pairs["chosen_ids"], pad, batch_size=size)
+        rejected = score_token_ids(trainer.model, pairs["rejected_ids"], pad, batch_size=size)
+        correct = [int(c > r) for c, r in zip(chosen, rejected, strict=True)]
+        return {
+            "correct": correct,
+            "accuracy": sum(correct) / max(1, len(correct)),
+            "margin": sum(c - r for c, r in zip(chosen, rejected, strict=True)) / max(1, len(correct)),
+        }
+
+    def summarize(self, before, after, measured_before, measured_after):
+        from align.verdict import accuracy_verdict
+
+        metrics = {
+            "accuracy_before": measured_before["accuracy"],
+            "accuracy": measured_after["accuracy"],
+            "margin_before": measured_before["margin"],
+            "margin": measured_after["margin"],
+        }
+        verdict = accuracy_verdict("accuracy", measured_before["correct"], measured_after["correct"], unit="pairs",
+                                   **self.trained_with)  # fmt: skip
+        return metrics, {"verdict": verdict.record()}
+
+
+def report_dropped(stage: Stage, trainer: Any, n_train: int, n_eval: int, max_length: int | None) -> None:
+    """Say how many pairs TRL's RewardTrainer dropped for being longer than `max_length` (it drops a pair whose
+    chosen or rejected sequence is longer, rather than cut it).
+
+    Raises:
+        BadInput: no training pair (or no eval pair) is left.
+    """
+    from align.errors import BadInput
+
+    kept = {"train": len(trainer.train_dataset), "eval": len(trainer.eval_dataset)}
+    for split, total in (("train", n_train), ("eval", n_eval)):
+        if total and not kept[split]:
+            raise BadInput(
+                f"stages.{stage.name}.train.max_length: every {split} pair is longer than {max_length} tokens, and "
+                "the reward trainer drops such pairs, so none is left",
+                hint="raise max_length (align caps it at the model's positions) or shorten the answers",
+            )
+        if kept[split] < total:
+            logger.warning("%s: %d of %d pairs dropped: longer than max_length=%s", split, total - kept[split], total,
+                           max_length)  # fmt: skip
+
+
+# --------------------------------------------------------------------------------------------------
+# Plan
+
+
+def plan(stage: Stage, *, spec: Any, data: Any, tokenizer: Any, config: Any, start: StartingPoint) -> StageParts:
+    """An rm stage's part of its plan: max_length (the library's 1024, capped at the model's positions), the head,
+    and, with the data, the pairs the reward trainer will drop for being longer than max_length (none left in a
+    split is a problem here, before any stage trains)."""
+    from align.models import ensure_chat_template
+    from align.plan import StageParts, batch_figures
+
+    length = max_length_setting(stage, config)
+    details = {"input": start.summary(), "head": "a new sequence-classification head of one output (the reward)"}
+    parts = StageParts(fixed={"max_length": length}, details=details)
+    if start.lora == "continue":
+        parts.problems.append(
+            f"stages.{stage.name}.peft: the input model is LoRA adapters of a language model; a reward model cannot "
+            "train them on as they are"
+        )
+        parts.hints.append("save the earlier stage with `merge: true`, or train this stage without `peft:`")
+    if tokenizer is None or data is None:
+        return parts
+    ensure_chat_template(tokenizer)
+    max_length = length.value
+    kept, lengths = {}, []
+    for split, pairs in (("train", data["train"]), ("eval", data["validation"])):
+        prompts = list(pairs["prompt"])
+        sides = [split_all_ids(tokenizer, prompts, list(pairs[side])) for side in ("chosen", "rejected")]
+        totals = [max(len(a[0]) + len(a[1]), len(b[0]) + len(b[1])) for a, b in zip(*sides, strict=True)]
+        if split == "train":
+            lengths = [len(p) + len(c) for side in sides for p, c in side]
+        kept[split] = sum(max_length is None or n <= max_length for n in totals)
+        if len(pairs) and not kept[split]:
+            parts.problems.append(
+                f"stages.{stage.name}.train.max_length: every {split} pair is longer than {max_length} tokens; the "
+                "reward trainer drops such pairs, so none is left"
+            )
+            parts.hints.append("raise max_length (align caps it at the model's positions) or shorten the answers")
+    examples = []
+    for row in data["train"].select(range(min(2, len(data["train"])))):
+        rendered = {}
+        for side in ("chosen", "rejected"):
+            (p, c), *_ = split_all_ids(tokenizer, [row["prompt"]], [row[side]])
+            rendered[side] = render_mask(p + c, [0] * len(p) + [1] * len(c), tokenizer)
+        examples.append(rendered)
+    parts.details.update(
+        train_pairs=len(data["train"]),
+        train_tokens=sum(lengths),
+        max_length=max_length,
+        dropped=f"{len(data['train']) - kept['train']} of {len(data['train'])} train pairs (longer than max_length)",
+        examples=examples,
+    )
+    parts.count = lambda effective: batch_figures(effective, kept["train"])
+    return parts
