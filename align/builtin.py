@@ -88,9 +88,9 @@ def _by_holdout(rows: Rows, texts: list[str]) -> dict[str, Rows]:
     return out
 
 
-def python_docs() -> dict[str, Rows]:
-    """One row per paragraph of every help topic, topics in sorted order: columns `text`, `topic`. Splits `train`
-    and `test` (the paragraphs of the held-out topics)."""
+def python_docs() -> Rows:
+    """One row per paragraph of every help topic, topics in sorted order: columns `text`, `topic`. Every row: the
+    `python-docs` set splits them into `train` and `test` (`python_docs_splits`)."""
     from pydoc_data.topics import topics
 
     texts, names = [], []
@@ -100,7 +100,13 @@ def python_docs() -> dict[str, Rows]:
             if paragraph.strip():
                 texts.append(paragraph)
                 names.append(name)
-    return _by_holdout({"text": texts, "topic": names}, texts)
+    return {"text": texts, "topic": names}
+
+
+def python_docs_splits() -> dict[str, Rows]:
+    """`python-docs`: its `train` split, and `test`, the paragraphs of the held-out topics."""
+    rows = python_docs()
+    return _by_holdout(rows, rows["text"])
 
 
 @functools.cache
@@ -134,19 +140,25 @@ def instruct_prompt(title: str, first_sentence: str) -> str:
     return f"Continue this passage from the Python documentation on {title}.\n\n{first_sentence}\n\n"
 
 
-def python_docs_instruct() -> dict[str, Rows]:
+def python_docs_instruct() -> Rows:
     """Prompt/completion pairs: continue a documentation paragraph from its first sentence.
 
     The completion is the next one or two sentences of the same paragraph, so it is verifiably the right
-    continuation. Columns `prompt`, `completion`, `topic`; splits `train` and `test` (the held-out topics).
+    continuation. Columns `prompt`, `completion`, `topic`. Every row: the `python-docs-instruct` set splits them
+    into `train` and `test` (`python_docs_instruct_splits`).
     """
-    prompts, completions, names, paragraphs = [], [], [], []
+    prompts, completions, names = [], [], []
     for name, title, sentences in _prose_paragraphs():
         prompts.append(instruct_prompt(title, sentences[0]))
         completions.append(" ".join(sentences[1:3]))
         names.append(name)
-        paragraphs.append(" ".join(sentences))
-    return _by_holdout({"prompt": prompts, "completion": completions, "topic": names}, paragraphs)
+    return {"prompt": prompts, "completion": completions, "topic": names}
+
+
+def python_docs_instruct_splits() -> dict[str, Rows]:
+    """`python-docs-instruct`: its `train` split, and `test`, the prompts of the held-out topics."""
+    paragraphs = [" ".join(sentences) for _, _, sentences in _prose_paragraphs()]
+    return _by_holdout(python_docs_instruct(), paragraphs)
 
 
 def _loop(words: list[str], index: int) -> str:
@@ -179,8 +191,12 @@ def python_docs_preferences() -> dict[str, Rows]:
     usable = [(n, t, s) for n, t, s in _prose_paragraphs() if len(s[1].split()) >= 8]  # shorter: too short to loop
     kept = [row for row in usable if _place(row[0], " ".join(row[2])) == "train"]
     test = [row for row in usable if _place(row[0], " ".join(row[2])) == "test"]
-    placed = [(("validation" if i % 10 == 0 else "reward" if i % 10 in (2, 5, 8) else "train"), row)
-              for i, row in enumerate(kept)] + [("test", row) for row in test]  # fmt: skip
+    # Some prompts repeat (two paragraphs starting "1."): a repeated prompt goes where its first one went.
+    first: dict[str, str] = {}
+    for i, (_, title, sentences) in enumerate(kept):
+        split = "validation" if i % 10 == 0 else "reward" if i % 10 in (2, 5, 8) else "train"
+        first.setdefault(instruct_prompt(title, sentences[0]), split)
+    placed = [(first[instruct_prompt(t, s[0])], (n, t, s)) for n, t, s in kept] + [("test", row) for row in test]
     for split, (name, title, sentences) in placed:
         rows = splits[split]
         for shape in (0, 1):  # both failure shapes for every prompt: twice the pairs
@@ -192,8 +208,8 @@ def python_docs_preferences() -> dict[str, Rows]:
 
 
 BUILTINS: dict[str, Callable[[], Rows | dict[str, Rows]]] = {
-    "python-docs": python_docs,
-    "python-docs-instruct": python_docs_instruct,
+    "python-docs": python_docs_splits,
+    "python-docs-instruct": python_docs_instruct_splits,
     "python-docs-preferences": python_docs_preferences,
 }
 

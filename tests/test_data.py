@@ -127,3 +127,35 @@ def test_blocks_are_full_and_all_real_tokens():
     assert stats["block_tokens"] == 64 * len(blocks)
     # Only the tail that cannot fill a block is dropped: real tokens are >= 99% of what was tokenized.
     assert stats["block_tokens"] / stats["tokens"] >= 0.99
+
+
+def test_builtin_sets_hold_out_the_same_topics_and_never_train_on_them():
+    """The eval stage's prompts (every set's `test` split) come from topics no split a stage trains on holds, and no
+    training row repeats a held-out paragraph under another topic's name (the help topics share some text)."""
+    from align.builtin import (
+        held_out_topics,
+        python_docs_instruct_splits,
+        python_docs_preferences,
+        python_docs_splits,
+    )
+
+    held = held_out_topics()
+    docs, instruct, prefs = python_docs_splits(), python_docs_instruct_splits(), python_docs_preferences()
+    assert len(instruct["test"]["prompt"]) >= 100 and len(set(prefs["test"]["prompt"])) >= 100
+    for splits in (docs, instruct, prefs):
+        assert set(splits["test"]["topic"]) <= held
+        for name, rows in splits.items():
+            if name != "test":
+                assert not set(rows["topic"]) & held, name
+    lm_text = " ".join(" ".join(t.split()) for t in docs["train"]["text"])
+    references = [" ".join(c.split()) for c in instruct["test"]["completion"]]
+    # (A reference as short as "For example:" is in any text: the eval's leak check skips under 40 characters too.)
+    assert not [r for r in references if len(r) >= 40 and r in lm_text]
+    assert not set(instruct["test"]["prompt"]) & set(instruct["train"]["prompt"])
+    # Preferences: each prompt in one split only; the reward split's prompts are none of the dpo stage's.
+    by_split = {name: set(rows["prompt"]) for name, rows in prefs.items()}
+    names = list(by_split)
+    for i, a in enumerate(names):
+        for b in names[i + 1 :]:
+            assert not by_split[a] & by_split[b], (a, b)
+    assert len(by_split["reward"]) >= 80 and len(by_split["train"]) >= 150

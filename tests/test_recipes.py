@@ -25,6 +25,12 @@ def test_shipped_recipe_prints_config(path: Path, run_cli):
         data = stage["data"]
         # The card is expanded: source, format, columns and valid_fraction are all shown.
         assert {"source", "format", "columns", "valid_fraction"} <= set(data), data
+        if stage["kind"] == "eval":  # trains nothing: its models, baseline, judges and generation settings
+            assert stage["models"] and stage["baseline"] in stage["models"] and stage["judges"], stage
+            assert {"max_new_tokens", "temperature", "num_samples", "seed"} <= set(stage["generation"])
+            assert "train" not in stage and "model" not in stage
+            continue
+        assert "models" not in stage and "judges" not in stage
         assert stage["model"], "every stage shows where its model comes from"
         # The effective settings, not only what the recipe wrote: the library's defaults are shown too.
         assert {"learning_rate", "per_device_train_batch_size", "save_total_limit"} <= set(stage["train"])
