@@ -81,6 +81,7 @@ def resolved_recipe(recipe: Recipe, specs: dict[str, DataSpec] | None = None) ->
                 stage.pop(key, None)
             stage["models"] = eval_models(given, recipe)
             stage["baseline"] = baseline_of(given, recipe)
+            stage["judges"] = [{k: v for k, v in judge.items() if v is not None} for judge in stage["judges"]]
         else:
             for key in EVAL_KEYS:
                 stage.pop(key, None)
