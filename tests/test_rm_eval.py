@@ -259,3 +259,28 @@ def test_eval_and_rm_recipe_mistakes_are_named(tmp_path, run_cli, change, messag
     change(recipe["stages"])
     code, _, err = run_cli(write_yaml(tmp_path / "r.yaml", recipe), "--dry-run")
     assert code == 2 and message in err, err
+
+
+def test_a_lora_reward_model_saves_adapters_with_its_head_and_judges_from_them(chain, tmp_path):
+    recipe = {"name": "lora_rm", "seed": 0, "tracking": {"wandb": {"mode": "disabled"}}, "stages": [
+        {"name": "rm", "kind": "rm", "model": str(chain / "sft" / "model"), "peft": {"r": 4, "alpha": 8},
+         "train": {**SMALL, "max_steps": 10, "learning_rate": 1.0e-2},
+         "data": {"card": "python-docs-preferences", "splits": {"train": "reward", "validation": "validation"},
+                  "max_train_rows": 48, "max_eval_rows": 32}}]}  # fmt: skip
+    assert run_align(write_yaml(tmp_path / "r.yaml", recipe), "--output-dir", tmp_path / "run") == 0
+    rm = summary(tmp_path / "run", "rm")
+    saved = tmp_path / "run" / "rm" / "model"
+    config = json.loads((saved / "adapter_config.json").read_text())
+    assert rm["saved"] == "adapter" and config["task_type"] == "SEQ_CLS" and "score" in config["modules_to_save"]
+    assert rm["metrics"]["margin"] > rm["metrics"]["margin_before"]
+    # As a judge: the adapters (and the trained head they carry) on the sft body give the pairs the same order.
+    from align.evaluation.judges import score_token_ids
+    from align.models import build_model
+
+    model, tokenizer = build_model(str(saved), "judge", reward_head=True)
+    ids = tokenizer(["A sentence that ends.", "loop loop loop loop"])["input_ids"]
+    assert len(score_token_ids(model, ids, tokenizer.pad_token_id)) == 2
+    judged = eval_only(tmp_path, {"sft": str(chain / "sft" / "model")}, judges=[{"reward_model": str(saved)}])
+    judged["stages"][0]["max_prompts"] = 8
+    assert run_align(write_yaml(tmp_path / "e.yaml", judged), "--output-dir", tmp_path / "eval") == 0
+    assert summary(tmp_path / "eval", "eval")["metrics"]["models"]["sft"]["score_mean"]["reward_model"] is not None
