@@ -57,6 +57,9 @@ class StageKind:
         self.data = ctx.data
         self.at_run_time: dict[str, Any] = {}  # the decisions the plan left to run time
         self.extra: dict[str, Any] = {}  # summary.json fields known before training
+        # What training ran with (learning rate and the library's default, steps, LoRA rank), set by `run_stage`
+        # before `summarize`: the likely causes a verdict cites (align/verdict.py `training_context`).
+        self.trained_with: dict[str, Any] = {}
         self.setup()
 
     def setup(self) -> None:
@@ -75,17 +78,19 @@ class StageKind:
     def summarize(
         self, before: dict[str, Any], after: dict[str, Any], measured_before: dict[str, Any], measured_after: dict
     ) -> tuple[dict[str, Any], dict[str, Any]]:
-        """The kind's summary metrics and summary.json fields, from the evaluations and measurements."""
+        """The kind's summary metrics and summary.json fields, from the evaluations and measurements; a `verdict`
+        field (an `align.verdict.Verdict`) is logged, tracked and recorded by `run_stage`."""
         return {}, {}
 
 
 def run_stage(stage: Stage, ctx: StageContext, kind: type[StageKind]) -> StageResult:
     """Every training stage: seed -> model -> the kind's setup -> training args (the plan's) -> metrics writer ->
-    Trainer -> watch -> measure and evaluate -> train -> check -> evaluate and measure -> save -> summary."""
+    Trainer -> watch -> measure and evaluate -> train -> check -> evaluate and measure -> save -> summary, verdict."""
     from align.guards import raise_if_nonfinite
     from align.patches import install_lm_head
     from align.plan import early_stopping_callbacks
     from align.runtime import seed_everything
+    from align.verdict import training_context
 
     # 1. Seed, model, tokenizer, and the kind's data and pieces --------------------------------------
     seed_everything(ctx.seed)
@@ -111,12 +116,37 @@ def run_stage(stage: Stage, ctx: StageContext, kind: type[StageKind]) -> StageRe
     after = evaluate(trainer, writer, "final")
     measured_after = setup.measure(trainer)
 
-    # 4. Save and summarise ---------------------------------------------------------------------------
+    # 4. Save, summarise, and say whether it helped (align/verdict.py) ----------------------------------
     model_dir, saved = save_stage_model(ctx, stage, trainer, tokenizer, start)
+    setup.trained_with = training_context(trainer)
     metrics, extra = setup.summarize(before, after, measured_before, measured_after)
     metrics = {**summary_metrics(stage, trainer, result, before, after, writer), **metrics}
     extra = {"input": start.input, **setup.extra, "saved": saved, **extra}
+    if extra.get("verdict") is not None:
+        extra["verdict"] = report_verdict(ctx, stage, extra["verdict"])
     return StageResult(stage.name, stage.kind, "completed", model_dir, ctx.input_label, metrics, extra)
+
+
+def report_verdict(ctx: StageContext, stage: Stage, verdict: Any) -> dict[str, Any]:
+    """Log the stage's verdict and give it to the trackers: the status in the run's summary, every reason and
+    warning in a table, and an alert when the stage did not help. Returns summary.json's `verdict` record.
+
+    `verdict` is an `align.verdict.Verdict` or its record (a dict with `status`, `reasons`, `warnings`).
+    """
+    record = verdict.record() if hasattr(verdict, "record") else dict(verdict)
+    record.setdefault("warnings", [])
+    status, reasons, warnings = record["status"], record["reasons"], record["warnings"]
+    lines = [("reason", text) for text in reasons] + [("warning", text) for text in warnings]
+    say = logger.info if status == "improved" else logger.warning
+    say("verdict: %s — %s", status, "; ".join(reasons) or "no reason given")
+    for text in warnings:
+        logger.warning("verdict warning: %s", text)
+    ctx.tracker.summary({"verdict": status})
+    if lines:
+        ctx.tracker.table("verdict", ["status", "kind", "text"], [[status, what, text] for what, text in lines])
+    if status != "improved":
+        ctx.tracker.alert(f"{stage.name}: {status}", "; ".join(reasons))
+    return record
 
 
 def training_args(stage: Stage, ctx: StageContext, **at_run_time: Any) -> Any:

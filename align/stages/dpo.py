@@ -76,14 +76,19 @@ class DPOStage(StageKind):
         self.extra.update(beta=trainer.args.beta, loss_type=trainer.args.loss_type)
 
     def measure(self, trainer: Any) -> dict[str, Any]:
-        from align.models import generate
+        from align.verdict import greedy_answers
 
+        correct, chosen = preference_pairs(trainer.model, self.tokenizer, self.eval, self.max_length)
         return {
-            "answers": generate(trainer.model, self.tokenizer, self.prompts),
-            "pref_accuracy": preference_accuracy(trainer.model, self.tokenizer, self.eval, self.max_length),
+            "answers": greedy_answers(trainer.model, self.tokenizer, self.prompts),
+            "correct": correct,  # per eval pair: 1 where the chosen completion is the likelier
+            "chosen_logps": chosen,
+            "pref_accuracy": sum(correct) / max(1, len(correct)),
         }
 
     def summarize(self, before, after, measured_before, measured_after):
+        from align.verdict import accuracy_verdict
+
         metrics = {
             "reward_accuracy": after.get("eval_rewards/accuracies"),
             "reward_margin": after.get("eval_rewards/margins"),
@@ -91,7 +96,14 @@ class DPOStage(StageKind):
             "pref_accuracy": measured_after["pref_accuracy"],
         }
         answers = (measured_before["answers"], measured_after["answers"])
-        return metrics, {"generations": generation_table(self.ctx, self.prompts, *answers)}
+        verdict = accuracy_verdict(
+            "pref_accuracy", measured_before["correct"], measured_after["correct"], unit="pairs",
+            dpo_loss=(before.get("eval_loss"), after.get("eval_loss")),
+            chosen_logps=(measured_before["chosen_logps"], measured_after["chosen_logps"]), answers=answers,
+            **self.trained_with,
+        )  # fmt: skip
+        texts = ([a.text for a in side] for side in answers)
+        return metrics, {"generations": generation_table(self.ctx, self.prompts, *texts), "verdict": verdict}
 
 
 def report_dropped(stage: Stage, trainer: Any, n_train: int, n_eval: int, max_length: int | None) -> None:
@@ -184,9 +196,19 @@ def completion_logps(model: Any, tokenizer: Any, prompts: list[Any], completions
 
 def preference_accuracy(model: Any, tokenizer: Any, pairs: Dataset, max_length: int | None) -> float:
     """Share of pairs where the model gives the chosen completion a higher summed log-probability than the rejected."""
+    correct, _ = preference_pairs(model, tokenizer, pairs, max_length)
+    return sum(correct) / max(1, len(correct))
+
+
+def preference_pairs(
+    model: Any, tokenizer: Any, pairs: Dataset, max_length: int | None
+) -> tuple[list[int], list[float]]:
+    """Per pair: 1 where the chosen completion's summed log-probability exceeds the rejected one's, else 0; and the
+    chosen completion's summed log-probability. What `preference_accuracy` averages, kept per pair for the verdict's
+    paired interval and its falling-chosen warning."""
     chosen = completion_logps(model, tokenizer, pairs["prompt"], pairs["chosen"], max_length)
     rejected = completion_logps(model, tokenizer, pairs["prompt"], pairs["rejected"], max_length)
-    return sum(c > r for c, r in zip(chosen, rejected, strict=True)) / max(1, len(chosen))
+    return [int(c > r) for c, r in zip(chosen, rejected, strict=True)], chosen
 
 
 # --------------------------------------------------------------------------------------------------

@@ -60,8 +60,17 @@ class LMStage(StageKind):
             data_collator=collate_blocks, processing_class=self.tokenizer, callbacks=callbacks,
         )  # fmt: skip
 
+    def measure(self, trainer: Any) -> dict[str, Any]:
+        from align.verdict import example_losses
+
+        return {"losses": example_losses(trainer)}  # each eval block's loss, for the verdict
+
     def summarize(self, before, after, measured_before, measured_after):
-        return perplexities(before, after), {}
+        from align.verdict import loss_verdict
+
+        losses = measured_before["losses"], measured_after["losses"]
+        verdict = loss_verdict("eval loss per example", *losses, unit="blocks", **self.trained_with)
+        return perplexities(before, after), {"verdict": verdict}
 
 
 def cached_blocks(ds: Any, tokenizer: Any, size: int, split: str) -> tuple[Any, dict[str, int]]:

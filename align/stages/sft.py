@@ -78,13 +78,22 @@ class SFTStage(StageKind):
         logger.info("first training example, trained tokens in [[ ]]: %r", example)
 
     def measure(self, trainer: Any) -> dict[str, Any]:
-        from align.models import generate
+        from align.verdict import example_losses, greedy_answers
 
-        return {"answers": generate(trainer.model, self.tokenizer, self.prompts)}
+        return {
+            "answers": greedy_answers(trainer.model, self.tokenizer, self.prompts),
+            "losses": example_losses(trainer),  # each eval example's loss, for the verdict
+        }
 
     def summarize(self, before, after, measured_before, measured_after):
+        from align.verdict import loss_verdict
+
         answers = (measured_before["answers"], measured_after["answers"])
-        return perplexities(before, after), {"generations": generation_table(self.ctx, self.prompts, *answers)}
+        losses = measured_before["losses"], measured_after["losses"]
+        verdict = loss_verdict("eval loss per example", *losses, answers=answers, **self.trained_with)
+        texts = ([a.text for a in side] for side in answers)
+        generations = generation_table(self.ctx, self.prompts, *texts)
+        return perplexities(before, after), {"generations": generations, "verdict": verdict}
 
 
 # --------------------------------------------------------------------------------------------------
