@@ -1,6 +1,9 @@
 """`python -m align.report RUN_DIR`: a self-contained report.html of a run, plots embedded as PNG.
 
-First a table of the stages: each one's key metrics before and after it, and which step its saved model is. Then
+First "Did it help?": from the eval stage (if the run has one), every evaluated model with its judges' scores, its
+win rate against the baseline drawn with its interval, its answer statistics and verdict, then every stage's
+verdict in a line, then side-by-side answers where a model fell furthest behind the baseline. Then a table of the
+stages: each one's key metrics before and after it, its verdict, and which step its saved model is. Then
 per stage: train and eval loss with the saved model's step and any early stop marked; learning rate and grad norm;
 for DPO, rewards of chosen and rejected answers, margins and accuracy; its metrics and greedy answers before and
 after. Then the resolved recipe. Written at the end of every run, failed ones included, from whatever the run left.
@@ -52,6 +55,9 @@ STYLE = (
     "table.generations pre{white-space:pre-wrap;overflow-wrap:anywhere;margin:0;padding:.5em;overflow:visible}"
     ".empty{color:#888;font-style:italic}"
     ".failed,.worse{color:#b00}.completed,.cached,.better{color:#070}.warn{color:#a60}"
+    # Verdicts (align/verdict.py; the eval stage's per model): the same colours as the statuses above.
+    ".got_worse{color:#b00}.improved{color:#070}.did_not_learn,.no_difference{color:#a60}.baseline{color:#555}"
+    "p.verdict{font-weight:600}ul.reasons,ul.warnings{margin:.2em 0 .8em}"
 )
 
 
@@ -222,6 +228,152 @@ def _inside(path: Path, run_dir: Path) -> str:
         return str(path)
 
 
+# --------------------------------------------------------------------------------------------------
+# Verdicts and "Did it help?"
+
+
+def verdict_status(verdict: dict[str, Any] | None) -> str:
+    """A verdict's status as a coloured span (the class is the status), or '-' for none."""
+    if not verdict or not verdict.get("status"):
+        return "-"
+    status = html.escape(str(verdict["status"]))
+    return f"<span class='{status}'>{status.replace('_', ' ')}</span>"
+
+
+def verdict_cell(verdict: dict[str, Any] | None) -> str:
+    """The stages table's verdict cell: the status and its first reason (the deciding numbers)."""
+    if not verdict:
+        return "-"
+    reasons = verdict.get("reasons") or []
+    return verdict_status(verdict) + (f"<br>{html.escape(reasons[0])}" if reasons else "")
+
+
+def verdict_block(verdict: dict[str, Any] | None) -> str:
+    """A verdict in full: the status, every reason (the deciding numbers first), then any warnings."""
+    if not verdict:
+        return ""
+    out = [f"<p class='verdict'>Verdict: {verdict_status(verdict)}</p>"]
+    reasons, warnings = verdict.get("reasons") or [], verdict.get("warnings") or []
+    if reasons:
+        out.append("<ul class='reasons'>" + "".join(f"<li>{html.escape(r)}</li>" for r in reasons) + "</ul>")
+    if warnings:
+        out.append(
+            "<ul class='warnings'>" + "".join(f"<li class='warn'>warning: {html.escape(w)}</li>" for w in warnings)
+            + "</ul>"
+        )  # fmt: skip
+    return "".join(out)
+
+
+def win_rate_plot(models: dict[str, dict[str, Any]], baseline: str, judge: str) -> str | None:
+    """Each model's win rate against the baseline with its 95% interval, as a horizontal error bar (base64 PNG);
+    None when no model has one. The line at 0.5 is a draw: an interval that crosses it is no difference."""
+    drawn = [(label, m) for label, m in models.items() if isinstance(m.get("win_rate"), int | float)]
+    if not drawn:
+        return None
+    fig, ax = _figure(7, 0.9 + 0.45 * len(drawn))
+    fig.subplots_adjust(left=1.6 / 7)
+    for y, (_, m) in enumerate(drawn):
+        rate = m["win_rate"]
+        low, high = (m.get("win_rate_ci") or [rate, rate])[:2]
+        colour = {"better": "#2ca02c", "worse": "#d62728"}.get((m.get("verdict") or {}).get("status"), "#7f7f7f")
+        ax.errorbar([rate], [y], xerr=[[rate - low], [high - rate]], fmt="o", color=colour, capsize=4)
+    ax.axvline(0.5, color="#555", linestyle="--", linewidth=1)
+    ax.set_yticks(range(len(drawn)), [label for label, _ in drawn])
+    ax.set_ylim(-0.6, len(drawn) - 0.4)
+    ax.set_xlim(0, 1)
+    ax.set_xlabel(f"win rate vs {baseline} ({judge}), 95% interval")
+    ax.grid(alpha=0.3, axis="x")
+    return _png(fig)
+
+
+def did_it_help(run_dir: Path, entries: list[dict[str, Any]], summaries: dict[str, dict[str, Any]]) -> str:
+    """The report's first section: the eval stages' tables, figures and regressions, and every stage's verdict."""
+    from align.verdict import regressions
+
+    out = ["<h2 id='did-it-help'>Did it help?</h2>"]
+    evals = [e for e in entries if e.get("kind") == "eval" and (summaries[e["name"]].get("metrics") or {})]
+    for entry in evals:
+        name, summary = entry["name"], summaries[entry["name"]]
+        metrics = summary["metrics"]
+        models: dict[str, dict[str, Any]] = metrics.get("models") or {}
+        baseline, judge = metrics.get("baseline"), metrics.get("judge")
+        judges = list(metrics.get("judges") or ([judge] if judge else []))
+        out.append(
+            f"<h3>{html.escape(name)}: {len(models)} models on {_fmt(metrics.get('prompts', '?'))} prompts, against "
+            f"{html.escape(str(baseline))}, judged by {html.escape(str(judge))}</h3>"
+        )
+        out.append(verdict_block(summary.get("verdict")))
+        tasks = sorted({f"{task}/{key}" for m in models.values() for task, figures in (m.get("lm_eval") or {}).items()
+                        for key in (figures or {})})  # fmt: skip
+        head = ["model", *(f"score: {html.escape(j)}" for j in judges), "win rate [95% CI]", "LC win rate",
+                "mean length", "repetition", "distinct-2", "eos rate", *map(html.escape, tasks), "verdict"]  # fmt: skip
+        out.append("<table class='models'><tr>" + "".join(f"<th>{h}</th>" for h in head) + "</tr>")
+        for label, m in models.items():
+            scores = m.get("score_mean") or {}
+            rate, ci = m.get("win_rate"), m.get("win_rate_ci")
+            win = "-" if rate is None else _fmt(rate) + (f" [{_fmt(ci[0])}, {_fmt(ci[1])}]" if ci else "")
+            lm_eval = m.get("lm_eval") or {}
+            task_cells = [lm_eval.get(t.split("/", 1)[0], {}).get(t.split("/", 1)[1]) for t in tasks]
+            cells = [*(scores.get(j) for j in judges), win, m.get("lc_win_rate"), m.get("mean_length"),
+                     m.get("repetition"), m.get("distinct_2"), m.get("eos_rate"), *task_cells]  # fmt: skip
+            verdict = m.get("verdict") or {}
+            reasons = "".join(f"<br>{html.escape(r)}" for r in verdict.get("reasons") or [])
+            reasons += "".join(f"<br><span class='warn'>warning: {html.escape(w)}</span>"
+                               for w in verdict.get("warnings") or [])  # fmt: skip
+            out.append(
+                f"<tr><td>{html.escape(label)}<br><code>{html.escape(str(m.get('model', '')))}</code></td>"
+                + "".join(f"<td class='num'>{'-' if c is None else c if isinstance(c, str) else _fmt(c)}</td>"
+                          for c in cells)
+                + f"<td>{verdict_status(verdict)}{reasons}</td></tr>"
+            )  # fmt: skip
+        out.append("</table>")
+        png = win_rate_plot(models, str(baseline), str(judge))
+        if png is not None:
+            alt = "Win rate against the baseline with 95% intervals: " + "; ".join(
+                f"{label} {_fmt(m['win_rate'])}" for label, m in models.items() if m.get("win_rate") is not None
+            )
+            out.append(f"<img class='win-rates' alt='{html.escape(alt)}' src='data:image/png;base64,{png}'>")
+        rows = read_rows(run_dir / name / "generations.jsonl")  # a torn last line (a killed run) is skipped
+        for candidate in [label for label in models if label != baseline]:
+            worst = regressions(rows, str(baseline), candidate, 10, judge=judge)
+            if not worst:
+                continue
+            out.append(
+                f"<h4>{html.escape(candidate)} against {html.escape(str(baseline))}: largest regressions first "
+                f"({html.escape(str(judge))} score, candidate &minus; baseline)</h4>"
+                "<table class='generations regressions'><colgroup><col style='width:28%'><col style='width:31%'>"
+                "<col style='width:31%'><col style='width:10%'></colgroup>"
+                f"<tr><th>prompt</th><th>{html.escape(str(baseline))}</th><th>{html.escape(candidate)}</th>"
+                "<th>scores</th></tr>"
+            )
+            for row in worst:
+                scores = (f"{_fmt(row['baseline_score'])} &rarr; {_fmt(row['candidate_score'])}<br>"
+                          f"<span class='{'worse' if row['difference'] < 0 else 'better'}'>"
+                          f"{row['difference']:+.3g}</span>")  # fmt: skip
+                out.append(f"<tr><td>{_pre(row['prompt'])}</td><td>{_pre(row['baseline'])}</td>"
+                           f"<td>{_pre(row['candidate'])}</td><td class='num'>{scores}</td></tr>")  # fmt: skip
+            out.append("</table>")
+    trained = [e for e in entries if e.get("kind") != "eval"]
+    lines = []
+    for entry in trained:
+        summary = summaries[entry["name"]]
+        verdict = summary.get("verdict")
+        reasons = (verdict or {}).get("reasons") or []
+        text = f" — {html.escape(reasons[0])}" if reasons else ""
+        status = str(summary.get("status", entry.get("status", "pending")))
+        # A stage that did not finish has no verdict; one from before verdicts existed has none recorded.
+        missing = "no verdict recorded" if status in ("completed", "cached") else f"no verdict ({html.escape(status)})"
+        lines.append(f"<li><b>{html.escape(entry['name'])}</b> ({html.escape(entry.get('kind', ''))}): "
+                     f"{verdict_status(verdict) if verdict else missing}{text}</li>")  # fmt: skip
+    if lines:
+        out.append("<h3>Stage verdicts</h3><p>Each training stage on its own held-out split, before against after "
+                   "(paired 95% bootstrap interval of the change).</p><ul class='stage-verdicts'>"
+                   + "".join(lines) + "</ul>")  # fmt: skip
+    if not evals and not lines:
+        out.append("<p class='empty'>No stage has finished yet.</p>")
+    return "\n".join(out)
+
+
 def build_report(run_dir: Path) -> Path:
     """Write RUN_DIR/report.html from the run's files and return its path.
 
@@ -232,21 +384,24 @@ def build_report(run_dir: Path) -> Path:
     if pipeline is None:
         raise FileNotFoundError(f"{run_dir}: no pipeline.json here: not an align run directory")
     with_early_stopping = early_stopping_stages(run_dir)
+    entries = pipeline.get("stages", [])
+    summaries = {e["name"]: read_json(run_dir / e["name"] / "summary.json") or {} for e in entries}
     parts = [
         "<!doctype html><html><head><meta charset='utf-8'>",
         f"<title>align report: {html.escape(pipeline.get('name', ''))}</title>",
         f"<style>{STYLE}</style></head><body>",
         f"<h1>align run: {html.escape(pipeline.get('name', ''))}</h1>",
+        did_it_help(run_dir, entries, summaries),
         "<h2>Stages</h2><p>Each stage against itself: its metrics on its own eval set before and after training "
         "(change = after &minus; before). Stages are not compared with each other: their eval sets and losses "
         "differ.</p>",
         "<table class='stages'><tr><th>stage</th><th>kind</th><th>status</th><th>metric</th><th>before</th>"
-        "<th>after</th><th>change</th><th>saved model</th><th>time</th></tr>",
+        "<th>after</th><th>change</th><th>verdict</th><th>saved model</th><th>time</th></tr>",
     ]
     sections = []
-    for entry in pipeline.get("stages", []):
+    for entry in entries:
         stage_dir = run_dir / entry["name"]
-        summary = read_json(stage_dir / "summary.json") or {}
+        summary = summaries[entry["name"]]
         metrics = summary.get("metrics") or {}
         status = html.escape(summary.get("status", entry.get("status", "pending")))
         kind = entry.get("kind", "")
@@ -259,6 +414,7 @@ def build_report(run_dir: Path) -> Path:
         parts.append(
             f"<tr><td>{html.escape(entry['name'])}</td><td>{html.escape(kind)}</td><td class='{status}'>{status}</td>"
             f"<td>{metric}</td><td class='num'>{before}</td><td class='num'>{after}</td><td class='num'>{change}</td>"
+            f"<td class='verdict'>{verdict_cell(summary.get('verdict'))}</td>"
             f"<td>{model}</td><td class='num'>{f'{seconds:.1f} s' if seconds else '-'}</td></tr>"
         )
         section = [f"<h2>{html.escape(entry['name'])} ({html.escape(kind)}): {status}</h2>"]
@@ -266,6 +422,7 @@ def build_report(run_dir: Path) -> Path:
             section.append(f"<p class='failed'>{html.escape(summary['error'])}</p>")
         if summary.get("input_model"):
             section.append(f"<p>input model: {html.escape(summary['input_model'])}</p>")
+        section.append(verdict_block(summary.get("verdict")))
         if saved is not None:
             where = html.escape(str(summary.get("model_dir") or "-"))
             section.append(f"<p class='saved'>saved model: step {saved[0]} ({html.escape(saved[1])}), in {where}</p>")

@@ -123,14 +123,18 @@ KEY_METRICS = ("eval_loss_before", "eval_loss", "perplexity_before", "perplexity
 
 
 def results_table(summaries: list[dict[str, Any]]) -> str:
-    """One line per stage: status, the metrics that matter, time, where the model is."""
-    rows = [("stage", "status", "metrics", "time", "model")]
+    """One line per stage: status, the metrics that matter, time, where the model is, and the verdict (its status
+    and first reason, cut short: summary.json and report.html hold every reason and warning)."""
+    from align.verdict import short
+
+    rows = [("stage", "status", "metrics", "time", "model", "verdict")]
     for s in summaries:
         m = s.get("metrics") or {}
         shown = " ".join(f"{k}={m[k]:.4g}" for k in KEY_METRICS if isinstance(m.get(k), int | float))
         seconds = m.get("train_runtime_s")
-        rows.append((s["stage"], s["status"], shown, f"{seconds:.0f}s" if seconds else "-", s.get("model_dir") or "-"))
-    widths = [max(len(str(r[i])) for r in rows) for i in range(5)]
+        rows.append((s["stage"], s["status"], shown, f"{seconds:.0f}s" if seconds else "-", s.get("model_dir") or "-",
+                     short(s.get("verdict"))))  # fmt: skip
+    widths = [max(len(str(r[i])) for r in rows) for i in range(len(rows[0]))]
     return "\n".join("  ".join(str(c).ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows)
 
 
