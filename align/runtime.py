@@ -86,7 +86,8 @@ LOG_FORMAT = "%(asctime)s %(levelname)-7s [%(stage)s] %(name)s: %(message)s"
 LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING}
 # Library verbosity follows ours one notch quieter: at `info` transformers would dump every config.
 LIBRARY_LEVELS = {"debug": logging.INFO, "info": logging.WARNING, "warning": logging.WARNING}
-LIBRARIES = ("transformers", "datasets", "trl", "peft", "accelerate", "huggingface_hub")
+# lm_eval: the eval stage's harness; absl: rouge-score's ("Using default tokenizer." per scoring call).
+LIBRARIES = ("transformers", "datasets", "trl", "peft", "accelerate", "huggingface_hub", "lm_eval", "absl")
 # Loggers that speak at DEBUG about their plumbing (font scoring, file locks, connection attempts): thousands
 # of lines per run in align.log, and measurable time, for nothing a user reads.
 PLUMBING = ("matplotlib", "PIL", "filelock", "fsspec", "httpcore", "httpcore2", "httpx", "urllib3", "asyncio")

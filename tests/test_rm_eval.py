@@ -284,3 +284,29 @@ def test_a_lora_reward_model_saves_adapters_with_its_head_and_judges_from_them(c
     judged["stages"][0]["max_prompts"] = 8
     assert run_align(write_yaml(tmp_path / "e.yaml", judged), "--output-dir", tmp_path / "eval") == 0
     assert summary(tmp_path / "eval", "eval")["metrics"]["models"]["sft"]["score_mean"]["reward_model"] is not None
+
+
+def test_lm_eval_tasks_run_on_every_evaluated_model(chain, tmp_path, monkeypatch):
+    """lm-evaluation-harness through the eval stage, offline, on a local multiple-choice task (tests/fixtures)."""
+    pytest.importorskip("lm_eval", reason='lm-eval is the `eval` extra: pip install -e ".[eval]"')
+    fixtures = Path(__file__).resolve().parent / "fixtures" / "lm_eval"
+    monkeypatch.chdir(fixtures)  # the task's data_files are relative to the working directory (lm-eval's rule)
+    models = {"sft": str(chain / "sft" / "model"), "dpo": str(chain / "dpo" / "model")}
+    recipe = eval_only(tmp_path, models, judges=[{"reference": "rouge_l"}],
+                       lm_eval={"tasks": ["tiny_choice"], "include_path": str(fixtures), "limit": 10})  # fmt: skip
+    recipe["stages"][0]["max_prompts"] = 4
+    assert run_align(write_yaml(tmp_path / "e.yaml", recipe), "--output-dir", tmp_path / "run") == 0
+    for label in models:
+        task = summary(tmp_path / "run", "eval")["metrics"]["models"][label]["lm_eval"]["tiny_choice"]
+        assert 0.0 <= task["acc"] <= 1.0 and round(task["acc"] * 10) == task["acc"] * 10  # ten questions
+
+
+def test_lm_eval_without_the_extra_is_refused_with_the_install_command(chain, tmp_path, run_cli, monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "lm_eval", None)  # as if not installed: find_spec and import find nothing
+    recipe = eval_only(tmp_path, {"sft": str(chain / "sft" / "model")}, judges=[{"reference": "rouge_l"}],
+                       lm_eval={"tasks": ["tiny_choice"]})  # fmt: skip
+    code, _, err = run_cli(write_yaml(tmp_path / "e.yaml", recipe), "--output-dir", tmp_path / "run")
+    assert code == 2 and "stages.eval.lm_eval: lm-evaluation-harness is not installed" in err
+    assert 'pip install -e ".[eval]"' in err and not (tmp_path / "run").exists()
