@@ -17,11 +17,10 @@ from typing import Any
 
 from align.errors import BadInput, closest
 from align.files import read_json, write_text_atomic
+from align.recipe import POLICY_KINDS  # chat, compare and push pick among these, never an rm or eval stage
 
 logger = logging.getLogger(__name__)
 
-# The stages whose model generates text: chat, compare and push pick among these, never an rm or eval stage.
-POLICY_KINDS = ("lm", "sft", "dpo")
 PROMPTS_FILE = "align_prompts.json"
 DONE = ("completed", "cached")
 
