@@ -13,15 +13,19 @@ ROWS = {"max_train_rows": 16, "max_eval_rows": 4}
 
 
 def chain() -> dict:
-    """lm -> sft -> dpo on a tiny scratch model: one stage of every kind."""
+    """lm -> sft -> rm -> dpo -> eval on a tiny scratch model: one stage of every kind."""
     recipe = tiny_lm_recipe(stage={"model": dict(TINY_MODEL, n_positions=128)})
     recipe["stages"][0]["train"].update(max_steps=2, eval_steps=2)
     recipe["stages"][0]["data"].update(max_train_rows=40, max_eval_rows=8)
     recipe["stages"] += [
         {"name": "sft", "kind": "sft", "data": {"card": "python-docs-instruct", **ROWS}, "train": dict(SMALL),
          "generations": 0},
+        {"name": "rm", "kind": "rm", "data": {"card": "python-docs-preferences", **ROWS,
+         "splits": {"train": "reward", "validation": "validation"}}, "train": dict(SMALL)},
         {"name": "dpo", "kind": "dpo", "data": {"card": "python-docs-preferences", **ROWS},
          "train": dict(SMALL, learning_rate=1e-4), "generations": 0},
+        {"name": "eval", "kind": "eval", "data": {"card": "python-docs-instruct"}, "max_prompts": 4,
+         "generation": {"max_new_tokens": 8}, "judges": [{"reward_model": "@rm"}, {"reference": "rouge_l"}]},
     ]  # fmt: skip
     return recipe
 
@@ -50,8 +54,17 @@ def test_the_trainer_gets_exactly_the_planned_arguments_for_every_kind(tmp_path,
 
     monkeypatch.setattr(transformers.Trainer, "__init__", capture)
     run_pipeline(recipe, output_dir=run_dir)
-    assert set(received) == {"lm", "sft", "dpo"}
+    assert set(received) == {"lm", "sft", "rm", "dpo"}
+    # The eval stage trains nothing: what it ran with (generation settings, prompts) is its plan, as recorded.
+    recorded = yaml.safe_load((run_dir / "eval" / "summary.json").read_text())["plan"]
+    assert recorded["settings"] == {
+        k: {"value": s.value, "source": s.source} for k, s in plans["eval"].effective.items()
+    }
+    assert recorded["settings"]["generation.max_new_tokens"] == {"value": 8, "source": "recipe"}
+    assert yaml.safe_load((run_dir / "eval" / "summary.json").read_text())["metrics"]["prompts"] == 4
     for name, plan in plans.items():
+        if name == "eval":
+            continue
         args = received[name]
         for key, setting in plan.settings.items():
             value = getattr(args, key)
