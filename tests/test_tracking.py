@@ -33,7 +33,8 @@ def read_wandb(run_dir: Path) -> dict[str, dict[str, Any]]:
     out = {}
     for folder in sorted((run_dir / "wandb").glob("offline-run-*")):
         info = summarize(folder)
-        keys = {k for k in info["history_keys"] if "/" in k and not k.startswith("generations/")}
+        # Tables (the greedy answers, the verdict's reasons) are logged as tables, not curves.
+        keys = {k for k in info["history_keys"] if "/" in k and not k.startswith(("generations/", "verdict_reasons/"))}
         out[info["name"].split("/")[-1]] = {"name": info["name"], "group": info["group"], "keys": keys, "info": info}
     return out
 

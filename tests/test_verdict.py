@@ -161,9 +161,11 @@ def test_the_verdict_reaches_the_log_and_every_tracker_call(caplog):
     assert record == verdict.record()
     assert calls == [
         ("summary", {"verdict": "did_not_learn"}),
-        ("table", "verdict", ["status", "kind", "text"], [["did_not_learn", "reason", "pref_accuracy 0.50 → 0.50"],
-                                                          ["did_not_learn", "reason", "only 4 optimizer steps"],
-                                                          ["did_not_learn", "warning", "w"]]),
+        ("table", "verdict_reasons", ["status", "kind", "text"], [
+            ["did_not_learn", "reason", "pref_accuracy 0.50 → 0.50"],
+            ["did_not_learn", "reason", "only 4 optimizer steps"],
+            ["did_not_learn", "warning", "w"],
+        ]),
         ("alert", "dpo: did_not_learn", "pref_accuracy 0.50 → 0.50; only 4 optimizer steps"),
     ]  # fmt: skip
     assert "verdict: did_not_learn — pref_accuracy 0.50 → 0.50; only 4 optimizer steps" in caplog.text

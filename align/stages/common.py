@@ -143,7 +143,9 @@ def report_verdict(ctx: StageContext, stage: Stage, verdict: Any) -> dict[str, A
         logger.warning("verdict warning: %s", text)
     ctx.tracker.summary({"verdict": status})
     if lines:
-        ctx.tracker.table("verdict", ["status", "kind", "text"], [[status, what, text] for what, text in lines])
+        # Not under the key `verdict`: in wandb the summary's status would replace the table's summary entry.
+        rows = [[status, what, text] for what, text in lines]
+        ctx.tracker.table("verdict_reasons", ["status", "kind", "text"], rows)
     if status != "improved":
         ctx.tracker.alert(f"{stage.name}: {status}", "; ".join(reasons))
     return record
