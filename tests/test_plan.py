@@ -105,7 +105,7 @@ def test_a_max_length_that_leaves_a_later_stage_nothing_is_refused_before_the_fi
 
 def test_the_dry_run_names_the_reference_the_run_uses(tmp_path, run_cli):
     recipe = chain()
-    recipe["stages"][2]["train"]["precompute_ref_log_probs"] = True
+    recipe["stages"][3]["train"]["precompute_ref_log_probs"] = True  # dpo
     code, out, err = run_cli(write_yaml(tmp_path / "r.yaml", recipe), "--dry-run", "--output-dir", tmp_path / "r")
     assert code == 0, err
     assert "reference: the input model's log-probabilities, computed once before training" in out
@@ -131,7 +131,7 @@ def train_block(text: str, stage: str) -> dict:
 def test_print_config_shows_effective_values_and_where_they_came_from(tmp_path, run_cli):
     recipe = chain()
     recipe["stages"][0]["early_stopping"] = {"patience": 2}
-    recipe["stages"][2]["train"].pop("learning_rate")
+    recipe["stages"][3]["train"].pop("learning_rate")  # dpo
     recipe["stages"][1]["train"]["max_length"] = 4096  # the tiny model has 128 positions
     path = write_yaml(tmp_path / "r.yaml", recipe)
     code, out, err = run_cli(path, "--print-config", "--set", "stages.lm.train.learning_rate=0.002")
