@@ -58,6 +58,8 @@ STYLE = (
     # Verdicts (align/verdict.py; the eval stage's per model): the same colours as the statuses above.
     ".got_worse{color:#b00}.improved{color:#070}.did_not_learn,.no_difference{color:#a60}.baseline{color:#555}"
     "p.verdict{font-weight:600}ul.reasons,ul.warnings{margin:.2em 0 .8em}"
+    # Every evaluated model's figures: many columns (a score per judge, lm_eval tasks), so smaller and wrapping.
+    "table.models{font-size:90%}table.models code{overflow-wrap:anywhere}"
 )
 
 
@@ -311,7 +313,7 @@ def did_it_help(run_dir: Path, entries: list[dict[str, Any]], summaries: dict[st
         for label, m in models.items():
             scores = m.get("score_mean") or {}
             rate, ci = m.get("win_rate"), m.get("win_rate_ci")
-            win = "-" if rate is None else _fmt(rate) + (f" [{_fmt(ci[0])}, {_fmt(ci[1])}]" if ci else "")
+            win = "-" if rate is None else _fmt(rate) + (f"<br>[{_fmt(ci[0])}, {_fmt(ci[1])}]" if ci else "")
             lm_eval = m.get("lm_eval") or {}
             task_cells = [lm_eval.get(t.split("/", 1)[0], {}).get(t.split("/", 1)[1]) for t in tasks]
             cells = [*(scores.get(j) for j in judges), win, m.get("lc_win_rate"), m.get("mean_length"),
@@ -347,9 +349,11 @@ def did_it_help(run_dir: Path, entries: list[dict[str, Any]], summaries: dict[st
                 "<th>scores</th></tr>"
             )
             for row in worst:
-                scores = (f"{_fmt(row['baseline_score'])} &rarr; {_fmt(row['candidate_score'])}<br>"
-                          f"<span class='{'worse' if row['difference'] < 0 else 'better'}'>"
-                          f"{row['difference']:+.3g}</span>")  # fmt: skip
+                difference = row["difference"]
+                change = "0 (tie)" if difference == 0 else (
+                    f"<span class='{'worse' if difference < 0 else 'better'}'>{difference:+.3g}</span>"
+                )  # fmt: skip
+                scores = f"{_fmt(row['baseline_score'])} &rarr; {_fmt(row['candidate_score'])}<br>{change}"
                 out.append(f"<tr><td>{_pre(row['prompt'])}</td><td>{_pre(row['baseline'])}</td>"
                            f"<td>{_pre(row['candidate'])}</td><td class='num'>{scores}</td></tr>")  # fmt: skip
             out.append("</table>")

@@ -34,6 +34,8 @@ LN2 = math.log(2.0)
 FEW_STEPS = 20
 # Fewer held-out examples than this is named as a likely cause: the interval is too wide to show a small change.
 FEW_EXAMPLES = 50
+# Fewer held-out examples than this: the bootstrap resamples too few values to be trusted (a warning at any status).
+ROUGH_BOOTSTRAP = 10
 # LoRA ranks at or below this are named as a likely cause (with the share of weights they train).
 TINY_LORA_RANK = 4
 # A DPO eval loss this close to ln 2 both before and after training: the policy has not moved.
@@ -144,6 +146,9 @@ def _verdict(
     if not pairs:  # a model that started broken (every loss infinite) and ends finite
         reason = f"{metric} was not finite before training on any of {n} held-out {unit}, and is now"
         return Verdict("improved", [reason], warnings)
+    if len(pairs) < ROUGH_BOOTSTRAP:
+        # Seen: an SFT eval split of 16 rows of which max_length left 2; an interval over two values decides little.
+        warnings.append(f"only {len(pairs)} held-out {unit}: an interval resampled from so few is rough")
     differences = [a - b for b, a in pairs]
     mean_before = sum(b for b, _ in pairs) / len(pairs)
     mean_after = sum(a for _, a in pairs) / len(pairs)

@@ -113,6 +113,12 @@ def test_warnings_never_decide_the_status():
     ]
 
 
+def test_a_handful_of_examples_is_flagged_whatever_the_status():
+    verdict = loss_verdict("eval loss per example", [6.103, 6.104], [6.041, 6.043])
+    assert verdict.status == "improved"
+    assert verdict.warnings == ["only 2 held-out examples: an interval resampled from so few is rough"]
+
+
 def test_a_loss_that_is_no_longer_finite_is_got_worse_and_bad_input_is_refused():
     assert loss_verdict("eval loss", [2.0, 2.0], [2.0, float("inf")]).status == "got_worse"
     with pytest.raises(ValueError, match="2 examples before training but 1 after"):
@@ -331,7 +337,7 @@ def test_did_it_help_opens_the_report_with_models_intervals_verdicts_and_regress
                     "repetition", "distinct-2", "eos rate", "arc_easy/acc", "verdict"):  # fmt: skip
         assert f"<th>{heading}</th>" in table, heading
     dpo_row = table.split("<td>dpo<br>")[1].split("</tr>")[0]
-    assert "0.31 [0.24, 0.38]" in dpo_row and "<span class='worse'>worse</span>" in dpo_row and ">0.35<" in dpo_row
+    assert "0.31<br>[0.24, 0.38]" in dpo_row and "<span class='worse'>worse</span>" in dpo_row and ">0.35<" in dpo_row
     assert "<span class='baseline'>baseline</span>" in table
     # The intervals, drawn.
     (png,) = re.findall(r"<img class='win-rates' alt='([^']*)' src='data:image/png;base64,([A-Za-z0-9+/=]+)'", top)
