@@ -296,6 +296,7 @@ def choose_precision(requested: str) -> Precision:
         bf16_ok = torch.cuda.is_bf16_supported()
     else:
         device, bf16_ok = "cpu", False
+        warn_if_sharding_ignored()
     on_gpu = device != "cpu"
 
     if requested == "auto":
@@ -318,6 +319,32 @@ def choose_precision(requested: str) -> Precision:
             "bf16", "requested; on the CPU bf16 runs through autocast and is often slower than fp32", device
         )
     return Precision(requested, "requested in the recipe", device)
+
+
+_sharding_warned = False
+
+
+def warn_if_sharding_ignored() -> None:
+    """Say once (main process) that an accelerate FSDP config shards nothing here, on a machine without a GPU.
+
+    accelerate 1.15 turns FSDP on only for GPU-like devices (`AcceleratorState`: the FSDP switch sits in the branch
+    for MULTI_GPU, MULTI_XPU, ...; MULTI_CPU is not among them) and says nothing: `accelerate launch --config_file
+    recipes/accelerate/fsdp.yaml` on the CPU trains as plain data parallelism over gloo (DDP), every process holding
+    the whole model and optimizer. Found by running it (tests/test_distributed.py pins it); torch's own FSDP2
+    (`fully_shard`) does shard on the CPU with gloo, so the gap is accelerate's.
+    """
+    global _sharding_warned
+    if _sharding_warned or os.environ.get("ACCELERATE_USE_FSDP", "").lower() != "true":
+        return
+    _sharding_warned = True
+    if is_main_process():
+        from importlib.metadata import version
+
+        logger.warning(
+            "accelerate is asked for FSDP, but there is no GPU: accelerate %s shards only on GPUs, so these "
+            "%s processes train as plain data parallelism (DDP over gloo), each holding the whole model",
+            version("accelerate"), os.environ.get("WORLD_SIZE", "1"),
+        )  # fmt: skip
 
 
 def seed_everything(seed: int) -> None:
