@@ -35,7 +35,7 @@ def chain_recipe() -> dict:
         {"name": "dpo", "kind": "dpo", "generations": 2,
          "data": {"card": "python-docs-preferences", "max_train_rows": 32, "max_eval_rows": 16},
          "train": {"beta": 0.1, "max_length": 64, "max_steps": 4, "per_device_train_batch_size": 8,
-                   "learning_rate": 3e-3, "logging_steps": 2, "eval_steps": 2}}
+                   "learning_rate": 1e-3, "logging_steps": 2, "eval_steps": 2}}
     )  # fmt: skip
     return recipe
 
