@@ -35,8 +35,12 @@ def test_two_processes_run_the_chain_once(tmp_path):
     recipe["stages"] += [
         {"name": "sft", "kind": "sft", "data": {"card": "python-docs-instruct", **rows}, "train": dict(small),
          "generations": 1},
+        {"name": "rm", "kind": "rm", "train": dict(small), "data": {
+            "card": "python-docs-preferences", **rows, "splits": {"train": "reward", "validation": "validation"}}},
         {"name": "dpo", "kind": "dpo", "data": {"card": "python-docs-preferences", **rows}, "train": dict(small),
          "generations": 1},
+        {"name": "eval", "kind": "eval", "data": {"card": "python-docs-instruct"}, "max_prompts": 8,
+         "generation": {"max_new_tokens": 8}, "judges": [{"reward_model": "@rm"}, {"reference": "rouge_l"}]},
     ]  # fmt: skip
     path = write_yaml(tmp_path / "r.yaml", recipe)
     accelerate = Path(sys.executable).with_name("accelerate")
@@ -47,17 +51,19 @@ def test_two_processes_run_the_chain_once(tmp_path):
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
     err = proc.stderr
-    for stage in ("lm", "sft", "dpo"):
+    for stage in ("lm", "sft", "rm", "dpo", "eval"):
         assert err.count(f"] {stage}: completed in") == 1, f"{stage}: its completion is logged once"
     assert "x 2 processes" in err, "one distributed run of 2 processes, not two runs of 1"
     assert not [line for line in err.splitlines() if "[rank1" in line and " INFO " in line], "rank 1 says only warnings"
     assert "URL not available" not in err, "wandb's offline warning at every checkpoint save is noise"
     assert "find_unused_parameters" not in err
     runs = list((tmp_path / "run" / "wandb").glob("offline-run-*"))
-    assert len(runs) == 3, "one wandb run per stage"
+    assert len(runs) == 5, "one wandb run per stage"
     pipeline = json.loads((tmp_path / "run" / "pipeline.json").read_text())
-    assert [s["status"] for s in pipeline["stages"]] == ["completed"] * 3
-    assert proc.stdout.count("completed") == 3, "the closing table is printed once"
+    assert [s["status"] for s in pipeline["stages"]] == ["completed"] * 5
+    assert proc.stdout.count("completed") == 5, "the closing table is printed once"
+    # The eval ran once (the main process): every prompt answered by each policy stage's model (lm, sft, dpo).
+    assert len((tmp_path / "run" / "eval" / "generations.jsonl").read_text().splitlines()) == 8 * 3
 
 
 def launch(tmp_path: Path, recipe_path: Path, **kwargs) -> subprocess.Popen:
