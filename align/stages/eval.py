@@ -288,9 +288,9 @@ def run(stage: Stage, ctx: StageContext) -> StageResult:
         raise_if_requested(f"in stage {stage.name} after model {name} (its answers are kept)")
     scores = {judge.name: judge_all(judge, ctx, rows, answers) for judge in stage.judges}
     metrics = figures(stage, ctx, rows, answers, scores, lm_eval)
-    write_generations(ctx.stage_dir / "generations.jsonl", rows, answers, scores)
+    lines = write_generations(ctx.stage_dir / "generations.jsonl", rows, answers, scores)
     verdict = eval_verdict(metrics)
-    report_to_tracker(ctx, metrics, rows, answers, scores)
+    report_to_tracker(ctx, metrics, lines)
     return StageResult(stage.name, "eval", "completed", None, label, metrics, {"verdict": verdict})
 
 
@@ -477,24 +477,30 @@ def eval_verdict(metrics: dict[str, Any]) -> dict[str, Any]:
     return {"status": others[-1][1]["status"], "reasons": reasons, "warnings": warnings}
 
 
-def write_generations(path: Path, rows: list[EvalRow], answers: dict[str, list], scores: dict[str, dict]) -> None:
-    """`generations.jsonl`: one line per prompt x model x sample, with every judge's score."""
+def write_generations(
+    path: Path, rows: list[EvalRow], answers: dict[str, list], scores: dict[str, dict]
+) -> list[dict[str, Any]]:
+    """`generations.jsonl`: one line per prompt x model x sample, with every judge's score. Returns the lines."""
     from align.files import write_text_atomic
 
     lines = []
     for p, row in enumerate(rows):
         for label, per in answers.items():
             for s, answer in enumerate(per[p]):
-                lines.append(json.dumps({
+                lines.append({
                     "prompt_index": p, "prompt": show_prompt(row.prompt), "reference": row.reference,
                     "model": label, "sample": s, "answer": answer.text, "tokens": answer.tokens,
                     "ended": answer.ended, "scores": {j: scores[j][label][p][s] for j in scores},
-                }))  # fmt: skip
-    write_text_atomic(path, "\n".join(lines) + "\n")
+                })  # fmt: skip
+    write_text_atomic(path, "".join(json.dumps(line) + "\n" for line in lines))
+    return lines
 
 
-def report_to_tracker(ctx: StageContext, metrics: dict[str, Any], rows: list, answers: dict, scores: dict) -> None:
-    """The figures as the stage's summary, and the answers side by side as a table (largest regressions first)."""
+def report_to_tracker(ctx: StageContext, metrics: dict[str, Any], lines: list[dict[str, Any]]) -> None:
+    """The figures as the stage's summary, and the answers side by side as a table, largest regressions first:
+    the report's table (`align.verdict.regressions`), for every model against the baseline."""
+    from align.verdict import regressions
+
     flat = {}
     for label, entry in metrics["models"].items():
         for key in ("win_rate", "lc_win_rate", "mean_length", "repetition", "distinct_2", "eos_rate"):
@@ -504,17 +510,13 @@ def report_to_tracker(ctx: StageContext, metrics: dict[str, Any], rows: list, an
     judge, baseline = metrics["judge"], metrics["baseline"]
     if judge is None:
         return
-    columns = ["prompt", "model", "answer", "baseline answer", "score - baseline score"]
-    table = []
-    for label in answers:
-        if label == baseline:
-            continue
-        for p, row in enumerate(rows):
-            delta = _mean(scores[judge][label][p]) - _mean(scores[judge][baseline][p])
-            table.append([show_prompt(row.prompt), label, answers[label][p][0].text, answers[baseline][p][0].text,
-                          delta])  # fmt: skip
-    table.sort(key=lambda r: r[-1])
-    ctx.tracker.table("eval/answers", columns, table[:50])
+    columns = ["prompt", "model", "answer", "baseline answer", "score", "baseline score", "difference"]
+    table = [
+        [r["prompt"], label, r["candidate"], r["baseline"], r["candidate_score"], r["baseline_score"], r["difference"]]
+        for label in metrics["models"] if label != baseline
+        for r in regressions(lines, baseline, label, 50, judge=judge)
+    ]  # fmt: skip
+    ctx.tracker.table("eval/answers", columns, table)
 
 
 # --------------------------------------------------------------------------------------------------
