@@ -71,7 +71,8 @@ def test_reward_model_learns_the_held_out_pairs_and_saves_a_one_output_head(chai
     assert metrics["accuracy"] >= metrics["accuracy_before"] and metrics["accuracy"] >= 0.9
     assert metrics["margin"] > metrics["margin_before"] + 1.0
     assert rm["input_model"].startswith("@sft")
-    assert rm["verdict"]["reasons"][0].startswith(f"accuracy {metrics['accuracy_before']:.2f} → {metrics['accuracy']:.2f}")
+    figures = f"accuracy {metrics['accuracy_before']:.2f} → {metrics['accuracy']:.2f}"
+    assert rm["verdict"]["reasons"][0].startswith(figures)
     model = AutoModelForSequenceClassification.from_pretrained(chain / "rm" / "model")
     assert model.config.num_labels == 1 and model.score.weight.shape[0] == 1
 
