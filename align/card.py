@@ -27,6 +27,7 @@ KEY_METRICS = {
     "lm": ("eval_loss", "perplexity"),
     "sft": ("eval_loss", "perplexity"),
     "dpo": ("pref_accuracy", "eval_loss", "reward_accuracy", "reward_margin"),
+    "rm": ("accuracy", "margin", "eval_loss"),
 }
 OTHER_METRICS = ("train_loss", "global_step", "best_step", "stopped_early", "train_runtime_s", "train_tokens")
 
@@ -77,7 +78,7 @@ def model_card(run_dir: Path, stage: str) -> str:
         datasets=datasets or None,
         tags=["align", kind],
         library_name="peft" if adapter else "transformers",
-        pipeline_tag="text-generation",
+        pipeline_tag="text-classification" if kind == "rm" else "text-generation",
         **hub_license(licenses),
     )
     prompts = read_prompt_format(model_dir, has_chat_template=(model_dir / "chat_template.jinja").is_file())
@@ -118,7 +119,10 @@ def model_card(run_dir: Path, stage: str) -> str:
     if isinstance(verdict, dict) and verdict.get("status"):
         reasons = "; ".join(map(str, verdict.get("reasons") or []))
         body += ["", f"Verdict: **{verdict['status']}**" + (f" ({reasons})" if reasons else "") + "."]
-    body += ["", "## Prompt format", "", prompt_section(prompts), "", "## Usage", "", usage(prompts, adapter)]
+        # The warnings travel with the model: a card that says "improved" without them says too much.
+        body += [f"- warning: {w}" for w in verdict.get("warnings") or []]
+    how = reward_usage(prompts, adapter) if kind == "rm" else usage(prompts, adapter)
+    body += ["", "## Prompt format", "", prompt_section(prompts), "", "## Usage", "", how]
     versions = summary.get("versions") or {}
     if versions:
         body += ["", "## Versions", "", ", ".join(f"{k} {v}" for k, v in versions.items()) + "."]
@@ -252,6 +256,43 @@ def usage(prompts: Any, adapter: bool) -> str:
     return (
         f"```python\n{load}{render}{generate}```\n{adapters_note}\nOr in a terminal, prompts rendered as in training "
         "(see above):\n\n```bash\nalign chat path/to/model            # or: align chat RUN_DIR --stage NAME\n```"
+    )
+
+
+def reward_usage(prompts: Any, adapter: bool) -> str:
+    """How to score with a reward model: one number per (prompt, answer), higher is better; only differences
+    between answers to the same prompt mean something (it was trained on pairs)."""
+    if adapter:
+        load = (
+            "from peft import AutoPeftModelForSequenceClassification\nfrom transformers import AutoTokenizer\n\n"
+            'path = "path/to/model"  # this folder, or its hub repository\n'
+            "model = AutoPeftModelForSequenceClassification.from_pretrained(path, num_labels=1)\n"
+        )
+    else:
+        load = (
+            "from transformers import AutoModelForSequenceClassification, AutoTokenizer\n\n"
+            'path = "path/to/model"  # this folder, or its hub repository\n'
+            "model = AutoModelForSequenceClassification.from_pretrained(path)\n"
+        )
+    load += "tokenizer = AutoTokenizer.from_pretrained(path)\n"
+    if prompts.format == "chat_template":
+        render = (
+            'messages = [{"role": "user", "content": "What does assert do?"}, {"role": "assistant", "content": '
+            '"It raises AssertionError when its condition is false."}]\n'
+            'inputs = tokenizer.apply_chat_template(messages, return_tensors="pt", return_dict=True)\n'
+        )
+    else:
+        suffix = prompts.prompt_suffix if prompts.format == "plain" else ""
+        render = (
+            f'text = "What does assert do?{_py(suffix)}" + "It raises AssertionError when its condition is false." '
+            "+ tokenizer.eos_token\n"
+            'inputs = tokenizer(text, return_tensors="pt")\n'
+        )
+    return (
+        "A reward model: it scores an answer to a prompt (one number, higher is better); compare the scores of "
+        f"answers to the same prompt. It does not generate text.\n\n```python\n{load}{render}"
+        "score = model(**inputs).logits[0, 0].item()\n```\n\nIn a recipe, it judges an eval stage's answers: "
+        '`judges: [{reward_model: "path/to/model"}]`.'
     )
 
 

@@ -144,7 +144,13 @@ def check_loadable(saved: SavedModel) -> None:
         BadInput: the model or its base cannot be had.
     """
     from align.models import adapter_base, hub_config, looks_like_path
+    from align.recipe import POLICY_KINDS
 
+    if saved.kind is not None and saved.kind not in POLICY_KINDS or is_reward_model(saved.path):
+        raise BadInput(
+            f"{saved.path}: a reward model (it scores answers; it does not generate text)",
+            hint="chat with a policy stage's model (lm, sft or dpo); a reward model judges an eval stage's answers",
+        )
     if not saved.is_adapter:
         hub_config(str(saved.path), str(saved.path))
         return
@@ -156,6 +162,17 @@ def check_loadable(saved: SavedModel) -> None:
 
         check_hub(False)  # a hub id: go offline at once where the hub cannot be reached, instead of retrying
     hub_config(base, f"{saved.path} (the base model of its adapters)")
+
+
+def is_reward_model(path: Path) -> bool:
+    """Whether a saved model is a sequence-classifier (a reward model) rather than a causal LM: its config's
+    architectures, or its adapters' task type."""
+    from align.files import read_json
+
+    config = read_json(path / "config.json") or {}
+    adapter = read_json(path / "adapter_config.json") or {}
+    architectures = config.get("architectures") or []
+    return adapter.get("task_type") == "SEQ_CLS" or any(a.endswith("ForSequenceClassification") for a in architectures)
 
 
 def load(saved: SavedModel) -> tuple[Any, Any]:

@@ -42,6 +42,15 @@ def check_output_dir(run_dir: Path, recipe: Any, fresh: bool) -> None:
         return
     if not run_dir.is_dir():
         raise BadInput(f"{run_dir}: output directory is a file", hint="choose another --output-dir")
+    inside = inputs_inside(run_dir, recipe)
+    if inside:
+        # A run may clear (--fresh) or rewrite (a stage of the same name) what is in its directory: a model this
+        # recipe reads from there could be gone before the stage that reads it starts.
+        raise BadInput(
+            [f"{where}: {path} is inside the output directory {run_dir}, which this run writes to and may clear"
+             for where, path in inside],
+            hint="choose another --output-dir for this recipe (its models stay where they are)",
+        )  # fmt: skip
     pipeline = read_json(run_dir / "pipeline.json")
     if pipeline is None:
         if any(p.name not in OWN_FILES for p in run_dir.iterdir()):
@@ -62,6 +71,27 @@ def check_output_dir(run_dir: Path, recipe: Any, fresh: bool) -> None:
                 f"{folder}: a folder align did not write is in the way of stage '{stage.name}'",
                 hint="move it out of the run directory, or choose another --output-dir",
             )
+
+
+def inputs_inside(run_dir: Path, recipe: Any) -> list[tuple[str, Path]]:
+    """The local models the recipe reads (a stage's `model:`, an eval stage's `models:` and reward judges; not
+    `@stage` references, which the run makes) that lie inside `run_dir`."""
+    from align.recipe import search_paths, stage_ref
+
+    root = run_dir.resolve()
+    found = []
+    for stage in recipe.stages:
+        refs = [(f"stages.{stage.name}.model", stage.model)]
+        refs += [(f"stages.{stage.name}.models.{label}", ref) for label, ref in (stage.models or {}).items()]
+        refs += [(f"stages.{stage.name}.judges.{n}.reward_model", judge.reward_model)
+                 for n, judge in enumerate(stage.judges)]  # fmt: skip
+        for where, ref in refs:
+            if not isinstance(ref, str) or stage_ref(ref) is not None:
+                continue
+            path = next((p for p in search_paths(ref, recipe.base_dir) if p.exists()), None)
+            if path is not None and root in path.resolve().parents:
+                found.append((where, path))
+    return found
 
 
 def remove_inside(run_dir: Path, target: Path) -> None:

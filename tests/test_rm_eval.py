@@ -311,3 +311,27 @@ def test_lm_eval_without_the_extra_is_refused_with_the_install_command(chain, tm
     code, _, err = run_cli(write_yaml(tmp_path / "e.yaml", recipe), "--output-dir", tmp_path / "run")
     assert code == 2 and "stages.eval.lm_eval: lm-evaluation-harness is not installed" in err
     assert 'pip install -e ".[eval]"' in err and not (tmp_path / "run").exists()
+
+
+def test_models_inside_the_output_directory_are_refused_even_with_fresh(chain, tmp_path, run_cli):
+    """An eval over a run's models, pointed at that very run directory with --fresh, would clear the models before
+    reading them: refused, nothing removed."""
+    run_dir = tmp_path / "run"
+    shutil.copytree(chain, run_dir)
+    before = sorted(str(p.relative_to(run_dir)) for p in run_dir.rglob("*"))
+    recipe = eval_only(tmp_path, {"sft": str(run_dir / "sft" / "model")}, judges=[{"reference": "rouge_l"}])
+    for extra in ([], ["--fresh"]):
+        code, _, err = run_cli(write_yaml(tmp_path / "e.yaml", recipe), "--output-dir", run_dir, *extra)
+        assert code == 2 and "stages.eval.models.sft: " in err and "is inside the output directory" in err, err
+        assert "--fresh" not in err.split("hint:", 1)[1]
+    assert sorted(str(p.relative_to(run_dir)) for p in run_dir.rglob("*")) == before
+
+
+def test_a_reward_models_card_and_chat_say_it_scores_and_does_not_generate(chain, capsys):
+    from align.chat import main as chat
+
+    card = (chain / "rm" / "model" / "README.md").read_text()
+    assert "pipeline_tag: text-classification" in card and "AutoModelForSequenceClassification" in card
+    assert "| `rm` | accuracy |" in card and "generate(" not in card
+    assert chat([str(chain / "rm" / "model"), "--prompt", "hi"]) == 2
+    assert "a reward model (it scores answers; it does not generate text)" in capsys.readouterr().err
