@@ -119,23 +119,48 @@ def needs_hub(recipe: Any, specs: dict[str, Any]) -> bool:
     return any(spec.source.hub for spec in specs.values())
 
 
-KEY_METRICS = ("eval_loss_before", "eval_loss", "perplexity_before", "perplexity", "pref_accuracy")
+# The figure each kind's line shows, before -> after (its verdict's measure, as summary.json has it).
+KEY_FIGURES = {"lm": "eval_loss", "sft": "eval_loss", "rm": "accuracy", "dpo": "pref_accuracy"}
+
+
+def key_figure(summary: dict[str, Any]) -> str:
+    """A stage's headline figure: before -> after for a training stage, the last model's win rate for an eval."""
+    m = summary.get("metrics") or {}
+    if summary.get("kind") == "eval":
+        models = m.get("models") or {}
+        last = next((label for label in reversed(list(models)) if label != m.get("baseline")), None)
+        if last is None or not isinstance(models[last].get("win_rate"), int | float):
+            return "-"
+        low, high = models[last]["win_rate_ci"]
+        return f"{last} win rate {models[last]['win_rate']:.2f} [{low:.2f}, {high:.2f}] vs {m.get('baseline')}"
+    key = KEY_FIGURES.get(summary.get("kind"), "eval_loss")
+    after, before = m.get(key), m.get(f"{key}_before")
+    if not isinstance(after, int | float):
+        return "-"
+    return f"{key} {before:.4g} → {after:.4g}" if isinstance(before, int | float) else f"{key} {after:.4g}"
 
 
 def results_table(summaries: list[dict[str, Any]]) -> str:
-    """One line per stage: status, the metrics that matter, time, where the model is, and the verdict (its status
-    and first reason, cut short: summary.json and report.html hold every reason and warning)."""
-    from align.verdict import short
-
-    rows = [("stage", "status", "metrics", "time", "model", "verdict")]
+    """One line per stage (status, its headline figure before -> after, the stage's wall time, where its model
+    is), then each stage's verdict with its first reason in full (summary.json and report.html hold them all)."""
+    rows = [("stage", "status", "before → after", "time", "model")]
     for s in summaries:
-        m = s.get("metrics") or {}
-        shown = " ".join(f"{k}={m[k]:.4g}" for k in KEY_METRICS if isinstance(m.get(k), int | float))
-        seconds = m.get("train_runtime_s")
-        rows.append((s["stage"], s["status"], shown, f"{seconds:.0f}s" if seconds else "-", s.get("model_dir") or "-",
-                     short(s.get("verdict"))))  # fmt: skip
+        seconds = s.get("wall_time_s")
+        time_cell = "cached" if s["status"] == "cached" else f"{seconds:.0f}s" if seconds else "-"
+        rows.append((s["stage"], s["status"], key_figure(s), time_cell, s.get("model_dir") or "-"))
     widths = [max(len(str(r[i])) for r in rows) for i in range(len(rows[0]))]
-    return "\n".join("  ".join(str(c).ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows)
+    lines = ["  ".join(str(c).ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows]
+    verdicts = [(s["stage"], s["verdict"]) for s in summaries if isinstance(s.get("verdict"), dict)]
+    if verdicts:
+        width = max(len(name) for name, _ in verdicts)
+        lines += ["", "verdicts:"]
+        for name, verdict in verdicts:
+            reasons = verdict.get("reasons") or []
+            first = f": {reasons[0]}" if reasons else ""
+            more = len(reasons) - 1 + len(verdict.get("warnings") or [])
+            tail = f" (+{more} more in summary.json)" if more else ""
+            lines.append(f"  {name.ljust(width)}  {verdict.get('status')}{first}{tail}")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

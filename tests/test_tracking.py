@@ -167,7 +167,8 @@ def test_summaries_and_the_generations_table(read_back, tracked_run):
 def test_trackers_keep_stdout_for_the_results_table(tracked_run):
     out = tracked_run["stdout"]
     assert "Trackio" not in out and "trackio" not in out.lower(), "trackio's prints go to align.log"
-    assert out.rstrip().splitlines()[-1].startswith("sft "), out
+    assert [line.split()[0] for line in out.splitlines()[1:3]] == ["lm", "sft"], out  # the table, after its header
+    assert out.rstrip().splitlines()[-1].lstrip().startswith("sft "), out  # then the verdicts
     log = (tracked_run["run_dir"] / "align.log").read_text()
     assert "trackio show --project align-test" in log and "tensorboard run tiny/lm" in log
 

@@ -232,18 +232,32 @@ def perplexities(before: dict[str, Any], after: dict[str, Any]) -> dict[str, flo
 def watch(trainer: Trainer, ctx: StageContext) -> NumericGuard:
     """Silence the Trainer's own printing (MetricsWriter logs each row once), guard its raw numbers, and stop at a
     step's end with a checkpoint when a signal asks (align/signals.py)."""
-    from transformers.trainer_callback import PrinterCallback
+    from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
     from align.guards import NumericGuard
     from align.signals import StopOnSignal
 
     trainer.remove_callback(PrinterCallback)
+    if trainer.pop_callback(ProgressCallback) is not None:  # a terminal: keep the bars, not their copy of each row
+        trainer.add_callback(bars_without_rows())
     # Before the guard: on a non-finite step the guard, running after it, cancels the save a signal asked for.
     trainer.add_callback(StopOnSignal())
     guard = NumericGuard(ctx.tracker, loss_scaling=ctx.precision.name == "fp16")
     guard.attach(trainer)
     trainer.add_callback(guard)
     return guard
+
+
+def bars_without_rows() -> Any:
+    """transformers' progress bars without the raw dict of every logged row they print under the bar: on a terminal
+    that doubled each row align.metrics already logs in its own format."""
+    from transformers.trainer_callback import ProgressCallback
+
+    class BarsOnly(ProgressCallback):
+        def on_log(self, args: Any, state: Any, control: Any, logs: Any = None, **kwargs: Any) -> None:
+            return None
+
+    return BarsOnly()
 
 
 def summary_metrics(

@@ -271,6 +271,7 @@ def _normal(text: str) -> str:
 def run(stage: Stage, ctx: StageContext) -> StageResult:
     """Answer the held-out prompts with every model, judge the answers, compare each model with the baseline."""
     from align.runtime import is_main_process
+    from align.signals import raise_if_requested
 
     models = eval_models(stage, ctx.recipe)
     label = ", ".join(models)
@@ -283,8 +284,6 @@ def run(stage: Stage, ctx: StageContext) -> StageResult:
         answers[name] = answer_all(stage, ctx, name, resolve_ref(ref, ctx.outputs, ctx.recipe.base_dir), rows, index)
         if stage.lm_eval is not None:
             lm_eval[name] = run_lm_eval(stage, ctx, resolve_ref(ref, ctx.outputs, ctx.recipe.base_dir))
-        from align.signals import raise_if_requested
-
         raise_if_requested(f"in stage {stage.name} after model {name} (its answers are kept)")
     scores = {judge.name: judge_all(judge, ctx, rows, answers) for judge in stage.judges}
     metrics = figures(stage, ctx, rows, answers, scores, lm_eval)
@@ -307,7 +306,7 @@ def answer_all(stage: Stage, ctx: StageContext, name: str, path: str, rows: list
     if kept is not None:
         logger.info("%s: %d answers kept from the earlier run of this stage", name, len(kept))
         return kept
-    model, tokenizer, prompt_format = load_policy(path, f"stages.{stage.name}.models.{name}")
+    model, tokenizer, prompt_format = load_policy(path, f"stages.{stage.name}.models.{name}", ctx.precision)
     prompts = [render_prompt(r.prompt, prompt_format) for r in rows]
     fmt = "plain" if prompt_format.format == "plain" and all(isinstance(p, str) for p in prompts) else "chat_template"
     # A different seed per model: sampled answers of two copies of one model must differ, or they would tie.
@@ -323,15 +322,26 @@ def answer_all(stage: Stage, ctx: StageContext, name: str, path: str, rows: list
     return answers
 
 
-def load_policy(path: str, where: str) -> tuple[Any, Any, Any]:
-    """A model that answers (adapters merged into their base), its tokenizer, and how its prompts were formatted
-    in training (align_prompts.json; a model from elsewhere: its chat template if it has one)."""
-    from align.models import build_model
-    from align.saved import read_prompt_format
+def load_on_device(path: str, where: str, precision: Any, reward_head: bool = False) -> tuple[Any, Any]:
+    """A model to run (adapters merged into their base) and its tokenizer, on the run's device, in the run's
+    precision (bf16 or fp16 weights on a GPU that trains in them; fp32 elsewhere)."""
+    import torch
 
-    model, tokenizer = build_model(path, where)
+    from align.models import build_model
+
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision.name)
+    model, tokenizer = build_model(path, where, dtype=dtype, reward_head=reward_head)
     if hasattr(model, "merge_and_unload"):
         model = model.merge_and_unload()
+    return model.to(precision.device).eval(), tokenizer
+
+
+def load_policy(path: str, where: str, precision: Any) -> tuple[Any, Any, Any]:
+    """A model that answers, its tokenizer, and how its prompts were formatted in training (align_prompts.json; a
+    model from elsewhere: its chat template if it has one)."""
+    from align.saved import read_prompt_format
+
+    model, tokenizer = load_on_device(path, where, precision)
     local = Path(path)
     prompt_format = read_prompt_format(local if local.is_dir() else Path("-"), tokenizer.chat_template is not None)
     return model, tokenizer, prompt_format
@@ -355,13 +365,10 @@ def judge_all(judge: Any, ctx: StageContext, rows: list[EvalRow], answers: dict[
     if judge.reference is not None:
         values = rouge_l_f1([a.text for _, _, a in flat], [rows[p].reference or "" for _, p, _ in flat])
     else:
-        from align.models import build_model
         from align.saved import read_prompt_format
 
         path = resolve_ref(judge.reward_model, ctx.outputs, ctx.recipe.base_dir)
-        model, tokenizer = build_model(path, f"stages.{ctx.stage.name}.judges", reward_head=True)
-        if hasattr(model, "merge_and_unload"):
-            model = model.merge_and_unload()
+        model, tokenizer = load_on_device(path, f"stages.{ctx.stage.name}.judges", ctx.precision, reward_head=True)
         local = Path(path) if Path(path).is_dir() else Path("-")
         record = read_prompt_format(local, tokenizer.chat_template is not None)
         prompts = [render_prompt(rows[p].prompt, record) for _, p, _ in flat]
@@ -472,7 +479,8 @@ def eval_verdict(metrics: dict[str, Any]) -> dict[str, Any]:
     others = [(label, m["verdict"]) for label, m in metrics["models"].items() if label != metrics["baseline"]]
     if not others:
         return {"status": "baseline", "reasons": ["only the baseline was evaluated"], "warnings": []}
-    reasons = [f"{label}: {v['status']}: {v['reasons'][0]}" for label, v in others]
+    reasons = [f"{label}: {v['reasons'][0]}" + ("" if len(others) == 1 else f" ({v['status']})")
+               for label, v in others]  # fmt: skip
     warnings = [f"{label}: {w}" for label, v in others for w in v["warnings"]]
     return {"status": others[-1][1]["status"], "reasons": reasons, "warnings": warnings}
 
