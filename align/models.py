@@ -7,10 +7,11 @@ so every later stage reuses the same tokenizer.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 import os
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -196,7 +197,8 @@ def build_model(
         if reward_head:
             from peft import PeftModel
 
-            body = auto.from_pretrained(adapter_base(ref), dtype=dtype, use_safetensors=True, **extra)
+            with quiet_new_head(reward_head):
+                body = auto.from_pretrained(adapter_base(ref), dtype=dtype, use_safetensors=True, **extra)
             model = PeftModel.from_pretrained(body, ref, is_trainable=True)
         else:
             model = AutoPeftModelForCausalLM.from_pretrained(ref, is_trainable=True, dtype=dtype)
@@ -209,9 +211,10 @@ def build_model(
         logger.warning("%s: trust_remote_code is on: the model repository's own Python code runs here", ref)
     try:
         # Safetensors only: pickled (.bin) weights can run arbitrary code when they are loaded.
-        model = auto.from_pretrained(
-            ref, dtype=dtype, use_safetensors=True, trust_remote_code=trust_remote_code, **extra
-        )
+        with quiet_new_head(reward_head):
+            model = auto.from_pretrained(
+                ref, dtype=dtype, use_safetensors=True, trust_remote_code=trust_remote_code, **extra
+            )
     except OSError as exc:
         if "safetensors" not in str(exc):
             raise
@@ -224,6 +227,24 @@ def build_model(
         model.config.pad_token_id = tokenizer.pad_token_id
     logger.info("loaded %s: %.2fM parameters", ref, model.num_parameters() / 1e6)
     return model, tokenizer
+
+
+@contextlib.contextmanager
+def quiet_new_head(reward_head: bool) -> Iterator[None]:
+    """Loading a causal LM as a reward model, transformers warns with a table that `score.weight` is MISSING and
+    "newly initialized": that is the point of an rm stage, so its load report stays out of the console (a head
+    that was saved, a reward model loaded as a judge, has nothing missing to report)."""
+    if not reward_head:
+        yield
+        return
+    loader = logging.getLogger("transformers.modeling_utils")
+    level = loader.level
+    loader.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        loader.setLevel(level)
+    logger.debug("reward head: loaded or newly initialised from the seed (a causal LM's body has no score head)")
 
 
 def save_model(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, directory: Path) -> None:

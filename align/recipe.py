@@ -538,13 +538,18 @@ def check_recipe(recipe: Recipe) -> list[str]:
             if stage.model is None and not any(s.kind in POLICY_KINDS for s in recipe.stages[:i]):
                 problems.append(f"{where}.model: the first stage needs a model (hub id, path or {{model_type: ...}})")
             if ref is not None and kinds.get(ref) not in (None, *POLICY_KINDS):
-                problems.append(f"{where}.model: '@{ref}' is a {kinds[ref]} stage, whose output is not a language "
-                                "model to train on (name an lm, sft or dpo stage)")  # fmt: skip
+                problems.append(f"{where}.model: '@{ref}' is {a_kind(kinds[ref])} stage, whose output is not a "
+                                "language model to train on (name an lm, sft or dpo stage)")  # fmt: skip
         else:
             problems += _eval_problems(stage, recipe.stages[:i], where)
         seen.add(stage.name)
         kinds[stage.name] = stage.kind
     return problems
+
+
+def a_kind(kind: str) -> str:
+    """The kind with its article, as a sentence says it: "an rm", "an lm", "a dpo"."""
+    return f"an {kind}" if kind in ("rm", "lm", "eval") else f"a {kind}"
 
 
 def _kind_keys(stage: Stage, where: str) -> list[str]:
@@ -575,14 +580,14 @@ def _eval_problems(stage: Stage, earlier: list[Stage], where: str) -> list[str]:
             problems.append(f"{where}.models.{label}: '@{name}' is not an earlier stage "
                             f"(earlier stages: {', '.join(kinds) or '-'})")  # fmt: skip
         elif name is not None and kinds[name] not in POLICY_KINDS:
-            problems.append(f"{where}.models.{label}: '@{name}' is a {kinds[name]} stage; only lm, sft and dpo "
+            problems.append(f"{where}.models.{label}: '@{name}' is {a_kind(kinds[name])} stage; only lm, sft and dpo "
                             "models answer prompts (a reward model judges: put it under `judges:`)")  # fmt: skip
     if stage.baseline is not None and stage.baseline not in models:
         problems.append(f"{where}.baseline: '{stage.baseline}' is not one of the models ({', '.join(models)})")
     for n, judge in enumerate(stage.judges):
         name = stage_ref(judge.reward_model)
         if name is not None and kinds.get(name) != "rm":
-            what = f"a {kinds[name]} stage" if name in kinds else "not an earlier stage"
+            what = f"{a_kind(kinds[name])} stage" if name in kinds else "not an earlier stage"
             problems.append(f"{where}.judges.{n}.reward_model: '@{name}' is {what}; a reward model comes from an "
                             "earlier rm stage, a directory or a hub id")  # fmt: skip
     names = [judge.name for judge in stage.judges]

@@ -22,7 +22,8 @@ logger = logging.getLogger("align.run")
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="python -m align.run",
-        description="Run an align recipe: its stages (lm, sft, dpo) in order, each on the previous one's output.",
+        description="Run an align recipe: its stages (lm, sft, rm, dpo, eval) in order, each on an earlier one's "
+        "output.",
     )
     parser.add_argument("recipe", type=Path, help="the recipe YAML file")
     parser.add_argument(
@@ -36,7 +37,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--output-dir", type=Path, help="run directory (default: runs/<recipe name>)")
     parser.add_argument("--dry-run", action="store_true", help="validate everything and show the plan; train nothing")
     parser.add_argument("--print-config", action="store_true", help="print the resolved recipe as YAML and exit")
-    parser.add_argument("--fresh", action="store_true", help="ignore earlier results in the run directory")
+    parser.add_argument(
+        "--fresh", action="store_true", help="start over: delete what earlier runs wrote in the run directory"
+    )
     parser.add_argument("--log-level", choices=["debug", "info", "warning"], help="console level (default: recipe's)")
     parser.add_argument("--offline", action="store_true", help="never contact the Hugging Face Hub")
     return parser.parse_args(argv)

@@ -17,7 +17,7 @@ from typing import Any
 
 from align.errors import BadInput, closest
 from align.files import read_json, write_text_atomic
-from align.recipe import POLICY_KINDS  # chat, compare and push pick among these, never an rm or eval stage
+from align.recipe import POLICY_KINDS, a_kind  # chat, compare and push pick among these, never an rm or eval stage
 
 logger = logging.getLogger(__name__)
 
@@ -112,7 +112,8 @@ def run_stage_model(run_dir: Path, stage: str | None) -> SavedModel:
             )
         entry = stages[names.index(stage)]
         if entry["kind"] not in POLICY_KINDS:
-            raise BadInput(f"--stage {stage}: a {entry['kind']} stage; only {', '.join(POLICY_KINDS)} stages generate")
+            only = ", ".join(POLICY_KINDS)
+            raise BadInput(f"--stage {stage}: {a_kind(entry['kind'])} stage; only {only} stages generate")
     model = run_dir / entry["name"] / "model"
     if entry["status"] not in DONE or not holds_model(model):
         raise BadInput(f"--stage {entry['name']}: no saved model in {model} (the stage is {entry['status']})")

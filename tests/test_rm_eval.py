@@ -246,8 +246,8 @@ def test_eval_references_found_in_the_lm_text_are_refused(tmp_path, run_cli):
     ("change", "message"),
     [
         (lambda s: s[4].update(train={"max_steps": 3}), "stages.eval.train: an eval stage trains nothing"),
-        (lambda s: s[3].update(model="@rm"), "stages.dpo.model: '@rm' is a rm stage"),
-        (lambda s: s[4].update(models={"rm": "@rm"}, baseline="rm"), "stages.eval.models.rm: '@rm' is a rm stage"),
+        (lambda s: s[3].update(model="@rm"), "stages.dpo.model: '@rm' is an rm stage"),
+        (lambda s: s[4].update(models={"rm": "@rm"}, baseline="rm"), "stages.eval.models.rm: '@rm' is an rm stage"),
         (lambda s: s[4].update(judges=[{"reward_model": "@sft"}]), "judges.0.reward_model: '@sft' is a sft"),
         (lambda s: s[4].update(baseline="base"), "stages.eval.baseline: 'base' is not one of the models"),
         (lambda s: s[4].update(judges=[]), "stages.eval.judges: an eval stage needs at least one judge"),
