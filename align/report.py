@@ -53,7 +53,8 @@ STYLE = (
     # the before and after columns (the point of the table) stay on screen beside a long prompt.
     "table.generations{table-layout:fixed;width:100%}"
     "table.generations pre{white-space:pre-wrap;overflow-wrap:anywhere;margin:0;padding:.5em;overflow:visible}"
-    ".empty{color:#888;font-style:italic}"
+    ".empty{color:#888;font-style:italic}p.note{color:#444;font-size:.92em;max-width:52em}"
+    "table.regressions td.num{white-space:normal;overflow-wrap:anywhere}"
     ".failed,.worse{color:#b00}.completed,.cached,.better{color:#070}.warn{color:#a60}"
     # Verdicts (align/verdict.py; the eval stage's per model): the same colours as the statuses above.
     ".got_worse{color:#b00}.improved{color:#070}.did_not_learn,.no_difference{color:#a60}.baseline{color:#555}"
@@ -288,6 +289,21 @@ def win_rate_plot(models: dict[str, dict[str, Any]], baseline: str, judge: str) 
     return _png(fig)
 
 
+def how_to_read(baseline: str, judge: str) -> str:
+    """What the table's figures mean, under it: a reader new to win rates should not have to look them up."""
+    b, j = html.escape(baseline), html.escape(judge)
+    return (
+        "<p class='note'>How to read this: every model answered the same held-out prompts. <b>score</b> is a judge's "
+        f"mean over all answers. <b>win rate</b> compares prompt by prompt with {b}'s answer to the same prompt, by "
+        f"{j}: 1 where the model's answer scores higher, 0.5 for a tie, 0 where lower; 0.5 overall is a draw, and the "
+        "95% interval (prompts resampled) says how sure that is. A mean score and a win rate can disagree: a few very "
+        "low scores pull a mean down without losing more than a few prompts. <b>LC win rate</b> is the win rate "
+        "corrected for answer length (what it would be at equal length; judges often favour longer answers). "
+        "<b>repetition</b>: the share of repeated 4-grams in an answer; <b>eos rate</b>: answers that ended on their "
+        "own rather than at the length limit. A judge's differences can be tiny: the scores below show them.</p>"
+    )
+
+
 def did_it_help(run_dir: Path, entries: list[dict[str, Any]], summaries: dict[str, dict[str, Any]]) -> str:
     """The report's first section: the eval stages' tables, figures and regressions, and every stage's verdict."""
     from align.verdict import regressions
@@ -329,6 +345,7 @@ def did_it_help(run_dir: Path, entries: list[dict[str, Any]], summaries: dict[st
                 + f"<td>{verdict_status(verdict)}{reasons}</td></tr>"
             )  # fmt: skip
         out.append("</table>")
+        out.append(how_to_read(str(baseline), str(judge)))
         png = win_rate_plot(models, str(baseline), str(judge))
         if png is not None:
             alt = "Win rate against the baseline with 95% intervals: " + "; ".join(
