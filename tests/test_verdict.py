@@ -244,13 +244,16 @@ def test_tiny_runs_improve_learn_nothing_and_get_worse(verdict_run):
     assert worse["reasons"][1:] == [high]
 
 
-def test_the_console_table_has_a_verdict_column(verdict_run):
-    lines = verdict_run["stdout"].rstrip().splitlines()[-4:]
-    assert lines[0].split() == ["stage", "status", "metrics", "time", "model", "verdict"]
-    for line, (stage, status) in zip(lines[1:], [("lm", "improved"), ("dpo", "did_not_learn"),
-                                                 ("worse", "got_worse")], strict=True):  # fmt: skip
-        assert line.startswith(stage + " ") and f"  {status}: " in line, line
-        assert len(line.split(f"{status}: ", 1)[1]) <= 70
+def test_the_console_table_ends_with_every_stage_verdict_in_full(verdict_run):
+    lines = verdict_run["stdout"].rstrip().splitlines()
+    assert lines[0].split() == ["stage", "status", "before", "→", "after", "time", "model"]
+    start = lines.index("verdicts:")
+    expected = [("lm", "improved"), ("dpo", "did_not_learn"), ("worse", "got_worse")]
+    for line, (stage, status) in zip(lines[start + 1 :], expected, strict=True):
+        assert line.split()[:2] == [stage, f"{status}:"], line
+        assert "…" not in line, "the first reason in full"
+        summary = json.loads((verdict_run["run_dir"] / stage / "summary.json").read_text())
+        assert summary["verdict"]["reasons"][0] in line
 
 
 def test_the_report_shows_each_stage_verdict_in_the_table_its_section_and_did_it_help(verdict_run):
