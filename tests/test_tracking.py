@@ -167,8 +167,10 @@ def test_summaries_and_the_generations_table(read_back, tracked_run):
 def test_trackers_keep_stdout_for_the_results_table(tracked_run):
     out = tracked_run["stdout"]
     assert "Trackio" not in out and "trackio" not in out.lower(), "trackio's prints go to align.log"
-    assert [line.split()[0] for line in out.splitlines()[1:3]] == ["lm", "sft"], out  # the table, after its header
-    assert out.rstrip().splitlines()[-1].lstrip().startswith("sft "), out  # then the verdicts
+    lines = out.splitlines()
+    header = next(i for i, line in enumerate(lines) if line.startswith("stage "))
+    assert [line.split()[0] for line in lines[header + 1 : header + 3]] == ["lm", "sft"], out  # the table
+    assert lines[-1].lstrip().startswith("sft "), out  # then the verdicts
     log = (tracked_run["run_dir"] / "align.log").read_text()
     assert "trackio show --project align-test" in log and "tensorboard run tiny/lm" in log
 
