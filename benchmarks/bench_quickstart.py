@@ -21,7 +21,7 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as out:
         started = time.perf_counter()
         proc = subprocess.run(
-            [sys.executable, "-m", "align.run", str(REPO / "recipes/quickstart.yaml"), "--output-dir", out, "--fresh"],
+            [sys.executable, "-m", "align.run", str(REPO / "recipes/quickstart.yaml"), "--output-dir", f"{out}/run"],
             capture_output=True, text=True, cwd=REPO,
             env={**os.environ, "ALIGN_CACHE_DIR": str(Path(out) / "cache")},  # cold: a user's first run
         )  # fmt: skip
@@ -29,14 +29,23 @@ def main() -> int:
         if proc.returncode != 0:
             print(f"quickstart: failed (exit {proc.returncode}): {proc.stderr.strip().splitlines()[-1]} MISSED")
             return 1
-        dpo = json.loads((Path(out) / "dpo" / "summary.json").read_text())["metrics"]
+        run = Path(out) / "run"  # the cache beside it, not in it: a run directory holds only the run
+        summaries = {
+            stage: json.loads((run / stage / "summary.json").read_text()) for stage in ("lm", "sft", "rm", "dpo", "eval")
+        }
+    dpo, rm = summaries["dpo"]["metrics"], summaries["rm"]["metrics"]
+    evaluated = summaries["eval"]["metrics"]["models"]["dpo"]
     figures = dpo["pref_accuracy"] >= 0.8 and dpo["pref_accuracy"] > dpo["pref_accuracy_before"]
-    figures = figures and dpo["reward_accuracy"] >= 0.8
+    figures = figures and dpo["reward_accuracy"] >= 0.8 and rm["accuracy"] >= 0.9
     ok = seconds <= 300 and figures
+    stages = ", ".join(f"{name} {s['wall_time_s']:.0f}" for name, s in summaries.items())
+    low, high = evaluated["win_rate_ci"]
     print(
-        f"quickstart: {seconds:.0f} s (target <= 300 s); pref_accuracy {dpo['pref_accuracy_before']:.3f} -> "
-        f"{dpo['pref_accuracy']:.3f}, reward_accuracy {dpo['reward_accuracy']:.3f} (targets >= 0.8) "
-        f"{'ok' if ok else 'MISSED'}"
+        f"quickstart: {seconds:.0f} s ({stages} s) (target <= 300 s); dpo pref_accuracy "
+        f"{dpo['pref_accuracy_before']:.3f} -> {dpo['pref_accuracy']:.3f}, reward_accuracy {dpo['reward_accuracy']:.3f} "
+        f"(targets >= 0.8); rm accuracy {rm['accuracy_before']:.3f} -> {rm['accuracy']:.3f} (target >= 0.9); eval: dpo "
+        f"vs sft win rate {evaluated['win_rate']:.2f} [{low:.2f}, {high:.2f}], LC {evaluated['lc_win_rate']:.2f}, "
+        f"{evaluated['verdict']['status']} (reported) {'ok' if ok else 'MISSED'}"
     )
     return 0 if ok else 1
 
