@@ -30,9 +30,8 @@ def main() -> int:
             print(f"quickstart: failed (exit {proc.returncode}): {proc.stderr.strip().splitlines()[-1]} MISSED")
             return 1
         run = Path(out) / "run"  # the cache beside it, not in it: a run directory holds only the run
-        summaries = {
-            stage: json.loads((run / stage / "summary.json").read_text()) for stage in ("lm", "sft", "rm", "dpo", "eval")
-        }
+        names = ("lm", "sft", "rm", "dpo", "eval")
+        summaries = {stage: json.loads((run / stage / "summary.json").read_text()) for stage in names}
     dpo, rm = summaries["dpo"]["metrics"], summaries["rm"]["metrics"]
     evaluated = summaries["eval"]["metrics"]["models"]["dpo"]
     figures = dpo["pref_accuracy"] >= 0.8 and dpo["pref_accuracy"] > dpo["pref_accuracy_before"]
@@ -42,8 +41,9 @@ def main() -> int:
     low, high = evaluated["win_rate_ci"]
     print(
         f"quickstart: {seconds:.0f} s ({stages} s) (target <= 300 s); dpo pref_accuracy "
-        f"{dpo['pref_accuracy_before']:.3f} -> {dpo['pref_accuracy']:.3f}, reward_accuracy {dpo['reward_accuracy']:.3f} "
-        f"(targets >= 0.8); rm accuracy {rm['accuracy_before']:.3f} -> {rm['accuracy']:.3f} (target >= 0.9); eval: dpo "
+        f"{dpo['pref_accuracy_before']:.3f} -> {dpo['pref_accuracy']:.3f}, reward_accuracy "
+        f"{dpo['reward_accuracy']:.3f} (targets >= 0.8); rm accuracy {rm['accuracy_before']:.3f} -> "
+        f"{rm['accuracy']:.3f} (target >= 0.9); eval: dpo "
         f"vs sft win rate {evaluated['win_rate']:.2f} [{low:.2f}, {high:.2f}], LC {evaluated['lc_win_rate']:.2f}, "
         f"{evaluated['verdict']['status']} (reported) {'ok' if ok else 'MISSED'}"
     )
