@@ -161,6 +161,24 @@ def training_args(stage: Stage, ctx: StageContext, **at_run_time: Any) -> Any:
     return ctx.plan.build_args(**at_run_time)
 
 
+def report_dropped(stage: Stage, trainer: Trainer, totals: tuple[int, int], reason: str, refusal: str,
+                   hint: str) -> None:  # fmt: skip
+    """Say how many pairs a preference trainer's preparation dropped (`reason`: why, with the setting), and refuse
+    a split it left empty (`refusal`: the problem, with `{split}` for the split's name; `hint`: the fix).
+
+    Raises:
+        BadInput: no training pair (or no eval pair) is left.
+    """
+    from align.errors import BadInput
+
+    kept = {"train": len(trainer.train_dataset), "eval": len(trainer.eval_dataset)}
+    for split, total in zip(("train", "eval"), totals, strict=True):
+        if total and not kept[split]:
+            raise BadInput(f"stages.{stage.name}.train.max_length: {refusal.format(split=split)}", hint=hint)
+        if kept[split] < total:
+            logger.warning("%s: %d of %d pairs dropped: %s", split, total - kept[split], total, reason)
+
+
 def log_training(args: Any, n_train: int, unit: str) -> None:
     """The planned steps and the effective batch of one optimizer step, as the Trainer will run them."""
     from align.plan import steps_for

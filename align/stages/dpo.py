@@ -17,6 +17,7 @@ from align.stages.common import (
     generation_table,
     max_length_setting,
     render_mask,
+    report_dropped,
     run_stage,
     split_all_ids,
     split_ids,
@@ -72,7 +73,12 @@ class DPOStage(StageKind):
         )  # fmt: skip
 
     def check(self, trainer: Any) -> None:
-        report_dropped(self.stage, trainer, len(self.train), len(self.eval), self.max_length)
+        report_dropped(
+            self.stage, trainer, (len(self.train), len(self.eval)),
+            reason=f"the prompt alone fills max_length={self.max_length}",
+            refusal=f"every {{split}} prompt fills {self.max_length} tokens, so no pair is left to learn from",
+            hint="raise max_length (align caps it at the model's positions) or shorten the prompts",
+        )  # fmt: skip
         self.extra.update(beta=trainer.args.beta, loss_type=trainer.args.loss_type)
 
     def measure(self, trainer: Any) -> dict[str, Any]:
@@ -104,27 +110,6 @@ class DPOStage(StageKind):
         )  # fmt: skip
         texts = ([a.text for a in side] for side in answers)
         return metrics, {"generations": generation_table(self.ctx, self.prompts, *texts), "verdict": verdict}
-
-
-def report_dropped(stage: Stage, trainer: Any, n_train: int, n_eval: int, max_length: int | None) -> None:
-    """Say how many pairs TRL dropped because the prompt alone fills `max_length` (nothing left to compare).
-
-    Raises:
-        BadInput: no training pair (or no eval pair) is left.
-    """
-    from align.errors import BadInput
-
-    kept = {"train": len(trainer.train_dataset), "eval": len(trainer.eval_dataset)}
-    for split, total in (("train", n_train), ("eval", n_eval)):
-        if total and not kept[split]:
-            raise BadInput(
-                f"stages.{stage.name}.train.max_length: every {split} prompt fills {max_length} tokens, "
-                "so no pair is left to learn from",
-                hint="raise max_length (align caps it at the model's positions) or shorten the prompts",
-            )
-        if kept[split] < total:
-            logger.warning("%s: %d of %d pairs dropped: the prompt alone fills max_length=%s", split,
-                           total - kept[split], total, max_length)  # fmt: skip
 
 
 def reference_plan(stage: Stage, start: StartingPoint) -> str:

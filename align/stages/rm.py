@@ -12,7 +12,15 @@ from __future__ import annotations
 import logging
 from typing import TYPE_CHECKING, Any
 
-from align.stages.common import StageKind, StageResult, max_length_setting, render_mask, run_stage, split_all_ids
+from align.stages.common import (
+    StageKind,
+    StageResult,
+    max_length_setting,
+    render_mask,
+    report_dropped,
+    run_stage,
+    split_all_ids,
+)
 
 if TYPE_CHECKING:
     from align.context import StageContext
@@ -53,7 +61,13 @@ class RMStage(StageKind):
         )  # fmt: skip
 
     def check(self, trainer: Any) -> None:
-        report_dropped(self.stage, trainer, len(self.train), len(self.eval), self.max_length)
+        # TRL's reward trainer drops a pair whose chosen or rejected sequence is longer than max_length, not cut it.
+        report_dropped(
+            self.stage, trainer, (len(self.train), len(self.eval)), reason=f"longer than max_length={self.max_length}",
+            refusal=f"every {{split}} pair is longer than {self.max_length} tokens, and the reward trainer drops such "
+            "pairs, so none is left",
+            hint="raise max_length (align caps it at the model's positions) or shorten the answers",
+        )  # fmt: skip
 
     def measure(self, trainer: Any) -> dict[str, Any]:
         """Every held-out pair the Trainer evaluates, scored as it scores them (its own token ids)."""
@@ -83,28 +97,6 @@ class RMStage(StageKind):
         verdict = accuracy_verdict("accuracy", measured_before["correct"], measured_after["correct"], unit="pairs",
                                    **self.trained_with)  # fmt: skip
         return metrics, {"verdict": verdict.record()}
-
-
-def report_dropped(stage: Stage, trainer: Any, n_train: int, n_eval: int, max_length: int | None) -> None:
-    """Say how many pairs TRL's RewardTrainer dropped for being longer than `max_length` (it drops a pair whose
-    chosen or rejected sequence is longer, rather than cut it).
-
-    Raises:
-        BadInput: no training pair (or no eval pair) is left.
-    """
-    from align.errors import BadInput
-
-    kept = {"train": len(trainer.train_dataset), "eval": len(trainer.eval_dataset)}
-    for split, total in (("train", n_train), ("eval", n_eval)):
-        if total and not kept[split]:
-            raise BadInput(
-                f"stages.{stage.name}.train.max_length: every {split} pair is longer than {max_length} tokens, and "
-                "the reward trainer drops such pairs, so none is left",
-                hint="raise max_length (align caps it at the model's positions) or shorten the answers",
-            )
-        if kept[split] < total:
-            logger.warning("%s: %d of %d pairs dropped: longer than max_length=%s", split, total - kept[split], total,
-                           max_length)  # fmt: skip
 
 
 # --------------------------------------------------------------------------------------------------
