@@ -306,7 +306,19 @@ def summary_metrics(
         # Beyond the contract's keys: the wait before training moves (model, data, first step) and peak memory.
         "time_to_first_step_s": writer.first_step_s,
         "peak_memory_gb": peak_memory_gb(),
+        **utilisation(trainer, train_tokens / runtime if runtime > 0 else None),
     }
+
+
+def utilisation(trainer: Trainer, tokens_per_s: float | None) -> dict[str, Any]:
+    """`flops_per_token` (6N + 12LdT at the stage's max_length, align/speed.py) and `mfu`, the share of the GPU's
+    dense bf16/fp16 peak the training used: None on a CPU, in fp32, or on a GPU not in align's table."""
+    from align.speed import device_name, flops_per_token, mfu, peak_flops
+
+    args = trainer.args
+    precision = "bf16" if args.bf16 else "fp16" if args.fp16 else "fp32"
+    per_token = flops_per_token(trainer.model.config, trainer.model.num_parameters(), getattr(args, "max_length", None))
+    return {"flops_per_token": per_token, "mfu": mfu(tokens_per_s, per_token, peak_flops(device_name(), precision))}
 
 
 def metrics_writer(ctx: StageContext, stage: Stage) -> MetricsWriter:
