@@ -389,14 +389,28 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
         recipe = Recipe.model_validate(raw)
     except ValidationError as exc:
         problems += [_format_error(err, raw) for err in exc.errors() if err["type"] != "extra_forbidden"]
-        raise BadInput([f"{path}: {p}" for p in _dedupe(problems)]) from None
+        raise BadInput([_blame(p, path, overrides) for p in _dedupe(problems)]) from None
     problems += check_recipe(recipe)
     if problems:
-        raise BadInput([f"{path}: {p}" for p in _dedupe(problems)])
+        raise BadInput([_blame(p, path, overrides) for p in _dedupe(problems)])
     recipe._path = path
     recipe._overridden = frozenset(item.partition("=")[0].strip() for item in overrides or [])
     resolve_local_models(recipe)
     return recipe
+
+
+def _blame(problem: str, path: Path, overrides: list[str] | None) -> str:
+    """A problem named after where its value came from: `--set KEY=VALUE` for a value given on the command line
+    (the file does not hold it), else the recipe file."""
+    where = problem.split(":", 1)[0]
+    unknown = re.search(r"unknown key '([^']+)'", problem)
+    if unknown:  # "stages.eval: unknown key 'max_prompt'" names the mapping; the value's own path is the key's
+        where = f"{where}.{unknown.group(1)}"
+    for item in overrides or []:
+        key = item.partition("=")[0].strip()
+        if where == key or where.startswith(key + "."):
+            return f"--set {item}: {problem.split(':', 1)[1].strip()}"
+    return f"{path}: {problem}"
 
 
 def _dedupe(items: list[str]) -> list[str]:

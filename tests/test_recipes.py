@@ -101,8 +101,9 @@ def test_yaml_exponent_without_dot_is_still_a_float(tmp_path):
 def test_settings_align_manages_are_refused_with_the_right_place(tmp_path):
     problems = problems_of(tmp_path, tiny_lm_recipe(), "stages.lm.train.bf16=true", "stages.lm.train.output_dir=x")
     text = "\n".join(problems)
-    assert "train.bf16: set by align: use the recipe's top-level `precision:`" in text
-    assert "train.output_dir: set by align" in text
+    # Given with --set, the problem names the --set that gave it (the file does not hold the value).
+    assert "--set stages.lm.train.bf16=true: set by align: use the recipe's top-level `precision:`" in text
+    assert "--set stages.lm.train.output_dir=x: set by align" in text
 
 
 def test_wrong_types_and_bad_values(tmp_path):
@@ -145,3 +146,12 @@ def test_cli_bad_input_is_one_error_line_exit_2_no_traceback(tmp_path):
 def test_missing_recipe_file(run_cli, tmp_path):
     code, _, err = run_cli(tmp_path / "nope.yaml")
     assert code == 2 and "nope.yaml: no such file" in err
+
+
+def test_a_bad_value_given_with_set_is_blamed_on_set_not_on_the_file(run_cli):
+    path = REPO / "recipes" / "quickstart.yaml"
+    code, _, err = run_cli(path, "--set", "stages.eval.max_prompts=abc", "--dry-run")
+    assert code == 2 and err.startswith("error: --set stages.eval.max_prompts=abc: "), err
+    code, _, err = run_cli(path, "--set", "stages.sft.train.learning_rat=1", "--dry-run")
+    assert code == 2 and err.startswith("error: --set stages.sft.train.learning_rat=1: unknown key"), err
+    assert "did you mean 'learning_rate'" in err
