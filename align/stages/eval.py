@@ -147,7 +147,7 @@ def plan_eval(
     has references, lm-eval is installed, and no prompt was trained on by an earlier stage of this recipe
     (`chain`: stage name -> its data, None where not loaded). Returns the plan, problems and hints.
     """
-    from align.plan import Setting, StagePlan, plain
+    from align.plan import Setting, StagePlan
 
     where = f"stages.{stage.name}"
     models = eval_models(stage, recipe)
@@ -175,10 +175,10 @@ def plan_eval(
         except BadInput as exc:
             problems += exc.problems
             hints += [exc.hint] if exc.hint else []
+    judges = [f"{j.name} ({j.reward_model})" if j.reward_model else j.name for j in stage.judges]
     details: dict[str, Any] = {
-        "models": ", ".join(f"{label}: {ref}" for label, ref in models.items()),
         "baseline": baseline_of(stage, recipe),
-        "judges": ", ".join(j.name for j in stage.judges) or "-",
+        "judges": ", ".join(judges) or "-",
         "decides the win rate": stage.judges[0].name if stage.judges else "-",
     }
     if stage.lm_eval is not None:
@@ -191,15 +191,19 @@ def plan_eval(
             problems.append(f"{where}.judges: the reference judge needs a reference answer for every prompt; "
                             f"{len(rows) - with_reference} of {len(rows)} have none")  # fmt: skip
             hints.append("use data with completions (prompt_completion) or chosen answers (preference)")
-        if not stage.allow_overlap:
+        if stage.allow_overlap:
+            details["leakage"] = "not checked (allow_overlap: true)"
+        else:
             leaks = leaked(rows, recipe, stage, chain)
+            details["leakage"] = f"{len(leaks)} earlier stages trained on these prompts" if leaks else (
+                "none: no prompt is in an earlier stage's training split")  # fmt: skip
             if leaks:
                 problems += leaks
                 hints.append("evaluate on prompts no stage trained on (a card's `test` split), or set "
                              "`allow_overlap: true` to evaluate on them anyway")  # fmt: skip
-    plan = StagePlan(stage.name, "eval", details["models"], "models", None, None, None, settings, details=details)
-    plan.effective = dict(settings)
-    plan.details["generation"] = plain(stage.generation.model_dump())
+    label = ", ".join(f"{name}: {ref}" for name, ref in models.items())
+    plan = StagePlan(stage.name, "eval", label, "models", None, None, None, settings, details=details)
+    plan.effective = dict(settings)  # shown under `settings:`, each with its source
     return plan, problems, hints
 
 
