@@ -268,6 +268,41 @@ def fingerprint(stage: Stage, spec: DataSpec, input_fingerprint: str, recipe: Re
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
+def input_identity(stage: Stage, recipe: Recipe, outputs: Any) -> str:
+    """What the stage's fingerprint takes from its input: an earlier stage's fingerprint, a hub id or path as
+    written, nothing for a model built from scratch (all in the stage's config), every model and judge an eval
+    stage reads."""
+    if stage.kind == "eval":
+        from align.stages.eval import input_fingerprint
+
+        return input_fingerprint(stage, recipe, outputs)
+    source = model_source(stage, recipe)
+    if stage_ref(source) is not None:
+        return outputs[stage_ref(source)].fingerprint
+    return source if isinstance(source, str) else ""
+
+
+def planned_status(recipe: Recipe, specs: dict[str, DataSpec], precision: str, run_dir: Path) -> dict[str, str]:
+    """What a run into `run_dir` would do with each stage, from the fingerprints it would compute: `cached`,
+    `resumes from checkpoint-N`, `runs again (changed since the last run)` or `runs`; for `--dry-run`."""
+    outputs: dict[str, StageOutput] = {}
+    out = {}
+    for stage in recipe.stages:
+        fp = fingerprint(stage, specs[stage.name], input_identity(stage, recipe, outputs), recipe, precision)
+        stage_dir = run_dir / stage.name
+        outputs[stage.name] = StageOutput(stage.name, stage.kind, stage_dir / "model", fp)
+        checkpoint = interrupted_checkpoint(stage_dir, fp)
+        if _cached_summary(stage_dir, fp) is not None:
+            out[stage.name] = f"cached (unchanged since the last run in {run_dir}, fingerprint {fp})"
+        elif checkpoint is not None:
+            out[stage.name] = f"resumes from {checkpoint.name} (fingerprint {fp})"
+        elif (stage_dir / "summary.json").is_file():
+            out[stage.name] = f"runs again: changed since the last run in {run_dir} (fingerprint {fp})"
+        else:
+            out[stage.name] = f"runs (fingerprint {fp})"
+    return out
+
+
 class Records:
     """pipeline.json and each stage's summary.json, rewritten atomically on every change."""
 
@@ -437,19 +472,11 @@ def write_report(run_dir: Path) -> None:
 def _run_stages(state: RunState, records: Records, fresh: bool) -> list[dict[str, Any]]:
     recipe, specs, tracker = state.recipe, state.specs, state.tracker
     summaries = []
-    input_fp = ""
     for i, stage in enumerate(recipe.stages, start=1):
         CURRENT_STAGE.set(stage.name)
         raise_if_requested(f"before stage {stage.name}")
-        if stage.kind == "eval":
-            from align.stages.eval import input_fingerprint
-
-            input_fp = input_fingerprint(stage, recipe, state.outputs)  # every model and judge it reads
-        elif stage_ref(source := model_source(stage, recipe)) is not None:
-            input_fp = state.outputs[stage_ref(source)].fingerprint
-        else:
-            input_fp = source if isinstance(source, str) else ""  # a scratch model is all in the stage config
-        fp = fingerprint(stage, specs[stage.name], input_fp, recipe, state.precision.name)
+        fp = fingerprint(stage, specs[stage.name], input_identity(stage, recipe, state.outputs), recipe,
+                         state.precision.name)  # fmt: skip
         stage_dir = state.run_dir / stage.name
         cached = None if fresh else _cached_summary(stage_dir, fp)
         wait_for_everyone()
@@ -609,7 +636,9 @@ def dry_run(recipe: Recipe, output_dir: Path) -> str:
     plans = plan_stages(recipe, specs, data, precision, output_dir, report_to(recipe.tracking.wandb))
     lines = [f"preflight: recipe {recipe.name}, {len(recipe.stages)} stages, output {output_dir}",
              f"precision: {precision.name} ({precision.reason})"]  # fmt: skip
+    status = planned_status(recipe, specs, precision.name, output_dir)
     for plan, stage in zip(plans.values(), recipe.stages, strict=True):
+        plan.details = {"run": status[stage.name], **plan.details}
         split = data[stage.name]
         rows = ", ".join(f"{len(rows)} {name} rows" for name, rows in split.items())
         plan.details = {"data": f"{specs[stage.name].name or 'inline'} ({specs[stage.name].format}): {rows}",

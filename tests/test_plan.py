@@ -75,6 +75,17 @@ def test_the_trainer_gets_exactly_the_planned_arguments_for_every_kind(tmp_path,
                 assert getattr(value, "value", value) == setting.value, (name, key)
     assert set(plans["sft"].runtime) == {"packing"}, "the one decision left to the loaded model"
 
+    # The dry run says what a run into that directory would do: everything cached; a changed dpo, and what reads it,
+    # runs again (the fingerprints the run itself computes).
+    from align.pipeline import dry_run
+
+    out = dry_run(recipe, run_dir)
+    assert out.count("  run: cached (unchanged since the last run") == 5, out
+    changed = load_recipe(tmp_path / "r.yaml", ["stages.dpo.train.beta=0.2"])
+    lines = dry_run(changed, run_dir).splitlines()
+    runs = [line.split(":", 2)[1].strip() for line in lines if line.startswith("  run:")]
+    assert [r.split(" ")[0] for r in runs] == ["cached", "cached", "cached", "runs", "runs"], runs
+
 
 def test_gradient_checkpointing_is_decided_once_from_the_architecture(tmp_path, run_cli):
     """The dry run once refused `gradient_checkpointing: true` on sft/dpo (it assumed no support) while the run
