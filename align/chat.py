@@ -374,7 +374,10 @@ def main(argv: list[str] | None = None, prog: str = "align chat") -> int:
     try:
         if args.compare is not None:
             if args.model is not None or args.stage is not None:
-                raise BadInput("--compare RUN_DIR takes no MODEL and no --stage: it answers with every stage's model")
+                raise BadInput(
+                    "--compare RUN_DIR takes no MODEL and no --stage: it answers with every stage's model",
+                    hint=f"align chat --compare {args.compare} --prompt TEXT",
+                )
             if args.prompt is None:
                 raise BadInput("--compare answers one prompt: add --prompt TEXT")
             return compare(args.compare, args)
