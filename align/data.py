@@ -214,15 +214,26 @@ def _load_prompts(spec: DataSpec, base_dir: Path, where: str | None) -> DatasetD
     name = spec.splits.test or spec.splits.validation or spec.splits.train
     if name not in splits:
         raise BadInput(f"{label}: no split '{name}' (splits: {', '.join(splits)})")
-    rows = map_columns(_numbered(splits[name]), spec, label)
     origin = origins.get(name) or RowOrigin(f"{label} (split {name})")
-    rows = clean_rows(rows, spec.format, label, origin=origin, names=column_labels(spec))
-    if spec.format.startswith("preference"):
-        rows = explicit_prompts(rows, spec.format, label, origin=origin, names=column_labels(spec))
-    if len(rows) == 0:
-        raise BadInput(f"{label}: the {name} split has no usable rows")
+    rows = _usable_rows(map_columns(_numbered(splits[name]), spec, label), spec, label, origin, name)
     logger.info("data %s: %d prompts to evaluate (split %s)", spec.name or label, len(rows), name)
-    return DatasetDict(test=rows.remove_columns(ROW))
+    return DatasetDict(test=rows)
+
+
+def _usable_rows(rows: Dataset, spec: DataSpec, label: str, origin: RowOrigin, split: str) -> Dataset:
+    """A split's rows in the format's fields, checked (bad rows named, empty ones dropped and counted), preference
+    prompts made explicit, the row numbers used for messages removed.
+
+    Raises:
+        BadInput: a bad row, or no usable row left.
+    """
+    names = column_labels(spec)
+    rows = clean_rows(rows, spec.format, label, origin=origin, names=names)
+    if spec.format.startswith("preference"):
+        rows = explicit_prompts(rows, spec.format, label, origin=origin, names=names)
+    if len(rows) == 0:
+        raise BadInput(f"{label}: the {split} split has no usable rows")
+    return rows.remove_columns(ROW)
 
 
 def _load_data(spec: DataSpec, seed: int, base_dir: Path, where: str | None) -> DatasetDict:
@@ -257,15 +268,10 @@ def _load_data(spec: DataSpec, seed: int, base_dir: Path, where: str | None) -> 
     if spec.max_eval_rows is not None and len(valid) > spec.max_eval_rows:
         valid = valid.shuffle(seed=seed).select(range(spec.max_eval_rows))
 
-    names = column_labels(spec)
-    data = DatasetDict(train=map_columns(train, spec, label), validation=map_columns(valid, spec, label))
-    for split, origin in (("train", train_origin), ("validation", valid_origin)):
-        data[split] = clean_rows(data[split], spec.format, label, origin=origin, names=names)
-        if spec.format.startswith("preference"):
-            data[split] = explicit_prompts(data[split], spec.format, label, origin=origin, names=names)
-        if len(data[split]) == 0:
-            raise BadInput(f"{label}: the {split} split has no usable rows")
-        data[split] = data[split].remove_columns(ROW)
+    data = DatasetDict(
+        train=_usable_rows(map_columns(train, spec, label), spec, label, train_origin, "train"),
+        validation=_usable_rows(map_columns(valid, spec, label), spec, label, valid_origin, "validation"),
+    )
     warn_unseparated(data, where or label)
     warn_small_validation(spec, len(data["validation"]), len(splits[train_name]), where or label)
     logger.info(

@@ -521,6 +521,19 @@ def _shared_prefix(a: list[int], b: list[int]) -> int:
     return next((i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), min(len(a), len(b)))
 
 
+def pair_examples(tokenizer: Any, pairs: Any, n: int = 2) -> list[dict[str, str]]:
+    """The first `n` preference pairs as `--dry-run` shows them: chosen and rejected rendered after their prompt,
+    the answer (what is compared) in [[ ]]."""
+    examples = []
+    for row in pairs.select(range(min(n, len(pairs)))):
+        rendered = {}
+        for side in ("chosen", "rejected"):
+            p, c = split_ids(tokenizer, row["prompt"], row[side])
+            rendered[side] = render_mask(p + c, [0] * len(p) + [1] * len(c), tokenizer)
+        examples.append(rendered)
+    return examples
+
+
 def render_mask(ids: list[int], mask: list[int], tokenizer: Any) -> str:
     """Decode a token sequence with the trained spans wrapped in [[ ]]: the loss mask, visible."""
     out, start = [], 0

@@ -16,7 +16,7 @@ from align.stages.common import (
     StageResult,
     generation_table,
     max_length_setting,
-    render_mask,
+    pair_examples,
     report_dropped,
     run_stage,
     split_all_ids,
@@ -229,20 +229,13 @@ def plan(stage: Stage, *, spec: Any, data: Any, tokenizer: Any, config: Any, sta
                 "is left to learn from"
             )
             parts.hints.append("raise max_length (align caps it at the model's positions) or shorten the prompts")
-    examples = []
-    for row in data["train"].select(range(min(2, len(data["train"])))):
-        rendered = {}
-        for side in ("chosen", "rejected"):
-            p, c = split_ids(tokenizer, row["prompt"], row[side])
-            rendered[side] = render_mask(p + c, [0] * len(p) + [1] * len(c), tokenizer)
-        examples.append(rendered)
     parts.details.update(
         train_pairs=len(data["train"]),
         train_tokens=sum(lengths),
         max_length=max_length,
         truncation_rate=truncated / max(1, len(lengths)),
         dropped=f"{len(data['train']) - kept['train']} of {len(data['train'])} train pairs (prompt fills max_length)",
-        examples=examples,
+        examples=pair_examples(tokenizer, data["train"]),
     )
     parts.count = lambda effective: batch_figures(effective, kept["train"])
     return parts

@@ -285,9 +285,10 @@ def run(stage: Stage, ctx: StageContext) -> StageResult:
     logger.info("evaluating %d models on %d held-out prompts: %s", len(models), len(rows), label)
     answers, lm_eval = {}, {}
     for index, (name, ref) in enumerate(models.items()):
-        answers[name] = answer_all(stage, ctx, name, resolve_ref(ref, ctx.outputs, ctx.recipe.base_dir), rows, index)
+        path = resolve_ref(ref, ctx.outputs, ctx.recipe.base_dir)
+        answers[name] = answer_all(stage, ctx, name, path, rows, index)
         if stage.lm_eval is not None:
-            lm_eval[name] = run_lm_eval(stage, ctx, resolve_ref(ref, ctx.outputs, ctx.recipe.base_dir))
+            lm_eval[name] = run_lm_eval(stage, ctx, path)
         raise_if_requested(f"in stage {stage.name} after model {name} (its answers are kept)")
     scores = {judge.name: judge_all(judge, ctx, rows, answers) for judge in stage.judges}
     metrics = figures(stage, ctx, rows, answers, scores, lm_eval)

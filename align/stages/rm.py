@@ -16,7 +16,7 @@ from align.stages.common import (
     StageKind,
     StageResult,
     max_length_setting,
-    render_mask,
+    pair_examples,
     report_dropped,
     run_stage,
     split_all_ids,
@@ -137,19 +137,12 @@ def plan(stage: Stage, *, spec: Any, data: Any, tokenizer: Any, config: Any, sta
                 "reward trainer drops such pairs, so none is left"
             )
             parts.hints.append("raise max_length (align caps it at the model's positions) or shorten the answers")
-    examples = []
-    for row in data["train"].select(range(min(2, len(data["train"])))):
-        rendered = {}
-        for side in ("chosen", "rejected"):
-            (p, c), *_ = split_all_ids(tokenizer, [row["prompt"]], [row[side]])
-            rendered[side] = render_mask(p + c, [0] * len(p) + [1] * len(c), tokenizer)
-        examples.append(rendered)
     parts.details.update(
         train_pairs=len(data["train"]),
         train_tokens=sum(lengths),
         max_length=max_length,
         dropped=f"{len(data['train']) - kept['train']} of {len(data['train'])} train pairs (longer than max_length)",
-        examples=examples,
+        examples=pair_examples(tokenizer, data["train"]),
     )
     parts.count = lambda effective: batch_figures(effective, kept["train"])
     return parts
