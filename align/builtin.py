@@ -207,10 +207,29 @@ def python_docs_preferences() -> dict[str, Rows]:
     return splits
 
 
+def python_docs_feedback() -> dict[str, Rows]:
+    """The preference pairs as KTO's unpaired rows: each prompt once with its right continuation (`label` true) and
+    once with a loop (false), side by side, in the same splits as `python-docs-preferences`. Of a prompt's two pairs
+    the first gives the right answer and the second its loop, so every answer appears once. Columns `prompt`,
+    `completion`, `label`, `topic`."""
+    out: dict[str, Rows] = {}
+    for split, rows in python_docs_preferences().items():
+        feedback: Rows = {"prompt": [], "completion": [], "label": [], "topic": []}
+        for i in range(len(rows["prompt"])):
+            label = i % 2 == 0  # each prompt's pairs come in twos (both loop shapes)
+            feedback["prompt"].append(rows["prompt"][i])
+            feedback["completion"].append(rows["chosen" if label else "rejected"][i])
+            feedback["label"].append(label)
+            feedback["topic"].append(rows["topic"][i])
+        out[split] = feedback
+    return out
+
+
 BUILTINS: dict[str, Callable[[], Rows | dict[str, Rows]]] = {
     "python-docs": python_docs_splits,
     "python-docs-instruct": python_docs_instruct_splits,
     "python-docs-preferences": python_docs_preferences,
+    "python-docs-feedback": python_docs_feedback,
 }
 
 

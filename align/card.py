@@ -13,7 +13,10 @@ import re
 from pathlib import Path
 from typing import Any
 
+from align import stages as registry
 from align.files import read_json, write_text_atomic
+from align.prompt_format import read_prompt_format
+from align.secrets import redact, secret_values
 
 logger = logging.getLogger(__name__)
 
@@ -23,12 +26,6 @@ HUB_LICENSES = {
     "apache-2.0", "mit", "cc-by-4.0", "cc-by-sa-3.0", "cc-by-sa-4.0", "cc-by-nc-4.0", "cc-by-nc-sa-4.0", "cc0-1.0",
     "bsd-3-clause", "gpl-3.0", "llama2", "llama3", "openrail", "odc-by", "unknown",
 }  # fmt: skip
-KEY_METRICS = {
-    "lm": ("eval_loss", "perplexity"),
-    "sft": ("eval_loss", "perplexity"),
-    "dpo": ("pref_accuracy", "eval_loss", "reward_accuracy", "reward_margin"),
-    "rm": ("accuracy", "margin", "eval_loss"),
-}
 OTHER_METRICS = ("train_loss", "global_step", "best_step", "stopped_early", "train_runtime_s", "train_tokens")
 
 
@@ -55,10 +52,6 @@ def model_card(run_dir: Path, stage: str) -> str:
     import yaml
     from huggingface_hub import ModelCardData
 
-    from align.pipeline import secret_values
-    from align.recipe import redact
-    from align.saved import read_prompt_format
-
     recipe_text = (run_dir / "recipe.yaml").read_text(encoding="utf-8")
     recipe = yaml.safe_load(recipe_text) or {}
     stages = {s["name"]: s for s in recipe.get("stages", [])}
@@ -73,12 +66,13 @@ def model_card(run_dir: Path, stage: str) -> str:
     licenses = list(dict.fromkeys(stages[n].get("data", {}).get("license") for n in chain if stages[n].get("data")))
     licenses = [x for x in licenses if x]
     kind = summary.get("kind") or stages[stage].get("kind", "")
+    declared = registry.get(kind)
     metadata = ModelCardData(
         base_model=base,
         datasets=datasets or None,
         tags=["align", kind],
         library_name="peft" if adapter else "transformers",
-        pipeline_tag="text-classification" if kind == "rm" else "text-generation",
+        pipeline_tag=declared.pipeline_tag,
         **hub_license(licenses),
     )
     prompts = read_prompt_format(model_dir, has_chat_template=(model_dir / "chat_template.jinja").is_file())
@@ -105,7 +99,8 @@ def model_card(run_dir: Path, stage: str) -> str:
     body += ["| stage | metric | before | after |", "|---|---|---|---|"]
     for name in chain:
         metrics = summaries[name].get("metrics") or {}
-        for key in KEY_METRICS.get(stages[name].get("kind"), ()):
+        known = registry.kinds().get(str(stages[name].get("kind")))
+        for key in [figure.key for figure in known.figures] if known is not None else []:
             if key in metrics:
                 before = metrics.get(f"{key}_before")
                 body.append(
@@ -121,7 +116,7 @@ def model_card(run_dir: Path, stage: str) -> str:
         body += ["", f"Verdict: **{verdict['status']}**" + (f" ({reasons})" if reasons else "") + "."]
         # The warnings travel with the model: a card that says "improved" without them says too much.
         body += [f"- warning: {w}" for w in verdict.get("warnings") or []]
-    how = reward_usage(prompts, adapter) if kind == "rm" else usage(prompts, adapter)
+    how = declared.card_usage(prompts, adapter)
     body += ["", "## Prompt format", "", prompt_section(prompts), "", "## Usage", "", how]
     versions = summary.get("versions") or {}
     if versions:
@@ -203,7 +198,7 @@ def _license_id(text: str) -> str:
 
 def prompt_section(prompts: Any) -> str:
     lines = [f"Prompts: {prompts.describe()}."]
-    if prompts.format == "plain" and prompts.kind != "lm" and prompts.data_format != "text":
+    if prompts.format == "plain" and prompts.data_format != "text":
         lines.append(
             "The tokenizer carries a chat template (align's default `### user:` headers where the base had none) "
             "that this model **never saw in training**: render prompts as plain text, as below, not through "
@@ -218,86 +213,6 @@ def prompt_section(prompts: Any) -> str:
     else:
         lines.append("Render conversations with the tokenizer's chat template (`apply_chat_template`).")
     return "\n".join(lines)
-
-
-def usage(prompts: Any, adapter: bool) -> str:
-    if adapter:
-        load = (
-            "from peft import AutoPeftModelForCausalLM\nfrom transformers import AutoTokenizer\n\n"
-            'path = "path/to/model"  # this folder, or its hub repository\n'
-            "model = AutoPeftModelForCausalLM.from_pretrained(path)  # LoRA adapters on the base they name\n"
-        )
-    else:
-        load = (
-            "from transformers import AutoModelForCausalLM, AutoTokenizer\n\n"
-            'path = "path/to/model"  # this folder, or its hub repository\n'
-            "model = AutoModelForCausalLM.from_pretrained(path)\n"
-        )
-    load += "tokenizer = AutoTokenizer.from_pretrained(path)\n"
-    if prompts.format == "chat_template":
-        render = (
-            'messages = [{"role": "user", "content": "What does the assert statement do?"}]\n'
-            'inputs = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", '
-            "return_dict=True)\n"
-        )
-    else:
-        suffix = prompts.prompt_suffix if prompts.format == "plain" else ""
-        render = f'inputs = tokenizer("What does the assert statement do?{_py(suffix)}", return_tensors="pt")\n'
-    generate = (
-        "output = model.generate(**inputs, max_new_tokens=64)\n"
-        'print(tokenizer.decode(output[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True))\n'
-    )
-    adapters_note = (
-        "\nThe adapters name their base model in `adapter_config.json`; where that is a local directory (a base "
-        "built from scratch is saved in `base/` beside them), point `base_model_name_or_path` at it.\n"
-        if adapter
-        else ""
-    )
-    return (
-        f"```python\n{load}{render}{generate}```\n{adapters_note}\nOr in a terminal, prompts rendered as in training "
-        "(see above):\n\n```bash\nalign chat path/to/model            # or: align chat RUN_DIR --stage NAME\n```"
-    )
-
-
-def reward_usage(prompts: Any, adapter: bool) -> str:
-    """How to score with a reward model: one number per (prompt, answer), higher is better; only differences
-    between answers to the same prompt mean something (it was trained on pairs)."""
-    if adapter:
-        load = (
-            "from peft import AutoPeftModelForSequenceClassification\nfrom transformers import AutoTokenizer\n\n"
-            'path = "path/to/model"  # this folder, or its hub repository\n'
-            "model = AutoPeftModelForSequenceClassification.from_pretrained(path, num_labels=1)\n"
-        )
-    else:
-        load = (
-            "from transformers import AutoModelForSequenceClassification, AutoTokenizer\n\n"
-            'path = "path/to/model"  # this folder, or its hub repository\n'
-            "model = AutoModelForSequenceClassification.from_pretrained(path)\n"
-        )
-    load += "tokenizer = AutoTokenizer.from_pretrained(path)\n"
-    if prompts.format == "chat_template":
-        render = (
-            'messages = [{"role": "user", "content": "What does assert do?"}, {"role": "assistant", "content": '
-            '"It raises AssertionError when its condition is false."}]\n'
-            'inputs = tokenizer.apply_chat_template(messages, return_tensors="pt", return_dict=True)\n'
-        )
-    else:
-        suffix = prompts.prompt_suffix if prompts.format == "plain" else ""
-        render = (
-            f'text = "What does assert do?{_py(suffix)}" + "It raises AssertionError when its condition is false." '
-            "+ tokenizer.eos_token\n"
-            'inputs = tokenizer(text, return_tensors="pt")\n'
-        )
-    return (
-        "A reward model: it scores an answer to a prompt (one number, higher is better); compare the scores of "
-        f"answers to the same prompt. It does not generate text.\n\n```python\n{load}{render}"
-        "score = model(**inputs).logits[0, 0].item()\n```\n\nIn a recipe, it judges an eval stage's answers: "
-        '`judges: [{reward_model: "path/to/model"}]`.'
-    )
-
-
-def _py(text: str) -> str:
-    return text.encode("unicode_escape").decode("ascii")
 
 
 def _fmt(value: Any) -> str:

@@ -22,7 +22,8 @@ from typing import TYPE_CHECKING, Any, TextIO
 from align.errors import AlignError, BadInput, print_error
 
 if TYPE_CHECKING:
-    from align.saved import PromptFormat, SavedModel
+    from align.prompt_format import PromptFormat
+    from align.saved import SavedModel
 
 logger = logging.getLogger(__name__)
 
@@ -143,13 +144,14 @@ def check_loadable(saved: SavedModel) -> None:
     Raises:
         BadInput: the model or its base cannot be had.
     """
+    from align import stages as registry
     from align.models import adapter_base, hub_config, looks_like_path
-    from align.recipe import POLICY_KINDS
 
-    if saved.kind is not None and saved.kind not in POLICY_KINDS or is_reward_model(saved.path):
+    if saved.kind is not None and not registry.makes(saved.kind, "policy") or is_reward_model(saved.path):
         raise BadInput(
             f"{saved.path}: a reward model (it scores answers; it does not generate text)",
-            hint="chat with a policy stage's model (lm, sft or dpo); a reward model judges an eval stage's answers",
+            hint=f"chat with a policy stage's model ({', '.join(registry.making('policy'))}); a reward model judges "
+            "an eval stage's answers",
         )
     if not saved.is_adapter:
         hub_config(str(saved.path), str(saved.path))
@@ -276,7 +278,7 @@ def chat(
     """The chat loop (or one `--prompt`): load, say how prompts are rendered, answer turn after turn."""
     from transformers import set_seed
 
-    from align.saved import read_prompt_format
+    from align.prompt_format import read_prompt_format
 
     out, err = out or sys.stdout, err or sys.stderr
     model, tokenizer = load(saved)
@@ -345,7 +347,8 @@ def compare(run_dir: Path, args: argparse.Namespace, out: TextIO | None = None, 
     One model at a time, so only one is in memory; the eval stage's batched generator will take this over."""
     from transformers import set_seed
 
-    from align.saved import policy_models, read_prompt_format
+    from align.prompt_format import read_prompt_format
+    from align.saved import policy_models
 
     out, err = out or sys.stdout, err or sys.stderr
     models = policy_models(run_dir)

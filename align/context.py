@@ -14,22 +14,14 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any
 
+from align.recipe import model_source, stage_ref
+from align.values import StageOutput
+
 if TYPE_CHECKING:
     from align.plan import StagePlan
     from align.recipe import DataSpec, Recipe, ScratchModel, Stage
     from align.runtime import Precision
     from align.tracking import Tracker
-
-
-@dataclass(frozen=True)
-class StageOutput:
-    """What a finished stage hands on: where its model is and what produced it."""
-
-    name: str
-    kind: str
-    model_dir: Path | None  # None: the stage saves no model (eval)
-    fingerprint: str
-    status: str = "completed"
 
 
 @dataclass(frozen=True)
@@ -47,6 +39,8 @@ class StageContext:
     plan: StagePlan
     outputs: Mapping[str, StageOutput]  # the stages that finished before this one, by name
     resume_from: str | None = None  # the checkpoint of an earlier, unfinished run of this very stage
+    # The input as summary.json records it (its kind's `input_label`): `@lm (runs/x/lm/model)`, a hub id, ...
+    input_label: str = ""
     started: float = field(default_factory=time.perf_counter)  # time.perf_counter() when the stage began
 
     @property
@@ -59,40 +53,14 @@ class StageContext:
 
     @property
     def model_source(self) -> str | ScratchModel:
-        """The stage's `model` as written, an omitted one read as `@<previous stage>`."""
-        from align.plan import model_source
-
+        """The stage's `model` as written, an omitted one read as `@<previous policy stage>`."""
         return model_source(self.stage, self.recipe)
 
     @property
     def model_ref(self) -> str | ScratchModel:
         """What to load: a `@stage` reference becomes that stage's saved model directory."""
-        from align.recipe import stage_ref
-
         ref = stage_ref(self.model_source)
         return str(self.outputs[ref].model_dir) if ref is not None else self.model_source
-
-    @property
-    def input_label(self) -> str:
-        """The input model as `summary.json` records it: `@lm (runs/x/lm/model)`, a hub id, or `scratch:gpt2`."""
-        return input_label(self.stage, self.recipe, self.outputs)
-
-
-def input_label(stage: Stage, recipe: Recipe, outputs: Mapping[str, StageOutput]) -> str:
-    from align.plan import model_source
-    from align.recipe import stage_ref
-
-    if stage.kind == "eval":
-        from align.stages.eval import eval_models
-
-        return ", ".join(f"{label}: {ref}" for label, ref in eval_models(stage, recipe).items())
-    source = model_source(stage, recipe)
-    ref = stage_ref(source)
-    if ref is not None:
-        return f"{source} ({outputs[ref].model_dir})"
-    if isinstance(source, str):
-        return source
-    return f"scratch:{source.model_type}"
 
 
 @dataclass
@@ -109,7 +77,7 @@ class RunState:
     plans: dict[str, StagePlan]
     outputs: dict[str, StageOutput] = field(default_factory=dict)
 
-    def for_stage(self, stage: Stage, resume_from: str | None = None) -> StageContext:
+    def for_stage(self, stage: Stage, resume_from: str | None = None, input_label: str = "") -> StageContext:
         """The read-only view of the run that `stage` gets."""
         return StageContext(
             recipe=self.recipe,
@@ -122,4 +90,5 @@ class RunState:
             plan=self.plans[stage.name],
             outputs=MappingProxyType(dict(self.outputs)),
             resume_from=resume_from,
+            input_label=input_label,
         )

@@ -21,7 +21,7 @@ import yaml
 from pydantic import ValidationError
 
 from align.errors import BadInput, closest
-from align.recipe import FORMAT_FIELDS, KIND_FORMATS, DataRef, DataSpec, _format_error, _unknown_keys, search_paths
+from align.recipe import FORMAT_FIELDS, DataRef, DataSpec, _format_error, _unknown_keys, search_paths
 
 if TYPE_CHECKING:
     from datasets import Dataset, DatasetDict
@@ -129,10 +129,10 @@ def resolve_data(ref: DataRef, base_dir: Path, where: str) -> DataSpec:
         raise BadInput([f"{label}: {_format_error(e, fields)}" for e in exc.errors()]) from None
 
 
-def check_kind(spec: DataSpec, kind: str, where: str) -> list[str]:
-    """A problem if the data's format cannot feed this kind of stage."""
-    if spec.format not in KIND_FORMATS[kind]:
-        return [f"{where}.format: '{spec.format}' cannot feed a {kind} stage (use {', '.join(KIND_FORMATS[kind])})"]
+def check_format(spec: DataSpec, kind: Any, where: str) -> list[str]:
+    """A problem if the data's format cannot feed this kind of stage (`kind`: its `align.stages.base.Kind`)."""
+    if spec.format not in kind.formats:
+        return [f"{where}.format: '{spec.format}' cannot feed {kind.a_kind} stage (use {', '.join(kind.formats)})"]
     return []
 
 
@@ -626,6 +626,10 @@ def _row_problem(fmt: str, row: dict[str, Any], names: dict[str, str] | None = N
             continue  # an optional field the source does not have
         value = row[field]
         column = (names or {}).get(field, f"column '{field}'")
+        if field == "label":  # unpaired_preference: a desirable answer or not
+            if not isinstance(value, bool):
+                return f"{column} must be true or false (true: a desirable answer), got {value!r}", None
+            continue
         if value is None and fmt != "text" and field in row:
             return f"{column} is missing or null", None
         if isinstance(value, list) and fmt != "text":

@@ -16,18 +16,22 @@ logger = logging.getLogger(__name__)
 LN2 = math.log(2.0)
 
 
-class DPOGuard(TrainerCallback):
-    """Warnings for the ways DPO fails quietly, each said once.
+class PreferenceGuard(TrainerCallback):
+    """Warnings for the ways preference training fails quietly, each said once. `method` names it in the text
+    (DPO, KTO, ORPO, SimPO); `stuck_loss` is the loss of a policy that has not moved from its reference, for the
+    methods that have one (DPO's ln 2), else None.
 
     - chosen and rejected log-probs both falling steadily: the likelihood of the chosen answers is being
       pushed down along with the rejected ones (a known DPO failure; lower the learning rate or raise beta);
-    - the loss stuck at ln 2 with rewards at zero: nothing is learned, often because the reference is the
+    - the loss stuck at `stuck_loss` with rewards at zero: nothing is learned, often because the reference is the
       policy itself.
     """
 
-    def __init__(self, tracker: Any = None, window: int = 5):
+    def __init__(self, tracker: Any = None, window: int = 5, method: str = "DPO", stuck_loss: float | None = LN2):
         self.tracker = tracker
         self.window = window
+        self.method = method
+        self.stuck_loss = stuck_loss
         self.history: list[dict[str, float]] = []
         self.warned: set[str] = set()
 
@@ -37,7 +41,7 @@ class DPOGuard(TrainerCallback):
         self.warned.add(key)
         logger.warning(message)
         if self.tracker is not None:
-            self.tracker.alert(f"DPO: {key}", message)
+            self.tracker.alert(f"{self.method}: {key}", message)
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if not logs or "logps/chosen" not in logs or state.global_step == 0:
@@ -55,14 +59,17 @@ class DPOGuard(TrainerCallback):
         if falling:
             self._warn(
                 "chosen pushed down",
-                f"DPO: the log-probabilities of both chosen and rejected answers fell for {self.window} logs in a row "
+                f"{self.method}: the log-probabilities of both chosen and rejected answers fell for {self.window} logs "
+                "in a row "
                 f"(chosen now {recent[-1]['logps/chosen']:.2f}): the chosen answers are being made less likely too; "
                 "consider a lower learning rate, a higher beta, or loss_type: [sigmoid, sft] (RPO)",
             )
-        if all(abs(r.get("loss", 0.0) - LN2) < 1e-3 and r["rewards"] < 1e-6 for r in recent):
+        stuck = self.stuck_loss
+        if stuck is not None and all(abs(r.get("loss", 0.0) - stuck) < 1e-3 and r["rewards"] < 1e-6 for r in recent):
             self._warn(
                 "nothing learned",
-                f"DPO: the loss has stayed at ln 2 = {LN2:.4f} with zero rewards for {self.window} logs: the policy is "
+                f"{self.method}: the loss has stayed at ln 2 = {stuck:.4f} with zero rewards for {self.window} logs: "
+                "the policy is "
                 "not moving away from the reference; check that the reference is not the policy itself, and the "
                 "learning rate",
             )

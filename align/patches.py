@@ -16,6 +16,8 @@ Hooks (each with the private code it touches, what it buys, and its fallback):
   non-finite step; else the grad norm read from the logged rows.
 - `set_hub_offline`, `skip_download_counts`: `huggingface_hub.constants`, `datasets.config` module constants;
   offline at once, and no S3 ping per local file; else the environment variables alone.
+- `experimental`: TRL's `trl.experimental` trainers and configs (ORPO, CPO for SimPO); the kinds built on them;
+  else a refusal at preflight naming the TRL range that has them.
 """
 
 from __future__ import annotations
@@ -92,6 +94,7 @@ PREPARE_CONTRACTS = {
     "SFTTrainer": ("self", "dataset", "processing_class", "args", "packing", "formatting_func", "dataset_name"),
     "DPOTrainer": ("self", "dataset", "processing_class", "args", "dataset_name"),
     "RewardTrainer": ("self", "dataset", "processing_class", "args", "dataset_name"),
+    "KTOTrainer": ("self", "dataset", "processing_class", "args", "dataset_name"),
 }
 
 Prepare = Callable[..., Any]
@@ -201,3 +204,46 @@ def skip_download_counts() -> None:
     import datasets.config as ds_config
 
     ds_config.HF_UPDATE_DOWNLOAD_COUNTS = False
+
+
+# --------------------------------------------------------------------------------------------------
+# TRL's experimental trainers
+
+# Where TRL keeps the classes that are not in its stable API yet, as of trl 1.16 (pyproject.toml pins trl >= 1.16,
+# < 2: TRL moves a method out of `trl.experimental` when it promotes it, as it did KTO in 1.16).
+EXPERIMENTAL = {
+    "ORPOTrainer": "trl.experimental.orpo",
+    "ORPOConfig": "trl.experimental.orpo",
+    "CPOTrainer": "trl.experimental.cpo",
+    "CPOConfig": "trl.experimental.cpo",
+}
+EXPERIMENTAL_RANGE = "trl >= 1.16, < 2"
+
+
+def experimental(name: str) -> type:
+    """A class of TRL's experimental API by name: from `trl.experimental`, else (promoted since) from `trl` itself.
+    TRL warns on every first import of `trl.experimental` that its API may change; align pins the range it was
+    written against and silences that warning (TRL's own switch, TRL_EXPERIMENTAL_SILENCE).
+
+    Raises:
+        BadInput: neither place has it (a TRL outside the range align supports).
+    """
+    import importlib
+    import os
+
+    from align.errors import BadInput
+
+    os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
+    try:
+        return getattr(importlib.import_module(EXPERIMENTAL[name]), name)
+    except (ImportError, AttributeError):
+        pass
+    import trl
+
+    promoted = getattr(trl, name, None)
+    if isinstance(promoted, type):
+        return promoted
+    raise BadInput(
+        f"TRL {trl.__version__} has no {name} (align uses it from {EXPERIMENTAL[name]}, in {EXPERIMENTAL_RANGE})",
+        hint=f'pip install "{EXPERIMENTAL_RANGE.replace(", ", ",").replace(" ", "")}"',
+    )

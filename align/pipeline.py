@@ -8,10 +8,8 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import importlib
 import json
 import logging
-import os
 import platform
 import signal
 import sys
@@ -21,12 +19,13 @@ from pathlib import Path
 from typing import Any
 
 from align import __version__, versions
+from align import stages as registry
 from align.card import write_model_card
-from align.context import RunState, StageContext, StageOutput, input_label
+from align.context import RunState, StageContext
 from align.errors import AlignError, BadInput, GuardStopped, Interrupted, Problems, StageFailed
 from align.files import read_json, write_json_atomic, write_text_atomic
-from align.plan import describe, model_source, plain, plan_stages
-from align.recipe import EVAL_KEYS, TRAINING_KEYS, DataSpec, Recipe, ScratchModel, Stage, redact, stage_ref, to_yaml
+from align.plan import StagePlan, describe, plain
+from align.recipe import DataSpec, Recipe, ScratchModel, Stage, model_source, stage_ref, to_yaml
 from align.rundir import RunLock, check_output_dir, clear_for_fresh, remove_inside
 from align.runtime import (
     CURRENT_STAGE,
@@ -38,60 +37,25 @@ from align.runtime import (
     set_console_level,
     wait_for_everyone,
 )
+from align.secrets import redact, secret_values
 from align.signals import raise_if_requested, stop_on_signals
-from align.stages.common import StageResult
 from align.tracking import Tracker, check_installed, report_to
+from align.values import StageOutput, StageResult
 
 logger = logging.getLogger(__name__)
 
-STAGE_MODULES = {kind: f"align.stages.{kind}" for kind in ("lm", "sft", "dpo", "rm", "eval")}
-# Credentials that must never reach the run directory, whatever key they hide under.
-SECRET_ENV = ("WANDB_API_KEY", "HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "OPENAI_API_KEY")
-
-
-def stage_module(kind: str) -> Any:
-    """The module implementing a stage kind (`run` and `preflight`).
-
-    Raises:
-        BadInput: the kind is not implemented in this version of align.
-    """
-    try:
-        return importlib.import_module(STAGE_MODULES[kind])
-    except ModuleNotFoundError as exc:
-        if exc.name == STAGE_MODULES[kind]:
-            raise BadInput(f"kind: {kind}: not available in align {__version__} yet") from None
-        raise
-
-
-def secret_values() -> list[str]:
-    names = set(SECRET_ENV) | {k for k in os.environ if any(w in k.upper() for w in ("TOKEN", "SECRET", "PASSWORD"))}
-    return [os.environ[k] for k in names if os.environ.get(k)]
-
 
 def resolved_recipe(recipe: Recipe, specs: dict[str, DataSpec] | None = None) -> dict[str, Any]:
-    """The recipe with defaults filled in, omitted models spelled `@<previous>`, and data cards expanded."""
+    """The recipe with defaults filled in by each stage's kind (an omitted model spelled `@<previous>`, an eval's
+    models listed) and data cards expanded."""
     data = recipe.model_dump(mode="json")
-    for i, stage in enumerate(data["stages"]):
-        given = recipe.stages[i]
-        if given.kind == "eval":
-            from align.stages.eval import baseline_of, eval_models
-
-            # An eval stage's own keys only: the training keys it does not take would read as settings.
-            for key in TRAINING_KEYS:
-                stage.pop(key, None)
-            stage["models"] = eval_models(given, recipe)
-            stage["baseline"] = baseline_of(given, recipe)
-            stage["judges"] = [{k: v for k, v in judge.items() if v is not None} for judge in stage["judges"]]
-        else:
-            for key in EVAL_KEYS:
-                stage.pop(key, None)
-            if stage["model"] is None:
-                stage["model"] = model_source(given, recipe)
+    for stage, given in zip(data["stages"], recipe.stages, strict=True):
+        registry.get(given.kind).resolve(stage, given, recipe)
         spec = (specs or {}).get(stage["name"])
         if spec is not None:
             expanded = spec.model_dump(mode="json")
             expanded["source"] = spec.source.model_dump(mode="json", exclude_none=True)
-            stage["data"] = {"card": recipe.stages[i].data.card, **expanded}
+            stage["data"] = {"card": given.data.card, **expanded}
         else:
             stage["data"] = {k: v for k, v in stage["data"].items() if v is not None}
     return data
@@ -114,8 +78,8 @@ def print_config(recipe: Recipe, specs: dict[str, DataSpec], output_dir: Path) -
     resolved = redact(resolved_recipe(recipe, specs), secret_values())
     sources: dict[str, dict[str, str]] = {}
     for entry, stage in zip(resolved["stages"], recipe.stages, strict=True):
-        if stage.kind == "eval":
-            continue  # trains nothing: its settings are its own keys, shown as resolved above
+        if not registry.get(stage.kind).trains:
+            continue  # its settings are its own keys, shown as resolved above
         settings = plans[stage.name].effective
         entry["train"] = redact({k: plain(s.value) for k, s in settings.items()}, secret_values())
         sources[stage.name] = {k: s.source for k, s in settings.items()}
@@ -153,14 +117,14 @@ def resolve_specs(recipe: Recipe) -> dict[str, DataSpec]:
     Raises:
         BadInput: every problem found, together.
     """
-    from align.data import check_kind, resolve_data
+    from align.data import check_format, resolve_data
 
     specs, found = {}, Problems()
     for stage in recipe.stages:
         where = f"stages.{stage.name}.data"
         try:
             specs[stage.name] = spec = resolve_data(stage.data, recipe.base_dir, where)
-            found.add(check_kind(spec, stage.kind, where))
+            found.add(check_format(spec, registry.get(stage.kind), where))
         except BadInput as exc:
             found.absorb(exc)
     found.raise_if_any()
@@ -173,13 +137,14 @@ def check_models(recipe: Recipe, found: Problems) -> None:
 
     for stage in recipe.stages:
         where = f"stages.{stage.name}.model"
+        model = getattr(stage, "model", None)  # the model a training stage starts from (an eval's are its own)
         try:
-            if isinstance(stage.model, ScratchModel):
-                scratch_config(stage.model, where)
-            elif isinstance(stage.model, str) and stage_ref(stage.model) is None:
-                hub_config(stage.model, where, stage.trust_remote_code, recipe.base_dir)
-                local = Path(stage.model).expanduser()
-                if local.is_dir() and not is_adapter_dir(stage.model) and not any(local.glob("*.safetensors")):
+            if isinstance(model, ScratchModel):
+                scratch_config(model, where)
+            elif isinstance(model, str) and stage_ref(model) is None:
+                hub_config(model, where, stage.trust_remote_code, recipe.base_dir)
+                local = Path(model).expanduser()
+                if local.is_dir() and not is_adapter_dir(model) and not any(local.glob("*.safetensors")):
                     found.add([f"{where}: {local} has no safetensors weights; align does not load pickled (.bin) "
                                "weights (convert: save_pretrained(..., safe_serialization=True))"])  # fmt: skip
         except BadInput as exc:
@@ -196,7 +161,7 @@ def load_all_data(recipe: Recipe, specs: dict[str, DataSpec], found: Problems) -
         try:
             data[stage.name] = load_data(
                 specs[stage.name], seed=recipe.seed, base_dir=recipe.base_dir, where=f"stages.{stage.name}.data",
-                prompts_only=stage.kind == "eval",
+                prompts_only=registry.get(stage.kind).prompts_only,
             )  # fmt: skip
         except BadInput as exc:
             found.absorb(exc)
@@ -216,15 +181,46 @@ def preflight(recipe: Recipe) -> tuple[dict[str, DataSpec], dict[str, Any]]:
         check_installed(recipe.tracking)  # a tracker that is not installed would fail only once training started
     except BadInput as exc:
         found.absorb(exc)
-    for stage in recipe.stages:
-        try:
-            stage_module(stage.kind)
-        except BadInput as exc:
-            found.absorb(exc, prefix=f"stages.{stage.name}.")
     check_models(recipe, found)
     data = load_all_data(recipe, specs, found)
     found.raise_if_any()
     return specs, data
+
+
+# --------------------------------------------------------------------------------------------------
+# Planning
+
+
+def plan_stages(
+    recipe: Recipe,
+    specs: dict[str, DataSpec],
+    data: dict[str, Any] | None,
+    precision: Any,
+    run_dir: Path,
+    report_to: list[str],
+) -> dict[str, StagePlan]:
+    """Plan every stage in order, each by its kind (align/plan.py holds what the plans share). With `data` (dry
+    run, run) tokenizers are loaded or trained and every check against the data runs; without (`--print-config`),
+    only settings, and what needs an unavailable model is shown as unknown.
+
+    Raises:
+        BadInput: every problem of every stage, together.
+    """
+    plans: dict[str, StagePlan] = {}
+    found = Problems()
+    for stage in recipe.stages:
+        CURRENT_STAGE.set(stage.name)
+        plan, problems = registry.get(stage.kind).plan(
+            stage, recipe=recipe, spec=specs[stage.name], data=data and data[stage.name], plans=plans,
+            chain=data or {}, precision=precision, run_dir=run_dir, report_to=report_to,
+        )  # fmt: skip
+        found.add(problems.problems)
+        found.hints += problems.hints
+        if plan is not None:
+            plans[stage.name] = plan
+    CURRENT_STAGE.set("-")
+    found.raise_if_any()
+    return plans
 
 
 # --------------------------------------------------------------------------------------------------
@@ -254,10 +250,22 @@ def data_identity(spec: DataSpec, base_dir: Path) -> dict[str, Any]:
     return {"revision": source.revision or "main"}
 
 
+# Every key a stage had before each kind declared its own (align 0.1.0 held them all on one class), with its
+# default: filled in under the stage's own keys, so a run directory made then is still `cached` now. Frozen: a new
+# kind's keys are simply its own.
+SHARED_STAGE_KEYS: dict[str, Any] = {
+    "model": None, "train": {}, "early_stopping": None, "peft": None, "merge": False, "generations": 4,
+    "trust_remote_code": False, "models": None, "baseline": None, "max_prompts": 200, "judges": [], "lm_eval": None,
+    "allow_overlap": False,
+    "generation": {"max_new_tokens": 64, "temperature": 0.0, "top_p": 1.0, "num_samples": 1, "batch_size": 16,
+                   "seed": 0},
+}  # fmt: skip
+
+
 def fingerprint(stage: Stage, spec: DataSpec, input_fingerprint: str, recipe: Recipe, precision: str) -> str:
     """A hash of everything that determines a stage's output: config, data and its content, input, seed, align."""
     payload = {
-        "stage": stage.model_dump(mode="json"),
+        "stage": {**SHARED_STAGE_KEYS, **stage.model_dump(mode="json")},
         "data": spec.model_dump(mode="json"),
         "data_content": data_identity(spec, recipe.base_dir),
         "input": input_fingerprint,
@@ -269,17 +277,9 @@ def fingerprint(stage: Stage, spec: DataSpec, input_fingerprint: str, recipe: Re
 
 
 def input_identity(stage: Stage, recipe: Recipe, outputs: Any) -> str:
-    """What the stage's fingerprint takes from its input: an earlier stage's fingerprint, a hub id or path as
-    written, nothing for a model built from scratch (all in the stage's config), every model and judge an eval
-    stage reads."""
-    if stage.kind == "eval":
-        from align.stages.eval import input_fingerprint
-
-        return input_fingerprint(stage, recipe, outputs)
-    source = model_source(stage, recipe)
-    if stage_ref(source) is not None:
-        return outputs[stage_ref(source)].fingerprint
-    return source if isinstance(source, str) else ""
+    """What the stage's fingerprint takes from its input, as its kind says (an earlier stage's fingerprint, a hub
+    id or path as written, every model and judge an eval reads)."""
+    return registry.get(stage.kind).input_identity(stage, recipe, outputs)
 
 
 def planned_status(recipe: Recipe, specs: dict[str, DataSpec], precision: str, run_dir: Path) -> dict[str, str]:
@@ -292,7 +292,7 @@ def planned_status(recipe: Recipe, specs: dict[str, DataSpec], precision: str, r
         stage_dir = run_dir / stage.name
         outputs[stage.name] = StageOutput(stage.name, stage.kind, stage_dir / "model", fp)
         checkpoint = interrupted_checkpoint(stage_dir, fp)
-        if _cached_summary(stage_dir, fp) is not None:
+        if _cached_summary(stage, stage_dir, fp) is not None:
             out[stage.name] = f"cached (unchanged since the last run in {run_dir}, fingerprint {fp})"
         elif checkpoint is not None:
             out[stage.name] = f"resumes from {checkpoint.name} (fingerprint {fp})"
@@ -452,11 +452,12 @@ def stage_context(recipe: Recipe, stage_name: str, output_dir: Path) -> StageCon
             state.outputs[stage.name] = StageOutput(stage.name, stage.kind, Path(summary["model_dir"]),
                                                     summary.get("fingerprint", ""))  # fmt: skip
     stage = recipe.stages[names.index(stage_name)]
-    ref = stage_ref(model_source(stage, recipe))
+    kind = registry.get(stage.kind)
+    ref = stage_ref(model_source(stage, recipe)) if kind.trains else None
     if ref is not None and ref not in state.outputs:
         raise BadInput(f"stage '{stage_name}' starts from '@{ref}', which has not completed in {output_dir}",
                        hint="run the recipe (align run) or that stage first")  # fmt: skip
-    return state.for_stage(stage)
+    return state.for_stage(stage, input_label=kind.input_label(stage, recipe, state.outputs))
 
 
 def write_report(run_dir: Path) -> None:
@@ -478,7 +479,7 @@ def _run_stages(state: RunState, records: Records, fresh: bool) -> list[dict[str
         fp = fingerprint(stage, specs[stage.name], input_identity(stage, recipe, state.outputs), recipe,
                          state.precision.name)  # fmt: skip
         stage_dir = state.run_dir / stage.name
-        cached = None if fresh else _cached_summary(stage_dir, fp)
+        cached = None if fresh else _cached_summary(stage, stage_dir, fp)
         wait_for_everyone()
         if cached is not None:
             logger.info(
@@ -497,9 +498,10 @@ def _run_stages(state: RunState, records: Records, fresh: bool) -> list[dict[str
             summaries.append(cached)
             continue
 
+        kind = registry.get(stage.kind)
         checkpoint = None if fresh else interrupted_checkpoint(stage_dir, fp)
-        # An eval stage keeps each model's answers as it makes them (<stage>/progress/): it goes on from those.
-        goes_on = stage.kind == "eval" and not fresh and resumable(stage_dir, fp)
+        # A kind that keeps its work as it goes (an eval's answers, model by model) goes on from it.
+        goes_on = kind.keeps_progress and not fresh and resumable(stage_dir, fp)
         # Every process has decided (cached, resume, or afresh) from the same files; only now may they change.
         wait_for_everyone()
         if checkpoint is not None:
@@ -508,7 +510,7 @@ def _run_stages(state: RunState, records: Records, fresh: bool) -> list[dict[str
             logger.info("[%d/%d] %s: going on from the answers it kept", i, len(recipe.stages), stage.name)
         elif stage_dir.exists() and is_main_process():
             remove_inside(state.run_dir, stage_dir)  # a changed (or --fresh) stage starts clean: no stale metrics rows
-        input_model = input_label(stage, recipe, state.outputs)
+        input_model = kind.input_label(stage, recipe, state.outputs)
         logger.info("[%d/%d] %s: %s from %s on %s", i, len(recipe.stages), stage.name, stage.kind, input_model,
                     specs[stage.name].name or "inline data")  # fmt: skip
         records.update(stage.name, status="running", fingerprint=fp, input_model=input_model)
@@ -517,10 +519,10 @@ def _run_stages(state: RunState, records: Records, fresh: bool) -> list[dict[str
         from align.metrics import reset_peak_memory
 
         reset_peak_memory()
-        ctx = state.for_stage(stage, resume_from=str(checkpoint) if checkpoint is not None else None)
+        ctx = state.for_stage(stage, str(checkpoint) if checkpoint is not None else None, input_model)
         started = ctx.started
         try:
-            result = stage_module(stage.kind).run(stage, ctx)
+            result = kind.run(stage, ctx)
         except BaseException as exc:
             stopped = _as_stop(exc, stage, stage_dir)
             status = "interrupted" if stopped is not None else "failed"
@@ -610,15 +612,12 @@ def interrupted_checkpoint(stage_dir: Path, fp: str) -> Path | None:
     return _last_checkpoint(stage_dir)
 
 
-def _cached_summary(stage_dir: Path, fp: str) -> dict[str, Any] | None:
+def _cached_summary(stage: Stage, stage_dir: Path, fp: str) -> dict[str, Any] | None:
+    """The summary of a completed run of this very stage whose output is still in place, else None."""
     summary = read_json(stage_dir / "summary.json")
     if not summary or summary.get("status") not in ("completed", "cached") or summary.get("fingerprint") != fp:
         return None
-    if summary.get("kind") == "eval":  # saves no model: its figures and generations.jsonl are its output
-        return summary if (stage_dir / "generations.jsonl").is_file() else None
-    if not summary.get("model_dir") or not Path(summary["model_dir"]).is_dir():
-        return None
-    return summary
+    return summary if registry.get(stage.kind).output_complete(stage_dir, summary) else None
 
 
 # --------------------------------------------------------------------------------------------------
@@ -643,8 +642,9 @@ def dry_run(recipe: Recipe, output_dir: Path) -> str:
         rows = ", ".join(f"{len(rows)} {name} rows" for name, rows in split.items())
         plan.details = {"data": f"{specs[stage.name].name or 'inline'} ({specs[stage.name].format}): {rows}",
                         **plan.details}  # fmt: skip
-        if stage.early_stopping is not None:
-            plan.details["early stopping"] = f"patience {stage.early_stopping.patience}, restores the best checkpoint"
+        stopping = getattr(stage, "early_stopping", None)  # a training stage's
+        if stopping is not None:
+            plan.details["early stopping"] = f"patience {stopping.patience}, restores the best checkpoint"
         if plan.runtime:
             plan.details["decided when the stage starts"] = "; ".join(plan.runtime)
     lines += describe(plans)

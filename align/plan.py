@@ -18,17 +18,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from align.errors import BadInput, Problems
-from align.recipe import ScratchModel, Stage, config_class, stage_ref
+from align.errors import BadInput
+from align.recipe import Recipe, ScratchModel, Stage, model_source, stage_ref
+from align.values import UNKNOWN, Setting, StartingPoint
 
 if TYPE_CHECKING:
-    from align.recipe import DataSpec, Recipe
     from align.runtime import Precision
-    from align.stages.common import StartingPoint
 
 logger = logging.getLogger(__name__)
-
-UNKNOWN = "unknown until the model is available"
 
 # The settings `--print-config` and `--dry-run` show for every stage, beyond those the recipe or align set: the
 # ones that decide what training does. The rest of the config class is in align.log at the stage's start.
@@ -42,14 +39,6 @@ KEY_SETTINGS = (
 )  # fmt: skip
 # Settings align decides itself (the recipe may not set them: recipe.MANAGED_TRAIN_KEYS says where they live).
 MANAGED = "align (managed)"
-
-
-@dataclass(frozen=True)
-class Setting:
-    """A training argument's value and where it came from."""
-
-    value: Any
-    source: str  # recipe | --set | align default | align (managed) | early stopping | capped ... | model ...
 
 
 @dataclass
@@ -69,6 +58,7 @@ class StagePlan:
     runtime: dict[str, str] = field(default_factory=dict)  # setting -> why it is decided when the stage starts
     # Data the plan already prepared to check it (the lm stage's blocks), handed to the stage instead of made twice.
     prepared: dict[str, Any] = field(default_factory=dict, repr=False)
+    config_class: type | None = field(default=None, repr=False)  # the kind's (None: it trains nothing)
 
     def record(self) -> dict[str, Any]:
         """The plan as summary.json keeps it: the model, every key setting with its source, what run time decided."""
@@ -95,7 +85,7 @@ class StagePlan:
         Raises:
             BadInput: the config class rejects the combination (it names the problem).
         """
-        args = instantiate(self.kind, self.name, self.train_kwargs(**at_run_time))
+        args = instantiate(self.config_class, self.name, self.train_kwargs(**at_run_time))
         # Every argument, once, in align.log: what actually ran, defaults included.
         logger.debug("%s for stage %s:\n%s", type(args).__name__, self.name, args.to_json_string())
         return args
@@ -113,14 +103,14 @@ def plain(value: Any) -> Any:
     return str(value)
 
 
-def instantiate(kind: str, name: str, kwargs: dict[str, Any]) -> Any:
-    """Build the kind's config class from `kwargs`.
+def instantiate(cls: type, name: str, kwargs: dict[str, Any]) -> Any:
+    """Build the kind's config class `cls` from `kwargs`.
 
     Raises:
         BadInput: the class rejects them.
     """
     try:
-        return config_class(kind)(**kwargs)
+        return cls(**kwargs)
     except (ValueError, TypeError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise BadInput(f"stages.{name}.train: {first}") from None
@@ -215,10 +205,10 @@ def early_stopping_callbacks(stage: Stage) -> list[Any]:
     return [EarlyStoppingCallback(stage.early_stopping.patience, stage.early_stopping.threshold)]
 
 
-def effective_settings(kind: str, name: str, settings: dict[str, Setting], runtime: dict[str, str]) -> dict:
-    """KEY_SETTINGS (and every setting align or the recipe gave) as the config class resolves them, each with its
-    source: what was given, the library's default, or the library's value derived from another setting."""
-    args = instantiate(kind, name, {k: s.value for k, s in settings.items()})
+def effective_settings(cls: type, name: str, settings: dict[str, Setting], runtime: dict[str, str]) -> dict:
+    """KEY_SETTINGS (and every setting align or the recipe gave) as the config class `cls` resolves them, each with
+    its source: what was given, the library's default, or the library's value derived from another setting."""
+    args = instantiate(cls, name, {k: s.value for k, s in settings.items()})
     out = {}
     for key in dict.fromkeys([*KEY_SETTINGS, *settings]):
         if key in runtime:
@@ -287,103 +277,6 @@ def resolve_model(
         tokenizer = None  # print-config: its settings show what they can
     kind = "adapters" if is_adapter_dir(source) else "directory" if Path(source).is_dir() else "hub"
     return source, kind, tokenizer, config
-
-
-def model_source(stage: Stage, recipe: Recipe) -> str | ScratchModel:
-    """The stage's `model` as written, an omitted one read as `@<previous policy stage>` (lm, sft or dpo: never an
-    rm or eval stage, so in lm -> sft -> rm -> dpo the dpo stage trains on the sft model)."""
-    from align.recipe import POLICY_KINDS
-
-    if stage.model is not None:
-        return stage.model
-    names = [s.name for s in recipe.stages]
-    before = recipe.stages[: names.index(stage.name)]
-    return f"@{next(s.name for s in reversed(before) if s.kind in POLICY_KINDS)}"
-
-
-# --------------------------------------------------------------------------------------------------
-# Planning every stage
-
-
-def plan_stages(
-    recipe: Recipe,
-    specs: dict[str, DataSpec],
-    data: dict[str, Any] | None,
-    precision: Precision,
-    run_dir: Path,
-    report_to: list[str],
-) -> dict[str, StagePlan]:
-    """Plan every stage in order. With `data` (dry run, run) tokenizers are loaded or trained and every check
-    against the data runs; without (`--print-config`), only settings, and what needs an unavailable model is shown
-    as unknown.
-
-    Raises:
-        BadInput: every problem of every stage, together.
-    """
-    from align.pipeline import stage_module
-    from align.runtime import CURRENT_STAGE
-    from align.stages.common import starting_point
-
-    plans: dict[str, StagePlan] = {}
-    found = Problems()
-    for stage in recipe.stages:
-        CURRENT_STAGE.set(stage.name)
-        if stage.kind == "eval":  # trains nothing: its models, prompts, judges and the leakage check
-            from align.stages.eval import plan_eval
-
-            plan, problems, hints = plan_eval(stage, recipe, specs[stage.name], data and data[stage.name], plans,
-                                              data or {})  # fmt: skip
-            found.add(problems)
-            found.hints += hints
-            plans[stage.name] = plan
-            continue
-        try:
-            label, source, tokenizer, config = resolve_model(
-                stage, recipe, plans, data and data[stage.name], need_tokenizer=data is not None
-            )
-        except BadInput as exc:
-            found.absorb(exc)
-            continue
-        start = starting_point(recipe, stage)
-        parts = stage_module(stage.kind).plan(
-            stage, spec=specs[stage.name], data=data and data[stage.name], tokenizer=tokenizer, config=config,
-            start=start,
-        )  # fmt: skip
-        settings, problems = plan_settings(
-            stage, recipe, precision, run_dir, report_to, supports_checkpointing(config), parts.fixed
-        )
-        found.add(problems + parts.problems)
-        found.hints += parts.hints
-        plan = StagePlan(stage.name, stage.kind, label, source, start, config, tokenizer, settings,
-                         details=parts.details, runtime=parts.runtime, prepared=parts.prepared)  # fmt: skip
-        if not problems:
-            try:
-                plan.effective = effective_settings(stage.kind, stage.name, settings, parts.runtime)
-            except BadInput as exc:
-                found.absorb(exc)
-        if data is not None and not problems:
-            plan.details.update(parts.counted(plan.effective))
-        plans[stage.name] = plan
-    CURRENT_STAGE.set("-")
-    found.raise_if_any()
-    return plans
-
-
-@dataclass
-class StageParts:
-    """What a stage module's `plan()` decides: fixed arguments, details to show, problems, run-time decisions."""
-
-    fixed: dict[str, Setting] = field(default_factory=dict)
-    details: dict[str, Any] = field(default_factory=dict)
-    problems: list[str] = field(default_factory=list)
-    hints: list[str] = field(default_factory=list)
-    runtime: dict[str, str] = field(default_factory=dict)
-    prepared: dict[str, Any] = field(default_factory=dict)
-    # Figures that need the effective arguments (planned steps, effective batch): computed once they are known.
-    count: Any = None
-
-    def counted(self, effective: dict[str, Setting]) -> dict[str, Any]:
-        return self.count(effective) if self.count is not None else {}
 
 
 def steps_for(max_steps: int | None, per_step: int, epochs: float, n_train: int) -> int:

@@ -12,20 +12,26 @@ import re
 import types
 import typing
 from pathlib import Path
-from typing import Any, Literal, Union
+from typing import Any, ClassVar, Literal, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, TypeAdapter, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    SerializeAsAny,
+    TypeAdapter,
+    ValidationError,
+    model_validator,
+)
 
 from align.errors import BadInput, unknown_key_message
 
-STAGE_KINDS = ("lm", "sft", "dpo", "rm", "eval")
-# Stages whose model generates text: a stage without `model:` takes the last of these before it (never an rm or eval
-# stage), and so do `align chat` and the eval stage's `models:`.
-POLICY_KINDS = ("lm", "sft", "dpo")
-# Stages that train (everything but eval): they have `train:` and a config class.
-TRAINING_KINDS = ("lm", "sft", "dpo", "rm")
-FORMATS = ("text", "prompt_completion", "messages", "preference", "preference_implicit", "preference_messages")
+FORMATS = (
+    "text", "prompt_completion", "messages", "preference", "preference_implicit", "preference_messages",
+    "unpaired_preference",
+)  # fmt: skip
 # The fields each format needs; `columns:` maps them to the source's own column names.
 FORMAT_FIELDS: dict[str, tuple[str, ...]] = {
     "text": ("text",),
@@ -34,15 +40,10 @@ FORMAT_FIELDS: dict[str, tuple[str, ...]] = {
     "preference": ("prompt", "chosen", "rejected"),
     "preference_implicit": ("chosen", "rejected"),
     "preference_messages": ("prompt", "chosen", "rejected"),
+    # One answer with a thumbs up or down (KTO's data): `label` is true for a desirable answer.
+    "unpaired_preference": ("prompt", "completion", "label"),
 }
-KIND_FORMATS: dict[str, tuple[str, ...]] = {
-    "lm": ("text",),
-    "sft": ("text", "prompt_completion", "messages"),
-    "dpo": ("preference", "preference_implicit", "preference_messages"),
-    "rm": ("preference", "preference_implicit", "preference_messages"),
-    # Prompts from any format with prompts; the reference answer (completion, chosen) is kept when there is one.
-    "eval": ("prompt_completion", "messages", "preference", "preference_implicit", "preference_messages"),
-}
+PREFERENCE_FORMATS = ("preference", "preference_implicit", "preference_messages")
 # Training arguments align decides itself; setting them in `train:` would fight it, so they are errors.
 MANAGED_TRAIN_KEYS: dict[str, str] = {
     "output_dir": "align writes to <run dir>/<stage>/checkpoints; use --output-dir",
@@ -195,54 +196,35 @@ class PeftSettings(Strict):
     )
 
 
-class Generation(Strict):
-    """How an eval stage's models answer: the same settings for every model, so their answers compare."""
-
-    max_new_tokens: int = Field(64, ge=1, description="the longest answer, in tokens")
-    temperature: float = Field(0.0, ge=0.0, description="0: greedy; above 0 samples")
-    top_p: float = Field(1.0, gt=0.0, le=1.0, description="nucleus sampling's probability mass (sampling only)")
-    num_samples: int = Field(1, ge=1, description="answers per prompt (greedy answers are all the same)")
-    batch_size: int = Field(16, ge=1, description="rows per generate call (left-padded)")
-    seed: int = Field(0, description="seeds the sampling; each model label adds its position, so samples differ")
-
-
-class Judge(Strict):
-    """One judge of an eval stage: exactly one of `reward_model` or `reference`."""
-
-    reward_model: str | None = Field(None, description="a sequence-classification model: @<rm stage>, path or hub id")
-    reference: Literal["rouge_l"] | None = Field(None, description="score answers against the data's references")
-
-    @model_validator(mode="after")
-    def _exactly_one(self) -> Judge:
-        given = [k for k in ("reward_model", "reference") if getattr(self, k) is not None]
-        if len(given) != 1:
-            raise ValueError(f"give exactly one of reward_model, reference (got {', '.join(given) or 'none'})")
-        return self
-
-    @property
-    def name(self) -> str:
-        """The judge's name in summaries and generations.jsonl: `reward_model` or `rouge_l`."""
-        return "reward_model" if self.reward_model is not None else str(self.reference)
-
-
-class LmEvalSettings(Strict):
-    """lm-evaluation-harness tasks run on every evaluated model (`pip install -e ".[eval]"`)."""
-
-    tasks: list[str] = Field(min_length=1, description="task names (harness tasks, or YAMLs under include_path)")
-    include_path: str | None = Field(None, description="a folder of local task YAMLs (relative to the recipe)")
-    limit: int | None = Field(None, ge=1, description="at most this many examples per task")
-    num_fewshot: int | None = Field(None, ge=0)
-    batch_size: int = Field(8, ge=1)
-
-
-# The keys only an eval stage takes, and those only training stages take: the other kind refuses them.
-EVAL_KEYS = ("models", "baseline", "max_prompts", "generation", "judges", "lm_eval", "allow_overlap")
-TRAINING_KEYS = ("model", "train", "early_stopping", "peft", "merge", "generations")
-
-
 class Stage(Strict):
+    """The shape every stage shares. Each kind's module declares its own recipe keys as a subclass (with `kind` a
+    literal of its name), and the loader (align/loader.py) validates a stage with its kind's class."""
+
     name: str = Field(description="stage name: its directory in the run and its key in --set paths")
-    kind: Literal[STAGE_KINDS]  # type: ignore[valid-type]
+    kind: str = Field(description="what the stage does: one of the registered kinds (align/stages/__init__.py)")
+    # What the kind's saved model is: "policy" (it generates: a later stage without `model:`, an eval stage and
+    # `align chat` take it), "reward_model" (a judge), or None (it saves no model).
+    makes: ClassVar[str | None] = None
+    article: ClassVar[str] = "a"  # as a sentence says the kind: "an sft stage", "a dpo stage"
+
+    def problems(self, earlier: list[Stage]) -> list[str]:
+        """The kind's own checks, against the stages before it. Returns every problem found."""
+        return []
+
+    def model_refs(self) -> dict[str, str]:
+        """Every model this stage reads, as written (hub ids, directories, @stage references), by its key under
+        the stage (`model`, `models.sft`, `judges.0.reward_model`)."""
+        return {}
+
+    def a_kind(self) -> str:
+        """The kind with its article, as a sentence says it: "an sft", "a dpo"."""
+        return f"{self.article} {self.kind}"
+
+
+class TrainingStage(Stage):
+    """The recipe keys of a stage that trains a model: what every training kind takes (each adds its own)."""
+
+    makes: ClassVar[str | None] = "policy"
     model: str | ScratchModel | None = Field(
         None, description="hub id, local directory, @<stage>, or {model_type: ...}; omitted: the previous stage"
     )
@@ -251,22 +233,37 @@ class Stage(Strict):
     early_stopping: EarlyStopping | None = None
     peft: PeftSettings | None = Field(None, description="train LoRA adapters instead of every weight")
     merge: bool = Field(False, description="with peft: save the adapters merged into the model, for the next stage")
-    generations: int = Field(4, ge=0, description="eval prompts answered greedily before and after training (sft, dpo)")
+    generations: int = Field(4, ge=0, description="eval prompts answered greedily before and after training")
     trust_remote_code: bool = Field(
         False, description="run Python code shipped in the model's hub repository (only for models you trust)"
     )
-    # kind: eval only (see EVAL_KEYS)
-    models: dict[str, str] | None = Field(
-        None, description="eval: label -> model (@stage, directory or hub id); omitted: every earlier policy stage"
-    )
-    baseline: str | None = Field(None, description="eval: the label every model is compared with (default: the first)")
-    max_prompts: int | None = Field(200, ge=1, description="eval: at most this many held-out prompts (the first N)")
-    generation: Generation = Field(default_factory=Generation)
-    judges: list[Judge] = Field(default_factory=list, description="eval: the first judge decides the win rate")
-    lm_eval: LmEvalSettings | None = None
-    allow_overlap: bool = Field(
-        False, description="eval: allow prompts that an earlier stage of this recipe trained on (refused by default)"
-    )
+
+    def model_refs(self) -> dict[str, str]:
+        return {"model": self.model} if isinstance(self.model, str) else {}
+
+    def problems(self, earlier: list[Stage]) -> list[str]:
+        where = f"stages.{self.name}"
+        problems = []
+        ref = stage_ref(self.model)
+        by_name = {s.name: s for s in earlier}
+        if ref is not None and ref not in by_name:
+            problems.append(f"{where}.model: '@{ref}' is not an earlier stage (earlier stages: "
+                            f"{', '.join(by_name) or '-'})")  # fmt: skip
+        elif ref is not None and by_name[ref].makes != "policy":
+            problems.append(
+                f"{where}.model: '@{ref}' is {by_name[ref].a_kind()} stage, whose output is not a "
+                f"language model to train on (name a stage that makes one: {policy_list(earlier)})"
+            )
+        if self.model is None and not any(s.makes == "policy" for s in earlier):
+            problems.append(f"{where}.model: the first stage needs a model (hub id, path or {{model_type: ...}})")
+        if self.merge and self.peft is None:
+            problems.append(f"{where}.merge: merging needs adapters; add `peft:` or remove `merge: true`")
+        return problems
+
+
+def policy_list(stages: list[Stage]) -> str:
+    names = [s.name for s in stages if s.makes == "policy"]
+    return ", ".join(names) or "none yet"
 
 
 class Recipe(Strict):
@@ -274,7 +271,8 @@ class Recipe(Strict):
     seed: int = 42
     precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
     tracking: Tracking = Field(default_factory=Tracking)
-    stages: list[Stage] = Field(min_length=1)
+    # Each stage is its kind's own class (align/loader.py validates it): dumped as that class, not as `Stage`.
+    stages: list[SerializeAsAny[Stage]] = Field(min_length=1)
     # Where the recipe was read from: relative data paths resolve against its directory.
     _path: Path | None = PrivateAttr(None)
     # The dotted paths `--set` gave (`stages.lm.train.learning_rate`): `--print-config` says where a value came from.
@@ -294,6 +292,20 @@ def stage_ref(model: Any) -> str | None:
     if isinstance(model, str) and model.startswith("@"):
         return model[1:]
     return None
+
+
+def model_source(stage: Stage, recipe: Recipe) -> str | ScratchModel:
+    """The stage's `model` as written, an omitted one read as `@<previous policy stage>` (a stage whose kind makes a
+    policy: never a reward model or an eval, so in lm -> sft -> rm -> dpo the dpo stage trains on the sft model)."""
+    if getattr(stage, "model", None) is not None:
+        return stage.model
+    return f"@{policies_before(stage, recipe)[-1].name}"
+
+
+def policies_before(stage: Stage, recipe: Recipe) -> list[Stage]:
+    """The stages before `stage` whose saved model is a policy, in recipe order."""
+    names = [s.name for s in recipe.stages]
+    return [s for s in recipe.stages[: names.index(stage.name)] if s.makes == "policy"]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -366,37 +378,6 @@ def _stage_by_name(stages: list[Any], part: str, where: str) -> dict[str, Any]:
         return stages[int(part)]
     message = unknown_key_message(where, part, names).replace("unknown key", "no stage named")
     raise BadInput(message if "did you mean" in message else f"{message} (stages: {', '.join(map(str, names))})")
-
-
-def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
-    """Load, override and validate a recipe; collect every problem and raise them together.
-
-    Raises:
-        BadInput: anything wrong with the recipe, each problem naming its YAML path.
-    """
-    path = Path(path)
-    raw = apply_overrides(load_yaml(path), overrides or [])
-    for stage in raw.get("stages") or []:
-        # A stage's name defaults to its kind, so the common one-stage-per-kind recipe needs no names.
-        if isinstance(stage, dict) and "name" not in stage and isinstance(stage.get("kind"), str):
-            stage["name"] = stage["kind"]
-    problems = list(_unknown_keys(raw, Recipe, "", raw))
-    for stage in raw.get("stages") or []:
-        if isinstance(stage, dict) and stage.get("kind") in TRAINING_KINDS and isinstance(stage.get("train"), dict):
-            where = f"stages.{stage.get('name')}.train"
-            problems += check_train(stage["kind"], stage["train"], bool(stage.get("early_stopping")), where)
-    try:
-        recipe = Recipe.model_validate(raw)
-    except ValidationError as exc:
-        problems += [_format_error(err, raw) for err in exc.errors() if err["type"] != "extra_forbidden"]
-        raise BadInput([_blame(p, path, overrides) for p in _dedupe(problems)]) from None
-    problems += check_recipe(recipe)
-    if problems:
-        raise BadInput([_blame(p, path, overrides) for p in _dedupe(problems)])
-    recipe._path = path
-    recipe._overridden = frozenset(item.partition("=")[0].strip() for item in overrides or [])
-    resolve_local_models(recipe)
-    return recipe
 
 
 def _blame(problem: str, path: Path, overrides: list[str] | None) -> str:
@@ -501,8 +482,9 @@ def resolve_local_models(recipe: Recipe) -> None:
     preflight reports a missing one, naming both places.
     """
     for stage in recipe.stages:
-        if isinstance(stage.model, str) and stage.model.strip() and stage_ref(stage.model) is None:
-            found = next((p for p in search_paths(stage.model, recipe.base_dir) if p.is_dir()), None)
+        model = getattr(stage, "model", None)  # a stage that trains a model names it; an eval names several
+        if isinstance(model, str) and model.strip() and stage_ref(model) is None:
+            found = next((p for p in search_paths(model, recipe.base_dir) if p.is_dir()), None)
             if found is not None:
                 stage.model = str(found)
 
@@ -525,129 +507,37 @@ def path_component_problems(name: str, where: str, names: str = "a directory") -
 
 
 def check_recipe(recipe: Recipe) -> list[str]:
-    """Checks that involve several fields, all in one place. Returns every problem found."""
+    """Checks that involve several fields, all in one place: the names, then each stage's own checks against the
+    stages before it (its kind's class). Returns every problem found."""
     problems: list[str] = path_component_problems(recipe.name, "name", "the run directory")
     seen: set[str] = set()
-    kinds: dict[str, str] = {}
     for i, stage in enumerate(recipe.stages):
         where = f"stages.{stage.name}"
         if stage.name in seen:
             problems.append(f"{where}.name: two stages are named '{stage.name}'")
         problems += path_component_problems(stage.name, f"{where}.name")
-        if stage.data.card is not None:
-            problems += path_component_problems(stage.data.card, f"{where}.data.card", "a data card's file")
-        ref = stage_ref(stage.model)
-        if ref is not None and ref not in seen:
-            later = ref in {s.name for s in recipe.stages[i:]}
-            problems.append(
-                f"{where}.model: '@{ref}' "
-                + ("is not an earlier stage" if later else f"names no stage (stages: {', '.join(seen) or '-'})")
-            )
-        if stage.merge and stage.peft is None:
-            problems.append(f"{where}.merge: merging needs adapters; add `peft:` or remove `merge: true`")
-        if stage.peft is not None and stage.kind == "lm":
-            problems.append(f"{where}.peft: LoRA is for sft, dpo and rm stages; an lm stage trains every weight")
-        problems += _kind_keys(stage, where)
-        if stage.kind != "eval":
-            if stage.model is None and not any(s.kind in POLICY_KINDS for s in recipe.stages[:i]):
-                problems.append(f"{where}.model: the first stage needs a model (hub id, path or {{model_type: ...}})")
-            if ref is not None and kinds.get(ref) not in (None, *POLICY_KINDS):
-                problems.append(f"{where}.model: '@{ref}' is {a_kind(kinds[ref])} stage, whose output is not a "
-                                "language model to train on (name an lm, sft or dpo stage)")  # fmt: skip
-        else:
-            problems += _eval_problems(stage, recipe.stages[:i], where)
+        card = getattr(stage, "data", None) and stage.data.card
+        if card is not None:
+            problems += path_component_problems(card, f"{where}.data.card", "a data card's file")
+        problems += stage.problems(recipe.stages[:i])
         seen.add(stage.name)
-        kinds[stage.name] = stage.kind
     return problems
 
 
-def a_kind(kind: str) -> str:
-    """The kind with its article, as a sentence says it: "an rm", "an lm", "a dpo"."""
-    return f"an {kind}" if kind in ("rm", "lm", "eval") else f"a {kind}"
-
-
-def _kind_keys(stage: Stage, where: str) -> list[str]:
-    """Keys given to the kind that does not take them: an eval stage trains nothing, a training stage evaluates
-    no `models:`."""
-    given = stage.model_fields_set
-    if stage.kind == "eval":
-        wrong = [k for k in TRAINING_KEYS if k in given]
-        return [f"{where}.{k}: an eval stage trains nothing; `{k}` is for training stages (use `models:`)"
-                for k in wrong]  # fmt: skip
-    wrong = [k for k in EVAL_KEYS if k in given]
-    return [f"{where}.{k}: only an eval stage takes `{k}` (this stage is kind {stage.kind})" for k in wrong]
-
-
-def _eval_problems(stage: Stage, earlier: list[Stage], where: str) -> list[str]:
-    """An eval stage's models, baseline and judges against the stages before it."""
-    kinds = {s.name: s.kind for s in earlier}
-    problems = []
-    models = stage.models if stage.models is not None else {s.name: f"@{s.name}" for s in earlier
-                                                            if s.kind in POLICY_KINDS}  # fmt: skip
-    if not models:
-        problems.append(f"{where}.models: nothing to evaluate: no earlier lm, sft or dpo stage; name models "
-                        "(label: @stage, a directory or a hub id)")  # fmt: skip
-    for label, ref in models.items():
-        problems += path_component_problems(label, f"{where}.models.{label}", "the model's label")
-        name = stage_ref(ref)
-        if name is not None and name not in kinds:
-            problems.append(f"{where}.models.{label}: '@{name}' is not an earlier stage "
-                            f"(earlier stages: {', '.join(kinds) or '-'})")  # fmt: skip
-        elif name is not None and kinds[name] not in POLICY_KINDS:
-            problems.append(f"{where}.models.{label}: '@{name}' is {a_kind(kinds[name])} stage; only lm, sft and dpo "
-                            "models answer prompts (a reward model judges: put it under `judges:`)")  # fmt: skip
-    if stage.baseline is not None and stage.baseline not in models:
-        problems.append(f"{where}.baseline: '{stage.baseline}' is not one of the models ({', '.join(models)})")
-    for n, judge in enumerate(stage.judges):
-        name = stage_ref(judge.reward_model)
-        if name is not None and kinds.get(name) != "rm":
-            what = f"{a_kind(kinds[name])} stage" if name in kinds else "not an earlier stage"
-            problems.append(f"{where}.judges.{n}.reward_model: '@{name}' is {what}; a reward model comes from an "
-                            "earlier rm stage, a directory or a hub id")  # fmt: skip
-    names = [judge.name for judge in stage.judges]
-    if len(set(names)) < len(names):
-        problems.append(f"{where}.judges: two judges of the same kind ({', '.join(names)}); keep one of each")
-    if not stage.judges and stage.lm_eval is None:
-        problems.append(f"{where}.judges: an eval stage needs at least one judge (reward_model or reference) "
-                        "or lm_eval tasks")  # fmt: skip
-    return problems
-
-
-def config_class(kind: str) -> type:
-    """The config class whose fields a stage's `train:` takes: LMConfig (TrainingArguments), SFTConfig, DPOConfig,
-    RewardConfig."""
-    if kind == "rm":
-        from trl import RewardConfig
-
-        return RewardConfig
-    if kind == "lm":
-        from align.stages.lm_config import LMConfig
-
-        return LMConfig
-    if kind == "sft":
-        from trl import SFTConfig
-
-        return SFTConfig
-    from trl import DPOConfig
-
-    return DPOConfig
-
-
-def _train_field_types(kind: str) -> dict[str, Any]:
-    cls = config_class(kind)
+def _train_field_types(cls: type) -> dict[str, Any]:
     try:
         return typing.get_type_hints(cls)
     except Exception:  # a hint that does not resolve: fall back to names only
         return {f: Any for f in cls.__dataclass_fields__}
 
 
-def check_train(kind: str, train: dict[str, Any], early_stopping: bool, where: str) -> list[str]:
-    """Check `train:` keys and value types against the kind's config class; coerce values in place.
+def check_train(cls: type, train: dict[str, Any], early_stopping: bool, where: str) -> list[str]:
+    """Check `train:` keys and value types against the kind's config class `cls`; coerce values in place.
 
     Returns every problem, each naming `<where>.<key>`.
     """
-    hints = _train_field_types(kind)
-    fields = {name for name, f in config_class(kind).__dataclass_fields__.items() if f.init}
+    hints = _train_field_types(cls)
+    fields = {name for name, f in cls.__dataclass_fields__.items() if f.init}
     problems = []
     for key, value in list(train.items()):
         if key in CREDENTIAL_TRAIN_KEYS:
@@ -658,9 +548,7 @@ def check_train(kind: str, train: dict[str, Any], early_stopping: bool, where: s
             problems.append(f"{where}.{key}: set by align: {MANAGED_TRAIN_KEYS[key]}")
             continue
         if key not in fields:
-            problems.append(
-                unknown_key_message(where, key, fields) + f" ({config_class(kind).__name__} has no such field)"
-            )
+            problems.append(unknown_key_message(where, key, fields) + f" ({cls.__name__} has no such field)")
             continue
         hint = hints.get(key, Any)
         try:
@@ -681,32 +569,6 @@ def check_train(kind: str, train: dict[str, Any], early_stopping: bool, where: s
 
 # --------------------------------------------------------------------------------------------------
 # Output
-
-
-SECRET_NAME = re.compile(r"(token|key|secret|password|passwd)", re.IGNORECASE)
-# Names that hold "token"/"key" but are ordinary settings, not credentials.
-NOT_SECRET = re.compile(
-    r"^((pad|eos|bos|unk|sep|cls|mask)_token(_id)?|.*tokens?_.*|.*_tokens|.*tokenizer.*|max_tokens|key_.*)$"
-)
-
-
-def redact(node: Any, secrets: list[str] | None = None) -> Any:
-    """A copy with credential-like keys' values and any known secret value replaced by '***'."""
-    secrets = [s for s in (secrets or []) if s and len(s) >= 4]
-    if isinstance(node, dict):
-        out = {}
-        for k, v in node.items():
-            if SECRET_NAME.search(str(k)) and not NOT_SECRET.match(str(k)) and isinstance(v, str | int | float):
-                out[k] = "***"
-            else:
-                out[k] = redact(v, secrets)
-        return out
-    if isinstance(node, list):
-        return [redact(v, secrets) for v in node]
-    if isinstance(node, str):
-        for s in secrets:
-            node = node.replace(s, "***")
-    return node
 
 
 def to_yaml(data: dict[str, Any]) -> str:

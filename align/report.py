@@ -21,6 +21,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from align import stages as registry
 from align.files import read_json, write_text_atomic
 
 logger = logging.getLogger(__name__)
@@ -31,16 +32,6 @@ SHOWN_METRICS = (
     "train_runtime_s", "train_tokens", "tokens_per_s",
 )  # fmt: skip
 
-# The stages table's metrics per kind: (label, summary key, whose `<key>_before` is the same measure before the
-# stage, and whether lower is better). Each stage is compared with itself, after - before on its own eval set, and
-# never with the stage before it: an SFT stage's eval loss is measured on other data (chat-formatted, completion
-# tokens only) than an LM stage's, and a DPO stage's eval loss is the preference loss, so a difference across
-# stages would subtract two different quantities.
-KEY_METRICS: dict[str, tuple[tuple[str, str, bool], ...]] = {
-    "lm": (("eval loss", "eval_loss", True), ("perplexity", "perplexity", True)),
-    "sft": (("eval loss", "eval_loss", True), ("perplexity", "perplexity", True)),
-    "dpo": (("pref accuracy", "pref_accuracy", False), ("eval loss (DPO)", "eval_loss", True)),
-}
 
 STYLE = (
     "body{font-family:system-ui,sans-serif;max-width:1000px;margin:2em auto;padding:0 1em;color:#222}"
@@ -196,9 +187,16 @@ def _fmt(value: Any) -> str:
 
 
 def key_metric_cells(kind: str, metrics: dict[str, Any]) -> list[str]:
-    """The stages table's metric, before, after and change cells: one line per key metric of the kind."""
+    """The stages table's metric, before, after and change cells: one line per figure the kind declares.
+
+    Each stage is compared with itself, after - before on its own eval set, and never with the stage before it: an
+    SFT stage's eval loss is measured on other data (chat-formatted, completion tokens only) than an LM stage's,
+    and a DPO stage's eval loss is the preference loss, so a difference across stages would subtract two different
+    quantities."""
     lines: list[tuple[str, str, str, str]] = []
-    for label, key, lower_is_better in KEY_METRICS.get(kind, (("eval loss", "eval_loss", True),)):
+    known = registry.kinds().get(kind)
+    figures = [(f.label, f.key, f.lower_is_better) for f in known.figures] if known is not None else []
+    for label, key, lower_is_better in figures or [("eval loss", "eval_loss", True)]:
         before, after = metrics.get(f"{key}_before"), metrics.get(key)
         if before is None and after is None:
             continue
@@ -309,7 +307,7 @@ def did_it_help(run_dir: Path, entries: list[dict[str, Any]], summaries: dict[st
     from align.verdict import regressions
 
     out = ["<h2 id='did-it-help'>Did it help?</h2>"]
-    evals = [e for e in entries if e.get("kind") == "eval" and (summaries[e["name"]].get("metrics") or {})]
+    evals = [e for e in entries if _declares(e, "compares_models") and (summaries[e["name"]].get("metrics") or {})]
     for entry in evals:
         name, summary = entry["name"], summaries[entry["name"]]
         metrics = summary["metrics"]
@@ -374,7 +372,7 @@ def did_it_help(run_dir: Path, entries: list[dict[str, Any]], summaries: dict[st
                 out.append(f"<tr><td>{_pre(row['prompt'])}</td><td>{_pre(row['baseline'])}</td>"
                            f"<td>{_pre(row['candidate'])}</td><td class='num'>{scores}</td></tr>")  # fmt: skip
             out.append("</table>")
-    trained = [e for e in entries if e.get("kind") != "eval"]
+    trained = [e for e in entries if _declares(e, "trains")]
     lines = []
     for entry in trained:
         summary = summaries[entry["name"]]
@@ -393,6 +391,12 @@ def did_it_help(run_dir: Path, entries: list[dict[str, Any]], summaries: dict[st
     if not evals and not lines:
         out.append("<p class='empty'>No stage has finished yet.</p>")
     return "\n".join(out)
+
+
+def _declares(entry: dict[str, Any], what: str) -> bool:
+    """Whether the stage's kind declares `what` (`trains`, `compares_models`); False for a kind not registered."""
+    known = registry.kinds().get(str(entry.get("kind")))
+    return bool(known is not None and getattr(known, what))
 
 
 def build_report(run_dir: Path) -> Path:

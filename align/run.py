@@ -77,8 +77,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _main(args: argparse.Namespace) -> int:
+    from align.loader import load_recipe
     from align.pipeline import dry_run, print_config, resolve_specs, run_pipeline
-    from align.recipe import load_recipe
     from align.runtime import check_hub, is_main_process, set_console_level
 
     recipe = load_recipe(args.recipe, args.overrides)
@@ -111,36 +111,20 @@ def needs_hub(recipe: Any, specs: dict[str, Any]) -> bool:
     from align.recipe import stage_ref
 
     for stage in recipe.stages:
-        model = stage.model
-        # A path-like model that is not there is a missing directory (preflight says so), not a hub id to probe for.
-        if (
-            isinstance(model, str)
-            and stage_ref(model) is None
-            and not (is_local_model(model) or looks_like_path(model))
-        ):
-            return True
+        for model in stage.model_refs().values():
+            # A path-like model that is not there is a missing directory (preflight says so), not a hub id to probe.
+            if stage_ref(model) is None and not (is_local_model(model) or looks_like_path(model)):
+                return True
     return any(spec.source.hub for spec in specs.values())
 
 
-# The figure each kind's line shows, before -> after (its verdict's measure, as summary.json has it).
-KEY_FIGURES = {"lm": "eval_loss", "sft": "eval_loss", "rm": "accuracy", "dpo": "pref_accuracy"}
-
-
 def key_figure(summary: dict[str, Any]) -> str:
-    """A stage's headline figure: before -> after for a training stage, the last model's win rate for an eval."""
-    m = summary.get("metrics") or {}
-    if summary.get("kind") == "eval":
-        models = m.get("models") or {}
-        last = next((label for label in reversed(list(models)) if label != m.get("baseline")), None)
-        if last is None or not isinstance(models[last].get("win_rate"), int | float):
-            return "-"
-        low, high = models[last]["win_rate_ci"]
-        return f"{last} win rate {models[last]['win_rate']:.2f} [{low:.2f}, {high:.2f}] vs {m.get('baseline')}"
-    key = KEY_FIGURES.get(summary.get("kind"), "eval_loss")
-    after, before = m.get(key), m.get(f"{key}_before")
-    if not isinstance(after, int | float):
-        return "-"
-    return f"{key} {before:.4g} → {after:.4g}" if isinstance(before, int | float) else f"{key} {after:.4g}"
+    """A stage's headline figure, as its kind gives it: before -> after of what its verdict measures (a training
+    stage), the last model's win rate (an eval)."""
+    from align import stages as registry
+
+    kind = registry.kinds().get(str(summary.get("kind")))
+    return kind.headline(summary) if kind is not None else "-"
 
 
 def results_table(summaries: list[dict[str, Any]]) -> str:

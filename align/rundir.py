@@ -81,11 +81,8 @@ def inputs_inside(run_dir: Path, recipe: Any) -> list[tuple[str, Path]]:
     root = run_dir.resolve()
     found = []
     for stage in recipe.stages:
-        refs = [(f"stages.{stage.name}.model", stage.model)]
-        refs += [(f"stages.{stage.name}.models.{label}", ref) for label, ref in (stage.models or {}).items()]
-        refs += [(f"stages.{stage.name}.judges.{n}.reward_model", judge.reward_model)
-                 for n, judge in enumerate(stage.judges)]  # fmt: skip
-        for where, ref in refs:
+        for key, ref in stage.model_refs().items():
+            where = f"stages.{stage.name}.{key}"
             if not isinstance(ref, str) or stage_ref(ref) is not None:
                 continue
             path = next((p for p in search_paths(ref, recipe.base_dir) if p.exists()), None)

@@ -1,27 +1,23 @@
-"""Saved models on disk: which stage's `model/` a path means, and how that model's prompts were formatted in training.
+"""Saved models on disk: which stage's `model/` a path means.
 
 `align chat`, `align push` and the model card all start from a path the user gives: a `model/` directory, a stage
-folder, or a run directory (with a stage name, or its last completed policy stage). Each saved `model/` records
-how its training prompts were written (`align_prompts.json`), because the tokenizer's chat template alone can
-mislead: a model trained on plain string prompts still carries align's default `### user:` template, which it
-never saw in training, and chatting with it through that template gives it a format it does not know.
+folder, or a run directory (with a stage name, or its last completed policy stage). How the model's prompts were
+formatted in training is align/prompt_format.py's.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from align import stages as registry  # chat, compare and push pick among policies, never a reward model or an eval
 from align.errors import BadInput, closest
-from align.files import read_json, write_text_atomic
-from align.recipe import POLICY_KINDS, a_kind  # chat, compare and push pick among these, never an rm or eval stage
+from align.files import read_json
 
 logger = logging.getLogger(__name__)
 
-PROMPTS_FILE = "align_prompts.json"
 DONE = ("completed", "cached")
 
 
@@ -52,7 +48,7 @@ def holds_model(path: Path) -> bool:
 
 def find_model(path: str | Path, stage: str | None = None) -> SavedModel:
     """The model a path means: a `model/` directory as it is; a stage folder (`runs/x/sft`) its `model/`; a run
-    directory its stage `stage`, or without one its last completed policy stage (lm, sft or dpo).
+    directory its stage `stage`, or without one its last completed policy stage (a kind that makes one).
 
     Raises:
         BadInput: no such directory, no model in it, no such stage, or a stage with no saved model.
@@ -98,9 +94,9 @@ def run_stage_model(run_dir: Path, stage: str | None) -> SavedModel:
     """
     stages = run_stages(run_dir)
     if stage is None:
-        done = [s for s in stages if s["kind"] in POLICY_KINDS and s["status"] in DONE]
+        done = [s for s in stages if registry.makes(s["kind"], "policy") and s["status"] in DONE]
         if not done:
-            raise BadInput(f"{run_dir}: no completed {', '.join(POLICY_KINDS)} stage yet: no model to use")
+            raise BadInput(f"{run_dir}: no completed {', '.join(registry.making('policy'))} stage yet: no model to use")
         entry = done[-1]
     else:
         names = [s["name"] for s in stages]
@@ -111,9 +107,9 @@ def run_stage_model(run_dir: Path, stage: str | None) -> SavedModel:
                 + (f" (did you mean '{guess}'?)" if guess else f" (its stages: {', '.join(names)})")
             )
         entry = stages[names.index(stage)]
-        if entry["kind"] not in POLICY_KINDS:
-            only = ", ".join(POLICY_KINDS)
-            raise BadInput(f"--stage {stage}: {a_kind(entry['kind'])} stage; only {only} stages generate")
+        if not registry.makes(entry["kind"], "policy"):
+            only = ", ".join(registry.making("policy"))
+            raise BadInput(f"--stage {stage}: {registry.a_kind(entry['kind'])} stage; only {only} stages generate")
     model = run_dir / entry["name"] / "model"
     if entry["status"] not in DONE or not holds_model(model):
         raise BadInput(f"--stage {entry['name']}: no saved model in {model} (the stage is {entry['status']})")
@@ -132,95 +128,8 @@ def policy_models(run_dir: Path) -> list[SavedModel]:
     out = [
         SavedModel(run_dir / s["name"] / "model", s["name"], s["kind"], run_dir)
         for s in run_stages(run_dir)
-        if s["kind"] in POLICY_KINDS and s["status"] in DONE and holds_model(run_dir / s["name"] / "model")
+        if registry.makes(s["kind"], "policy") and s["status"] in DONE and holds_model(run_dir / s["name"] / "model")
     ]
     if not out:
-        raise BadInput(f"{run_dir}: no completed {', '.join(POLICY_KINDS)} stage yet: no model to use")
+        raise BadInput(f"{run_dir}: no completed {', '.join(registry.making('policy'))} stage yet: no model to use")
     return out
-
-
-# --------------------------------------------------------------------------------------------------
-# How prompts were formatted in training
-
-
-@dataclass(frozen=True)
-class PromptFormat:
-    """How a model's training prompts were written, so chat and users render theirs the same way.
-
-    `format`: "plain" (strings, the answer appended with nothing between: TRL's convention; text for an lm stage)
-    or "chat_template" (message lists rendered by the tokenizer's chat template). `prompt_suffix`: the whitespace
-    every sampled training prompt ended with (plain only), which chat adds to a typed turn that lacks it.
-    `recorded`: False when the model directory holds no record (saved before align wrote one, or not by align).
-    """
-
-    format: str
-    data_format: str | None = None
-    stage: str | None = None
-    kind: str | None = None
-    prompt_suffix: str = ""
-    example_prompt: str | None = None
-    recorded: bool = True
-
-    def describe(self) -> str:
-        """One line for chat's banner and the model card."""
-        if self.format == "chat_template":
-            how = "message lists rendered by the tokenizer's chat template"
-        elif self.kind == "lm" or self.data_format == "text":
-            how = "plain text, no chat template: the model continues the text it is given"
-        else:
-            end = f", each ending in {self.prompt_suffix!r}" if self.prompt_suffix else ""
-            how = f"plain strings, no chat template: the prompt as is{end}, the answer appended with nothing between"
-        if not self.recorded:
-            return f"{how} (not recorded with the model: guessed from its tokenizer)"
-        return f"{how}; as stage {self.stage} ({self.kind}) was trained on {self.data_format} data"
-
-
-def prompt_format_of(kind: str, data_format: str, sample: list[dict[str, Any]]) -> PromptFormat:
-    """How a stage's training rows present prompts: from its data format and whether they are strings or messages."""
-    if kind == "lm" or data_format == "text":
-        return PromptFormat("plain", data_format, kind=kind)
-    first = sample[0] if sample else {}
-    prompt = first.get("prompt", first.get("chosen"))
-    if "messages" in first or isinstance(prompt, list) or data_format in ("messages", "preference_messages"):
-        return PromptFormat("chat_template", data_format, kind=kind)
-    prompts = [row["prompt"] for row in sample if isinstance(row.get("prompt"), str)]
-    return PromptFormat("plain", data_format, kind=kind, prompt_suffix=_shared_whitespace_end(prompts),
-                        example_prompt=prompts[0][:400] if prompts else None)  # fmt: skip
-
-
-def _shared_whitespace_end(texts: list[str]) -> str:
-    """The trailing whitespace every text ends with ("\\n\\n" for the builtin instruction prompts), or ""."""
-    if not texts:
-        return ""
-    ends = [t[len(t.rstrip()) :] for t in texts]
-    shortest = min(ends, key=len)
-    while shortest and not all(e.endswith(shortest) for e in ends):
-        shortest = shortest[1:]
-    return shortest
-
-
-def record_prompt_format(model_dir: Path, stage: str, kind: str, data_format: str, rows: Any) -> PromptFormat:
-    """Write `model_dir/align_prompts.json`: how this stage's training prompts were formatted (from its data
-    format and its first training rows), which `align chat` follows and the model card states."""
-    sample = [rows[i] for i in range(min(32, len(rows)))] if rows is not None else []
-    found = prompt_format_of(kind, data_format, sample)
-    record = {
-        "format": found.format,
-        "data_format": data_format,
-        "stage": stage,
-        "kind": kind,
-        "prompt_suffix": found.prompt_suffix,
-        "example_prompt": found.example_prompt,
-    }
-    write_text_atomic(model_dir / PROMPTS_FILE, json.dumps(record, indent=2) + "\n")
-    return PromptFormat(**{k: v for k, v in record.items()})
-
-
-def read_prompt_format(model_dir: Path, has_chat_template: bool | None = None) -> PromptFormat:
-    """The recorded prompt format of a saved model; without a record, the tokenizer's chat template if it has one
-    (a model from elsewhere), else plain text."""
-    record = read_json(Path(model_dir) / PROMPTS_FILE)
-    if isinstance(record, dict) and record.get("format") in ("plain", "chat_template"):
-        fields = ("format", "data_format", "stage", "kind", "prompt_suffix", "example_prompt")
-        return PromptFormat(**{k: record[k] for k in fields if record.get(k) is not None})
-    return PromptFormat("chat_template" if has_chat_template else "plain", recorded=False)

@@ -129,7 +129,7 @@ def test_each_model_records_how_its_prompts_were_formatted(run_dir):
 
 
 def test_prompt_format_follows_the_data():
-    from align.saved import prompt_format_of
+    from align.prompt_format import prompt_format_of
 
     messages = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]
     assert prompt_format_of("sft", "messages", [{"messages": messages}]).format == "chat_template"
@@ -144,7 +144,7 @@ def test_prompt_format_follows_the_data():
 def test_conversation_is_rendered_as_the_model_was_trained(run_dir):
     from align.chat import Conversation
     from align.models import load_tokenizer
-    from align.saved import PromptFormat, read_prompt_format
+    from align.prompt_format import PromptFormat, read_prompt_format
 
     tokenizer = load_tokenizer(str(run_dir / "sft" / "model"))
     eos = tokenizer.eos_token
@@ -354,14 +354,14 @@ def test_every_saved_model_has_a_card_with_its_lineage(run_dir):
 
 
 def test_card_metadata_from_hub_names_and_licenses():
-    from align.card import base_model, hub_license, usage
-    from align.saved import PromptFormat
+    from align.card import base_model, hub_license
+    from align.prompt_format import PromptFormat, generate_usage
 
     assert base_model("openai-community/openai-gpt") == "openai-community/openai-gpt"
     assert base_model({"model_type": "gpt2"}) is None and base_model("/nowhere/model") is None
     assert hub_license(["CC BY-SA 3.0"]) == {"license": "cc-by-sa-3.0"}
     assert hub_license(["MIT", "Apache-2.0"]) == {"license": "other", "license_name": "mit-and-apache-2.0"}
-    assert "AutoPeftModelForCausalLM" in usage(PromptFormat("chat_template"), adapter=True)
+    assert "AutoPeftModelForCausalLM" in generate_usage(PromptFormat("chat_template"), adapter=True)
 
 
 # --------------------------------------------------------------------------------------------------

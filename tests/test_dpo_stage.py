@@ -206,9 +206,9 @@ def test_implicit_string_prompts_split_after_the_last_turn_marker():
 def test_dpo_guard_warns_when_chosen_is_pushed_down_and_when_nothing_is_learned(caplog):
     from types import SimpleNamespace
 
-    from align.guards import LN2, DPOGuard
+    from align.guards import LN2, PreferenceGuard
 
-    guard = DPOGuard(window=3)
+    guard = PreferenceGuard(window=3)
     state = SimpleNamespace(global_step=1)
     with caplog.at_level("WARNING"):
         for step in range(1, 5):
@@ -218,7 +218,7 @@ def test_dpo_guard_warns_when_chosen_is_pushed_down_and_when_nothing_is_learned(
             guard.on_log(None, state, None, logs=logs)
     assert "chosen and rejected answers fell" in caplog.text
     caplog.clear()
-    guard = DPOGuard(window=3)
+    guard = PreferenceGuard(window=3)
     with caplog.at_level("WARNING"):
         for step in range(1, 5):
             state.global_step = step

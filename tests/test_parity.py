@@ -132,8 +132,8 @@ def run_align(
     world: dict[str, Any], kind: str, settings: dict[str, Any], name: str, model: Path | None = None
 ) -> float:
     """The run as an align recipe (through `run_pipeline`); its final eval loss."""
+    from align.loader import load_recipe
     from align.pipeline import run_pipeline
-    from align.recipe import load_recipe
 
     root, files = world["root"], world["files"][kind]
     stage = {

@@ -34,9 +34,8 @@ def test_the_trainer_gets_exactly_the_planned_arguments_for_every_kind(tmp_path,
     """The plan a dry run prints is what each stage's Trainer receives: every planned argument, for each kind."""
     import transformers
 
-    from align.pipeline import preflight, run_pipeline
-    from align.plan import plan_stages
-    from align.recipe import load_recipe
+    from align.loader import load_recipe
+    from align.pipeline import plan_stages, preflight, run_pipeline
     from align.runtime import choose_precision
     from align.tracking import report_to
 
@@ -194,8 +193,8 @@ def test_an_lm_stage_whose_eval_text_fills_no_block_is_refused_before_training(t
 def test_a_stage_runs_from_python_without_the_pipeline(tmp_path, run_cli):
     """The README's promise: `run_sft` callable from Python, its inputs built by `stage_context`."""
     from align.errors import BadInput
+    from align.loader import load_recipe
     from align.pipeline import stage_context
-    from align.recipe import load_recipe
     from align.stages import run_sft
 
     recipe = chain()

@@ -10,7 +10,8 @@ import pytest
 import yaml
 
 from align.errors import BadInput
-from align.recipe import apply_overrides, load_recipe
+from align.loader import load_recipe
+from align.recipe import apply_overrides
 from tests.conftest import REPO, tiny_lm_recipe, write_yaml
 
 RECIPES = sorted((REPO / "recipes").glob("*.yaml"))

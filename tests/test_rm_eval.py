@@ -199,7 +199,7 @@ def test_an_untrained_model_ranks_below_with_an_interval_under_half(chain, tmp_p
 
 
 def test_the_shipped_eval_only_recipe_evaluates_saved_models_without_training(chain, tmp_path):
-    from align.recipe import load_recipe
+    from align.loader import load_recipe
 
     shipped = Path(__file__).resolve().parent.parent / "recipes" / "eval_only.yaml"
     assert load_recipe(shipped).stages[0].kind == "eval"
@@ -246,13 +246,19 @@ def test_eval_references_found_in_the_lm_text_are_refused(tmp_path, run_cli):
 @pytest.mark.parametrize(
     ("change", "message"),
     [
-        (lambda s: s[4].update(train={"max_steps": 3}), "stages.eval.train: an eval stage trains nothing"),
+        (
+            lambda s: s[4].update(train={"max_steps": 3}),
+            "stages take `train` (this stage is an eval stage, which trains nothing)",
+        ),
         (lambda s: s[3].update(model="@rm"), "stages.dpo.model: '@rm' is an rm stage"),
         (lambda s: s[4].update(models={"rm": "@rm"}, baseline="rm"), "stages.eval.models.rm: '@rm' is an rm stage"),
-        (lambda s: s[4].update(judges=[{"reward_model": "@sft"}]), "judges.0.reward_model: '@sft' is a sft"),
+        (lambda s: s[4].update(judges=[{"reward_model": "@sft"}]), "judges.0.reward_model: '@sft' is an sft"),
         (lambda s: s[4].update(baseline="base"), "stages.eval.baseline: 'base' is not one of the models"),
         (lambda s: s[4].update(judges=[]), "stages.eval.judges: an eval stage needs at least one judge"),
-        (lambda s: s[1].update(max_prompts=5), "stages.sft.max_prompts: only an eval stage takes `max_prompts`"),
+        (
+            lambda s: s[1].update(max_prompts=5),
+            "stages.sft.max_prompts: only eval stages take `max_prompts` (this stage is an sft stage)",
+        ),
         (lambda s: s[4].update(judges=[{"reward_model": "@rm", "reference": "rouge_l"}]), "exactly one of"),
     ],
 )

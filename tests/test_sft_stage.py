@@ -212,16 +212,15 @@ def test_packing_is_refused_where_samples_would_see_each_other():
     from transformers import GPT2Config, GPT2LMHeadModel
 
     from align.models import attention_separates_sequences
-    from align.recipe import Stage
-    from align.stages.sft import choose_packing
+    from align.stages.sft import SFTKeys, choose_packing
 
     model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=100, bos_token_id=0, eos_token_id=0))
     model.config._attn_implementation = "eager"
     assert attention_separates_sequences(model) is False
-    stage = Stage(name="s", kind="sft", data={"card": "x"}, train={"packing": True})
+    stage = SFTKeys(name="s", kind="sft", data={"card": "x"}, train={"packing": True})
     with pytest.raises(BadInput, match="cannot keep packed samples apart"):
         choose_packing(stage, model)
-    auto = Stage(name="s", kind="sft", data={"card": "x"})
+    auto = SFTKeys(name="s", kind="sft", data={"card": "x"})
     assert choose_packing(auto, model)[0] == {"packing": False}
 
 

@@ -194,7 +194,7 @@ def test_a_tracker_that_is_not_installed_stops_the_run_before_anything_is_writte
 
 def test_tracker_settings_are_strict(tmp_path):
     from align.errors import BadInput
-    from align.recipe import load_recipe
+    from align.loader import load_recipe
 
     recipe = tiny_lm_recipe(tracking={"mlflow": {"experiement": "x"}, "tensorboard": {"logdir": "x"}})
     with pytest.raises(BadInput) as caught:

@@ -1,23 +1,83 @@
-"""Stage entry points: each is `run(stage, ctx) -> StageResult`, `ctx` a read-only `align.context.StageContext`.
+"""The registry of stage kinds: one line per kind, the module that declares it (its `KIND`, an
+`align.stages.base.Kind`). Everything else asks the registry about a kind and never names one.
 
-From Python, `align.pipeline.stage_context(recipe, "sft", Path("runs/x"))` builds the context a stage needs (the
-recipe planned as a run would, the earlier stages' outputs from that run directory); then `run_sft(ctx.stage, ctx)`
-(likewise `run_lm`, `run_dpo`, `run_rm` and `run_eval`).
-Imported lazily so `import align.stages` stays cheap; `from align.stages import run_lm` works as usual.
+Each entry point is `run(stage, ctx) -> StageResult`, `ctx` a read-only `align.context.StageContext`. From Python,
+`align.pipeline.stage_context(recipe, "sft", Path("runs/x"))` builds the context a stage needs (the recipe planned as
+a run would, the earlier stages' outputs from that run directory); then `run_sft(ctx.stage, ctx)` (likewise
+`run_lm`, `run_dpo`, `run_kto`, `run_orpo`, `run_simpo`, `run_rm` and `run_eval`).
+
+The modules are imported when first asked for (they import no heavy library at the top), so `import align.stages`
+stays cheap.
 """
 
 from __future__ import annotations
 
-from typing import Any
+import functools
+import importlib
+from typing import TYPE_CHECKING, Any
 
-_ENTRY_POINTS = {f"run_{kind}": f"align.stages.{kind}" for kind in ("lm", "sft", "dpo", "rm", "eval")}
+from align.errors import BadInput, closest
 
-__all__ = list(_ENTRY_POINTS)
+if TYPE_CHECKING:
+    from align.stages.base import Kind
+
+MODULES = (
+    "align.stages.lm",
+    "align.stages.sft",
+    "align.stages.dpo",
+    "align.stages.kto",
+    "align.stages.orpo",
+    "align.stages.simpo",
+    "align.stages.rm",
+    "align.stages.eval",
+)
+
+
+@functools.cache
+def kinds() -> dict[str, Kind]:
+    """Every registered kind by name, in the registry's order."""
+    found = [importlib.import_module(module).KIND for module in MODULES]
+    return {kind.name: kind for kind in found}
+
+
+def names() -> list[str]:
+    return list(kinds())
+
+
+def get(name: str) -> Kind:
+    """The kind registered under `name`.
+
+    Raises:
+        BadInput: no kind of that name (the message lists the registered ones).
+    """
+    found = kinds().get(name)
+    if found is None:
+        guess = closest(str(name), names())
+        also = f"did you mean '{guess}'? " if guess else ""
+        raise BadInput(f"kind: unknown kind {name!r} ({also}kinds: {', '.join(names())})")
+    return found
+
+
+def makes(name: str | None, what: str) -> bool:
+    """Whether the kind named `name` saves a model of this sort ("policy", "reward_model"); False for a name no
+    kind has (a run made by another version of align)."""
+    found = kinds().get(str(name))
+    return found is not None and found.makes == what
+
+
+def a_kind(name: str) -> str:
+    """A kind's name with its article ("an sft", "a dpo"), for one that may not be registered."""
+    found = kinds().get(str(name))
+    return found.a_kind if found is not None else f"a {name}"
+
+
+def making(what: str) -> list[str]:
+    """The names of the kinds whose saved model is `what` ("policy": the ones that generate)."""
+    return [kind.name for kind in kinds().values() if kind.makes == what]
 
 
 def __getattr__(name: str) -> Any:
-    if name in _ENTRY_POINTS:
-        import importlib
-
-        return importlib.import_module(_ENTRY_POINTS[name]).run
+    entry = name.removeprefix("run_")
+    if name.startswith("run_") and entry in kinds():
+        return kinds()[entry].run
     raise AttributeError(f"module 'align.stages' has no attribute {name!r}")

@@ -7,9 +7,11 @@ import contextlib
 import logging
 import math
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+from align.recipe import ScratchModel, model_source, stage_ref
+from align.values import UNKNOWN, Setting, StageResult, StartingPoint
 
 if TYPE_CHECKING:
     from transformers import Trainer
@@ -17,23 +19,9 @@ if TYPE_CHECKING:
     from align.context import StageContext
     from align.guards import NumericGuard
     from align.metrics import MetricsWriter
-    from align.plan import Setting
     from align.recipe import Recipe, Stage
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass
-class StageResult:
-    """What a stage returns: its status, where its model is, and the summary metrics of the contract."""
-
-    name: str
-    kind: str
-    status: str
-    model_dir: Path | None
-    input_model: str
-    metrics: dict[str, Any] = field(default_factory=dict)
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -50,6 +38,7 @@ class StageKind:
 
     unit = "rows"  # what a training row is, for the log: blocks, examples, pairs
     lm_head = False  # TRL's chunked LM head, which align/patches.py routes on a CPU
+    reward_head = False  # a reward model: the input's body with a new one-output head
 
     def __init__(self, stage: Stage, ctx: StageContext, model: Any, tokenizer: Any, start: StartingPoint):
         self.stage, self.ctx, self.model, self.tokenizer, self.start = stage, ctx, model, tokenizer, start
@@ -67,6 +56,11 @@ class StageKind:
 
     def trainer(self, args: Any, callbacks: list[Any]) -> Trainer:
         raise NotImplementedError
+
+    def guards(self) -> list[Any]:
+        """The kind's own guards (TrainerCallbacks), beyond the numeric guard every training stage has (a
+        non-finite loss stops it; spikes and a loss of exactly 0 are warnings)."""
+        return []
 
     def check(self, trainer: Trainer) -> None:
         """After the Trainer prepared the data: say (or refuse) what its preparation cut."""
@@ -94,7 +88,7 @@ def run_stage(stage: Stage, ctx: StageContext, kind: type[StageKind]) -> StageRe
 
     # 1. Seed, model, tokenizer, and the kind's data and pieces --------------------------------------
     seed_everything(ctx.seed)
-    model, tokenizer, start = load_start(ctx, stage)
+    model, tokenizer, start = load_start(ctx, stage, kind.reward_head)
     setup = kind(stage, ctx, model, tokenizer, start)
 
     # 2. Trainer, with the planned arguments -----------------------------------------------------------
@@ -102,7 +96,7 @@ def run_stage(stage: Stage, ctx: StageContext, kind: type[StageKind]) -> StageRe
     writer = metrics_writer(ctx, stage)
     if setup.lm_head:
         logger.info("LM head: %s", install_lm_head(args.device))  # align/lm_head.py, installed by align/patches.py
-    trainer = setup.trainer(args, [writer, *early_stopping_callbacks(stage)])  # align/plan.py
+    trainer = setup.trainer(args, [writer, *early_stopping_callbacks(stage), *setup.guards()])
     guard = watch(trainer, ctx)
     setup.check(trainer)
     log_training(args, len(trainer.train_dataset), setup.unit)
@@ -162,9 +156,9 @@ def training_args(stage: Stage, ctx: StageContext, **at_run_time: Any) -> Any:
 
 
 def report_dropped(stage: Stage, trainer: Trainer, totals: tuple[int, int], reason: str, refusal: str,
-                   hint: str) -> None:  # fmt: skip
-    """Say how many pairs a preference trainer's preparation dropped (`reason`: why, with the setting), and refuse
-    a split it left empty (`refusal`: the problem, with `{split}` for the split's name; `hint`: the fix).
+                   hint: str, unit: str = "pairs") -> None:  # fmt: skip
+    """Say how many pairs (`unit`) a preference trainer's preparation dropped (`reason`: why, with the setting), and
+    refuse a split it left empty (`refusal`: the problem, with `{split}` for the split's name; `hint`: the fix).
 
     Raises:
         BadInput: no training pair (or no eval pair) is left.
@@ -176,7 +170,7 @@ def report_dropped(stage: Stage, trainer: Trainer, totals: tuple[int, int], reas
         if total and not kept[split]:
             raise BadInput(f"stages.{stage.name}.train.max_length: {refusal.format(split=split)}", hint=hint)
         if kept[split] < total:
-            logger.warning("%s: %d of %d pairs dropped: %s", split, total - kept[split], total, reason)
+            logger.warning("%s: %d of %d %s dropped: %s", split, total - kept[split], total, unit, reason)
 
 
 def log_training(args: Any, n_train: int, unit: str) -> None:
@@ -291,7 +285,9 @@ def summary_metrics(
 
     state = trainer.state
     best = best_eval(writer.rows)
-    train_tokens = int(state.num_input_tokens_seen or 0)
+    # None where the Trainer could not count them (a batch without input_ids: the pair trainers' own).
+    counted = str(getattr(trainer.args, "include_num_input_tokens_seen", "no")) not in ("no", "False")
+    train_tokens = int(state.num_input_tokens_seen or 0) if counted else None
     runtime = float(result.metrics.get("train_runtime", 0.0))
     return {
         "train_loss": result.training_loss,
@@ -302,11 +298,11 @@ def summary_metrics(
         "stopped_early": stage.early_stopping is not None and state.global_step < state.max_steps,
         "train_runtime_s": runtime,
         "train_tokens": train_tokens,
-        "tokens_per_s": train_tokens / runtime if runtime > 0 else None,
+        "tokens_per_s": train_tokens / runtime if runtime > 0 and train_tokens is not None else None,
         # Beyond the contract's keys: the wait before training moves (model, data, first step) and peak memory.
         "time_to_first_step_s": writer.first_step_s,
         "peak_memory_gb": peak_memory_gb(),
-        **utilisation(trainer, train_tokens / runtime if runtime > 0 else None),
+        **utilisation(trainer, train_tokens / runtime if runtime > 0 and train_tokens is not None else None),
     }
 
 
@@ -342,8 +338,8 @@ def save_stage_model(
     if not is_main_process():
         return model_dir, "by the main process"
     saved = save_trained(trainer.model, tokenizer, model_dir, stage.merge, start.base)
-    # align/saved.py: how this stage's prompts were formatted in training (align chat follows it, the card says it).
-    from align.saved import record_prompt_format
+    # How this stage's prompts were formatted in training: align chat follows it, the card says it.
+    from align.prompt_format import record_prompt_format
 
     record_prompt_format(model_dir, stage.name, stage.kind, ctx.spec.format, ctx.data["train"])
     return model_dir, saved
@@ -353,38 +349,6 @@ def save_stage_model(
 # What a stage starts from
 
 
-@dataclass(frozen=True)
-class StartingPoint:
-    """What a stage starts from and what it does with LoRA adapters: decided from the recipe and the files on
-    disk before any model is loaded, so nothing later has to ask a model object what it used to be.
-
-    `input` (recorded in summary.json): "scratch" (built from a config in this stage), "full" (full weights: a hub
-    id, a directory, an earlier stage trained without LoRA), "adapter" (an earlier stage's LoRA adapters, not
-    merged) or "merged" (an earlier stage's adapters merged into its base, as that stage's summary.json says).
-    `lora`: "none" (every weight trains), "new" (fresh adapters on the input), "continue" (the input's adapters
-    train on) or "merge" (the input's adapters are folded into their base first, then every weight trains).
-    `base`: where the weights under this stage's adapters come from, written into the saved adapter config: a hub
-    id or directory; None for a model built from scratch here (saved beside the adapters) or not yet known (dry run).
-    """
-
-    input: str
-    lora: str
-    base: str | None
-
-    def describe(self) -> str:
-        on = f" ({self.base})" if self.base else ""
-        return {
-            "none": "every weight trains",
-            "new": "fresh LoRA adapters on the input model; only they train",
-            "continue": f"the input's LoRA adapters train on, on their base{on}",
-            "merge": f"the input's LoRA adapters are merged into their base{on} first; every weight trains",
-        }[self.lora]
-
-    def summary(self) -> str:
-        """What `--dry-run` shows: `adapter: the input's LoRA adapters train on, ...`."""
-        return f"{self.input}: {self.describe()}"
-
-
 def starting_point(recipe: Recipe, stage: Stage, outputs: dict[str, Any] | None = None) -> StartingPoint:
     """Decide what the stage starts from (see `StartingPoint`), before its model is loaded.
 
@@ -392,8 +356,6 @@ def starting_point(recipe: Recipe, stage: Stage, outputs: dict[str, Any] | None 
     dry run, or planning before anything trains) has saved nothing yet, so its recipe says what it will save.
     """
     from align.models import adapter_base
-    from align.plan import model_source
-    from align.recipe import ScratchModel, stage_ref
 
     source = model_source(stage, recipe)
     ref = stage_ref(source)
@@ -437,9 +399,10 @@ def input_kind(ref: str) -> str:
     return "full"
 
 
-def load_start(ctx: StageContext, stage: Stage) -> tuple[Any, Any, StartingPoint]:
-    """Load the stage's input model and tokenizer and bring its LoRA adapters to where the stage starts: merged
-    for a stage that trains every weight, kept trainable for a LoRA stage. Logs what it did.
+def load_start(ctx: StageContext, stage: Stage, reward_head: bool = False) -> tuple[Any, Any, StartingPoint]:
+    """Load the stage's input model and tokenizer (`reward_head`: with a new one-output score head) and bring its
+    LoRA adapters to where the stage starts: merged for a stage that trains every weight, kept trainable for a LoRA
+    stage. Logs what it did.
 
     A model built from scratch is built on its plan's config and tokenizer (trained once, when planning).
 
@@ -455,7 +418,7 @@ def load_start(ctx: StageContext, stage: Stage) -> tuple[Any, Any, StartingPoint
         f"stages.{stage.name}.model",
         trust_remote_code=stage.trust_remote_code,
         planned=(plan.tokenizer, plan.config) if plan.source == "scratch" else None,
-        reward_head=stage.kind == "rm",  # a reward model: the input's body with a new one-output head
+        reward_head=reward_head,
     )
     if start.lora == "merge":
         # A stage without `peft` trains every weight: it starts from the model the adapters make, merged.
@@ -476,7 +439,6 @@ def max_length_setting(stage: Stage, config: Any, default: int | None = 1024) ->
     """`train.max_length` (the library's default 1024), capped at the model's positions: longer would crash the
     model. With the model unknown (print-config, offline), the cap is unknown too, and says so."""
     from align.models import model_positions
-    from align.plan import UNKNOWN, Setting
 
     given = "max_length" in stage.train
     wanted = stage.train.get("max_length", default)

@@ -9,27 +9,24 @@ from __future__ import annotations
 
 import copy
 import logging
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
+from align.recipe import PREFERENCE_FORMATS, TrainingStage
+from align.stages.base import Figure, TrainingKind
 from align.stages.common import (
     StageKind,
-    StageResult,
     generation_table,
     max_length_setting,
     pair_examples,
     report_dropped,
     run_stage,
     split_all_ids,
-    split_ids,
 )
+from align.values import StageParts, StageResult, StartingPoint
 
 if TYPE_CHECKING:
-    from datasets import Dataset
-
     from align.context import StageContext
-    from align.plan import StageParts
     from align.recipe import Stage
-    from align.stages.common import StartingPoint
 
 logger = logging.getLogger(__name__)
 
@@ -63,14 +60,18 @@ class DPOStage(StageKind):
         from trl import DPOTrainer
 
         from align.cache import cached_trainer
-        from align.guards import DPOGuard
         from align.models import lora_config
 
         return cached_trainer(DPOTrainer, "dpo", self.ctx.spec.format)(
             model=self.model, ref_model=self.ref_model, args=args, train_dataset=self.train,
-            eval_dataset=self.eval, processing_class=self.tokenizer, callbacks=[*callbacks, DPOGuard(self.ctx.tracker)],
+            eval_dataset=self.eval, processing_class=self.tokenizer, callbacks=callbacks,
             peft_config=lora_config(self.stage.peft) if self.start.lora == "new" else None,
         )  # fmt: skip
+
+    def guards(self) -> list[Any]:
+        from align.guards import PreferenceGuard
+
+        return [PreferenceGuard(self.ctx.tracker)]  # chosen answers pushed down; a loss stuck at ln 2
 
     def check(self, trainer: Any) -> None:
         report_dropped(
@@ -82,6 +83,7 @@ class DPOStage(StageKind):
         self.extra.update(beta=trainer.args.beta, loss_type=trainer.args.loss_type)
 
     def measure(self, trainer: Any) -> dict[str, Any]:
+        from align.evaluation.likelihood import preference_pairs
         from align.verdict import greedy_answers
 
         correct, chosen = preference_pairs(trainer.model, self.tokenizer, self.eval, self.max_length)
@@ -139,64 +141,6 @@ def reference_for(stage: Stage, start: StartingPoint, model: Any) -> tuple[Any, 
 
 
 # --------------------------------------------------------------------------------------------------
-# Preference accuracy
-
-
-def completion_logps(model: Any, tokenizer: Any, prompts: list[Any], completions: list[Any], max_length: int | None):
-    """Summed log-probability of each completion given its prompt, in batches (prompt cut from the left)."""
-    import torch
-
-    device = next(model.parameters()).device
-    sequences, starts = [], []
-    for prompt, completion in zip(prompts, completions, strict=True):
-        p, c = split_ids(tokenizer, prompt, completion)
-        if max_length is not None and len(p) + len(c) > max_length:
-            # Like training: keep the completion (cut at max_length) and as much of the prompt's end as fits.
-            c = c[: max_length - 1]
-            p = p[len(p) - (max_length - len(c)) :]
-        sequences.append(p + c)
-        starts.append(len(p))
-    totals = []
-    was_training = model.training
-    model.eval()
-    try:
-        for i in range(0, len(sequences), 16):
-            batch = sequences[i : i + 16]
-            width = max(map(len, batch))
-            ids = torch.full((len(batch), width), tokenizer.pad_token_id or 0, dtype=torch.long)
-            mask = torch.zeros_like(ids)
-            for row, seq in enumerate(batch):
-                ids[row, : len(seq)] = torch.tensor(seq)
-                mask[row, : len(seq)] = 1
-            with torch.no_grad():
-                logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits.float()
-            logps = torch.log_softmax(logits[:, :-1], dim=-1).gather(-1, ids[:, 1:, None].to(device)).squeeze(-1)
-            for row, seq in enumerate(batch):
-                start = max(starts[i + row], 1)
-                totals.append(float(logps[row, start - 1 : len(seq) - 1].sum()))
-    finally:
-        model.train(was_training)
-    return totals
-
-
-def preference_accuracy(model: Any, tokenizer: Any, pairs: Dataset, max_length: int | None) -> float:
-    """Share of pairs where the model gives the chosen completion a higher summed log-probability than the rejected."""
-    correct, _ = preference_pairs(model, tokenizer, pairs, max_length)
-    return sum(correct) / max(1, len(correct))
-
-
-def preference_pairs(
-    model: Any, tokenizer: Any, pairs: Dataset, max_length: int | None
-) -> tuple[list[int], list[float]]:
-    """Per pair: 1 where the chosen completion's summed log-probability exceeds the rejected one's, else 0; and the
-    chosen completion's summed log-probability. What `preference_accuracy` averages, kept per pair for the verdict's
-    paired interval and its falling-chosen warning."""
-    chosen = completion_logps(model, tokenizer, pairs["prompt"], pairs["chosen"], max_length)
-    rejected = completion_logps(model, tokenizer, pairs["prompt"], pairs["rejected"], max_length)
-    return [int(c > r) for c, r in zip(chosen, rejected, strict=True)], chosen
-
-
-# --------------------------------------------------------------------------------------------------
 # Dry run
 
 
@@ -204,7 +148,7 @@ def plan(stage: Stage, *, spec: Any, data: Any, tokenizer: Any, config: Any, sta
     """A DPO stage's part of its plan: max_length, the reference model, and, with the data, the pairs whose prompt
     alone fills `max_length` (TRL drops them; none left in a split is a problem here, before any stage trains)."""
     from align.models import ensure_chat_template
-    from align.plan import StageParts, batch_figures
+    from align.plan import batch_figures
 
     length = max_length_setting(stage, config)
     parts = StageParts(
@@ -239,3 +183,21 @@ def plan(stage: Stage, *, spec: Any, data: Any, tokenizer: Any, config: Any, sta
     )
     parts.count = lambda effective: batch_figures(effective, kept["train"])
     return parts
+
+
+class DPOKeys(TrainingStage):
+    """A dpo stage's recipe keys: those of every training stage."""
+
+    kind: Literal["dpo"]
+
+
+KIND = TrainingKind(
+    name="dpo",
+    keys=DPOKeys,
+    formats=PREFERENCE_FORMATS,
+    run=run,
+    about="Direct Preference Optimization against a reference model (TRL's DPOTrainer; every loss_type it has)",
+    figures=(Figure("pref accuracy", "pref_accuracy", False), Figure("eval loss (DPO)", "eval_loss", True)),
+    config="trl:DPOConfig",
+    plan_parts=plan,
+)

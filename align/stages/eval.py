@@ -24,21 +24,136 @@ import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
-from align.stages.common import StageResult, show_prompt
+from pydantic import Field, model_validator
+
+from align.errors import BadInput, Problems
+from align.plan import StagePlan
+from align.recipe import PREFERENCE_FORMATS, DataRef, Recipe, Stage, Strict, path_component_problems, stage_ref
+from align.stages.base import Figure, Kind
+from align.stages.common import show_prompt
+from align.values import Setting, StageResult
 
 if TYPE_CHECKING:
     from align.context import StageContext
     from align.evaluation import Answer
-    from align.plan import StagePlan
-    from align.recipe import DataSpec, Recipe, Stage
+    from align.recipe import DataSpec
 
 logger = logging.getLogger(__name__)
 
 # Prompts and references shorter than this are not looked for in an lm stage's text: a short phrase occurs in any
 # large text by chance, without the answer having leaked.
 LEAK_MIN_CHARS = 40
+
+
+# --------------------------------------------------------------------------------------------------
+# Recipe keys
+
+
+class Generation(Strict):
+    """How an eval stage's models answer: the same settings for every model, so their answers compare."""
+
+    max_new_tokens: int = Field(64, ge=1, description="the longest answer, in tokens")
+    temperature: float = Field(0.0, ge=0.0, description="0: greedy; above 0 samples")
+    top_p: float = Field(1.0, gt=0.0, le=1.0, description="nucleus sampling's probability mass (sampling only)")
+    num_samples: int = Field(1, ge=1, description="answers per prompt (greedy answers are all the same)")
+    batch_size: int = Field(16, ge=1, description="rows per generate call (left-padded)")
+    seed: int = Field(0, description="seeds the sampling; each model label adds its position, so samples differ")
+
+
+class Judge(Strict):
+    """One judge of an eval stage: exactly one of `reward_model` or `reference`."""
+
+    reward_model: str | None = Field(None, description="a sequence-classification model: @<rm stage>, path or hub id")
+    reference: Literal["rouge_l"] | None = Field(None, description="score answers against the data's references")
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> Judge:
+        given = [k for k in ("reward_model", "reference") if getattr(self, k) is not None]
+        if len(given) != 1:
+            raise ValueError(f"give exactly one of reward_model, reference (got {', '.join(given) or 'none'})")
+        return self
+
+    @property
+    def name(self) -> str:
+        """The judge's name in summaries and generations.jsonl: `reward_model` or `rouge_l`."""
+        return "reward_model" if self.reward_model is not None else str(self.reference)
+
+
+class LmEvalSettings(Strict):
+    """lm-evaluation-harness tasks run on every evaluated model (`pip install -e ".[eval]"`)."""
+
+    tasks: list[str] = Field(min_length=1, description="task names (harness tasks, or YAMLs under include_path)")
+    include_path: str | None = Field(None, description="a folder of local task YAMLs (relative to the recipe)")
+    limit: int | None = Field(None, ge=1, description="at most this many examples per task")
+    num_fewshot: int | None = Field(None, ge=0)
+    batch_size: int = Field(8, ge=1)
+
+
+class EvalStage(Stage):
+    """An eval stage's recipe keys: which models answer, how, and who judges. It trains nothing."""
+
+    kind: Literal["eval"]
+    article: ClassVar[str] = "an"
+    data: DataRef
+    trust_remote_code: bool = Field(
+        False, description="run Python code shipped in the models' hub repositories (only for models you trust)"
+    )
+    models: dict[str, str] | None = Field(
+        None, description="label -> model (@stage, directory or hub id); omitted: every earlier policy stage"
+    )
+    baseline: str | None = Field(None, description="the label every model is compared with (default: the first)")
+    max_prompts: int | None = Field(200, ge=1, description="at most this many held-out prompts (the first N)")
+    generation: Generation = Field(default_factory=Generation)
+    judges: list[Judge] = Field(default_factory=list, description="the first judge decides the win rate")
+    lm_eval: LmEvalSettings | None = None
+    allow_overlap: bool = Field(
+        False, description="allow prompts that an earlier stage of this recipe trained on (refused by default)"
+    )
+
+    def model_refs(self) -> dict[str, str]:
+        refs = {f"models.{label}": ref for label, ref in (self.models or {}).items()}
+        return refs | {f"judges.{n}.reward_model": j.reward_model for n, j in enumerate(self.judges) if j.reward_model}
+
+    def problems(self, earlier: list[Stage]) -> list[str]:
+        """Its models, baseline and judges against the stages before it."""
+        where = f"stages.{self.name}"
+        by_name = {s.name: s for s in earlier}
+        problems = []
+        models = self.models if self.models is not None else policy_refs(earlier)
+        if not models:
+            problems.append(f"{where}.models: nothing to evaluate: no earlier stage makes a policy; name models "
+                            "(label: @stage, a directory or a hub id)")  # fmt: skip
+        for label, ref in models.items():
+            problems += path_component_problems(label, f"{where}.models.{label}", "the model's label")
+            name = stage_ref(ref)
+            if name is not None and name not in by_name:
+                problems.append(f"{where}.models.{label}: '@{name}' is not an earlier stage "
+                                f"(earlier stages: {', '.join(by_name) or '-'})")  # fmt: skip
+            elif name is not None and by_name[name].makes != "policy":
+                problems.append(f"{where}.models.{label}: '@{name}' is {by_name[name].a_kind()} stage; only a policy "
+                                "answers prompts (a reward model judges: put it under `judges:`)")  # fmt: skip
+        if self.baseline is not None and self.baseline not in models:
+            problems.append(f"{where}.baseline: '{self.baseline}' is not one of the models ({', '.join(models)})")
+        for n, judge in enumerate(self.judges):
+            name = stage_ref(judge.reward_model)
+            if name is not None and (name not in by_name or by_name[name].makes != "reward_model"):
+                what = f"{by_name[name].a_kind()} stage" if name in by_name else "not an earlier stage"
+                problems.append(f"{where}.judges.{n}.reward_model: '@{name}' is {what}; a reward model comes from an "
+                                "earlier stage that trains one, a directory or a hub id")  # fmt: skip
+        names = [judge.name for judge in self.judges]
+        if len(set(names)) < len(names):
+            problems.append(f"{where}.judges: two judges of the same kind ({', '.join(names)}); keep one of each")
+        if not self.judges and self.lm_eval is None:
+            problems.append(f"{where}.judges: an eval stage needs at least one judge (reward_model or reference) "
+                            "or lm_eval tasks")  # fmt: skip
+        return problems
+
+
+def policy_refs(stages: list[Stage]) -> dict[str, str]:
+    """label -> `@stage` for each of `stages` that makes a policy, labelled by name."""
+    return {s.name: f"@{s.name}" for s in stages if s.makes == "policy"}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -78,15 +193,12 @@ def eval_rows(data: Any, data_format: str, limit: int | None) -> list[EvalRow]:
     return rows
 
 
-def eval_models(stage: Stage, recipe: Recipe) -> dict[str, str]:
+def eval_models(stage: EvalStage, recipe: Recipe) -> dict[str, str]:
     """label -> model reference: the stage's `models:`, or every policy stage before it, labelled by name."""
-    from align.recipe import POLICY_KINDS
-
     if stage.models is not None:
         return dict(stage.models)
     names = [s.name for s in recipe.stages]
-    before = recipe.stages[: names.index(stage.name)]
-    return {s.name: f"@{s.name}" for s in before if s.kind in POLICY_KINDS}
+    return policy_refs(recipe.stages[: names.index(stage.name)])
 
 
 def baseline_of(stage: Stage, recipe: Recipe) -> str:
@@ -96,7 +208,7 @@ def baseline_of(stage: Stage, recipe: Recipe) -> str:
 def resolve_ref(ref: str, outputs: Any, base_dir: Path) -> str:
     """A model reference as something to load: an earlier stage's saved directory, a local directory (looked for
     beside the recipe, then in the working directory), or a hub id as it is."""
-    from align.recipe import search_paths, stage_ref
+    from align.recipe import search_paths
 
     name = stage_ref(ref)
     if name is not None:
@@ -109,7 +221,6 @@ def model_identity(ref: str, outputs: Any, base_dir: Path) -> str:
     """What pins a model's weights, for the eval's fingerprint: an earlier stage's fingerprint; a directory's
     stage fingerprint (its summary.json beside it) or else its files' names, sizes and times; a hub id as it is."""
     from align.files import read_json
-    from align.recipe import stage_ref
 
     name = stage_ref(ref)
     if name is not None:
@@ -147,8 +258,6 @@ def plan_eval(
     has references, lm-eval is installed, and no prompt was trained on by an earlier stage of this recipe
     (`chain`: stage name -> its data, None where not loaded). Returns the plan, problems and hints.
     """
-    from align.plan import Setting, StagePlan
-
     where = f"stages.{stage.name}"
     models = eval_models(stage, recipe)
     problems: list[str] = []
@@ -166,8 +275,6 @@ def plan_eval(
             problems.append(f"{where}.generation.max_new_tokens: {stage.generation.max_new_tokens} leaves no room for "
                             f"a prompt in model {label}'s {limit} positions")  # fmt: skip
     if stage.lm_eval is not None:
-        from align.errors import BadInput
-
         try:
             from align.evaluation.lm_eval import require_lm_eval
 
@@ -202,14 +309,12 @@ def plan_eval(
                 hints.append("evaluate on prompts no stage trained on (a card's `test` split), or set "
                              "`allow_overlap: true` to evaluate on them anyway")  # fmt: skip
     label = ", ".join(f"{name}: {ref}" for name, ref in models.items())
-    plan = StagePlan(stage.name, "eval", label, "models", None, None, None, settings, details=details)
+    plan = StagePlan(stage.name, stage.kind, label, "models", None, None, None, settings, details=details)
     plan.effective = dict(settings)  # shown under `settings:`, each with its source
     return plan, problems, hints
 
 
 def _planned_config(ref: str, plans: dict[str, StagePlan], recipe: Recipe) -> Any:
-    from align.recipe import stage_ref
-
     name = stage_ref(ref)
     if name is not None:
         return plans[name].config if name in plans else None
@@ -235,10 +340,10 @@ def leaked(rows: list[EvalRow], recipe: Recipe, stage: Stage, chain: dict[str, A
     names = [s.name for s in recipe.stages]
     for earlier in recipe.stages[: names.index(stage.name)]:
         data = chain.get(earlier.name)
-        if earlier.kind == "eval" or data is None:
+        if data is None or "train" not in data:  # a stage that trains nothing (another eval)
             continue
         train = data["train"]
-        if earlier.kind == "lm":
+        if "text" in train.column_names:  # trained on whole texts: the answer may be anywhere in them
             text = "\n".join(_normal(t) for t in train["text"])
             probes = [_normal(r.reference if r.reference else show_prompt(r.prompt)) for r in rows]
             hits = [i for i, probe in enumerate(probes) if len(probe) >= LEAK_MIN_CHARS and probe in text]
@@ -280,7 +385,7 @@ def run(stage: Stage, ctx: StageContext) -> StageResult:
     models = eval_models(stage, ctx.recipe)
     label = ", ".join(models)
     if not is_main_process():  # one process evaluates; the others wait for the next stage
-        return StageResult(stage.name, "eval", "completed", None, label)
+        return StageResult(stage.name, stage.kind, "completed", None, label)
     rows = eval_rows(ctx.data["test"], ctx.spec.format, stage.max_prompts)
     logger.info("evaluating %d models on %d held-out prompts: %s", len(models), len(rows), label)
     answers, lm_eval = {}, {}
@@ -295,7 +400,7 @@ def run(stage: Stage, ctx: StageContext) -> StageResult:
     lines = write_generations(ctx.stage_dir / "generations.jsonl", rows, answers, scores)
     verdict = eval_verdict(metrics)
     report_to_tracker(ctx, metrics, lines)
-    return StageResult(stage.name, "eval", "completed", None, label, metrics, {"verdict": verdict})
+    return StageResult(stage.name, stage.kind, "completed", None, label, metrics, {"verdict": verdict})
 
 
 def answer_all(stage: Stage, ctx: StageContext, name: str, path: str, rows: list[EvalRow], index: int) -> list:
@@ -344,7 +449,7 @@ def load_on_device(path: str, where: str, precision: Any, reward_head: bool = Fa
 def load_policy(path: str, where: str, precision: Any) -> tuple[Any, Any, Any]:
     """A model that answers, its tokenizer, and how its prompts were formatted in training (align_prompts.json; a
     model from elsewhere: its chat template if it has one)."""
-    from align.saved import read_prompt_format
+    from align.prompt_format import read_prompt_format
 
     model, tokenizer = load_on_device(path, where, precision)
     local = Path(path)
@@ -370,7 +475,7 @@ def judge_all(judge: Any, ctx: StageContext, rows: list[EvalRow], answers: dict[
     if judge.reference is not None:
         values = rouge_l_f1([a.text for _, _, a in flat], [rows[p].reference or "" for _, p, _ in flat])
     else:
-        from align.saved import read_prompt_format
+        from align.prompt_format import read_prompt_format
 
         path = resolve_ref(judge.reward_model, ctx.outputs, ctx.recipe.base_dir)
         model, tokenizer = load_on_device(path, f"stages.{ctx.stage.name}.judges", ctx.precision, reward_head=True)
@@ -554,3 +659,58 @@ def _read_progress(path: Path, key: str) -> list[list[Answer]] | None:
         return None
     return [[Answer(text, tuple(ids), ended, truncated) for text, ids, ended, truncated in per]
             for per in data["answers"]]  # fmt: skip
+
+
+# --------------------------------------------------------------------------------------------------
+# The kind
+
+
+class EvalKind(Kind):
+    """An eval stage: it plans its models, prompts and judges, saves no model, and goes on from the answers it
+    kept after a stop."""
+
+    def plan(self, stage: Any, **inputs: Any) -> tuple[StagePlan | None, Problems]:
+        found = Problems()
+        plan, problems, hints = plan_eval(stage, inputs["recipe"], inputs["spec"], inputs["data"], inputs["plans"],
+                                          inputs["chain"])  # fmt: skip
+        found.add(problems)
+        found.hints += hints
+        return plan, found
+
+    def resolve(self, entry: dict[str, Any], stage: Any, recipe: Recipe) -> None:
+        entry["models"] = eval_models(stage, recipe)
+        entry["baseline"] = baseline_of(stage, recipe)
+        entry["judges"] = [{k: v for k, v in judge.items() if v is not None} for judge in entry["judges"]]
+
+    def input_identity(self, stage: Any, recipe: Recipe, outputs: Any) -> str:
+        return input_fingerprint(stage, recipe, outputs)
+
+    def input_label(self, stage: Any, recipe: Recipe, outputs: Any) -> str:
+        return ", ".join(f"{label}: {ref}" for label, ref in eval_models(stage, recipe).items())
+
+    def output_complete(self, stage_dir: Path, summary: dict[str, Any]) -> bool:
+        return (stage_dir / "generations.jsonl").is_file()  # its figures and answers are its output
+
+    def headline(self, summary: dict[str, Any]) -> str:
+        """The last model's win rate against the baseline, with its interval."""
+        m = summary.get("metrics") or {}
+        models = m.get("models") or {}
+        last = next((label for label in reversed(list(models)) if label != m.get("baseline")), None)
+        if last is None or not isinstance(models[last].get("win_rate"), int | float):
+            return "-"
+        low, high = models[last]["win_rate_ci"]
+        return f"{last} win rate {models[last]['win_rate']:.2f} [{low:.2f}, {high:.2f}] vs {m.get('baseline')}"
+
+
+KIND = EvalKind(
+    name="eval",
+    keys=EvalStage,
+    # Prompts from any format with prompts; the reference answer (completion, chosen) is kept when there is one.
+    formats=("prompt_completion", "messages", *PREFERENCE_FORMATS),
+    run=run,
+    about="did it help? every model answers held-out prompts, judges score them, each is compared with a baseline",
+    figures=(Figure("win rate", "win_rate", False),),
+    compares_models=True,
+    keeps_progress=True,
+    prompts_only=True,
+)

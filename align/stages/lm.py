@@ -7,13 +7,15 @@ in a batch is real: no compute goes to padding and no sample ends mid-block.
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
-from align.stages.common import StageKind, StageResult, max_length_setting, perplexities, run_stage
+from align.recipe import TrainingStage
+from align.stages.base import Figure, TrainingKind
+from align.stages.common import StageKind, max_length_setting, perplexities, run_stage
+from align.values import Setting, StageParts, StageResult
 
 if TYPE_CHECKING:
     from align.context import StageContext
-    from align.plan import StageParts
     from align.recipe import Stage
 
 logger = logging.getLogger(__name__)
@@ -93,7 +95,7 @@ def cached_blocks(ds: Any, tokenizer: Any, size: int, split: str) -> tuple[Any, 
 
 def plan(stage: Stage, *, spec: Any, data: Any, tokenizer: Any, config: Any, start: Any) -> StageParts:
     """An LM stage's part of its plan: the block length and, with the data, blocks, token counts and a sample."""
-    from align.plan import Setting, StageParts, batch_figures
+    from align.plan import batch_figures
 
     length = max_length_setting(stage, config)
     size = int(length.value or 1024)  # the block length: None would mean one endless block
@@ -123,3 +125,29 @@ def plan(stage: Stage, *, spec: Any, data: Any, tokenizer: Any, config: Any, sta
     )
     parts.count = lambda effective: batch_figures(effective, train_stats["blocks"])
     return parts
+
+
+class LMKeys(TrainingStage):
+    """An lm stage's recipe keys: those of every training stage. It trains every weight, so it takes no `peft:`."""
+
+    kind: Literal["lm"]
+    article: ClassVar[str] = "an"
+
+    def problems(self, earlier: list[Stage]) -> list[str]:
+        problems = super().problems(earlier)
+        if self.peft is not None:
+            problems.append(f"stages.{self.name}.peft: an lm stage trains every weight; LoRA is for the stages that "
+                            "adapt a model after it (sft, preference, reward model)")  # fmt: skip
+        return problems
+
+
+KIND = TrainingKind(
+    name="lm",
+    keys=LMKeys,
+    formats=("text",),
+    run=run,
+    about="causal-LM fine-tuning on plain text (transformers' Trainer on full blocks of real tokens)",
+    figures=(Figure("eval loss", "eval_loss", True), Figure("perplexity", "perplexity", True)),
+    config="align.stages.lm_config:LMConfig",
+    plan_parts=plan,
+)

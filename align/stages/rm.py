@@ -10,23 +10,24 @@ with DPO by construction.
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
+from align.prompt_format import score_usage
+from align.recipe import PREFERENCE_FORMATS, TrainingStage
+from align.stages.base import Figure, TrainingKind
 from align.stages.common import (
     StageKind,
-    StageResult,
     max_length_setting,
     pair_examples,
     report_dropped,
     run_stage,
     split_all_ids,
 )
+from align.values import StageParts, StageResult, StartingPoint
 
 if TYPE_CHECKING:
     from align.context import StageContext
-    from align.plan import StageParts
     from align.recipe import Stage
-    from align.stages.common import StartingPoint
 
 logger = logging.getLogger(__name__)
 
@@ -40,6 +41,7 @@ class RMStage(StageKind):
     """TRL's RewardTrainer (through the tokenized-data cache), with held-out pair accuracy before and after."""
 
     unit = "pairs"
+    reward_head = True  # the input's body with a new sequence-classification head of one output
 
     def setup(self) -> None:
         from align.models import ensure_chat_template
@@ -108,7 +110,7 @@ def plan(stage: Stage, *, spec: Any, data: Any, tokenizer: Any, config: Any, sta
     and, with the data, the pairs the reward trainer will drop for being longer than max_length (none left in a
     split is a problem here, before any stage trains)."""
     from align.models import ensure_chat_template
-    from align.plan import StageParts, batch_figures
+    from align.plan import batch_figures
 
     length = max_length_setting(stage, config)
     details = {"input": start.summary(), "head": "a new sequence-classification head of one output (the reward)"}
@@ -146,3 +148,29 @@ def plan(stage: Stage, *, spec: Any, data: Any, tokenizer: Any, config: Any, sta
     )
     parts.count = lambda effective: batch_figures(effective, kept["train"])
     return parts
+
+
+class RMKeys(TrainingStage):
+    """An rm stage's recipe keys: those of every training stage. Its model is a judge, not a policy."""
+
+    kind: Literal["rm"]
+    makes: ClassVar[str | None] = "reward_model"
+    article: ClassVar[str] = "an"
+
+
+KIND = TrainingKind(
+    name="rm",
+    keys=RMKeys,
+    formats=PREFERENCE_FORMATS,
+    run=run,
+    about="a reward model on preference pairs (TRL's RewardTrainer): an eval stage's judge",
+    figures=(
+        Figure("accuracy", "accuracy", False),
+        Figure("margin", "margin", False),
+        Figure("eval loss", "eval_loss", True),
+    ),  # fmt: skip
+    pipeline_tag="text-classification",
+    card_usage=score_usage,
+    config="trl:RewardConfig",
+    plan_parts=plan,
+)

@@ -7,12 +7,13 @@ by default; packing is used only where the model's attention keeps packed sample
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 from align.errors import BadInput
+from align.recipe import TrainingStage
+from align.stages.base import Figure, TrainingKind
 from align.stages.common import (
     StageKind,
-    StageResult,
     generation_table,
     max_length_setting,
     perplexities,
@@ -21,12 +22,12 @@ from align.stages.common import (
     split_all_ids,
     split_ids,
 )
+from align.values import UNKNOWN, Setting, StageParts, StageResult
 
 if TYPE_CHECKING:
     from datasets import Dataset
 
     from align.context import StageContext
-    from align.plan import StageParts
     from align.recipe import Stage
 
 logger = logging.getLogger(__name__)
@@ -300,7 +301,7 @@ def plan(stage: Stage, *, spec: Any, data: Any, tokenizer: Any, config: Any, sta
     of the recipe trains.
     """
     from align.models import ensure_chat_template, marks_assistant_turns
-    from align.plan import UNKNOWN, Setting, StageParts, batch_figures
+    from align.plan import batch_figures
 
     fmt = spec.format
     length = max_length_setting(stage, config)
@@ -354,9 +355,7 @@ def plan(stage: Stage, *, spec: Any, data: Any, tokenizer: Any, config: Any, sta
 
 
 def _batch_size(stage: Stage) -> int:
-    from align.recipe import config_class
-
-    return int(stage.train.get("per_device_train_batch_size", config_class("sft").per_device_train_batch_size))
+    return int(stage.train.get("per_device_train_batch_size", KIND.config_class().per_device_train_batch_size))
 
 
 def _padded_tokens(lengths: list[int], batch_size: int) -> int:
@@ -364,3 +363,22 @@ def _padded_tokens(lengths: list[int], batch_size: int) -> int:
     return sum(
         max(lengths[i : i + batch_size]) * len(lengths[i : i + batch_size]) for i in range(0, len(lengths), batch_size)
     )
+
+
+class SFTKeys(TrainingStage):
+    """An sft stage's recipe keys: those of every training stage."""
+
+    kind: Literal["sft"]
+    article: ClassVar[str] = "an"
+
+
+KIND = TrainingKind(
+    name="sft",
+    keys=SFTKeys,
+    formats=("text", "prompt_completion", "messages"),
+    run=run,
+    about="supervised fine-tuning on completions, conversations or text (TRL's SFTTrainer)",
+    figures=(Figure("eval loss", "eval_loss", True), Figure("perplexity", "perplexity", True)),
+    config="trl:SFTConfig",
+    plan_parts=plan,
+)

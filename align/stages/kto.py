@@ -1,0 +1,237 @@
+"""`kind: kto` — Kahneman-Tversky Optimization with TRL's KTOTrainer: learns from single answers marked desirable or
+not, no pairs needed.
+
+Data: `unpaired_preference` rows (`prompt`, `completion`, `label`: true for a desirable answer), or any preference
+format, each pair giving one desirable and one undesirable row. align splits pairs itself, each pair's two rows side
+by side: TRL's own split writes every chosen row before every rejected one, and its sequential sampler then gives
+batches of one label, whose KL estimate and reward margins say nothing.
+
+KTO estimates its KL term from mismatched prompt/completion pairs inside a batch, so a batch of one is refused (TRL
+does, and align says so before any stage trains). The reference follows DPO's rules (align/stages/dpo.py).
+
+The held-out measure must not be a tie by construction: a policy equal to its reference gives every answer KTO's
+implicit reward 0. On unpaired rows it is `label_auc`, how well the policy's mean token log-probability of a
+completion separates desirable from undesirable ones (0.5: not at all); on pairs, `pref_accuracy`.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING, Any, Literal
+
+from align.recipe import PREFERENCE_FORMATS, TrainingStage
+from align.stages.base import Figure, TrainingKind
+from align.stages.common import (
+    StageKind,
+    generation_table,
+    max_length_setting,
+    render_mask,
+    report_dropped,
+    run_stage,
+    split_all_ids,
+    split_ids,
+)
+from align.stages.dpo import reference_for, reference_plan
+from align.values import StageParts, StageResult, StartingPoint
+
+if TYPE_CHECKING:
+    from datasets import Dataset
+
+    from align.context import StageContext
+    from align.recipe import Stage
+
+logger = logging.getLogger(__name__)
+
+UNPAIRED = "unpaired_preference"
+
+
+def run(stage: Stage, ctx: StageContext) -> StageResult:
+    """Align a model to answers marked desirable or not; measure label AUC (or preference accuracy on pairs) before
+    and after; save."""
+    return run_stage(stage, ctx, KTOStage)
+
+
+def unpaired(pairs: Dataset) -> Dataset:
+    """Preference pairs as KTO's rows: each pair's chosen answer (label true), then its rejected one (false)."""
+    from datasets import Dataset
+
+    rows: dict[str, list] = {"prompt": [], "completion": [], "label": []}
+    for row in pairs:
+        for side, label in (("chosen", True), ("rejected", False)):
+            rows["prompt"].append(row["prompt"])
+            rows["completion"].append(row[side])
+            rows["label"].append(label)
+    return Dataset.from_dict(rows)
+
+
+class KTOStage(StageKind):
+    """TRL's KTOTrainer (through the tokenized-data cache) against the planned reference, with the label AUC (or,
+    on pairs, preference accuracy) and greedy answers to held-out prompts before and after."""
+
+    unit = "rows"
+
+    def setup(self) -> None:
+        from align.data import first_unique
+        from align.models import ensure_chat_template
+
+        ensure_chat_template(self.tokenizer)
+        self.ref_model, reference = reference_for(self.stage, self.start, self.model)
+        logger.info("reference model: %s", reference)
+        self.max_length = self.plan.settings["max_length"].value
+        self.pairs = self.ctx.spec.format != UNPAIRED
+        train, valid = self.data["train"], self.data["validation"]
+        self.held_out = valid  # measured as given: pairs, or labelled rows
+        self.train, self.eval = (unpaired(train), unpaired(valid)) if self.pairs else (train, valid)
+        self.prompts = first_unique(self.eval["prompt"], self.stage.generations)
+        self.extra = {"reference": reference, "measure": "pref_accuracy" if self.pairs else "label_auc"}
+
+    def trainer(self, args: Any, callbacks: list[Any]) -> Any:
+        from trl import KTOTrainer
+
+        from align.cache import cached_trainer
+        from align.models import lora_config
+
+        return cached_trainer(KTOTrainer, "kto", UNPAIRED)(
+            model=self.model, ref_model=self.ref_model, args=args, train_dataset=self.train, eval_dataset=self.eval,
+            processing_class=self.tokenizer, callbacks=callbacks,
+            peft_config=lora_config(self.stage.peft) if self.start.lora == "new" else None,
+        )  # fmt: skip
+
+    def guards(self) -> list[Any]:
+        from align.guards import PreferenceGuard
+
+        # KTO's loss starts at 0.5 per row, not at a fixed value of "nothing learned": only the falling-chosen check.
+        return [PreferenceGuard(self.ctx.tracker, method="KTO", stuck_loss=None)]
+
+    def check(self, trainer: Any) -> None:
+        report_dropped(
+            self.stage, trainer, (len(self.train), len(self.eval)),
+            reason=f"the prompt alone fills max_length={self.max_length}",
+            refusal=f"every {{split}} prompt fills {self.max_length} tokens, so no row is left to learn from",
+            hint="raise max_length (align caps it at the model's positions) or shorten the prompts", unit="rows",
+        )  # fmt: skip
+        args = trainer.args
+        self.extra.update(beta=args.beta, loss_type=args.loss_type, desirable_weight=args.desirable_weight,
+                          undesirable_weight=args.undesirable_weight)  # fmt: skip
+
+    def measure(self, trainer: Any) -> dict[str, Any]:
+        from align.evaluation.likelihood import completion_logps, label_auc_values, preference_pairs
+        from align.verdict import greedy_answers
+
+        out: dict[str, Any] = {"answers": greedy_answers(trainer.model, self.tokenizer, self.prompts)}
+        rows = self.held_out
+        if self.pairs:
+            correct, chosen = preference_pairs(trainer.model, self.tokenizer, rows, self.max_length)
+            return {**out, "values": correct, "chosen_logps": chosen, "figure": sum(correct) / max(1, len(correct))}
+        scores = completion_logps(trainer.model, self.tokenizer, rows["prompt"], rows["completion"], self.max_length,
+                                  average=True)  # fmt: skip
+        values = label_auc_values(scores, list(rows["label"]))
+        return {**out, "values": values, "figure": sum(values) / max(1, len(values))}
+
+    def summarize(self, before, after, measured_before, measured_after):
+        from align.verdict import accuracy_verdict
+
+        key = self.extra["measure"]
+        metrics = {
+            "kl": after.get("eval_kl"),
+            "reward_margin": after.get("eval_rewards/margins"),
+            f"{key}_before": measured_before["figure"],
+            key: measured_after["figure"],
+        }
+        answers = (measured_before["answers"], measured_after["answers"])
+        chosen = (measured_before["chosen_logps"], measured_after["chosen_logps"]) if self.pairs else None
+        verdict = accuracy_verdict(key, measured_before["values"], measured_after["values"],
+                                   unit="pairs" if self.pairs else "rows", answers=answers, chosen_logps=chosen,
+                                   **self.trained_with)  # fmt: skip
+        texts = ([a.text for a in side] for side in answers)
+        return metrics, {"generations": generation_table(self.ctx, self.prompts, *texts), "verdict": verdict}
+
+
+# --------------------------------------------------------------------------------------------------
+# Plan
+
+
+def plan(stage: Stage, *, spec: Any, data: Any, tokenizer: Any, config: Any, start: StartingPoint) -> StageParts:
+    """A KTO stage's part of its plan: max_length, the reference, the batch its KL estimate needs and, with the data,
+    the rows whose prompt alone fills `max_length` (TRL drops them; none left in a split is a problem here)."""
+    from align.models import ensure_chat_template
+    from align.plan import batch_figures
+
+    length = max_length_setting(stage, config)
+    pairs = spec.format != UNPAIRED
+    parts = StageParts(fixed={"max_length": length}, details={
+        "input": start.summary(),
+        "reference": reference_plan(stage, start),
+        "rows": "each pair split into a desirable and an undesirable row, side by side" if pairs else "as given",
+        "held-out measure": "pref_accuracy (pairs)" if pairs else "label_auc (mean token log-probability)",
+    })  # fmt: skip
+    batch = stage.train.get("per_device_train_batch_size", KIND.config_class().per_device_train_batch_size)
+    if stage.train.get("loss_type", "kto") == "kto" and batch < 2:
+        parts.problems.append(
+            f"stages.{stage.name}.train.per_device_train_batch_size: KTO estimates its KL term "
+            f"from other rows of the same batch, so it needs at least 2 per device (got {batch})"
+        )
+        parts.hints.append(
+            "raise per_device_train_batch_size (lower gradient_accumulation_steps to keep the "
+            "effective batch), or use loss_type: apo_zero_unpaired, which has no KL term"
+        )
+    if tokenizer is None or data is None:
+        return parts
+    ensure_chat_template(tokenizer)
+    max_length = length.value
+    kept, lengths, truncated, labels = {}, [], 0, []
+    for split, ds in (("train", data["train"]), ("eval", data["validation"])):
+        rows = unpaired(ds) if pairs else ds
+        ids = split_all_ids(tokenizer, list(rows["prompt"]), list(rows["completion"]))
+        if split == "train":
+            lengths = [len(p) + len(c) for p, c in ids]
+            truncated = sum(max_length is not None and n > max_length for n in lengths)
+            labels = list(rows["label"])
+            first = rows.select(range(min(2, len(rows))))
+        kept[split] = sum(max_length is None or len(p) < max_length for p, _ in ids)
+        if len(rows) and not kept[split]:
+            parts.problems.append(f"stages.{stage.name}.train.max_length: every {split} prompt fills {max_length} "
+                                  "tokens, so no row is left to learn from")  # fmt: skip
+            parts.hints.append("raise max_length (align caps it at the model's positions) or shorten the prompts")
+    desirable = sum(labels)
+    parts.details.update(
+        train_rows=len(lengths),
+        desirable=f"{desirable} of {len(labels)} rows ({desirable / max(1, len(labels)):.0%})",
+        train_tokens=sum(min(n, max_length or n) for n in lengths),
+        max_length=max_length,
+        truncation_rate=truncated / max(1, len(lengths)),
+        dropped=f"{len(lengths) - kept['train']} of {len(lengths)} train rows (prompt fills max_length)",
+        examples=[unpaired_example(tokenizer, row) for row in first],
+    )
+    parts.count = lambda effective: batch_figures(effective, kept["train"])
+    return parts
+
+
+def unpaired_example(tokenizer: Any, row: dict[str, Any]) -> dict[str, str]:
+    """A row as `--dry-run` shows it: the completion (what the loss falls on) in [[ ]] after its prompt, and its
+    label."""
+    p, c = split_ids(tokenizer, row["prompt"], row["completion"])
+    rendered = render_mask(p + c, [0] * len(p) + [1] * len(c), tokenizer)
+    return {"label": "desirable" if row["label"] else "undesirable", "rendered": rendered}
+
+
+class KTOKeys(TrainingStage):
+    """A kto stage's recipe keys: those of every training stage."""
+
+    kind: Literal["kto"]
+
+
+KIND = TrainingKind(
+    name="kto",
+    keys=KTOKeys,
+    formats=(UNPAIRED, *PREFERENCE_FORMATS),
+    run=run,
+    about="Kahneman-Tversky Optimization on answers marked desirable or not, or on pairs (TRL's KTOTrainer)",
+    figures=(
+        Figure("label AUC", "label_auc", False),
+        Figure("pref accuracy", "pref_accuracy", False),
+        Figure("eval loss (KTO)", "eval_loss", True),
+    ),  # fmt: skip
+    config="trl:KTOConfig",
+    plan_parts=plan,
+)

@@ -1,0 +1,91 @@
+"""Value types every layer shares: a setting with its source, what a kind's plan decides, what a stage starts
+from, what it returns, and what it hands on. Plain data: this module imports nothing of align's."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+UNKNOWN = "unknown until the model is available"
+
+
+@dataclass(frozen=True)
+class Setting:
+    """A training argument's value and where it came from."""
+
+    value: Any
+    source: str  # recipe | --set | align default | align (managed) | early stopping | capped ... | model ...
+
+
+@dataclass
+class StageParts:
+    """What a stage module's `plan()` decides: fixed arguments, details to show, problems, run-time decisions."""
+
+    fixed: dict[str, Setting] = field(default_factory=dict)
+    details: dict[str, Any] = field(default_factory=dict)
+    problems: list[str] = field(default_factory=list)
+    hints: list[str] = field(default_factory=list)
+    runtime: dict[str, str] = field(default_factory=dict)
+    prepared: dict[str, Any] = field(default_factory=dict)
+    # Figures that need the effective arguments (planned steps, effective batch): computed once they are known.
+    count: Any = None
+
+    def counted(self, effective: dict[str, Setting]) -> dict[str, Any]:
+        return self.count(effective) if self.count is not None else {}
+
+
+@dataclass(frozen=True)
+class StartingPoint:
+    """What a stage starts from and what it does with LoRA adapters: decided from the recipe and the files on
+    disk before any model is loaded, so nothing later has to ask a model object what it used to be.
+
+    `input` (recorded in summary.json): "scratch" (built from a config in this stage), "full" (full weights: a hub
+    id, a directory, an earlier stage trained without LoRA), "adapter" (an earlier stage's LoRA adapters, not
+    merged) or "merged" (an earlier stage's adapters merged into its base, as that stage's summary.json says).
+    `lora`: "none" (every weight trains), "new" (fresh adapters on the input), "continue" (the input's adapters
+    train on) or "merge" (the input's adapters are folded into their base first, then every weight trains).
+    `base`: where the weights under this stage's adapters come from, written into the saved adapter config: a hub
+    id or directory; None for a model built from scratch here (saved beside the adapters) or not yet known (dry run).
+    """
+
+    input: str
+    lora: str
+    base: str | None
+
+    def describe(self) -> str:
+        on = f" ({self.base})" if self.base else ""
+        return {
+            "none": "every weight trains",
+            "new": "fresh LoRA adapters on the input model; only they train",
+            "continue": f"the input's LoRA adapters train on, on their base{on}",
+            "merge": f"the input's LoRA adapters are merged into their base{on} first; every weight trains",
+        }[self.lora]
+
+    def summary(self) -> str:
+        """What `--dry-run` shows: `adapter: the input's LoRA adapters train on, ...`."""
+        return f"{self.input}: {self.describe()}"
+
+
+@dataclass
+class StageResult:
+    """What a stage returns: its status, where its model is, and the summary metrics of the contract."""
+
+    name: str
+    kind: str
+    status: str
+    model_dir: Path | None
+    input_model: str
+    metrics: dict[str, Any] = field(default_factory=dict)
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class StageOutput:
+    """What a finished stage hands on: where its model is and what produced it."""
+
+    name: str
+    kind: str
+    model_dir: Path | None  # None: the stage saves no model (eval)
+    fingerprint: str
+    status: str = "completed"
