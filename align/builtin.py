@@ -208,19 +208,23 @@ def python_docs_preferences() -> dict[str, Rows]:
 
 
 def python_docs_feedback() -> dict[str, Rows]:
-    """The preference pairs as KTO's unpaired rows: each prompt once with its right continuation (`label` true) and
-    once with a loop (false), side by side, in the same splits as `python-docs-preferences`. Of a prompt's two pairs
-    the first gives the right answer and the second its loop, so every answer appears once. Columns `prompt`,
-    `completion`, `label`, `topic`."""
+    """The preference pairs as KTO's unpaired rows, in the same splits as `python-docs-preferences`: each prompt once
+    with its right continuation (`label` true) and once with a loop (false). Of a prompt's two pairs the first gives
+    the right answer and the second its loop, so every answer appears once. Rows alternate desirable and undesirable,
+    the undesirable ones from the prompts half the split away: KTO trains rows in order and estimates its KL term from
+    each row's prompt with the next row's answer, which must answer another prompt. Columns `prompt`, `completion`,
+    `label`, `topic`."""
     out: dict[str, Rows] = {}
     for split, rows in python_docs_preferences().items():
+        good = list(range(0, len(rows["prompt"]), 2))  # each prompt's pairs come in twos (both loop shapes)
+        n = len(good)
         feedback: Rows = {"prompt": [], "completion": [], "label": [], "topic": []}
-        for i in range(len(rows["prompt"])):
-            label = i % 2 == 0  # each prompt's pairs come in twos (both loop shapes)
-            feedback["prompt"].append(rows["prompt"][i])
-            feedback["completion"].append(rows["chosen" if label else "rejected"][i])
-            feedback["label"].append(label)
-            feedback["topic"].append(rows["topic"][i])
+        for i in range(n):
+            for index, label in ((good[i], True), (good[(i + n // 2) % n] + 1, False)):
+                feedback["prompt"].append(rows["prompt"][index])
+                feedback["completion"].append(rows["chosen" if label else "rejected"][index])
+                feedback["label"].append(label)
+                feedback["topic"].append(rows["topic"][index])
         out[split] = feedback
     return out
 

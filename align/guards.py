@@ -62,7 +62,11 @@ class PreferenceGuard(TrainerCallback):
                 f"{self.method}: the log-probabilities of both chosen and rejected answers fell for {self.window} logs "
                 "in a row "
                 f"(chosen now {recent[-1]['logps/chosen']:.2f}): the chosen answers are being made less likely too; "
-                "consider a lower learning rate, a higher beta, or loss_type: [sigmoid, sft] (RPO)",
+                + (
+                    "consider a lower learning rate, a higher beta, or loss_type: [sigmoid, sft] (RPO)"
+                    if self.method == "DPO"
+                    else "consider a lower learning rate or a higher beta"
+                ),
             )
         stuck = self.stuck_loss
         if stuck is not None and all(abs(r.get("loss", 0.0) - stuck) < 1e-3 and r["rewards"] < 1e-6 for r in recent):

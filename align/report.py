@@ -159,24 +159,28 @@ def stage_plots(
             ax.set_xlabel("step")
             ax.grid(alpha=0.3)
         plots.append(("Learning rate and grad norm", _png(fig), "learning rate and grad norm per train step"))
-    chosen_x, chosen_y = _series(rows, "eval", "eval_rewards/chosen")
-    if chosen_x:
-        _, rejected_y = _series(rows, "eval", "eval_rewards/rejected")
-        _, margins = _series(rows, "eval", "eval_rewards/margins")
-        _, accuracy = _series(rows, "eval", "eval_rewards/accuracies")
+    # The implicit rewards the preference trainers log (DPO, KTO, ORPO, SimPO), each series on its own steps: KTO
+    # logs no reward accuracy, and a margin only for evaluations that held both labels.
+    rewards = {name: _series(rows, "eval", f"eval_rewards/{key}")
+               for name, key in (("chosen", "chosen"), ("rejected", "rejected"), ("margin", "margins"))}  # fmt: skip
+    accuracy_x, accuracy = _series(rows, "eval", "eval_rewards/accuracies")
+    if rewards["chosen"][0]:
         fig, (left, right) = _figure(9, 3.2, columns=2)
-        left.plot(chosen_x, chosen_y, "o-", label="chosen", color="#2ca02c")
-        left.plot(chosen_x, rejected_y, "o-", label="rejected", color="#d62728")
-        left.plot(chosen_x, margins, "o--", label="margin", color="#7f7f7f")
-        left.set_title("DPO rewards (eval)")
+        for (name, (x, y)), style in zip(rewards.items(), (("o-", "#2ca02c"), ("o-", "#d62728"), ("o--", "#7f7f7f")),
+                                         strict=True):  # fmt: skip
+            if x:
+                left.plot(x, y, style[0], label=name, color=style[1])
+        left.set_title("implicit rewards (eval)")
         left.legend()
-        right.plot(chosen_x, accuracy, "o-", color="#1f77b4")
-        right.set_ylim(0, 1.05)
-        right.set_title("reward accuracy (eval)")
+        if accuracy_x:
+            right.plot(accuracy_x, accuracy, "o-", color="#1f77b4")
+            right.set_ylim(0, 1.05)
+        right.set_title("reward accuracy (eval)" if accuracy_x else "reward accuracy (not logged by this method)")
         for ax in (left, right):
             ax.set_xlabel("step")
             ax.grid(alpha=0.3)
-        plots.append(("DPO rewards", _png(fig), "DPO rewards of chosen and rejected answers, margin, reward accuracy"))
+        plots.append(("Preference rewards", _png(fig),
+                      "implicit rewards of chosen and rejected answers, margin, reward accuracy"))  # fmt: skip
     return plots
 
 

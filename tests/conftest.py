@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -123,3 +125,27 @@ def _drop_align_log_handlers():
     root = logging.getLogger()
     for handler in [h for h in root.handlers if isinstance(h, _AlignHandler)]:
         root.removeHandler(handler)
+
+
+@contextlib.contextmanager
+def captured_trainers() -> Iterator[dict[str, Any]]:
+    """The Trainer each stage of an in-process run built, by stage name: tests assert what it holds (its reference,
+    its data, its arguments), not the sentence the plan printed about it."""
+    import align.stages.common as common
+
+    seen: dict[str, Any] = {}
+    original = common.watch
+
+    def watch(trainer: Any, ctx: Any) -> Any:
+        seen[ctx.stage.name] = trainer
+        return original(trainer, ctx)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(common, "watch", watch)
+        yield seen
+
+
+@pytest.fixture
+def trainers() -> Iterator[dict[str, Any]]:
+    with captured_trainers() as seen:
+        yield seen

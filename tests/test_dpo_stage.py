@@ -10,7 +10,7 @@ import pytest
 from align.data import load_data, split_implicit
 from align.errors import BadInput
 from align.recipe import DataSpec
-from tests.conftest import TINY_MODEL, tiny_lm_recipe, write_yaml
+from tests.conftest import TINY_MODEL, captured_trainers, tiny_lm_recipe, write_yaml
 
 DPO_TRAIN = {
     "beta": 0.1,
@@ -35,6 +35,10 @@ def one_stage(stage: dict) -> dict:
     return {"name": "pref", "seed": 0, "tracking": {"wandb": {"mode": "disabled"}}, "stages": [stage]}
 
 
+# The Trainer the builtin run's dpo stage built: what it holds, for the reference test.
+BUILTIN_TRAINERS: dict = {}
+
+
 @pytest.fixture(scope="module")
 def builtin_run(tmp_path_factory):
     from align.run import main
@@ -43,7 +47,9 @@ def builtin_run(tmp_path_factory):
     recipe = tiny_lm_recipe()
     recipe["stages"][0]["train"]["max_steps"] = 10
     recipe["stages"].append(dpo_stage({"card": "python-docs-preferences", "max_train_rows": 64, "max_eval_rows": 16}))
-    assert main([str(write_yaml(tmp / "r.yaml", recipe)), "--output-dir", str(tmp / "run")]) == 0
+    with captured_trainers() as seen:
+        assert main([str(write_yaml(tmp / "r.yaml", recipe)), "--output-dir", str(tmp / "run")]) == 0
+    BUILTIN_TRAINERS.update(seen)
     return tmp / "run"
 
 
@@ -64,6 +70,18 @@ def test_dpo_summary_has_the_contract_metrics(builtin_run):
     assert len(result["generations"]) == 4 and {"prompt", "before", "after"} <= set(result["generations"][0])
 
 
+def test_full_dpo_holds_a_frozen_copy_of_its_input_as_reference(builtin_run):
+    from transformers import AutoModelForCausalLM
+
+    trainer = BUILTIN_TRAINERS["dpo"]
+    reference = trainer.ref_model
+    assert reference is not None and reference is not trainer.model
+    assert not reference.training and not any(p.requires_grad for p in reference.parameters())
+    original = AutoModelForCausalLM.from_pretrained(builtin_run / "lm" / "model").state_dict()
+    held = reference.state_dict()
+    assert all(bool((held[k] == original[k]).all()) for k in original), "the reference is the input (lm) model"
+
+
 def test_dpo_metrics_rows_hold_rewards_at_every_eval(builtin_run):
     rows = [json.loads(line) for line in (builtin_run / "dpo" / "metrics.jsonl").read_text().splitlines()]
     evals = [r for r in rows if r["split"] == "eval"]
@@ -73,24 +91,47 @@ def test_dpo_metrics_rows_hold_rewards_at_every_eval(builtin_run):
         assert all(key in r for r in evals), key
 
 
-def test_lora_dpo_uses_adapters_off_as_reference(tmp_path, run_cli):
+def test_lora_dpo_uses_adapters_off_as_reference(tmp_path, run_cli, trainers):
     lora = {"r": 4, "alpha": 8, "dropout": 0.0, "target_modules": ["c_attn"]}
     stage = dpo_stage({"card": "python-docs-preferences", "max_train_rows": 32, "max_eval_rows": 8},
                       model=dict(TINY_MODEL), peft=lora)  # fmt: skip
     stage["train"]["max_steps"] = 2
     code, _, err = run_cli(write_yaml(tmp_path / "r.yaml", one_stage(stage)), "--output-dir", tmp_path / "run")
     assert code == 0, err
+    trainer = trainers["dpo"]
+    assert trainer.ref_model is None, "no second model: TRL computes the reference with the adapters disabled"
+    assert list(trainer.model.peft_config) == ["default"], "fresh adapters, and no frozen 'ref' copy of them"
+    assert not any(p.requires_grad for n, p in trainer.model.named_parameters() if "lora_" not in n)
     result = summary(tmp_path / "run")
     assert "adapters switched off" in result["reference"] and result["saved"] == "adapter"
 
 
-def test_precomputed_reference_log_probs(tmp_path, run_cli):
+def test_precomputed_reference_log_probs(tmp_path, run_cli, trainers):
     stage = dpo_stage({"card": "python-docs-preferences", "max_train_rows": 32, "max_eval_rows": 8},
                       model=dict(TINY_MODEL))  # fmt: skip
     stage["train"].update(max_steps=2, precompute_ref_log_probs=True)
     code, _, err = run_cli(write_yaml(tmp_path / "r.yaml", one_stage(stage)), "--output-dir", tmp_path / "run")
     assert code == 0, err
+    trainer = trainers["dpo"]
+    assert trainer.ref_model is None and trainer.args.precompute_ref_log_probs
+    assert {"ref_chosen_logps", "ref_rejected_logps"} <= set(trainer.train_dataset.column_names)
     assert "computed once" in summary(tmp_path / "run")["reference"]
+
+
+def test_a_weighted_combination_of_dpo_losses_is_shown_and_trains(tmp_path, run_cli, trainers):
+    stage = dpo_stage({"card": "python-docs-preferences", "max_train_rows": 32, "max_eval_rows": 8},
+                      model=dict(TINY_MODEL))  # fmt: skip
+    stage["train"].update(max_steps=2, loss_type=["sigmoid", "ipo"], loss_weights=[1.0, 0.5])
+    path = write_yaml(tmp_path / "r.yaml", one_stage(stage))
+    code, out, err = run_cli(path, "--print-config")
+    assert code == 0, err
+    assert "    loss_type:  # recipe\n    - sigmoid\n    - ipo\n" in out
+    assert "    loss_weights:  # recipe\n    - 1.0\n    - 0.5\n" in out
+    code, _, err = run_cli(path, "--output-dir", tmp_path / "run")
+    assert code == 0, err
+    args = trainers["dpo"].args
+    assert list(args.loss_type) == ["sigmoid", "ipo"] and list(args.loss_weights) == [1.0, 0.5]
+    assert summary(tmp_path / "run")["loss_type"] == ["sigmoid", "ipo"]
 
 
 def test_pairs_whose_prompt_fills_max_length_are_counted_and_none_left_is_refused(tmp_path, run_cli):
@@ -116,7 +157,17 @@ def pairs(n: int, make) -> list[dict]:
     return [make(i) for i in range(n)]
 
 
-def test_hh_rlhf_shaped_implicit_prompts_train(tmp_path, run_cli):
+def prepared_pairs(trainer) -> tuple[list[str], list[str], list[str]]:
+    """The prompt, chosen and rejected texts of every training pair as the DPO trainer holds them (its token ids)."""
+    tokenizer, rows = trainer.processing_class, trainer.train_dataset
+    decode = (
+        [tokenizer.decode(ids) for ids in rows["prompt_ids"]],
+        [tokenizer.decode(ids) for ids in rows["chosen_ids"]],
+    )
+    return decode[0], decode[1], [tokenizer.decode(ids) for ids in rows["rejected_ids"]]
+
+
+def test_hh_rlhf_shaped_implicit_prompts_train(tmp_path, run_cli, trainers):
     def row(i):
         prompt = f"\n\nHuman: What is {i} plus one?\n\nAssistant:"
         return {"chosen": f"{prompt} It is {i + 1}.", "rejected": f"{prompt} It is {i + 7} maybe maybe."}
@@ -125,9 +176,12 @@ def test_hh_rlhf_shaped_implicit_prompts_train(tmp_path, run_cli):
     stage = dpo_stage({"source": {"files": ["hh.jsonl"]}, "format": "preference_implicit"}, model=dict(TINY_MODEL))
     code, _, err = run_cli(write_yaml(tmp_path / "r.yaml", one_stage(stage)), "--output-dir", tmp_path / "run")
     assert code == 0, err
+    prompts, chosen, rejected = prepared_pairs(trainers["dpo"])
+    assert all(p.endswith("Assistant:") and p.startswith("\n\nHuman: What is") for p in prompts), prompts[0]
+    assert all("maybe" not in c for c in chosen) and all("maybe maybe." in r for r in rejected)
 
 
-def test_ultrafeedback_shaped_message_lists_with_a_prompt_column_train(tmp_path, run_cli):
+def test_ultrafeedback_shaped_message_lists_with_a_prompt_column_train(tmp_path, run_cli, trainers):
     def row(i):
         user = {"role": "user", "content": f"Name the number after {i}."}
         return {
@@ -141,9 +195,13 @@ def test_ultrafeedback_shaped_message_lists_with_a_prompt_column_train(tmp_path,
     stage = dpo_stage({"source": {"files": ["uf.jsonl"]}, "format": "preference_messages"}, model=dict(TINY_MODEL))
     code, _, err = run_cli(write_yaml(tmp_path / "r.yaml", one_stage(stage)), "--output-dir", tmp_path / "run")
     assert code == 0, err
+    prompts, chosen, rejected = prepared_pairs(trainers["dpo"])
+    for prompt, good, bad in zip(prompts, chosen, rejected, strict=True):
+        i = int(re.search(r"Name the number after (\d+)\.", prompt).group(1))  # the user turn, in the prompt
+        assert good.strip().startswith(str(i + 1)) and bad.strip().startswith(f"{i} {i} {i}"), (prompt, good, bad)
 
 
-def test_explicit_prompt_chosen_rejected_with_mapped_columns(tmp_path, run_cli):
+def test_explicit_prompt_chosen_rejected_with_mapped_columns(tmp_path, run_cli, trainers):
     write_jsonl(
         tmp_path / "p.jsonl", pairs(40, lambda i: {"q": f"Count from {i}:", "good": f" {i + 1}", "bad": " zzz"})
     )
@@ -152,6 +210,10 @@ def test_explicit_prompt_chosen_rejected_with_mapped_columns(tmp_path, run_cli):
     stage = dpo_stage(data, model=dict(TINY_MODEL))
     code, _, err = run_cli(write_yaml(tmp_path / "r.yaml", one_stage(stage)), "--output-dir", tmp_path / "run")
     assert code == 0, err
+    prompts, chosen, rejected = prepared_pairs(trainers["dpo"])
+    for prompt, good, bad in zip(prompts, chosen, rejected, strict=True):
+        i = int(re.fullmatch(r"Count from (\d+):", prompt).group(1))  # `q` read as the prompt
+        assert good.startswith(f" {i + 1}") and bad.startswith(" zzz"), (prompt, good, bad)  # `good` as chosen
 
 
 def spec(**fields) -> DataSpec:

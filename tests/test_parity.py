@@ -33,6 +33,7 @@ SETTINGS: dict[str, Any] = {
 }
 SFT_SETTINGS = {**SETTINGS, "max_length": 128, "packing": False}
 DPO_SETTINGS = {**SETTINGS, "max_length": 128, "beta": 0.1}
+KTO_SETTINGS = {**SETTINGS, "max_length": 128, "beta": 0.1}
 LM_SETTINGS = {**SETTINGS, "max_length": 64}
 # What align sets differently from the library, where it changes what runs (README: "Defaults align changes from
 # the library's"): the bare side gets them by hand. fp32 on the CPU: TRL's configs default to bf16 there.
@@ -88,7 +89,7 @@ def world(tmp_path_factory) -> dict[str, Any]:
 
 def build_world(root: Path) -> dict[str, Any]:
     """The saved models (with dropout, and without for the micro-batch test) and each format's JSONL files."""
-    from align.builtin import python_docs, python_docs_instruct, python_docs_preferences
+    from align.builtin import python_docs, python_docs_feedback, python_docs_instruct, python_docs_preferences
     from align.models import train_tokenizer
 
     instruct = python_docs_instruct()
@@ -99,11 +100,15 @@ def build_world(root: Path) -> dict[str, Any]:
         split: [dict(zip(fields, row, strict=True)) for row in zip(*(cols[f] for f in fields), strict=True)]
         for split, cols in prefs.items()
     }
+    feedback = python_docs_feedback()
+    labelled = {split: [{f: cols[f][i] for f in ("prompt", "completion", "label")} for i in range(len(cols["prompt"]))]
+                for split, cols in feedback.items()}  # fmt: skip
     texts = [{"text": t} for t in python_docs()["text"][:400]]
     files = {
         "sft": (pairs[:200], pairs[200:216]),
         "dpo": (pref_rows["train"][:160], pref_rows["validation"][:16]),
         "lm": (texts[:360], texts[360:]),
+        "kto": (labelled["train"][:160], labelled["validation"][:16]),
     }
     paths = {
         kind: {
@@ -125,7 +130,7 @@ def build_world(root: Path) -> dict[str, Any]:
 # The two sides
 
 
-FORMATS = {"sft": "prompt_completion", "dpo": "preference", "lm": "text"}
+FORMATS = {"sft": "prompt_completion", "dpo": "preference", "lm": "text", "kto": "unpaired_preference"}
 
 
 def run_align(
@@ -203,6 +208,28 @@ def bare_dpo(world: dict[str, Any]) -> float:
     return trainer.evaluate()["eval_loss"]
 
 
+def bare_kto(world: dict[str, Any]) -> float:
+    """KTOTrainer as its documentation shows it, with the reference a copy of the policy (TRL would otherwise reload
+    it from the model's name; align hands it a frozen copy, the same weights)."""
+    import copy
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from trl import KTOConfig, KTOTrainer
+
+    data = bare_data(world, "kto")
+    model = AutoModelForCausalLM.from_pretrained(world["model"])
+    trainer = KTOTrainer(
+        model=model,
+        ref_model=copy.deepcopy(model),
+        args=bare_config(KTOConfig, world["root"], "kto", KTO_SETTINGS),
+        train_dataset=data["train"],
+        eval_dataset=data["validation"],
+        processing_class=AutoTokenizer.from_pretrained(world["model"]),
+    )
+    trainer.train()
+    return trainer.evaluate()["eval_loss"]
+
+
 def bare_lm(world: dict[str, Any]) -> float:
     """transformers' `run_clm` recipe: tokenize, eos after each row, join every 1,000 rows, cut full blocks."""
     from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer, TrainingArguments, default_data_collator
@@ -244,7 +271,12 @@ def sft_align(world) -> float:
 
 @pytest.mark.parametrize(
     ("kind", "settings", "bare"),
-    [("sft", SFT_SETTINGS, bare_sft), ("dpo", DPO_SETTINGS, bare_dpo), ("lm", LM_SETTINGS, bare_lm)],
+    [
+        ("sft", SFT_SETTINGS, bare_sft),
+        ("dpo", DPO_SETTINGS, bare_dpo),
+        ("lm", LM_SETTINGS, bare_lm),
+        ("kto", KTO_SETTINGS, bare_kto),
+    ],  # fmt: skip
 )
 def test_align_matches_the_bare_library(world, request, kind, settings, bare):
     aligned = request.getfixturevalue("sft_align") if kind == "sft" else run_align(world, kind, settings, kind)

@@ -78,6 +78,24 @@ def test_reward_model_learns_the_held_out_pairs_and_saves_a_one_output_head(chai
     assert model.config.num_labels == 1 and model.score.weight.shape[0] == 1
 
 
+def test_the_report_and_console_show_each_kinds_headline_figure(chain):
+    """lm and sft by eval loss, rm by accuracy, dpo by preference accuracy, each before and after; the eval by the
+    last model's win rate. The rm row once showed a reward model's eval_loss: no kind may be left out."""
+    from align.report import build_report
+    from align.run import key_figure
+
+    html = build_report(chain).read_text()
+    rows = {m.group(1): m.group(0) for m in re.finditer(r"<tr><td>(\w+)</td><td>\w+</td>.*?</tr>", html)}
+    for name, label, key in (("lm", "eval loss", "eval_loss"), ("sft", "eval loss", "eval_loss"),
+                             ("rm", "accuracy", "accuracy"), ("dpo", "pref accuracy", "pref_accuracy")):  # fmt: skip
+        metrics = summary(chain, name)["metrics"]
+        row = rows[name]
+        assert f"<td>{label}<br>" in row or f"<td>{label}</td>" in row, row
+        assert f"{metrics[f'{key}_before']:.4g}" in row and f"{metrics[key]:.4g}" in row, row
+        assert key_figure(summary(chain, name)).startswith(f"{key} {metrics[f'{key}_before']:.4g} → "), name
+    assert key_figure(summary(chain, "eval")).startswith("dpo win rate ")
+
+
 def test_a_stage_without_a_model_takes_the_last_policy_stage_never_the_reward_model(chain):
     assert summary(chain, "dpo")["input_model"].startswith("@sft (")
     recipe = (chain / "recipe.yaml").read_text()
@@ -281,13 +299,24 @@ def test_a_lora_reward_model_saves_adapters_with_its_head_and_judges_from_them(c
     config = json.loads((saved / "adapter_config.json").read_text())
     assert rm["saved"] == "adapter" and config["task_type"] == "SEQ_CLS" and "score" in config["modules_to_save"]
     assert rm["metrics"]["margin"] > rm["metrics"]["margin_before"]
-    # As a judge: the adapters (and the trained head they carry) on the sft body give the pairs the same order.
+    # As a judge: the adapters (and the trained head they carry) on the sft body order the held-out pairs as trained.
+    from align.builtin import python_docs_preferences
     from align.evaluation.judges import score_token_ids
     from align.models import build_model
 
     model, tokenizer = build_model(str(saved), "judge", reward_head=True)
-    ids = tokenizer(["A sentence that ends.", "loop loop loop loop"])["input_ids"]
-    assert len(score_token_ids(model, ids, tokenizer.pad_token_id)) == 2
+    pairs = python_docs_preferences()["validation"]
+    sides = [tokenizer([p + a + tokenizer.eos_token for p, a in zip(pairs["prompt"], pairs[side], strict=True)],
+                       add_special_tokens=False)["input_ids"] for side in ("chosen", "rejected")]  # fmt: skip
+    fit = [i for i, (c, r) in enumerate(zip(*sides, strict=True)) if max(len(c), len(r)) <= model.config.n_positions]
+    chosen, rejected = (score_token_ids(model, [ids[i] for i in fit], tokenizer.pad_token_id) for ids in sides)
+    assert len(fit) >= 20
+    ordered = sum(c > r for c, r in zip(chosen, rejected, strict=True)) / len(chosen)
+    margin = sum(c - r for c, r in zip(chosen, rejected, strict=True)) / len(chosen)
+    print(f"judge from adapters: {ordered:.2f} of pairs ordered, margin {margin:.3f}; stage: {rm['metrics']}")
+    assert ordered >= 0.8, f"the judge ranks the real sentence above its loop in only {ordered:.0%} of the pairs"
+    # The trained head, not a fresh one: the separation is the trained one, not the untrained body's.
+    assert margin > (rm["metrics"]["margin"] + rm["metrics"]["margin_before"]) / 2
     judged = eval_only(tmp_path, {"sft": str(chain / "sft" / "model")}, judges=[{"reward_model": str(saved)}])
     judged["stages"][0]["max_prompts"] = 8
     assert run_align(write_yaml(tmp_path / "e.yaml", judged), "--output-dir", tmp_path / "eval") == 0

@@ -2,12 +2,16 @@
 not, no pairs needed.
 
 Data: `unpaired_preference` rows (`prompt`, `completion`, `label`: true for a desirable answer), or any preference
-format, each pair giving one desirable and one undesirable row. align splits pairs itself, each pair's two rows side
-by side: TRL's own split writes every chosen row before every rejected one, and its sequential sampler then gives
-batches of one label, whose KL estimate and reward margins say nothing.
+format, each pair giving one desirable and one undesirable row.
 
-KTO estimates its KL term from mismatched prompt/completion pairs inside a batch, so a batch of one is refused (TRL
-does, and align says so before any stage trains). The reference follows DPO's rules (align/stages/dpo.py).
+KTO estimates its KL term from mismatched prompt/completion pairs inside a batch (TRL pairs each row's prompt with
+the next row's completion), so a batch of one is refused (TRL does, and align says so before any stage trains), and
+the rows train in the order given (TRL's sampler is sequential). So align splits pairs itself: TRL's own split
+writes every chosen row before every rejected one, which gives batches of one label, whose KL estimate and reward
+margins say nothing; and a pair's two rows side by side would make each "mismatched" pair a matched one. align
+alternates desirable and undesirable rows, the undesirable ones from the pairs half the data set away. Unpaired rows
+train as given; the plan warns where neighbouring rows share a prompt. The reference follows DPO's rules
+(align/stages/dpo.py).
 
 The held-out measure must not be a tie by construction: a policy equal to its reference gives every answer KTO's
 implicit reward 0. On unpaired rows it is `label_auc`, how well the policy's mean token log-probability of a
@@ -16,6 +20,7 @@ completion separates desirable from undesirable ones (0.5: not at all); on pairs
 
 from __future__ import annotations
 
+import json
 import logging
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -52,16 +57,26 @@ def run(stage: Stage, ctx: StageContext) -> StageResult:
 
 
 def unpaired(pairs: Dataset) -> Dataset:
-    """Preference pairs as KTO's rows: each pair's chosen answer (label true), then its rejected one (false)."""
+    """Preference pairs as KTO's rows: desirable and undesirable alternating, pair i's chosen answer (label true)
+    followed by the rejected answer of pair i + n/2, so that no row's neighbour answers the same prompt (KTO's KL
+    estimate pairs a row's prompt with its neighbour's completion)."""
     from datasets import Dataset
 
+    n = len(pairs)
+    prompts, chosen, rejected = list(pairs["prompt"]), list(pairs["chosen"]), list(pairs["rejected"])
     rows: dict[str, list] = {"prompt": [], "completion": [], "label": []}
-    for row in pairs:
-        for side, label in (("chosen", True), ("rejected", False)):
-            rows["prompt"].append(row["prompt"])
-            rows["completion"].append(row[side])
-            rows["label"].append(label)
+    for i in range(n):
+        j = (i + n // 2) % n
+        rows["prompt"] += [prompts[i], prompts[j]]
+        rows["completion"] += [chosen[i], rejected[j]]
+        rows["label"] += [True, False]
     return Dataset.from_dict(rows)
+
+
+def shared_neighbours(prompts: list[Any]) -> int:
+    """How many rows answer the same prompt as the row after them."""
+    keys = [json.dumps(p, sort_keys=True) for p in prompts]
+    return sum(a == b for a, b in zip(keys, keys[1:], strict=False))
 
 
 class KTOStage(StageKind):
@@ -194,6 +209,14 @@ def plan(stage: Stage, *, spec: Any, data: Any, tokenizer: Any, config: Any, sta
                                   "tokens, so no row is left to learn from")  # fmt: skip
             parts.hints.append("raise max_length (align caps it at the model's positions) or shorten the prompts")
     desirable = sum(labels)
+    if not pairs:
+        same = shared_neighbours(list(data["train"]["prompt"]))
+        if same > len(labels) // 4:
+            logger.warning(
+                "stages.%s.data: %d of %d training rows answer the same prompt as the next row; KTO trains rows in "
+                "the order given and estimates its KL term from each row's prompt with the next row's completion, so "
+                "those pairs are not mismatched: shuffle the file's rows", stage.name, same, len(labels),
+            )  # fmt: skip
     parts.details.update(
         train_rows=len(lengths),
         desirable=f"{desirable} of {len(labels)} rows ({desirable / max(1, len(labels)):.0%})",

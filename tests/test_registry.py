@@ -1,0 +1,125 @@
+"""The stage-kind registry: a kind is declared in its own module and registered in one line; nothing else in align
+names it; align's modules import each other one way; fingerprints are those align computed before the registry."""
+
+from __future__ import annotations
+
+import ast
+import json
+import re
+from pathlib import Path
+
+import yaml
+
+from tests.conftest import REPO
+
+PACKAGE = REPO / "align"
+# "eval" is also a split's name (the Trainer's `eval_` prefix, metrics rows), so its literal is not counted.
+KINDS = ("lm", "sft", "dpo", "kto", "orpo", "simpo", "rm")
+
+
+def test_every_kind_is_named_only_in_its_module_and_its_registry_line():
+    from align import stages as registry
+
+    assert set(KINDS) <= set(registry.names())
+    registry_lines = (PACKAGE / "stages" / "__init__.py").read_text().splitlines()
+    for kind in KINDS:
+        pattern = re.compile(rf"""["']{kind}["']""")
+        outside = [str(f.relative_to(REPO)) for f in PACKAGE.rglob("*.py")
+                   if f.name not in (f"{kind}.py", "__init__.py") and pattern.search(f.read_text())]  # fmt: skip
+        assert not outside, f"'{kind}' is named outside align/stages/{kind}.py: {outside}"
+        assert sum(bool(pattern.search(line)) for line in registry_lines) <= 1
+        for init in PACKAGE.rglob("__init__.py"):
+            if init.parent != PACKAGE / "stages":
+                assert not pattern.search(init.read_text()), f"'{kind}' in {init}"
+        assert registry.get(kind).name == kind
+
+
+def test_an_unknown_kind_lists_the_registered_ones(tmp_path, run_cli):
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump({"name": "x", "stages": [{"kind": "ppo2", "data": {"card": "python-docs"}}]}))
+    code, _, err = run_cli(path, "--dry-run")
+    from align import stages as registry
+
+    assert code == 2 and f"unknown kind 'ppo2' (kinds: {', '.join(registry.names())})" in err
+
+
+def imports_of(path: Path, module: str) -> set[str]:
+    """The align modules `path` imports anywhere (at the top, inside functions), but not under TYPE_CHECKING (never
+    executed: annotations only)."""
+    tree = ast.parse(path.read_text())
+    package = module if path.name == "__init__.py" else module.rsplit(".", 1)[0]
+    guarded = [n for n in ast.walk(tree) if isinstance(n, ast.If) and "TYPE_CHECKING" in ast.unparse(n.test)]
+    skipped = {id(n) for block in guarded for n in ast.walk(block)}
+    found = set()
+    for node in ast.walk(tree):
+        if id(node) in skipped:
+            continue
+        if isinstance(node, ast.Import):
+            found |= {a.name for a in node.names}
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                parts = package.split(".")
+                base = ".".join(parts[: len(parts) - node.level + 1] + ([node.module] if node.module else []))
+            found |= {base} | {f"{base}.{a.name}" for a in node.names}
+    return found
+
+
+def test_the_import_graph_has_no_cycle():
+    from align import stages as registry
+
+    modules = {}
+    for path in PACKAGE.rglob("*.py"):
+        parts = list(path.relative_to(REPO).with_suffix("").parts)
+        modules[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = path
+    graph = {name: {m for m in imports_of(path, name) if m in modules and m != name} for name, path in modules.items()}
+    graph["align.stages"] |= set(registry.MODULES)  # the registry imports its kinds' modules by name
+    state: dict[str, str] = {}
+
+    def visit(node: str, trail: list[str]) -> None:
+        state[node] = "open"
+        for nxt in sorted(graph[node]):
+            assert state.get(nxt) != "open", "import cycle: " + " -> ".join([*trail, node, nxt])
+            if nxt not in state:
+                visit(nxt, [*trail, node])
+        state[node] = "done"
+
+    for name in sorted(graph):
+        if name not in state:
+            visit(name, [])
+
+
+# Measured on main before the registry (eb94925, 2026-12-02) with this very recipe and files: a run directory made
+# then must be `cached` now, so the stages' fingerprints may not change.
+FINGERPRINTS_BEFORE = {"lm": "82552dff8f1055e7", "sft": "459d2d90b1ad091b", "rm": "593b0b4be1a41173",
+                       "dpo": "bc595c9073dd52e0", "eval": "f6dafb8dd8428352"}  # fmt: skip
+
+
+def test_fingerprints_are_those_align_computed_before_the_registry(tmp_path):
+    from align.loader import load_recipe
+    from align.pipeline import planned_status, resolve_specs
+
+    rows = {
+        "text.jsonl": [{"text": f"line {i} of a text"} for i in range(30)],
+        "pc.jsonl": [{"prompt": f"Q{i}: ", "completion": f"A{i}"} for i in range(30)],
+        "pairs.jsonl": [{"prompt": f"Q{i}: ", "chosen": f"good {i}", "rejected": f"bad {i}"} for i in range(30)],
+    }
+    for name, data in rows.items():
+        (tmp_path / name).write_text("".join(json.dumps(r) + "\n" for r in data))
+    stages = [
+        {"name": "lm", "kind": "lm", "model": "openai-community/gpt2",
+         "data": {"source": {"files": ["text.jsonl"]}, "format": "text"}, "train": {"max_steps": 5}},
+        {"name": "sft", "kind": "sft", "data": {"source": {"files": ["pc.jsonl"]}, "format": "prompt_completion"},
+         "train": {"learning_rate": 1e-4}, "peft": {"r": 8}},
+        {"name": "rm", "kind": "rm", "data": {"source": {"files": ["pairs.jsonl"]}, "format": "preference"}},
+        {"name": "dpo", "kind": "dpo", "data": {"source": {"files": ["pairs.jsonl"]}, "format": "preference"},
+         "train": {"beta": 0.2}, "early_stopping": {"patience": 2}},
+        {"name": "eval", "kind": "eval", "data": {"source": {"files": ["pc.jsonl"]}, "format": "prompt_completion"},
+         "judges": [{"reward_model": "@rm"}, {"reference": "rouge_l"}], "max_prompts": 10},
+    ]  # fmt: skip
+    recipe = {"name": "fp", "seed": 3, "precision": "fp32", "tracking": {"wandb": {"mode": "disabled"}},
+              "stages": stages}  # fmt: skip
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump(recipe, sort_keys=False))
+    loaded = load_recipe(tmp_path / "r.yaml")
+    status = planned_status(loaded, resolve_specs(loaded), "fp32", tmp_path / "run")
+    assert {k: re.search(r"fingerprint (\w+)", v).group(1) for k, v in status.items()} == FINGERPRINTS_BEFORE
