@@ -26,7 +26,7 @@ def completion_logps(
     length-normalised likelihood SimPO optimises), in batches; a prompt too long is cut from the left."""
     import torch
 
-    from align.stages.common import split_ids
+    from align.prompt_split import split_ids
 
     device = next(model.parameters()).device
     sequences, starts = [], []

@@ -10,6 +10,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from align.prompt_split import split_ids
 from align.recipe import ScratchModel, model_source, stage_ref
 from align.values import UNKNOWN, Setting, StageResult, StartingPoint
 
@@ -451,38 +452,6 @@ def max_length_setting(stage: Stage, config: Any, default: int | None = 1024) ->
     return Setting(wanted, source)
 
 
-def split_ids(tokenizer: Any, prompt: Any, completion: Any) -> tuple[list[int], list[int]]:
-    """Prompt and completion token ids the way TRL's SFT and DPO trainers split them: the completion is what the
-    full sequence (prompt + completion, eos after a text completion) adds after the prompt's tokens."""
-    if isinstance(prompt, list):
-        prompt_ids = tokenizer.apply_chat_template(prompt, tokenize=True, add_generation_prompt=True, return_dict=False)
-        full = tokenizer.apply_chat_template(prompt + completion, tokenize=True, return_dict=False)
-    else:
-        prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
-        full = tokenizer(prompt + completion + (tokenizer.eos_token or ""), add_special_tokens=False)["input_ids"]
-    shared = _shared_prefix(prompt_ids, full)
-    return full[:shared], full[shared:]
-
-
-def split_all_ids(tokenizer: Any, prompts: list[Any], completions: list[Any]) -> list[tuple[list[int], list[int]]]:
-    """`split_ids` of many rows: string rows tokenized in two batched calls (a per-row loop over every pair of a
-    large set costs seconds before training starts), conversations one by one through the chat template."""
-    if not prompts or not isinstance(prompts[0], str):
-        return [split_ids(tokenizer, p, c) for p, c in zip(prompts, completions, strict=True)]
-    eos = tokenizer.eos_token or ""
-    prompt_ids = tokenizer(list(prompts), add_special_tokens=False)["input_ids"]
-    fulls = tokenizer([p + c + eos for p, c in zip(prompts, completions, strict=True)], add_special_tokens=False)
-    out = []
-    for p, full in zip(prompt_ids, fulls["input_ids"], strict=True):
-        shared = _shared_prefix(p, full)
-        out.append((full[:shared], full[shared:]))
-    return out
-
-
-def _shared_prefix(a: list[int], b: list[int]) -> int:
-    return next((i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), min(len(a), len(b)))
-
-
 def pair_examples(tokenizer: Any, pairs: Any, n: int = 2) -> list[dict[str, str]]:
     """The first `n` preference pairs as `--dry-run` shows them: chosen and rejected rendered after their prompt,
     the answer (what is compared) in [[ ]]."""
@@ -515,6 +484,51 @@ def generation_table(
     if rows:
         ctx.tracker.table("generations", ["prompt", "before", "after"], [list(r.values()) for r in rows])
     return rows
+
+
+def measure_pairs(stage_kind: StageKind, trainer: Trainer, pairs: Any, average: bool = False) -> dict[str, Any]:
+    """A preference stage's held-out measure, before or after training: per pair whether the policy finds the chosen
+    completion likelier (by summed log-probability, or with `average` by its mean per token), the chosen
+    completion's log-probability, and greedy answers to the stage's prompts (`stage_kind.prompts`)."""
+    from align.evaluation.likelihood import preference_pairs
+    from align.verdict import greedy_answers
+
+    model, tokenizer = trainer.model, stage_kind.tokenizer
+    correct, chosen = preference_pairs(model, tokenizer, pairs, stage_kind.max_length, average)
+    return {
+        "answers": greedy_answers(model, tokenizer, stage_kind.prompts),
+        "correct": correct,  # per pair: 1 where the chosen completion is the likelier
+        "chosen_logps": chosen,
+        "pref_accuracy": sum(correct) / max(1, len(correct)),
+    }
+
+
+def summarize_pairs(
+    stage_kind: StageKind,
+    after: dict[str, Any],
+    measured_before: dict[str, Any],
+    measured_after: dict[str, Any],
+    **context: Any,
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """A preference stage's summary metrics (the last eval's reward accuracy and margin, `pref_accuracy` before and
+    after) and its verdict and greedy answers, from `measure_pairs`; `context` adds what the verdict may cite."""
+    from align.verdict import accuracy_verdict
+
+    metrics = {
+        "reward_accuracy": after.get("eval_rewards/accuracies"),
+        "reward_margin": after.get("eval_rewards/margins"),
+        "pref_accuracy_before": measured_before["pref_accuracy"],
+        "pref_accuracy": measured_after["pref_accuracy"],
+    }
+    answers = (measured_before["answers"], measured_after["answers"])
+    verdict = accuracy_verdict(
+        "pref_accuracy", measured_before["correct"], measured_after["correct"], unit="pairs", answers=answers,
+        chosen_logps=(measured_before["chosen_logps"], measured_after["chosen_logps"]),
+        **stage_kind.trained_with, **context,
+    )  # fmt: skip
+    texts = ([a.text for a in side] for side in answers)
+    generations = generation_table(stage_kind.ctx, stage_kind.prompts, *texts)
+    return metrics, {"generations": generations, "verdict": verdict}
 
 
 def show_prompt(prompt: Any) -> str:

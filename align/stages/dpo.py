@@ -11,16 +11,17 @@ import copy
 import logging
 from typing import TYPE_CHECKING, Any, Literal
 
+from align.prompt_split import split_all_ids
 from align.recipe import PREFERENCE_FORMATS, TrainingStage
 from align.stages.base import Figure, TrainingKind
 from align.stages.common import (
     StageKind,
-    generation_table,
     max_length_setting,
+    measure_pairs,
     pair_examples,
     report_dropped,
     run_stage,
-    split_all_ids,
+    summarize_pairs,
 )
 from align.values import StageParts, StageResult, StartingPoint
 
@@ -83,35 +84,11 @@ class DPOStage(StageKind):
         self.extra.update(beta=trainer.args.beta, loss_type=trainer.args.loss_type)
 
     def measure(self, trainer: Any) -> dict[str, Any]:
-        from align.evaluation.likelihood import preference_pairs
-        from align.verdict import greedy_answers
-
-        correct, chosen = preference_pairs(trainer.model, self.tokenizer, self.eval, self.max_length)
-        return {
-            "answers": greedy_answers(trainer.model, self.tokenizer, self.prompts),
-            "correct": correct,  # per eval pair: 1 where the chosen completion is the likelier
-            "chosen_logps": chosen,
-            "pref_accuracy": sum(correct) / max(1, len(correct)),
-        }
+        return measure_pairs(self, trainer, self.eval)
 
     def summarize(self, before, after, measured_before, measured_after):
-        from align.verdict import accuracy_verdict
-
-        metrics = {
-            "reward_accuracy": after.get("eval_rewards/accuracies"),
-            "reward_margin": after.get("eval_rewards/margins"),
-            "pref_accuracy_before": measured_before["pref_accuracy"],
-            "pref_accuracy": measured_after["pref_accuracy"],
-        }
-        answers = (measured_before["answers"], measured_after["answers"])
-        verdict = accuracy_verdict(
-            "pref_accuracy", measured_before["correct"], measured_after["correct"], unit="pairs",
-            dpo_loss=(before.get("eval_loss"), after.get("eval_loss")),
-            chosen_logps=(measured_before["chosen_logps"], measured_after["chosen_logps"]), answers=answers,
-            **self.trained_with,
-        )  # fmt: skip
-        texts = ([a.text for a in side] for side in answers)
-        return metrics, {"generations": generation_table(self.ctx, self.prompts, *texts), "verdict": verdict}
+        return summarize_pairs(self, after, measured_before, measured_after,
+                               dpo_loss=(before.get("eval_loss"), after.get("eval_loss")))  # fmt: skip
 
 
 def reference_plan(stage: Stage, start: StartingPoint) -> str:

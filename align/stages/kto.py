@@ -24,6 +24,7 @@ import json
 import logging
 from typing import TYPE_CHECKING, Any, Literal
 
+from align.prompt_split import split_all_ids, split_ids
 from align.recipe import PREFERENCE_FORMATS, TrainingStage
 from align.stages.base import Figure, TrainingKind
 from align.stages.common import (
@@ -33,8 +34,6 @@ from align.stages.common import (
     render_mask,
     report_dropped,
     run_stage,
-    split_all_ids,
-    split_ids,
 )
 from align.stages.dpo import reference_for, reference_plan
 from align.values import StageParts, StageResult, StartingPoint

@@ -17,15 +17,16 @@ from __future__ import annotations
 import logging
 from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
+from align.prompt_split import split_all_ids
 from align.recipe import PREFERENCE_FORMATS, TrainingStage
 from align.stages.base import Figure, TrainingKind
 from align.stages.common import (
     StageKind,
-    generation_table,
     max_length_setting,
+    measure_pairs,
     pair_examples,
     run_stage,
-    split_all_ids,
+    summarize_pairs,
 )
 from align.values import Setting, StageParts, StageResult, StartingPoint
 
@@ -84,34 +85,11 @@ class PairStage(StageKind):
         return [PreferenceGuard(self.ctx.tracker, method=self.method, stuck_loss=None)]
 
     def measure(self, trainer: Any) -> dict[str, Any]:
-        from align.evaluation.likelihood import preference_pairs
-        from align.verdict import greedy_answers
-
-        correct, chosen = preference_pairs(trainer.model, self.tokenizer, self.eval, self.max_length, self.average)
-        return {
-            "answers": greedy_answers(trainer.model, self.tokenizer, self.prompts),
-            "correct": correct,
-            "chosen_logps": chosen,
-            "pref_accuracy": sum(correct) / max(1, len(correct)),
-        }
+        return measure_pairs(self, trainer, self.eval, self.average)
 
     def summarize(self, before, after, measured_before, measured_after):
-        from align.verdict import accuracy_verdict
-
-        metrics = {
-            "reward_accuracy": after.get("eval_rewards/accuracies"),
-            "reward_margin": after.get("eval_rewards/margins"),
-            "pref_accuracy_before": measured_before["pref_accuracy"],
-            "pref_accuracy": measured_after["pref_accuracy"],
-            **self.own_metrics(after),
-        }
-        answers = (measured_before["answers"], measured_after["answers"])
-        verdict = accuracy_verdict(
-            "pref_accuracy", measured_before["correct"], measured_after["correct"], unit="pairs", answers=answers,
-            chosen_logps=(measured_before["chosen_logps"], measured_after["chosen_logps"]), **self.trained_with,
-        )  # fmt: skip
-        texts = ([a.text for a in side] for side in answers)
-        return metrics, {"generations": generation_table(self.ctx, self.prompts, *texts), "verdict": verdict}
+        metrics, extra = summarize_pairs(self, after, measured_before, measured_after)
+        return {**metrics, **self.own_metrics(after)}, extra
 
     def own_metrics(self, after: dict[str, Any]) -> dict[str, Any]:
         """The method's own figures from the final evaluation."""

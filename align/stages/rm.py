@@ -13,6 +13,7 @@ import logging
 from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 from align.prompt_format import score_usage
+from align.prompt_split import split_all_ids
 from align.recipe import PREFERENCE_FORMATS, TrainingStage
 from align.stages.base import Figure, TrainingKind
 from align.stages.common import (
@@ -21,7 +22,6 @@ from align.stages.common import (
     pair_examples,
     report_dropped,
     run_stage,
-    split_all_ids,
 )
 from align.values import StageParts, StageResult, StartingPoint
 

@@ -10,6 +10,7 @@ import logging
 from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 from align.errors import BadInput
+from align.prompt_split import split_all_ids, split_ids
 from align.recipe import TrainingStage
 from align.stages.base import Figure, TrainingKind
 from align.stages.common import (
@@ -19,8 +20,6 @@ from align.stages.common import (
     perplexities,
     render_mask,
     run_stage,
-    split_all_ids,
-    split_ids,
 )
 from align.values import UNKNOWN, Setting, StageParts, StageResult
 
