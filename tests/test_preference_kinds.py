@@ -239,3 +239,30 @@ def test_recipe_mistakes_are_named_with_the_kinds_that_take_a_key(world, tmp_pat
     code, _, err = run_cli(write_yaml(tmp_path / "r.yaml", recipe([orpo])), "--dry-run")
     assert code == 2 and message in err, err
     assert "Traceback" not in err
+
+
+def test_a_crashed_kto_stage_resumes_and_ends_where_an_uninterrupted_run_ends(world, tmp_path, run_cli, monkeypatch):
+    from align.metrics import MetricsWriter
+
+    kto = stage("kto", "kto", world["model"], files_data(*world["files"]["rows"], "unpaired_preference"),
+                max_steps=20, eval_steps=10, save_steps=10)  # fmt: skip
+    path = write_yaml(tmp_path / "r.yaml", recipe([kto]))
+    code, _, err = run_cli(path, "--output-dir", tmp_path / "whole")
+    assert code == 0, err
+    original = MetricsWriter.on_step_end
+
+    def crash_at_step_15(self, args, state, control, **kwargs):
+        if state.global_step == 15:
+            raise RuntimeError("the machine went away")
+        return original(self, args, state, control, **kwargs)
+
+    monkeypatch.setattr(MetricsWriter, "on_step_end", crash_at_step_15)
+    code, _, err = run_cli(path, "--output-dir", tmp_path / "run")
+    assert code == 1 and "the machine went away" in err
+    monkeypatch.setattr(MetricsWriter, "on_step_end", original)
+    code, _, err = run_cli(path, "--output-dir", tmp_path / "run")
+    assert code == 0 and "resuming from checkpoint-10" in err, err
+    whole, resumed = (json.loads((tmp_path / d / "kto" / "summary.json").read_text()) for d in ("whole", "run"))
+    assert resumed["metrics"]["global_step"] == 20
+    assert abs(resumed["metrics"]["eval_loss"] - whole["metrics"]["eval_loss"]) <= 1e-5
+    assert resumed["metrics"]["label_auc"] == pytest.approx(whole["metrics"]["label_auc"], abs=1e-9)
