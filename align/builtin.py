@@ -229,11 +229,34 @@ def python_docs_feedback() -> dict[str, Rows]:
     return out
 
 
+def arithmetic() -> dict[str, Rows]:
+    """Sums of two numbers from 0 to 99 with their exact answers: a task a reward function can verify.
+
+    Columns `prompt` ("What is 12 + 7? Answer:"), `answer` ("19") and `completion` (" 19", for an sft stage).
+    Splits by construction, from the pair of numbers alone: `test` when (a * 100 + b) % 10 is 0, `validation` when it
+    is 1, `train` the other eight in ten; a + b and b + a are one problem, in one split. So no held-out problem is in
+    a training split, whatever the text of the prompts (they are too short for the eval's text leakage check).
+    """
+    splits: dict[str, Rows] = {s: {"prompt": [], "answer": [], "completion": []} for s in ("train", "validation",
+                                                                                          "test")}  # fmt: skip
+    for a in range(100):
+        for b in range(100):
+            low, high = min(a, b), max(a, b)
+            place = (low * 100 + high) % 10
+            split = "test" if place == 0 else "validation" if place == 1 else "train"
+            rows = splits[split]
+            rows["prompt"].append(f"What is {a} + {b}? Answer:")
+            rows["answer"].append(str(a + b))
+            rows["completion"].append(f" {a + b}")
+    return splits
+
+
 BUILTINS: dict[str, Callable[[], Rows | dict[str, Rows]]] = {
     "python-docs": python_docs_splits,
     "python-docs-instruct": python_docs_instruct_splits,
     "python-docs-preferences": python_docs_preferences,
     "python-docs-feedback": python_docs_feedback,
+    "arithmetic": arithmetic,
 }
 
 

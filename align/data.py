@@ -21,7 +21,7 @@ import yaml
 from pydantic import ValidationError
 
 from align.errors import BadInput, closest
-from align.recipe import FORMAT_FIELDS, DataRef, DataSpec, _format_error, _unknown_keys, search_paths
+from align.recipe import FORMAT_FIELDS, KEEPS_COLUMNS, DataRef, DataSpec, _format_error, _unknown_keys, search_paths
 
 if TYPE_CHECKING:
     from datasets import Dataset, DatasetDict
@@ -546,6 +546,11 @@ def map_columns(ds: Dataset, spec: DataSpec, label: str) -> Dataset:
 
         ds = ds.map(join, desc="join columns")
     renames = {cols[0]: field for field, cols in sources.items() if field not in joined}
+    if spec.format in KEEPS_COLUMNS:  # the reward functions read the other columns (an `answer`, a `topic`)
+        taken = set(renames) | {c for cols in joined.values() for c in cols}
+        clash = [c for c in ds.column_names if c not in taken and c in renames.values()]
+        ds = ds.remove_columns(clash)  # a column named like a field the mapping fills from another column
+        return ds.rename_columns({k: v for k, v in renames.items() if k != v})
     ds = ds.select_columns(list(renames) + list(joined) + ([ROW] if ROW in ds.column_names else []))
     return ds.rename_columns({k: v for k, v in renames.items() if k != v})
 

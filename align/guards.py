@@ -96,6 +96,7 @@ class NumericGuard(TrainerCallback):
         window: int = 50,
         loss_scaling: bool = False,
         max_skipped: int = 20,
+        warn_zero_loss: bool = True,
     ):
         self.tracker = tracker
         self.loss_scaling = loss_scaling
@@ -109,7 +110,7 @@ class NumericGuard(TrainerCallback):
         self.grad_norm: float | None = None
         self.nonfinite: dict[str, Any] | None = None
         self.last_spike_step = -(10**9)
-        self.warned_zero = False
+        self.warned_zero = not warn_zero_loss  # online RL: a loss of exactly 0 is normal (a group without variance)
         self.watches_grad_norm = True
 
     def attach(self, trainer: Any) -> None:
@@ -188,6 +189,75 @@ class NumericGuard(TrainerCallback):
                     self.tracker.alert("loss spike", message)
         self.losses.append(loss)
         return control
+
+
+class HealthAlarms(TrainerCallback):
+    """The ways online RL fails quietly, from what TRL logs at each training log, each said once with its numbers
+    and likely cause (thresholds: the stage's `alarms:`, align/stages/grpo.py `Alarms`). Each must hold for
+    `window` logged steps in a row. With `stop: true` an alarm stops the stage instead (a `GuardStopped`).
+
+    - groups with no reward variance (`frac_reward_zero_std`): nothing to learn from them;
+    - truncation (`completions/clipped_ratio`): answers cut at max_completion_length, often all scored alike;
+    - completion length or entropy collapsing below a share of its first logged value;
+    - KL to the reference above a threshold (with beta > 0).
+    """
+
+    def __init__(self, settings: Any, tracker: Any = None):
+        self.settings = settings
+        self.tracker = tracker
+        self.rows: list[dict[str, float]] = []
+        self.first: dict[str, float] = {}
+        self.fired: list[str] = []
+        self.said: set[str] = set()
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if not logs or "reward" not in logs or state.global_step == 0:
+            return
+        row = {k: float(v) for k, v in logs.items() if isinstance(v, int | float) and not isinstance(v, bool)}
+        self.rows.append(row)
+        for key in ("completions/mean_length", "entropy"):
+            if key in row and key not in self.first:
+                self.first[key] = row[key]
+        recent = self.rows[-self.settings.window :]
+        if len(recent) < self.settings.window:
+            return
+        s = self.settings
+
+        def held(key: str, test: Any) -> bool:
+            return all(key in r and test(r[key]) for r in recent)
+
+        if held("frac_reward_zero_std", lambda v: v >= s.zero_std):
+            self._fire("zero reward variance", f"{recent[-1]['frac_reward_zero_std']:.0%} of groups got the same "
+                       f"reward on every answer for {len(recent)} logs: GRPO learns nothing from them; usually every "
+                       "answer was truncated, or a reward is constant for this model (too hard, too easy, or "
+                       "reading the wrong column)", control)  # fmt: skip
+        if held("completions/clipped_ratio", lambda v: v >= s.clipped):
+            self._fire("truncation", f"{recent[-1]['completions/clipped_ratio']:.0%} of answers hit "
+                       f"max_completion_length={args.max_completion_length} for {len(recent)} logs: raise it, or "
+                       "reward answers that end", control)  # fmt: skip
+        for key, what in (("completions/mean_length", "completion length"), ("entropy", "entropy")):
+            start = self.first.get(key)
+            if start and held(key, lambda v, start=start: v < s.collapse * start):
+                self._fire(f"{what} collapse", f"{what} fell from {start:.3g} to {recent[-1][key]:.3g} (below "
+                           f"{s.collapse:.0%} of its first value) for {len(recent)} logs: the policy is collapsing "
+                           "onto a few answers; lower the learning rate or raise beta", control)  # fmt: skip
+        if getattr(args, "beta", 0) and held("kl", lambda v: v > s.kl):
+            self._fire("KL", f"KL to the reference is {recent[-1]['kl']:.3g}, above {s.kl:g}, for {len(recent)} "
+                       "logs: the policy is drifting far from where it started; lower the learning rate or raise "
+                       "beta", control)  # fmt: skip
+
+    def _fire(self, key: str, message: str, control: Any) -> None:
+        if key in self.said:
+            return
+        self.said.add(key)
+        self.fired.append(f"{key}: {message}")
+        logger.warning("alarm: %s: %s", key, message)
+        if self.tracker is not None:
+            self.tracker.alert(f"RL: {key}", message)
+        if self.settings.stop:
+            from align.errors import GuardStopped
+
+            raise GuardStopped(f"alarm: {key}: {message}", hint="set `alarms: {stop: false}` to warn instead")
 
 
 def raise_if_nonfinite(ctx: Any, *watchers: Any) -> None:

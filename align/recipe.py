@@ -30,7 +30,7 @@ from align.errors import BadInput, unknown_key_message
 
 FORMATS = (
     "text", "prompt_completion", "messages", "preference", "preference_implicit", "preference_messages",
-    "unpaired_preference",
+    "unpaired_preference", "prompt_only",
 )  # fmt: skip
 # The fields each format needs; `columns:` maps them to the source's own column names.
 FORMAT_FIELDS: dict[str, tuple[str, ...]] = {
@@ -42,7 +42,11 @@ FORMAT_FIELDS: dict[str, tuple[str, ...]] = {
     "preference_messages": ("prompt", "chosen", "rejected"),
     # One answer with a thumbs up or down (KTO's data): `label` is true for a desirable answer.
     "unpaired_preference": ("prompt", "completion", "label"),
+    # Prompts to answer online (grpo, rloo): every other column is kept, for the reward functions.
+    "prompt_only": ("prompt",),
 }
+# Formats whose other columns are kept beside their fields (the rest keep only their fields).
+KEEPS_COLUMNS = ("prompt_only",)
 PREFERENCE_FORMATS = ("preference", "preference_implicit", "preference_messages")
 # Training arguments align decides itself; setting them in `train:` would fight it, so they are errors.
 MANAGED_TRAIN_KEYS: dict[str, str] = {

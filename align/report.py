@@ -159,6 +159,36 @@ def stage_plots(
             ax.set_xlabel("step")
             ax.grid(alpha=0.3)
         plots.append(("Learning rate and grad norm", _png(fig), "learning rate and grad norm per train step"))
+    # Online RL (grpo, rloo): the reward and what the health alarms watch, as TRL logs them at each training log.
+    reward_x, reward_y = _series(rows, "train", "reward")
+    if reward_x:
+        fig, (left, right) = _figure(9, 3.2, columns=2)
+        left.plot(reward_x, reward_y, "o-", label="reward (total)", color="#2ca02c")
+        for key in sorted({k for r in rows for k in r if k.startswith("rewards/") and k.endswith("/mean")}):
+            x, y = _series(rows, "train", key)
+            left.plot(x, y, "--", label=key.removeprefix("rewards/").removesuffix("/mean"))
+        eval_x, eval_y = _series(rows, "eval", "eval_reward")
+        if eval_x:
+            left.plot(eval_x, eval_y, "s", label="reward (eval)", color="#d62728")
+        left.set_title("reward")
+        left.legend(fontsize=7)
+        for key, color in (("frac_reward_zero_std", "#7f7f7f"), ("completions/clipped_ratio", "#ff7f0e")):
+            x, y = _series(rows, "train", key)
+            if x:
+                right.plot(x, y, "o-", label=key, color=color)
+        right.set_ylim(-0.05, 1.05)
+        right.set_title("groups without variance, answers truncated")
+        right.legend(fontsize=7)
+        for ax in (left, right):
+            ax.set_xlabel("step")
+            ax.grid(alpha=0.3)
+        plots.append(
+            (
+                "Reward and its health",
+                _png(fig),
+                "reward per function, share of groups without reward variance, share of answers truncated",
+            )
+        )
     # The implicit rewards the preference trainers log (DPO, KTO, ORPO, SimPO), each series on its own steps: KTO
     # logs no reward accuracy, and a margin only for evaluations that held both labels.
     rewards = {name: _series(rows, "eval", f"eval_rewards/{key}")

@@ -136,9 +136,9 @@ def captured_trainers() -> Iterator[dict[str, Any]]:
     seen: dict[str, Any] = {}
     original = common.watch
 
-    def watch(trainer: Any, ctx: Any) -> Any:
+    def watch(trainer: Any, ctx: Any, **kwargs: Any) -> Any:
         seen[ctx.stage.name] = trainer
-        return original(trainer, ctx)
+        return original(trainer, ctx, **kwargs)
 
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(common, "watch", watch)

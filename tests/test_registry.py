@@ -14,7 +14,7 @@ from tests.conftest import REPO
 
 PACKAGE = REPO / "align"
 # "eval" is also a split's name (the Trainer's `eval_` prefix, metrics rows), so its literal is not counted.
-KINDS = ("lm", "sft", "dpo", "kto", "orpo", "simpo", "rm")
+KINDS = ("lm", "sft", "dpo", "kto", "orpo", "simpo", "rm", "grpo", "rloo")
 
 
 def test_every_kind_is_named_only_in_its_module_and_its_registry_line():

@@ -29,6 +29,8 @@ MODULES = (
     "align.stages.orpo",
     "align.stages.simpo",
     "align.stages.rm",
+    "align.stages.grpo",
+    "align.stages.rloo",
     "align.stages.eval",
 )
 

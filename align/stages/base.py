@@ -139,7 +139,8 @@ class TrainingKind(Kind):
             found.absorb(exc)
             return None, found
         start = starting_point(recipe, stage)
-        parts = self.plan_parts(stage, spec=inputs["spec"], data=data, tokenizer=tokenizer, config=config, start=start)
+        parts = self.plan_parts(stage, spec=inputs["spec"], data=data, tokenizer=tokenizer, config=config, start=start,
+                                recipe=recipe)  # fmt: skip
         settings, problems = plan_settings(
             stage, recipe, inputs["precision"], inputs["run_dir"], inputs["report_to"],
             supports_checkpointing(config), parts.fixed,
@@ -155,7 +156,7 @@ class TrainingKind(Kind):
                 plan.effective = effective_settings(cls, stage.name, settings, parts.runtime)
             except BadInput as exc:
                 found.absorb(exc)
-        if data is not None and not problems:
+        if data is not None and plan.effective:  # the config class took the arguments
             plan.details.update(parts.counted(plan.effective))
         return plan, found
 

@@ -40,6 +40,7 @@ class StageKind:
     unit = "rows"  # what a training row is, for the log: blocks, examples, pairs
     lm_head = False  # TRL's chunked LM head, which align/patches.py routes on a CPU
     reward_head = False  # a reward model: the input's body with a new one-output head
+    loss_can_be_zero = False  # online RL: a group without reward variance gives a loss of exactly 0
 
     def __init__(self, stage: Stage, ctx: StageContext, model: Any, tokenizer: Any, start: StartingPoint):
         self.stage, self.ctx, self.model, self.tokenizer, self.start = stage, ctx, model, tokenizer, start
@@ -98,7 +99,7 @@ def run_stage(stage: Stage, ctx: StageContext, kind: type[StageKind]) -> StageRe
     if setup.lm_head:
         logger.info("LM head: %s", install_lm_head(args.device))  # align/lm_head.py, installed by align/patches.py
     trainer = setup.trainer(args, [writer, *early_stopping_callbacks(stage), *setup.guards()])
-    guard = watch(trainer, ctx)
+    guard = watch(trainer, ctx, warn_zero_loss=not setup.loss_can_be_zero)
     setup.check(trainer)
     log_training(args, len(trainer.train_dataset), setup.unit)
 
@@ -242,7 +243,7 @@ def perplexities(before: dict[str, Any], after: dict[str, Any]) -> dict[str, flo
     return {"perplexity": perplexity(after.get("eval_loss")), "perplexity_before": perplexity(before.get("eval_loss"))}
 
 
-def watch(trainer: Trainer, ctx: StageContext) -> NumericGuard:
+def watch(trainer: Trainer, ctx: StageContext, warn_zero_loss: bool = True) -> NumericGuard:
     """Silence the Trainer's own printing (MetricsWriter logs each row once), guard its raw numbers, and stop at a
     step's end with a checkpoint when a signal asks (align/signals.py)."""
     from transformers.trainer_callback import PrinterCallback, ProgressCallback
@@ -255,7 +256,7 @@ def watch(trainer: Trainer, ctx: StageContext) -> NumericGuard:
         trainer.add_callback(bars_without_rows())
     # Before the guard: on a non-finite step the guard, running after it, cancels the save a signal asked for.
     trainer.add_callback(StopOnSignal())
-    guard = NumericGuard(ctx.tracker, loss_scaling=ctx.precision.name == "fp16")
+    guard = NumericGuard(ctx.tracker, loss_scaling=ctx.precision.name == "fp16", warn_zero_loss=warn_zero_loss)
     guard.attach(trainer)
     trainer.add_callback(guard)
     return guard

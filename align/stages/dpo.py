@@ -121,7 +121,9 @@ def reference_for(stage: Stage, start: StartingPoint, model: Any) -> tuple[Any, 
 # Dry run
 
 
-def plan(stage: Stage, *, spec: Any, data: Any, tokenizer: Any, config: Any, start: StartingPoint) -> StageParts:
+def plan(
+    stage: Stage, *, spec: Any, data: Any, tokenizer: Any, config: Any, start: StartingPoint, recipe: Any = None
+) -> StageParts:
     """A DPO stage's part of its plan: max_length, the reference model, and, with the data, the pairs whose prompt
     alone fills `max_length` (TRL drops them; none left in a split is a problem here, before any stage trains)."""
     from align.models import ensure_chat_template

@@ -165,7 +165,9 @@ class KTOStage(StageKind):
 # Plan
 
 
-def plan(stage: Stage, *, spec: Any, data: Any, tokenizer: Any, config: Any, start: StartingPoint) -> StageParts:
+def plan(
+    stage: Stage, *, spec: Any, data: Any, tokenizer: Any, config: Any, start: StartingPoint, recipe: Any = None
+) -> StageParts:
     """A KTO stage's part of its plan: max_length, the reference, the batch its KL estimate needs and, with the data,
     the rows whose prompt alone fills `max_length` (TRL drops them; none left in a split is a problem here)."""
     from align.models import ensure_chat_template

@@ -93,7 +93,9 @@ def cached_blocks(ds: Any, tokenizer: Any, size: int, split: str) -> tuple[Any, 
     return fetch(parts, lambda: pack_text_blocks(ds, tokenizer, size), f"lm {split}")
 
 
-def plan(stage: Stage, *, spec: Any, data: Any, tokenizer: Any, config: Any, start: Any) -> StageParts:
+def plan(
+    stage: Stage, *, spec: Any, data: Any, tokenizer: Any, config: Any, start: Any, recipe: Any = None
+) -> StageParts:
     """An LM stage's part of its plan: the block length and, with the data, blocks, token counts and a sample."""
     from align.plan import batch_figures
 

@@ -163,7 +163,9 @@ def plan_pairs(stage: Stage, *, data: Any, tokenizer: Any, config: Any, parts: S
     return parts
 
 
-def plan(stage: Stage, *, spec: Any, data: Any, tokenizer: Any, config: Any, start: StartingPoint) -> StageParts:
+def plan(
+    stage: Stage, *, spec: Any, data: Any, tokenizer: Any, config: Any, start: StartingPoint, recipe: Any = None
+) -> StageParts:
     """An ORPO stage's part of its plan: no reference, and where its loss falls."""
     parts = StageParts(details={
         "input": start.summary(),

@@ -105,7 +105,9 @@ class RMStage(StageKind):
 # Plan
 
 
-def plan(stage: Stage, *, spec: Any, data: Any, tokenizer: Any, config: Any, start: StartingPoint) -> StageParts:
+def plan(
+    stage: Stage, *, spec: Any, data: Any, tokenizer: Any, config: Any, start: StartingPoint, recipe: Any = None
+) -> StageParts:
     """An rm stage's part of its plan: max_length (the library's 1024, capped at the model's positions), the head,
     and, with the data, the pairs the reward trainer will drop for being longer than max_length (none left in a
     split is a problem here, before any stage trains)."""

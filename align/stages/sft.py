@@ -292,7 +292,9 @@ def render_example(row: dict[str, Any], tokenizer: Any, loss: dict[str, Any]) ->
     return render_mask(*masked_ids(row, tokenizer, loss), tokenizer)
 
 
-def plan(stage: Stage, *, spec: Any, data: Any, tokenizer: Any, config: Any, start: Any) -> StageParts:
+def plan(
+    stage: Stage, *, spec: Any, data: Any, tokenizer: Any, config: Any, start: Any, recipe: Any = None
+) -> StageParts:
     """An SFT stage's part of its plan: max_length, the chat template and loss mask, packing (decided when the
     model is loaded), and, with the data, the examples `max_length` truncates or leaves nothing to learn.
 

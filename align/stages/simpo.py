@@ -45,7 +45,9 @@ class SimPOStage(PairStage):
         return {"nll_loss": after.get("eval_nll_loss")}  # 0 unless the recipe set cpo_alpha (CPO-SimPO)
 
 
-def plan(stage: Stage, *, spec: Any, data: Any, tokenizer: Any, config: Any, start: StartingPoint) -> StageParts:
+def plan(
+    stage: Stage, *, spec: Any, data: Any, tokenizer: Any, config: Any, start: StartingPoint, recipe: Any = None
+) -> StageParts:
     """A SimPO stage's part of its plan: CPO's simpo loss without its NLL term, no reference, where the loss falls.
 
     A `loss_type` other than simpo is a problem here: that is another method (CPO), not this kind."""

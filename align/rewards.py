@@ -1,0 +1,272 @@
+"""Reward functions for online RL (grpo, rloo): align's builtin ones, TRL's `trl.rewards` by name, a user's own
+(`FILE.py:NAME` beside the recipe, or `a.module:NAME`), and reward models; each entry with its `weight`.
+
+A reward function is TRL's: `f(prompts, completions, **columns) -> list[float | None]`, one value per completion,
+`None` where it has no opinion; the data's other columns come as keyword lists, one value per completion. Every
+function is imported and called on held-out rows before anything trains (`check_reward`), and during training a
+function that raises or returns a non-finite value stops the stage with an `error:` naming it and the step
+(`guarded`).
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import math
+import re
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from pydantic import Field, model_validator
+
+from align.errors import BadInput, StageFailed, closest
+from align.recipe import Strict, search_paths
+
+RewardFn = Callable[..., list]
+
+
+class RewardEntry(Strict):
+    """One reward (or, under `monitor:`, one independent judge): a function or a reward model, and its weight."""
+
+    function: str | None = Field(
+        None, description="a builtin (exact_match, format, length, repetition), trl.rewards' name, FILE.py:NAME or "
+        "module:NAME"
+    )  # fmt: skip
+    reward_model: str | None = Field(None, description="a sequence-classification model: @<rm stage>, path or hub id")
+    weight: float = Field(1.0, description="its share of the total reward (TRL's reward_weights)")
+    column: str | None = Field(None, description="the data column it reads: exact_match's reference (default answer)")
+    args: dict[str, Any] = Field(default_factory=dict, description="keyword arguments of a builtin or a factory")
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> RewardEntry:
+        given = [k for k in ("function", "reward_model") if getattr(self, k) is not None]
+        if len(given) != 1:
+            raise ValueError(f"give exactly one of function, reward_model (got {', '.join(given) or 'none'})")
+        return self
+
+    @property
+    def name(self) -> str:
+        """The name its figures are recorded under: the function as written, or `reward_model`."""
+        return self.function if self.function is not None else "reward_model"
+
+
+# --------------------------------------------------------------------------------------------------
+# align's builtin rewards
+
+
+def final_answer(completion: Any) -> str:
+    """What `exact_match` compares: after a `####` or inside the last `\\boxed{}` where there is one, else the first
+    non-empty line; stripped, a trailing full stop dropped, case folded."""
+    text = completion[-1]["content"] if isinstance(completion, list) else str(completion)
+    if "####" in text:
+        text = text.rsplit("####", 1)[1]
+    else:
+        boxed = re.findall(r"\\boxed\{([^{}]*)\}", text)
+        if boxed:
+            text = boxed[-1]
+    line = next((part for part in text.strip().splitlines() if part.strip()), "")
+    return line.strip().rstrip(".").strip().casefold()
+
+
+def exact_match(column: str = "answer") -> RewardFn:
+    """1.0 where the completion's final answer (`final_answer`) equals the row's `column`, else 0.0. Reads the
+    completions and `column`."""
+
+    def exact_match(prompts: list, completions: list, **columns: Any) -> list[float]:
+        if column not in columns:
+            raise KeyError(f"no column {column!r} reaches the reward (columns: {', '.join(sorted(columns))})")
+        return [float(final_answer(c) == str(r).strip().casefold()) for c, r in zip(completions, columns[column],
+                                                                                    strict=True)]  # fmt: skip
+
+    return exact_match
+
+
+def format_reward(pattern: str = r"\S") -> RewardFn:
+    """1.0 where the completion matches the regular expression `pattern` (`re.search`), else 0.0. Reads the
+    completions."""
+    compiled = re.compile(pattern)
+
+    def format(prompts: list, completions: list, **columns: Any) -> list[float]:
+        return [float(compiled.search(_text(c)) is not None) for c in completions]
+
+    return format
+
+
+def length(target: int = 50) -> RewardFn:
+    """The completion's words over `target`, capped at 1.0: a reward for answering at length (and the classic one
+    to game: see `monitor:`). Reads the completions."""
+
+    def length(prompts: list, completions: list, **columns: Any) -> list[float]:
+        return [min(1.0, len(_text(c).split()) / target) for c in completions]
+
+    return length
+
+
+def repetition(n: int = 4) -> RewardFn:
+    """1.0 minus the share of the completion's word n-grams that repeat an earlier one: 1.0 for no repetition, near
+    0 for a loop. Reads the completions."""
+
+    def repetition(prompts: list, completions: list, **columns: Any) -> list[float]:
+        out = []
+        for c in completions:
+            words = _text(c).split()
+            grams = [tuple(words[i : i + n]) for i in range(len(words) - n + 1)]
+            out.append(1.0 - (len(grams) - len(set(grams))) / len(grams) if grams else 1.0)
+        return out
+
+    return repetition
+
+
+def _text(completion: Any) -> str:
+    return completion[-1]["content"] if isinstance(completion, list) else str(completion)
+
+
+BUILTIN: dict[str, Callable[..., RewardFn]] = {
+    "exact_match": exact_match,
+    "format": format_reward,
+    "length": length,
+    "repetition": repetition,
+}
+# trl.rewards (1.16): what each needs beyond what TRL installs, and whether it reads message-list completions.
+TRL_REWARDS: dict[str, dict[str, Any]] = {
+    "accuracy_reward": {"needs": "math_verify", "messages": True},
+    "reasoning_accuracy_reward": {"needs": "math_verify", "messages": True},
+    "get_cosine_scaled_reward": {"needs": "math_verify", "messages": True, "factory": True},
+    "think_format_reward": {"messages": True},
+    "get_repetition_penalty_reward": {"factory": True},
+    "get_soft_overlong_punishment": {"factory": True},
+}
+
+
+# --------------------------------------------------------------------------------------------------
+# Resolving an entry to a callable
+
+
+def resolve_function(entry: RewardEntry, base_dir: Path, where: str, conversational: bool) -> RewardFn:
+    """The callable a `function:` entry names: a builtin (called with `column` and `args`), a `trl.rewards` name
+    (a factory called with `args`), `FILE.py:NAME` (the recipe's folder, then the working directory) or
+    `a.module:NAME`.
+
+    Raises:
+        BadInput: it cannot be found or imported, needs a package that is not installed, or needs message-list
+            completions while the prompts are strings.
+    """
+    name = str(entry.function)
+    if name in BUILTIN:
+        kwargs = dict(entry.args) | ({"column": entry.column} if entry.column and name == "exact_match" else {})
+        try:
+            return BUILTIN[name](**kwargs)
+        except TypeError as exc:
+            raise BadInput(f"{where}.args: {name}: {exc}") from None
+    if name in TRL_REWARDS:
+        return _trl_reward(name, entry, where, conversational)
+    if ":" not in name:
+        guess = closest(name, [*BUILTIN, *TRL_REWARDS])
+        raise BadInput(
+            f"{where}.function: no reward named {name!r}" + (f" (did you mean '{guess}'?)" if guess else ""),
+            hint=f"builtins: {', '.join(BUILTIN)}; trl.rewards: {', '.join(TRL_REWARDS)}; or FILE.py:NAME, module:NAME",
+        )
+    source, _, attribute = name.rpartition(":")
+    module = _load_file(source, base_dir, where) if source.endswith(".py") else _import(source, where)
+    found = getattr(module, attribute, None)
+    if not callable(found):
+        names = [n for n in vars(module) if callable(getattr(module, n)) and not n.startswith("_")]
+        raise BadInput(f"{where}.function: {source} has no function {attribute!r} (it has: {', '.join(names) or '-'})")
+    return found(**entry.args) if entry.args else found
+
+
+def _trl_reward(name: str, entry: RewardEntry, where: str, conversational: bool) -> RewardFn:
+    facts = TRL_REWARDS[name]
+    if facts.get("needs") and importlib.util.find_spec(facts["needs"]) is None:
+        package = facts["needs"].replace("_", "-")
+        raise BadInput(f"{where}.function: {name} needs {package}, which is not installed",
+                       hint=f"pip install {package}")  # fmt: skip
+    if facts.get("messages") and not conversational:
+        raise BadInput(f"{where}.function: {name} reads message-list completions, but this stage's prompts are "
+                       "strings (its completions are strings too)",
+                       hint="give the prompts as message lists, or use a reward that reads strings")  # fmt: skip
+    import trl.rewards
+
+    found = getattr(trl.rewards, name)
+    if facts.get("factory"):
+        try:
+            return found(**entry.args)
+        except TypeError as exc:
+            raise BadInput(f"{where}.args: {name}: {exc}") from None
+    return found
+
+
+def _load_file(source: str, base_dir: Path, where: str) -> Any:
+    path = next((p for p in search_paths(source, base_dir) if p.is_file()), None)
+    if path is None:
+        places = " or ".join(str(p) for p in search_paths(source, base_dir))
+        raise BadInput(f"{where}.function: no file {source} (looked in {places})")
+    spec = importlib.util.spec_from_file_location(f"align_reward_{path.stem}", path)
+    module = importlib.util.module_from_spec(spec)
+    try:
+        spec.loader.exec_module(module)
+    except Exception as exc:  # the user's file: any error in it is theirs to see, in one line
+        raise BadInput(f"{where}.function: {path} fails to import: {type(exc).__name__}: {exc}") from None
+    return module
+
+
+def _import(module: str, where: str) -> Any:
+    try:
+        return importlib.import_module(module)
+    except Exception as exc:
+        raise BadInput(f"{where}.function: cannot import {module}: {type(exc).__name__}: {exc}") from None
+
+
+# --------------------------------------------------------------------------------------------------
+# Checked before training, guarded during it
+
+
+def check_reward(fn: RewardFn, label: str, rows: Sequence[dict[str, Any]], where: str, completions: list) -> None:
+    """Call `fn` as TRL will, on held-out `rows` with `completions` (their reference answers where a column names
+    them, else empty strings): it must return one float or None per row.
+
+    Raises:
+        BadInput: it raises, returns something that is not a list, the wrong number of values, or a value that is
+            neither a finite number nor None.
+    """
+    prompts = [row["prompt"] for row in rows]
+    columns = {k: [row[k] for row in rows] for k in rows[0] if k != "prompt"} if rows else {}
+    try:
+        values = fn(prompts=prompts, completions=completions, completion_ids=[[] for _ in rows], **columns)
+    except Exception as exc:
+        raise BadInput(f"{where}: {label} raised {type(exc).__name__}: {exc} (called on {len(rows)} held-out rows "
+                       f"before training)") from None  # fmt: skip
+    if not isinstance(values, list | tuple):
+        raise BadInput(f"{where}: {label} returned {type(values).__name__}, not a list of floats (one per completion)")
+    if len(values) != len(rows):
+        raise BadInput(f"{where}: {label} returned {len(values)} values for {len(rows)} completions (one per "
+                       "completion)")  # fmt: skip
+    bad = [v for v in values if not (v is None or (isinstance(v, int | float) and math.isfinite(v)))]
+    if bad:
+        raise BadInput(f"{where}: {label} returned {bad[0]!r}: each value must be a finite number or None")
+
+
+class RewardFailed(StageFailed):
+    """A reward function raised or returned a non-finite value during training."""
+
+
+def guarded(fn: RewardFn, label: str) -> RewardFn:
+    """`fn` as TRL calls it, stopping the stage with one line naming `label` and the step where it raises or
+    returns a non-finite value (TRL would pass the traceback on, or train on a NaN)."""
+
+    def reward(*args: Any, **kwargs: Any) -> list:
+        state = kwargs.get("trainer_state")
+        step = getattr(state, "global_step", None)
+        at = f"at step {step + 1}" if isinstance(step, int) else "during training"
+        try:
+            values = fn(*args, **kwargs)
+        except Exception as exc:
+            raise RewardFailed(f"reward {label} raised {type(exc).__name__} {at}: {exc}") from None
+        bad = [v for v in values if v is not None and not (isinstance(v, int | float) and math.isfinite(v))]
+        if bad:
+            raise RewardFailed(f"reward {label} returned {bad[0]!r} {at}: not a finite number")
+        return values
+
+    reward.__name__ = re.sub(r"\W", "_", label).strip("_") or "reward"
+    return reward
