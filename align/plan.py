@@ -34,8 +34,9 @@ KEY_SETTINGS = (
     "per_device_train_batch_size", "gradient_accumulation_steps", "per_device_eval_batch_size",
     "num_train_epochs", "max_steps", "max_length", "eval_strategy", "eval_steps", "save_strategy", "save_steps",
     "save_total_limit", "logging_steps", "load_best_model_at_end", "gradient_checkpointing", "bf16", "fp16",
-    "seed", "packing", "completion_only_loss", "assistant_only_loss", "beta", "loss_type",
-    "precompute_ref_log_probs",
+    "seed", "packing", "completion_only_loss", "assistant_only_loss", "beta", "loss_type", "loss_weights",
+    "precompute_ref_log_probs", "cpo_alpha", "simpo_gamma", "desirable_weight", "undesirable_weight",
+    "num_generations", "max_completion_length", "temperature", "scale_rewards",
 )  # fmt: skip
 # Settings align decides itself (the recipe may not set them: recipe.MANAGED_TRAIN_KEYS says where they live).
 MANAGED = "align (managed)"

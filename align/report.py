@@ -214,6 +214,14 @@ def stage_plots(
     return plots
 
 
+def shown_metrics(metrics: dict[str, Any]) -> list[tuple[str, Any]]:
+    """A stage's table of figures: the common ones first (SHOWN_METRICS' order), then every other figure its kind
+    recorded (label_auc, kl, log_odds_ratio, ...), alphabetically; a value that is missing or not a number (an
+    eval's per-model records) is left out."""
+    keys = [*[k for k in SHOWN_METRICS if k in metrics], *sorted(set(metrics) - set(SHOWN_METRICS))]
+    return [(k, metrics[k]) for k in keys if isinstance(metrics[k], int | float)]
+
+
 def _fmt(value: Any) -> str:
     if isinstance(value, float):
         return f"{value:.4g}"
@@ -493,9 +501,10 @@ def build_report(run_dir: Path) -> Path:
                 )
         for title, png, alt in stage_plots(read_rows(stage_dir / "metrics.jsonl"), summary, saved):
             section.append(f"<h3>{title}</h3><img alt='{html.escape(alt)}' src='data:image/png;base64,{png}'>")
-        if metrics:
+        shown = shown_metrics(metrics)
+        if shown:
             section.append("<table><tr><th>metric</th><th>value</th></tr>")
-            section += [f"<tr><td>{k}</td><td>{_fmt(metrics[k])}</td></tr>" for k in SHOWN_METRICS if k in metrics]
+            section += [f"<tr><td>{k}</td><td>{_fmt(v)}</td></tr>" for k, v in shown]
             section.append("</table>")
         generations = summary.get("generations") or []
         if generations:

@@ -253,7 +253,7 @@ def chosen_warnings(context: Context) -> list[str]:
     return [
         f"chosen log-probability fell {_number(mean_before, 1)} → {_number(mean_after, 1)} (change {change} "
         f"[{_signed(low, 1)}, {_signed(high, 1)}] over {len(before)} held-out pairs): the chosen answers became "
-        "less likely too (common in healthy DPO; a concern together with worse answers)"
+        "less likely too (common in healthy preference training; a concern together with worse answers)"
     ]
 
 

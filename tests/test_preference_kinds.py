@@ -219,7 +219,7 @@ def test_unpaired_rows_whose_label_is_not_a_boolean_name_the_files_line(world, t
 @pytest.mark.parametrize(
     ("change", "message"),
     [
-        (lambda s: s.update(kind="ppo2"), "unknown kind 'ppo2' (kinds: lm, sft, dpo, kto, orpo, simpo, rm, eval)"),
+        (lambda s: s.update(kind="ppo2"), "unknown kind 'ppo2' (kinds: lm, sft, dpo, kto, orpo, simpo, rm"),
         (lambda s: s.update(kind="kt0"), "did you mean 'kto'?"),
         (lambda s: s.update(judges=[{"reference": "rouge_l"}]),
          "stages.x.judges: only eval stages take `judges` (this stage is an orpo stage)"),

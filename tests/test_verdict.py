@@ -109,7 +109,8 @@ def test_warnings_never_decide_the_status():
         "answers got more repetitive: repeated 4-grams 0.00 → 0.60 over 4 greedy answers",
         "fewer answers end on their own: 100% → 0% of 4 greedy answers end with eos (the rest hit the token limit)",
         "chosen log-probability fell −117.5 → −136.7 (change −19.2 [−19.2, −19.2] over 16 held-out pairs): the "
-        "chosen answers became less likely too (common in healthy DPO; a concern together with worse answers)",
+        "chosen answers became less likely too (common in healthy preference training; a concern together with worse "
+        "answers)",
     ]
 
 

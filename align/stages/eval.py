@@ -692,14 +692,19 @@ class EvalKind(Kind):
         return (stage_dir / "generations.jsonl").is_file()  # its figures and answers are its output
 
     def headline(self, summary: dict[str, Any]) -> str:
-        """The last model's win rate against the baseline, with its interval."""
+        """Each model's win rate against the baseline, the interval with it for one model alone."""
         m = summary.get("metrics") or {}
         models = m.get("models") or {}
-        last = next((label for label in reversed(list(models)) if label != m.get("baseline")), None)
-        if last is None or not isinstance(models[last].get("win_rate"), int | float):
+        others = [(label, e) for label, e in models.items()
+                  if label != m.get("baseline") and isinstance(e.get("win_rate"), int | float)]  # fmt: skip
+        if not others:
             return "-"
-        low, high = models[last]["win_rate_ci"]
-        return f"{last} win rate {models[last]['win_rate']:.2f} [{low:.2f}, {high:.2f}] vs {m.get('baseline')}"
+        if len(others) == 1:
+            label, entry = others[0]
+            low, high = entry["win_rate_ci"]
+            return f"{label} win rate {entry['win_rate']:.2f} [{low:.2f}, {high:.2f}] vs {m.get('baseline')}"
+        rates = ", ".join(f"{label} {entry['win_rate']:.2f}" for label, entry in others)
+        return f"win rate vs {m.get('baseline')}: {rates}"
 
 
 KIND = EvalKind(

@@ -178,7 +178,8 @@ def plan(
     parts = StageParts(fixed={"max_length": length}, details={
         "input": start.summary(),
         "reference": reference_plan(stage, start),
-        "rows": "each pair split into a desirable and an undesirable row, side by side" if pairs else "as given",
+        "rows": "each pair split into a desirable and an undesirable row, alternating" if pairs else (
+            "in the training split's order (a valid_fraction cut shuffles them; a file's validation split does not)"),
         "held-out measure": "pref_accuracy (pairs)" if pairs else "label_auc (mean token log-probability)",
     })  # fmt: skip
     batch = stage.train.get("per_device_train_batch_size", KIND.config_class().per_device_train_batch_size)

@@ -64,6 +64,7 @@ class PairStage(StageKind):
         from align.models import ensure_chat_template
 
         ensure_chat_template(self.tokenizer)
+        self.extra = {"reference": "none"}
         self.max_length = self.plan.settings["max_length"].value
         self.train, self.eval = (fitting(self.data[split], self.tokenizer, self.max_length, split)
                                  for split in ("train", "validation"))  # fmt: skip
@@ -86,6 +87,11 @@ class PairStage(StageKind):
 
     def measure(self, trainer: Any) -> dict[str, Any]:
         return measure_pairs(self, trainer, self.eval, self.average)
+
+    def check(self, trainer: Any) -> None:
+        # What the card and summary.json say it trained with (the method's own settings, as the trainer holds them).
+        self.extra.update({k: getattr(trainer.args, k) for k in ("beta", "loss_type", "cpo_alpha", "simpo_gamma")
+                           if hasattr(trainer.args, k)})  # fmt: skip
 
     def summarize(self, before, after, measured_before, measured_after):
         metrics, extra = summarize_pairs(self, after, measured_before, measured_after)
@@ -195,7 +201,10 @@ KIND = TrainingKind(
     formats=PREFERENCE_FORMATS,
     run=run,
     about="Odds Ratio Preference Optimization: SFT and preference in one loss, no reference model (TRL's ORPO)",
-    figures=(Figure("pref accuracy", "pref_accuracy", False), Figure("eval loss (ORPO)", "eval_loss", True)),
+    figures=(
+        Figure("pref accuracy (per token)", "pref_accuracy", False),
+        Figure("eval loss (ORPO)", "eval_loss", True),
+    ),  # fmt: skip
     config=_config,
     plan_parts=plan,
 )
