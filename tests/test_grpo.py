@@ -31,8 +31,8 @@ def boom(prompts, completions, trainer_state=None, **kwargs):
 def short(prompts, completions, **kwargs):
     return [0.0] * (len(completions) - 1)
 '''
-TRAIN = {"max_steps": 6, "per_device_train_batch_size": 8, "per_device_eval_batch_size": 8, "num_generations": 4,
-         "max_completion_length": 6, "learning_rate": 1.0e-3, "logging_steps": 1, "eval_steps": 3}  # fmt: skip
+TRAIN = {"max_steps": 4, "per_device_train_batch_size": 8, "per_device_eval_batch_size": 8, "num_generations": 4,
+         "max_completion_length": 6, "learning_rate": 1.0e-3, "logging_steps": 1, "eval_steps": 4}  # fmt: skip
 
 
 def online(name: str, kind: str, reward: str, **train: Any) -> dict[str, Any]:

@@ -63,12 +63,15 @@ def world(tmp_path_factory) -> dict[str, Any]:
     assert main([str(write_yaml(root / "base.yaml", recipe([sft], "base"))), "--output-dir", str(root / "base")]) == 0
     model = str(root / "base" / "sft" / "model")
     pairs = files_data(*files["pairs"], "preference")
+    lora = {"r": 4, "alpha": 8, "dropout": 0.0, "target_modules": ["c_attn"]}
     stages = [
         stage("kto", "kto", model, files_data(*files["rows"], "unpaired_preference"), beta=0.5),
         stage("kto_pairs", "kto", model, pairs, beta=0.5),
         stage("orpo", "orpo", model, pairs),
         stage("simpo", "simpo", model, pairs),
-    ]
+        {**stage("kto_lora", "kto", model, files_data(*files["rows"], "unpaired_preference"), max_steps=2,
+                 eval_steps=2), "peft": lora},
+    ]  # fmt: skip
     path = write_yaml(root / "prefs.yaml", recipe(stages))
     with captured_trainers() as trainers:
         assert main([str(path), "--output-dir", str(root / "run")]) == 0
@@ -163,7 +166,7 @@ def test_dry_run_shows_each_plan_and_loss_mask_and_a_rerun_is_cached(world, run_
     code, out, err = run_cli(world["recipe"], "--output-dir", world["run"], "--dry-run")
     assert code == 0, err
     blocks = {b.split("\n", 1)[0].split()[1]: b for b in out.split("\n[")[1:]}
-    for name in ("kto", "kto_pairs", "orpo", "simpo"):
+    for name in ("kto", "kto_pairs", "orpo", "simpo", "kto_lora"):
         assert "run: cached (unchanged since the last run" in blocks[name], blocks[name]
         assert "[[" in blocks[name], f"{name}: the rendered example marks what the loss falls on"
     assert "reference: a frozen copy of the input model" in blocks["kto"] and "label: 'desirable'" in blocks["kto"]
@@ -173,7 +176,7 @@ def test_dry_run_shows_each_plan_and_loss_mask_and_a_rerun_is_cached(world, run_
     assert "cpo_alpha: 0.0  (align default: pure SimPO" in blocks["simpo"]
     code, out, err = run_cli(world["recipe"], "--output-dir", world["run"])
     assert code == 0, err
-    assert all(summary(world, name)["status"] == "cached" for name in ("kto", "kto_pairs", "orpo", "simpo"))
+    assert all(summary(world, name)["status"] == "cached" for name in ("kto", "kto_pairs", "orpo", "simpo", "kto_lora"))
 
 
 def test_report_card_and_console_show_each_kinds_headline(world):
@@ -189,16 +192,11 @@ def test_report_card_and_console_show_each_kinds_headline(world):
     assert "label_auc" in table.splitlines()[1] and "pref_accuracy" in table.splitlines()[2]
 
 
-def test_lora_kto_uses_its_adapters_off_as_reference(world, tmp_path, run_cli, trainers):
-    lora = {"r": 4, "alpha": 8, "dropout": 0.0, "target_modules": ["c_attn"]}
-    kto = stage("kto", "kto", world["model"], files_data(*world["files"]["rows"], "unpaired_preference"),
-                max_steps=2, eval_steps=2)  # fmt: skip
-    code, _, err = run_cli(write_yaml(tmp_path / "r.yaml", recipe([{**kto, "peft": lora}])), "--output-dir",
-                           tmp_path / "run")  # fmt: skip
-    assert code == 0, err
-    trainer = trainers["kto"]
+def test_lora_kto_uses_its_adapters_off_as_reference(world):
+    trainer = world["trainers"]["kto_lora"]
     assert trainer.ref_model is None and hasattr(trainer.model, "disable_adapter"), "no second model in memory"
-    result = json.loads((tmp_path / "run" / "kto" / "summary.json").read_text())
+    assert list(trainer.model.peft_config) == ["default"]
+    result = summary(world, "kto_lora")
     assert "adapters switched off" in result["reference"] and result["saved"] == "adapter"
 
 
@@ -245,24 +243,24 @@ def test_a_crashed_kto_stage_resumes_and_ends_where_an_uninterrupted_run_ends(wo
     from align.metrics import MetricsWriter
 
     kto = stage("kto", "kto", world["model"], files_data(*world["files"]["rows"], "unpaired_preference"),
-                max_steps=20, eval_steps=10, save_steps=10)  # fmt: skip
+                max_steps=12, eval_steps=6, save_steps=6)  # fmt: skip
     path = write_yaml(tmp_path / "r.yaml", recipe([kto]))
     code, _, err = run_cli(path, "--output-dir", tmp_path / "whole")
     assert code == 0, err
     original = MetricsWriter.on_step_end
 
-    def crash_at_step_15(self, args, state, control, **kwargs):
-        if state.global_step == 15:
+    def crash_at_step_9(self, args, state, control, **kwargs):
+        if state.global_step == 9:
             raise RuntimeError("the machine went away")
         return original(self, args, state, control, **kwargs)
 
-    monkeypatch.setattr(MetricsWriter, "on_step_end", crash_at_step_15)
+    monkeypatch.setattr(MetricsWriter, "on_step_end", crash_at_step_9)
     code, _, err = run_cli(path, "--output-dir", tmp_path / "run")
     assert code == 1 and "the machine went away" in err
     monkeypatch.setattr(MetricsWriter, "on_step_end", original)
     code, _, err = run_cli(path, "--output-dir", tmp_path / "run")
-    assert code == 0 and "resuming from checkpoint-10" in err, err
+    assert code == 0 and "resuming from checkpoint-6" in err, err
     whole, resumed = (json.loads((tmp_path / d / "kto" / "summary.json").read_text()) for d in ("whole", "run"))
-    assert resumed["metrics"]["global_step"] == 20
+    assert resumed["metrics"]["global_step"] == 12
     assert abs(resumed["metrics"]["eval_loss"] - whole["metrics"]["eval_loss"]) <= 1e-5
     assert resumed["metrics"]["label_auc"] == pytest.approx(whole["metrics"]["label_auc"], abs=1e-9)
