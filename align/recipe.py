@@ -265,6 +265,17 @@ class TrainingStage(Stage):
         return problems
 
 
+def reward_model_problems(ref: str | None, where: str, earlier: list[Stage]) -> list[str]:
+    """A problem when `ref` (a `reward_model:` as written) names a stage that is not an earlier reward-model stage."""
+    name = stage_ref(ref)
+    by_name = {s.name: s for s in earlier}
+    if name is None or (name in by_name and by_name[name].makes == "reward_model"):
+        return []
+    what = f"{by_name[name].a_kind()} stage" if name in by_name else "not an earlier stage"
+    return [f"{where}: '@{name}' is {what}; a reward model comes from an earlier stage that trains one, a directory "
+            "or a hub id"]  # fmt: skip
+
+
 def policy_list(stages: list[Stage]) -> str:
     names = [s.name for s in stages if s.makes == "policy"]
     return ", ".join(names) or "none yet"

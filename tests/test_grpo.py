@@ -117,6 +117,7 @@ def test_a_reward_that_raises_while_training_stops_the_stage_naming_it_and_the_s
         ({"rewards": [{"function": "think_format_reward"}]}, "think_format_reward reads message-list completions"),
         ({"rewards": [{"function": "accuracy_reward"}]}, "accuracy_reward needs math-verify, which is not installed"),
         ({"rewards": []}, "stages.grpo.rewards"),
+        ({"rewards": [{"reward_model": "@nope"}]}, "rewards.0.reward_model: '@nope' is not an earlier stage"),
         ({"train": {**TRAIN, "reward_weights": [1.0]}}, "stages.grpo.train.reward_weights: each entry of `rewards:`"),
         ({"train": {**TRAIN, "num_generations": 3}}, "does not divide into groups of num_generations 3"),
         ({"train": {**TRAIN, "use_vllm": True}}, "stages.grpo.train.use_vllm: vllm is not installed"),

@@ -30,7 +30,16 @@ from pydantic import Field, model_validator
 
 from align.errors import BadInput, Problems
 from align.plan import StagePlan
-from align.recipe import PREFERENCE_FORMATS, DataRef, Recipe, Stage, Strict, path_component_problems, stage_ref
+from align.recipe import (
+    PREFERENCE_FORMATS,
+    DataRef,
+    Recipe,
+    Stage,
+    Strict,
+    path_component_problems,
+    reward_model_problems,
+    stage_ref,
+)
 from align.stages.base import Figure, Kind
 from align.stages.common import show_prompt
 from align.values import Setting, StageResult
@@ -137,11 +146,7 @@ class EvalStage(Stage):
         if self.baseline is not None and self.baseline not in models:
             problems.append(f"{where}.baseline: '{self.baseline}' is not one of the models ({', '.join(models)})")
         for n, judge in enumerate(self.judges):
-            name = stage_ref(judge.reward_model)
-            if name is not None and (name not in by_name or by_name[name].makes != "reward_model"):
-                what = f"{by_name[name].a_kind()} stage" if name in by_name else "not an earlier stage"
-                problems.append(f"{where}.judges.{n}.reward_model: '@{name}' is {what}; a reward model comes from an "
-                                "earlier stage that trains one, a directory or a hub id")  # fmt: skip
+            problems += reward_model_problems(judge.reward_model, f"{where}.judges.{n}.reward_model", earlier)
         names = [judge.name for judge in self.judges]
         if len(set(names)) < len(names):
             problems.append(f"{where}.judges: two judges of the same kind ({', '.join(names)}); keep one of each")

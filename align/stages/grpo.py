@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any, Literal
 from pydantic import Field
 
 from align.errors import BadInput
-from align.recipe import Stage, Strict, TrainingStage, stage_ref
+from align.recipe import Stage, Strict, TrainingStage, reward_model_problems, stage_ref
 from align.rewards import RewardEntry, check_reward, guarded, resolve_function
 from align.stages.base import Figure, TrainingKind
 from align.stages.common import StageKind, generation_table, run_stage, show_prompt
@@ -64,13 +64,8 @@ class OnlineKeys(TrainingStage):
         where = f"stages.{self.name}"
         if "reward_weights" in self.train:
             problems.append(f"{where}.train.reward_weights: each entry of `rewards:` has its own `weight`")
-        by_name = {s.name: s for s in earlier}
         for n, entry in enumerate(self.rewards):
-            ref = stage_ref(entry.reward_model)
-            if ref is not None and (ref not in by_name or by_name[ref].makes != "reward_model"):
-                what = f"{by_name[ref].a_kind()} stage" if ref in by_name else "not an earlier stage"
-                problems.append(f"{where}.rewards.{n}.reward_model: '@{ref}' is {what}; a reward model comes from an "
-                                "earlier stage that trains one, a directory or a hub id")  # fmt: skip
+            problems += reward_model_problems(entry.reward_model, f"{where}.rewards.{n}.reward_model", earlier)
         return problems
 
 
