@@ -8,6 +8,8 @@ The text differs slightly between Python versions; within one version it is fixe
 from __future__ import annotations
 
 import functools
+import hashlib
+import itertools
 import re
 import zlib
 from collections.abc import Callable
@@ -230,25 +232,30 @@ def python_docs_feedback() -> dict[str, Rows]:
 
 
 def arithmetic() -> dict[str, Rows]:
-    """Sums of two numbers from 0 to 99 with their exact answers: a task a reward function can verify.
+    """Sums of four digits with their exact answers: a task a reward function can verify, and one a model of half a
+    million parameters learns part of in a minute on a CPU (a sum of two-digit numbers, one token each, it does not).
 
-    Columns `prompt` ("What is 12 + 7? Answer:"), `answer` ("19") and `completion` (" 19", for an sft stage).
-    Splits by construction, from the pair of numbers alone: `test` when (a * 100 + b) % 10 is 0, `validation` when it
-    is 1, `train` the other eight in ten; a + b and b + a are one problem, in one split. So no held-out problem is in
-    a training split, whatever the text of the prompts (they are too short for the eval's text leakage check).
+    Columns `prompt` ("What is 3 + 5 + 0 + 7? Answer:"), `answer` ("15") and `completion` (" 15", for an sft stage).
+    All 10,000 ordered problems. Splits by construction, from the digits alone: a hash of the sorted digits
+    (`_digits_place`) puts one problem in ten in `test`, one in `validation` and the other eight in `train`; every
+    ordering of the same four digits is one problem, in one split. So no held-out problem is in a training split,
+    however it is ordered, whatever the text of the prompts (they are too short for the eval's text leakage check).
     """
     splits: dict[str, Rows] = {s: {"prompt": [], "answer": [], "completion": []} for s in ("train", "validation",
                                                                                           "test")}  # fmt: skip
-    for a in range(100):
-        for b in range(100):
-            low, high = min(a, b), max(a, b)
-            place = (low * 100 + high) % 10
-            split = "test" if place == 0 else "validation" if place == 1 else "train"
-            rows = splits[split]
-            rows["prompt"].append(f"What is {a} + {b}? Answer:")
-            rows["answer"].append(str(a + b))
-            rows["completion"].append(f" {a + b}")
+    for digits in itertools.product(range(10), repeat=4):
+        place = _digits_place(digits)
+        split = "test" if place == 0 else "validation" if place == 1 else "train"
+        rows = splits[split]
+        rows["prompt"].append(f"What is {' + '.join(map(str, digits))}? Answer:")
+        rows["answer"].append(str(sum(digits)))
+        rows["completion"].append(f" {sum(digits)}")
     return splits
+
+
+def _digits_place(digits: tuple[int, ...]) -> int:
+    """0 to 9 from the digits alone, whatever their order (sha256 of the sorted digits): arithmetic's split."""
+    return int(hashlib.sha256("+".join(map(str, sorted(digits))).encode()).hexdigest(), 16) % 10
 
 
 BUILTINS: dict[str, Callable[[], Rows | dict[str, Rows]]] = {

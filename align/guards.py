@@ -199,7 +199,8 @@ class HealthAlarms(TrainerCallback):
     - groups with no reward variance (`frac_reward_zero_std`): nothing to learn from them;
     - truncation (`completions/clipped_ratio`): answers cut at max_completion_length, often all scored alike;
     - completion length or entropy collapsing below a share of its first logged value;
-    - KL to the reference above a threshold (with beta > 0).
+    - KL to the reference above a threshold (with beta > 0);
+    - reward hacking (`fire`d by the online stage's monitor): the held-out reward up, a `monitor:` judge flat.
     """
 
     def __init__(self, settings: Any, tracker: Any = None):
@@ -227,26 +228,28 @@ class HealthAlarms(TrainerCallback):
             return all(key in r and test(r[key]) for r in recent)
 
         if held("frac_reward_zero_std", lambda v: v >= s.zero_std):
-            self._fire("zero reward variance", f"{recent[-1]['frac_reward_zero_std']:.0%} of groups got the same "
+            self.fire("zero reward variance", f"{recent[-1]['frac_reward_zero_std']:.0%} of groups got the same "
                        f"reward on every answer for {len(recent)} logs: GRPO learns nothing from them; usually every "
                        "answer was truncated, or a reward is constant for this model (too hard, too easy, or "
                        "reading the wrong column)", control)  # fmt: skip
         if held("completions/clipped_ratio", lambda v: v >= s.clipped):
-            self._fire("truncation", f"{recent[-1]['completions/clipped_ratio']:.0%} of answers hit "
+            self.fire("truncation", f"{recent[-1]['completions/clipped_ratio']:.0%} of answers hit "
                        f"max_completion_length={args.max_completion_length} for {len(recent)} logs: raise it, or "
                        "reward answers that end", control)  # fmt: skip
         for key, what in (("completions/mean_length", "completion length"), ("entropy", "entropy")):
             start = self.first.get(key)
             if start and held(key, lambda v, start=start: v < s.collapse * start):
-                self._fire(f"{what} collapse", f"{what} fell from {start:.3g} to {recent[-1][key]:.3g} (below "
+                self.fire(f"{what} collapse", f"{what} fell from {start:.3g} to {recent[-1][key]:.3g} (below "
                            f"{s.collapse:.0%} of its first value) for {len(recent)} logs: the policy is collapsing "
                            "onto a few answers; lower the learning rate or raise beta", control)  # fmt: skip
         if getattr(args, "beta", 0) and held("kl", lambda v: v > s.kl):
-            self._fire("KL", f"KL to the reference is {recent[-1]['kl']:.3g}, above {s.kl:g}, for {len(recent)} "
+            self.fire("KL", f"KL to the reference is {recent[-1]['kl']:.3g}, above {s.kl:g}, for {len(recent)} "
                        "logs: the policy is drifting far from where it started; lower the learning rate or raise "
                        "beta", control)  # fmt: skip
 
-    def _fire(self, key: str, message: str, control: Any) -> None:
+    def fire(self, key: str, message: str, control: Any) -> None:
+        """Say an alarm once (log, tracker alert, the verdict's warnings); with `stop: true`, and `control` given
+        (during training), stop the stage."""
         if key in self.said:
             return
         self.said.add(key)
@@ -254,7 +257,7 @@ class HealthAlarms(TrainerCallback):
         logger.warning("alarm: %s: %s", key, message)
         if self.tracker is not None:
             self.tracker.alert(f"RL: {key}", message)
-        if self.settings.stop:
+        if self.settings.stop and control is not None:
             from align.errors import GuardStopped
 
             raise GuardStopped(f"alarm: {key}: {message}", hint="set `alarms: {stop: false}` to warn instead")

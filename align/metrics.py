@@ -99,7 +99,7 @@ class MetricsWriter(TrainerCallback):
             # Keep what the interrupted run logged up to its checkpoint; the rest will be logged again.
             step = int(Path(resume_from).name.rsplit("-", 1)[-1])
             kept = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-            self.rows = [r for r in kept if 0 < r["step"] <= step and r["split"] in ("train", "eval")]
+            self.rows = [r for r in kept if 0 < r["step"] <= step and r["split"] in ("train", "eval", "monitor")]
             if main_process:
                 path.write_text("".join(json.dumps(r, default=str) + "\n" for r in self.rows))
         self.phase: str | None = None
@@ -154,6 +154,18 @@ class MetricsWriter(TrainerCallback):
             self.nonfinite = {"step": state.global_step, "value": loss, "split": split}
             control.should_training_stop = True
         return control
+
+    def record(self, row: dict[str, Any]) -> None:
+        """A row align measured itself during training (an online stage's `monitor` split): to metrics.jsonl, the
+        trackers and the log, as the Trainer's rows go."""
+        if self.tracker is not None:
+            self.tracker.log({k: v for k, v in row.items() if "/" in k} | {"train/global_step": row["step"]})
+        self.rows.append(row)
+        if self.main_process:
+            with self.path.open("a", encoding="utf-8") as fh:
+                fh.write(json.dumps(row, default=str) + "\n")
+        shown = ", ".join(f"{k}={_fmt(v)}" for k, v in row.items() if k not in _QUIET | {"split"} and v is not None)
+        logger.info("%s: %s", row["split"], shown)
 
 
 def _fmt(value: Any) -> str:

@@ -10,15 +10,16 @@ function that raises or returns a non-finite value stops the stage with an `erro
 
 from __future__ import annotations
 
+import hashlib
 import importlib
 import importlib.util
 import math
 import re
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, model_serializer, model_validator
 
 from align.errors import BadInput, StageFailed, closest
 from align.recipe import Strict, search_paths
@@ -26,17 +27,22 @@ from align.recipe import Strict, search_paths
 RewardFn = Callable[..., list]
 
 
-class RewardEntry(Strict):
-    """One reward (or, under `monitor:`, one independent judge): a function or a reward model, and its weight."""
+class FunctionFields(Strict):
+    """What a `function:` entry may say: the function, the column it reads, and its arguments."""
 
     function: str | None = Field(
         None, description="a builtin (exact_match, format, length, repetition), trl.rewards' name, FILE.py:NAME or "
         "module:NAME"
     )  # fmt: skip
-    reward_model: str | None = Field(None, description="a sequence-classification model: @<rm stage>, path or hub id")
-    weight: float = Field(1.0, description="its share of the total reward (TRL's reward_weights)")
     column: str | None = Field(None, description="the data column it reads: exact_match's reference (default answer)")
     args: dict[str, Any] = Field(default_factory=dict, description="keyword arguments of a builtin or a factory")
+
+
+class RewardEntry(FunctionFields):
+    """One reward of an online stage: a function or a reward model, and its weight."""
+
+    reward_model: str | None = Field(None, description="a sequence-classification model: @<rm stage>, path or hub id")
+    weight: float = Field(1.0, description="its share of the total reward (TRL's reward_weights)")
 
     @model_validator(mode="after")
     def _exactly_one(self) -> RewardEntry:
@@ -49,6 +55,42 @@ class RewardEntry(Strict):
     def name(self) -> str:
         """The name its figures are recorded under: the function as written, or `reward_model`."""
         return self.function if self.function is not None else "reward_model"
+
+
+class Judge(FunctionFields):
+    """One judge of answers (an eval stage's `judges:`, an online stage's `monitor:`): a function (the entries
+    `rewards:` takes), a reward model, or ROUGE-L against the data's references; higher is better."""
+
+    reward_model: str | None = Field(None, description="a sequence-classification model: @<rm stage>, path or hub id")
+    reference: Literal["rouge_l"] | None = Field(None, description="score answers against the data's references")
+
+    @model_serializer(mode="wrap")
+    def _without_unused_function_keys(self, handler: Any) -> dict[str, Any]:
+        # A reward-model or ROUGE-L judge dumps as it did before function judges existed: an eval stage's dump is
+        # in its fingerprint, and a run directory made then must still be `cached`.
+        data = handler(self)
+        if self.function is None:
+            for key in ("function", "column", "args"):
+                data.pop(key, None)
+        return data
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> Judge:
+        given = [k for k in ("function", "reward_model", "reference") if getattr(self, k) is not None]
+        if len(given) != 1:
+            got = ", ".join(given) or "none"
+            raise ValueError(f"give exactly one of function, reward_model, reference (got {got})")
+        if self.function is None and (self.column is not None or self.args):
+            raise ValueError("column and args belong to a function judge")
+        return self
+
+    @property
+    def name(self) -> str:
+        """The judge's name in summaries and generations.jsonl: the function as written, `reward_model` or
+        `rouge_l`."""
+        if self.function is not None:
+            return self.function
+        return "reward_model" if self.reward_model is not None else str(self.reference)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -218,6 +260,25 @@ def _import(module: str, where: str) -> Any:
         raise BadInput(f"{where}.function: cannot import {module}: {type(exc).__name__}: {exc}") from None
 
 
+def entries_identity(entries: Sequence[Any], base_dir: Path, outputs: Any) -> list[str]:
+    """What pins each entry's scores beyond its settings (which the stage's fingerprint holds): a `FILE.py:NAME`
+    function's file contents, an `@stage` reward model's fingerprint; so editing the reward file or retraining the
+    rm runs the stage again instead of reusing its output."""
+    from align.recipe import stage_ref
+
+    out = []
+    for entry in entries:
+        function, model = getattr(entry, "function", None), getattr(entry, "reward_model", None)
+        if function is not None and ":" in function and function.rpartition(":")[0].endswith(".py"):
+            source = function.rpartition(":")[0]
+            path = next((p for p in search_paths(source, base_dir) if p.is_file()), None)
+            digest = hashlib.sha256(path.read_bytes()).hexdigest()[:16] if path is not None else "missing"
+            out.append(f"{function}:{digest}")
+        elif model is not None and stage_ref(model) is not None:
+            out.append(f"{model}:{outputs[stage_ref(model)].fingerprint}")
+    return out
+
+
 # --------------------------------------------------------------------------------------------------
 # Checked before training, guarded during it
 
@@ -245,6 +306,30 @@ def check_reward(fn: RewardFn, label: str, rows: Sequence[dict[str, Any]], where
     bad = [v for v in values if not (v is None or (isinstance(v, int | float) and math.isfinite(v)))]
     if bad:
         raise BadInput(f"{where}: {label} returned {bad[0]!r}: each value must be a finite number or None")
+
+
+def check_functions(entries: Sequence[FunctionFields], rows: Any, base_dir: Path, where: str) -> list[str]:
+    """Every `function:` entry of `entries` (an online stage's rewards or monitor, an eval's judges) imported and
+    called on two of `rows` (dicts or a Dataset with a `prompt` column), with their reference column as the
+    completions where one is named (exact_match's `answer` by default), else empty completions. Returns the
+    problems, each naming `<where>[i]`."""
+    sample = [dict(rows[i]) for i in range(min(2, len(rows)))]
+    conversational = bool(sample) and isinstance(sample[0]["prompt"], list)
+    problems = []
+    for n, entry in enumerate(entries):
+        if entry.function is None:
+            continue
+        at = f"{where}[{n}]"
+        try:
+            fn = resolve_function(entry, base_dir, at, conversational)
+            column = entry.column or ("answer" if entry.function == "exact_match" else None)
+            completions = [row[column] if column and column in row else "" for row in sample]
+            if conversational:
+                completions = [[{"role": "assistant", "content": str(c)}] for c in completions]
+            check_reward(fn, entry.function, sample, at, completions)
+        except BadInput as exc:
+            problems += exc.problems
+    return problems
 
 
 class RewardFailed(StageFailed):

@@ -39,6 +39,11 @@ def test_two_processes_run_the_chain_once(tmp_path):
             "card": "python-docs-preferences", **rows, "splits": {"train": "reward", "validation": "validation"}}},
         {"name": "dpo", "kind": "dpo", "data": {"card": "python-docs-preferences", **rows}, "train": dict(small),
          "generations": 1},
+        # Online RL: each process samples its share of the groups (4 answers per prompt, 2 x 4 per step).
+        {"name": "grpo", "kind": "grpo", "data": {"card": "arithmetic", **rows}, "rewards": [{"function": "length",
+         "args": {"target": 3}}], "measure": {"prompts": 4, "samples": 2}, "generations": 1,
+         "train": {"max_steps": 2, "per_device_train_batch_size": 4, "per_device_eval_batch_size": 4,
+                   "num_generations": 4, "max_completion_length": 4, "logging_steps": 1, "eval_steps": 2}},
         {"name": "eval", "kind": "eval", "data": {"card": "python-docs-instruct"}, "max_prompts": 8,
          "generation": {"max_new_tokens": 8}, "judges": [{"reward_model": "@rm"}, {"reference": "rouge_l"}]},
     ]  # fmt: skip
@@ -51,19 +56,23 @@ def test_two_processes_run_the_chain_once(tmp_path):
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
     err = proc.stderr
-    for stage in ("lm", "sft", "rm", "dpo", "eval"):
+    for stage in ("lm", "sft", "rm", "dpo", "grpo", "eval"):
         assert err.count(f"] {stage}: completed in") == 1, f"{stage}: its completion is logged once"
     assert "x 2 processes" in err, "one distributed run of 2 processes, not two runs of 1"
     assert not [line for line in err.splitlines() if "[rank1" in line and " INFO " in line], "rank 1 says only warnings"
     assert "URL not available" not in err, "wandb's offline warning at every checkpoint save is noise"
     assert "find_unused_parameters" not in err
     runs = list((tmp_path / "run" / "wandb").glob("offline-run-*"))
-    assert len(runs) == 5, "one wandb run per stage"
+    assert len(runs) == 6, "one wandb run per stage"
     pipeline = json.loads((tmp_path / "run" / "pipeline.json").read_text())
-    assert [s["status"] for s in pipeline["stages"]] == ["completed"] * 5
-    assert proc.stdout.count("completed") == 5, "the closing table is printed once"
-    # The eval ran once (the main process): every prompt answered by each policy stage's model (lm, sft, dpo).
-    assert len((tmp_path / "run" / "eval" / "generations.jsonl").read_text().splitlines()) == 8 * 3
+    assert [s["status"] for s in pipeline["stages"]] == ["completed"] * 6
+    assert proc.stdout.count("completed") == 6, "the closing table is printed once"
+    # The eval ran once (the main process): every prompt answered by each policy stage's model (lm, sft, dpo, grpo).
+    assert len((tmp_path / "run" / "eval" / "generations.jsonl").read_text().splitlines()) == 8 * 4
+    grpo = json.loads((tmp_path / "run" / "grpo" / "summary.json").read_text())
+    assert grpo["metrics"]["global_step"] == 2 and isinstance(grpo["metrics"]["reward"], float)
+    logged = [json.loads(line) for line in (tmp_path / "run" / "grpo" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in logged if r["split"] == "train" and "reward" in r] == [1, 2], "rows written once"
 
 
 def launch(tmp_path: Path, recipe_path: Path, **kwargs) -> subprocess.Popen:

@@ -140,15 +140,24 @@ def test_exact_match_reads_the_final_answer():
 
 
 def test_the_builtin_arithmetic_task_keeps_every_held_out_problem_out_of_training():
+    """No held-out problem is trained on in any order of its digits (the prompts are too short for the eval's text
+    leakage check), and the answers are right."""
     from align.builtin import arithmetic
 
+    def problems(split: dict[str, list]) -> set[tuple[int, ...]]:
+        found = set()
+        for prompt, answer in zip(split["prompt"], split["answer"], strict=True):
+            digits = tuple(int(d) for d in prompt.removeprefix("What is ").removesuffix("? Answer:").split(" + "))
+            assert sum(digits) == int(answer), prompt
+            found.add(tuple(sorted(digits)))
+        return found
+
     splits = arithmetic()
-    train = {tuple(sorted(map(int, p.removeprefix("What is ").removesuffix("? Answer:").split(" + "))))
-             for p in splits["train"]["prompt"]}  # fmt: skip
+    train = problems(splits["train"])
     for split in ("validation", "test"):
-        held = {tuple(sorted(map(int, p.removeprefix("What is ").removesuffix("? Answer:").split(" + "))))
-                for p in splits[split]["prompt"]}  # fmt: skip
-        assert held and not held & train, f"{split}: problems (in either order) also in train"
+        held = problems(splits[split])
+        assert held and not held & train, f"{split}: problems (in some order) also in train"
+    assert sum(len(s["prompt"]) for s in splits.values()) == 10_000
     assert len(splits["train"]["prompt"]) > 6 * len(splits["test"]["prompt"])
 
 
@@ -159,3 +168,110 @@ def test_the_report_draws_the_reward_and_its_health_and_heads_each_stage_by_its_
     assert "<h3>Reward and its health</h3>" in html
     row = next(r for r in html.split("<tr>") if r.startswith("<td>grpo</td><td>grpo</td>"))
     assert "<td>reward</td>" in row, row
+
+
+def test_a_length_reward_that_climbs_while_exact_match_stays_flat_gives_the_reward_hacking_warning(folder):
+    """The proxy (answer length in words) is easy to game; the monitor (exact_match on the `answer` column) cannot
+    move for a random model: the warning names both, with their held-out numbers, and each evaluation's monitor row
+    is in metrics.jsonl."""
+    from align.run import main
+
+    stage = online("grpo", "grpo", "length")
+    stage["rewards"] = [{"function": "length", "args": {"target": 4}}]
+    stage["monitor"] = [{"function": "exact_match"}]
+    stage["train"] = {**TRAIN, "max_steps": 40, "eval_steps": 20, "learning_rate": 5.0e-3, "max_completion_length": 8}
+    path = write_yaml(folder / "hack.yaml", recipe([stage]))
+    assert main([str(path), "--output-dir", str(folder / "hack")]) == 0
+    result = summary(folder / "hack", "grpo")
+    metrics = result["metrics"]
+    assert metrics["reward"] - metrics["reward_before"] >= 0.1, metrics
+    assert metrics["monitor"]["exact_match"]["after"] - metrics["monitor"]["exact_match"]["before"] < 0.01
+    warning = next(w for w in result["verdict"]["warnings"] if w.startswith("reward hacking: "))
+    assert f"{metrics['reward_before']:.3f} → " in warning and "exact_match 0.000 → 0.000" in warning, warning
+    rows = [json.loads(line) for line in (folder / "hack" / "grpo" / "metrics.jsonl").read_text().splitlines()]
+    monitored = [r for r in rows if r["split"] == "monitor"]
+    assert [r["step"] for r in monitored] == [20, 40]
+    assert all(isinstance(r["monitor/exact_match"], float) and "monitor/reward" in r for r in monitored)
+
+
+def test_the_eval_stage_judges_by_a_reward_function_on_prompt_only_rows_with_an_accuracy_interval(folder, run_cli):
+    """`judges: [{function: exact_match}]` on a prompt_only file: the `answer` column reaches the judge; each model
+    gets its accuracy with a 95% interval; a user's function from the recipe's folder judges too."""
+    stages = [online("grpo", "grpo", "rewards.py:near"),
+              {"name": "eval", "kind": "eval", "models": {"start": "@grpo", "again": "@grpo"},
+               "data": {"source": {"files": ["prompts.jsonl"]}, "format": "prompt_only"}, "max_prompts": 20,
+               "allow_overlap": True, "generation": {"max_new_tokens": 4},
+               "judges": [{"function": "exact_match"}, {"function": "rewards.py:near"}]}]  # fmt: skip
+    stages[0]["train"] = {**TRAIN, "max_steps": 1}
+    path = write_yaml(folder / "judged.yaml", recipe(stages))
+    code, out, err = run_cli(path, "--output-dir", folder / "judged")
+    assert code == 0, err
+    models = summary(folder / "judged", "eval")["metrics"]["models"]
+    for label in ("start", "again"):
+        accuracy, (low, high) = models[label]["score_mean"]["exact_match"], models[label]["score_ci"]["exact_match"]
+        assert 0.0 <= low <= accuracy <= high <= 1.0
+        assert 0.0 < models[label]["score_mean"]["rewards.py:near"] <= 1.0, "near read the `answer` column"
+    lines = [json.loads(line) for line in (folder / "judged" / "eval" / "generations.jsonl").read_text().splitlines()]
+    assert {tuple(sorted(line["scores"])) for line in lines} == {("exact_match", "rewards.py:near")}
+
+
+@pytest.mark.parametrize(
+    ("judges", "message"),
+    [
+        ([{"function": "rewards.py:short"}], "stages.eval.judges[0]: rewards.py:short returned 1 values for 2"),
+        ([{"function": "exact_mtach"}], "stages.eval.judges[0].function: no reward named 'exact_mtach'"),
+        (
+            [{"function": "exact_match", "reference": "rouge_l"}],
+            "give exactly one of function, reward_model, reference",
+        ),
+    ],
+)
+def test_an_eval_judge_function_that_cannot_work_is_refused_before_anything_runs(folder, run_cli, judges, message):
+    stage = {"name": "eval", "kind": "eval", "models": {"m": "@grpo"}, "allow_overlap": True,
+             "data": {"source": {"files": ["prompts.jsonl"]}, "format": "prompt_only"}, "judges": judges}  # fmt: skip
+    code, _, err = run_cli(write_yaml(folder / "bad_eval.yaml", recipe([online("grpo", "grpo", "rewards.py:near"),
+                                                                         stage])), "--dry-run")  # fmt: skip
+    assert code == 2 and message in err, err
+
+
+def test_a_reward_crash_mid_stage_resumes_from_its_checkpoint_and_ends_where_an_unbroken_run_ends(folder, run_cli):
+    """The grader fails at step 5 (a marker file says so): the stage stops naming it; run again, it resumes from
+    checkpoint-4 and ends with the rewards of every logged step, and the weights, of a run that never stopped."""
+    from safetensors.torch import load_file
+
+    marker = folder / "grader_down"
+    (folder / "flaky.py").write_text(
+        REWARDS
+        + f"""
+from pathlib import Path
+
+
+def flaky(prompts, completions, answer, trainer_state=None, **kwargs):
+    if trainer_state is not None and trainer_state.global_step == 4 and Path({str(marker)!r}).exists():
+        raise RuntimeError("the grader is down")
+    return near(prompts, completions, answer)
+"""
+    )
+    stage = online("grpo", "grpo", "flaky.py:flaky")
+    stage["train"] = {**TRAIN, "max_steps": 8, "save_steps": 2, "eval_steps": 8}
+    path = write_yaml(folder / "flaky.yaml", recipe([stage]))
+    code, _, err = run_cli(path, "--output-dir", folder / "whole")
+    assert code == 0, err
+    marker.touch()
+    code, _, err = run_cli(path, "--output-dir", folder / "cut")
+    assert code == 1 and "error: reward flaky.py:flaky raised RuntimeError at step 5: the grader is down" in err
+    marker.unlink()
+    code, _, err = run_cli(path, "--output-dir", folder / "cut")
+    assert code == 0 and "resuming from checkpoint-4" in err, err
+
+    def rewards(run: Path) -> dict[int, float]:
+        rows = [json.loads(line) for line in (run / "grpo" / "metrics.jsonl").read_text().splitlines()]
+        steps = [r["step"] for r in rows if r["split"] == "train" and "reward" in r]
+        assert steps == sorted(set(steps)), "no step logged twice"
+        return {r["step"]: r["reward"] for r in rows if r["split"] == "train" and "reward" in r}
+
+    whole, cut = rewards(folder / "whole"), rewards(folder / "cut")
+    assert sorted(whole) == sorted(cut) == list(range(1, 9))
+    assert all(abs(whole[s] - cut[s]) <= 1e-6 for s in whole), (whole, cut)
+    a, b = (load_file(str(run / "grpo" / "model" / "model.safetensors")) for run in (folder / "whole", folder / "cut"))
+    assert max(float((a[k] - b[k]).abs().max()) for k in a) <= 1e-5

@@ -325,3 +325,80 @@ def test_a_measurement_outside_training_takes_no_random_numbers():
         draw()
         iter(torch.utils.data.DataLoader(range(4)))  # what `trainer.evaluate()` draws: a seed for the iterator
     assert draw() == expected
+
+
+# --------------------------------------------------------------------------------------------------
+# Online RL: the same sampled answers, so the same rewards at every logged step and the same weights
+
+GRPO_REWARD = '''
+def near(prompts, completions, answer, **kwargs):
+    """Dense: the closer the completion's length in characters to the answer's number, the higher."""
+    return [1.0 / (1 + abs(len(c) - int(a))) for c, a in zip(completions, answer)]
+'''
+GRPO_SETTINGS: dict[str, Any] = {
+    "max_steps": 6, "per_device_train_batch_size": 8, "per_device_eval_batch_size": 8, "num_generations": 4,
+    "max_completion_length": 8, "learning_rate": 1e-3, "logging_steps": 1, "eval_steps": 3,
+}  # fmt: skip
+
+
+def grpo_files(world: dict[str, Any]) -> tuple[dict[str, str], Path]:
+    root = world["root"]
+    rows = [{"prompt": f"What is {a} + {b}? Answer:", "answer": str(a + b)} for a in range(6) for b in range(6)]
+    (root / "rewards.py").write_text(GRPO_REWARD)
+    files = {"train": write_jsonl(root / "grpo_train.jsonl", rows[:28]),
+             "validation": write_jsonl(root / "grpo_valid.jsonl", rows[28:])}  # fmt: skip
+    return files, root / "rewards.py"
+
+
+def test_grpo_matches_a_bare_grpo_trainer_reward_for_reward_and_weight_for_weight(world):
+    """align's grpo stage against GRPOTrainer as TRL's documentation shows it, on the same saved model, prompts,
+    reward function and settings: the mean reward at every logged step and the final weights (max absolute
+    difference) agree. GRPO's logged loss is often exactly 0 here and would prove nothing. align's defaults that
+    change the run are given to the bare side: `disable_dropout` (align's default for online stages) and the
+    `ALIGN_DEFAULTS` of every stage; `remove_unused_columns: false` is TRL's GRPO default already."""
+    import importlib.util
+
+    import torch
+    from datasets import load_dataset
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from trl import GRPOConfig, GRPOTrainer
+
+    from align.loader import load_recipe
+    from align.pipeline import run_pipeline
+
+    files, reward_file = grpo_files(world)
+    root = world["root"]
+    stage = {"name": "grpo", "kind": "grpo", "model": str(world["model"]),
+             "data": {"source": {"files": {"train": [files["train"]], "validation": [files["validation"]]}},
+                      "format": "prompt_only", "splits": {"validation": "validation"}},
+             "rewards": [{"function": "rewards.py:near"}], "train": dict(GRPO_SETTINGS)}  # fmt: skip
+    recipe = {"name": "grpo_parity", "seed": SEED, "precision": "fp32", "tracking": {"wandb": {"mode": "disabled"}},
+              "stages": [stage]}  # fmt: skip
+    out = root / "runs" / "grpo_parity"
+    run_pipeline(load_recipe(write_yaml(root / "grpo_parity.yaml", recipe)), output_dir=out, log_level="warning")
+    rows = [json.loads(line) for line in (out / "grpo" / "metrics.jsonl").read_text().splitlines()]
+    aligned = {r["step"]: r["reward"] for r in rows if r["split"] == "train" and "reward" in r}
+
+    spec = importlib.util.spec_from_file_location("bare_rewards", reward_file)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    data = load_dataset("json", data_files=files)
+    config = GRPOConfig(output_dir=str(root / "bare" / "grpo"), seed=SEED, report_to="none",
+                        **{**ALIGN_DEFAULTS, **GRPO_SETTINGS, "disable_dropout": True})  # fmt: skip
+    trainer = GRPOTrainer(model=AutoModelForCausalLM.from_pretrained(world["model"]), reward_funcs=module.near,
+                          args=config, train_dataset=data["train"], eval_dataset=data["validation"],
+                          processing_class=AutoTokenizer.from_pretrained(world["model"]))  # fmt: skip
+    trainer.train()
+    bare = {r["step"]: r["reward"] for r in trainer.state.log_history if "reward" in r and "eval_reward" not in r}
+
+    assert sorted(aligned) == sorted(bare) == list(range(1, GRPO_SETTINGS["max_steps"] + 1))
+    assert len(set(bare.values())) > 1, "the reward moved: the comparison is not of constants"
+    for step, value in bare.items():
+        assert abs(aligned[step] - value) <= TOLERANCE, f"step {step}: align {aligned[step]:.7f}, bare {value:.7f}"
+    saved = load_file(str(out / "grpo" / "model" / "model.safetensors"))
+    state = trainer.model.state_dict()
+    worst = max(float((saved[k] - state[k].detach()).abs().max()) for k in saved if k in state)
+    assert worst <= TOLERANCE, f"the final weights differ by {worst:.2e}"
+    assert not torch.equal(saved["transformer.wte.weight"], load_file(str(world["model"] / "model.safetensors"))[
+        "transformer.wte.weight"]), "training moved the weights"  # fmt: skip

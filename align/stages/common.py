@@ -51,6 +51,7 @@ class StageKind:
         # What training ran with (learning rate and the library's default, steps, LoRA rank), set by `run_stage`
         # before `summarize`: the likely causes a verdict cites (align/verdict.py `training_context`).
         self.trained_with: dict[str, Any] = {}
+        self.writer: MetricsWriter | None = None  # the stage's metrics.jsonl writer, set by `run_stage`
         self.setup()
 
     def setup(self) -> None:
@@ -95,7 +96,7 @@ def run_stage(stage: Stage, ctx: StageContext, kind: type[StageKind]) -> StageRe
 
     # 2. Trainer, with the planned arguments -----------------------------------------------------------
     args = training_args(stage, ctx, **setup.at_run_time)
-    writer = metrics_writer(ctx, stage)
+    writer = setup.writer = metrics_writer(ctx, stage)
     if setup.lm_head:
         logger.info("LM head: %s", install_lm_head(args.device))  # align/lm_head.py, installed by align/patches.py
     trainer = setup.trainer(args, [writer, *early_stopping_callbacks(stage), *setup.guards()])

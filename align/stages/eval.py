@@ -22,11 +22,11 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field
 
 from align.errors import BadInput, Problems
 from align.plan import StagePlan
@@ -40,6 +40,7 @@ from align.recipe import (
     reward_model_problems,
     stage_ref,
 )
+from align.rewards import Judge, check_functions, entries_identity
 from align.stages.base import Figure, Kind
 from align.stages.common import show_prompt
 from align.values import Setting, StageResult
@@ -69,25 +70,6 @@ class Generation(Strict):
     num_samples: int = Field(1, ge=1, description="answers per prompt (greedy answers are all the same)")
     batch_size: int = Field(16, ge=1, description="rows per generate call (left-padded)")
     seed: int = Field(0, description="seeds the sampling; each model label adds its position, so samples differ")
-
-
-class Judge(Strict):
-    """One judge of an eval stage: exactly one of `reward_model` or `reference`."""
-
-    reward_model: str | None = Field(None, description="a sequence-classification model: @<rm stage>, path or hub id")
-    reference: Literal["rouge_l"] | None = Field(None, description="score answers against the data's references")
-
-    @model_validator(mode="after")
-    def _exactly_one(self) -> Judge:
-        given = [k for k in ("reward_model", "reference") if getattr(self, k) is not None]
-        if len(given) != 1:
-            raise ValueError(f"give exactly one of reward_model, reference (got {', '.join(given) or 'none'})")
-        return self
-
-    @property
-    def name(self) -> str:
-        """The judge's name in summaries and generations.jsonl: `reward_model` or `rouge_l`."""
-        return "reward_model" if self.reward_model is not None else str(self.reference)
 
 
 class LmEvalSettings(Strict):
@@ -149,9 +131,10 @@ class EvalStage(Stage):
             problems += reward_model_problems(judge.reward_model, f"{where}.judges.{n}.reward_model", earlier)
         names = [judge.name for judge in self.judges]
         if len(set(names)) < len(names):
-            problems.append(f"{where}.judges: two judges of the same kind ({', '.join(names)}); keep one of each")
+            problems.append(f"{where}.judges: two judges of the same name ({', '.join(names)}); keep one of each")
         if not self.judges and self.lm_eval is None:
-            problems.append(f"{where}.judges: an eval stage needs at least one judge (reward_model or reference) "
+            problems.append(f"{where}.judges: an eval stage needs at least one judge (function, reward_model or "
+                            "reference) "
                             "or lm_eval tasks")  # fmt: skip
         return problems
 
@@ -167,10 +150,12 @@ def policy_refs(stages: list[Stage]) -> dict[str, str]:
 
 @dataclass(frozen=True)
 class EvalRow:
-    """One prompt to answer, and its reference answer where the data has one (completion, chosen, last turn)."""
+    """One prompt to answer, its reference answer where the data has one (completion, chosen, last turn), and the
+    row's other columns, which reach the function judges (exact_match's `answer`)."""
 
     prompt: Any  # a string, or a list of chat messages
     reference: str | None
+    columns: dict[str, Any] = field(default_factory=dict)
 
 
 def eval_rows(data: Any, data_format: str, limit: int | None) -> list[EvalRow]:
@@ -192,7 +177,8 @@ def eval_rows(data: Any, data_format: str, limit: int | None) -> list[EvalRow]:
         if key in seen:
             continue
         seen.add(key)
-        rows.append(EvalRow(prompt, reference if isinstance(reference, str) else None))
+        columns = {k: v for k, v in row.items() if k not in ("prompt", "messages")}
+        rows.append(EvalRow(prompt, reference if isinstance(reference, str) else None, columns))
         if limit is not None and len(rows) >= limit:
             break
     return rows
@@ -248,6 +234,9 @@ def input_fingerprint(stage: Stage, recipe: Recipe, outputs: Any) -> str:
     refs = dict(eval_models(stage, recipe))
     refs |= {f"judge:{n}": j.reward_model for n, j in enumerate(stage.judges) if j.reward_model is not None}
     identities = {label: model_identity(ref, outputs, recipe.base_dir) for label, ref in refs.items()}
+    functions = entries_identity([j for j in stage.judges if j.function is not None], recipe.base_dir, outputs)
+    if functions:  # only where there are: the fingerprints of evals without function judges stay as they were
+        identities["functions"] = functions
     return hashlib.sha256(json.dumps(identities, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -299,6 +288,9 @@ def plan_eval(
         rows = eval_rows(data["test"], spec.format, stage.max_prompts)
         with_reference = sum(r.reference is not None for r in rows)
         details["prompts"] = f"{len(rows)} (of {len(data['test'])} rows; {with_reference} with a reference answer)"
+        problems += check_functions(
+            stage.judges, [{"prompt": r.prompt, **r.columns} for r in rows[:2]], recipe.base_dir, f"{where}.judges"
+        )
         if any(j.reference is not None for j in stage.judges) and with_reference < len(rows):
             problems.append(f"{where}.judges: the reference judge needs a reference answer for every prompt; "
                             f"{len(rows) - with_reference} of {len(rows)} have none")  # fmt: skip
@@ -479,6 +471,8 @@ def judge_all(judge: Any, ctx: StageContext, rows: list[EvalRow], answers: dict[
     flat = [(label, p, s) for label, per in answers.items() for p, samples in enumerate(per) for s in samples]
     if judge.reference is not None:
         values = rouge_l_f1([a.text for _, _, a in flat], [rows[p].reference or "" for _, p, _ in flat])
+    elif judge.function is not None:
+        values = function_scores(judge, ctx, rows, flat)
     else:
         from align.prompt_format import read_prompt_format
 
@@ -494,6 +488,29 @@ def judge_all(judge: Any, ctx: StageContext, rows: list[EvalRow], answers: dict[
     for (label, p, _), value in zip(flat, values, strict=True):
         out[label][p].append(float(value))
     return out
+
+
+def function_scores(judge: Judge, ctx: StageContext, rows: list[EvalRow], flat: list[tuple[str, int, Any]]) -> list:
+    """A function judge's score of each (label, prompt index, answer), called as TRL calls a reward: the data's
+    prompts, the answers (message lists where the prompts are), their token ids and the rows' other columns. A
+    function that raises or returns a non-finite value fails the stage with a line naming it."""
+    from align.rewards import guarded, resolve_function
+
+    where = f"stages.{ctx.stage.name}.judges[{ctx.stage.judges.index(judge)}]"
+    conversational = bool(rows) and isinstance(rows[0].prompt, list)
+    fn = guarded(resolve_function(judge, ctx.recipe.base_dir, where, conversational), judge.name)
+    prompts = [rows[p].prompt for _, p, _ in flat]
+    completions = [[{"role": "assistant", "content": a.text}] if conversational else a.text for _, _, a in flat]
+    names = sorted({k for row in rows for k in row.columns})
+    columns = {k: [rows[p].columns.get(k) for _, p, _ in flat] for k in names}
+    values = fn(prompts=prompts, completions=completions, completion_ids=[list(a.token_ids) for _, _, a in flat],
+                **columns)  # fmt: skip
+    if len(values) != len(flat):
+        from align.rewards import RewardFailed
+
+        raise RewardFailed(f"judge {judge.name} returned {len(values)} values for {len(flat)} answers")
+    # None: no opinion on that answer; it scores 0, as TRL counts a None reward.
+    return [0.0 if v is None else float(v) for v in values]
 
 
 def run_lm_eval(stage: Stage, ctx: StageContext, path: str) -> dict[str, Any]:
@@ -536,6 +553,8 @@ def figures(
     for label, per in answers.items():
         entry: dict[str, Any] = {"model": models[label]}
         entry["score_mean"] = {j: _mean([v for p in scores[j][label] for v in p]) for j in judges}
+        # Each judge's mean with its 95% bootstrap interval over prompts: exact_match's is the model's accuracy.
+        entry["score_ci"] = {j: score_interval(scores[j][label], stage.generation.seed) for j in judges}
         entry["win_rates"] = {}
         for j in judges:
             result = compare_pairwise(scores[j][label], scores[j][baseline], lengths[label], lengths[baseline],
@@ -549,6 +568,15 @@ def figures(
         entry["verdict"] = model_verdict(label, baseline, entry, out["models"].get(baseline), judges)
         out["models"][label] = entry
     return out
+
+
+def score_interval(per_prompt: list[list[float]], seed: int) -> list[float] | None:
+    """The 95% percentile bootstrap interval of a judge's mean score, prompts resampled (each prompt's mean over
+    its samples)."""
+    from align.evaluation.pairwise import bootstrap_interval
+
+    means = [sum(p) / len(p) for p in per_prompt if p]
+    return list(bootstrap_interval(means, seed=seed)) if means else None
 
 
 def _mean(values: list[float]) -> float | None:
@@ -570,8 +598,14 @@ def model_verdict(
                 "warnings": []}  # fmt: skip
     low, high = entry["win_rate_ci"]
     status = "better" if low > 0.5 else "worse" if high < 0.5 else "no_difference"
-    reasons = [f"win rate {entry['win_rate']:.2f} [{low:.2f}, {high:.2f}] against {baseline} by {judges[0]} "
-               f"(length-controlled {entry['lc_win_rate']:.2f})"]  # fmt: skip
+    first = (f"win rate {entry['win_rate']:.2f} [{low:.2f}, {high:.2f}] against {baseline} by {judges[0]} "
+             f"(length-controlled {entry['lc_win_rate']:.2f})")  # fmt: skip
+    if base is not None and entry["score_ci"].get(judges[0]) and base["score_ci"].get(judges[0]):
+        # The judge's mean for both, each with its interval: for exact_match, the two accuracies.
+        (low_m, high_m), (low_b, high_b) = entry["score_ci"][judges[0]], base["score_ci"][judges[0]]
+        first += (f"; mean {judges[0]} {entry['score_mean'][judges[0]]:.3f} [{low_m:.3f}, {high_m:.3f}] against "
+                  f"{base['score_mean'][judges[0]]:.3f} [{low_b:.3f}, {high_b:.3f}]")  # fmt: skip
+    reasons = [first]
     for j in judges[1:]:
         other = entry["win_rates"][j]
         low_j, high_j = other["win_rate_ci"]
@@ -685,7 +719,7 @@ class EvalKind(Kind):
     def resolve(self, entry: dict[str, Any], stage: Any, recipe: Recipe) -> None:
         entry["models"] = eval_models(stage, recipe)
         entry["baseline"] = baseline_of(stage, recipe)
-        entry["judges"] = [{k: v for k, v in judge.items() if v is not None} for judge in entry["judges"]]
+        entry["judges"] = [{k: v for k, v in judge.items() if v is not None and v != {}} for judge in entry["judges"]]
 
     def input_identity(self, stage: Any, recipe: Recipe, outputs: Any) -> str:
         return input_fingerprint(stage, recipe, outputs)
@@ -715,8 +749,9 @@ class EvalKind(Kind):
 KIND = EvalKind(
     name="eval",
     keys=EvalStage,
-    # Prompts from any format with prompts; the reference answer (completion, chosen) is kept when there is one.
-    formats=("prompt_completion", "messages", *PREFERENCE_FORMATS),
+    # Prompts from any format with prompts; the reference answer (completion, chosen) is kept when there is one, and
+    # the other columns reach the function judges.
+    formats=("prompt_completion", "messages", "prompt_only", *PREFERENCE_FORMATS),
     run=run,
     about="did it help? every model answers held-out prompts, judges score them, each is compared with a baseline",
     figures=(Figure("win rate", "win_rate", False),),

@@ -20,14 +20,12 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Callable
-from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import Field
 
-from align.errors import BadInput
 from align.recipe import Stage, Strict, TrainingStage, reward_model_problems, stage_ref
-from align.rewards import RewardEntry, check_reward, guarded, resolve_function
+from align.rewards import Judge, RewardEntry, check_functions, entries_identity, guarded, resolve_function
 from align.stages.base import Figure, TrainingKind
 from align.stages.common import StageKind, generation_table, run_stage, show_prompt
 from align.values import Setting, StageParts, StageResult, StartingPoint
@@ -37,9 +35,12 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-# Held-out prompts the measure samples, and answers per prompt: enough for a paired interval on a CPU.
-MEASURE_PROMPTS = 32
-MEASURE_SAMPLES = 4
+
+class Measure(Strict):
+    """The held-out measure before and after training (and at each evaluation, with a `monitor:`)."""
+
+    prompts: int = Field(32, ge=2, description="held-out prompts (the validation split's first), the bootstrap's units")
+    samples: int = Field(4, ge=1, description="answers sampled per prompt, with the training's sampling settings")
 
 
 class Alarms(Strict):
@@ -47,6 +48,10 @@ class Alarms(Strict):
 
     stop: bool = Field(False, description="an alarm stops the stage (as a non-finite loss does) instead of warning")
     zero_std: float = Field(0.9, ge=0.0, le=1.0, description="share of groups whose answers all got one reward")
+    hacking: float = Field(
+        0.1, gt=0.0, description="held-out reward rise past which a monitor that did not rise warns (reward hacking)"
+    )
+    monitor_rise: float = Field(0.01, ge=0.0, description="a monitor's held-out rise below this counts as flat")
     clipped: float = Field(0.9, ge=0.0, le=1.0, description="share of answers cut at max_completion_length")
     collapse: float = Field(0.25, gt=0.0, lt=1.0, description="mean length or entropy below this share of its first")
     kl: float = Field(1.0, gt=0.0, description="KL to the reference above this (with beta > 0)")
@@ -57,7 +62,13 @@ class OnlineKeys(TrainingStage):
     """The recipe keys of an online RL stage: those of every training stage, its rewards, and its alarms."""
 
     rewards: list[RewardEntry] = Field(min_length=1, description="what scores the answers; each has its weight")
+    monitor: list[Judge] = Field(
+        default_factory=list,
+        description="independent judges of the held-out answers, "
+        "scored at each evaluation: proxy reward up while they stay flat is reward hacking",
+    )
     alarms: Alarms = Field(default_factory=Alarms)
+    measure: Measure = Field(default_factory=Measure)
 
     def problems(self, earlier: list[Stage]) -> list[str]:
         problems = super().problems(earlier)
@@ -66,6 +77,11 @@ class OnlineKeys(TrainingStage):
             problems.append(f"{where}.train.reward_weights: each entry of `rewards:` has its own `weight`")
         for n, entry in enumerate(self.rewards):
             problems += reward_model_problems(entry.reward_model, f"{where}.rewards.{n}.reward_model", earlier)
+        for n, judge in enumerate(self.monitor):
+            problems += reward_model_problems(judge.reward_model, f"{where}.monitor.{n}.reward_model", earlier)
+        names = [judge.name for judge in self.monitor]
+        if len(set(names)) < len(names):
+            problems.append(f"{where}.monitor: two judges of the same name ({', '.join(names)}); keep one of each")
         return problems
 
 
@@ -76,10 +92,6 @@ class GRPOKeys(OnlineKeys):
 def run(stage: Stage, ctx: StageContext) -> StageResult:
     """Train a policy online against its reward functions; measure its held-out reward before and after; save."""
     return run_stage(stage, ctx, GRPOStage)
-
-
-def reward_label(entry: RewardEntry, n: int) -> str:
-    return f"rewards[{n}] {entry.name}"
 
 
 class OnlineStage(StageKind):
@@ -94,26 +106,33 @@ class OnlineStage(StageKind):
         from align.models import ensure_chat_template
 
         ensure_chat_template(self.tokenizer)
-        stage, base = self.stage, self.ctx.recipe.base_dir
-        conversational = bool(len(self.data["train"])) and isinstance(self.data["train"][0]["prompt"], list)
+        stage = self.stage
+        self.conversational = bool(len(self.data["train"])) and isinstance(self.data["train"][0]["prompt"], list)
         self.entries = list(stage.rewards)
-        self.functions, self.reward_tokenizers = [], []
-        for n, entry in enumerate(self.entries):
-            where = f"stages.{stage.name}.rewards[{n}]"
-            if entry.function is not None:
-                self.functions.append(guarded(resolve_function(entry, base, where, conversational), entry.name))
-                self.reward_tokenizers.append(None)
-            else:
-                model, tokenizer = self.reward_model(entry, where)
-                self.functions.append(model)
-                self.reward_tokenizers.append(tokenizer)
+        self.scorers = [self.scorer(e, f"stages.{stage.name}.rewards[{n}]") for n, e in enumerate(self.entries)]
+        self.functions = [fn for fn, _ in self.scorers]
+        self.reward_tokenizers = [tokenizer for _, tokenizer in self.scorers]
+        self.monitors = [self.scorer(j, f"stages.{stage.name}.monitor[{n}]") for n, j in enumerate(stage.monitor)]
         self.weights = [entry.weight for entry in self.entries]
         self.train, self.eval = self.data["train"], self.data["validation"]
-        self.held_out = self.eval.select(range(min(MEASURE_PROMPTS, len(self.eval))))
+        self.held_out = self.eval.select(range(min(stage.measure.prompts, len(self.eval))))
         self.prompts = [self.held_out[i]["prompt"] for i in range(min(self.stage.generations, len(self.held_out)))]
+        self.before: dict[str, Any] | None = None  # the held-out measure before training, which monitors compare with
         self.extra = {"rewards": [{"reward": e.name, "weight": e.weight} for e in self.entries]}
+        if stage.monitor:
+            self.extra["monitor"] = [j.name for j in stage.monitor]
 
-    def reward_model(self, entry: RewardEntry, where: str) -> tuple[Any, Any]:
+    def scorer(self, entry: RewardEntry | Judge, where: str) -> tuple[Any, Any]:
+        """What scores answers for one entry: a guarded function (tokenizer None), a reward model and its
+        tokenizer, or (a `reference: rouge_l` monitor) the string "rouge_l"."""
+        if entry.function is not None:
+            fn = resolve_function(entry, self.ctx.recipe.base_dir, where, self.conversational)
+            return guarded(fn, entry.name), None
+        if getattr(entry, "reference", None) is not None:
+            return "rouge_l", None
+        return self.reward_model(entry, where)
+
+    def reward_model(self, entry: RewardEntry | Judge, where: str) -> tuple[Any, Any]:
         from align.models import build_model
 
         ref = stage_ref(entry.reward_model)
@@ -158,37 +177,31 @@ class OnlineStage(StageKind):
         from align.guards import HealthAlarms
 
         self.health = HealthAlarms(self.stage.alarms, self.ctx.tracker)
-        return [self.health]
+        return [self.health, *([MonitorCallback(self)] if self.monitors else [])]
 
     def measure(self, trainer: Any) -> dict[str, Any]:
-        """Every held-out prompt answered `MEASURE_SAMPLES` times with the training's own sampling settings and the
-        recipe's seed, and scored: the mean total reward per prompt, each function's mean, the share of prompts
-        whose answers all scored alike, mean length and the share cut at max_completion_length."""
+        measured = self.measure_model(trainer.model, trainer.args)
+        if self.before is None:
+            self.before = measured
+        return measured
+
+    def measure_model(self, model: Any, args: Any) -> dict[str, Any]:
+        """Every held-out prompt answered `measure.samples` times with the training's own sampling settings and the
+        recipe's seed, and scored: the mean total reward per prompt, each function's mean, each monitor's mean, the
+        share of prompts whose answers all scored alike, mean length and the share cut at max_completion_length."""
         from align.evaluation import generate_batched
 
-        args = trainer.args
         rows = self.held_out
         answers = generate_batched(
-            trainer.model, self.tokenizer, list(rows["prompt"]), max_new_tokens=args.max_completion_length,
-            temperature=args.temperature or 1.0, top_p=args.top_p, num_samples=MEASURE_SAMPLES, seed=self.ctx.seed,
-            batch_size=args.per_device_eval_batch_size,
+            model, self.tokenizer, list(rows["prompt"]), max_new_tokens=args.max_completion_length,
+            temperature=args.temperature or 1.0, top_p=args.top_p, num_samples=self.stage.measure.samples,
+            seed=self.ctx.seed, batch_size=args.per_device_eval_batch_size,
         )  # fmt: skip
         flat = [(i, a) for i, per in enumerate(answers) for a in per]
-        columns = {k: [rows[i][k] for i, _ in flat] for k in rows.column_names if k != "prompt"}
-        prompts = [rows[i]["prompt"] for i, _ in flat]
-        completions = [[{"role": "assistant", "content": a.text}] if isinstance(p, list) else a.text
-                       for p, (_, a) in zip(prompts, flat, strict=True)]  # fmt: skip
-        per_function = {}
-        for entry, fn, tokenizer in zip(self.entries, self.functions, self.reward_tokenizers, strict=True):
-            if tokenizer is None:
-                ids = [list(a.token_ids) for _, a in flat]
-                values = fn(prompts=prompts, completions=completions, completion_ids=ids, **columns)
-            else:
-                from align.evaluation import reward_model_scores
-
-                texts = [a.text for _, a in flat]
-                values = reward_model_scores(fn, tokenizer, prompts, texts, batch_size=args.per_device_eval_batch_size)
-            per_function[entry.name] = [float("nan") if v is None else float(v) for v in values]
+        per_function = {entry.name: self.score(scorer, flat, args) for entry, scorer in zip(self.entries, self.scorers,
+                                                                                            strict=True)}  # fmt: skip
+        monitors = {judge.name: _nanmean(self.score(scorer, flat, args))
+                    for judge, scorer in zip(self.stage.monitor, self.monitors, strict=True)}  # fmt: skip
         totals = [
             sum(
                 w * (0.0 if math.isnan(v[k]) else v[k])
@@ -196,16 +209,55 @@ class OnlineStage(StageKind):
             )
             for k in range(len(flat))
         ]
-        by_prompt = [totals[i * MEASURE_SAMPLES : (i + 1) * MEASURE_SAMPLES] for i in range(len(rows))]
+        n = self.stage.measure.samples
+        by_prompt = [totals[i * n : (i + 1) * n] for i in range(len(rows))]
         return {
             "per_prompt": [sum(g) / len(g) for g in by_prompt],
             "reward": sum(totals) / max(1, len(totals)),
             "rewards": {name: _nanmean(values) for name, values in per_function.items()},
+            "monitor": monitors,
             "zero_std": sum(max(g) - min(g) < 1e-12 for g in by_prompt) / max(1, len(by_prompt)),
             "length": sum(a.tokens for _, a in flat) / max(1, len(flat)),
             "clipped": sum(not a.ended for _, a in flat) / max(1, len(flat)),
             "answers": [per[0] for per in answers[: len(self.prompts)]],
         }
+
+    def score(self, scorer: tuple[Any, Any], flat: list[tuple[int, Any]], args: Any) -> list[float]:
+        """One scorer's value for each held-out (prompt index, answer): NaN where a function had no opinion."""
+        fn, tokenizer = scorer
+        rows = self.held_out
+        prompts = [rows[i]["prompt"] for i, _ in flat]
+        if fn == "rouge_l":
+            from align.evaluation import rouge_l_f1
+
+            return rouge_l_f1([a.text for _, a in flat], [str(rows[i].get("completion") or "") for i, _ in flat])
+        if tokenizer is not None:
+            from align.evaluation import reward_model_scores
+
+            texts = [a.text for _, a in flat]
+            return reward_model_scores(fn, tokenizer, prompts, texts, batch_size=args.per_device_eval_batch_size)
+        columns = {k: [rows[i][k] for i, _ in flat] for k in rows.column_names if k != "prompt"}
+        completions = [[{"role": "assistant", "content": a.text}] if self.conversational else a.text for _, a in flat]
+        values = fn(prompts=prompts, completions=completions, completion_ids=[list(a.token_ids) for _, a in flat],
+                    **columns)  # fmt: skip
+        return [float("nan") if v is None else float(v) for v in values]
+
+    def hacking(self, measured: dict[str, Any]) -> str | None:
+        """The reward-hacking warning, where the held-out reward rose by `alarms.hacking` or more since before
+        training while a monitor rose by less than `alarms.monitor_rise` (flat or down)."""
+        if self.before is None or not measured["monitor"]:
+            return None
+        a = self.stage.alarms
+        rise = measured["reward"] - self.before["reward"]
+        flat = [(name, self.before["monitor"][name], value) for name, value in measured["monitor"].items()
+                if value is not None and self.before["monitor"].get(name) is not None
+                and value - self.before["monitor"][name] < a.monitor_rise]  # fmt: skip
+        if rise < a.hacking or not flat:
+            return None
+        monitors = ", ".join(f"{name} {b:.3f} → {v:.3f}" for name, b, v in flat)
+        return (f"the held-out reward rose {self.before['reward']:.3f} → {measured['reward']:.3f} while the monitor "
+                f"did not ({monitors}): the policy is learning what the reward pays for, not the task; check what "
+                "the reward function rewards, or give the monitor's function a weight among the rewards")  # fmt: skip
 
     def summarize(self, before, after, measured_before, measured_after):
         from align.verdict import Verdict, accuracy_verdict
@@ -223,6 +275,12 @@ class OnlineStage(StageKind):
             "kl": after.get("eval_kl"),
             "entropy": after.get("eval_entropy"),
         }
+        if measured_after["monitor"]:
+            metrics["monitor"] = {name: {"before": measured_before["monitor"][name], "after": value}
+                                  for name, value in measured_after["monitor"].items()}  # fmt: skip
+            hacking = self.hacking(measured_after)
+            if hacking is not None:
+                self.health.fire("reward hacking", hacking, None)
         verdict = accuracy_verdict("reward", measured_before["per_prompt"], measured_after["per_prompt"],
                                    unit="prompts", **self.trained_with)  # fmt: skip
         causes = []
@@ -230,8 +288,8 @@ class OnlineStage(StageKind):
             for label, measured in (("before", measured_before), ("after", measured_after)):
                 if measured["zero_std"] >= 0.5:
                     causes.append(f"no learning signal: {measured['zero_std']:.0%} of held-out prompts got the same "
-                                  f"reward on all {MEASURE_SAMPLES} answers {label} training (GRPO learns only from "
-                                  "groups whose rewards differ)")  # fmt: skip
+                                  f"reward on all {self.stage.measure.samples} answers {label} training (GRPO learns "
+                                  "only from groups whose rewards differ)")  # fmt: skip
                     break
             if measured_before["clipped"] >= 0.5:
                 causes.append(f"truncation: {measured_before['clipped']:.0%} of answers hit max_completion_length "
@@ -240,6 +298,35 @@ class OnlineStage(StageKind):
         answers = ([a.text for a in measured_before["answers"]], [a.text for a in measured_after["answers"]])
         generations = generation_table(self.ctx, [show_prompt(p) for p in self.prompts], *answers)
         return metrics, {"generations": generations, "verdict": verdict}
+
+
+class MonitorCallback:
+    """At each evaluation during training, the held-out answers sampled and scored by the rewards and by every
+    `monitor:` judge (the `monitor` split of metrics.jsonl and the trackers), and the reward-hacking alarm checked
+    against the measure before training."""
+
+    def __new__(cls, stage: OnlineStage) -> Any:
+        from transformers import TrainerCallback
+
+        from align.stages.common import keep_random_state
+
+        class Monitor(TrainerCallback):
+            def on_evaluate(self, args, state, control, model=None, **kwargs):
+                # Only the Trainer's evaluations while it trains: the closing one is `measure`d after training.
+                if state.global_step == 0 or model is None or (stage.writer and stage.writer.phase is not None):
+                    return
+                with keep_random_state():  # training must draw the same random numbers with a monitor or without
+                    measured = stage.measure_model(model, args)
+                row = {"step": state.global_step, "epoch": state.epoch, "split": "monitor",
+                       "monitor/reward": measured["reward"]}  # fmt: skip
+                row |= {f"monitor/{name}": value for name, value in measured["monitor"].items()}
+                if stage.writer is not None:
+                    stage.writer.record(row)
+                hacking = stage.hacking(measured)
+                if hacking is not None:
+                    stage.health.fire("reward hacking", hacking, control)
+
+        return Monitor()
 
 
 def _nanmean(values: list[float]) -> float | None:
@@ -278,6 +365,7 @@ def plan_online(stage: Any, cls: type, data: Any, start: StartingPoint, recipe: 
     value = {k: stage.train.get(k, fields[k].default) for k in (
         "num_generations", "per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps",
         "steps_per_generation", "generation_batch_size", "max_completion_length", "beta", "use_vllm",
+        "num_iterations", "save_steps",
     ) if k in fields}  # fmt: skip
     parts = StageParts(fixed={
         "remove_unused_columns": Setting(False, "align (managed): the data's other columns reach the rewards"),
@@ -303,6 +391,18 @@ def plan_online(stage: Any, cls: type, data: Any, start: StartingPoint, recipe: 
     if g >= 2 and (value["per_device_eval_batch_size"] * processes) % g:
         parts.problems.append(f"{where}.train.per_device_eval_batch_size: {value['per_device_eval_batch_size']} x "
                               f"{processes} processes does not divide into groups of {g}")  # fmt: skip
+    # TRL samples a generation batch once per steps_per_generation x num_iterations steps and reuses it in between;
+    # a checkpoint inside that span resumes with a fresh batch, so only one on its boundary ends where an unbroken
+    # run ends.
+    span = (value.get("steps_per_generation") or value["gradient_accumulation_steps"]) * (
+        value.get("num_iterations") or 1
+    )
+    save = value.get("save_steps")
+    if span > 1 and isinstance(save, int | float) and save >= 1 and int(save) % span:
+        logger.warning("%s.train.save_steps: %s is not a multiple of %d (steps_per_generation x num_iterations): a "
+                       "resume from such a checkpoint samples a new generation batch and will not end where an "
+                       "unbroken run ends", where, save, span)  # fmt: skip
+        parts.details["resume"] = f"inexact: save_steps {save} is not a multiple of {span}"
     if value.get("use_vllm"):
         import torch
 
@@ -321,8 +421,15 @@ def plan_online(stage: Any, cls: type, data: Any, start: StartingPoint, recipe: 
         reference="none (beta 0: no KL term)" if not value["beta"] else f"the input model (beta {value['beta']})",
         answers=f"{g} per prompt, up to {value['max_completion_length']} tokens each",
     )
+    if stage.monitor:
+        parts.details["monitor"] = ", ".join(j.name for j in stage.monitor) + " (at each evaluation)"
     if data is not None:
-        parts.problems += check_rewards(stage, data["validation"], recipe.base_dir)
+        parts.problems += check_functions(stage.rewards, data["validation"], recipe.base_dir, where + ".rewards")
+        parts.problems += check_functions(stage.monitor, data["validation"], recipe.base_dir, where + ".monitor")
+        for n, judge in enumerate(stage.monitor):
+            if judge.reference is not None and "completion" not in data["validation"].column_names:
+                parts.problems.append(f"{where}.monitor[{n}]: rouge_l scores the answers against the data's "
+                                      "`completion` column, which this data does not have")  # fmt: skip
         train = data["train"]
         parts.details["train_prompts"] = len(train)
         parts.details["examples"] = [{"prompt": show_prompt(train[i]["prompt"])} for i in range(min(2, len(train)))]
@@ -330,29 +437,15 @@ def plan_online(stage: Any, cls: type, data: Any, start: StartingPoint, recipe: 
     return parts
 
 
-def check_rewards(stage: Any, rows: Any, base_dir: Path) -> list[str]:
-    """Every `function:` reward imported and called on two held-out rows, with their reference column as the
-    completions where one is named (exact_match's `answer` by default), else empty completions."""
-    sample = [rows[i] for i in range(min(2, len(rows)))]
-    conversational = bool(sample) and isinstance(sample[0]["prompt"], list)
-    problems = []
-    for n, entry in enumerate(stage.rewards):
-        if entry.function is None:
-            continue
-        where = f"stages.{stage.name}.rewards[{n}]"
-        try:
-            fn = resolve_function(entry, base_dir, where, conversational)
-            column = entry.column or ("answer" if entry.function == "exact_match" else None)
-            completions = [row[column] if column and column in row else "" for row in sample]
-            if conversational:
-                completions = [[{"role": "assistant", "content": str(c)}] for c in completions]
-            check_reward(fn, entry.function, sample, where, completions)
-        except BadInput as exc:
-            problems += exc.problems
-    return problems
+class OnlineKind(TrainingKind):
+    """A training kind whose output also depends on its reward files and reward models, and its monitor's."""
+
+    def input_identity(self, stage: Any, recipe: Any, outputs: Any) -> str:
+        pinned = entries_identity([*stage.rewards, *stage.monitor], recipe.base_dir, outputs)
+        return "|".join([super().input_identity(stage, recipe, outputs), *pinned])
 
 
-KIND = TrainingKind(
+KIND = OnlineKind(
     name="grpo",
     keys=GRPOKeys,
     formats=("prompt_only",),

@@ -8,9 +8,9 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Literal
 
-from align.stages.base import Figure, TrainingKind
+from align.stages.base import Figure
 from align.stages.common import run_stage
-from align.stages.grpo import OnlineKeys, OnlineStage, online_plan
+from align.stages.grpo import OnlineKeys, OnlineKind, OnlineStage, online_plan
 
 if TYPE_CHECKING:
     from align.context import StageContext
@@ -32,7 +32,7 @@ def run(stage: Stage, ctx: StageContext) -> StageResult:
     return run_stage(stage, ctx, RLOOStage)
 
 
-KIND = TrainingKind(
+KIND = OnlineKind(
     name="rloo",
     keys=RLOOKeys,
     formats=("prompt_only",),
