@@ -18,6 +18,7 @@ SCRIPTS = [
     "bench_startup.py",
     "bench_packing.py",
     "bench_overhead.py",
+    "bench_grpo_overhead.py",
     "bench_dpo_reference.py",
     "bench_cache.py",
     "bench_quickstart.py",
