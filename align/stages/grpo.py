@@ -177,7 +177,7 @@ class OnlineStage(StageKind):
         from align.guards import HealthAlarms
 
         self.health = HealthAlarms(self.stage.alarms, self.ctx.tracker)
-        return [self.health, *([MonitorCallback(self)] if self.monitors else [])]
+        return [self.health, *([monitor_callback(self)] if self.monitors else [])]
 
     def measure(self, trainer: Any) -> dict[str, Any]:
         measured = self.measure_model(trainer.model, trainer.args)
@@ -300,33 +300,31 @@ class OnlineStage(StageKind):
         return metrics, {"generations": generations, "verdict": verdict}
 
 
-class MonitorCallback:
-    """At each evaluation during training, the held-out answers sampled and scored by the rewards and by every
-    `monitor:` judge (the `monitor` split of metrics.jsonl and the trackers), and the reward-hacking alarm checked
-    against the measure before training."""
+def monitor_callback(stage: OnlineStage) -> Any:
+    """A TrainerCallback: at each evaluation during training, the held-out answers sampled and scored by the rewards
+    and by every `monitor:` judge (the `monitor` split of metrics.jsonl and the trackers), and the reward-hacking
+    alarm checked against the measure before training. Built here so transformers is imported only when it runs."""
+    from transformers import TrainerCallback
 
-    def __new__(cls, stage: OnlineStage) -> Any:
-        from transformers import TrainerCallback
+    from align.stages.common import keep_random_state
 
-        from align.stages.common import keep_random_state
+    class Monitor(TrainerCallback):
+        def on_evaluate(self, args, state, control, model=None, **kwargs):
+            # Only the Trainer's evaluations while it trains: the closing one is `measure`d after training.
+            if state.global_step == 0 or model is None or (stage.writer and stage.writer.phase is not None):
+                return
+            with keep_random_state():  # training must draw the same random numbers with a monitor or without
+                measured = stage.measure_model(model, args)
+            row = {"step": state.global_step, "epoch": state.epoch, "split": "monitor",
+                   "monitor/reward": measured["reward"]}  # fmt: skip
+            row |= {f"monitor/{name}": value for name, value in measured["monitor"].items()}
+            if stage.writer is not None:
+                stage.writer.record(row)
+            hacking = stage.hacking(measured)
+            if hacking is not None:
+                stage.health.fire("reward hacking", hacking, control)
 
-        class Monitor(TrainerCallback):
-            def on_evaluate(self, args, state, control, model=None, **kwargs):
-                # Only the Trainer's evaluations while it trains: the closing one is `measure`d after training.
-                if state.global_step == 0 or model is None or (stage.writer and stage.writer.phase is not None):
-                    return
-                with keep_random_state():  # training must draw the same random numbers with a monitor or without
-                    measured = stage.measure_model(model, args)
-                row = {"step": state.global_step, "epoch": state.epoch, "split": "monitor",
-                       "monitor/reward": measured["reward"]}  # fmt: skip
-                row |= {f"monitor/{name}": value for name, value in measured["monitor"].items()}
-                if stage.writer is not None:
-                    stage.writer.record(row)
-                hacking = stage.hacking(measured)
-                if hacking is not None:
-                    stage.health.fire("reward hacking", hacking, control)
-
-        return Monitor()
+    return Monitor()
 
 
 def _nanmean(values: list[float]) -> float | None:
