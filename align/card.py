@@ -62,9 +62,9 @@ def model_card(run_dir: Path, stage: str) -> str:
     adapter = (model_dir / "adapter_config.json").is_file()
     root = stages[chain[0]].get("model")
     base = base_model(root)
-    datasets = list(dict.fromkeys(d for d in (dataset_id(stages[n].get("data") or {}) for n in chain) if d))
-    licenses = list(dict.fromkeys(stages[n].get("data", {}).get("license") for n in chain if stages[n].get("data")))
-    licenses = [x for x in licenses if x]
+    sources = [part for n in chain for part in data_sources(stages[n].get("data") or {})]
+    datasets = list(dict.fromkeys(d for d in map(dataset_id, sources) if d))
+    licenses = [x for x in dict.fromkeys(part.get("license") for part in sources) if x]
     kind = summary.get("kind") or stages[stage].get("kind", "")
     declared = registry.get(kind)
     metadata = ModelCardData(
@@ -93,7 +93,8 @@ def model_card(run_dir: Path, stage: str) -> str:
         data = entry.get("data") or {}
         body.append(
             f"| {i} | `{name}` | {entry.get('kind')} | {short_input(s.get('input_model'), root if i == 1 else None)} "
-            f"| {data_label(data)} | `{s.get('fingerprint', '-')}` | {s.get('saved', 'full')} |"
+            f"| {data_label(data, (s.get('data') or {}).get('mix'))} | `{s.get('fingerprint', '-')}` "
+            f"| {s.get('saved', 'full')} |"
         )
     body += ["", "## Key metrics", "", "Each stage on its own held-out split, before and after it trained.", ""]
     body += ["| stage | metric | before | after |", "|---|---|---|---|"]
@@ -173,7 +174,22 @@ def dataset_id(data: dict[str, Any]) -> str | None:
     return hub or data.get("card") or data.get("name")
 
 
-def data_label(data: dict[str, Any]) -> str:
+def data_sources(data: dict[str, Any]) -> list[dict[str, Any]]:
+    """A stage's data sets as the resolved recipe holds them: a mix's sources, else the one."""
+    return list(data.get("mix") or ([data] if data else []))
+
+
+def data_label(data: dict[str, Any], taken: list[dict[str, Any]] | None = None) -> str:
+    """A stage's data in a line; a mix's sources each with its share of the train rows (`taken`: summary.json's
+    `data.mix`, the realized counts)."""
+    if data.get("mix"):
+        realized = {m["name"]: m for m in taken or []}
+        parts = []
+        for part in data["mix"]:
+            got = realized.get(part.get("name"))
+            share = f"{got['taken']} rows, {got['share']:.0%}" if got else f"weight {part.get('weight')}"
+            parts.append(f"{data_label(part)}: {share}" + (" (repeated)" if got and got.get("repeated") else ""))
+        return "mix of " + "; ".join(parts)
     name = data.get("card") or data.get("name") or "inline data"
     hub = (data.get("source") or {}).get("hub")
     where = f"hub `{hub}`" if hub else ", ".join(f"{k} `{v}`" for k, v in (data.get("source") or {}).items())

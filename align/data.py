@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 import yaml
 from pydantic import ValidationError
 
-from align.errors import BadInput, closest
+from align.errors import BadInput, Problems, closest
 from align.recipe import FORMAT_FIELDS, KEEPS_COLUMNS, DataRef, DataSpec, _format_error, _unknown_keys, search_paths
 
 if TYPE_CHECKING:
@@ -108,6 +108,8 @@ def resolve_data(ref: DataRef, base_dir: Path, where: str) -> DataSpec:
     Raises:
         BadInput: unknown card, unknown keys in the card, or an incomplete inline spec.
     """
+    if ref.mix is not None:
+        return _resolve_mix(ref, base_dir, where)
     given = ref.model_dump(exclude_none=True, exclude={"card"})
     label = where
     if ref.card is not None:
@@ -126,11 +128,80 @@ def resolve_data(ref: DataRef, base_dir: Path, where: str) -> DataSpec:
     try:
         return DataSpec.model_validate(fields)
     except ValidationError as exc:
-        raise BadInput([f"{label}: {_format_error(e, fields)}" for e in exc.errors()]) from None
+        raise BadInput(
+            [f"{label}: {_format_error(e, fields).removeprefix('(top level): ')}" for e in exc.errors()]
+        ) from None
+
+
+# Formats whose rows `load_data` brings to another's: an implicit-prompt preference set's rows are explicit triples.
+MIXES_AS = {"preference_implicit": "preference"}
+
+
+def _resolve_mix(ref: DataRef, base_dir: Path, where: str) -> DataSpec:
+    """A `data: {mix: [...]}` as a spec whose `mix` holds every source resolved (its card expanded), named, weighted,
+    and whose `format` is the one the sources' rows are brought to.
+
+    Raises:
+        BadInput: fields beside `mix:` that belong in its entries, an empty mix, a source's own problems (named
+            `stages.<name>.data.mix.<i>...`), or formats that cannot be brought to one.
+    """
+    from align.recipe import MixedSource
+
+    beside = sorted(ref.model_dump(exclude_none=True, exclude={"mix", "mix_rows", "name"}))
+    if beside:
+        raise BadInput(
+            f"{where}: {', '.join(beside)} beside `mix:` (each source of a mix takes its own)",
+            hint=f"move {', '.join(beside)} into the entries of {where}.mix",
+        )
+    if not ref.mix:
+        raise BadInput(f"{where}.mix: an empty mix", hint="give at least one source, each with its `weight`")
+    found = Problems()
+    sources: list[MixedSource] = []
+    for i, entry in enumerate(ref.mix):
+        at = f"{where}.mix.{i}"
+        try:
+            spec = resolve_data(DataRef(**entry.model_dump(exclude_none=True, exclude={"weight"})), base_dir, at)
+        except BadInput as exc:
+            found.absorb(exc)
+            continue
+        fields = spec.model_dump() | {"weight": entry.weight}
+        sources.append(MixedSource.model_validate(fields | {"name": entry.name or spec.name or _short_name(spec)}))
+    found.raise_if_any()
+    taken: set[str] = set()
+    for source in sources:  # unique, and usable in a metric's name: eval_<name>_loss
+        name = re.sub(r"[^A-Za-z0-9_.-]+", "_", source.name).strip("_") or "source"
+        base, n = name, 2
+        while name in taken:
+            name, n = f"{base}_{n}", n + 1
+        taken.add(name)
+        source.name = name
+    formats = [MIXES_AS.get(s.format, s.format) for s in sources]
+    for i, fmt in enumerate(formats):
+        if fmt != formats[0]:
+            raise BadInput(
+                f"{where}.mix.{i}.format: '{sources[i].format}' cannot be mixed with '{sources[0].format}' "
+                f"({where}.mix.0): a mix's rows share one format",
+                hint="bring the sources to one format (preference and preference_implicit mix, as preference)",
+            )
+    return DataSpec(name=ref.name or "mix", format=formats[0], mix=sources, mix_rows=ref.mix_rows)
+
+
+def _short_name(spec: DataSpec) -> str:
+    """A source's name where neither the recipe nor a card gives one: its first file's stem, its builtin or hub id."""
+    s = spec.source
+    if s.files is not None:
+        files = s.files if isinstance(s.files, list) else [f for fs in s.files.values() for f in fs]
+        return Path(files[0]).stem
+    return s.builtin or (s.hub or "source").split("/")[-1]
 
 
 def check_format(spec: DataSpec, kind: Any, where: str) -> list[str]:
-    """A problem if the data's format cannot feed this kind of stage (`kind`: its `align.stages.base.Kind`)."""
+    """A problem if the data's format cannot feed this kind of stage (`kind`: its `align.stages.base.Kind`); for a
+    mix, each source's, named by its place (`stages.sft.data.mix.1.format`)."""
+    if spec.mix is not None:
+        if kind.prompts_only:
+            return [f"{where}.mix: {kind.a_kind} stage reads one set of prompts; give its `data:` one source"]
+        return [p for i, source in enumerate(spec.mix) for p in check_format(source, kind, f"{where}.mix.{i}")]
     if spec.format not in kind.formats:
         return [f"{where}.format: '{spec.format}' cannot feed {kind.a_kind} stage (use {', '.join(kind.formats)})"]
     return []
@@ -178,6 +249,8 @@ def load_data(
     Raises:
         BadInput: unreachable or unknown source, unreadable or empty file, missing column, bad row.
     """
+    if spec.mix is not None:
+        return _load_mix(spec, seed, base_dir, where or "data")
     try:
         if prompts_only:
             return _load_prompts(spec, base_dir, where)
@@ -278,6 +351,152 @@ def _load_data(spec: DataSpec, seed: int, base_dir: Path, where: str | None) -> 
         "data %s: %d train rows, %d validation rows", spec.name or label, len(data["train"]), len(data["validation"])
     )
     return data
+
+
+class MixedData(dict):
+    """A mix's `train` and `validation` splits (a `DatasetDict`'s two keys), with what was taken from each source.
+
+    `mix`: per source, in the recipe's order, {name, weight, share, available, taken, repeated, rows_sha256}, as
+    summary.json's `data.mix` records it. `validation_sources`: each source's name and its count of validation
+    rows, in the order the validation split holds them (one source after another).
+    """
+
+    def __init__(self, train: Dataset, validation: Dataset, mix: list[dict[str, Any]],
+                 validation_sources: list[tuple[str, int]], train_by_source: dict[str, Dataset]) -> None:  # fmt: skip
+        super().__init__(train=train, validation=validation)
+        self.mix = mix
+        self.validation_sources = validation_sources
+        self.train_by_source = train_by_source  # the rows taken from each source, before the mix was shuffled
+
+    def describe(self, tokenizer: Any = None) -> list[str]:
+        """The mix as `--dry-run` shows it: per source, the train rows taken of those it has, its share of the
+        rows and, with a tokenizer, of the tokens (a source of long rows weighs more in the loss than its rows
+        say), and its validation rows."""
+        tokens = {}
+        if tokenizer is not None:
+            for name, rows in self.train_by_source.items():
+                ids = tokenizer(training_texts(rows), add_special_tokens=False, verbose=False)["input_ids"]
+                tokens[name] = sum(map(len, ids))
+        total = sum(tokens.values())
+        lines = []
+        for m in self.mix:
+            line = f"{m['name']}: {m['taken']} of {m['available']} train rows ({m['share']:.1%} of rows"
+            line += f", {tokens[m['name']] / total:.1%} of tokens)" if total else ")"
+            line += f", weight {m['weight']:g}, {m['validation']} validation rows"
+            if m["repeated"]:
+                line += f"; REPEATED {m['taken'] / m['available']:.1f} times"
+            lines.append(line)
+        return lines
+
+    def validation_by_source(self) -> dict[str, Dataset]:
+        """Each source's own validation rows."""
+        out, start = {}, 0
+        for name, count in self.validation_sources:
+            out[name] = self["validation"].select(range(start, start + count))
+            start += count
+        return out
+
+
+def mix_counts(available: list[int], weights: list[float], rows: int | None) -> list[int]:
+    """The rows to take from each source: shares of `rows` by weight (largest remainder, so they sum to `rows`).
+    Without `rows`, the largest total whose shares repeat no source's row."""
+    import math
+
+    shares = [w / sum(weights) for w in weights]
+    if rows is None:
+        rows = min(math.floor(n / s + 1e-9) for n, s in zip(available, shares, strict=True))
+    exact = [rows * s for s in shares]
+    counts = [math.floor(x + 1e-9) for x in exact]
+    for i in sorted(range(len(exact)), key=lambda i: counts[i] - exact[i])[: rows - sum(counts)]:
+        counts[i] += 1
+    return counts
+
+
+def _load_mix(spec: DataSpec, seed: int, base_dir: Path, where: str) -> MixedData:
+    """A mix's splits (see `DataRef`): each source loaded as on its own, its train rows shuffled with `seed` and its
+    share taken; the train split shuffled again with `seed`; the validation split every source's own, in order.
+
+    Raises:
+        BadInput: a source's problems (at `where.mix.<i>`), a `mix_rows` that would repeat a source more than
+            MAX_REPEATS times, or sources whose rows do not share their columns' types.
+    """
+    import math
+
+    from datasets import concatenate_datasets
+
+    from align.cache import dataset_fingerprint
+    from align.recipe import MAX_REPEATS
+
+    found, loaded = Problems(), []
+    for i, source in enumerate(spec.mix):
+        try:
+            loaded.append(load_data(source, seed=seed, base_dir=base_dir, where=f"{where}.mix.{i}"))
+        except BadInput as exc:
+            found.absorb(exc)
+    found.raise_if_any()
+    available = [len(d["train"]) for d in loaded]
+    counts = mix_counts(available, [s.weight for s in spec.mix], spec.mix_rows)
+    for source, n, count in zip(spec.mix, available, counts, strict=True):
+        if math.ceil(count / n) > MAX_REPEATS:
+            raise BadInput(
+                f"{where}.mix_rows: {spec.mix_rows} rows would repeat {source.name}'s {n} train rows "
+                f"{math.ceil(count / n)} times (at most {MAX_REPEATS})",
+                hint=f"lower mix_rows, or {source.name}'s weight, or give it more rows",
+            )
+    parts, mix, by_source = [], [], {}
+    for i, (source, data, count) in enumerate(zip(spec.mix, loaded, counts, strict=True)):
+        rows = data["train"].shuffle(seed=seed)
+        n = len(rows)
+        taken = rows.select([j % n for j in range(count)]).flatten_indices()
+        parts.append(taken)
+        by_source[source.name] = taken
+        mix.append({
+            "name": source.name, "weight": source.weight, "share": round(count / max(1, sum(counts)), 6),
+            "available": n, "taken": count, "repeated": count > n, "validation": len(data["validation"]),
+            "rows_sha256": dataset_fingerprint(taken), "format": spec.mix[i].format,
+        })  # fmt: skip
+        if count > n:
+            logger.warning("%s.mix.%d: %s is repeated to give %d rows from its %d (%.1f times)", where, i,
+                           source.name, count, n, count / n)  # fmt: skip
+    train = _concatenate(parts, spec, where, concatenate_datasets).shuffle(seed=seed).flatten_indices()
+    validation = _concatenate([d["validation"] for d in loaded], spec, where, concatenate_datasets)
+    logger.info("data %s: %d train rows (%s), %d validation rows", spec.name, len(train),
+                ", ".join(f"{m['name']} {m['taken']} of {m['available']}" for m in mix), len(validation))  # fmt: skip
+    return MixedData(train, validation, mix, [(m["name"], m["validation"]) for m in mix], by_source)
+
+
+def _concatenate(parts: list[Dataset], spec: DataSpec, where: str, concatenate: Any) -> Dataset:
+    """The sources' rows as one split; a column some sources lack (a prompt_only set's reward columns) is null in
+    their rows. Raises BadInput naming the two sources whose rows differ in type."""
+    columns = list(dict.fromkeys(c for ds in parts for c in ds.column_names))
+    features = {}
+    for ds in parts:
+        for c in ds.column_names:
+            features.setdefault(c, ds.features[c])
+    filled = []
+    for ds in parts:
+        for c in columns:
+            if c not in ds.column_names:
+                ds = ds.add_column(c, [None] * len(ds), feature=features[c])
+        filled.append(ds.select_columns(columns))
+    first = filled[0].features
+    for i, ds in enumerate(filled[1:], start=1):
+        try:  # a CSV's large_string against a JSON file's string: the same values
+            filled[i] = ds.cast(first) if ds.features != first else ds
+        except (ValueError, TypeError, NotImplementedError, ArithmeticError) as exc:
+            column = next((c for c in columns if ds.features[c] != first[c]), columns[0])
+            raise BadInput(
+                f"{where}.mix.{i}: its {column!r} holds {_kind_of(ds.features[column])}, {spec.mix[0].name}'s "
+                f"({where}.mix.0) {_kind_of(first[column])}",
+                hint="give every source of a mix the same shape of rows (all strings, or all message lists)",
+            ) from exc
+    return concatenate(filled)
+
+
+def _kind_of(feature: Any) -> str:
+    from datasets import Value
+
+    return f"{feature.dtype} values" if isinstance(feature, Value) else "message lists"
 
 
 def _numbered(ds: Dataset) -> Dataset:

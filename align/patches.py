@@ -16,18 +16,22 @@ Hooks (each with the private code it touches, what it buys, and its fallback):
   non-finite step; else the grad norm read from the logged rows.
 - `set_hub_offline`, `skip_download_counts`: `huggingface_hub.constants`, `datasets.config` module constants;
   offline at once, and no S3 ping per local file; else the environment variables alone.
+- `stored_metrics_kept`: the TRL trainers' `_metrics` (what `compute_loss` stores for the next logged row); a
+  mix's per-source eval losses without adding their batches to the logged eval row; else TRL's eval row also
+  averages the per-source passes (same rows again, so the same means, counted twice).
 - `experimental`: TRL's `trl.experimental` trainers and configs (ORPO, CPO for SimPO); the kinds built on them;
   else a refusal at preflight naming the TRL range that has them.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
 import logging
 import re
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 logger = logging.getLogger(__name__)
@@ -247,3 +251,29 @@ def experimental(name: str) -> type:
         f"TRL {trl.__version__} has no {name} (align uses it from {EXPERIMENTAL[name]}, in {EXPERIMENTAL_RANGE})",
         hint=f'pip install "{EXPERIMENTAL_RANGE.replace(", ", ",").replace(" ", "")}"',
     )
+
+
+# --------------------------------------------------------------------------------------------------
+# The metrics TRL's trainers store for the next logged row (align/stages/common.py `evaluate_by_source`)
+
+
+@contextlib.contextmanager
+def stored_metrics_kept(trainer: Any) -> Iterator[None]:
+    """Put back, after the block, the metrics a TRL trainer's `compute_loss` stored for its next logged row
+    (`trainer._metrics[mode][name]`: lists, trl 1.x): extra evaluation passes inside the block leave no trace in it.
+    A trainer without them (transformers' own) has nothing to keep; another shape falls back (`_fallback`)."""
+    stored = getattr(trainer, "_metrics", None)
+    if stored is None:
+        yield
+        return
+    if not (isinstance(stored, dict) and all(isinstance(v, dict) for v in stored.values())):
+        _fallback("per-source eval", f"{type(trainer).__name__}._metrics is not {{mode: {{name: [values]}}}}")
+        yield
+        return
+    saved = {mode: {k: list(v) for k, v in values.items()} for mode, values in stored.items()}
+    try:
+        yield
+    finally:
+        for mode, values in stored.items():
+            values.clear()
+            values.update(saved.get(mode, {}))

@@ -54,7 +54,9 @@ def resolved_recipe(recipe: Recipe, specs: dict[str, DataSpec] | None = None) ->
         spec = (specs or {}).get(stage["name"])
         if spec is not None:
             expanded = spec.model_dump(mode="json")
-            expanded["source"] = spec.source.model_dump(mode="json", exclude_none=True)
+            for part, given_part in [(expanded, spec), *zip(expanded.get("mix") or [], spec.mix or [], strict=True)]:
+                if given_part.source is not None:
+                    part["source"] = given_part.source.model_dump(mode="json", exclude_none=True)
             stage["data"] = {"card": given.data.card, **expanded}
         else:
             stage["data"] = {k: v for k, v in stage["data"].items() if v is not None}
@@ -228,7 +230,10 @@ def plan_stages(
 
 
 def data_identity(spec: DataSpec, base_dir: Path) -> dict[str, Any]:
-    """What pins the data's content: file hashes, the hub revision, or the Python version (builtin sets)."""
+    """What pins the data's content: file hashes, the hub revision, or the Python version (builtin sets); for a mix,
+    each source's, by name."""
+    if spec.mix is not None:
+        return {source.name: data_identity(source, base_dir) for source in spec.mix}
     source = spec.source
     if source.files is not None:
         from align.data import resolve_files

@@ -315,7 +315,10 @@ def describe(plans: dict[str, StagePlan]) -> list[str]:
         details = dict(plan.details)
         examples = details.pop("examples", [])
         for key, value in details.items():
-            lines.append(f"  {key}: {value:.4f}" if isinstance(value, float) else f"  {key}: {value}")
+            if isinstance(value, list) and value and all(isinstance(v, str) for v in value):
+                lines += [f"  {key}:", *(f"    {v}" for v in value)]  # one line each (a mix's sources)
+            else:
+                lines.append(f"  {key}: {value:.4f}" if isinstance(value, float) else f"  {key}: {value}")
         lines.append("  settings:")
         for key, setting in plan.effective.items():
             lines.append(f"    {key}: {setting.value!r}  ({setting.source})")

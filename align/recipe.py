@@ -21,8 +21,10 @@ from pydantic import (
     Field,
     PrivateAttr,
     SerializeAsAny,
+    SerializerFunctionWrapHandler,
     TypeAdapter,
     ValidationError,
+    model_serializer,
     model_validator,
 )
 
@@ -135,11 +137,25 @@ class Splits(Strict):
     test: str | None = Field(None, description="a held-out split no stage trains on: an eval stage's prompts")
 
 
+# A mix's rows: how many times a source may be repeated to give the rows `mix_rows` asks of it.
+MAX_REPEATS = 100
+
+
+def _without_unset_mix(data: dict[str, Any], mix: Any) -> dict[str, Any]:
+    """A dump without the mix's keys when there is no mix: the fingerprints of stages written before mixing existed
+    (align 0.1) hash the dump, and must not change."""
+    if mix is None:
+        data.pop("mix", None)
+        data.pop("mix_rows", None)
+    return data
+
+
 class DataSpec(Strict):
-    """A data card's front matter, or the same fields given inline in a stage's `data:`."""
+    """A data card's front matter, or the same fields given inline in a stage's `data:`; or a mix of such sources
+    (`mix:`, each with its weight), whose `format` is the one format its rows are brought to."""
 
     name: str | None = None
-    source: Source
+    source: Source | None = None
     format: Literal[FORMATS]  # type: ignore[valid-type]
     columns: dict[str, str | list[str]] = Field(
         default_factory=dict,
@@ -152,17 +168,62 @@ class DataSpec(Strict):
     license: str | None = None
     stages: list[str] = Field(default_factory=list, description="stage kinds this data set suits")
 
+    mix: list[MixedSource] | None = Field(None, description="several sources, each with its weight (see DataRef)")
+    mix_rows: int | None = Field(None, ge=1, description="rows of the mixed train split (see DataRef)")
+
     @model_validator(mode="after")
     def _columns_match_format(self) -> DataSpec:
         fields = FORMAT_FIELDS[self.format]
         for key in self.columns:
             if key not in fields:
                 raise ValueError(unknown_key_message(f"columns (format {self.format})", key, fields))
+        if (self.source is None) == (self.mix is None):
+            raise ValueError("give a `source:` or a `mix:` of sources")
         return self
+
+    @model_serializer(mode="wrap")
+    def _dump(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        data = _without_unset_mix(handler(self), self.mix)
+        if self.source is None:
+            data.pop("source", None)
+        return data
+
+
+class MixedSource(DataSpec):
+    """One source of a mix, resolved: its own card fields, format, columns and splits, and its weight."""
+
+    weight: float = Field(gt=0, description="its share of the mixed train split, before normalising")
+
+
+class MixRef(Strict):
+    """One source of a `data: {mix: [...]}`: a card by name (with fields overridden) or an inline source, and its
+    weight. Every field a stage's `data:` takes, but no mix of its own."""
+
+    card: str | None = None
+    name: str | None = Field(None, description="the source's name in the summary, the plan and eval_<name>_loss")
+    source: Source | None = None
+    format: Literal[FORMATS] | None = None  # type: ignore[valid-type]
+    columns: dict[str, str | list[str]] | None = None
+    splits: Splits | None = None
+    valid_fraction: float | None = Field(None, gt=0.0, lt=1.0)
+    max_train_rows: int | None = Field(None, ge=1)
+    max_eval_rows: int | None = Field(None, ge=1)
+    license: str | None = None
+    stages: list[str] | None = None
+    weight: float = Field(
+        gt=0, allow_inf_nan=False, description="a positive number: its share of the mixed train split, normalised"
+    )
 
 
 class DataRef(Strict):
-    """`data:` in a stage: a card by name, optionally with fields overridden, or a whole inline spec."""
+    """`data:` in a stage: a card by name, optionally with fields overridden, or a whole inline spec; or a `mix:` of
+    such sources with weights.
+
+    A mix's train split takes from each source its weight's share (normalised), each source shuffled with the
+    recipe's seed first. Without `mix_rows` it is the largest mix that repeats no source's row; with it, a source
+    asked for more rows than it has is repeated (the plan says so; never more than MAX_REPEATS times). Its
+    validation split is every source's own, unweighted, each also evaluated on its own (`eval_<name>_loss`).
+    """
 
     card: str | None = None
     name: str | None = None
@@ -175,6 +236,14 @@ class DataRef(Strict):
     max_eval_rows: int | None = Field(None, ge=1)
     license: str | None = None
     stages: list[str] | None = None
+    mix: list[MixRef] | None = Field(None, description="several sources, each a card or an inline source + weight")
+    mix_rows: int | None = Field(
+        None, ge=1, description="rows of the mixed train split; default: the most that repeat no source's row"
+    )
+
+    @model_serializer(mode="wrap")
+    def _dump(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        return _without_unset_mix(handler(self), self.mix)
 
 
 class ScratchModel(BaseModel):
@@ -414,13 +483,14 @@ def _dedupe(items: list[str]) -> list[str]:
 
 
 def _yaml_path(loc: tuple[Any, ...], raw: dict[str, Any]) -> str:
-    """`('stages', 0, 'train')` -> `stages.lm.train`: the same spelling `--set` takes."""
+    """`('stages', 0, 'train')` -> `stages.lm.train`: the same spelling `--set` takes (a stage by its name, any
+    other list's item by its index: `stages.sft.data.mix.1.weight`)."""
     parts: list[str] = []
     node: Any = raw
     for part in loc:
         if isinstance(part, int) and isinstance(node, list) and part < len(node):
             item = node[part]
-            label = item.get("name") if isinstance(item, dict) else None
+            label = item.get("name") if isinstance(item, dict) and parts == ["stages"] else None
             parts.append(str(label) if label else str(part))
             node = item
         elif isinstance(part, str):

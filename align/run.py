@@ -115,7 +115,7 @@ def needs_hub(recipe: Any, specs: dict[str, Any]) -> bool:
             # A path-like model that is not there is a missing directory (preflight says so), not a hub id to probe.
             if stage_ref(model) is None and not (is_local_model(model) or looks_like_path(model)):
                 return True
-    return any(spec.source.hub for spec in specs.values())
+    return any(source.source.hub for spec in specs.values() for source in spec.mix or [spec])
 
 
 def key_figure(summary: dict[str, Any]) -> str:

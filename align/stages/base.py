@@ -156,6 +156,8 @@ class TrainingKind(Kind):
                 plan.effective = effective_settings(cls, stage.name, settings, parts.runtime)
             except BadInput as exc:
                 found.absorb(exc)
+        if data is not None and hasattr(data, "describe"):  # a mix: what each source gives
+            plan.details["data_mix"] = data.describe(tokenizer)
         if data is not None and plan.effective:  # the config class took the arguments
             plan.details.update(parts.counted(plan.effective))
         return plan, found

@@ -68,6 +68,12 @@ class StageKind:
     def check(self, trainer: Trainer) -> None:
         """After the Trainer prepared the data: say (or refuse) what its preparation cut."""
 
+    def eval_sets(self, by_source: dict[str, Any]) -> dict[str, Any] | None:
+        """A mix's validation rows of each source (`by_source`) in the form this kind gives its Trainer as
+        `eval_dataset` (what `self.eval` holds for the whole split), for the per-source eval losses; None where the
+        kind's Trainer has no eval loss to take per source (online RL scores generations)."""
+        return None
+
     def measure(self, trainer: Trainer) -> dict[str, Any]:
         """Before and after training, outside it (greedy answers, preference accuracy)."""
         return {}
@@ -93,16 +99,23 @@ def run_stage(stage: Stage, ctx: StageContext, kind: type[StageKind]) -> StageRe
     seed_everything(ctx.seed)
     model, tokenizer, start = load_start(ctx, stage, kind.reward_head)
     setup = kind(stage, ctx, model, tokenizer, start)
+    by_source = mix_eval_sets(ctx, setup)
 
     # 2. Trainer, with the planned arguments -----------------------------------------------------------
     args = training_args(stage, ctx, **setup.at_run_time)
     writer = setup.writer = metrics_writer(ctx, stage)
     if setup.lm_head:
         logger.info("LM head: %s", install_lm_head(args.device))  # align/lm_head.py, installed by align/patches.py
+    if by_source:  # each source's rows prepared by the Trainer itself, as its eval split is (TRL takes a dict)
+        union, setup.eval = setup.eval, {"eval": setup.eval, **{f"eval {n}": rows for n, rows in by_source.items()}}
     trainer = setup.trainer(args, [writer, *early_stopping_callbacks(stage), *setup.guards()])
+    if by_source:
+        prepared = {name: trainer.eval_dataset[f"eval {name}"] for name in by_source}
+        trainer.eval_dataset, setup.eval = trainer.eval_dataset["eval"], union
+        evaluate_by_source(trainer, prepared)
     guard = watch(trainer, ctx, warn_zero_loss=not setup.loss_can_be_zero)
     setup.check(trainer)
-    log_training(args, len(trainer.train_dataset), setup.unit)
+    order = log_training(args, len(trainer.train_dataset), setup.unit, ctx.seed)
 
     # 3. Measure and evaluate, train, evaluate and measure ----------------------------------------------
     with keep_random_state():  # outside training: no random number training would draw
@@ -118,20 +131,27 @@ def run_stage(stage: Stage, ctx: StageContext, kind: type[StageKind]) -> StageRe
     setup.trained_with = training_context(trainer)
     metrics, extra = setup.summarize(before, after, measured_before, measured_after)
     metrics = {**summary_metrics(stage, trainer, result, before, after, writer), **metrics}
-    extra = {"input": start.input, **setup.extra, "saved": saved, **extra}
+    extra = {"input": start.input, **setup.extra, "saved": saved, **extra, "data_order": order}
+    if getattr(ctx.data, "mix", None) is not None:
+        extra["data"] = {"mix": ctx.data.mix}
+    if by_source:
+        names = list(by_source)
+        metrics["eval_loss_by_source"] = {n: after.get(f"eval_{n}_loss") for n in names}
+        metrics["eval_loss_by_source_before"] = {n: before.get(f"eval_{n}_loss") for n in names}
     if extra.get("verdict") is not None:
-        extra["verdict"] = report_verdict(ctx, stage, extra["verdict"])
+        extra["verdict"] = report_verdict(ctx, stage, extra["verdict"], source_warnings(metrics))
     return StageResult(stage.name, stage.kind, "completed", model_dir, ctx.input_label, metrics, extra)
 
 
-def report_verdict(ctx: StageContext, stage: Stage, verdict: Any) -> dict[str, Any]:
+def report_verdict(ctx: StageContext, stage: Stage, verdict: Any, warnings: list[str] | None = None) -> dict:
     """Log the stage's verdict and give it to the trackers: the status in the run's summary, every reason and
     warning in a table, and an alert when the stage did not help. Returns summary.json's `verdict` record.
 
-    `verdict` is an `align.verdict.Verdict` or its record (a dict with `status`, `reasons`, `warnings`).
+    `verdict` is an `align.verdict.Verdict` or its record (a dict with `status`, `reasons`, `warnings`); `warnings`
+    are added to its own (a mix's source that got worse).
     """
     record = verdict.record() if hasattr(verdict, "record") else dict(verdict)
-    record.setdefault("warnings", [])
+    record["warnings"] = [*record.get("warnings", []), *(warnings or [])]
     status, reasons, warnings = record["status"], record["reasons"], record["warnings"]
     lines = [("reason", text) for text in reasons] + [("warning", text) for text in warnings]
     say = logger.info if status == "improved" else logger.warning
@@ -176,16 +196,92 @@ def report_dropped(stage: Stage, trainer: Trainer, totals: tuple[int, int], reas
             logger.warning("%s: %d of %d %s dropped: %s", split, total - kept[split], total, unit, reason)
 
 
-def log_training(args: Any, n_train: int, unit: str) -> None:
-    """The planned steps and the effective batch of one optimizer step, as the Trainer will run them."""
+def log_training(args: Any, n_train: int, unit: str, seed: int) -> dict[str, Any]:
+    """Log the planned steps and the effective batch of one optimizer step, as the Trainer will run them; return
+    the data order's record (summary.json's `data_order`), against which a resumed or rescaled run can be checked."""
     from align.plan import steps_for
 
     per_step = args.per_device_train_batch_size * args.gradient_accumulation_steps * args.world_size
     logger.info(
-        "training: %d steps planned, effective batch %d %s (%d per device x %d accumulation x %d processes)",
-        steps_for(args.max_steps, per_step, args.num_train_epochs, n_train), per_step, unit,
-        args.per_device_train_batch_size, args.gradient_accumulation_steps, args.world_size,
+        "training: %d steps planned, effective batch %d %s (%d per device x %d accumulation x %d processes), data "
+        "order seed %d", steps_for(args.max_steps, per_step, args.num_train_epochs, n_train), per_step, unit,
+        args.per_device_train_batch_size, args.gradient_accumulation_steps, args.world_size, args.data_seed or seed,
     )  # fmt: skip
+    return {
+        "seed": args.data_seed if args.data_seed is not None else seed,
+        "global_batch": per_step,
+        "per_device": args.per_device_train_batch_size,
+        "accumulation": args.gradient_accumulation_steps,
+        "processes": args.world_size,
+        "train_rows": n_train,
+        "unit": unit,
+    }
+
+
+def mix_eval_sets(ctx: StageContext, setup: StageKind) -> dict[str, Any] | None:
+    """A mix's validation rows per source in the kind's eval form (`StageKind.eval_sets`), or None: no mix, or a
+    kind whose eval is not a loss over rows (then said once)."""
+    by_source = ctx.data.validation_by_source() if hasattr(ctx.data, "validation_by_source") else None
+    if not by_source:
+        return None
+    sets = setup.eval_sets(by_source)
+    if sets is None:
+        logger.info("data mix: %s stages have no per-source eval loss; eval_loss covers every source's rows",
+                    ctx.stage.kind)  # fmt: skip
+    return sets
+
+
+def evaluate_by_source(trainer: Trainer, sets: dict[str, Any]) -> None:
+    """Make every `trainer.evaluate()` of the whole validation split also measure each source's own loss
+    (`eval_<name>_loss`), with the Trainer's own evaluation loop on the rows it prepared (`sets`), so it means what
+    `eval_loss` means; the losses join the same logged row (trackers, metrics.jsonl) and the returned metrics.
+
+    `eval_loss` stays the whole split's, which early stopping and the verdict watch. The extra passes leave the
+    metrics TRL stores for its next logged row as they were (align/patches.py `stored_metrics_kept`).
+    """
+    from align.patches import stored_metrics_kept
+
+    original_evaluate, original_log = trainer.evaluate, trainer.log
+    pending: dict[str, float] = {}
+
+    def evaluate(eval_dataset: Any = None, ignore_keys: Any = None, metric_key_prefix: str = "eval") -> dict:
+        if eval_dataset is not None or metric_key_prefix != "eval":
+            return original_evaluate(eval_dataset, ignore_keys, metric_key_prefix)
+        losses = {}
+        with stored_metrics_kept(trainer):
+            for name, rows in sets.items():
+                out = trainer.evaluation_loop(
+                    trainer.get_eval_dataloader(rows), description=f"Evaluation ({name})", prediction_loss_only=True,
+                    ignore_keys=ignore_keys, metric_key_prefix=f"eval_{name}",
+                )  # fmt: skip
+                losses[f"eval_{name}_loss"] = out.metrics.get(f"eval_{name}_loss")
+        pending.update(losses)
+        return {**original_evaluate(eval_dataset, ignore_keys, metric_key_prefix), **losses}
+
+    def log(logs: dict[str, Any], *args: Any, **kwargs: Any) -> None:
+        if "eval_loss" in logs and pending:
+            logs = {**logs, **pending}
+            pending.clear()
+        original_log(logs, *args, **kwargs)
+
+    trainer.evaluate, trainer.log = evaluate, log
+
+
+def source_warnings(metrics: dict[str, Any]) -> list[str]:
+    """A warning for each source of a mix whose eval loss rose while the whole split's fell: the mix helped on
+    average at its cost."""
+    before, after = metrics.get("eval_loss_before"), metrics.get("eval_loss")
+    if before is None or after is None or not after < before:
+        return []
+    out = []
+    for name, loss in (metrics.get("eval_loss_by_source") or {}).items():
+        was = (metrics.get("eval_loss_by_source_before") or {}).get(name)
+        if loss is not None and was is not None and loss > was * (1 + 1e-4):
+            out.append(
+                f"eval loss improved over the whole mix ({before:.4g} -> {after:.4g}), but source {name} got worse: "
+                f"{was:.4g} -> {loss:.4g} (its weight may be too low, or another source's too high)"
+            )
+    return out
 
 
 def evaluate(trainer: Trainer, writer: MetricsWriter, phase: str) -> dict[str, float]:

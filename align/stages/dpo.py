@@ -57,6 +57,9 @@ class DPOStage(StageKind):
         self.prompts = first_unique(self.eval["prompt"], self.stage.generations)  # each prompt has several pairs
         self.extra = {"reference": reference}
 
+    def eval_sets(self, by_source: dict[str, Any]) -> dict[str, Any]:
+        return by_source  # the rows as they are: the Trainer prepares them
+
     def trainer(self, args: Any, callbacks: list[Any]) -> Any:
         from trl import DPOTrainer
 

@@ -99,6 +99,9 @@ class KTOStage(StageKind):
         self.prompts = first_unique(self.eval["prompt"], self.stage.generations)
         self.extra = {"reference": reference, "measure": "pref_accuracy" if self.pairs else "label_auc"}
 
+    def eval_sets(self, by_source: dict[str, Any]) -> dict[str, Any]:
+        return {name: unpaired(rows) if self.pairs else rows for name, rows in by_source.items()}
+
     def trainer(self, args: Any, callbacks: list[Any]) -> Any:
         from trl import KTOTrainer
 

@@ -54,6 +54,11 @@ class LMStage(StageKind):
         )  # fmt: skip
         self.extra = {"block_size": size, "train_blocks": train_stats["blocks"], "eval_blocks": eval_stats["blocks"]}
 
+    def eval_sets(self, by_source: dict[str, Any]) -> dict[str, Any]:
+        # Each source's text in blocks of its own: the whole split's blocks run across the sources' boundaries.
+        size = self.plan.settings["max_length"].value
+        return {name: cached_blocks(rows, self.tokenizer, size, f"eval {name}")[0] for name, rows in by_source.items()}
+
     def trainer(self, args: Any, callbacks: list[Any]) -> Any:
         from transformers import Trainer
 

@@ -50,6 +50,9 @@ class RMStage(StageKind):
         self.train, self.eval = self.data["train"], self.data["validation"]
         self.max_length = self.plan.settings["max_length"].value
 
+    def eval_sets(self, by_source: dict[str, Any]) -> dict[str, Any]:
+        return by_source  # the rows as they are: the Trainer prepares them
+
     def trainer(self, args: Any, callbacks: list[Any]) -> Any:
         from trl import RewardTrainer
 

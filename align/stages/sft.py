@@ -59,6 +59,9 @@ class SFTStage(StageKind):
         self.extra = {"chat_template": template, "loss_on": describe_loss(self.loss, self.format),
                       "packing": pack_reason}  # fmt: skip
 
+    def eval_sets(self, by_source: dict[str, Any]) -> dict[str, Any]:
+        return {name: apply_loss(self.loss, self.format, rows)[0] for name, rows in by_source.items()}
+
     def trainer(self, args: Any, callbacks: list[Any]) -> Any:
         from trl import SFTTrainer
 
