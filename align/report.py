@@ -133,6 +133,10 @@ def stage_plots(
             ax.plot(train_x, train_y, label="train loss", color="#1f77b4")
         if eval_x:
             ax.plot(eval_x, eval_y, "o-", label="eval loss", color="#d62728")
+        for name in metrics.get("eval_loss_by_source") or {}:  # a mix: each source's own, dashed
+            x, y = _series(rows, "eval", f"eval_{name}_loss")
+            if x:
+                ax.plot(x, y, ".--", label=f"eval loss: {name}", linewidth=1)
         if saved is not None:
             ax.axvline(saved[0], color="#2ca02c", linestyle="--", label=f"saved model: step {saved[0]} ({saved[1]})")
         if metrics.get("stopped_early"):
@@ -214,6 +218,25 @@ def stage_plots(
     return plots
 
 
+def mix_table(summary: dict[str, Any]) -> list[str]:
+    """A mix's sources (summary.json's `data.mix`): the train rows taken of those each has, its share, whether it
+    was repeated, and its own eval loss before and after the stage."""
+    mix = (summary.get("data") or {}).get("mix")
+    if not mix:
+        return []
+    metrics = summary.get("metrics") or {}
+    after, before = metrics.get("eval_loss_by_source") or {}, metrics.get("eval_loss_by_source_before") or {}
+    out = ["<h3>Data mix</h3><table><tr><th>source</th><th>weight</th><th>train rows taken</th><th>share</th>"
+           "<th>validation rows</th><th>eval loss before</th><th>eval loss after</th></tr>"]  # fmt: skip
+    for m in mix:
+        name = m["name"]
+        taken = f"{m['taken']} of {m['available']}" + (" (repeated)" if m.get("repeated") else "")
+        cells = [html.escape(name), _fmt(m["weight"]), taken, f"{m['share']:.1%}", _fmt(m.get("validation", "-")),
+                 _fmt(before.get(name, "-")), _fmt(after.get(name, "-"))]  # fmt: skip
+        out.append("<tr>" + "".join(f"<td>{c}</td>" for c in cells) + "</tr>")
+    return [*out, "</table>"]
+
+
 def shown_metrics(metrics: dict[str, Any]) -> list[tuple[str, Any]]:
     """A stage's table of figures: the common ones first (SHOWN_METRICS' order), then every other figure its kind
     recorded (label_auc, kl, log_odds_ratio, ...), alphabetically; a value that is missing or not a number (an
@@ -248,6 +271,14 @@ def key_metric_cells(kind: str, metrics: dict[str, Any]) -> list[str]:
             verdict = "" if delta == 0 else "better" if (delta < 0) == lower_is_better else "worse"
             change = f"<span class='{verdict}'>{delta:+.4g}</span>"
         lines.append((label, "-" if before is None else _fmt(before), "-" if after is None else _fmt(after), change))
+    sources_before = metrics.get("eval_loss_by_source_before") or {}
+    for name, after in (metrics.get("eval_loss_by_source") or {}).items():  # a mix: each source's eval loss
+        before = sources_before.get(name)
+        change = "-"
+        if isinstance(before, int | float) and isinstance(after, int | float):
+            change = f"<span class='{'better' if after < before else 'worse'}'>{after - before:+.4g}</span>"
+        lines.append((f"eval&nbsp;loss:&nbsp;{html.escape(name)}", _fmt(before) if before is not None else "-",
+                      _fmt(after) if after is not None else "-", change))  # fmt: skip
     if not lines:
         return ["-", "-", "-", "-"]
     return ["<br>".join(column) for column in zip(*lines, strict=True)]
@@ -499,6 +530,7 @@ def build_report(run_dir: Path) -> Path:
                     f"<p class='warn'>The saved model's eval loss ({_fmt(loss)}) is higher than before this stage "
                     f"({_fmt(loss_before)}): training made it worse on this stage's eval set.</p>"
                 )
+        section += mix_table(summary)
         for title, png, alt in stage_plots(read_rows(stage_dir / "metrics.jsonl"), summary, saved):
             section.append(f"<h3>{title}</h3><img alt='{html.escape(alt)}' src='data:image/png;base64,{png}'>")
         shown = shown_metrics(metrics)

@@ -100,6 +100,17 @@ def test_eval_loss_per_source_beside_the_total(sft_mix_run):
     assert rows[-1]["eval_domain_loss"] == pytest.approx(by_source["domain"])
 
 
+def test_the_report_shows_each_source_beside_the_total(sft_mix_run):
+    from align.report import build_report
+
+    text = build_report(sft_mix_run / "run").read_text()
+    table = text[text.index("<h3>Data mix</h3>") :].split("</table>")[0]
+    assert "<td>chat</td><td>3</td><td>144 of 190</td><td>75.0%</td>" in table
+    assert "<td>domain</td><td>1</td><td>48 of 48</td><td>25.0%</td>" in table
+    assert "eval&nbsp;loss:&nbsp;domain" in text, "the stages table has a line per source"
+    assert "eval loss: domain" in text, "the loss plot draws each source's curve"
+
+
 def test_the_card_and_dry_run_show_the_mix(sft_mix_run, run_cli):
     card = (sft_mix_run / "run" / "sft" / "model" / "README.md").read_text()
     assert "mix of" in card and "144 rows, 75%" in card and "48 rows, 25%" in card
