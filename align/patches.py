@@ -19,6 +19,11 @@ Hooks (each with the private code it touches, what it buys, and its fallback):
 - `stored_metrics_kept`: the TRL trainers' `_metrics` (what `compute_loss` stores for the next logged row); a
   mix's per-source eval losses without adding their batches to the logged eval row; else TRL's eval row also
   averages the per-source passes (same rows again, so the same means, counted twice).
+- `train_after_evaluation`: accelerate's `Accelerator._models` and the `_is_accelerate_prepared` flag; under several
+  processes, an evaluation before training (align's "before" figures) prepared the model for evaluation only, and
+  `Trainer.train()` then skipped its DDP wrap, so each process trained on its own gradients (measured on
+  transformers 5.24 / accelerate 1.16: grad norm 0.7286 against 0.5083 on 1 process); else a refusal to train on
+  several processes rather than a silently wrong run.
 - `experimental`: TRL's `trl.experimental` trainers and configs (ORPO, CPO for SimPO); the kinds built on them;
   else a refusal at preflight naming the TRL range that has them.
 """
@@ -277,3 +282,33 @@ def stored_metrics_kept(trainer: Any) -> Iterator[None]:
         for mode, values in stored.items():
             values.clear()
             values.update(saved.get(mode, {}))
+
+
+# --------------------------------------------------------------------------------------------------
+# Training after an evaluation, under several processes (align/stages/common.py `run_stage`)
+
+
+def train_after_evaluation(trainer: Any) -> None:
+    """Undo what an evaluation before training left on the model under several processes, so that `train()` wraps
+    it for distributed training.
+
+    `Trainer.evaluation_loop` prepares a model no one prepared yet with `prepare_model(evaluation_mode=True)`, which
+    flags it `_is_accelerate_prepared`; `prepare_model` returns such a model as it is, so training never wrapped it
+    in DistributedDataParallel and no gradient was averaged across processes (each process trained its own copy on
+    its share of the batch). A model prepared for evaluation only is still the bare model: forgetting the flag and
+    the registration makes the training's preparation the first, as without the evaluation.
+
+    Raises:
+        RuntimeError: several processes and an accelerate without the names relied on (training would be wrong).
+    """
+    accelerator, model = trainer.accelerator, trainer.model
+    if accelerator.num_processes <= 1 or not getattr(model, "_is_accelerate_prepared", False):
+        return
+    models = getattr(accelerator, "_models", None)
+    if not isinstance(models, list) or trainer.model_wrapped is not model:
+        raise RuntimeError(
+            "accelerate changed how it records prepared models (Accelerator._models); align cannot make sure this "
+            "stage trains with gradients averaged across processes: run it on one process, or pin accelerate 1.16"
+        )
+    del model._is_accelerate_prepared
+    models[:] = [m for m in models if m is not model]

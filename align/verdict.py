@@ -375,18 +375,30 @@ def example_losses(trainer: Any) -> list[float]:
                         example = torch.zeros_like(labelled, dtype=torch.long)
                     else:
                         example = torch.cumsum(positions[row] == 0, dim=0)[1:]  # which example each target is in
-                    for index in torch.unique(example[labelled]).tolist():
-                        rows.append(float(token_loss[labelled & (example == index)].mean()))
-                losses.extend(rows)
+                    rows.append([float(token_loss[labelled & (example == index)].mean())
+                                 for index in torch.unique(example[labelled]).tolist()])  # fmt: skip
+                losses.extend(_gathered(accelerator, rows))
     finally:
         model.train(was_training)
-    if accelerator.num_processes > 1:
-        from accelerate.utils import gather_object
-
-        # Each process's share, gathered; with `even_batches` the last batch's few examples that fill a process's
-        # share are counted twice, a bias far below the interval's width.
-        losses = list(gather_object(losses))
     return losses
+
+
+def _gathered(accelerator: Any, rows: list[list[float]]) -> list[float]:
+    """A batch's example losses (a list per row of the batch) from every process, each example once: with
+    `even_batches`, the rows that fill the last batch of a process's share repeat earlier ones, and
+    `gather_for_metrics` drops them (gathering every process's list as it was counted 16 examples where the eval
+    split had 6)."""
+    if accelerator.num_processes == 1:
+        return [x for row in rows for x in row]
+    import torch
+
+    width = max([len(r) for r in rows] + [1])
+    table = torch.full((len(rows), width), float("nan"), device=accelerator.device)
+    for i, row in enumerate(rows):
+        table[i, : len(row)] = torch.tensor(row, device=accelerator.device)
+    table = accelerator.pad_across_processes(table, dim=1, pad_index=float("nan"))
+    flat = accelerator.gather_for_metrics(table).flatten().tolist()
+    return [x for x in flat if x == x]  # NaN: padding
 
 
 def greedy_answers(model: Any, tokenizer: Any, prompts: Sequence[Any], max_new_tokens: int = 48) -> list[Any]:

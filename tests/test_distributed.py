@@ -148,3 +148,46 @@ def test_fsdp_config_on_the_cpu_trains_as_ddp_and_says_so(tmp_path):
         "accelerate sharded on the CPU: FSDP now runs here; replace this test with the FSDP run of issue #18 item 6"
     )
     assert json.loads((tmp_path / "run/pipeline.json").read_text())["stages"][0]["status"] == "completed"
+
+
+def test_one_process_with_accumulation_and_two_processes_train_alike(tmp_path):
+    """At the same effective batch, 1 process x accumulation 2 and 2 processes x accumulation 1 see the same blocks
+    in the same steps with the same averaged gradients (align's evaluation before training once left the model
+    unwrapped, so each process trained its own copy: align/patches.py `train_after_evaluation`). Without dropout,
+    whose masks are other random numbers on two ranks; with 44 sft rows, so that no step's batch is short (two processes
+    fill a short last batch with repeated rows, one process takes it short)."""
+    model = {**TINY_MODEL, "n_positions": 128, "resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0}
+    train = {"max_length": 64, "max_steps": 4, "per_device_train_batch_size": 4, "learning_rate": 3.0e-3,
+             "logging_steps": 1, "eval_steps": 2}  # fmt: skip
+    runs = {}
+    for processes, accumulation in ((1, 2), (2, 1)):
+        steps = {**train, "gradient_accumulation_steps": accumulation}
+        recipe = tiny_lm_recipe(stage={"model": model, "train": steps})
+        recipe["stages"].append({"name": "sft", "kind": "sft", "generations": 1, "train": {**steps, "max_length": 128},
+                                 "data": {"card": "python-docs-instruct", "max_train_rows": 48}})  # fmt: skip
+        path = write_yaml(tmp_path / f"r{processes}.yaml", recipe)
+        out = tmp_path / f"run{processes}"
+        launcher = [str(Path(sys.executable).with_name("accelerate")), "launch", "--multi_gpu", "--num_processes",
+                    "2", "--main_process_port", "29517"] if processes == 2 else [sys.executable]  # fmt: skip
+        proc = subprocess.run([*launcher, "-m", "align.run", str(path), "--output-dir", str(out)],
+                              capture_output=True, text=True, timeout=600, cwd=tmp_path)  # fmt: skip
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        runs[processes] = {s: json.loads((out / s / "summary.json").read_text()) for s in ("lm", "sft")}
+        runs[processes]["rows"] = {s: [json.loads(x) for x in (out / s / "metrics.jsonl").read_text().splitlines()]
+                                   for s in ("lm", "sft")}  # fmt: skip
+    for stage in ("lm", "sft"):
+        one, two = runs[1][stage], runs[2][stage]
+        assert one["data_order"] == {**two["data_order"], "per_device": 4, "accumulation": 2, "processes": 1}
+        assert one["data_order"]["train_rows"] >= 4 * 8, "a short batch: not the same rows on 1 and 2 processes"
+        assert two["data_order"]["processes"] == 2 and two["data_order"]["global_batch"] == 8
+        losses = [{r["step"]: r["loss"] for r in runs[n]["rows"][stage] if r["split"] == "train" and "loss" in r}
+                  for n in (1, 2)]  # fmt: skip
+        assert len(losses[0]) == 4 and losses[0] == pytest.approx(losses[1], abs=1e-5), stage
+        # The verdict's per-example pass counts each held-out example once whatever the process count.
+        assert one["verdict"]["reasons"] == two["verdict"]["reasons"], stage
+    lm = runs[1]["lm"]["metrics"]["eval_loss"], runs[2]["lm"]["metrics"]["eval_loss"]
+    assert lm[0] == pytest.approx(lm[1], abs=1e-4)
+    # The Trainer's eval_loss averages each process's batch means: over padded examples of several lengths (sft)
+    # it moves a little with the process count (README: "The same run on 1 process or 8").
+    sft = runs[1]["sft"]["metrics"]["eval_loss"], runs[2]["sft"]["metrics"]["eval_loss"]
+    assert sft[0] == pytest.approx(sft[1], rel=1e-3)

@@ -12,7 +12,9 @@ import pytest
 
 from tests.conftest import REPO
 
-PRIVATE = ("_ChunkedLogProbFunction", "_prepare_dataset", "_get_grad_norm", "_use_triton", "_indices")
+# As attributes where the name is common (`flatten_indices`, `own_metrics` are public names of datasets and align).
+PRIVATE = ("_ChunkedLogProbFunction", "_prepare_dataset", "_get_grad_norm", "_use_triton", r"\._indices\b",
+           r"\._metrics\b", r"\._models\b", "_is_accelerate_prepared")  # fmt: skip
 
 
 def test_private_names_appear_in_one_module_only():
@@ -98,3 +100,55 @@ def test_offline_switch_reaches_libraries_already_imported(monkeypatch):
     set_hub_offline()
     assert huggingface_hub.constants.HF_HUB_OFFLINE is True and datasets.config.HF_HUB_OFFLINE is True
     assert "align.patches" in sys.modules
+
+
+def test_stored_metrics_kept_puts_back_what_compute_loss_stored():
+    from collections import defaultdict
+    from types import SimpleNamespace
+
+    import trl
+
+    from align.patches import stored_metrics_kept
+
+    # The shape TRL's trainers build in __init__ (what the hook relies on).
+    assert "self._metrics = {" in inspect.getsource(trl.SFTTrainer.__init__)
+    trainer = SimpleNamespace(_metrics={"train": defaultdict(list), "eval": defaultdict(list)})
+    trainer._metrics["eval"]["entropy"].append(1.5)
+    with stored_metrics_kept(trainer):
+        trainer._metrics["eval"]["entropy"].append(9.0)  # a per-source pass
+        trainer._metrics["eval"]["mean_token_accuracy"].append(0.5)
+    assert trainer._metrics["eval"] == {"entropy": [1.5]} and trainer._metrics["train"] == {}
+    with stored_metrics_kept(SimpleNamespace()):  # transformers' own Trainer: nothing to keep
+        pass
+
+
+def test_train_after_evaluation_unflags_only_a_model_prepared_for_evaluation_under_several_processes():
+    from types import SimpleNamespace
+
+    from accelerate import Accelerator
+
+    from align.patches import train_after_evaluation
+
+    # What accelerate does and the hook undoes: an evaluation-only preparation flags the model, records it, and a
+    # flagged model is returned unwrapped by every later preparation.
+    source = inspect.getsource(Accelerator.prepare_model)
+    assert "evaluation_mode" in source and "_is_accelerate_prepared" in source
+    assert isinstance(Accelerator(cpu=True)._models, list)
+
+    def trainer(processes, flagged, models=None):
+        model = SimpleNamespace(**({"_is_accelerate_prepared": True} if flagged else {}))
+        other = SimpleNamespace()
+        accelerator = SimpleNamespace(num_processes=processes, _models=[other, model] if models is None else models)
+        return SimpleNamespace(accelerator=accelerator, model=model, model_wrapped=model), other
+
+    one, _ = trainer(1, True)
+    train_after_evaluation(one)  # one process: the preparation is the same either way; left as it is
+    assert one.model._is_accelerate_prepared and one.model in one.accelerator._models
+    two, other = trainer(2, True)
+    train_after_evaluation(two)
+    assert not hasattr(two.model, "_is_accelerate_prepared") and two.accelerator._models == [other]
+    fresh, _ = trainer(2, False)
+    train_after_evaluation(fresh)  # never evaluated before training: nothing to undo
+    assert len(fresh.accelerator._models) == 2
+    with pytest.raises(RuntimeError, match="run it on one process"):
+        train_after_evaluation(trainer(2, True, models=())[0])

@@ -90,7 +90,7 @@ def run_stage(stage: Stage, ctx: StageContext, kind: type[StageKind]) -> StageRe
     """Every training stage: seed -> model -> the kind's setup -> training args (the plan's) -> metrics writer ->
     Trainer -> watch -> measure and evaluate -> train -> check -> evaluate and measure -> save -> summary, verdict."""
     from align.guards import raise_if_nonfinite
-    from align.patches import install_lm_head
+    from align.patches import install_lm_head, train_after_evaluation
     from align.plan import early_stopping_callbacks
     from align.runtime import seed_everything
     from align.verdict import training_context
@@ -121,6 +121,7 @@ def run_stage(stage: Stage, ctx: StageContext, kind: type[StageKind]) -> StageRe
     with keep_random_state():  # outside training: no random number training would draw
         measured_before = setup.measure(trainer)
     before = evaluate(trainer, writer, "before")
+    train_after_evaluation(trainer)  # under several processes: else no gradient is averaged (align/patches.py)
     result = trainer.train(resume_from_checkpoint=ctx.resume_from)
     raise_if_nonfinite(ctx, writer, guard)
     after = evaluate(trainer, writer, "final")
