@@ -216,6 +216,13 @@ def resolve_files(spec: DataSpec, base_dir: Path) -> dict[str, list[Path]]:
     """
     files = spec.source.files
     by_split = {"train": files} if isinstance(files, list) else dict(files or {})
+    named = {"train", "validation", "test", *filter(None, spec.splits.model_dump().values())}
+    for split in by_split:
+        if split not in named:  # else its files would load and nothing would read them
+            raise BadInput(
+                f"source.files.{split}: no split of that name is read (train, validation, test)",
+                hint=f"name it validation or test, or map it: splits: {{validation: {split}}}",
+            )
     out: dict[str, list[Path]] = {}
     for split, names in by_split.items():
         out[split] = []
@@ -232,6 +239,17 @@ def resolve_files(spec: DataSpec, base_dir: Path) -> dict[str, list[Path]]:
 
 # --------------------------------------------------------------------------------------------------
 # Loading
+
+
+def split_name(spec: DataSpec, role: str) -> str | None:
+    """The source split that plays `role` (validation, test): the one `splits:` names, else the files' own split of
+    that name (`files: {train: [...], validation: [...]}` needs no `splits:`); None: none (validation: cut from
+    train)."""
+    named = getattr(spec.splits, role)
+    if named is not None:
+        return named
+    files = spec.source.files if spec.source is not None else None
+    return role if isinstance(files, dict) and role in files else None
 
 
 def load_data(
@@ -284,7 +302,7 @@ def _load_prompts(spec: DataSpec, base_dir: Path, where: str | None) -> DatasetD
 
     label = _source_label(spec)
     splits, origins = _load_source(spec, base_dir)
-    name = spec.splits.test or spec.splits.validation or spec.splits.train
+    name = split_name(spec, "test") or split_name(spec, "validation") or spec.splits.train
     if name not in splits:
         raise BadInput(f"{label}: no split '{name}' (splits: {', '.join(splits)})")
     origin = origins.get(name) or RowOrigin(f"{label} (split {name})")
@@ -315,7 +333,7 @@ def _load_data(spec: DataSpec, seed: int, base_dir: Path, where: str | None) -> 
     label = _source_label(spec)
     splits, origins = _load_source(spec, base_dir)
 
-    train_name, valid_name = spec.splits.train, spec.splits.validation
+    train_name, valid_name = spec.splits.train, split_name(spec, "validation")
     for name in (train_name, valid_name):
         if name is not None and name not in splits:
             raise BadInput(f"{label}: no split '{name}' (splits: {', '.join(splits)})")
@@ -327,8 +345,7 @@ def _load_data(spec: DataSpec, seed: int, base_dir: Path, where: str | None) -> 
             raise BadInput(
                 f"{label}: {len(train)} rows are too few to hold out valid_fraction {spec.valid_fraction} and train "
                 "on the rest",
-                hint="add rows, or give a validation file: source: {files: {train: [...], validation: [...]}} with "
-                "splits: {validation: validation}",
+                hint="add rows, or give a validation file: source: {files: {train: [...], validation: [...]}}",
             ) from None
         train, valid = cut["train"], cut["test"]
         valid_origin = origins.get(train_name) or RowOrigin(f"{label} (split {train_name})")
@@ -578,14 +595,14 @@ def warn_small_validation(spec: DataSpec, n_valid: int, n_source: int, where: st
         return
     if spec.max_eval_rows is not None and spec.max_eval_rows < MIN_EVAL_ROWS:
         origin, fix = f"max_eval_rows: {spec.max_eval_rows}", "raise max_eval_rows"
-    elif spec.splits.validation is None:
+    elif split_name(spec, "validation") is None:
         origin = f"valid_fraction {spec.valid_fraction} of {n_source} rows"
         fix = (
             f"raise valid_fraction (>= {MIN_EVAL_ROWS / max(1, n_source):.2g} gives {MIN_EVAL_ROWS} rows), or give a "
-            "validation file: source: {files: {train: [...], validation: [...]}} with splits: {validation: validation}"
+            "validation file: source: {files: {train: [...], validation: [...]}}"
         )
     else:
-        origin, fix = f"the source's split '{spec.splits.validation}'", "give the validation split more rows"
+        origin, fix = f"the source's split '{split_name(spec, 'validation')}'", "give the validation split more rows"
     logger.warning(
         "%s: the validation split has only %d rows (%s): eval loss and accuracies measured on it are coarse (an "
         "accuracy moves in steps of %.2g); %s",

@@ -64,9 +64,16 @@ def closest(word: str, choices: Iterable[str]) -> str | None:
     return matches[0] if matches else None
 
 
+# Other tools' names for a key align spells otherwise (peft's LoraConfig, axolotl's lora_*), suggested where the
+# spelling is too far from align's for a closest match ("rank" is no near miss of "r").
+SYNONYMS = {"rank": "r", "lora_r": "r", "lora_rank": "r", "lora_alpha": "alpha", "lora_dropout": "dropout",
+            "lora_target_modules": "target_modules", "modules": "target_modules"}  # fmt: skip
+
+
 def unknown_key_message(where: str, key: str, choices: Iterable[str]) -> str:
     """`<where>: unknown key 'x' (did you mean 'y'?)` — the one wording used for every unknown key."""
-    suggestion = closest(key, choices)
+    choices = list(choices)
+    suggestion = SYNONYMS[key] if SYNONYMS.get(key) in choices else closest(key, choices)
     tail = f" (did you mean '{suggestion}'?)" if suggestion else ""
     return f"{where}: unknown key '{key}'{tail}"
 

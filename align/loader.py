@@ -90,7 +90,7 @@ def load_stage(entry: Any, index: int, raw: dict[str, Any]) -> tuple[Stage | Non
     problems = list(foreign_keys(entry, kind, where, raw))
     if kind.trains and isinstance(entry.get("train"), dict):
         problems += check_train(kind.config_class(), entry["train"], bool(entry.get("early_stopping")),
-                                f"{where}.train")  # fmt: skip
+                                f"{where}.train", stage_keys=kind.keys.model_fields)  # fmt: skip
     try:
         stage = kind.keys.model_validate(entry)
     except ValidationError as exc:
@@ -108,7 +108,7 @@ def foreign_keys(entry: dict[str, Any], kind: Any, where: str, raw: dict[str, An
         if key in fields:
             sub = _model_of(fields[key].annotation)
             if sub is not None:
-                yield from _unknown_keys(value, sub, f"{where}.{key}", raw)
+                yield from _unknown_keys(value, sub, f"{where}.{key}", raw, (where, fields))
             continue
         takers = [k.name for k in registry.kinds().values() if key in k.keys.model_fields]
         if takers:

@@ -345,6 +345,44 @@ def adapter_base(ref: str) -> str | None:
     return config.get("base_model_name_or_path")
 
 
+def lora_target_problems(settings: Any, config: Any, where: str, task_type: str = "CAUSAL_LM") -> BadInput | None:
+    """A `target_modules` entry that names no module of the model, found before anything trains (peft finds it
+    only when the stage starts, after the earlier stages trained): the model built from its config on the meta
+    device (no weights, no memory), each name matched as peft matches it (the full name, or its last parts); a
+    string other than 'all-linear' is a regular expression over full names. None where all match, or where the
+    model cannot be built without weights (peft then checks at the start of the stage)."""
+    import re
+
+    targets = settings.target_modules
+    if targets == "all-linear" or config is None:
+        return None
+    try:
+        import torch
+        from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+        auto = AutoModelForSequenceClassification if task_type == "SEQ_CLS" else AutoModelForCausalLM
+        with torch.device("meta"):
+            model = auto.from_config(config)
+    except Exception as exc:  # remote code, an architecture transformers cannot build from a config alone
+        logger.debug("%s: not checked before the stage (%s)", where, exc)
+        return None
+    names = [name for name, _ in model.named_modules() if name]
+    if isinstance(targets, str):
+        missing = [] if any(re.fullmatch(targets, n) for n in names) else [targets]
+    else:
+        missing = [t for t in targets if not any(n == t or n.endswith(f".{t}") for n in names)]
+    if not missing:
+        return None
+    from transformers.pytorch_utils import Conv1D
+
+    leaves = {name.rsplit(".", 1)[-1] for name, m in model.named_modules() if isinstance(m, torch.nn.Linear | Conv1D)}
+    linear = sorted(leaves - {"lm_head", "score"})  # the head: peft's all-linear leaves it out too
+    return BadInput(
+        f"{where}: {', '.join(map(repr, missing))}: no module of {type(model).__name__} is named so",
+        hint=f"its linear layers: target_modules: [{', '.join(linear)}] (or all-linear)",
+    )
+
+
 def lora_config(settings: Any, task_type: str = "CAUSAL_LM") -> Any:
     """peft's LoraConfig from a stage's `peft:`; `task_type` "SEQ_CLS" (an rm stage) also trains and saves the new
     score head (peft adds it to `modules_to_save`)."""

@@ -11,6 +11,7 @@ import os
 import re
 import types
 import typing
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any, ClassVar, Literal, Union
 
@@ -524,8 +525,11 @@ def _model_of(annotation: Any) -> type[BaseModel] | None:
     return None
 
 
-def _unknown_keys(node: Any, model: type[BaseModel], where: str, raw: dict[str, Any]):
-    """Yield an unknown-key message for every key the schema does not know, with a suggestion."""
+def _unknown_keys(
+    node: Any, model: type[BaseModel], where: str, raw: dict[str, Any], outer: tuple[str, Any] | None = None
+):
+    """Yield an unknown-key message for every key the schema does not know, with a suggestion. `outer`: the
+    enclosing section's path and fields, for a key written one level too deep (`peft: {merge: true}`)."""
     if isinstance(node, list):
         for i, item in enumerate(node):
             label = item.get("name") if isinstance(item, dict) and item.get("name") else str(i)
@@ -537,11 +541,20 @@ def _unknown_keys(node: Any, model: type[BaseModel], where: str, raw: dict[str, 
     for key, value in node.items():
         path = f"{where}.{key}".lstrip(".")
         if key not in fields:
-            yield unknown_key_message(where.lstrip(".") or "(top level)", str(key), fields)
+            if outer is not None and key in outer[1]:
+                yield misplaced_key_message(path, f"{outer[0]}.{key}")
+            else:
+                yield unknown_key_message(where.lstrip(".") or "(top level)", str(key), fields)
             continue
         sub = _model_of(fields[key].annotation)
         if sub is not None:
-            yield from _unknown_keys(value, sub, path, raw)
+            yield from _unknown_keys(value, sub, path, raw, (where.lstrip("."), fields) if where else None)
+
+
+def misplaced_key_message(written: str, meant: str) -> str:
+    """A key written in a section it does not belong to, where the enclosing one takes it."""
+    key = meant.rsplit(".", 1)[-1]
+    return f"{written}: `{key}` is not a key of this section; it belongs one level up, as {meant}"
 
 
 # --------------------------------------------------------------------------------------------------
@@ -616,8 +629,11 @@ def _train_field_types(cls: type) -> dict[str, Any]:
         return {f: Any for f in cls.__dataclass_fields__}
 
 
-def check_train(cls: type, train: dict[str, Any], early_stopping: bool, where: str) -> list[str]:
+def check_train(
+    cls: type, train: dict[str, Any], early_stopping: bool, where: str, stage_keys: Iterable[str] = ()
+) -> list[str]:
     """Check `train:` keys and value types against the kind's config class `cls`; coerce values in place.
+    `stage_keys`: the stage's own keys, named as such where one is written under `train:` (`peft`, `merge`).
 
     Returns every problem, each naming `<where>.<key>`.
     """
@@ -631,6 +647,9 @@ def check_train(cls: type, train: dict[str, Any], early_stopping: bool, where: s
             continue
         if key in MANAGED_TRAIN_KEYS:
             problems.append(f"{where}.{key}: set by align: {MANAGED_TRAIN_KEYS[key]}")
+            continue
+        if key not in fields and key in stage_keys:
+            problems.append(misplaced_key_message(f"{where}.{key}", f"{where.rsplit('.', 1)[0]}.{key}"))
             continue
         if key not in fields:
             problems.append(unknown_key_message(where, key, fields) + f" ({cls.__name__} has no such field)")

@@ -55,6 +55,29 @@ def test_valid_fraction_cut_is_seeded_and_only_used_without_a_validation_split(t
     assert loaded["validation"]["text"] == ["held out"] and len(loaded["train"]) == 40
 
 
+def test_a_validation_file_is_the_validation_split_without_naming_it_in_splits(tmp_path, caplog):
+    """A new user's `files: {train: [...], validation: [...]}` once cut 5% from train and read no validation file,
+    then advised writing what they had written."""
+    (tmp_path / "train.txt").write_text("".join(f"line {i}\n" for i in range(40)))
+    (tmp_path / "valid.txt").write_text("held out\n")
+    (tmp_path / "test.txt").write_text("a prompt\n")
+    files = {"train": ["train.txt"], "validation": ["valid.txt"], "test": ["test.txt"]}
+    with caplog.at_level("WARNING", logger="align.data"):
+        loaded = load_data(spec(source={"files": files}), seed=1, base_dir=tmp_path, where="stages.lm.data")
+    assert loaded["validation"]["text"] == ["held out"] and len(loaded["train"]) == 40
+    # Too small, and the warning's fix is no longer what the user already wrote.
+    assert "the source's split 'validation'" in caplog.text and "splits:" not in caplog.text
+    prompts = load_data(spec(source={"files": files}), seed=1, base_dir=tmp_path, prompts_only=True)
+    assert prompts["test"]["text"] == ["a prompt"]
+    # A split of another name is read only where `splits:` names it; else refused, not loaded and ignored.
+    odd = {"train": ["train.txt"], "valid": ["valid.txt"]}
+    with pytest.raises(BadInput, match=r"stages.lm.data: source.files.valid: no split of that name") as info:
+        load_data(spec(source={"files": odd}), seed=1, base_dir=tmp_path, where="stages.lm.data")
+    assert "splits: {validation: valid}" in info.value.hint
+    named = load_data(spec(source={"files": odd}, splits={"validation": "valid"}), seed=1, base_dir=tmp_path)
+    assert named["validation"]["text"] == ["held out"]
+
+
 @pytest.mark.parametrize("suffix", [".jsonl", ".json", ".csv", ".parquet", ".txt"])
 def test_every_file_type_loads_with_columns_mapped(tmp_path, suffix):
     rows = [{"body": f"row number {i}", "other": i} for i in range(40)]

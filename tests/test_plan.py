@@ -113,6 +113,27 @@ def test_a_max_length_that_leaves_a_later_stage_nothing_is_refused_before_the_fi
     assert not (tmp_path / "run").exists(), "refused before lm trained: nothing written"
 
 
+def test_lora_target_modules_the_model_lacks_are_refused_before_the_first_stage_trains(tmp_path, run_cli):
+    """`[q_proj, v_proj]` on GPT-2 once passed --dry-run, trained the earlier stages, then failed in peft with exit 1
+    and no word of GPT-2's own names."""
+    recipe = chain()
+    recipe["stages"][3]["peft"] = {"target_modules": ["q_proj", "v_proj", "c_attn"]}  # dpo
+    recipe["stages"][2]["peft"] = {"target_modules": "transformer\\.h\\.\\d+\\.attn\\.nope"}  # rm: a pattern
+    path = write_yaml(tmp_path / "r.yaml", recipe)
+    code, _, err = run_cli(path, "--dry-run", "--output-dir", tmp_path / "run")
+    assert code == 2
+    assert "stages.dpo.peft.target_modules: 'q_proj', 'v_proj': no module of GPT2LMHeadModel is named so" in err
+    assert "stages.rm.peft.target_modules: 'transformer" in err and "GPT2ForSequenceClassification" in err
+    assert "hint: its linear layers: target_modules: [c_attn, c_fc, c_proj] (or all-linear)" in err
+    code, _, err = run_cli(path, "--output-dir", tmp_path / "run")
+    assert code == 2 and "'q_proj', 'v_proj'" in err and not (tmp_path / "run").exists()
+    # GPT-2's own names, and their full paths, pass.
+    recipe["stages"][3]["peft"] = {"target_modules": ["c_attn", "attn.c_proj"]}
+    recipe["stages"][2]["peft"] = {"target_modules": "transformer\\.h\\.\\d+\\.attn\\.c_attn"}
+    code, _, err = run_cli(write_yaml(tmp_path / "r.yaml", recipe), "--dry-run", "--output-dir", tmp_path / "run")
+    assert code == 0, err
+
+
 def test_the_dry_run_names_the_reference_the_run_uses(tmp_path, run_cli):
     recipe = chain()
     recipe["stages"][3]["train"]["precompute_ref_log_probs"] = True  # dpo

@@ -88,6 +88,29 @@ def test_unknown_keys_name_their_path_and_the_closest_key(tmp_path):
     assert all(p.startswith(str(tmp_path / "r.yaml")) for p in problems), "each line names the file"
 
 
+def test_a_stage_key_written_one_level_too_deep_is_named_with_where_it_goes(tmp_path):
+    """`peft:` under `train:`, `merge:` under `peft:`, and peft's own `rank` for align's `r`: each once an unknown
+    key with no pointer to where it belongs."""
+    recipe = tiny_lm_recipe()
+    recipe["stages"].append(
+        {
+            "name": "sft",
+            "kind": "sft",
+            "data": {"card": "python-docs-instruct"},
+            "train": {"max_steps": 2, "peft": {"r": 8}},
+            "peft": {"rank": 8, "merge": True},
+        }
+    )
+    text = "\n".join(problems_of(tmp_path, recipe))
+    up = "is not a key of this section; it belongs one level up, as"
+    assert f"stages.sft.train.peft: `peft` {up} stages.sft.peft" in text
+    assert f"stages.sft.peft.merge: `merge` {up} stages.sft.merge" in text
+    assert "stages.sft.peft: unknown key 'rank' (did you mean 'r'?)" in text
+    recipe["stages"][1].update(train={}, peft={"lora_alpha": 8})
+    (problem,) = problems_of(tmp_path, recipe)
+    assert problem.endswith("stages.sft.peft: unknown key 'lora_alpha' (did you mean 'alpha'?)")
+
+
 def test_train_value_types_are_checked_and_named(tmp_path):
     problems = problems_of(tmp_path, tiny_lm_recipe(), "stages.lm.train.max_steps=lots")
     assert len(problems) == 1 and "stages.lm.train.max_steps" in problems[0] and "lots" in problems[0]

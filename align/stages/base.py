@@ -138,6 +138,14 @@ class TrainingKind(Kind):
         except BadInput as exc:
             found.absorb(exc)
             return None, found
+        peft = getattr(stage, "peft", None)
+        if peft is not None:
+            from align.models import lora_target_problems
+
+            task = "SEQ_CLS" if stage.makes == "reward_model" else "CAUSAL_LM"
+            bad = lora_target_problems(peft, config, f"stages.{stage.name}.peft.target_modules", task)
+            if bad is not None:
+                found.absorb(bad)
         start = starting_point(recipe, stage)
         parts = self.plan_parts(stage, spec=inputs["spec"], data=data, tokenizer=tokenizer, config=config, start=start,
                                 recipe=recipe)  # fmt: skip
