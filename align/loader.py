@@ -48,11 +48,17 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
     problems = list(_unknown_keys(top, Recipe, "", raw))
     stages: list[Stage] = []
     stage_problems: list[str] = []
-    for i, entry in enumerate(entries if isinstance(entries, list) else []):
-        stage, found = load_stage(entry, i, raw)
-        stage_problems += found
-        if stage is not None:
-            stages.append(stage)
+    # The `train:` keys are checked against TRL's config classes, whose import (torch, transformers) takes seconds:
+    # only once every cheaper check passed, so a misspelt key anywhere else is named at once.
+    for deep in (False, True):
+        stages, stage_problems = [], []
+        for i, entry in enumerate(entries if isinstance(entries, list) else []):
+            stage, found = load_stage(entry, i, raw, deep=deep)
+            stage_problems += found
+            if stage is not None:
+                stages.append(stage)
+        if problems or stage_problems:
+            break
     try:
         recipe = Recipe.model_validate({**raw, "stages": stages} if isinstance(entries, list) else raw)
     except ValidationError as exc:
@@ -73,8 +79,9 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
     return recipe
 
 
-def load_stage(entry: Any, index: int, raw: dict[str, Any]) -> tuple[Stage | None, list[str]]:
-    """One stage, validated by its kind's class (None where it is invalid), and every problem found."""
+def load_stage(entry: Any, index: int, raw: dict[str, Any], deep: bool = True) -> tuple[Stage | None, list[str]]:
+    """One stage, validated by its kind's class (None where it is invalid), and every problem found; `deep`: its
+    `train:` keys too, against the kind's config class (TRL imported)."""
     label = entry.get("name") if isinstance(entry, dict) and entry.get("name") else str(index)
     where = f"stages.{label}"
     if not isinstance(entry, dict):
@@ -88,7 +95,7 @@ def load_stage(entry: Any, index: int, raw: dict[str, Any]) -> tuple[Stage | Non
         return None, [f"{where}.kind: unknown kind {name!r} ({also}kinds: {', '.join(registry.names())})"]
     kind = registry.get(name)
     problems = list(foreign_keys(entry, kind, where, raw))
-    if kind.trains and isinstance(entry.get("train"), dict):
+    if deep and kind.trains and isinstance(entry.get("train"), dict):
         problems += check_train(kind.config_class(), entry["train"], bool(entry.get("early_stopping")),
                                 f"{where}.train", stage_keys=kind.keys.model_fields)  # fmt: skip
     try:

@@ -368,6 +368,16 @@ def run_pipeline(
         Interrupted: SIGINT or SIGTERM stopped a stage after saving a checkpoint (exit 130 or 143).
     """
     check_output_dir(output_dir, recipe, fresh)
+    # A directory another run holds is refused now, not after preflight's seconds; the lock is taken below.
+    busy = None
+    if is_main_process():
+        try:
+            RunLock.check_free(output_dir)
+        except BadInput as exc:
+            busy = (exc.problems, exc.hint)
+    busy = same_on_every_rank(busy)
+    if busy is not None:
+        raise BadInput(busy[0], hint=busy[1])
     precision = choose_precision(recipe.precision)
     with main_process_first():
         specs, data = preflight(recipe)

@@ -78,10 +78,11 @@ def main(argv: list[str] | None = None) -> int:
 
 def _main(args: argparse.Namespace) -> int:
     from align.loader import load_recipe
+
+    recipe = load_recipe(args.recipe, args.overrides)  # before the heavy imports: a recipe's typo is named at once
     from align.pipeline import dry_run, print_config, resolve_specs, run_pipeline
     from align.runtime import check_hub, is_main_process, set_console_level
 
-    recipe = load_recipe(args.recipe, args.overrides)
     level = args.log_level or recipe.tracking.log_level
     set_console_level(level)
     specs = resolve_specs(recipe)

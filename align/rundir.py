@@ -152,19 +152,9 @@ class RunLock:
         Raises:
             BadInput: another live process holds the run directory.
         """
-        from filelock import Timeout
-
         info_path = self.run_dir / LOCK_INFO
         previous = read_json(info_path)
-        try:
-            self._lock.acquire()
-        except Timeout:
-            holder = previous or {}
-            since = time.strftime("%H:%M:%S", time.localtime(holder.get("since", time.time())))
-            raise BadInput(
-                f"{self.run_dir} is in use by process {holder.get('pid', '?')} since {since}",
-                hint="wait for it to finish, or choose another --output-dir",
-            ) from None
+        self.acquire_quietly()
         if previous and previous.get("pid") != os.getpid():
             logger.info(
                 "%s: taking over the lock of process %s, which is no longer running",
@@ -172,6 +162,38 @@ class RunLock:
                 previous.get("pid"),
             )
         info_path.write_text(json.dumps({"pid": os.getpid(), "since": time.time()}))
+
+    @classmethod
+    def check_free(cls, run_dir: Path) -> None:
+        """Refuse at once a run directory another live run holds, before the seconds of preflight; writes nothing
+        (an existing lock file is only taken and let go). The lock itself is taken later, by `acquire`.
+
+        Raises:
+            BadInput: another live process holds the run directory.
+        """
+        if not (run_dir / LOCK_FILE).is_file():
+            return
+        probe = cls(run_dir)
+        probe.acquire_quietly()
+        probe._lock.release()
+
+    def acquire_quietly(self) -> None:
+        """Take the lock without recording this process as its holder (see `acquire`).
+
+        Raises:
+            BadInput: another live process holds the run directory.
+        """
+        from filelock import Timeout
+
+        try:
+            self._lock.acquire()
+        except Timeout:
+            holder = read_json(self.run_dir / LOCK_INFO) or {}
+            since = time.strftime("%H:%M:%S", time.localtime(holder.get("since", time.time())))
+            raise BadInput(
+                f"{self.run_dir} is in use by process {holder.get('pid', '?')} since {since}",
+                hint="wait for it to finish, or choose another --output-dir",
+            ) from None
 
     @property
     def held(self) -> bool:

@@ -104,6 +104,7 @@ def test_a_second_run_is_refused_while_one_holds_the_directory_and_a_dead_holder
         code, _, err = run_cli(path, "--output-dir", run_dir, "--fresh")
         assert code == 2, err
         assert f"error: {run_dir} is in use by process {holder.pid} since {started}" in err
+        assert "align.data" not in err and "preflight" not in err, "refused before preflight's seconds: " + err
         assert (run_dir / "lm" / "metrics.jsonl").read_text() == metrics_before, "the holder's files are untouched"
     finally:
         holder.kill()  # SIGKILL: the lock is left behind, as after an out-of-memory kill
