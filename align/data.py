@@ -13,6 +13,7 @@ import json
 import logging
 import os
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -192,6 +193,8 @@ def _short_name(spec: DataSpec) -> str:
     if s.files is not None:
         files = s.files if isinstance(s.files, list) else [f for fs in s.files.values() for f in fs]
         return Path(files[0]).stem
+    if s.disk is not None:
+        return Path(s.disk).name
     return s.builtin or (s.hub or "source").split("/")[-1]
 
 
@@ -241,15 +244,19 @@ def resolve_files(spec: DataSpec, base_dir: Path) -> dict[str, list[Path]]:
 # Loading
 
 
-def split_name(spec: DataSpec, role: str) -> str | None:
-    """The source split that plays `role` (validation, test): the one `splits:` names, else the files' own split of
-    that name (`files: {train: [...], validation: [...]}` needs no `splits:`); None: none (validation: cut from
-    train)."""
+def split_name(spec: DataSpec, role: str, loaded: Iterable[str] = ()) -> str | None:
+    """The source split that plays `role` (validation, test): the one `splits:` names, else the local source's own
+    split of that name (`files: {train: [...], validation: [...]}`, or a saved DatasetDict's splits, `loaded`, need
+    no `splits:`); None: none (validation: cut from train). A hub set's splits are used only where named."""
     named = getattr(spec.splits, role)
     if named is not None:
         return named
-    files = spec.source.files if spec.source is not None else None
-    return role if isinstance(files, dict) and role in files else None
+    source = spec.source
+    if source is None:
+        return None
+    if isinstance(source.files, dict) and role in source.files:
+        return role
+    return role if source.disk is not None and role in loaded else None
 
 
 def load_data(
@@ -291,6 +298,8 @@ def _load_source(spec: DataSpec, base_dir: Path) -> tuple[dict[str, Dataset], di
         for split, paths in resolve_files(spec, base_dir).items():
             splits[split], counts = _load_files(paths)
             origins[split] = RowOrigin(label, list(zip(paths, counts, strict=True)))
+    elif source.disk is not None:
+        splits = _load_disk(disk_folder(spec, base_dir))
     else:
         splits = _load_hub(spec)
     return splits, origins
@@ -302,7 +311,7 @@ def _load_prompts(spec: DataSpec, base_dir: Path, where: str | None) -> DatasetD
 
     label = _source_label(spec)
     splits, origins = _load_source(spec, base_dir)
-    name = split_name(spec, "test") or split_name(spec, "validation") or spec.splits.train
+    name = split_name(spec, "test", splits) or split_name(spec, "validation", splits) or spec.splits.train
     if name not in splits:
         raise BadInput(f"{label}: no split '{name}' (splits: {', '.join(splits)})")
     origin = origins.get(name) or RowOrigin(f"{label} (split {name})")
@@ -333,7 +342,7 @@ def _load_data(spec: DataSpec, seed: int, base_dir: Path, where: str | None) -> 
     label = _source_label(spec)
     splits, origins = _load_source(spec, base_dir)
 
-    train_name, valid_name = spec.splits.train, split_name(spec, "validation")
+    train_name, valid_name = spec.splits.train, split_name(spec, "validation", splits)
     for name in (train_name, valid_name):
         if name is not None and name not in splits:
             raise BadInput(f"{label}: no split '{name}' (splits: {', '.join(splits)})")
@@ -363,7 +372,7 @@ def _load_data(spec: DataSpec, seed: int, base_dir: Path, where: str | None) -> 
         validation=_usable_rows(map_columns(valid, spec, label), spec, label, valid_origin, "validation"),
     )
     warn_unseparated(data, where or label)
-    warn_small_validation(spec, len(data["validation"]), len(splits[train_name]), where or label)
+    warn_small_validation(spec, len(data["validation"]), len(splits[train_name]), where or label, valid_name)
     logger.info(
         "data %s: %d train rows, %d validation rows", spec.name or label, len(data["train"]), len(data["validation"])
     )
@@ -589,20 +598,21 @@ def _json_array_lines(text: str) -> list[int]:
         return starts
 
 
-def warn_small_validation(spec: DataSpec, n_valid: int, n_source: int, where: str) -> None:
-    """A warning when the held-out split is too small for its metrics to mean much, with the setting to change."""
+def warn_small_validation(spec: DataSpec, n_valid: int, n_source: int, where: str, split: str | None) -> None:
+    """A warning when the held-out split is too small for its metrics to mean much, with the setting to change.
+    `split`: the source's split it is (None: cut from train)."""
     if n_valid >= MIN_EVAL_ROWS:
         return
     if spec.max_eval_rows is not None and spec.max_eval_rows < MIN_EVAL_ROWS:
         origin, fix = f"max_eval_rows: {spec.max_eval_rows}", "raise max_eval_rows"
-    elif split_name(spec, "validation") is None:
+    elif split is None:
         origin = f"valid_fraction {spec.valid_fraction} of {n_source} rows"
         fix = (
             f"raise valid_fraction (>= {MIN_EVAL_ROWS / max(1, n_source):.2g} gives {MIN_EVAL_ROWS} rows), or give a "
             "validation file: source: {files: {train: [...], validation: [...]}}"
         )
     else:
-        origin, fix = f"the source's split '{split_name(spec, 'validation')}'", "give the validation split more rows"
+        origin, fix = f"the source's split '{split}'", "give the validation split more rows"
     logger.warning(
         "%s: the validation split has only %d rows (%s): eval loss and accuracies measured on it are coarse (an "
         "accuracy moves in steps of %.2g); %s",
@@ -657,6 +667,8 @@ def _source_label(spec: DataSpec) -> str:
         return f"hub dataset {s.hub}" + (f" ({s.config})" if s.config else "")
     if s.builtin:
         return f"builtin data set {s.builtin}"
+    if s.disk:
+        return f"saved data set {s.disk}"
     files = s.files if isinstance(s.files, list) else [f for fs in (s.files or {}).values() for f in fs]
     return ", ".join(files)
 
@@ -674,6 +686,33 @@ def _load_builtin(name: str) -> dict[str, Dataset]:
     return {split: Dataset.from_dict(rows) for split, rows in load_builtin(name).items()}
 
 
+def disk_folder(spec: DataSpec, base_dir: Path) -> Path:
+    """The folder of a `source: {disk: ...}`, found as a data file is (`search_paths`).
+
+    Raises:
+        BadInput: no such folder, or one that `save_to_disk` did not write.
+    """
+    places = search_paths(spec.source.disk, base_dir)
+    folder = next((p for p in places if p.is_dir()), places[0])
+    if not folder.is_dir():
+        raise BadInput(f"source.disk: {spec.source.disk}: no such folder (looked in {' and '.join(map(str, places))})")
+    if not ((folder / "state.json").is_file() or (folder / "dataset_dict.json").is_file()):
+        raise BadInput(
+            f"source.disk: {folder} holds no data set saved by datasets' save_to_disk (no state.json or "
+            "dataset_dict.json)",
+            hint="save it with Dataset.save_to_disk / DatasetDict.save_to_disk, or give files: source: {files: [...]}",
+        )
+    return folder
+
+
+def _load_disk(folder: Path) -> dict[str, Dataset]:
+    """A folder `save_to_disk` wrote: a DatasetDict's splits, or a lone Dataset as `train`."""
+    from datasets import Dataset, load_from_disk
+
+    loaded = load_from_disk(str(folder))
+    return {"train": loaded} if isinstance(loaded, Dataset) else dict(loaded)
+
+
 def _load_hub(spec: DataSpec) -> dict[str, Dataset]:
     from datasets import load_dataset
 
@@ -687,8 +726,8 @@ def _load_hub(spec: DataSpec) -> dict[str, Dataset]:
         reason = "the hub is not reachable (offline mode)" if offline else str(exc).splitlines()[0][:200]
         raise BadInput(
             f"{label}: cannot load: {reason}",
-            hint="download it on a connected machine (datasets.load_dataset(...).save_to_disk or the hub cache), "
-            "or point `data:` at local files with source: {files: [...]}",
+            hint="on a connected machine, datasets.load_dataset(...).save_to_disk(FOLDER), copy FOLDER here and "
+            "use source: {disk: FOLDER}; or local files: source: {files: [...]}",
         ) from None
     return dict(loaded)
 

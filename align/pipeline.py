@@ -229,6 +229,14 @@ def plan_stages(
 # Fingerprints and records
 
 
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
 def data_identity(spec: DataSpec, base_dir: Path) -> dict[str, Any]:
     """What pins the data's content: file hashes, the hub revision, or the Python version (builtin sets); for a mix,
     each source's, by name."""
@@ -238,15 +246,15 @@ def data_identity(spec: DataSpec, base_dir: Path) -> dict[str, Any]:
     if source.files is not None:
         from align.data import resolve_files
 
-        digests = {}
-        for split, paths in resolve_files(spec, base_dir).items():
-            for path in paths:
-                digest = hashlib.sha256()
-                with path.open("rb") as fh:
-                    for block in iter(lambda fh=fh: fh.read(1 << 20), b""):
-                        digest.update(block)
-                digests[f"{split}:{path.name}"] = digest.hexdigest()
-        return digests
+        return {f"{split}:{path.name}": file_sha256(path)
+                for split, paths in resolve_files(spec, base_dir).items() for path in paths}  # fmt: skip
+    if source.disk is not None:
+        from align.data import disk_folder
+
+        folder = disk_folder(spec, base_dir)
+        return {
+            str(path.relative_to(folder)): file_sha256(path) for path in sorted(folder.rglob("*")) if path.is_file()
+        }
     if source.builtin is not None:
         from align.builtin import BUILTIN_VERSION
 

@@ -123,13 +123,23 @@ class Source(Strict):
     files: list[str] | dict[str, list[str]] | None = Field(
         None, description="local files (jsonl, json, csv, parquet, txt); a list, or {split: [files]}"
     )
+    disk: str | None = Field(
+        None, description="a folder written by datasets' save_to_disk: a Dataset (train) or a DatasetDict (splits)"
+    )
 
     @model_validator(mode="after")
     def _exactly_one(self) -> Source:
-        given = [k for k in ("hub", "builtin", "files") if getattr(self, k) is not None]
+        given = [k for k in ("hub", "builtin", "files", "disk") if getattr(self, k) is not None]
         if len(given) != 1:
-            raise ValueError(f"give exactly one of hub, builtin, files (got {', '.join(given) or 'none'})")
+            raise ValueError(f"give exactly one of hub, builtin, files, disk (got {', '.join(given) or 'none'})")
         return self
+
+    @model_serializer(mode="wrap")
+    def _dump(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        data = handler(self)
+        if self.disk is None:  # the fingerprints of stages written before `disk:` existed hash this dump
+            data.pop("disk", None)
+        return data
 
 
 class Splits(Strict):

@@ -182,3 +182,37 @@ def test_builtin_sets_hold_out_the_same_topics_and_never_train_on_them():
         for b in names[i + 1 :]:
             assert not by_split[a] & by_split[b], (a, b)
     assert len(by_split["reward"]) >= 80 and len(by_split["train"]) >= 150
+
+
+def test_a_data_set_saved_with_save_to_disk_loads_as_a_source(tmp_path):
+    """The offline hint once said to save_to_disk, and no source read such a folder."""
+    from datasets import Dataset, DatasetDict
+
+    from align.pipeline import data_identity
+
+    rows = {"body": [f"row {i}" for i in range(30)]}
+    DatasetDict(train=Dataset.from_dict(rows), validation=Dataset.from_dict({"body": ["held out"]})).save_to_disk(
+        str(tmp_path / "saved")
+    )
+    card = spec(source={"disk": "saved"}, columns={"text": "body"})
+    loaded = load_data(card, seed=0, base_dir=tmp_path)  # a DatasetDict's validation split is the validation
+    assert loaded["validation"]["text"] == ["held out"] and len(loaded["train"]) == 30
+    Dataset.from_dict(rows).save_to_disk(str(tmp_path / "lone"))  # a lone Dataset: train, 5% cut from it
+    lone = load_data(spec(source={"disk": "lone"}, columns={"text": "body"}), seed=0, base_dir=tmp_path)
+    assert len(lone["train"]) + len(lone["validation"]) == 30 and len(lone["validation"]) >= 1
+    before = data_identity(card, tmp_path)
+    DatasetDict(train=Dataset.from_dict({"body": ["other"] * 30}), validation=Dataset.from_dict({"body": ["x"]})
+                ).save_to_disk(str(tmp_path / "saved"))  # fmt: skip
+    assert data_identity(card, tmp_path) != before, "the fingerprint follows the saved rows"
+    assert (
+        "disk"
+        not in DataSpec.model_validate({"format": "text", "source": {"files": ["a.txt"]}}).model_dump(mode="json")[
+            "source"
+        ]
+    ), "an unset disk: leaves earlier fingerprints as they were"
+    with pytest.raises(BadInput, match=r"source.disk: nowhere: no such folder"):
+        load_data(spec(source={"disk": "nowhere"}), seed=0, base_dir=tmp_path)
+    (tmp_path / "plain").mkdir()
+    with pytest.raises(BadInput, match=r"holds no data set saved by datasets' save_to_disk") as info:
+        load_data(spec(source={"disk": "plain"}), seed=0, base_dir=tmp_path, where="stages.lm.data")
+    assert info.value.problems[0].startswith("stages.lm.data: source.disk:")
