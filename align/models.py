@@ -152,6 +152,7 @@ def build_model(
     trust_remote_code: bool = False,
     planned: tuple[PreTrainedTokenizerBase, PretrainedConfig] | None = None,
     reward_head: bool = False,
+    loading: Any = None,
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Load (or build) the model and tokenizer a stage starts from.
 
@@ -162,7 +163,8 @@ def build_model(
 
     `reward_head` (an rm stage): the same body with a sequence-classification head of one output, a new head
     (initialised from the seed) on a causal LM; LoRA adapters are loaded onto that body (their module names are the
-    body's, so they fit it as they fit the causal LM).
+    body's, so they fit it as they fit the causal LM). `loading`: the stage's `loading:` (`align.recipe.Loading`),
+    its options passed to `from_pretrained` / `from_config`; its dtype, where given, replaces `dtype`.
 
     Raises:
         BadInput: the model cannot be found or its config is wrong.
@@ -173,6 +175,9 @@ def build_model(
     extra: dict[str, Any] = {}
     if reward_head:
         auto, extra = AutoModelForSequenceClassification, {"num_labels": 1}
+    options = loading_kwargs(loading)
+    dtype = options.pop("dtype", dtype)
+    extra.update(options)
 
     if isinstance(ref, ScratchModel):
         if planned is not None:
@@ -185,7 +190,7 @@ def build_model(
         if reward_head:
             config = copy.deepcopy(config)
             config.num_labels, config.pad_token_id = 1, tokenizer.pad_token_id
-        model = auto.from_config(config)
+        model = auto.from_config(config, **({"dtype": dtype} if dtype not in (None, "auto") else {}), **options)
         logger.info("built %s from scratch: %.2fM parameters", ref.model_type, model.num_parameters() / 1e6)
         return model, tokenizer
 
@@ -201,7 +206,7 @@ def build_model(
                 body = auto.from_pretrained(adapter_base(ref), dtype=dtype, use_safetensors=True, **extra)
             model = PeftModel.from_pretrained(body, ref, is_trainable=True)
         else:
-            model = AutoPeftModelForCausalLM.from_pretrained(ref, is_trainable=True, dtype=dtype)
+            model = AutoPeftModelForCausalLM.from_pretrained(ref, is_trainable=True, dtype=dtype, **options)
         logger.info("loaded LoRA adapters from %s on %s", ref, model.peft_config["default"].base_model_name_or_path)
         return model, tokenizer
 
@@ -225,8 +230,64 @@ def build_model(
         ) from None
     if getattr(model.config, "pad_token_id", None) is None and tokenizer.pad_token_id is not None:
         model.config.pad_token_id = tokenizer.pad_token_id
+    if "quantization_config" in options:
+        from peft import prepare_model_for_kbit_training
+
+        # QLoRA: the quantized base frozen, its norms in float32, inputs requiring grad for checkpointing.
+        model = prepare_model_for_kbit_training(model)
     logger.info("loaded %s: %.2fM parameters", ref, model.num_parameters() / 1e6)
     return model, tokenizer
+
+
+def loading_kwargs(loading: Any) -> dict[str, Any]:
+    """A stage's `loading:` as `from_pretrained` keywords (none for an unset one)."""
+    if loading is None:
+        return {}
+    out: dict[str, Any] = {}
+    if loading.attn_implementation is not None:
+        out["attn_implementation"] = loading.attn_implementation
+    if loading.dtype is not None:
+        import torch
+
+        out["dtype"] = "auto" if loading.dtype == "auto" else getattr(torch, loading.dtype)
+    if loading.quantization is not None:
+        import torch
+        from transformers import BitsAndBytesConfig
+
+        out["quantization_config"] = (
+            BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                               bnb_4bit_compute_dtype=torch.bfloat16)
+            if loading.quantization == "4bit" else BitsAndBytesConfig(load_in_8bit=True)
+        )  # fmt: skip
+    return out
+
+
+def loading_problems(loading: Any, where: str) -> BadInput | None:
+    """What this machine cannot do of a stage's `loading:`, found when planning (before any stage trains)."""
+    if loading is None:
+        return None
+    import importlib.util
+
+    import torch
+
+    problems, hints = [], []
+    if loading.quantization is not None:
+        if not torch.cuda.is_available():
+            problems.append(f"{where}.quantization: bitsandbytes {loading.quantization} quantization needs a CUDA "
+                            "GPU, and this machine has none")  # fmt: skip
+            hints.append("remove loading.quantization: LoRA trains on the unquantized model here")
+        elif importlib.util.find_spec("bitsandbytes") is None:
+            problems.append(f"{where}.quantization: bitsandbytes is not installed")
+            hints.append("pip install bitsandbytes")
+    if (loading.attn_implementation or "").startswith("flash_attention"):
+        if not torch.cuda.is_available():
+            problems.append(f"{where}.attn_implementation: {loading.attn_implementation} needs a CUDA GPU, and this "
+                            "machine has none")  # fmt: skip
+            hints.append("attn_implementation: sdpa (or eager) runs everywhere")
+        elif importlib.util.find_spec("flash_attn") is None and loading.attn_implementation == "flash_attention_2":
+            problems.append(f"{where}.attn_implementation: flash_attention_2 needs the flash-attn package")
+            hints.append("pip install flash-attn --no-build-isolation, or attn_implementation: sdpa")
+    return BadInput(problems, hint="; ".join(hints)) if problems else None
 
 
 @contextlib.contextmanager

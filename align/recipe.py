@@ -61,6 +61,8 @@ MANAGED_TRAIN_KEYS: dict[str, str] = {
     "seed": "use the recipe's top-level `seed:`",
     "load_best_model_at_end": "set `early_stopping:` on the stage; align then restores the best model",
     "metric_for_best_model": "early stopping always watches eval_loss",
+    # TRL applies it only when it loads the model from a name; align loads the model itself, and TRL ignores it.
+    "model_init_kwargs": "align loads the model: use the stage's `loading: {attn_implementation, dtype, quantization}`",
 }
 # The Trainer pickles its arguments into every checkpoint: a credential in `train:` would land on disk.
 CREDENTIAL_TRAIN_KEYS = {"hub_token": "HF_TOKEN"}
@@ -305,6 +307,21 @@ class Stage(Strict):
         return f"{self.article} {self.kind}"
 
 
+class Loading(Strict):
+    """How the stage's input model is loaded (transformers' `from_pretrained` options); unset: transformers' own
+    choices (its default attention, float32 weights that `precision:` trains in mixed precision)."""
+
+    attn_implementation: Literal["eager", "sdpa", "flash_attention_2", "flash_attention_3", "flex_attention"] | None = (
+        Field(None, description="the attention kernel; flash_attention_* need the flash-attn package and a GPU")
+    )
+    dtype: Literal["float32", "bfloat16", "float16", "auto"] | None = Field(
+        None, description="the weights' dtype as loaded (auto: the checkpoint's); half the memory in bf16/fp16"
+    )
+    quantization: Literal["4bit", "8bit"] | None = Field(
+        None, description="bitsandbytes quantization of the frozen base (QLoRA: 4bit NF4); needs peft: and a CUDA GPU"
+    )
+
+
 class TrainingStage(Stage):
     """The recipe keys of a stage that trains a model: what every training kind takes (each adds its own)."""
 
@@ -321,6 +338,14 @@ class TrainingStage(Stage):
     trust_remote_code: bool = Field(
         False, description="run Python code shipped in the model's hub repository (only for models you trust)"
     )
+    loading: Loading | None = Field(None, description="how the input model is loaded: attention, dtype, quantization")
+
+    @model_serializer(mode="wrap")
+    def _dump(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        data = handler(self)
+        if self.loading is None:  # the fingerprints of stages written before `loading:` existed hash this dump
+            data.pop("loading", None)
+        return data
 
     def model_refs(self) -> dict[str, str]:
         return {"model": self.model} if isinstance(self.model, str) else {}
@@ -342,6 +367,12 @@ class TrainingStage(Stage):
             problems.append(f"{where}.model: the first stage needs a model (hub id, path or {{model_type: ...}})")
         if self.merge and self.peft is None:
             problems.append(f"{where}.merge: merging needs adapters; add `peft:` or remove `merge: true`")
+        if self.loading is not None and self.loading.quantization is not None:
+            if self.peft is None:
+                problems.append(f"{where}.loading.quantization: a quantized model trains only through adapters; "
+                                "add `peft:` (QLoRA) or remove the quantization")  # fmt: skip
+            if isinstance(self.model, ScratchModel):
+                problems.append(f"{where}.loading.quantization: a model built from scratch has no weights to quantize")
         return problems
 
 

@@ -138,6 +138,13 @@ class TrainingKind(Kind):
         except BadInput as exc:
             found.absorb(exc)
             return None, found
+        loading = getattr(stage, "loading", None)
+        if loading is not None:
+            from align.models import loading_problems
+
+            bad = loading_problems(loading, f"stages.{stage.name}.loading")
+            if bad is not None:
+                found.absorb(bad)
         peft = getattr(stage, "peft", None)
         if peft is not None:
             from align.models import lora_target_problems
@@ -164,6 +171,8 @@ class TrainingKind(Kind):
                 plan.effective = effective_settings(cls, stage.name, settings, parts.runtime)
             except BadInput as exc:
                 found.absorb(exc)
+        if loading is not None:  # what the stage loads its model with, as the plan shows it
+            plan.details["loading"] = ", ".join(f"{k}: {v}" for k, v in loading.model_dump().items() if v is not None)
         if data is not None and hasattr(data, "describe"):  # a mix: what each source gives
             plan.details["data_mix"] = data.describe(tokenizer)
         if data is not None and plan.effective:  # the config class took the arguments

@@ -519,6 +519,7 @@ def load_start(ctx: StageContext, stage: Stage, reward_head: bool = False) -> tu
         trust_remote_code=stage.trust_remote_code,
         planned=(plan.tokenizer, plan.config) if plan.source == "scratch" else None,
         reward_head=reward_head,
+        loading=stage.loading,
     )
     if start.lora == "merge":
         # A stage without `peft` trains every weight: it starts from the model the adapters make, merged.
