@@ -231,3 +231,31 @@ def test_a_stage_runs_from_python_without_the_pipeline(tmp_path, run_cli):
     assert result.status == "completed" and result.metrics["global_step"] == 2
     assert result.metrics["eval_loss"] < result.metrics["eval_loss_before"] * 1.5
     assert result.model_dir == tmp_path / "run" / "sft" / "model" and (result.model_dir / "config.json").is_file()
+
+
+def test_a_max_length_that_cuts_every_example_warns_and_the_plan_shows_the_cut(tmp_path, run_cli, caplog):
+    """A max_length that truncated 100% of the examples once passed --dry-run with no warning, counted the dropped
+    examples as training examples and rendered them whole."""
+    import json
+
+    rows = [
+        {"prompt": f"Question {i}? ", "completion": " ".join(f"word{j}" for j in range(60)) + "."} for i in range(40)
+    ]
+    rows += [{"prompt": " ".join(f"p{i}q{j}" for j in range(80)), "completion": "y"} for i in range(4)]  # dropped
+    (tmp_path / "long.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    data = {"source": {"files": ["long.jsonl"]}, "format": "prompt_completion", "valid_fraction": 0.2}
+    stage = {"name": "sft", "kind": "sft", "model": dict(TINY_MODEL), "generations": 0, "train": {"max_length": 32},
+             "data": data}  # fmt: skip
+    path = write_yaml(
+        tmp_path / "r.yaml", {"name": "cut", "tracking": {"wandb": {"mode": "disabled"}}, "stages": [stage]}
+    )
+    with caplog.at_level("WARNING"):
+        code, out, err = run_cli(path, "--dry-run", "--output-dir", tmp_path / "run")
+    assert code == 0, err
+    assert "stages.sft.train.max_length: 32 tokens cut" in caplog.text and "never trained" in caplog.text
+    import re
+
+    given = re.search(r"untrained: (\d+) of (\d+) left no trained token", out)
+    assert given and int(given[1]) >= 1, out
+    assert f"train_examples: {int(given[2]) - int(given[1])}\n" in out, "the dropped are not counted as training ones"
+    assert "more tokens cut at max_length=32: never trained]" in out

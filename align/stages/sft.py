@@ -290,9 +290,37 @@ def masked_ids(row: dict[str, Any], tokenizer: Any, loss: dict[str, Any]) -> tup
     return ids, [1] * len(ids)
 
 
-def render_example(row: dict[str, Any], tokenizer: Any, loss: dict[str, Any]) -> str:
-    """How TRL will tokenize one row and where its loss falls, without building a trainer (for --dry-run)."""
-    return render_mask(*masked_ids(row, tokenizer, loss), tokenizer)
+def render_example(row: dict[str, Any], tokenizer: Any, loss: dict[str, Any], max_length: int | None = None) -> str:
+    """How TRL will tokenize one row and where its loss falls, without building a trainer (for --dry-run): cut at
+    `max_length` as training cuts it, and saying so."""
+    ids, mask = masked_ids(row, tokenizer, loss)
+    if max_length is None or len(ids) <= max_length:
+        return render_mask(ids, mask, tokenizer)
+    cut = render_mask(ids[:max_length], mask[:max_length], tokenizer)
+    return f"{cut} [... {len(ids) - max_length} more tokens cut at max_length={max_length}: never trained]"
+
+
+# From this share of truncated training examples on, the plan warns: most completions lose their end.
+TRUNCATION_WARNING = 0.5
+
+
+def warn_truncation(
+    stage: Stage, fmt: str, spans: list[tuple[int, Any]], truncated: int, max_length: int | None
+) -> None:
+    """A warning when `max_length` cuts most training examples: their ends, and the end-of-sequence token that
+    teaches the model to stop, are never trained (where every example is cut, no example teaches it)."""
+    if not spans or max_length is None or truncated < TRUNCATION_WARNING * len(spans):
+        return
+    lengths = sorted(n for n, _ in spans)
+    covers = lengths[min(len(lengths) - 1, int(0.95 * len(lengths)))]
+    end = "end-of-sequence token" if fmt == "text" else "answer's end and end-of-turn token"
+    cut = "every" if truncated == len(spans) else f"{truncated} of {len(spans)}"
+    logger.warning(
+        "stages.%s.train.max_length: %d tokens cut %s training example (%.0f%%): the %s of a cut example is never "
+        "trained, so the model learns less where to stop; the longest is %d tokens, max_length %d keeps 95%% whole "
+        "(align caps it at the model's positions)",
+        stage.name, max_length, cut, 100 * truncated / len(spans), end, lengths[-1], covers,
+    )  # fmt: skip
 
 
 def plan(
@@ -342,17 +370,18 @@ def plan(
             )
             parts.hints.append("raise max_length (align caps it at the model's positions) or shorten the prompts")
     spans, untrained, truncated = counts["train"]
+    warn_truncation(stage, fmt, spans, truncated, max_length)
     first_rows = train.select(range(min(2, len(train))))
     used = [min(n, max_length or n) for n, _ in spans]
     parts.details.update(
-        train_examples=len(train),
+        train_examples=len(train) - untrained,  # the dropped ones are counted on their own line
         train_tokens=sum(used),
         max_length=max_length,
         truncated=f"{truncated} of {len(spans)} ({truncated / max(1, len(spans)):.1%})",
         truncation_rate=truncated / max(1, len(spans)),
         untrained=f"{untrained} of {len(spans)} left no trained token by max_length (dropped)",
         packing_efficiency=sum(used) / max(1, _padded_tokens(used, _batch_size(stage))),
-        examples=[{"rendered": render_example(row, tokenizer, loss)} for row in first_rows],
+        examples=[{"rendered": render_example(row, tokenizer, loss, max_length)} for row in first_rows],
     )
     parts.count = lambda effective: batch_figures(effective, len(train) - untrained)
     return parts
