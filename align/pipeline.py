@@ -30,6 +30,7 @@ from align.rundir import RunLock, check_output_dir, clear_for_fresh, remove_insi
 from align.runtime import (
     CURRENT_STAGE,
     choose_precision,
+    close_log_file,
     is_main_process,
     log_to_file,
     main_process_first,
@@ -413,6 +414,7 @@ def run_pipeline(
             CURRENT_STAGE.set("-")
             if is_main_process():
                 write_report(output_dir)
+            close_log_file()
 
 
 @contextlib.contextmanager
@@ -446,28 +448,38 @@ def hold_run_dir(run_dir: Path, recipe: Recipe, fresh: bool):
             lock.release()
 
 
-def stage_context(recipe: Recipe, stage_name: str, output_dir: Path) -> StageContext:
+def stage_context(recipe: Recipe, stage_name: str, output_dir: Path, write_to: Path | None = None) -> StageContext:
     """What `run_lm`, `run_sft` or `run_dpo` need to run one stage from Python, without the pipeline: the recipe
     preflighted and planned as a run would (every stage, so a later one is planned on an earlier one's
     architecture), the outputs of the earlier stages that completed in `output_dir`, and tracking off.
 
-    It takes no lock and writes no records: `run_pipeline` is the way to run a recipe; this is for a notebook or a
-    script that wants one stage's `StageResult`.
+    The stage writes its files under `write_to`, never into `output_dir`: a model replaced there would no longer be
+    the one its summary, its fingerprint and the later stages' inputs describe. Default: a new folder beside the
+    run, `<output_dir>+<stage>-<YYYYmmdd-HHMMSS>`. It takes no lock and writes no records: `run_pipeline` is the
+    way to run a recipe; this is for a notebook or a script that wants one stage's `StageResult`.
 
     Raises:
-        BadInput: the recipe's problems, a stage that does not exist, or an earlier stage it needs that has not
-            completed in `output_dir`.
+        BadInput: the recipe's problems, a stage that does not exist, an earlier stage it needs that has not
+            completed in `output_dir`, or `write_to` inside `output_dir`.
     """
     from align.recipe import Tracking
 
     names = [stage.name for stage in recipe.stages]
     if stage_name not in names:
         raise BadInput(f"no stage named '{stage_name}' (stages: {', '.join(names)})")
+    if write_to is None:
+        write_to = output_dir.with_name(f"{output_dir.name}+{stage_name}-{time.strftime('%Y%m%d-%H%M%S')}")
+    if write_to.resolve().is_relative_to(output_dir.resolve()):
+        raise BadInput(
+            f"write_to: {write_to} is inside the run directory {output_dir}: a stage run from Python would replace "
+            "files that the run's records describe",
+            hint="give another write_to, or rerun the stage into the run with align run (it reruns what changed)",
+        )
     precision = choose_precision(recipe.precision)
     specs, data = preflight(recipe)
-    plans = plan_stages(recipe, specs, data, precision, output_dir, [])
+    plans = plan_stages(recipe, specs, data, precision, write_to, [])
     quiet = Tracking.model_validate({"wandb": {"mode": "disabled"}})
-    state = RunState(recipe, output_dir, precision, Tracker(quiet, recipe.name, "python", output_dir), data, specs,
+    state = RunState(recipe, write_to, precision, Tracker(quiet, recipe.name, "python", write_to), data, specs,
                      plans)  # fmt: skip
     for stage in recipe.stages[: names.index(stage_name)]:
         summary = read_json(output_dir / stage.name / "summary.json") or {}

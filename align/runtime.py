@@ -204,6 +204,14 @@ def log_to_file(log_file: Path) -> None:
     root.addHandler(file_handler)
 
 
+def close_log_file() -> None:
+    """Stop writing to the run's align.log: what a Python session logs after a run is not that run's."""
+    root = logging.getLogger()
+    for handler in [h for h in root.handlers if isinstance(h, _FileHandler)]:
+        root.removeHandler(handler)
+        handler.close()
+
+
 def _quiet_library_handlers(level: str) -> None:
     """transformers and datasets install their own stderr handlers on import; route them through ours."""
     from datasets.utils import logging as ds_logging

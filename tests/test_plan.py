@@ -224,13 +224,21 @@ def test_a_stage_runs_from_python_without_the_pipeline(tmp_path, run_cli):
     with pytest.raises(BadInput, match="starts from '@lm', which has not completed"):
         stage_context(load_recipe(path), "sft", tmp_path / "run")
     assert run_cli(path, "--output-dir", tmp_path / "run", "--set", "stages.sft.train.max_steps=1")[0] == 0
+    run_files = {p: p.read_bytes() for p in (tmp_path / "run").rglob("*") if p.is_file()}
     ctx = stage_context(load_recipe(path), "sft", tmp_path / "run")
     with pytest.raises(AttributeError):
         ctx.plan = None  # read-only: a stage changes nothing another stage sees
     result = run_sft(ctx.stage, ctx)
     assert result.status == "completed" and result.metrics["global_step"] == 2
     assert result.metrics["eval_loss"] < result.metrics["eval_loss_before"] * 1.5
-    assert result.model_dir == tmp_path / "run" / "sft" / "model" and (result.model_dir / "config.json").is_file()
+    # Beside the run, never in it: the run's sft model is still the one its summary describes (it was replaced once).
+    (beside,) = tmp_path.glob("run+sft-*")
+    assert result.model_dir == beside / "sft" / "model" and (result.model_dir / "config.json").is_file()
+    assert {p: p.read_bytes() for p in (tmp_path / "run").rglob("*") if p.is_file()} == run_files
+    own = stage_context(load_recipe(path), "sft", tmp_path / "run", write_to=tmp_path / "mine")
+    assert own.run_dir == tmp_path / "mine"
+    with pytest.raises(BadInput, match="is inside the run directory"):
+        stage_context(load_recipe(path), "sft", tmp_path / "run", write_to=tmp_path / "run")
 
 
 def test_a_max_length_that_cuts_every_example_warns_and_the_plan_shows_the_cut(tmp_path, run_cli, caplog):
