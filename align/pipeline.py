@@ -22,7 +22,7 @@ from align import __version__, versions
 from align import stages as registry
 from align.card import write_model_card
 from align.context import RunState, StageContext
-from align.errors import AlignError, BadInput, GuardStopped, Interrupted, Problems, StageFailed
+from align.errors import AlignError, BadInput, GuardStopped, Interrupted, Problems, StageFailed, closest
 from align.files import read_json, write_json_atomic, write_text_atomic
 from align.plan import StagePlan, describe, plain
 from align.recipe import DataSpec, Recipe, ScratchModel, Stage, model_source, stage_ref, to_yaml
@@ -317,18 +317,83 @@ def planned_status(recipe: Recipe, specs: dict[str, DataSpec], precision: str, r
     return out
 
 
-class Records:
-    """pipeline.json and each stage's summary.json, rewritten atomically on every change."""
+def only_stages(recipe: Recipe, only: list[str] | None) -> set[str] | None:
+    """The stages `--only` names (None: every stage).
 
-    def __init__(self, recipe: Recipe, run_dir: Path):
+    Raises:
+        BadInput: a name that is no stage of the recipe.
+    """
+    if not only:
+        return None
+    names = [stage.name for stage in recipe.stages]
+    for name in only:
+        if name not in names:
+            guess = closest(name, names)
+            raise BadInput(f"--only: no stage named '{name}'" + (f" (did you mean '{guess}'?)" if guess else "")
+                           + f" (stages: {', '.join(names)})")  # fmt: skip
+    return set(only)
+
+
+def check_only(
+    recipe: Recipe, specs: dict[str, DataSpec], precision: str, run_dir: Path, selected: set[str]
+) -> dict[str, str]:
+    """With `--only`: every stage before the last one named that is not named must have completed in `run_dir` as
+    the recipe now describes it (its fingerprint), since the named stages start from it. Returns what happens to
+    each stage that is not run (kept as it is, or not run); writes nothing.
+
+    Raises:
+        BadInput: an earlier stage that is not named and has not completed there (or changed since), named.
+    """
+    names = [stage.name for stage in recipe.stages]
+    last = max(names.index(name) for name in selected)
+    outputs: dict[str, StageOutput] = {}
+    kept, problems = {}, []
+    for i, stage in enumerate(recipe.stages):
+        if i > last:
+            kept[stage.name] = "not run (after the stages --only names): its files are left as they are"
+            continue
+        fp = fingerprint(stage, specs[stage.name], input_identity(stage, recipe, outputs), recipe, precision)
+        stage_dir = run_dir / stage.name
+        if stage.name in selected:
+            outputs[stage.name] = StageOutput(stage.name, stage.kind, stage_dir / "model", fp)
+            continue
+        cached = _cached_summary(stage, stage_dir, fp)
+        if cached is None:
+            was = (read_json(stage_dir / "summary.json") or {}).get("status")
+            why = (
+                "it has not run there"
+                if was is None
+                else ("it changed since it ran" if was in ("completed", "cached") else f"it is {was}")
+            )
+            problems.append(f"--only {','.join(n for n in names if n in selected)}: stage {stage.name} comes before "
+                            f"and has not completed in {run_dir} as the recipe now describes it ({why})")  # fmt: skip
+            outputs[stage.name] = StageOutput(stage.name, stage.kind, stage_dir / "model", fp)  # for the later ones
+            continue
+        model_dir = Path(cached["model_dir"]) if cached.get("model_dir") else None
+        outputs[stage.name] = StageOutput(stage.name, stage.kind, model_dir, fp, "cached")
+        kept[stage.name] = f"kept as it is (completed, fingerprint {fp})"
+    if problems:
+        missing = [stage.name for stage in recipe.stages if any(f"stage {stage.name} comes" in p for p in problems)]
+        wanted = [n for n in names if n in selected or n in missing]
+        raise BadInput(problems, hint=f"run it too: --only {','.join(wanted)}; or run the recipe without --only")
+    return kept
+
+
+class Records:
+    """pipeline.json and each stage's summary.json, rewritten atomically on every change. `kept`: stages this run
+    leaves as they are (`--only`), whose entries are taken from the pipeline.json already there."""
+
+    def __init__(self, recipe: Recipe, run_dir: Path, kept: set[str] | frozenset[str] = frozenset()):
         self.run_dir = run_dir
+        before = {e.get("name"): e for e in (read_json(run_dir / "pipeline.json") or {}).get("stages", [])}
         self.pipeline: dict[str, Any] = {
             "name": recipe.name,
             "stages": [
+                before[s.name] if s.name in kept and s.name in before else
                 {"name": s.name, "kind": s.kind, "status": "pending", "fingerprint": None, "dir": str(run_dir / s.name)}
                 for s in recipe.stages
             ],
-        }
+        }  # fmt: skip
 
     def update(self, name: str, **fields: Any) -> None:
         for entry in self.pipeline["stages"]:
@@ -368,14 +433,18 @@ def run_pipeline(
     output_dir: Path,
     log_level: str = "info",
     fresh: bool = False,
+    only: list[str] | None = None,
 ) -> list[dict[str, Any]]:
     """Preflight every stage, then run them in order, holding the run directory; return each stage's summary.
+    `only`: run just these stages, on the earlier ones completed in `output_dir` (their files, and those of the
+    stages after, are left as they are); `fresh` then starts only these over.
 
     Raises:
         BadInput: a problem found before training started, or the run directory is in use (exit 2).
         StageFailed: a stage failed during training (exit 1); later stages are not run.
         Interrupted: SIGINT or SIGTERM stopped a stage after saving a checkpoint (exit 130 or 143).
     """
+    selected = only_stages(recipe, only)
     check_output_dir(output_dir, recipe, fresh)
     # A directory another run holds is refused now, not after preflight's seconds; the lock is taken below.
     busy = None
@@ -392,9 +461,10 @@ def run_pipeline(
         specs, data = preflight(recipe)
     # Every process plans together: the tokenized-data cache's lookups are collective.
     plans = plan_stages(recipe, specs, data, precision, output_dir, report_to(recipe.tracking.wandb))
+    kept = check_only(recipe, specs, precision.name, output_dir, selected) if selected else {}
 
     # Nothing is written before this point: bad input leaves an existing run directory as it was.
-    with hold_run_dir(output_dir, recipe, fresh):
+    with hold_run_dir(output_dir, recipe, fresh, selected):
         log_to_file(output_dir / "align.log")
         set_console_level(log_level)
         logger.info("align %s: recipe %s, %d stages -> %s", __version__, recipe.name, len(recipe.stages), output_dir)
@@ -405,11 +475,13 @@ def run_pipeline(
         group = f"{recipe.name}-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
         tracker = Tracker(recipe.tracking, recipe.name, group, output_dir)
         state = RunState(recipe, output_dir, precision, tracker, data, specs, plans)
-        records = Records(recipe, output_dir)
+        records = Records(recipe, output_dir, set(kept))
         records.write()
+        for name, what in kept.items():
+            logger.info("--only: %s %s", name, what)
         try:
             with stop_on_signals():
-                return _run_stages(state, records, fresh)
+                return _run_stages(state, records, fresh, selected)
         finally:
             CURRENT_STAGE.set("-")
             if is_main_process():
@@ -418,7 +490,7 @@ def run_pipeline(
 
 
 @contextlib.contextmanager
-def hold_run_dir(run_dir: Path, recipe: Recipe, fresh: bool):
+def hold_run_dir(run_dir: Path, recipe: Recipe, fresh: bool, selected: set[str] | None = None):
     """Lock the run directory for the whole run (main process), check it again under the lock, and clear what
     earlier runs wrote when `--fresh`. Every process learns the outcome, so none waits for a run that refused.
 
@@ -432,8 +504,9 @@ def hold_run_dir(run_dir: Path, recipe: Recipe, fresh: bool):
         try:
             lock.acquire()
             check_output_dir(run_dir, recipe, fresh)  # another run may have written here while we prepared
-            if fresh:
-                clear_for_fresh(run_dir, [stage.name for stage in recipe.stages])
+            if fresh:  # with --only, only those stages start over
+                names = [stage.name for stage in recipe.stages if not selected or stage.name in selected]
+                clear_for_fresh(run_dir, names, whole=not selected)
         except BadInput as exc:
             refusal = (exc.problems, exc.hint)
     refusal = same_on_every_rank(refusal)
@@ -505,17 +578,29 @@ def write_report(run_dir: Path) -> None:
         logger.warning("report.html could not be written: %s", exc)
 
 
-def _run_stages(state: RunState, records: Records, fresh: bool) -> list[dict[str, Any]]:
+def _run_stages(
+    state: RunState, records: Records, fresh: bool, selected: set[str] | None = None
+) -> list[dict[str, Any]]:
     recipe, specs, tracker = state.recipe, state.specs, state.tracker
     summaries = []
+    last = (
+        max(i for i, s in enumerate(recipe.stages, start=1) if s.name in selected) if selected else len(recipe.stages)
+    )
     for i, stage in enumerate(recipe.stages, start=1):
+        if i > last:
+            break  # --only: the stages after the last one named are not run
         CURRENT_STAGE.set(stage.name)
         raise_if_requested(f"before stage {stage.name}")
         fp = fingerprint(stage, specs[stage.name], input_identity(stage, recipe, state.outputs), recipe,
                          state.precision.name)  # fmt: skip
         stage_dir = state.run_dir / stage.name
-        cached = None if fresh else _cached_summary(stage, stage_dir, fp)
+        kept = selected is not None and stage.name not in selected
+        cached = None if fresh and not kept else _cached_summary(stage, stage_dir, fp)
         wait_for_everyone()
+        if kept:  # --only: an earlier stage, completed (check_only made sure), taken as it is and left untouched
+            model_dir = Path(cached["model_dir"]) if cached.get("model_dir") else None
+            state.outputs[stage.name] = StageOutput(stage.name, stage.kind, model_dir, fp, "cached")
+            continue
         if cached is not None:
             logger.info(
                 "[%d/%d] %s: unchanged since the last run (fingerprint %s): cached",
@@ -659,18 +744,23 @@ def _cached_summary(stage: Stage, stage_dir: Path, fp: str) -> dict[str, Any] | 
 # Dry run
 
 
-def dry_run(recipe: Recipe, output_dir: Path) -> str:
-    """Validate everything that can be validated without training and print the plan the run would execute.
+def dry_run(recipe: Recipe, output_dir: Path, only: list[str] | None = None) -> str:
+    """Validate everything that can be validated without training and print the plan the run would execute
+    (`only`: as `--only` would run it).
 
     Raises:
         BadInput: every problem found, as in a real run.
     """
+    selected = only_stages(recipe, only)
     precision = choose_precision(recipe.precision)
     specs, data = preflight(recipe)
     plans = plan_stages(recipe, specs, data, precision, output_dir, report_to(recipe.tracking.wandb))
     lines = [f"preflight: recipe {recipe.name}, {len(recipe.stages)} stages, output {output_dir}",
              f"precision: {precision.name} ({precision.reason})"]  # fmt: skip
     status = planned_status(recipe, specs, precision.name, output_dir)
+    if selected:
+        status.update({name: f"--only: {what}" for name, what in
+                       check_only(recipe, specs, precision.name, output_dir, selected).items()})  # fmt: skip
     for plan, stage in zip(plans.values(), recipe.stages, strict=True):
         plan.details = {"run": status[stage.name], **plan.details}
         split = data[stage.name]

@@ -40,6 +40,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--fresh", action="store_true", help="start over: delete what earlier runs wrote in the run directory"
     )
+    parser.add_argument(
+        "--only",
+        metavar="STAGE[,STAGE]",
+        help="run only these stages, on the earlier ones completed in the output directory (the others untouched)",
+    )
     parser.add_argument("--log-level", choices=["debug", "info", "warning"], help="console level (default: recipe's)")
     parser.add_argument("--offline", action="store_true", help="never contact the Hugging Face Hub")
     return parser.parse_args(argv)
@@ -96,11 +101,12 @@ def _main(args: argparse.Namespace) -> int:
         check_hub(args.offline)
     elif args.offline:
         check_hub(True)
+    only = [name.strip() for name in args.only.split(",") if name.strip()] if args.only else None
     if args.dry_run:
-        print(dry_run(recipe, output_dir))
+        print(dry_run(recipe, output_dir, only))
         return 0
 
-    summaries = run_pipeline(recipe, output_dir=output_dir, log_level=level, fresh=args.fresh)
+    summaries = run_pipeline(recipe, output_dir=output_dir, log_level=level, fresh=args.fresh, only=only)
     if is_main_process():
         print(results_table(summaries))
     return 0

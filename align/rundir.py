@@ -111,21 +111,23 @@ def remove_inside(run_dir: Path, target: Path) -> None:
         resolved.unlink()
 
 
-def clear_for_fresh(run_dir: Path, stage_names: list[str]) -> None:
+def clear_for_fresh(run_dir: Path, stage_names: list[str], whole: bool = True) -> None:
     """`--fresh`: remove what earlier runs wrote (log, records, report, trackers' runs, stage folders), so nothing
     stale survives — the old `align.log`, or wandb runs that `wandb sync` would upload — and keep files the user put
-    there."""
+    there. Not `whole` (`--fresh --only`): only the named stages' folders, the run's records kept for the others."""
     if not run_dir.is_dir():
         return
     old = read_json(run_dir / "pipeline.json") or {}
-    names = set(stage_names) | {s.get("name") for s in old.get("stages", []) if isinstance(s, dict)}
+    names = set(stage_names)
+    if whole:
+        names |= {s.get("name") for s in old.get("stages", []) if isinstance(s, dict)}
     removed = []
     for name in sorted(n for n in names if isinstance(n, str)):
         folder = run_dir / name
         if folder.is_dir() and (folder / "summary.json").is_file():
             remove_inside(run_dir, folder)
             removed.append(name + "/")
-    for name in (*RUN_FILES, *RUN_DIRS):
+    for name in (*RUN_FILES, *RUN_DIRS) if whole else ():
         if (run_dir / name).exists():
             remove_inside(run_dir, run_dir / name)
             removed.append(name)

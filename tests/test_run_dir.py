@@ -192,3 +192,51 @@ def test_plain_pytest_collects_from_the_repository_root():
         cwd=REPO, capture_output=True, text=True, timeout=120,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+
+
+# --------------------------------------------------------------------------------------------------
+# --only
+
+
+def test_only_runs_the_named_stages_on_the_earlier_ones_and_leaves_the_others_untouched(tmp_path, run_cli):
+    recipe = short_recipe(stage={"model": {**tiny_lm_recipe()["stages"][0]["model"], "n_positions": 128}})
+    small = {"max_length": 128, "max_steps": 2, "per_device_train_batch_size": 4, "logging_steps": 1, "eval_steps": 2}
+    rows = {"max_train_rows": 16, "max_eval_rows": 4}
+    recipe["stages"] += [
+        {"name": "sft", "kind": "sft", "data": {"card": "python-docs-instruct", **rows}, "train": dict(small),
+         "generations": 0},
+        {"name": "dpo", "kind": "dpo", "data": {"card": "python-docs-preferences", **rows}, "train": dict(small),
+         "generations": 0},
+    ]  # fmt: skip
+    path, run_dir = write_yaml(tmp_path / "r.yaml", recipe), tmp_path / "run"
+
+    code, _, err = run_cli(path, "--output-dir", run_dir, "--only", "sft")
+    assert (
+        code == 2 and "--only sft: stage lm comes before and has not completed in" in err and "(it has not run" in err
+    )
+    assert "hint: run it too: --only lm,sft" in err and not run_dir.exists()
+    code, _, err = run_cli(path, "--output-dir", run_dir, "--only", "stf")
+    assert code == 2 and "--only: no stage named 'stf' (did you mean 'sft'?)" in err
+
+    assert run_cli(path, "--output-dir", run_dir)[0] == 0
+
+    def files(stage):
+        return {p: p.read_bytes() for p in (run_dir / stage).rglob("*") if p.is_file()}
+
+    lm, dpo, sft = files("lm"), files("dpo"), json.loads((run_dir / "sft" / "summary.json").read_text())
+    changed = ["--set", "stages.sft.train.learning_rate=1e-3"]
+    code, out, err = run_cli(path, "--output-dir", run_dir, "--only", "sft", "--dry-run", *changed)
+    assert code == 0 and "run: --only: kept as it is (completed" in out and "run: --only: not run" in out, out + err
+    code, out, err = run_cli(path, "--output-dir", run_dir, "--only", "sft", *changed)
+    assert code == 0, err
+    again = json.loads((run_dir / "sft" / "summary.json").read_text())
+    assert again["status"] == "completed" and again["fingerprint"] != sft["fingerprint"], "sft ran with the new rate"
+    assert files("lm") == lm and files("dpo") == dpo, "the stages --only did not name are left as they were"
+    pipeline = {s["name"]: s for s in json.loads((run_dir / "pipeline.json").read_text())["stages"]}
+    assert pipeline["lm"]["status"] in ("completed", "cached") and pipeline["dpo"]["status"] in ("completed", "cached")
+    assert [line.split()[0] for line in out.splitlines()[1:] if line.strip()][:1] == ["sft"], out
+
+    # An earlier stage changed since it ran: the named stage would start from a model the recipe no longer makes.
+    code, _, err = run_cli(path, "--output-dir", run_dir, "--only", "dpo", "--set", "stages.lm.train.max_steps=3")
+    assert code == 2 and "stage lm comes before" in err and "(it changed since it ran)" in err
+    assert "stage sft comes before" in err, "sft changed too (its input lm did): both are named"
