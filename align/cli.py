@@ -4,6 +4,7 @@
     align report RUN_DIR             same as `python -m align.report`
     align chat MODEL [...]           talk to a trained model (align/chat.py)
     align push RUN_DIR [...]         upload a stage's model to the Hugging Face Hub (align/push.py)
+    align merge RUN_DIR OUT [...]    a stage's LoRA adapters merged into their base (align/merge.py)
     align schema [-o FILE]           the recipe's JSON Schema, for editors (align/schema.py)
 
 Nothing heavy (torch, transformers) is imported before a subcommand has parsed its arguments, so every `--help`
@@ -25,6 +26,7 @@ COMMANDS = {
     "report": "(re)build RUN_DIR/report.html (= python -m align.report)",
     "chat": "chat with a trained model, prompts rendered as in its training",
     "push": "upload a stage's model and its model card to the Hugging Face Hub (HF_TOKEN)",
+    "merge": "save a stage's LoRA adapters merged into their base: plain weights, loadable without peft",
     "schema": "print the recipe's JSON Schema (every key, its type, default and help), for editors",
 }
 
@@ -87,6 +89,10 @@ def main(argv: list[str] | None = None) -> int:
         from align import push
 
         return push.main(rest)
+    if command == "merge":
+        from align import merge
+
+        return merge.main(rest)
     if command == "schema":
         from align import schema
 

@@ -94,7 +94,7 @@ def main(argv: list[str] | None = None, prog: str = "align push") -> int:
     from align.saved import find_model
 
     try:
-        saved = find_model(args.run_dir, args.stage)
+        saved = find_model(args.run_dir, args.stage, any_model=True)
         if not (saved.path / "README.md").is_file():
             logger.warning("%s has no model card (README.md): saved before align wrote one", saved.path)
         token = check_can_push()

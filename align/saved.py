@@ -46,9 +46,10 @@ def holds_model(path: Path) -> bool:
     return (path / "config.json").is_file() or (path / "adapter_config.json").is_file()
 
 
-def find_model(path: str | Path, stage: str | None = None) -> SavedModel:
+def find_model(path: str | Path, stage: str | None = None, any_model: bool = False) -> SavedModel:
     """The model a path means: a `model/` directory as it is; a stage folder (`runs/x/sft`) its `model/`; a run
     directory its stage `stage`, or without one its last completed policy stage (a kind that makes one).
+    `any_model` (push, merge): a named stage may be a reward model too; else (chat) only a model that generates.
 
     Raises:
         BadInput: no such directory, no model in it, no such stage, or a stage with no saved model.
@@ -57,7 +58,7 @@ def find_model(path: str | Path, stage: str | None = None) -> SavedModel:
     if not path.is_dir():
         raise BadInput(f"{path}: no such directory", hint="give a model/ directory or a run directory")
     if (path / "pipeline.json").is_file():
-        return run_stage_model(path, stage)
+        return run_stage_model(path, stage, any_model)
     if stage is not None:
         raise BadInput(f"--stage {stage}: {path} is not a run directory (it has no pipeline.json)")
     if (path / "summary.json").is_file() and holds_model(path / "model"):
@@ -86,8 +87,8 @@ def run_stages(run_dir: Path) -> list[dict[str, Any]]:
     return stages
 
 
-def run_stage_model(run_dir: Path, stage: str | None) -> SavedModel:
-    """A run's stage `stage`, or its last completed policy stage.
+def run_stage_model(run_dir: Path, stage: str | None, any_model: bool = False) -> SavedModel:
+    """A run's stage `stage`, or its last completed policy stage (`any_model`: `stage` may make a reward model).
 
     Raises:
         BadInput: no such stage, a stage that is not a policy stage, or one without a saved model.
@@ -107,7 +108,9 @@ def run_stage_model(run_dir: Path, stage: str | None) -> SavedModel:
                 + (f" (did you mean '{guess}'?)" if guess else f" (its stages: {', '.join(names)})")
             )
         entry = stages[names.index(stage)]
-        if not registry.makes(entry["kind"], "policy"):
+        if any_model and not (registry.makes(entry["kind"], "policy") or registry.makes(entry["kind"], "reward_model")):
+            raise BadInput(f"--stage {stage}: {registry.a_kind(entry['kind'])} stage, which saves no model")
+        if not any_model and not registry.makes(entry["kind"], "policy"):
             only = ", ".join(registry.making("policy"))
             raise BadInput(f"--stage {stage}: {registry.a_kind(entry['kind'])} stage; only {only} stages generate")
     model = run_dir / entry["name"] / "model"

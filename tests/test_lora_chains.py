@@ -205,3 +205,48 @@ def test_an_adapter_directory_as_model_path_trains_and_a_missing_base_is_refused
     errors = [line for line in err.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "the base model of the adapters in" in errors[0] and "nobody/missing-base" in errors[0]
     assert not (tmp_path / "run2").exists(), "nothing written"
+
+
+@pytest.mark.parametrize("name", ["sft_adapter", "sft_scratch_adapter"])
+def test_align_merge_saves_plain_weights_whose_logits_are_the_adapters(upstream, tmp_path, name, capsys):
+    import torch
+    from peft import AutoPeftModelForCausalLM
+    from transformers import AutoModelForCausalLM
+
+    from align.cli import main
+
+    out = tmp_path / "merged"
+    assert main(["merge", str(upstream), str(out), "--stage", name]) == 0
+    assert not (out / "adapter_config.json").exists() and (out / "model.safetensors").is_file()
+    assert (out / "align_prompts.json").is_file() and "## Merged" in (out / "README.md").read_text()
+    plain = AutoModelForCausalLM.from_pretrained(out).eval()  # plain transformers, no peft
+    adapters = AutoPeftModelForCausalLM.from_pretrained(upstream / name / "model").eval()
+    ids = torch.randint(0, plain.config.vocab_size, (2, 24), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.allclose(plain(ids).logits, adapters(ids).logits, atol=1e-5)
+    # Nothing overwritten, and nothing to merge in full weights.
+    assert main(["merge", str(upstream), str(out), "--stage", name]) == 2
+    assert "exists and is not empty: nothing overwritten" in capsys.readouterr().err
+    assert main(["merge", str(upstream), str(tmp_path / "other"), "--stage", "sft_full"]) == 2
+    assert "full weights, not LoRA adapters: nothing to merge" in capsys.readouterr().err
+    assert not (tmp_path / "other").exists()
+
+
+def test_push_and_merge_take_a_reward_model_stage_and_name_a_stage_that_saves_none(tmp_path):
+    """`align push --stage rm` was refused with chat's "only lm, sft, dpo stages generate"."""
+    from align.errors import BadInput
+    from align.saved import find_model
+
+    run = tmp_path / "run"
+    (run / "rm" / "model").mkdir(parents=True)
+    (run / "rm" / "model" / "config.json").write_text("{}")
+    (run / "rm" / "summary.json").write_text(json.dumps({"stage": "rm", "kind": "rm", "status": "completed"}))
+    (run / "eval").mkdir()
+    (run / "eval" / "summary.json").write_text(json.dumps({"stage": "eval", "kind": "eval", "status": "completed"}))
+    (run / "pipeline.json").write_text(json.dumps({"stages": [{"name": "rm", "kind": "rm"},
+                                                              {"name": "eval", "kind": "eval"}]}))  # fmt: skip
+    assert find_model(run, "rm", any_model=True).path == run / "rm" / "model"
+    with pytest.raises(BadInput, match="only .* stages generate"):
+        find_model(run, "rm")  # chat: a reward model does not generate
+    with pytest.raises(BadInput, match="--stage eval: an eval stage, which saves no model"):
+        find_model(run, "eval", any_model=True)

@@ -1,0 +1,89 @@
+"""`align merge RUN_DIR [--stage NAME] OUT`: a stage's LoRA adapters merged into their base and saved as plain
+weights (safetensors), with the tokenizer, the prompt format `align chat` follows and the model card, so that
+`transformers.AutoModelForCausalLM.from_pretrained(OUT)` (or a server such as vLLM) loads it without peft.
+
+The folder it writes must not exist or be empty: nothing already on disk is overwritten. A stage that saved full or
+merged weights has nothing to merge, and says so.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import shutil
+import sys
+from pathlib import Path
+
+from align.errors import AlignError, BadInput, print_error
+
+logger = logging.getLogger(__name__)
+
+# Files of a stage's model/ that are not weights and travel with the merged model.
+CARRIED = ("README.md", "align_prompts.json")
+
+
+def build_parser(prog: str = "align merge") -> argparse.ArgumentParser:
+    """The parser of `align merge` (no heavy import: `--help` is instant)."""
+    parser = argparse.ArgumentParser(
+        prog=prog,
+        description="Save a stage's LoRA adapters merged into their base model, loadable by plain transformers.",
+    )
+    parser.add_argument("run_dir", type=Path, help="the run directory (or a stage's model/ directory)")
+    parser.add_argument("out", type=Path, help="the folder to write (new or empty)")
+    parser.add_argument("--stage", help="the stage whose adapters to merge (default: the last completed policy stage)")
+    return parser
+
+
+def merge_adapters(source: Path, out: Path, reward_model: bool = False) -> Path:
+    """Merge the adapters in `source` (a model/ directory with adapter_config.json) into the base they name and
+    save the result in `out`, with the tokenizer and align's files beside the weights. Returns `out`.
+
+    Raises:
+        BadInput: `source` holds no adapters, or `out` is not new or empty.
+    """
+    if not (source / "adapter_config.json").is_file():
+        raise BadInput(
+            f"{source}: full weights, not LoRA adapters: nothing to merge",
+            hint=f"load it as it is: AutoModelForCausalLM.from_pretrained('{source}')",
+        )
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise BadInput(f"{out}: exists and is not empty: nothing overwritten", hint="give a new folder")
+    from peft import AutoPeftModelForCausalLM, AutoPeftModelForSequenceClassification
+    from transformers import AutoTokenizer
+
+    auto = AutoPeftModelForSequenceClassification if reward_model else AutoPeftModelForCausalLM
+    model = auto.from_pretrained(str(source), **({"num_labels": 1} if reward_model else {}))
+    merged = model.merge_and_unload()
+    out.mkdir(parents=True, exist_ok=True)
+    merged.save_pretrained(out, safe_serialization=True)
+    AutoTokenizer.from_pretrained(str(source)).save_pretrained(out)
+    for name in CARRIED:
+        if (source / name).is_file():
+            shutil.copy2(source / name, out / name)
+    card = out / "README.md"
+    if card.is_file():
+        note = (f"\n\n## Merged\n\nThe LoRA adapters of `{source}` merged into their base "
+                f"(`{model.peft_config['default'].base_model_name_or_path}`) by `align merge`: plain weights, loadable "
+                "without peft.\n")  # fmt: skip
+        card.write_text(card.read_text(encoding="utf-8").rstrip() + note, encoding="utf-8")
+    logger.info("merged %s into %s", source, out)
+    return out
+
+
+def main(argv: list[str] | None = None, prog: str = "align merge") -> int:
+    args = build_parser(prog).parse_args(argv)
+    from align.runtime import setup_logging
+    from align.saved import find_model
+
+    setup_logging("info")
+    try:
+        saved = find_model(args.run_dir, args.stage, any_model=True)
+        merge_adapters(saved.path, args.out, reward_model=saved.kind == "rm")
+    except AlignError as exc:
+        return print_error(exc)
+    print(f"merged {saved.label()} into {args.out}: load it with AutoModelForCausalLM.from_pretrained('{args.out}')")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(prog="python -m align.merge"))
