@@ -103,14 +103,15 @@ def read_card_fields(path: Path) -> dict[str, Any]:
     return fields
 
 
-def resolve_data(ref: DataRef, base_dir: Path, where: str) -> DataSpec:
-    """A stage's `data:` as a full spec: the card's fields with the stage's own fields on top.
+def resolve_data(ref: DataRef, base_dir: Path, where: str, accepts: Iterable[str] | None = None) -> DataSpec:
+    """A stage's `data:` as a full spec: the card's fields with the stage's own fields on top. `accepts`: the
+    formats the stage takes, so that a mix's source of another format is named for that, not for the mismatch.
 
     Raises:
         BadInput: unknown card, unknown keys in the card, or an incomplete inline spec.
     """
     if ref.mix is not None:
-        return _resolve_mix(ref, base_dir, where)
+        return _resolve_mix(ref, base_dir, where, tuple(accepts) if accepts is not None else None)
     given = ref.model_dump(exclude_none=True, exclude={"card"})
     label = where
     if ref.card is not None:
@@ -138,7 +139,7 @@ def resolve_data(ref: DataRef, base_dir: Path, where: str) -> DataSpec:
 MIXES_AS = {"preference_implicit": "preference"}
 
 
-def _resolve_mix(ref: DataRef, base_dir: Path, where: str) -> DataSpec:
+def _resolve_mix(ref: DataRef, base_dir: Path, where: str, accepts: tuple[str, ...] | None = None) -> DataSpec:
     """A `data: {mix: [...]}` as a spec whose `mix` holds every source resolved (its card expanded), named, weighted,
     and whose `format` is the one the sources' rows are brought to.
 
@@ -177,12 +178,20 @@ def _resolve_mix(ref: DataRef, base_dir: Path, where: str) -> DataSpec:
         taken.add(name)
         source.name = name
     formats = [MIXES_AS.get(s.format, s.format) for s in sources]
+    if len(set(formats)) > 1 and accepts is not None:  # a source the stage cannot take: that is the problem
+        refused = [f"{where}.mix.{i}.format: '{s.format}' cannot feed this stage (use {', '.join(accepts)})"
+                   for i, s in enumerate(sources) if s.format not in accepts]  # fmt: skip
+        if refused:
+            raise BadInput(refused)
     for i, fmt in enumerate(formats):
         if fmt != formats[0]:
+            preference = any(f.startswith("preference") for f in (sources[0].format, sources[i].format))
             raise BadInput(
                 f"{where}.mix.{i}.format: '{sources[i].format}' cannot be mixed with '{sources[0].format}' "
                 f"({where}.mix.0): a mix's rows share one format",
-                hint="bring the sources to one format (preference and preference_implicit mix, as preference)",
+                hint="preference and preference_implicit mix (as preference); other formats do not"
+                if preference
+                else "give every source the same format (map its columns to that format's fields)",
             )
     return DataSpec(name=ref.name or "mix", format=formats[0], mix=sources, mix_rows=ref.mix_rows)
 
@@ -744,6 +753,10 @@ def _load_files(paths: list[Path]) -> tuple[Dataset, list[int]]:
         if path.stat().st_size == 0 or not path.read_bytes()[:4096].strip():
             raise BadInput(f"{path}: empty file")
         builder = FILE_BUILDERS[path.suffix.lower()]
+        lines = path.read_text(errors="replace").splitlines() if path.stat().st_size < 1 << 16 else ["header", "row"]
+        if builder == "csv" and sum(1 for line in lines if line.strip()) <= 1:
+            # datasets says only 'Instruction "train" corresponds to no data!'
+            raise BadInput(f"{path}: a header line and no rows")
         # datasets logs its own ERROR for a broken file; ours names the line, so theirs is held back.
         quiet = logging.getLogger("datasets.packaged_modules")
         level, quiet.level = quiet.level, logging.CRITICAL

@@ -18,12 +18,12 @@ from align.errors import BadInput, closest, unknown_key_message
 from align.recipe import (
     Recipe,
     Stage,
-    _blame,
     _dedupe,
     _format_error,
     _model_of,
     _unknown_keys,
     apply_overrides,
+    blame,
     check_recipe,
     check_train,
     load_yaml,
@@ -67,12 +67,12 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
             errors = [e for e in errors if tuple(e["loc"][:1]) != ("stages",)]
         problems += [_format_error(err, raw) for err in errors]
         problems += stage_problems
-        raise BadInput([_blame(p, path, overrides) for p in _dedupe(problems)]) from None
+        raise BadInput([blame(p, path, overrides) for p in _dedupe(problems)]) from None
     problems += stage_problems
     if not problems:
         problems += check_recipe(recipe)
     if problems:
-        raise BadInput([_blame(p, path, overrides) for p in _dedupe(problems)])
+        raise BadInput([blame(p, path, overrides) for p in _dedupe(problems)])
     recipe._path = path
     recipe._overridden = frozenset(item.partition("=")[0].strip() for item in overrides or [])
     resolve_local_models(recipe)

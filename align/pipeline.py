@@ -58,6 +58,9 @@ def resolved_recipe(recipe: Recipe, specs: dict[str, DataSpec] | None = None) ->
             for part, given_part in [(expanded, spec), *zip(expanded.get("mix") or [], spec.mix or [], strict=True)]:
                 if given_part.source is not None:
                     part["source"] = given_part.source.model_dump(mode="json", exclude_none=True)
+            if spec.mix is not None:  # as a recipe takes it back: the sources' own fields, nothing beside `mix:`
+                expanded = {"mix": expanded["mix"], **({"mix_rows": spec.mix_rows} if spec.mix_rows else {}),
+                            **({"name": given.data.name} if given.data.name else {})}  # fmt: skip
             stage["data"] = {"card": given.data.card, **expanded}
         else:
             stage["data"] = {k: v for k, v in stage["data"].items() if v is not None}
@@ -126,8 +129,9 @@ def resolve_specs(recipe: Recipe) -> dict[str, DataSpec]:
     for stage in recipe.stages:
         where = f"stages.{stage.name}.data"
         try:
-            specs[stage.name] = spec = resolve_data(stage.data, recipe.base_dir, where)
-            found.add(check_format(spec, registry.get(stage.kind), where))
+            kind = registry.get(stage.kind)
+            specs[stage.name] = spec = resolve_data(stage.data, recipe.base_dir, where, accepts=kind.formats)
+            found.add(check_format(spec, kind, where))
         except BadInput as exc:
             found.absorb(exc)
     found.raise_if_any()

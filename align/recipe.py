@@ -481,7 +481,10 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str], source: str = "--
         node: Any = raw
         for i, part in enumerate(parts[:-1]):
             if isinstance(node, list):
-                node = _stage_by_name(node, part, f"{source} {key}")
+                if parts[:i] == ["stages"]:
+                    node = _stage_by_name(node, part, f"{source} {key}")
+                else:
+                    node = _list_item(node, part, f"{source} {key}", ".".join(parts[:i]))
                 continue
             nxt = node.get(part)
             if nxt is None:
@@ -495,6 +498,23 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str], source: str = "--
     return raw
 
 
+def _list_item(items: list[Any], part: str, where: str, path: str) -> Any:
+    """An entry of a list other than `stages` (a mix's sources, an eval's judges): by its index, as error messages
+    spell it (`mix.1`), or by the `name:` it was given.
+
+    Raises:
+        BadInput: no entry of that index or name.
+    """
+    for item in items:
+        if isinstance(item, dict) and item.get("name") == part:
+            return item
+    if part.isdigit() and int(part) < len(items):
+        return items[int(part)]
+    named = [str(item["name"]) for item in items if isinstance(item, dict) and item.get("name")]
+    also = f", or one of the names given: {', '.join(named)}" if named else ""
+    raise BadInput(f"{where}: {path} has no entry '{part}' (its entries are 0 to {len(items) - 1}{also})")
+
+
 def _stage_by_name(stages: list[Any], part: str, where: str) -> dict[str, Any]:
     names = [s.get("name", s.get("kind")) for s in stages if isinstance(s, dict)]
     for stage in stages:
@@ -506,7 +526,7 @@ def _stage_by_name(stages: list[Any], part: str, where: str) -> dict[str, Any]:
     raise BadInput(message if "did you mean" in message else f"{message} (stages: {', '.join(map(str, names))})")
 
 
-def _blame(problem: str, path: Path, overrides: list[str] | None) -> str:
+def blame(problem: str, path: Path, overrides: list[str] | None) -> str:
     """A problem named after where its value came from: `--set KEY=VALUE` for a value given on the command line
     (the file does not hold it), else the recipe file."""
     where = problem.split(":", 1)[0]
@@ -573,8 +593,9 @@ def _unknown_keys(
     enclosing section's path and fields, for a key written one level too deep (`peft: {merge: true}`)."""
     if isinstance(node, list):
         for i, item in enumerate(node):
-            label = item.get("name") if isinstance(item, dict) and item.get("name") else str(i)
-            yield from _unknown_keys(item, model, f"{where}.{label}", raw)
+            # A stage by its name, any other entry by its index: as `--set` spells them (`stages.sft.data.mix.1`).
+            named = where.lstrip(".") == "stages" and isinstance(item, dict) and item.get("name")
+            yield from _unknown_keys(item, model, f"{where}.{item['name'] if named else i}", raw)
         return
     if not isinstance(node, dict):
         return

@@ -14,7 +14,7 @@ import traceback
 from pathlib import Path
 from typing import Any
 
-from align.errors import AlignError, print_error
+from align.errors import AlignError, BadInput, print_error
 
 logger = logging.getLogger("align.run")
 
@@ -85,6 +85,18 @@ def _main(args: argparse.Namespace) -> int:
     from align.loader import load_recipe
 
     recipe = load_recipe(args.recipe, args.overrides)  # before the heavy imports: a recipe's typo is named at once
+    try:
+        return _run_recipe(args, recipe)
+    except BadInput as exc:
+        # Preflight's problems name a recipe path (`stages.sft.data.mix.1.weight`); the line also names the file, or
+        # the `--set` that gave the value, as the loader's own problems do.
+        from align.recipe import blame
+
+        exc.problems = [blame(p, args.recipe, args.overrides) if p.startswith("stages.") else p for p in exc.problems]
+        raise
+
+
+def _run_recipe(args: argparse.Namespace, recipe: Any) -> int:
     from align.pipeline import dry_run, print_config, resolve_specs, run_pipeline
     from align.runtime import check_hub, is_main_process, set_console_level
 

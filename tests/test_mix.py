@@ -125,6 +125,28 @@ def test_the_card_and_dry_run_show_the_mix(sft_mix_run, run_cli):
     assert "domain: 48 of 48 train rows (40.0% of rows" in out
 
 
+def test_the_resolved_recipe_of_a_mix_runs_again_as_the_same_stage(sft_mix_run, run_cli, monkeypatch):
+    """recipe.yaml (and the card's and report's copies) once wrote the defaults back beside `mix:`, which the loader
+    refuses: the run's own record could not be run again. (Run again, it is planned as `runs again`, as any resolved
+    recipe is: the stage's fingerprint hashes its `data:` as written, card names expanded.)"""
+    import yaml
+
+    monkeypatch.chdir(sft_mix_run)  # the sources, named as written (relative), are found from here
+    resolved = sft_mix_run / "run" / "recipe.yaml"
+    data = yaml.safe_load(resolved.read_text())["stages"][0]["data"]
+    assert set(data) <= {"card", "name", "mix", "mix_rows"} and data["mix"][1]["weight"] == 1
+    code, out, err = run_cli(resolved, "--output-dir", sft_mix_run / "run", "--dry-run")
+    assert code == 0, err
+    assert "chat: 144 of 190 train rows (75.0% of rows, " in out and "domain: 48 of 48 train rows" in out
+    from align.loader import load_recipe
+    from align.pipeline import resolve_specs
+
+    specs = [
+        resolve_specs(load_recipe(path))["sft"].model_dump(mode="json") for path in (sft_mix_run / "r.yaml", resolved)
+    ]
+    assert specs[0] == specs[1], "the same sources, weights and settings"
+
+
 def test_mix_rows_repeats_a_source_and_says_so(tmp_path, caplog):
     from align.data import load_data, resolve_data
     from align.recipe import DataRef
@@ -208,19 +230,22 @@ def test_a_source_that_got_worse_while_the_total_improved_is_named():
         ({"weight": "heavy"}, "stages.sft.data.mix.1.weight", "valid number"),
         ({"weight": float("inf")}, "stages.sft.data.mix.1.weight", "finite number"),
         ({"source": {"files": ["empty.jsonl"]}}, "stages.sft.data.mix.1", "empty file"),
-        ({"format": "preference", "columns": {}}, "stages.sft.data.mix.1.format", "cannot be mixed"),
+        ({"source": {"files": ["header.csv"]}}, "stages.sft.data.mix.1", "header.csv: a header line and no rows"),
+        ({"format": "preference", "columns": {}}, "stages.sft.data.mix.1.format", "'preference' cannot feed this"),
         ({"format": "text", "columns": {"text": "instruction"}}, "stages.sft.data.mix.1.format", "cannot be mixed"),
     ],
 )
 def test_bad_mix_entries_are_exit_2_named_as_set_spells_them(tmp_path, run_cli, change, where, message):
     write_sources(tmp_path)
     (tmp_path / "empty.jsonl").write_text("")
+    (tmp_path / "header.csv").write_text("instruction, output\n")
     recipe = sft_mix()
     recipe["stages"][0]["data"]["mix"][1].update(change)
     code, _, err = run_cli(write_yaml(tmp_path / "r.yaml", recipe), "--output-dir", tmp_path / "run")
     assert code == 2, err
     line = next(x for x in err.splitlines() if x.startswith("error:"))
     assert where in line and message in line, line
+    assert line.startswith(f"error: {tmp_path / 'r.yaml'}: stages.sft.data.mix.1"), "the line names the recipe file"
     assert not (tmp_path / "run" / "sft").exists(), "nothing trained"
 
 
@@ -257,3 +282,19 @@ def test_an_eval_stage_refuses_a_mix(tmp_path):
     assert problem.startswith("stages.eval.data.mix: ") and "one source" in problem
     with pytest.raises(BadInput, match=r"d\.mix\.0: give `card: NAME`"):
         resolve_data(DataRef.model_validate({"mix": [{"format": "text", "weight": 1}]}), tmp_path, "d")
+
+
+def test_a_mix_entry_is_addressed_by_its_index_or_given_name(tmp_path, run_cli):
+    """`--set ...mix.2.weight` on a two-source mix once crashed (exit 1, KeyError); a misspelt key in an entry was
+    named by the entry's name, not by the index `--set` takes."""
+    write_sources(tmp_path)
+    path = write_yaml(tmp_path / "r.yaml", sft_mix())
+    code, _, err = run_cli(path, "--dry-run", "--set", "stages.sft.data.mix.2.weight=1")
+    assert code == 2 and "stages.sft.data.mix has no entry '2' (its entries are 0 to 1, or one of the names" in err
+    code, out, err = run_cli(path, "--dry-run", "--output-dir", tmp_path / "run", "--set",
+                             "stages.sft.data.mix.domain.weight=3")  # fmt: skip
+    assert code == 0 and "domain: 48 of 48 train rows (50.0% of rows" in out, out + err
+    recipe = sft_mix()
+    recipe["stages"][0]["data"]["mix"][1]["wieght"] = 1
+    code, _, err = run_cli(write_yaml(tmp_path / "r.yaml", recipe), "--dry-run")
+    assert code == 2 and "stages.sft.data.mix.1: unknown key 'wieght' (did you mean 'weight'?)" in err, err
