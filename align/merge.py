@@ -78,7 +78,10 @@ def main(argv: list[str] | None = None, prog: str = "align merge") -> int:
     setup_logging("info")
     try:
         saved = find_model(args.run_dir, args.stage, any_model=True)
-        merge_adapters(saved.path, args.out, reward_model=saved.kind == "rm")
+        from align import stages as registry
+
+        reward_model = saved.kind is not None and registry.makes(saved.kind, "reward_model")
+        merge_adapters(saved.path, args.out, reward_model=reward_model)
     except AlignError as exc:
         return print_error(exc)
     print(f"merged {saved.label()} into {args.out}: load it with AutoModelForCausalLM.from_pretrained('{args.out}')")

@@ -64,6 +64,7 @@ def test_dataset_fingerprint_follows_rows():
     assert cache.dataset_fingerprint(ds.select([2, 1, 0])) != cache.dataset_fingerprint(ds), "order is content"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("trainer", "must_read"),
     [("SFTTrainer", {"max_length", "truncation_mode", "assistant_only_loss", "dataset_text_field"}),
@@ -193,6 +194,7 @@ def hits(run_dir) -> list[str]:
     return sorted(re.findall(r"(\w+ \w+): " + HIT, text))
 
 
+@pytest.mark.slow
 def test_second_run_takes_every_stage_data_from_the_cache(three_runs):
     assert hits(three_runs / "first") == []
     assert hits(three_runs / "second") == sorted(
@@ -205,6 +207,7 @@ def test_second_run_takes_every_stage_data_from_the_cache(three_runs):
         assert second["train_tokens"] == first["train_tokens"], stage
 
 
+@pytest.mark.slow
 def test_a_changed_setting_misses_only_where_it_is_read(three_runs):
     assert hits(three_runs / "third") == sorted(["lm train", "lm eval", "dpo train", "dpo eval"])
     third = json.loads((three_runs / "third" / "sft" / "summary.json").read_text())["metrics"]

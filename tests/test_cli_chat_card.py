@@ -104,6 +104,7 @@ def test_the_console_command_is_installed_and_the_python_m_forms_still_work():
     assert code.returncode == 2 and errors(code.stderr) == ["error: unknown command 'chta' (did you mean 'chat'?)"]
 
 
+@pytest.mark.slow
 def test_align_run_made_the_run_and_align_report_rebuilds_its_report(run_dir, capsys):
     from align.cli import main
 
@@ -117,6 +118,7 @@ def test_align_run_made_the_run_and_align_report_rebuilds_its_report(run_dir, ca
 # 2. align chat
 
 
+@pytest.mark.slow
 def test_each_model_records_how_its_prompts_were_formatted(run_dir):
     lm = json.loads((run_dir / "lm" / "model" / "align_prompts.json").read_text())
     sft = json.loads((run_dir / "sft" / "model" / "align_prompts.json").read_text())
@@ -141,6 +143,7 @@ def test_prompt_format_follows_the_data():
     assert prompt_format_of("sft", "text", [{"text": "x"}]).format == "plain"
 
 
+@pytest.mark.slow
 def test_conversation_is_rendered_as_the_model_was_trained(run_dir):
     from align.chat import Conversation
     from align.models import load_tokenizer
@@ -162,6 +165,7 @@ def test_conversation_is_rendered_as_the_model_was_trained(run_dir):
     assert templated.render("again") == f"### user:\nhi\n### assistant:\nhello{eos}\n### user:\nagain\n### assistant:\n"
 
 
+@pytest.mark.slow
 def test_chat_prompt_answers_once_as_trained(run_dir, capsys):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -193,6 +197,7 @@ class Recording(io.StringIO):
         return super().write(text)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("ending", [EOFError, KeyboardInterrupt])
 def test_chat_loop_streams_keeps_turns_and_ends_cleanly_on_ctrl_d_or_ctrl_c(run_dir, ending):
     from align.chat import build_parser, chat
@@ -216,6 +221,7 @@ def test_chat_loop_streams_keeps_turns_and_ends_cleanly_on_ctrl_d_or_ctrl_c(run_
     assert "(unknown command /nope" in err.getvalue()
 
 
+@pytest.mark.slow
 def test_answers_are_streamed_word_by_word(run_dir):
     """What the sampled answers above cannot show for sure (this tiny model's answer may be one word, or none): the
     chat's streamer writes decoded text as tokens arrive, not once at the end."""
@@ -245,6 +251,7 @@ def wait_for(pane, condition, timeout: float = 90.0) -> str:
     raise AssertionError(f"timed out; the terminal shows:\n{pane()}")
 
 
+@pytest.mark.slow
 def test_chat_in_a_real_terminal(run_dir, tmp_path):
     """tmux: the banner, two turns answered, /reset, /exit with exit code 0."""
     if shutil.which("tmux") is None:
@@ -283,6 +290,7 @@ def test_chat_in_a_real_terminal(run_dir, tmp_path):
     assert "EXIT=0" in shown and "Traceback" not in shown
 
 
+@pytest.mark.slow
 def test_chat_compare_answers_with_every_policy_stage(run_dir, capsys):
     from align.chat import main
 
@@ -293,6 +301,7 @@ def test_chat_compare_answers_with_every_policy_stage(run_dir, capsys):
     assert "plain text, no chat template" in err and "plain strings, no chat template" in err
 
 
+@pytest.mark.slow
 def test_chat_bad_input_is_one_error_line_and_exit_2(run_dir, tmp_path, capsys):
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
@@ -331,6 +340,7 @@ def card(model_dir: Path) -> tuple[dict, str]:
     return yaml.safe_load(front), body
 
 
+@pytest.mark.slow
 def test_every_saved_model_has_a_card_with_its_lineage(run_dir):
     pipeline = {s["name"]: s for s in json.loads((run_dir / "pipeline.json").read_text())["stages"]}
     summary = json.loads((run_dir / "sft" / "summary.json").read_text())
@@ -379,6 +389,7 @@ def no_network(monkeypatch):
     monkeypatch.setattr(socket, "create_connection", refuse)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("offline", [True, False], ids=["offline", "no-token"])
 def test_push_refuses_offline_or_without_a_token_and_changes_nothing(run_dir, monkeypatch, capsys, no_network, offline):
     from align.cli import main
@@ -396,6 +407,7 @@ def test_push_refuses_offline_or_without_a_token_and_changes_nothing(run_dir, mo
     assert files_state(run_dir) == before
 
 
+@pytest.mark.slow
 def test_push_uploads_the_stage_model_folder_with_the_environment_token(run_dir, monkeypatch, capsys, no_network):
     import huggingface_hub
 
@@ -430,6 +442,7 @@ def test_push_uploads_the_stage_model_folder_with_the_environment_token(run_dir,
     assert "pushed" in out
 
 
+@pytest.mark.slow
 def test_push_names_a_missing_stage(run_dir, capsys):
     from align.push import main
 

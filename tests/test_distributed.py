@@ -26,6 +26,7 @@ def test_shipped_accelerate_configs_load(path: Path):
     assert path.read_text().startswith("#"), "each config opens with the command that uses it"
 
 
+@pytest.mark.slow
 def test_two_processes_run_the_chain_once(tmp_path):
     model = {**TINY_MODEL, "n_positions": 128}
     recipe = tiny_lm_recipe(tracking={"wandb": {"mode": "offline"}}, stage={"model": model})
@@ -85,6 +86,7 @@ def launch(tmp_path: Path, recipe_path: Path, **kwargs) -> subprocess.Popen:
     )  # fmt: skip
 
 
+@pytest.mark.slow
 def test_sigterm_to_the_launcher_stops_both_ranks_after_the_same_step_and_resumes(tmp_path):
     recipe = tiny_lm_recipe()
     recipe["stages"][0]["train"].update(max_steps=120, eval_steps=60, save_steps=20, logging_steps=20)
@@ -112,6 +114,7 @@ def test_sigterm_to_the_launcher_stops_both_ranks_after_the_same_step_and_resume
     assert json.loads((tmp_path / "run/lm/summary.json").read_text())["metrics"]["global_step"] == 120
 
 
+@pytest.mark.slow
 def test_bad_input_under_two_processes_is_one_error_line(tmp_path):
     (tmp_path / "qa.jsonl").write_text('{"question": "q", "answer": "a"}\n' * 40)
     recipe = tiny_lm_recipe(stage={"kind": "sft", "data": {"source": {"files": ["qa.jsonl"]},
@@ -124,6 +127,7 @@ def test_bad_input_under_two_processes_is_one_error_line(tmp_path):
     assert "Connection closed by peer" not in err and "unexpected" not in err, err[-3000:]
 
 
+@pytest.mark.slow
 def test_fsdp_config_on_the_cpu_trains_as_ddp_and_says_so(tmp_path):
     """Issue #18 item 6, as far as a CPU goes. torch's FSDP2 (`fully_shard`) shards on the CPU over gloo, but
     accelerate 1.15 turns FSDP on only for GPUs: under recipes/accelerate/fsdp.yaml the two CPU processes train as
@@ -150,6 +154,7 @@ def test_fsdp_config_on_the_cpu_trains_as_ddp_and_says_so(tmp_path):
     assert json.loads((tmp_path / "run/pipeline.json").read_text())["stages"][0]["status"] == "completed"
 
 
+@pytest.mark.slow
 def test_one_process_with_accumulation_and_two_processes_train_alike(tmp_path):
     """At the same effective batch, 1 process x accumulation 2 and 2 processes x accumulation 1 see the same blocks
     in the same steps with the same averaged gradients (align's evaluation before training once left the model

@@ -53,6 +53,7 @@ def builtin_run(tmp_path_factory):
     return tmp / "run"
 
 
+@pytest.mark.slow
 def test_dpo_summary_has_the_contract_metrics(builtin_run):
     result = summary(builtin_run)
     assert result["status"] == "completed" and result["input_model"].startswith("@lm (")
@@ -70,6 +71,7 @@ def test_dpo_summary_has_the_contract_metrics(builtin_run):
     assert len(result["generations"]) == 4 and {"prompt", "before", "after"} <= set(result["generations"][0])
 
 
+@pytest.mark.slow
 def test_full_dpo_holds_a_frozen_copy_of_its_input_as_reference(builtin_run):
     from transformers import AutoModelForCausalLM
 
@@ -82,6 +84,7 @@ def test_full_dpo_holds_a_frozen_copy_of_its_input_as_reference(builtin_run):
     assert all(bool((held[k] == original[k]).all()) for k in original), "the reference is the input (lm) model"
 
 
+@pytest.mark.slow
 def test_dpo_metrics_rows_hold_rewards_at_every_eval(builtin_run):
     rows = [json.loads(line) for line in (builtin_run / "dpo" / "metrics.jsonl").read_text().splitlines()]
     evals = [r for r in rows if r["split"] == "eval"]
@@ -91,6 +94,7 @@ def test_dpo_metrics_rows_hold_rewards_at_every_eval(builtin_run):
         assert all(key in r for r in evals), key
 
 
+@pytest.mark.slow
 def test_lora_dpo_uses_adapters_off_as_reference(tmp_path, run_cli, trainers):
     lora = {"r": 4, "alpha": 8, "dropout": 0.0, "target_modules": ["c_attn"]}
     stage = dpo_stage({"card": "python-docs-preferences", "max_train_rows": 32, "max_eval_rows": 8},
@@ -106,6 +110,7 @@ def test_lora_dpo_uses_adapters_off_as_reference(tmp_path, run_cli, trainers):
     assert "adapters switched off" in result["reference"] and result["saved"] == "adapter"
 
 
+@pytest.mark.slow
 def test_precomputed_reference_log_probs(tmp_path, run_cli, trainers):
     stage = dpo_stage({"card": "python-docs-preferences", "max_train_rows": 32, "max_eval_rows": 8},
                       model=dict(TINY_MODEL))  # fmt: skip
@@ -118,6 +123,7 @@ def test_precomputed_reference_log_probs(tmp_path, run_cli, trainers):
     assert "computed once" in summary(tmp_path / "run")["reference"]
 
 
+@pytest.mark.slow
 def test_a_weighted_combination_of_dpo_losses_is_shown_and_trains(tmp_path, run_cli, trainers):
     stage = dpo_stage({"card": "python-docs-preferences", "max_train_rows": 32, "max_eval_rows": 8},
                       model=dict(TINY_MODEL))  # fmt: skip
@@ -134,6 +140,7 @@ def test_a_weighted_combination_of_dpo_losses_is_shown_and_trains(tmp_path, run_
     assert summary(tmp_path / "run")["loss_type"] == ["sigmoid", "ipo"]
 
 
+@pytest.mark.slow
 def test_pairs_whose_prompt_fills_max_length_are_counted_and_none_left_is_refused(tmp_path, run_cli):
     stage = dpo_stage({"card": "python-docs-preferences", "max_train_rows": 32, "max_eval_rows": 8},
                       model=dict(TINY_MODEL))  # fmt: skip
@@ -167,6 +174,7 @@ def prepared_pairs(trainer) -> tuple[list[str], list[str], list[str]]:
     return decode[0], decode[1], [tokenizer.decode(ids) for ids in rows["rejected_ids"]]
 
 
+@pytest.mark.slow
 def test_hh_rlhf_shaped_implicit_prompts_train(tmp_path, run_cli, trainers):
     def row(i):
         prompt = f"\n\nHuman: What is {i} plus one?\n\nAssistant:"
@@ -181,6 +189,7 @@ def test_hh_rlhf_shaped_implicit_prompts_train(tmp_path, run_cli, trainers):
     assert all("maybe" not in c for c in chosen) and all("maybe maybe." in r for r in rejected)
 
 
+@pytest.mark.slow
 def test_ultrafeedback_shaped_message_lists_with_a_prompt_column_train(tmp_path, run_cli, trainers):
     def row(i):
         user = {"role": "user", "content": f"Name the number after {i}."}
@@ -201,6 +210,7 @@ def test_ultrafeedback_shaped_message_lists_with_a_prompt_column_train(tmp_path,
         assert good.strip().startswith(str(i + 1)) and bad.strip().startswith(f"{i} {i} {i}"), (prompt, good, bad)
 
 
+@pytest.mark.slow
 def test_explicit_prompt_chosen_rejected_with_mapped_columns(tmp_path, run_cli, trainers):
     write_jsonl(
         tmp_path / "p.jsonl", pairs(40, lambda i: {"q": f"Count from {i}:", "good": f" {i + 1}", "bad": " zzz"})

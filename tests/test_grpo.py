@@ -74,6 +74,7 @@ def summary(run: Path, name: str) -> dict[str, Any]:
     return json.loads((run / name / "summary.json").read_text())
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["grpo", "rloo"])
 def test_a_users_prompts_and_reward_file_train_and_the_columns_reach_the_reward(trained, name):
     result = summary(trained, name)
@@ -89,6 +90,7 @@ def test_a_users_prompts_and_reward_file_train_and_the_columns_reach_the_reward(
     assert any("rewards/rewards_py_near/mean" in r for r in rows if r["split"] == "train")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["grpo_constant", "rloo_constant"])
 def test_a_constant_reward_is_not_improved_and_names_the_missing_variance(trained, name):
     verdict = summary(trained, name)["verdict"]
@@ -97,6 +99,7 @@ def test_a_constant_reward_is_not_improved_and_names_the_missing_variance(traine
     assert any(w.startswith("zero reward variance: 100% of groups") for w in verdict["warnings"]), verdict
 
 
+@pytest.mark.slow
 def test_a_reward_that_raises_while_training_stops_the_stage_naming_it_and_the_step(folder, run_cli):
     path = write_yaml(folder / "boom.yaml", recipe([online("grpo", "grpo", "rewards.py:boom")]))
     code, _, err = run_cli(path, "--output-dir", folder / "boom")
@@ -106,6 +109,7 @@ def test_a_reward_that_raises_while_training_stops_the_stage_naming_it_and_the_s
     assert summary(folder / "boom", "grpo")["status"] == "failed"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("change", "message"),
     [
@@ -161,6 +165,7 @@ def test_the_builtin_arithmetic_task_keeps_every_held_out_problem_out_of_trainin
     assert len(splits["train"]["prompt"]) > 6 * len(splits["test"]["prompt"])
 
 
+@pytest.mark.slow
 def test_the_report_draws_the_reward_and_its_health_and_heads_each_stage_by_its_reward(trained):
     from align.report import build_report
 
@@ -170,6 +175,7 @@ def test_the_report_draws_the_reward_and_its_health_and_heads_each_stage_by_its_
     assert "<td>reward</td>" in row, row
 
 
+@pytest.mark.slow
 def test_a_length_reward_that_climbs_while_exact_match_stays_flat_gives_the_reward_hacking_warning(folder):
     """The proxy (answer length in words) is easy to game; the monitor (exact_match on the `answer` column) cannot
     move for a random model: the warning names both, with their held-out numbers, and each evaluation's monitor row
@@ -194,6 +200,7 @@ def test_a_length_reward_that_climbs_while_exact_match_stays_flat_gives_the_rewa
     assert all(isinstance(r["monitor/exact_match"], float) and "monitor/reward" in r for r in monitored)
 
 
+@pytest.mark.slow
 def test_the_eval_stage_judges_by_a_reward_function_on_prompt_only_rows_with_an_accuracy_interval(folder, run_cli):
     """`judges: [{function: exact_match}]` on a prompt_only file: the `answer` column reaches the judge; each model
     gets its accuracy with a 95% interval; a user's function from the recipe's folder judges too."""
@@ -215,6 +222,7 @@ def test_the_eval_stage_judges_by_a_reward_function_on_prompt_only_rows_with_an_
     assert {tuple(sorted(line["scores"])) for line in lines} == {("exact_match", "rewards.py:near")}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("judges", "message"),
     [
@@ -234,6 +242,7 @@ def test_an_eval_judge_function_that_cannot_work_is_refused_before_anything_runs
     assert code == 2 and message in err, err
 
 
+@pytest.mark.slow
 def test_a_reward_crash_mid_stage_resumes_from_its_checkpoint_and_ends_where_an_unbroken_run_ends(folder, run_cli):
     """The grader fails at step 5 (a marker file says so): the stage stops naming it; run again, it resumes from
     checkpoint-4 and ends with the rewards of every logged step, and the weights, of a run that never stopped."""

@@ -76,7 +76,8 @@ def test_missing_model_directory_is_named_as_a_directory(tmp_path, monkeypatch, 
     monkeypatch.chdir(tmp_path)
     code, _, err = run_cli(write_yaml(tmp_path / "recipes" / "r.yaml", lm_recipe(model)), "--dry-run")
     assert code == 2
-    assert f"error: stages.lm.model: '{model}': no such directory (looked in " in err, err
+    assert f": stages.lm.model: '{model}': no such directory (looked in " in err, err
+    assert err.count("error: ") == 1 and f"error: {tmp_path / 'recipes' / 'r.yaml'}: stages.lm.model" in err
     if not model.startswith("~"):
         assert str(tmp_path / "recipes" / model.lstrip("./")) in err and str(tmp_path / model.lstrip("./")) in err
     assert "Hugging Face cache" not in err and "hf download" not in err
@@ -121,7 +122,8 @@ def test_missing_columns_are_named_together_with_the_mapping_as_hint(tmp_path, r
     code, _, err = run_cli(write_yaml(tmp_path / "r.yaml", recipe), "--dry-run")
     assert code == 2
     lines = err.strip().splitlines()
-    assert "error: stages.sft.data: qa.csv: columns 'prompt', 'completion' missing (columns: question, answer)" in lines
+    missing = "stages.sft.data: qa.csv: columns 'prompt', 'completion' missing (columns: question, answer)"
+    assert f"error: {tmp_path / 'r.yaml'}: {missing}" in lines
     assert lines[-1] == "hint: columns: {prompt: question, completion: answer}"
 
 

@@ -155,6 +155,7 @@ def rm_scores(world, answer_texts: list[list[str]]) -> list[list[float]]:
 # The three comparisons
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("judge", ["reward_model", "rouge_l"])
 def test_a_model_against_itself_sampled_is_a_draw(world, sampled, judge):
     candidate, baseline = sampled["candidate"], sampled["baseline"]
@@ -176,6 +177,7 @@ def test_a_model_against_itself_sampled_is_a_draw(world, sampled, judge):
     assert 0.35 <= result.lc_win_rate <= 0.65
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("candidate_seed", ["same_answers", "other_seed"])
 def test_padding_moves_the_raw_win_rate_but_not_the_length_controlled_one(world, sampled, candidate_seed):
     """The candidate is the baseline's model made verbose: its answers (the very same ones, or another seed's) with
@@ -203,6 +205,7 @@ def test_padding_moves_the_raw_win_rate_but_not_the_length_controlled_one(world,
     assert abs(result.lc_win_rate - 0.5) < (result.win_rate - 0.5) / 2
 
 
+@pytest.mark.slow
 def test_answers_cut_to_three_tokens_lose_with_an_interval_below_half(world, sampled):
     tokenizer = world["tokenizer"]
     baseline = sampled["baseline"]
@@ -216,6 +219,7 @@ def test_answers_cut_to_three_tokens_lose_with_an_interval_below_half(world, sam
     assert result.win_rate_ci[1] < 0.5
 
 
+@pytest.mark.slow
 def test_answer_statistics_of_real_answers(sampled):
     flat = [a for per in sampled["baseline"] for a in per]
     stats = answer_statistics(flat)
@@ -231,6 +235,7 @@ def test_answer_statistics_of_real_answers(sampled):
 # Generation
 
 
+@pytest.mark.slow
 def test_batched_greedy_answers_are_those_of_one_prompt_at_a_time(world):
     """Left padding changes nothing: the same greedy tokens as one prompt at a time, for prompts of very different
     lengths in one batch, plain and chat-rendered, and for a prompt that must lose its start to fit."""
@@ -256,6 +261,7 @@ def test_batched_greedy_answers_are_those_of_one_prompt_at_a_time(world):
     assert [a[0].token_ids for a in batched] == [a[0].token_ids for a in alone]
 
 
+@pytest.mark.slow
 def test_sampling_is_seeded_and_leaves_the_callers_random_state_alone(world):
     tokenizer, policy, prompts = world["tokenizer"], world["policy"], world["prompts"][:6]
     settings = {"max_new_tokens": 10, "temperature": 1.0, "num_samples": 3, "batch_size": 8}
@@ -273,6 +279,7 @@ def test_sampling_is_seeded_and_leaves_the_callers_random_state_alone(world):
     assert all(per[0] == per[1] for per in greedy), "greedy samples are one answer repeated"
 
 
+@pytest.mark.slow
 def test_generation_rejects_settings_it_cannot_honour(world):
     tokenizer, policy = world["tokenizer"], world["policy"]
     with pytest.raises(ValueError, match="no room for a prompt"):
@@ -293,6 +300,7 @@ def answer(tokens: int, ended: bool) -> Answer:
     return Answer(text="", token_ids=tuple(range(tokens)), ended=ended)
 
 
+@pytest.mark.slow
 def test_repetition_counts_repeated_four_grams():
     assert repetition([[1, 2, 3, 4, 5, 6, 7, 8]]) == 0.0
     # 1234 2341 3412 4123 1234: five 4-grams, four distinct.
@@ -303,6 +311,7 @@ def test_repetition_counts_repeated_four_grams():
     assert repetition([[1, 2], []]) == 0.0
 
 
+@pytest.mark.slow
 def test_distinct_2_pools_bigrams_over_answers():
     assert distinct_n([[1, 2, 3], [1, 2, 4]]) == pytest.approx(3 / 4)  # 12 23 12 24
     assert distinct_n([[5, 5, 5, 5, 5]]) == pytest.approx(1 / 4)
@@ -310,6 +319,7 @@ def test_distinct_2_pools_bigrams_over_answers():
     assert distinct_n([[1], []]) == 0.0
 
 
+@pytest.mark.slow
 def test_eos_rate_and_mean_length():
     answers = [answer(3, True), answer(32, False), answer(5, True), answer(32, False)]
     assert eos_rate(answers) == 0.5
@@ -320,6 +330,7 @@ def test_eos_rate_and_mean_length():
     assert stats["repetition"] > 0.8 and stats["distinct_2"] < 0.15 and stats["eos_rate"] == 0.0
 
 
+@pytest.mark.slow
 def test_rouge_l_f1_is_the_lcs_f_measure():
     scores = rouge_l_f1(
         ["the cat on the mat", "the cat sat on the mat", "dogs bark", ""], ["the cat sat on the mat"] * 4
@@ -332,6 +343,7 @@ def test_rouge_l_f1_is_the_lcs_f_measure():
         rouge_l_f1(["a"], [])
 
 
+@pytest.mark.slow
 def test_reward_model_scores_batched_as_one_at_a_time(world):
     prompts = world["prompts"][:5]
     answers = ["", "a list", "The value of the object is returned." * 3, "x", "def f(): pass"]
@@ -352,6 +364,7 @@ def test_reward_model_scores_batched_as_one_at_a_time(world):
         reward_model_scores(world["reward_model"], world["tokenizer"], prompts, answers[:4])
 
 
+@pytest.mark.slow
 def test_per_prompt_wins_average_over_sample_pairs_and_count_ties_half():
     wins = per_prompt_wins([[2.0], [1.0, 3.0], [1.0]], [[1.0], [2.0, 2.0], [1.0 + 1e-9]])
     assert wins.tolist() == [1.0, 0.5, 0.5]
@@ -359,6 +372,7 @@ def test_per_prompt_wins_average_over_sample_pairs_and_count_ties_half():
         per_prompt_wins([[1.0], [1.0]], [[1.0]])
 
 
+@pytest.mark.slow
 def test_bootstrap_interval_is_seeded_and_brackets_the_mean():
     values = np.random.default_rng(0).random(50)
     low, high = bootstrap_interval(values, seed=3)
@@ -367,6 +381,7 @@ def test_bootstrap_interval_is_seeded_and_brackets_the_mean():
     assert bootstrap_interval([1.0] * 10) == (1.0, 1.0)
 
 
+@pytest.mark.slow
 def test_length_controlled_win_rate_recovers_the_win_rate_at_equal_length():
     """Wins drawn from a known logistic model, P(win) = sigmoid(a + b tanh(d / sd(d))): the fit reads sigmoid(a)
     back, while the raw win rate carries the length effect."""
@@ -382,6 +397,7 @@ def test_length_controlled_win_rate_recovers_the_win_rate_at_equal_length():
             assert wins.mean() - lc > 0.05
 
 
+@pytest.mark.slow
 def test_length_controlled_win_rate_without_anything_to_fit():
     d = [1.0, -2.0, 5.0, 0.0]
     assert length_controlled_win_rate([1.0] * 4, d) == (1.0, 0.0)

@@ -156,6 +156,7 @@ def greedy_answer(model, tokenizer, prompt: str) -> str:
 # Tests
 
 
+@pytest.mark.slow
 @needs_lm_eval
 def test_scores_are_the_models_own_and_the_offline_switches_are_restored(world, monkeypatch):
     import datasets.config
@@ -212,6 +213,7 @@ def lora_adapters(world, target_modules: list[str], steps: int) -> tuple[Path, A
     return adapter_dir, adapted
 
 
+@pytest.mark.slow
 @needs_lm_eval
 def test_lora_adapters_are_scored_on_the_base_they_name(world):
     """lm-eval loads the base the adapters name, puts the adapters on it (`peft=`), and scores the adapted model."""
@@ -228,6 +230,7 @@ def test_lora_adapters_are_scored_on_the_base_they_name(world):
     assert scores["tiny_choice"]["acc_norm"] == pytest.approx(accuracy["acc_norm"])
 
 
+@pytest.mark.slow
 @needs_lm_eval
 def test_adapters_on_a_tied_lm_head_ask_for_a_merged_model(world):
     """GPT-2's LM head shares the embeddings' weights: lm-eval ties them again after PEFT has put adapters on the
@@ -238,6 +241,7 @@ def test_adapters_on_a_tied_lm_head_ask_for_a_merged_model(world):
     assert "merge: true" in caught.value.hint
 
 
+@pytest.mark.slow
 @needs_lm_eval
 def test_an_unknown_task_names_where_it_was_looked_for(world, monkeypatch):
     """A name not among the local tasks is looked for among lm-eval's own too; indexing those takes 14 s on two
@@ -255,6 +259,7 @@ def test_an_unknown_task_names_where_it_was_looked_for(world, monkeypatch):
     assert "did you mean 'tiny_choice'?" in problem
 
 
+@pytest.mark.slow
 @needs_lm_eval
 def test_bad_directories_are_refused_before_lm_eval_loads_anything(tmp_path):
     with pytest.raises(BadInput, match="is not a folder"):
@@ -266,6 +271,7 @@ def test_bad_directories_are_refused_before_lm_eval_loads_anything(tmp_path):
         run_lm_eval(tmp_path, tasks=["tiny_choice"])
 
 
+@pytest.mark.slow
 def test_require_lm_eval_names_the_install_command(monkeypatch):
     monkeypatch.setattr(align_lm_eval, "find_spec", lambda name: None)
     with pytest.raises(BadInput) as caught:
@@ -276,6 +282,7 @@ def test_require_lm_eval_names_the_install_command(monkeypatch):
         run_lm_eval(".", tasks=["tiny_choice"])
 
 
+@pytest.mark.slow
 def test_plain_metrics_drop_the_default_filter_and_what_is_not_a_number():
     results = {
         "alias": "tiny",

@@ -28,6 +28,7 @@ def tiny_run(tmp_path_factory):
     return tmp / "run"
 
 
+@pytest.mark.slow
 def test_run_directory_has_the_contract_files(tiny_run):
     for name in ("recipe.yaml", "pipeline.json", "align.log", "lm/summary.json", "lm/metrics.jsonl"):
         assert (tiny_run / name).is_file(), name
@@ -41,6 +42,7 @@ def test_run_directory_has_the_contract_files(tiny_run):
     assert pipeline["stages"][0]["fingerprint"] and pipeline["stages"][0]["dir"].endswith("lm")
 
 
+@pytest.mark.slow
 def test_summary_has_every_key_and_perplexity_fell(tiny_run):
     summary = json.loads((tiny_run / "lm" / "summary.json").read_text())
     assert summary["status"] == "completed" and summary["kind"] == "lm"
@@ -56,6 +58,7 @@ def test_summary_has_every_key_and_perplexity_fell(tiny_run):
     assert metrics["stopped_early"] is False
 
 
+@pytest.mark.slow
 def test_metrics_jsonl_rows_follow_the_contract(tiny_run):
     rows = read_jsonl(tiny_run / "lm" / "metrics.jsonl")
     assert all({"step", "epoch", "split"} <= set(r) for r in rows)
@@ -67,12 +70,14 @@ def test_metrics_jsonl_rows_follow_the_contract(tiny_run):
     assert train[-1]["loss"] < train[0]["loss"]
 
 
+@pytest.mark.slow
 def test_log_file_has_stage_lines_at_debug(tiny_run):
     log = (tiny_run / "align.log").read_text()
     assert "[lm]" in log and "DEBUG" in log and "precision fp32" in log
     assert "data python-docs" in log, "records from before the run directory existed are kept"
 
 
+@pytest.mark.slow
 def test_resolved_recipe_is_written(tiny_run):
     import yaml
 
@@ -80,6 +85,7 @@ def test_resolved_recipe_is_written(tiny_run):
     assert resolved["stages"][0]["data"]["source"] == {"builtin": "python-docs"}
 
 
+@pytest.mark.slow
 def test_weights_change_from_a_local_model_directory(tmp_path, run_cli):
     """A `model:` that is a save_pretrained directory is used as it is, and training changes its weights."""
     from safetensors.torch import load_file
@@ -106,6 +112,7 @@ def test_weights_change_from_a_local_model_directory(tmp_path, run_cli):
     assert "lm" in out and "completed" in out, "the closing table names the stage and its status"
 
 
+@pytest.mark.slow
 def test_early_stopping_restores_the_best_model(tmp_path, run_cli):
     """A small text set trained many epochs with a high learning rate: eval loss turns up, the run stops."""
     recipe = tiny_lm_recipe(
@@ -134,6 +141,7 @@ def test_early_stopping_restores_the_best_model(tmp_path, run_cli):
     assert evals[-1]["eval_loss"] > lowest, "the run stopped because eval loss turned up"
 
 
+@pytest.mark.slow
 def test_chained_stage_takes_the_previous_output(tmp_path, run_cli):
     recipe = tiny_lm_recipe()
     recipe["stages"][0]["train"]["max_steps"] = 5

@@ -96,6 +96,7 @@ def run_next(tmp_path: Path, upstream_recipe: tuple[dict, Path], source: str, ki
     return run, summary(run, "next")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("name", "saved"), [("sft_full", "full"), ("sft_adapter", "adapter"), ("sft_merged", "merged")]
 )
@@ -108,6 +109,7 @@ def test_lm_then_full_or_lora_sft(upstream, name, saved):
         assert adapter_config(upstream / name / "model")["base_model_name_or_path"] == lm_dir
 
 
+@pytest.mark.slow
 def test_lora_sft_on_a_scratch_model_saves_its_base_beside_the_adapters(upstream):
     result = summary(upstream, "sft_scratch_adapter")
     assert (result["input"], result["saved"]) == ("scratch", "adapter")
@@ -130,6 +132,7 @@ DPO_CASES = [
 ]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("source", "input_kind", "lora", "reference", "logged"), DPO_CASES)
 def test_dpo_after_each_kind_of_sft(tmp_path, upstream_recipe, source, input_kind, lora, reference, logged):
     upstream = upstream_recipe[1]
@@ -155,6 +158,7 @@ def test_dpo_after_each_kind_of_sft(tmp_path, upstream_recipe, source, input_kin
         assert base == str((upstream / source / "model").resolve())
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("lora", [False, True])
 def test_sft_after_lora_sft_adapters(tmp_path, upstream_recipe, lora):
     run, result = run_next(tmp_path, upstream_recipe, "sft_adapter", "sft", lora)
@@ -163,6 +167,7 @@ def test_sft_after_lora_sft_adapters(tmp_path, upstream_recipe, lora):
     load_saved(run / "next" / "model", saved)
 
 
+@pytest.mark.slow
 def test_lm_after_lora_sft_adapters_merges_them_and_trains_every_weight(tmp_path, upstream_recipe):
     run, result = run_next(tmp_path, upstream_recipe, "sft_adapter", "lm", lora=False)
     assert result["input"] == "adapter"
@@ -170,6 +175,7 @@ def test_lm_after_lora_sft_adapters_merges_them_and_trains_every_weight(tmp_path
     load_saved(run / "next" / "model", "full")
 
 
+@pytest.mark.slow
 def test_dry_run_says_what_a_stage_on_adapters_will_do(tmp_path, run_cli):
     """Before anything is saved, the earlier stage's recipe says what the next one starts from."""
     recipe = {"name": "plan", "seed": 0, "tracking": {"wandb": {"mode": "disabled"}}, "stages": [
@@ -186,6 +192,7 @@ def test_dry_run_says_what_a_stage_on_adapters_will_do(tmp_path, run_cli):
     assert "reference: a frozen copy of the input model, its LoRA adapters merged into the base" in full_section
 
 
+@pytest.mark.slow
 def test_an_adapter_directory_as_model_path_trains_and_a_missing_base_is_refused(tmp_path, upstream, run_cli):
     adapters = upstream / "sft_adapter" / "model"
     recipe = {"name": "on-adapters", "seed": 0, "tracking": {"wandb": {"mode": "disabled"}},
@@ -207,6 +214,7 @@ def test_an_adapter_directory_as_model_path_trains_and_a_missing_base_is_refused
     assert not (tmp_path / "run2").exists(), "nothing written"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["sft_adapter", "sft_scratch_adapter"])
 def test_align_merge_saves_plain_weights_whose_logits_are_the_adapters(upstream, tmp_path, name, capsys):
     import torch

@@ -55,6 +55,7 @@ def summary(run_dir: Path, stage: str = "sft") -> dict:
     return json.loads((run_dir / stage / "summary.json").read_text())
 
 
+@pytest.mark.slow
 def test_a_jsonl_and_a_csv_mix_3_to_1_without_repeating_the_smaller(sft_mix_run):
     mix = summary(sft_mix_run / "run")["data"]["mix"]
     chat, domain = mix
@@ -71,6 +72,7 @@ def test_a_jsonl_and_a_csv_mix_3_to_1_without_repeating_the_smaller(sft_mix_run)
     }  # fmt: skip
 
 
+@pytest.mark.slow
 def test_the_same_rows_are_taken_on_a_second_load(sft_mix_run):
     from align.data import load_data, resolve_data
     from align.recipe import DataRef
@@ -87,6 +89,7 @@ def test_the_same_rows_are_taken_on_a_second_load(sft_mix_run):
     assert 0 < sum(first) < 40
 
 
+@pytest.mark.slow
 def test_eval_loss_per_source_beside_the_total(sft_mix_run):
     run = sft_mix_run / "run"
     metrics = summary(run)["metrics"]
@@ -100,6 +103,7 @@ def test_eval_loss_per_source_beside_the_total(sft_mix_run):
     assert rows[-1]["eval_domain_loss"] == pytest.approx(by_source["domain"])
 
 
+@pytest.mark.slow
 def test_the_report_shows_each_source_beside_the_total(sft_mix_run):
     from align.report import build_report
 
@@ -111,6 +115,7 @@ def test_the_report_shows_each_source_beside_the_total(sft_mix_run):
     assert "eval loss: domain" in text, "the loss plot draws each source's curve"
 
 
+@pytest.mark.slow
 def test_the_card_and_dry_run_show_the_mix(sft_mix_run, run_cli):
     card = (sft_mix_run / "run" / "sft" / "model" / "README.md").read_text()
     assert "mix of" in card and "144 rows, 75%" in card and "48 rows, 25%" in card
@@ -125,6 +130,7 @@ def test_the_card_and_dry_run_show_the_mix(sft_mix_run, run_cli):
     assert "domain: 48 of 48 train rows (40.0% of rows" in out
 
 
+@pytest.mark.slow
 def test_the_resolved_recipe_of_a_mix_runs_again_as_the_same_stage(sft_mix_run, run_cli, monkeypatch):
     """recipe.yaml (and the card's and report's copies) once wrote the defaults back beside `mix:`, which the loader
     refuses: the run's own record could not be run again. (Run again, it is planned as `runs again`, as any resolved
@@ -170,6 +176,7 @@ def test_mix_counts():
     assert sum(mix_counts([5, 7, 11], [0.2, 0.3, 0.5], 101)) == 101
 
 
+@pytest.mark.slow
 def test_an_explicit_and_an_implicit_preference_set_in_one_dpo_stage(tmp_path, run_cli):
     with (tmp_path / "explicit.jsonl").open("w") as fh:
         for i in range(40):
@@ -198,6 +205,7 @@ def test_an_explicit_and_an_implicit_preference_set_in_one_dpo_stage(tmp_path, r
     assert "preference_implicit" in resolved and "implicit.jsonl" in resolved
 
 
+@pytest.mark.slow
 def test_a_text_mix_in_an_lm_stage_packs_each_source_for_its_loss(tmp_path, run_cli):
     (tmp_path / "notes.txt").write_text("\n".join(f"Note {i}: the value of x is {i * 3}." for i in range(300)))
     mix = [{"card": "python-docs", "max_train_rows": 150, "max_eval_rows": 30, "weight": 1},

@@ -269,6 +269,7 @@ def sft_align(world) -> float:
     return run_align(world, "sft", SFT_SETTINGS, "sft")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("kind", "settings", "bare"),
     [
@@ -285,6 +286,7 @@ def test_align_matches_the_bare_library(world, request, kind, settings, bare):
     assert abs(aligned - library) <= TOLERANCE, f"{kind}: align {aligned:.7f}, bare {library:.7f}"
 
 
+@pytest.mark.slow
 def test_micro_batches_do_not_change_the_result(world):
     """8 x 1 and 4 x 2 (gradient accumulation) are one effective batch: the Trainer divides each micro-batch's
     summed token loss by the tokens of the whole effective batch (measured: equal to the last bit; dividing by each
@@ -297,6 +299,7 @@ def test_micro_batches_do_not_change_the_result(world):
     assert abs(one - two) <= TOLERANCE, f"8 x 1: {one:.7f}, 4 x 2: {two:.7f}"
 
 
+@pytest.mark.slow
 def test_cpu_lm_head_matches_trls(world, sft_align, monkeypatch):
     """align/lm_head.py's plain-logits head against TRL's chunked head (`ALIGN_LM_HEAD=trl`)."""
     monkeypatch.setenv("ALIGN_LM_HEAD", "trl")
@@ -350,6 +353,7 @@ def grpo_files(world: dict[str, Any]) -> tuple[dict[str, str], Path]:
     return files, root / "rewards.py"
 
 
+@pytest.mark.slow
 def test_grpo_matches_a_bare_grpo_trainer_reward_for_reward_and_weight_for_weight(world):
     """align's grpo stage against GRPOTrainer as TRL's documentation shows it, on the same saved model, prompts,
     reward function and settings: the mean reward at every logged step and the final weights (max absolute

@@ -30,6 +30,7 @@ def chain() -> dict:
     return recipe
 
 
+@pytest.mark.slow
 def test_the_trainer_gets_exactly_the_planned_arguments_for_every_kind(tmp_path, monkeypatch):
     """The plan a dry run prints is what each stage's Trainer receives: every planned argument, for each kind."""
     import transformers
@@ -86,6 +87,7 @@ def test_the_trainer_gets_exactly_the_planned_arguments_for_every_kind(tmp_path,
     assert [r.split(" ")[0] for r in runs] == ["cached", "cached", "cached", "runs", "runs"], runs
 
 
+@pytest.mark.slow
 def test_gradient_checkpointing_is_decided_once_from_the_architecture(tmp_path, run_cli):
     """The dry run once refused `gradient_checkpointing: true` on sft/dpo (it assumed no support) while the run
     accepted it, and said "off" while the run turned it on."""
@@ -113,6 +115,7 @@ def test_a_max_length_that_leaves_a_later_stage_nothing_is_refused_before_the_fi
     assert not (tmp_path / "run").exists(), "refused before lm trained: nothing written"
 
 
+@pytest.mark.slow
 def test_lora_target_modules_the_model_lacks_are_refused_before_the_first_stage_trains(tmp_path, run_cli):
     """`[q_proj, v_proj]` on GPT-2 once passed --dry-run, trained the earlier stages, then failed in peft with exit 1
     and no word of GPT-2's own names."""
@@ -190,6 +193,7 @@ def test_print_config_offline_without_the_model_shows_what_it_can(tmp_path, run_
     assert "unknown until the model is available" in sft["sources"]["gradient_checkpointing"]
 
 
+@pytest.mark.slow
 def test_model_type_scratch_is_planned_once(tmp_path, run_cli, caplog):
     """The from-scratch tokenizer is trained when planning and the stage builds on it: once, not twice."""
     import logging
@@ -211,6 +215,7 @@ def test_an_lm_stage_whose_eval_text_fills_no_block_is_refused_before_training(t
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.slow
 def test_a_stage_runs_from_python_without_the_pipeline(tmp_path, run_cli):
     """The README's promise: `run_sft` callable from Python, its inputs built by `stage_context`."""
     from align.errors import BadInput

@@ -82,6 +82,7 @@ def summary(world: dict[str, Any], name: str) -> dict[str, Any]:
     return json.loads((world["run"] / name / "summary.json").read_text())
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("name", "measure", "status"),
     [("kto", "label_auc", "improved"), ("kto_pairs", "pref_accuracy", None), ("orpo", "pref_accuracy", "improved"),
@@ -101,6 +102,7 @@ def test_each_kind_trains_on_the_users_files_and_says_whether_it_helped(world, n
     assert metrics["global_step"] == TRAIN["max_steps"] and metrics["eval_loss"] is not None
 
 
+@pytest.mark.slow
 def test_kto_reads_the_labels_as_given_and_splits_pairs_chosen_first(world):
     import torch
 
@@ -123,6 +125,7 @@ def test_kto_reads_the_labels_as_given_and_splits_pairs_chosen_first(world):
     assert sum(a == b for a, b in zip(prompts, prompts[1:], strict=False)) <= dropped
 
 
+@pytest.mark.slow
 def test_kto_holds_a_frozen_copy_of_its_input_as_reference(world):
     from transformers import AutoModelForCausalLM
 
@@ -138,6 +141,7 @@ def test_kto_holds_a_frozen_copy_of_its_input_as_reference(world):
     assert summary(world, "kto")["reference"] == "a frozen copy of the input model"
 
 
+@pytest.mark.slow
 def test_orpo_and_simpo_train_without_a_reference_and_simpo_without_an_nll_term(world):
     from align.patches import experimental
 
@@ -152,6 +156,7 @@ def test_orpo_and_simpo_train_without_a_reference_and_simpo_without_an_nll_term(
     assert summary(world, "orpo")["metrics"]["nll_loss"] > 0.0, "ORPO's loss holds the chosen answers' NLL"
 
 
+@pytest.mark.slow
 def test_each_kind_declares_its_guards(world):
     from align.guards import NumericGuard, PreferenceGuard
 
@@ -162,6 +167,7 @@ def test_each_kind_declares_its_guards(world):
         assert guard.stuck_loss is None, f"{name}: no loss value means 'nothing learned' for this method"
 
 
+@pytest.mark.slow
 def test_dry_run_shows_each_plan_and_loss_mask_and_a_rerun_is_cached(world, run_cli):
     code, out, err = run_cli(world["recipe"], "--output-dir", world["run"], "--dry-run")
     assert code == 0, err
@@ -179,6 +185,7 @@ def test_dry_run_shows_each_plan_and_loss_mask_and_a_rerun_is_cached(world, run_
     assert all(summary(world, name)["status"] == "cached" for name in ("kto", "kto_pairs", "orpo", "simpo", "kto_lora"))
 
 
+@pytest.mark.slow
 def test_report_card_and_console_show_each_kinds_headline(world):
     from align.report import build_report
     from align.run import results_table
@@ -192,6 +199,7 @@ def test_report_card_and_console_show_each_kinds_headline(world):
     assert "label_auc" in table.splitlines()[1] and "pref_accuracy" in table.splitlines()[2]
 
 
+@pytest.mark.slow
 def test_lora_kto_uses_its_adapters_off_as_reference(world):
     trainer = world["trainers"]["kto_lora"]
     assert trainer.ref_model is None and hasattr(trainer.model, "disable_adapter"), "no second model in memory"
@@ -204,6 +212,7 @@ def test_lora_kto_uses_its_adapters_off_as_reference(world):
 # Bad input: exit 2 before anything trains, naming the key or row
 
 
+@pytest.mark.slow
 def test_unpaired_rows_whose_label_is_not_a_boolean_name_the_files_line(world, tmp_path, run_cli):
     rows = read_jsonl(Path(world["files"]["rows"][0]))[:20]
     rows[2]["label"] = "yes"
@@ -214,6 +223,7 @@ def test_unpaired_rows_whose_label_is_not_a_boolean_name_the_files_line(world, t
     assert "rows.jsonl: line 3: column 'label' must be true or false (true: a desirable answer), got 'yes'" in err
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("change", "message"),
     [
@@ -239,6 +249,7 @@ def test_recipe_mistakes_are_named_with_the_kinds_that_take_a_key(world, tmp_pat
     assert "Traceback" not in err
 
 
+@pytest.mark.slow
 def test_a_crashed_kto_stage_resumes_and_ends_where_an_uninterrupted_run_ends(world, tmp_path, run_cli, monkeypatch):
     from align.metrics import MetricsWriter
 

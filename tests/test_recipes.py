@@ -165,6 +165,7 @@ def test_malformed_yaml_names_the_line(tmp_path):
         load_recipe(path)
 
 
+@pytest.mark.slow
 def test_cli_bad_input_is_one_error_line_exit_2_no_traceback(tmp_path):
     path = write_yaml(tmp_path / "r.yaml", tiny_lm_recipe(seedd=1))
     proc = subprocess.run(
@@ -190,6 +191,7 @@ def test_a_bad_value_given_with_set_is_blamed_on_set_not_on_the_file(run_cli):
     assert "did you mean 'learning_rate'" in err
 
 
+@pytest.mark.slow
 def test_a_misspelt_key_is_named_before_the_heavy_libraries_load(tmp_path):
     """A typo once took 7-10 s to report: the `train:` checks imported TRL (torch, transformers) first. Checked by
     what the command imported, not by a time (transformers' top level is lazy: its logging is set up first)."""

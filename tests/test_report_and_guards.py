@@ -82,6 +82,7 @@ class _Tables(HTMLParser):
             self.tables[-1][-1][-1] += data.strip()
 
 
+@pytest.mark.slow
 def test_exploding_learning_rate_stops_the_pipeline_and_names_the_cause(tmp_path, run_cli):
     path = write_yaml(tmp_path / "r.yaml", two_stage_recipe())
     code, _, err = run_cli(path, "--output-dir", tmp_path / "run", "--set", "stages.lm.train.learning_rate=1e12")
@@ -97,6 +98,7 @@ def test_exploding_learning_rate_stops_the_pipeline_and_names_the_cause(tmp_path
     assert (tmp_path / "run" / "report.html").is_file(), "a failed run still gets its report"
 
 
+@pytest.mark.slow
 def test_report_is_self_contained_with_decodable_plots(chain_run):
     from io import BytesIO
 
@@ -112,6 +114,7 @@ def test_report_is_self_contained_with_decodable_plots(chain_run):
     assert "http://" not in page and "https://" not in page.split("Resolved recipe")[0], "nothing fetched"
 
 
+@pytest.mark.slow
 def test_stages_table_gives_each_stage_its_metrics_before_and_after_and_the_change(chain_run):
     page = (chain_run / "report.html").read_text()
     assert page.index("<h2>Stages</h2>") < page.index("<h2>lm (lm)"), "the table comes before the stage sections"
@@ -144,6 +147,7 @@ def test_stages_table_gives_each_stage_its_metrics_before_and_after_and_the_chan
     assert by_stage["dpo"]["saved model"].startswith("step 4 (last step)")
 
 
+@pytest.mark.slow
 def test_best_step_is_marked_only_where_early_stopping_restored_it(chain_run):
     """best_step is always the lowest eval; the plot marks the step the saved model is, the best only where
     early stopping restored it, and says that the restored SFT model is still worse than before the stage."""
@@ -244,6 +248,7 @@ def test_numeric_guard_warns_on_spikes_and_zero_loss(caplog):
     assert caplog.text.count("exactly 0") == 1
 
 
+@pytest.mark.slow
 def test_metrics_rows_carry_throughput_and_memory(tmp_path, run_cli):
     recipe = tiny_lm_recipe()
     recipe["stages"][0]["train"]["max_steps"] = 10
@@ -257,6 +262,7 @@ def test_metrics_rows_carry_throughput_and_memory(tmp_path, run_cli):
     assert 0 < metrics["time_to_first_step_s"] < metrics["train_runtime_s"] + 60
 
 
+@pytest.mark.slow
 def test_report_loads_in_a_real_headless_browser(chain_run, tmp_path):
     """Debian's chromium opens the report from disk, with no network, at 1280 px wide: every embedded image
     decodes, every cell of the greedy-answer tables is inside the window (prompt, before and after side by side)

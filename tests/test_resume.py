@@ -54,6 +54,7 @@ def stop_after_first_checkpoint(proc, out, how: signal.Signals) -> str:
     return err
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("how", [signal.SIGKILL, signal.SIGINT, signal.SIGTERM], ids=lambda s: s.name)
 def test_a_stopped_stage_resumes_and_matches_an_uninterrupted_run(tmp_path, uninterrupted, how):
     path = write_yaml(tmp_path / "r.yaml", recipe_for_resume())
@@ -88,6 +89,7 @@ def test_a_stopped_stage_resumes_and_matches_an_uninterrupted_run(tmp_path, unin
     assert train_steps == sorted(set(train_steps)), "no step logged twice"
 
 
+@pytest.mark.slow
 def test_a_cached_stage_is_skipped_quickly(tmp_path):
     recipe = recipe_for_resume()
     recipe["stages"][0]["train"].update(max_steps=4, eval_steps=2, save_steps=2)
@@ -103,6 +105,7 @@ def test_a_cached_stage_is_skipped_quickly(tmp_path):
     assert [s["status"] for s in pipeline["stages"]] == ["cached"]
 
 
+@pytest.mark.slow
 def test_a_crash_mid_stage_resumes_from_the_last_checkpoint(tmp_path, run_cli, monkeypatch):
     from align.metrics import MetricsWriter
 
@@ -150,6 +153,7 @@ def test_a_stage_a_guard_stopped_is_not_resumed_into_the_same_blow_up(tmp_path, 
     assert left(status="completed") is None
 
 
+@pytest.mark.slow
 def test_a_changed_data_file_reruns_the_stage_an_unchanged_one_is_cached(tmp_path, run_cli):
     (tmp_path / "notes.txt").write_text("\n".join(f"line {i} of some text to learn from" for i in range(400)))
     recipe = tiny_lm_recipe(stage={"data": {"source": {"files": ["notes.txt"]}, "format": "text"}})

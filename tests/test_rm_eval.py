@@ -60,6 +60,7 @@ def summary(run_dir: Path, stage: str) -> dict[str, Any]:
 # kind: rm
 
 
+@pytest.mark.slow
 def test_reward_model_learns_the_held_out_pairs_and_saves_a_one_output_head(chain):
     from transformers import AutoModelForSequenceClassification
 
@@ -78,6 +79,7 @@ def test_reward_model_learns_the_held_out_pairs_and_saves_a_one_output_head(chai
     assert model.config.num_labels == 1 and model.score.weight.shape[0] == 1
 
 
+@pytest.mark.slow
 def test_the_report_and_console_show_each_kinds_headline_figure(chain):
     """lm and sft by eval loss, rm by accuracy, dpo by preference accuracy, each before and after; the eval by the
     last model's win rate. The rm row once showed a reward model's eval_loss: no kind may be left out."""
@@ -96,6 +98,7 @@ def test_the_report_and_console_show_each_kinds_headline_figure(chain):
     assert key_figure(summary(chain, "eval")).startswith("dpo win rate ")
 
 
+@pytest.mark.slow
 def test_a_stage_without_a_model_takes_the_last_policy_stage_never_the_reward_model(chain):
     assert summary(chain, "dpo")["input_model"].startswith("@sft (")
     recipe = (chain / "recipe.yaml").read_text()
@@ -112,6 +115,7 @@ def test_rm_and_eval_are_importable_entry_points():
 # kind: eval
 
 
+@pytest.mark.slow
 def test_eval_summary_holds_the_contract_figures_and_every_answer(chain):
     ev = summary(chain, "eval")
     assert ev["status"] == "completed" and ev["model_dir"] is None
@@ -141,6 +145,7 @@ def test_eval_summary_holds_the_contract_figures_and_every_answer(chain):
     assert metrics["models"]["dpo"]["score_mean"]["rouge_l"] == pytest.approx(mean_rouge)
 
 
+@pytest.mark.slow
 def test_eval_prompts_are_held_out_topics_no_stage_trained_on(chain):
     from align.builtin import held_out_topics, python_docs_instruct_splits
 
@@ -150,6 +155,7 @@ def test_eval_prompts_are_held_out_topics_no_stage_trained_on(chain):
     assert prompts and all(topics[p] in held_out_topics() for p in prompts)
 
 
+@pytest.mark.slow
 def test_a_rerun_that_changes_nothing_regenerates_nothing(chain, caplog):
     before = (chain / "eval" / "generations.jsonl").read_bytes()
     recipe = chain.parent / "r.yaml"
@@ -160,6 +166,7 @@ def test_a_rerun_that_changes_nothing_regenerates_nothing(chain, caplog):
     assert (chain / "eval" / "generations.jsonl").read_bytes() == before
 
 
+@pytest.mark.slow
 def test_a_stopped_eval_goes_on_from_the_answers_it_kept(chain, tmp_path, caplog):
     run_dir = tmp_path / "run"
     shutil.copytree(chain, run_dir)
@@ -186,6 +193,7 @@ def eval_only(tmp_path: Path, models: dict[str, str], **stage: Any) -> dict[str,
          "max_prompts": 40, "generation": {"max_new_tokens": 12, "batch_size": 20}, **stage}]}  # fmt: skip
 
 
+@pytest.mark.slow
 def test_a_model_sampled_against_itself_is_a_draw(chain, tmp_path):
     sft = str(chain / "sft" / "model")
     sampled = {"max_new_tokens": 12, "temperature": 1.0, "num_samples": 2, "batch_size": 20}
@@ -202,6 +210,7 @@ def test_a_model_sampled_against_itself_is_a_draw(chain, tmp_path):
     assert len(answers["a"]) == 80 and answers["a"] != answers["b"]  # a seed per label: the samples differ
 
 
+@pytest.mark.slow
 def test_an_untrained_model_ranks_below_with_an_interval_under_half(chain, tmp_path):
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
@@ -216,6 +225,7 @@ def test_an_untrained_model_ranks_below_with_an_interval_under_half(chain, tmp_p
     assert entry["verdict"]["status"] == "worse"
 
 
+@pytest.mark.slow
 def test_the_shipped_eval_only_recipe_evaluates_saved_models_without_training(chain, tmp_path):
     from align.loader import load_recipe
 
@@ -287,6 +297,7 @@ def test_eval_and_rm_recipe_mistakes_are_named(tmp_path, run_cli, change, messag
     assert code == 2 and message in err, err
 
 
+@pytest.mark.slow
 def test_a_lora_reward_model_saves_adapters_with_its_head_and_judges_from_them(chain, tmp_path):
     recipe = {"name": "lora_rm", "seed": 0, "tracking": {"wandb": {"mode": "disabled"}}, "stages": [
         {"name": "rm", "kind": "rm", "model": str(chain / "sft" / "model"), "peft": {"r": 4, "alpha": 8},
@@ -323,6 +334,7 @@ def test_a_lora_reward_model_saves_adapters_with_its_head_and_judges_from_them(c
     assert summary(tmp_path / "eval", "eval")["metrics"]["models"]["sft"]["score_mean"]["reward_model"] is not None
 
 
+@pytest.mark.slow
 def test_lm_eval_tasks_run_on_every_evaluated_model(chain, tmp_path, monkeypatch):
     """lm-evaluation-harness through the eval stage, offline, on a local multiple-choice task (tests/fixtures)."""
     pytest.importorskip("lm_eval", reason='lm-eval is the `eval` extra: pip install -e ".[eval]"')
@@ -338,6 +350,7 @@ def test_lm_eval_tasks_run_on_every_evaluated_model(chain, tmp_path, monkeypatch
         assert 0.0 <= task["acc"] <= 1.0 and round(task["acc"] * 10) == task["acc"] * 10  # ten questions
 
 
+@pytest.mark.slow
 def test_lm_eval_without_the_extra_is_refused_with_the_install_command(chain, tmp_path, run_cli, monkeypatch):
     import sys
 
@@ -349,6 +362,7 @@ def test_lm_eval_without_the_extra_is_refused_with_the_install_command(chain, tm
     assert 'pip install -e ".[eval]"' in err and not (tmp_path / "run").exists()
 
 
+@pytest.mark.slow
 def test_models_inside_the_output_directory_are_refused_even_with_fresh(chain, tmp_path, run_cli):
     """An eval over a run's models, pointed at that very run directory with --fresh, would clear the models before
     reading them: refused, nothing removed."""
@@ -363,6 +377,7 @@ def test_models_inside_the_output_directory_are_refused_even_with_fresh(chain, t
     assert sorted(str(p.relative_to(run_dir)) for p in run_dir.rglob("*")) == before
 
 
+@pytest.mark.slow
 def test_a_reward_models_card_and_chat_say_it_scores_and_does_not_generate(chain, capsys):
     from align.chat import main as chat
 

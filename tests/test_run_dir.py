@@ -91,6 +91,7 @@ time.sleep(120)
 """
 
 
+@pytest.mark.slow
 def test_a_second_run_is_refused_while_one_holds_the_directory_and_a_dead_holder_is_taken_over(tmp_path, run_cli):
     path = write_yaml(tmp_path / "r.yaml", short_recipe())
     run_dir = tmp_path / "run"
@@ -116,6 +117,7 @@ def test_a_second_run_is_refused_while_one_holds_the_directory_and_a_dead_holder
     assert not (run_dir / ".align.lock.json").exists(), "released at the end"
 
 
+@pytest.mark.slow
 def test_only_one_of_two_simultaneous_runs_gets_the_directory(tmp_path):
     recipe = short_recipe()
     # Long enough to still be training whatever the machine's speed; Ctrl-C ends it once the second run is refused.
@@ -143,6 +145,7 @@ def test_only_one_of_two_simultaneous_runs_gets_the_directory(tmp_path):
 # --fresh and file modes
 
 
+@pytest.mark.slow
 def test_fresh_clears_what_align_wrote_and_keeps_the_users_files(tmp_path, run_cli):
     path = write_yaml(tmp_path / "r.yaml", short_recipe())
     run_dir = tmp_path / "run"
@@ -170,6 +173,7 @@ def test_fresh_never_clears_a_folder_that_holds_no_align_run(tmp_path, run_cli):
     assert (target / "lm" / "thesis.tex").read_text() == "years of work"
 
 
+@pytest.mark.slow
 def test_files_follow_the_umask(tmp_path, run_cli):
     old = os.umask(0o022)
     try:

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import pytest
+
 from tests.conftest import SECRETS, tiny_lm_recipe, write_yaml
 
 
+@pytest.mark.slow
 def test_no_byte_of_a_secret_lands_under_the_run_directory(tracked_run):
     # Every tracker writes under the run directory (conftest.py: tracked_run): wandb, trackio, MLflow, TensorBoard.
     run_dir = tracked_run["run_dir"]

@@ -42,6 +42,7 @@ def chain_run(tmp_path_factory):
     return tmp / "run"
 
 
+@pytest.mark.slow
 def test_sft_takes_the_lm_model_and_lowers_completion_loss(chain_run):
     result = summary(chain_run)
     assert result["status"] == "completed"
@@ -57,6 +58,7 @@ def test_sft_takes_the_lm_model_and_lowers_completion_loss(chain_run):
     assert pipeline["stages"][1]["input_model"] == result["input_model"]
 
 
+@pytest.mark.slow
 def test_generations_before_and_after_are_recorded(chain_run):
     generations = summary(chain_run)["generations"]
     assert len(generations) == 2
@@ -75,6 +77,7 @@ def test_generations_before_and_after_are_recorded(chain_run):
     assert [a.text for a in answers] == [g["after"] for g in generations]
 
 
+@pytest.mark.slow
 def test_default_chat_template_is_saved_with_the_model(chain_run):
     from transformers import AutoTokenizer
 
@@ -100,6 +103,7 @@ def test_dry_run_shows_the_loss_mask(tmp_path, run_cli):
     assert "loss_on: completions" in section and "truncation_rate:" in section
 
 
+@pytest.mark.slow
 def test_chat_messages_from_local_jsonl(tmp_path, run_cli):
     rows = []
     for i in range(40):
@@ -121,6 +125,7 @@ def test_chat_messages_from_local_jsonl(tmp_path, run_cli):
     assert result["metrics"]["eval_loss"] < result["metrics"]["eval_loss_before"]
 
 
+@pytest.mark.slow
 def test_csv_with_mapped_columns(tmp_path, run_cli):
     with (tmp_path / "qa.csv").open("w", newline="") as fh:
         writer = csv.writer(fh)
@@ -138,6 +143,7 @@ def test_csv_with_mapped_columns(tmp_path, run_cli):
     assert summary(tmp_path / "run")["loss_on"] == "completions"
 
 
+@pytest.mark.slow
 def test_lora_adapters_saved_merged_and_continued(tmp_path, run_cli):
     lora = {"r": 4, "alpha": 8, "dropout": 0.0, "target_modules": ["c_attn"]}
     data = {"card": "python-docs-instruct", "max_train_rows": 48, "max_eval_rows": 8}
@@ -240,6 +246,7 @@ def test_run_sft_is_importable():
     assert run_sft.__module__ == "align.stages.sft"
 
 
+@pytest.mark.slow
 def test_truncation_is_counted_and_a_max_length_that_leaves_nothing_is_refused(tmp_path, run_cli):
     data = {"card": "python-docs-instruct", "max_train_rows": 32, "max_eval_rows": 8}
     stage = sft_stage(data, model=dict(TINY_MODEL))

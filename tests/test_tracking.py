@@ -101,6 +101,7 @@ def read_back(tracked_run):
 # One run with every tracker
 
 
+@pytest.mark.slow
 def test_every_tracker_holds_wandbs_metric_names_for_each_stage(read_back):
     for stage in STAGES:
         wandb_keys = read_back["wandb"][stage]["keys"]
@@ -111,6 +112,7 @@ def test_every_tracker_holds_wandbs_metric_names_for_each_stage(read_back):
     assert {"train/mean_token_accuracy", "eval/mean_token_accuracy"} <= read_back["wandb"]["sft"]["keys"]
 
 
+@pytest.mark.slow
 def test_one_run_per_stage_grouped_by_the_pipeline_run(read_back, tracked_run):
     group = read_back["wandb"]["lm"]["group"]
     assert group.startswith("tiny-")
@@ -133,6 +135,7 @@ def test_one_run_per_stage_grouped_by_the_pipeline_run(read_back, tracked_run):
     assert '"max_steps": 6' in read_back["tensorboard"]["lm"]["texts"]["config"][0].tensor_proto.string_val[0].decode()
 
 
+@pytest.mark.slow
 def test_every_tracker_holds_the_same_values_at_the_same_steps(read_back, tracked_run):
     for stage in STAGES:
         rows = read_jsonl(tracked_run["run_dir"] / stage / "metrics.jsonl")
@@ -147,6 +150,7 @@ def test_every_tracker_holds_the_same_values_at_the_same_steps(read_back, tracke
             assert set(curves["train/tokens_per_s"]) <= set(loss)
 
 
+@pytest.mark.slow
 def test_summaries_and_the_generations_table(read_back, tracked_run):
     summary = json.loads((tracked_run["run_dir"] / "sft" / "summary.json").read_text())["metrics"]
     for name in ("trackio", "mlflow", "tensorboard"):
@@ -164,6 +168,7 @@ def test_summaries_and_the_generations_table(read_back, tracked_run):
     assert logged["_type"] == "trackio.table"
 
 
+@pytest.mark.slow
 def test_trackers_keep_stdout_for_the_results_table(tracked_run):
     out = tracked_run["stdout"]
     assert "Trackio" not in out and "trackio" not in out.lower(), "trackio's prints go to align.log"

@@ -222,6 +222,7 @@ def verdicts(run_dir) -> dict[str, dict]:
     return {s: json.loads((run_dir / s / "summary.json").read_text())["verdict"] for s in ("lm", "dpo", "worse")}
 
 
+@pytest.mark.slow
 def test_tiny_runs_improve_learn_nothing_and_get_worse(verdict_run):
     found = verdicts(verdict_run["run_dir"])
     print(json.dumps(found, indent=1, ensure_ascii=False))  # the texts, for a reader of `pytest -s`
@@ -245,6 +246,7 @@ def test_tiny_runs_improve_learn_nothing_and_get_worse(verdict_run):
     assert worse["reasons"][1:] == [high]
 
 
+@pytest.mark.slow
 def test_the_console_table_ends_with_every_stage_verdict_in_full(verdict_run):
     lines = verdict_run["stdout"].rstrip().splitlines()
     assert ["stage", "status", "before", "→", "after", "time", "model"] in [line.split() for line in lines]
@@ -257,6 +259,7 @@ def test_the_console_table_ends_with_every_stage_verdict_in_full(verdict_run):
         assert summary["verdict"]["reasons"][0] in line
 
 
+@pytest.mark.slow
 def test_the_report_shows_each_stage_verdict_in_the_table_its_section_and_did_it_help(verdict_run):
     from align.report import build_report
 

@@ -371,7 +371,9 @@ def plan(
             parts.hints.append("raise max_length (align caps it at the model's positions) or shorten the prompts")
     spans, untrained, truncated = counts["train"]
     warn_truncation(stage, fmt, spans, truncated, max_length)
-    first_rows = train.select(range(min(2, len(train))))
+    # Two examples as training sees them: among those that keep a trained token (the dropped ones train nothing).
+    kept = [i for i, (_, first) in enumerate(spans) if first is not None and (max_length is None or first < max_length)]
+    first_rows = train.select(kept[:2])
     used = [min(n, max_length or n) for n, _ in spans]
     parts.details.update(
         train_examples=len(train) - untrained,  # the dropped ones are counted on their own line
