@@ -60,7 +60,9 @@ def build_parser(prog: str = "align chat") -> argparse.ArgumentParser:
     )
     parser.add_argument("model", nargs="?", type=Path, help="a model/ directory, a stage folder or a run directory")
     parser.add_argument("--stage", help="the run directory's stage (default: its last completed lm, sft or dpo stage)")
-    parser.add_argument("--prompt", help="answer this prompt once and exit (the answer alone on stdout)")
+    parser.add_argument(
+        "--prompt", help=r"answer this prompt once and exit (the answer alone on stdout); \n is a new line"
+    )
     parser.add_argument(
         "--compare",
         type=Path,
@@ -68,7 +70,11 @@ def build_parser(prog: str = "align chat") -> argparse.ArgumentParser:
         help="answer --prompt with every lm, sft and dpo stage's model of this run, one after another",
     )
     parser.add_argument("--system", help="a system prompt to start with (the chat's /system sets it too)")
-    parser.add_argument("--temperature", type=_temperature, default=0.7, help="0 for greedy (default 0.7)")
+    parser.add_argument(
+        "--temperature",
+        type=_temperature,
+        help="0 for greedy (default 0.7; with --compare 0, so that the answers differ by model, not by sampling)",
+    )
     parser.add_argument("--top-p", type=_top_p, default=0.9, help="nucleus sampling's mass (default 0.9)")
     parser.add_argument("--max-new-tokens", type=_positive_int, default=256, help="per answer (default 256)")
     parser.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
@@ -368,12 +374,26 @@ def compare(run_dir: Path, args: argparse.Namespace, out: TextIO | None = None, 
     return 0
 
 
+def settle(args: argparse.Namespace) -> argparse.Namespace:
+    """Defaults that depend on other flags, and what a shell cannot type: `--compare` answers greedily unless a
+    temperature is given (sampled answers differ by chance, not by model); a `\\n` (`\\t`) typed in `--prompt` or
+    `--system` is a new line (a tab)."""
+    if args.temperature is None:
+        args.temperature = 0.0 if args.compare is not None else 0.7
+    for name in ("prompt", "system"):
+        text = getattr(args, name)
+        if text is not None:
+            setattr(args, name, text.replace("\\n", "\n").replace("\\t", "\t"))
+    return args
+
+
 def main(argv: list[str] | None = None, prog: str = "align chat") -> int:
     args = build_parser(prog).parse_args(argv)
     # Heavy imports (torch, transformers) wait until the arguments are parsed, so --help is instant.
     from align.runtime import setup_logging
 
     setup_logging("warning")
+    settle(args)
     try:
         if args.compare is not None:
             if args.model is not None or args.stage is not None:

@@ -448,3 +448,16 @@ def test_push_names_a_missing_stage(run_dir, capsys):
 
     assert main([str(run_dir), "--stage", "dpo", "--repo-id", "someone/x"]) == 2
     assert errors(capsys.readouterr().err) == [f"error: --stage dpo: no such stage in {run_dir} (its stages: lm, sft)"]
+
+
+def test_chat_compares_greedily_and_takes_a_typed_newline(tmp_path):
+    """`--compare` sampled at 0.7, so a side-by-side was noise unless --temperature 0 was given; a `\\n` typed in
+    --prompt reached the model as two characters."""
+    from align.chat import build_parser, settle
+
+    parse = build_parser().parse_args
+    assert settle(parse(["--compare", str(tmp_path), "--prompt", "x"])).temperature == 0.0
+    assert settle(parse(["--compare", str(tmp_path), "--prompt", "x", "--temperature", "0.5"])).temperature == 0.5
+    assert settle(parse([str(tmp_path)])).temperature == 0.7
+    args = settle(parse([str(tmp_path), "--prompt", "Line one.\\nLine two.\\tEnd", "--system", "Be brief.\\n"]))
+    assert args.prompt == "Line one.\nLine two.\tEnd" and args.system == "Be brief.\n"

@@ -204,9 +204,10 @@ def log_training(args: Any, n_train: int, unit: str, seed: int) -> dict[str, Any
 
     per_step = args.per_device_train_batch_size * args.gradient_accumulation_steps * args.world_size
     logger.info(
-        "training: %d steps planned, effective batch %d %s (%d per device x %d accumulation x %d processes), data "
+        "training: %d steps planned, effective batch %d %s (%d per device x %d accumulation x %d process%s), data "
         "order seed %d", steps_for(args.max_steps, per_step, args.num_train_epochs, n_train), per_step, unit,
-        args.per_device_train_batch_size, args.gradient_accumulation_steps, args.world_size, args.data_seed or seed,
+        args.per_device_train_batch_size, args.gradient_accumulation_steps, args.world_size,
+        "" if args.world_size == 1 else "es", args.data_seed or seed,
     )  # fmt: skip
     return {
         "seed": args.data_seed if args.data_seed is not None else seed,
