@@ -106,11 +106,14 @@ class MetricsWriter(TrainerCallback):
         self.nonfinite: dict[str, Any] | None = None
         self._last_time: float | None = None
         self._last_tokens = 0
+        self._train_start: float | None = None
+        self._start_step = 0
         if main_process:
             path.parent.mkdir(parents=True, exist_ok=True)
 
     def on_train_begin(self, args, state, control, **kwargs):
         self._last_time, self._last_tokens = time.perf_counter(), state.num_input_tokens_seen or 0
+        self._train_start, self._start_step = self._last_time, state.global_step  # a resumed run: from its step
 
     def on_step_end(self, args, state, control, **kwargs):
         if self.first_step_s is None:
@@ -146,14 +149,27 @@ class MetricsWriter(TrainerCallback):
         if self.main_process:
             with self.path.open("a", encoding="utf-8") as fh:
                 fh.write(json.dumps(row, default=str) + "\n")
-        shown = ", ".join(f"{k}={_fmt(v)}" for k, v in row.items() if k not in _QUIET | {"split"} and v is not None)
-        logger.info("%s: %s", split, shown)
+        progress = self.progress(state) if split == "train" and "loss" in logs else ""
+        hidden = _QUIET | {"split"} | ({"step"} if progress else set())  # the progress names the step
+        shown = ", ".join(f"{k}={_fmt(v)}" for k, v in row.items() if k not in hidden and v is not None)
+        logger.info("%s: %s%s", split, progress, shown)
 
         loss = logs.get("loss", logs.get("eval_loss"))
         if isinstance(loss, float) and not math.isfinite(loss) and self.nonfinite is None:
             self.nonfinite = {"step": state.global_step, "value": loss, "split": split}
             control.should_training_stop = True
         return control
+
+    def progress(self, state: Any) -> str:
+        """`step 40/120 (33%), 1m05s elapsed, ETA 2m10s; ` for a training row's log line: where a long run stands in
+        a log file, where there is no progress bar (the rate is this run's, since it started or resumed)."""
+        total, step = state.max_steps or 0, state.global_step
+        if self._train_start is None or total <= 0:
+            return ""
+        elapsed = time.perf_counter() - self._train_start
+        done = step - self._start_step
+        eta = f", ETA {_duration(elapsed / done * (total - step))}" if done > 0 and step < total else ""
+        return f"step {step}/{total} ({100 * step / total:.0f}%), {_duration(elapsed)} elapsed{eta}; "
 
     def record(self, row: dict[str, Any]) -> None:
         """A row align measured itself during training (an online stage's `monitor` split): to metrics.jsonl, the
@@ -166,6 +182,16 @@ class MetricsWriter(TrainerCallback):
                 fh.write(json.dumps(row, default=str) + "\n")
         shown = ", ".join(f"{k}={_fmt(v)}" for k, v in row.items() if k not in _QUIET | {"split"} and v is not None)
         logger.info("%s: %s", row["split"], shown)
+
+
+def _duration(seconds: float) -> str:
+    """42s, 3m05s, 1h02m."""
+    seconds = int(round(seconds))
+    if seconds < 60:
+        return f"{seconds}s"
+    if seconds < 3600:
+        return f"{seconds // 60}m{seconds % 60:02d}s"
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
 
 
 def _fmt(value: Any) -> str:

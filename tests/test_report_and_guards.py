@@ -322,3 +322,27 @@ def test_report_loads_in_a_real_headless_browser(chain_run, tmp_path):
     print(f"report screenshot: {shot} (layout at {width} px: {layout})")
     pixels = matplotlib.image.imread(BytesIO(shot.read_bytes()), format="png")
     assert pixels.shape[:2] == (height, width)
+
+
+def test_training_log_lines_say_the_step_of_the_total_the_time_and_the_eta(tmp_path, caplog, monkeypatch):
+    """Where no progress bar is drawn (a log file, a batch job), each training row's line says where the run is."""
+    from types import SimpleNamespace
+
+    import align.metrics as metrics
+    from align.metrics import MetricsWriter
+
+    now = [100.0]  # the clock: training begins at 100 s, rows come at 108 s and 130 s
+    monkeypatch.setattr(metrics.time, "perf_counter", lambda: now[0])
+    writer = MetricsWriter(tmp_path / "metrics.jsonl", started=0.0)
+    state = SimpleNamespace(global_step=2, max_steps=10, num_input_tokens_seen=0, epoch=0.1)  # resumed at step 2
+    writer.on_train_begin(None, state, None)
+    with caplog.at_level("INFO", logger="align.metrics"):
+        state.global_step, now[0] = 6, 108.0
+        writer.on_log(None, state, SimpleNamespace(should_training_stop=False), logs={"loss": 1.5})
+        state.global_step, now[0] = 10, 130.0
+        writer.on_log(None, state, SimpleNamespace(should_training_stop=False), logs={"loss": 1.2})
+    first, last = [r.getMessage() for r in caplog.records if r.getMessage().startswith("train:")]
+    # 4 steps in 8 s since the resume: 2 s a step, 4 steps left.
+    assert first.startswith("train: step 6/10 (60%), 8s elapsed, ETA 8s; loss=1.5,"), first
+    assert last.startswith("train: step 10/10 (100%), 30s elapsed; loss=1.2"), last
+    assert all("ETA" not in json.dumps(row) for row in writer.rows), "the rows (metrics.jsonl) are unchanged"
