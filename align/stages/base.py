@@ -105,7 +105,10 @@ class Kind:
         after, before = metrics.get(key), metrics.get(f"{key}_before")
         if not isinstance(after, int | float):
             return "-"
-        return f"{key} {before:.4g} → {after:.4g}" if isinstance(before, int | float) else f"{key} {after:.4g}"
+        figure = f"{key} {before:.4g} → {after:.4g}" if isinstance(before, int | float) else f"{key} {after:.4g}"
+        # The Trainer's eval loss is a mean over eval batches; the verdict's line below it is a mean over examples,
+        # and differs a little: said, so the two figures do not read as one number printed twice.
+        return f"{figure} (Trainer: batch mean)" if key == "eval_loss" else figure
 
 
 @dataclass(frozen=True)
