@@ -325,7 +325,8 @@ def _load_prompts(spec: DataSpec, base_dir: Path, where: str | None) -> DatasetD
         raise BadInput(f"{label}: no split '{name}' (splits: {', '.join(splits)})")
     origin = origins.get(name) or RowOrigin(f"{label} (split {name})")
     rows = _usable_rows(map_columns(_numbered(splits[name]), spec, label), spec, label, origin, name)
-    logger.info("data %s: %d prompts to evaluate (split %s)", spec.name or label, len(rows), name)
+    logger.info("data %s: %d prompts to evaluate (the plan's test split: the source's split '%s')",
+                spec.name or label, len(rows), name)  # fmt: skip
     return DatasetDict(test=rows)
 
 
@@ -790,7 +791,11 @@ def diagnose_file(path: Path, exc: Exception) -> str:
             try:
                 row = json.loads(line)
             except json.JSONDecodeError as err:
-                return f"{path}: line {number}: broken JSON: {err.msg}"
+                looks_csv = number == 1 and not line.lstrip().startswith(("{", "[")) and ("," in line or "\t" in line)
+                csv_note = (
+                    "; it looks like CSV (a header of comma-separated names): name the file .csv" if looks_csv else ""
+                )
+                return f"{path}: line {number}: broken JSON: {err.msg}{csv_note}"
             if not isinstance(row, dict):
                 return f"{path}: line {number}: each line must be a JSON object, got {type(row).__name__}"
     first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__

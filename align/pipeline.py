@@ -302,7 +302,8 @@ def input_identity(stage: Stage, recipe: Recipe, outputs: Any) -> str:
 
 def planned_status(recipe: Recipe, specs: dict[str, DataSpec], precision: str, run_dir: Path) -> dict[str, str]:
     """What a run into `run_dir` would do with each stage, from the fingerprints it would compute: `cached`,
-    `resumes from checkpoint-N`, `runs again (changed since the last run)` or `runs`; for `--dry-run`."""
+    `resumes from checkpoint-N`, `runs again (changed since the last run)` or `will run` (never ran there); for
+    `--dry-run`."""
     outputs: dict[str, StageOutput] = {}
     out = {}
     for stage in recipe.stages:
@@ -317,7 +318,7 @@ def planned_status(recipe: Recipe, specs: dict[str, DataSpec], precision: str, r
         elif (stage_dir / "summary.json").is_file():
             out[stage.name] = f"runs again: changed since the last run in {run_dir} (fingerprint {fp})"
         else:
-            out[stage.name] = f"runs (fingerprint {fp})"
+            out[stage.name] = f"will run: not run before in {run_dir} (fingerprint {fp})"
     return out
 
 

@@ -216,3 +216,13 @@ def test_a_data_set_saved_with_save_to_disk_loads_as_a_source(tmp_path):
     with pytest.raises(BadInput, match=r"holds no data set saved by datasets' save_to_disk") as info:
         load_data(spec(source={"disk": "plain"}), seed=0, base_dir=tmp_path, where="stages.lm.data")
     assert info.value.problems[0].startswith("stages.lm.data: source.disk:")
+
+
+def test_csv_rows_in_a_jsonl_file_are_named_as_csv(tmp_path):
+    (tmp_path / "qa.jsonl").write_text("question,answer\nWhat is 1?,One\n")
+    with pytest.raises(BadInput, match=r"qa.jsonl: line 1: broken JSON: .*it looks like CSV .*name the file .csv"):
+        load_data(spec(source={"files": ["qa.jsonl"]}), seed=0, base_dir=tmp_path)
+    (tmp_path / "bad.jsonl").write_text('{"text": "fine"}\n{"text": broken}\n')
+    with pytest.raises(BadInput, match=r"bad.jsonl: line 2: broken JSON") as info:
+        load_data(spec(source={"files": ["bad.jsonl"]}), seed=0, base_dir=tmp_path)
+    assert "CSV" not in str(info.value), "a JSON file with one bad line is not called CSV"
