@@ -117,6 +117,16 @@ def model_card(run_dir: Path, stage: str) -> str:
         body += ["", f"Verdict: **{verdict['status']}**" + (f" ({reasons})" if reasons else "") + "."]
         # The warnings travel with the model: a card that says "improved" without them says too much.
         body += [f"- warning: {w}" for w in verdict.get("warnings") or []]
+    later = later_evaluations(run_dir, stage)
+    if later:
+        body += [
+            "",
+            "## Later evaluations",
+            "",
+            "What the run's eval stages found of this model, after it trained:",
+            "",
+        ]
+        body += later
     how = declared.card_usage(prompts, adapter)
     body += ["", "## Prompt format", "", prompt_section(prompts), "", "## Usage", "", how]
     versions = summary.get("versions") or {}
@@ -126,6 +136,29 @@ def model_card(run_dir: Path, stage: str) -> str:
     body += ["```yaml", recipe_text.rstrip(), "```", ""]
     text = f"---\n{metadata.to_yaml()}\n---\n\n" + "\n".join(body)
     return redact(text, secret_values())
+
+
+def later_evaluations(run_dir: Path, stage: str) -> list[str]:
+    """A line for each completed eval stage of the run that evaluated `stage`'s model: its verdict and what it says
+    of this model (a stage's own "improved" and a later eval's "worse" belong on the same card)."""
+    lines = []
+    for entry in (read_json(run_dir / "pipeline.json") or {}).get("stages", []):
+        summary = read_json(run_dir / str(entry.get("name")) / "summary.json") or {}
+        metrics = summary.get("metrics") or {}
+        if entry.get("kind") != "eval" or summary.get("status") not in ("completed", "cached"):
+            continue
+        if stage not in (metrics.get("models") or {}):
+            continue
+        verdict = summary.get("verdict") or {}
+        said = [r.removeprefix(f"{stage}: ") for r in verdict.get("reasons") or [] if r.startswith(f"{stage}: ")]
+        warned = [w.removeprefix(f"{stage}: ") for w in verdict.get("warnings") or [] if w.startswith(f"{stage}: ")]
+        if stage == metrics.get("baseline"):
+            lines.append(f"- `{entry['name']}`: the baseline the other models were compared against.")
+            continue
+        status = f"**{verdict['status']}**" if verdict.get("status") else "no verdict"
+        lines.append(f"- `{entry['name']}`: {status}" + (f": {'; '.join(said)}" if said else "") + ".")
+        lines += [f"  - warning: {w}" for w in warned]
+    return lines
 
 
 def stage_chain(stages: dict[str, dict[str, Any]], stage: str) -> list[str]:

@@ -671,6 +671,9 @@ def _run_stages(
         records.update(stage.name, status="completed")
         if result.model_dir is not None:
             write_model_card(ctx.run_dir, stage.name)  # align/card.py: model/README.md, from the records just written
+        for judged in (result.metrics.get("models") or {}) if result.model_dir is None else ():
+            if (ctx.run_dir / judged / "model" / "README.md").is_file():  # an eval's verdict reaches the cards
+                write_model_card(ctx.run_dir, judged)
         if result.metrics.get("stopped_early"):
             tracker.log({"train/early_stop_step": result.metrics["global_step"]})
         tracker.summary(result.metrics)

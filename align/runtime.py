@@ -212,6 +212,17 @@ def close_log_file() -> None:
         handler.close()
 
 
+class _NoTensorParallelNotes(logging.Filter):
+    """transformers 5 checks a model's tensor-parallel plan on every load, parallel or not, and warns that "the
+    following layers were not sharded" (every layer, twice for a reward model): align never shards by tensor
+    parallelism, so the note says nothing about its runs."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        return not (message.startswith("The following layers were not sharded")
+                    or message.startswith("The following TP rules were not applied"))  # fmt: skip
+
+
 def _quiet_library_handlers(level: str) -> None:
     """transformers and datasets install their own stderr handlers on import; route them through ours."""
     from datasets.utils import logging as ds_logging
@@ -223,6 +234,9 @@ def _quiet_library_handlers(level: str) -> None:
     ds_logging.get_logger().handlers.clear()
     ds_logging.get_logger().propagate = True
     ds_logging.set_verbosity(LIBRARY_LEVELS[level])
+    tensor_parallel = logging.getLogger("transformers.distributed.tensor_parallel")
+    if not any(isinstance(f, _NoTensorParallelNotes) for f in tensor_parallel.filters):
+        tensor_parallel.addFilter(_NoTensorParallelNotes())
     if not sys.stderr.isatty():
         # Progress bars are noise in logs and CI; people at a terminal keep them.
         ds_logging.disable_progress_bar()

@@ -386,3 +386,23 @@ def test_a_reward_models_card_and_chat_say_it_scores_and_does_not_generate(chain
     assert "| `rm` | accuracy |" in card and "generate(" not in card
     assert chat([str(chain / "rm" / "model"), "--prompt", "hi"]) == 2
     assert "a reward model (it scores answers; it does not generate text)" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_a_later_evals_verdict_reaches_the_evaluated_models_cards(chain):
+    """The dpo card said "Verdict: improved" and never the eval's verdict on it, and `align push` would publish it."""
+    evaluation = summary(chain, "eval")
+    judged = [name for name in evaluation["metrics"]["models"] if name != evaluation["metrics"]["baseline"]]
+    assert judged
+    for name in judged:
+        card = (chain / name / "model" / "README.md").read_text()
+        section = card[card.index("## Later evaluations") :].split("\n## ", 1)[0]
+        assert f"- `eval`: **{evaluation['verdict']['status']}**" in section, section
+        ours = [r.removeprefix(f"{name}: ") for r in evaluation["verdict"]["reasons"] if r.startswith(f"{name}: ")]
+        assert all(reason in section for reason in ours), section
+    baseline = evaluation["metrics"]["baseline"]
+    if (chain / baseline / "model" / "README.md").is_file():
+        assert (
+            "the baseline the other models were compared against"
+            in (chain / baseline / "model" / "README.md").read_text()
+        )

@@ -48,3 +48,20 @@ def test_log_lines_carry_time_level_and_stage(tmp_path, capsys):
     assert "INFO    [sft] align.test: hello" in err and "only in the file" not in err
     text = (tmp_path / "align.log").read_text()
     assert "[sft] align.test: hello" in text and "DEBUG   [sft] align.test: only in the file" in text
+
+
+def test_transformers_tensor_parallel_notes_are_dropped_and_its_other_warnings_kept(caplog):
+    """transformers 5 warns "The following layers were not sharded" on every load of a reward model, parallel or
+    not; align never shards by tensor parallelism."""
+    import logging
+
+    from align.runtime import setup_logging
+
+    setup_logging("info")
+    tensor_parallel = logging.getLogger("transformers.distributed.tensor_parallel")
+    with caplog.at_level(logging.WARNING):
+        tensor_parallel.warning("The following layers were not sharded: transformer.h.*.ln_2.bias")
+        tensor_parallel.warning("The following TP rules were not applied on any of the layers: {}")
+        tensor_parallel.warning("something else")
+    messages = [r.getMessage() for r in caplog.records if r.name == tensor_parallel.name]
+    assert messages == ["something else"]
