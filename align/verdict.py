@@ -46,6 +46,8 @@ HIGH_LR_FACTOR = 10.0
 SHORTER = 0.25
 MORE_REPETITIVE = 0.1
 FEWER_ENDED = 0.1
+# Repeated 4-grams from which "before" answers count as loops (`be be be ...`).
+LOOPING = 0.5
 
 
 @dataclass(frozen=True)
@@ -271,7 +273,9 @@ def answer_warnings(context: Context) -> list[str]:
     n = len(answers_after)
     out = []
     drop = before["mean_length"] - after["mean_length"]
-    if before["mean_length"] > 0 and drop >= 2 and drop / before["mean_length"] >= SHORTER:
+    # Answers that looped before and loop less now are shorter because the loop broke: no warning for that.
+    loops_broke = before["repetition"] >= LOOPING and before["repetition"] - after["repetition"] >= MORE_REPETITIVE
+    if before["mean_length"] > 0 and drop >= 2 and drop / before["mean_length"] >= SHORTER and not loops_broke:
         out.append(f"answers got shorter: {before['mean_length']:.1f} → {after['mean_length']:.1f} tokens on average "
                    f"over {n} greedy answers")  # fmt: skip
     if after["repetition"] - before["repetition"] >= MORE_REPETITIVE:

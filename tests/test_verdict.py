@@ -114,6 +114,26 @@ def test_warnings_never_decide_the_status():
     ]
 
 
+def test_shorter_answers_are_no_warning_where_the_before_answers_were_loops():
+    """`be be be ...` before and a short real answer after once gave "answers got shorter": the loop broke."""
+    loops = [Answer(text="x", token_ids=tuple([7, 8] * 12), ended=False) for _ in range(4)]
+    short = [Answer(text="x", token_ids=tuple(range(6)), ended=True) for _ in range(4)]
+    verdict = accuracy_verdict("pref_accuracy", [0] * 8 + [1] * 8, [1] * 16, unit="pairs", answers=(loops, short))
+    assert not any("shorter" in w for w in verdict.warnings), verdict.warnings
+    real = [Answer(text="x", token_ids=tuple(range(24)), ended=True) for _ in range(4)]
+    verdict = accuracy_verdict("pref_accuracy", [0] * 8 + [1] * 8, [1] * 16, unit="pairs", answers=(real, short))
+    assert any(w.startswith("answers got shorter: 24.0 → 6.0") for w in verdict.warnings), verdict.warnings
+
+
+def test_a_stage_built_from_scratch_says_its_improvement_is_by_construction():
+    from align.stages.common import scratch_warning
+    from align.values import StartingPoint
+
+    fields = {k: "x" for k in StartingPoint.__dataclass_fields__}
+    assert "random initialisation" in scratch_warning(StartingPoint(**{**fields, "input": "scratch"}))[0]
+    assert scratch_warning(StartingPoint(**{**fields, "input": "full"})) == []
+
+
 def test_a_handful_of_examples_is_flagged_whatever_the_status():
     verdict = loss_verdict("eval loss per example", [6.103, 6.104], [6.041, 6.043])
     assert verdict.status == "improved"

@@ -140,7 +140,9 @@ def run_stage(stage: Stage, ctx: StageContext, kind: type[StageKind]) -> StageRe
         metrics["eval_loss_by_source"] = {n: after.get(f"eval_{n}_loss") for n in names}
         metrics["eval_loss_by_source_before"] = {n: before.get(f"eval_{n}_loss") for n in names}
     if extra.get("verdict") is not None:
-        extra["verdict"] = report_verdict(ctx, stage, extra["verdict"], source_warnings(metrics))
+        extra["verdict"] = report_verdict(
+            ctx, stage, extra["verdict"], source_warnings(metrics) + scratch_warning(start)
+        )
     return StageResult(stage.name, stage.kind, "completed", model_dir, ctx.input_label, metrics, extra)
 
 
@@ -267,6 +269,15 @@ def evaluate_by_source(trainer: Trainer, sets: dict[str, Any]) -> None:
         original_log(logs, *args, **kwargs)
 
     trainer.evaluate, trainer.log = evaluate, log
+
+
+def scratch_warning(start: Any) -> list[str]:
+    """A model built from scratch is measured "before" as its random initialisation: any training beats that, so
+    its `improved` is true by construction and says little; the warning says so beside it."""
+    if getattr(start, "input", None) != "scratch":
+        return []
+    return ["built from scratch: 'before' is the random initialisation, which any training improves on; judge the "
+            "stage by a later stage's or an eval's comparison, not by this improvement"]  # fmt: skip
 
 
 def source_warnings(metrics: dict[str, Any]) -> list[str]:
