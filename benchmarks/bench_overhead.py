@@ -77,7 +77,9 @@ def main() -> int:
                     losses[side] = summary(tmp / "align", "sft")["metrics"]["eval_loss"]
     median = {side: statistics.median(values) for side, values in seconds.items()}
     ratio, like_for_like = median["align"] / median["bare"], median["align_trl_head"] / median["bare"]
-    same = all(abs(loss - losses["bare"]) <= 1e-4 * abs(losses["bare"]) for loss in losses.values())
+    # Equal to the Trainer's last printed digits: the baseline keeps its evaluation before training out of the random
+    # numbers training draws, as align does (before that, 8.7e-4 apart: other dropout masks).
+    same = all(abs(loss - losses["bare"]) <= 1e-5 for loss in losses.values())
     ok = ratio <= 1.05 and same
     spread = {side: f"{min(values):.1f}-{max(values):.1f}" for side, values in seconds.items()}
     print(
