@@ -208,35 +208,9 @@ class MixedSource(DataSpec):
     weight: float = Field(gt=0, description="its share of the mixed train split, before normalising")
 
 
-class MixRef(Strict):
-    """One source of a `data: {mix: [...]}`: a card by name (with fields overridden) or an inline source, and its
-    weight. Every field a stage's `data:` takes, but no mix of its own."""
-
-    card: str | None = None
-    name: str | None = Field(None, description="the source's name in the summary, the plan and eval_<name>_loss")
-    source: Source | None = None
-    format: Literal[FORMATS] | None = None  # type: ignore[valid-type]
-    columns: dict[str, str | list[str]] | None = None
-    splits: Splits | None = None
-    valid_fraction: float | None = Field(None, gt=0.0, lt=1.0)
-    max_train_rows: int | None = Field(None, ge=1)
-    max_eval_rows: int | None = Field(None, ge=1)
-    license: str | None = None
-    stages: list[str] | None = None
-    weight: float = Field(
-        gt=0, allow_inf_nan=False, description="a positive number: its share of the mixed train split, normalised"
-    )
-
-
-class DataRef(Strict):
-    """`data:` in a stage: a card by name, optionally with fields overridden, or a whole inline spec; or a `mix:` of
-    such sources with weights.
-
-    A mix's train split takes from each source its weight's share (normalised), each source shuffled with the
-    recipe's seed first. Without `mix_rows` it is the largest mix that repeats no source's row; with it, a source
-    asked for more rows than it has is repeated (the plan says so; never more than MAX_REPEATS times). Its
-    validation split is every source's own, unweighted, each also evaluated on its own (`eval_<name>_loss`).
-    """
+class SourceRef(Strict):
+    """What a stage's `data:` and each source of a mix take: a card by name with fields overridden, or an inline
+    source (every field optional here; the resolved spec, `DataSpec`, checks that enough are given)."""
 
     card: str | None = None
     name: str | None = None
@@ -249,6 +223,28 @@ class DataRef(Strict):
     max_eval_rows: int | None = Field(None, ge=1)
     license: str | None = None
     stages: list[str] | None = None
+
+
+class MixRef(SourceRef):
+    """One source of a `data: {mix: [...]}`: a card by name (with fields overridden) or an inline source, and its
+    weight. Every field a stage's `data:` takes, but no mix of its own."""
+
+    name: str | None = Field(None, description="the source's name in the summary, the plan and eval_<name>_loss")
+    weight: float = Field(
+        gt=0, allow_inf_nan=False, description="a positive number: its share of the mixed train split, normalised"
+    )
+
+
+class DataRef(SourceRef):
+    """`data:` in a stage: a card by name, optionally with fields overridden, or a whole inline spec; or a `mix:` of
+    such sources with weights.
+
+    A mix's train split takes from each source its weight's share (normalised), each source shuffled with the
+    recipe's seed first. Without `mix_rows` it is the largest mix that repeats no source's row; with it, a source
+    asked for more rows than it has is repeated (the plan says so; never more than MAX_REPEATS times). Its
+    validation split is every source's own, unweighted, each also evaluated on its own (`eval_<name>_loss`).
+    """
+
     mix: list[MixRef] | None = Field(None, description="several sources, each a card or an inline source + weight")
     mix_rows: int | None = Field(
         None, ge=1, description="rows of the mixed train split; default: the most that repeat no source's row"
