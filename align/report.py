@@ -95,6 +95,16 @@ def saved_model_step(summary: dict[str, Any], early_stopping: bool) -> tuple[int
     return metrics["global_step"], "last step"
 
 
+def reward_accuracy_points(rows: list[dict[str, Any]]) -> tuple[list[tuple[int, float]], set[int]]:
+    """The eval reward accuracy's (step, value) points worth drawing, and the steps left out: where the policy is
+    still its reference (step 0) every implicit reward is 0, TRL counts those ties as wrong, and the curve would start
+    at 0 beside a held-out pref_accuracy of 0.6."""
+    margin = dict(zip(*_series(rows, "eval", "eval_rewards/margins"), strict=True))
+    steps, values = _series(rows, "eval", "eval_rewards/accuracies")
+    tied = {x for x in steps if margin.get(x) == 0.0}
+    return [(x, y) for x, y in zip(steps, values, strict=True) if x not in tied], tied
+
+
 def _series(rows: list[dict[str, Any]], split: str, key: str) -> tuple[list[int], list[float]]:
     points = [(r["step"], r[key]) for r in rows if r.get("split") == split and isinstance(r.get(key), int | float)]
     return [p[0] for p in points], [p[1] for p in points]
@@ -197,7 +207,6 @@ def stage_plots(
     # logs no reward accuracy, and a margin only for evaluations that held both labels.
     rewards = {name: _series(rows, "eval", f"eval_rewards/{key}")
                for name, key in (("chosen", "chosen"), ("rejected", "rejected"), ("margin", "margins"))}  # fmt: skip
-    accuracy_x, accuracy = _series(rows, "eval", "eval_rewards/accuracies")
     if rewards["chosen"][0]:
         fig, (left, right) = _figure(9, 3.2, columns=2)
         for (name, (x, y)), style in zip(rewards.items(), (("o-", "#2ca02c"), ("o-", "#d62728"), ("o--", "#7f7f7f")),
@@ -206,10 +215,13 @@ def stage_plots(
                 left.plot(x, y, style[0], label=name, color=style[1])
         left.set_title("implicit rewards (eval)")
         left.legend()
-        if accuracy_x:
-            right.plot(accuracy_x, accuracy, "o-", color="#1f77b4")
+        kept, tied = reward_accuracy_points(rows)
+        if kept:
+            right.plot([x for x, _ in kept], [y for _, y in kept], "o-", color="#1f77b4")
             right.set_ylim(0, 1.05)
-        right.set_title("reward accuracy (eval)" if accuracy_x else "reward accuracy (not logged by this method)")
+        logged = kept or tied
+        title = "reward accuracy (eval)" if logged else "reward accuracy (not logged by this method)"
+        right.set_title(title + ("\n(steps with every reward 0 left out: ties)" if tied else ""))
         for ax in (left, right):
             ax.set_xlabel("step")
             ax.grid(alpha=0.3)

@@ -346,3 +346,14 @@ def test_training_log_lines_say_the_step_of_the_total_the_time_and_the_eta(tmp_p
     assert first.startswith("train: step 6/10 (60%), 8s elapsed, ETA 8s; loss=1.5,"), first
     assert last.startswith("train: step 10/10 (100%), 30s elapsed; loss=1.2"), last
     assert all("ETA" not in json.dumps(row) for row in writer.rows), "the rows (metrics.jsonl) are unchanged"
+
+
+def test_the_dpo_reward_accuracy_curve_leaves_out_steps_where_every_reward_ties_at_zero():
+    """It started at 0.0 (TRL counts ties as wrong; at step 0 every implicit reward is 0) beside a held-out
+    pref_accuracy of 0.62 before training."""
+    from align.report import reward_accuracy_points
+
+    rows = [{"step": 0, "split": "eval", "eval_rewards/margins": 0.0, "eval_rewards/accuracies": 0.0},
+            {"step": 4, "split": "eval", "eval_rewards/margins": 0.31, "eval_rewards/accuracies": 0.7},
+            {"step": 4, "split": "train", "loss": 0.6}]  # fmt: skip
+    assert reward_accuracy_points(rows) == ([(4, 0.7)], {0})
