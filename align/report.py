@@ -67,16 +67,34 @@ def read_rows(path: Path) -> list[dict[str, Any]]:
     return rows
 
 
-def early_stopping_stages(run_dir: Path) -> set[str]:
-    """Names of the stages whose entry in the run's resolved recipe.yaml sets `early_stopping`; empty when the
-    recipe is missing or unreadable (the report then goes by `stopped_early` alone)."""
+def recipe_stages(run_dir: Path) -> dict[str, dict[str, Any]]:
+    """The stages of the run's resolved recipe.yaml by name; empty when it is missing or unreadable."""
     import yaml
 
     try:
         recipe = yaml.safe_load((run_dir / "recipe.yaml").read_text(encoding="utf-8"))
-        return {s["name"] for s in recipe["stages"] if s.get("early_stopping")}
+        return {s["name"]: s for s in recipe["stages"] if isinstance(s, dict)}
     except (OSError, yaml.YAMLError, KeyError, TypeError, AttributeError):
-        return set()
+        return {}
+
+
+def early_stopping_stages(run_dir: Path) -> set[str]:
+    """Names of the stages whose entry in the run's resolved recipe.yaml sets `early_stopping`; empty when the
+    recipe is missing or unreadable (the report then goes by `stopped_early` alone)."""
+    return {name for name, stage in recipe_stages(run_dir).items() if stage.get("early_stopping")}
+
+
+def lora_line(stage: dict[str, Any], summary: dict[str, Any]) -> str:
+    """What a stage trained of its model, where LoRA adapters did it (the settings otherwise live only in the
+    recipe at the page's end)."""
+    peft = stage.get("peft")
+    if not isinstance(peft, dict):
+        return ""
+    targets = peft.get("target_modules")
+    targets = ", ".join(targets) if isinstance(targets, list) else str(targets)
+    saved = {"adapter": "the adapters alone", "merged": "merged into the model"}.get(str(summary.get("saved")), "-")
+    return (f"<p class='lora'>LoRA adapters: r={_fmt(peft.get('r'))}, alpha={_fmt(peft.get('alpha'))}, "
+            f"target modules {html.escape(targets)}; saved {html.escape(saved)}</p>")  # fmt: skip
 
 
 def saved_model_step(summary: dict[str, Any], early_stopping: bool) -> tuple[int, str] | None:
@@ -411,11 +429,16 @@ def did_it_help(run_dir: Path, entries: list[dict[str, Any]], summaries: dict[st
         out.append("<table class='models'><tr>" + "".join(f"<th>{h}</th>" for h in head) + "</tr>")
         for label, m in models.items():
             scores = m.get("score_mean") or {}
-            rate, ci = m.get("win_rate"), m.get("win_rate_ci")
-            win = "-" if rate is None else _fmt(rate) + (f"<br>[{_fmt(ci[0])}, {_fmt(ci[1])}]" if ci else "")
+            rate, ci, lc = m.get("win_rate"), m.get("win_rate_ci"), m.get("lc_win_rate")
+            # Rates as the verdicts write them (0.14 [0.08, 0.20]); the baseline against itself is no figure.
+            if label == baseline:
+                win, lc = "- (the baseline)", "-"
+            else:
+                win = "-" if rate is None else f"{rate:.2f}" + (f"<br>[{ci[0]:.2f}, {ci[1]:.2f}]" if ci else "")
+                lc = "-" if lc is None else f"{lc:.2f}"
             lm_eval = m.get("lm_eval") or {}
             task_cells = [lm_eval.get(t.split("/", 1)[0], {}).get(t.split("/", 1)[1]) for t in tasks]
-            cells = [*(scores.get(j) for j in judges), win, m.get("lc_win_rate"), m.get("mean_length"),
+            cells = [*(scores.get(j) for j in judges), win, lc, m.get("mean_length"),
                      m.get("repetition"), m.get("distinct_2"), m.get("eos_rate"), *task_cells]  # fmt: skip
             verdict = m.get("verdict") or {}
             reasons = "".join(f"<br>{html.escape(r)}" for r in verdict.get("reasons") or [])
@@ -494,6 +517,7 @@ def build_report(run_dir: Path) -> Path:
     if pipeline is None:
         raise FileNotFoundError(f"{run_dir}: no pipeline.json here: not an align run directory")
     with_early_stopping = early_stopping_stages(run_dir)
+    stages = recipe_stages(run_dir)
     entries = pipeline.get("stages", [])
     summaries = {e["name"]: read_json(run_dir / e["name"] / "summary.json") or {} for e in entries}
     parts = [
@@ -506,7 +530,7 @@ def build_report(run_dir: Path) -> Path:
         "(change = after &minus; before). Stages are not compared with each other: their eval sets and losses "
         "differ.</p>",
         "<table class='stages'><tr><th>stage</th><th>kind</th><th>status</th><th>metric</th><th>before</th>"
-        "<th>after</th><th>change</th><th>verdict</th><th>saved model</th><th>time</th></tr>",
+        "<th>after</th><th>change</th><th>verdict</th><th>saved model</th><th>wall time</th></tr>",
     ]
     sections = []
     for entry in entries:
@@ -520,7 +544,9 @@ def build_report(run_dir: Path) -> Path:
         if saved is not None and summary.get("model_dir"):
             model += f"<br><code>{html.escape(_inside(Path(summary['model_dir']), run_dir))}</code>"
         metric, before, after, change = key_metric_cells(kind, metrics)
-        seconds = metrics.get("train_runtime_s")
+        # The stage's wall time, as the console's closing table gives it (the Trainer's train_runtime_s leaves out
+        # loading, evaluation before and after, and saving).
+        seconds = summary.get("wall_time_s") or metrics.get("train_runtime_s")
         parts.append(
             f"<tr><td>{html.escape(entry['name'])}</td><td>{html.escape(kind)}</td><td class='{status}'>{status}</td>"
             f"<td>{metric}</td><td class='num'>{before}</td><td class='num'>{after}</td><td class='num'>{change}</td>"
@@ -532,6 +558,7 @@ def build_report(run_dir: Path) -> Path:
             section.append(f"<p class='failed'>{html.escape(summary['error'])}</p>")
         if summary.get("input_model"):
             section.append(f"<p>input model: {html.escape(summary['input_model'])}</p>")
+        section.append(lora_line(stages.get(entry["name"], {}), summary))
         section.append(verdict_block(summary.get("verdict")))
         if saved is not None:
             where = html.escape(str(summary.get("model_dir") or "-"))

@@ -357,3 +357,14 @@ def test_the_dpo_reward_accuracy_curve_leaves_out_steps_where_every_reward_ties_
             {"step": 4, "split": "eval", "eval_rewards/margins": 0.31, "eval_rewards/accuracies": 0.7},
             {"step": 4, "split": "train", "loss": 0.6}]  # fmt: skip
     assert reward_accuracy_points(rows) == ([(4, 0.7)], {0})
+
+
+def test_a_lora_stage_says_so_in_its_report_section():
+    """LoRA was mentioned nowhere in the report but the recipe dump at its end."""
+    from align.report import lora_line
+
+    line = lora_line({"peft": {"r": 8, "alpha": 16, "target_modules": ["c_attn", "c_proj"]}}, {"saved": "adapter"})
+    assert line == ("<p class='lora'>LoRA adapters: r=8, alpha=16, target modules c_attn, c_proj; saved the "
+                    "adapters alone</p>")  # fmt: skip
+    assert "merged into the model" in lora_line({"peft": {"r": 4, "target_modules": "all-linear"}}, {"saved": "merged"})
+    assert lora_line({"peft": None}, {}) == ""

@@ -366,6 +366,8 @@ def test_did_it_help_opens_the_report_with_models_intervals_verdicts_and_regress
     dpo_row = table.split("<td>dpo<br>")[1].split("</tr>")[0]
     assert "0.31<br>[0.24, 0.38]" in dpo_row and "<span class='worse'>worse</span>" in dpo_row and ">0.35<" in dpo_row
     assert "<span class='baseline'>baseline</span>" in table
+    sft_row = table.split("<td>sft<br>")[1].split("</tr>")[0]
+    assert "- (the baseline)" in sft_row and "[0.5" not in sft_row, "no interval of the baseline against itself"
     # The intervals, drawn.
     (png,) = re.findall(r"<img class='win-rates' alt='([^']*)' src='data:image/png;base64,([A-Za-z0-9+/=]+)'", top)
     assert png[0] == "Win rate against the baseline with 95% intervals: sft 0.5; dpo 0.31"
