@@ -259,7 +259,13 @@ def answer(model: Any, tokenizer: Any, text: str, sampling: Sampling, out: TextI
             pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id,
             streamer=streamer(tokenizer, out) if out is not None else None,
         )
-    return tokenizer.decode(output[0, ids.shape[1] :], skip_special_tokens=True), cut
+    answer = output[0, ids.shape[1] :]
+    text = tokenizer.decode(answer, skip_special_tokens=True)
+    if len(answer) >= max_new:  # stopped by the token limit, perhaps inside a character's bytes
+        from align.evaluation.generation import cut_character
+
+        text = cut_character(text)
+    return text, cut
 
 
 # --------------------------------------------------------------------------------------------------

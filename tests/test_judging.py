@@ -410,3 +410,12 @@ def test_length_controlled_win_rate_without_anything_to_fit():
     assert np.isfinite(coefficient) and coefficient > 5 and lc == pytest.approx(0.5, abs=0.01)
     with pytest.raises(ValueError):
         length_controlled_win_rate([], [])
+
+
+def test_an_answer_cut_inside_a_character_ends_without_replacement_characters():
+    """A byte-level tokenizer decodes the first bytes of a character the token limit cut as U+FFFD."""
+    from align.evaluation.generation import cut_character
+
+    assert cut_character("caf\ufffd") == "caf" and cut_character("fin\ufffd\ufffd\ufffd") == "fin"
+    assert cut_character("\ufffd" * 6) == "\ufffd" * 6, "an answer of nothing but invalid bytes is shown as it is"
+    assert cut_character("ok") == "ok"

@@ -211,7 +211,16 @@ def generate_batched(
                     end = next((k for k, token in enumerate(new) if token in stops), None)
                     answer_ids = tuple(new if end is None else new[:end])
                     text = tokenizer.decode(answer_ids, skip_special_tokens=True)
+                    if end is None:  # cut at max_new_tokens, perhaps inside a character's bytes: no U+FFFD for it
+                        text = cut_character(text)
                     results[p, s] = Answer(text, answer_ids, ended=end is not None, prompt_truncated=truncated[p])
     finally:
         model.train(was_training)
     return [[results[p, s if sampling else 0] for s in range(num_samples)] for p in range(len(prompts))]
+
+
+def cut_character(text: str) -> str:
+    """An answer cut at the token limit, without the U+FFFD that a byte-level tokenizer decodes from the first bytes
+    of a character whose last bytes were never generated (at most three: a UTF-8 character has four bytes)."""
+    stripped = text.rstrip("\ufffd")
+    return stripped if len(text) - len(stripped) <= 3 else text
