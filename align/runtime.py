@@ -121,7 +121,20 @@ class _AlignHandler(logging.Handler):
 
 
 class _ConsoleHandler(logging.StreamHandler, _AlignHandler):
-    pass
+    """The console. At a terminal, a record goes through tqdm's `write`, which clears the progress bars first and
+    draws them again below it: written to stderr directly, it landed at the end of the bar's line
+    (`...1.26it/s]07:08:01 INFO ...`)."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if not getattr(self.stream, "isatty", lambda: False)():
+            super().emit(record)
+            return
+        try:
+            from tqdm import tqdm
+
+            tqdm.write(self.format(record), file=self.stream)
+        except Exception:  # a formatting problem: logging's own reporting, as StreamHandler does
+            self.handleError(record)
 
 
 class _FileHandler(logging.FileHandler, _AlignHandler):

@@ -65,3 +65,27 @@ def test_transformers_tensor_parallel_notes_are_dropped_and_its_other_warnings_k
         tensor_parallel.warning("something else")
     messages = [r.getMessage() for r in caplog.records if r.name == tensor_parallel.name]
     assert messages == ["something else"]
+
+
+def test_at_a_terminal_log_lines_go_above_the_progress_bars(monkeypatch):
+    """On a terminal, log lines were glued to tqdm's bars (`...1.26it/s]07:08:01 INFO ...`): through tqdm.write they
+    clear the bars first."""
+    import io
+    import logging
+
+    import tqdm
+
+    from align.runtime import _ConsoleHandler
+
+    class Terminal(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    written = []
+    monkeypatch.setattr(tqdm.tqdm, "write", classmethod(lambda cls, text, file=None, **kw: written.append(text)))
+    terminal, pipe = Terminal(), io.StringIO()
+    record = logging.LogRecord("align.x", logging.INFO, __file__, 1, "a line", None, None)
+    _ConsoleHandler(terminal).emit(record)
+    _ConsoleHandler(pipe).emit(record)
+    assert written == ["a line"] and terminal.getvalue() == "", "the terminal's line went through tqdm.write"
+    assert pipe.getvalue() == "a line\n", "a pipe or file gets the plain line"
