@@ -60,9 +60,16 @@ def main_process_first():
 
 
 def same_on_every_rank(value: Any) -> Any:
-    """The main process's `value` on every process (a picklable object); alone, `value` itself."""
+    """The main process's `value` on every process (a picklable object); alone, `value` itself. Under a launcher,
+    it starts the process group where nothing has yet (the others must learn a refusal the main process found before
+    any Trainer exists)."""
     import torch.distributed as dist
 
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not (dist.is_available() and dist.is_initialized()):
+        import torch
+        from accelerate import PartialState
+
+        PartialState(cpu=not torch.cuda.is_available())
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return value
     box = [value]

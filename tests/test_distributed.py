@@ -199,3 +199,34 @@ def test_one_process_with_accumulation_and_two_processes_train_alike(tmp_path):
     for stage in ("sft", "dpo"):
         evals = runs[1][stage]["metrics"]["eval_loss"], runs[2][stage]["metrics"]["eval_loss"]
         assert evals[0] == pytest.approx(evals[1], rel=3e-3), stage
+
+
+@pytest.mark.slow
+def test_two_processes_refused_a_busy_run_directory_both_exit_2_before_preflight(tmp_path):
+    """The lock is probed before preflight, on the main process; the other process learns the refusal from it (the
+    process group started for that), instead of going on alone into preflight."""
+    recipe = tiny_lm_recipe()
+    recipe["stages"][0]["train"].update(max_steps=2, eval_steps=2)
+    recipe["stages"][0]["data"].update(max_train_rows=40, max_eval_rows=8)
+    path, run_dir = write_yaml(tmp_path / "r.yaml", recipe), tmp_path / "run"
+    assert subprocess.run([sys.executable, "-m", "align.run", str(path), "--output-dir", str(run_dir)],
+                          capture_output=True, cwd=tmp_path, timeout=300).returncode == 0  # fmt: skip
+    hold = ("import sys, time\nfrom pathlib import Path\nfrom align.rundir import RunLock\n"
+            "lock = RunLock(Path(sys.argv[1]))  # kept: a collected lock is let go\n"
+            "lock.acquire()\nprint('held', flush=True)\ntime.sleep(120)\n")  # fmt: skip
+    holder = subprocess.Popen([sys.executable, "-c", hold, str(run_dir)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        accelerate = Path(sys.executable).with_name("accelerate")
+        proc = subprocess.run(
+            [str(accelerate), "launch", "--multi_gpu", "--num_processes", "2", "--main_process_port", "29519",
+             "-m", "align.run", str(path), "--output-dir", str(run_dir)],
+            capture_output=True, text=True, timeout=300, cwd=tmp_path,
+        )  # fmt: skip
+    finally:
+        holder.kill()
+        holder.wait()
+    err = proc.stderr
+    assert proc.returncode != 0 and err.count(f"error: {run_dir} is in use by process {holder.pid}") == 1, err[-3000:]
+    assert err.count("exitcode  : 2") == 2, "each process exits 2 (the launcher itself then exits 1)"
+    assert "preflight" not in err and "align.data" not in err, "refused before preflight"
