@@ -86,7 +86,8 @@ class NumericGuard(TrainerCallback):
       Under fp16 loss scaling an infinite grad norm is the scaler's business (it skips the step and lowers its
       scale; seen on an H100 at step 20 of a healthy GPT-2 run): only `max_skipped` such steps in a row stop it;
     - a loss spike (over twice the running median of the last 50 steps): a warning, and a wandb alert online;
-    - a loss of exactly 0: a warning with the usual causes.
+    - a loss of exactly 0: a warning with the usual causes;
+    - a grad norm of exactly 0 under a loss that is not: nothing trains (frozen weights); a warning with the causes.
     """
 
     def __init__(
@@ -111,6 +112,7 @@ class NumericGuard(TrainerCallback):
         self.nonfinite: dict[str, Any] | None = None
         self.last_spike_step = -(10**9)
         self.warned_zero = not warn_zero_loss  # online RL: a loss of exactly 0 is normal (a group without variance)
+        self.warned_zero_grad = not warn_zero_loss  # and so is a zero gradient there
         self.watches_grad_norm = True
 
     def attach(self, trainer: Any) -> None:
@@ -169,6 +171,14 @@ class NumericGuard(TrainerCallback):
             control.should_save = False
             control.should_evaluate = False
             return control
+        if self.grad_norm == 0.0 and loss > 0.0 and not self.warned_zero_grad:
+            self.warned_zero_grad = True
+            logger.warning(
+                "grad norm is exactly 0 at step %d while the loss is %.4g: no weight receives a gradient, so nothing "
+                "trains; usually every weight is frozen (requires_grad False: adapters merged without unfreezing, "
+                "a frozen base without adapters) or the loss is detached from the model",
+                step, loss,
+            )  # fmt: skip
         if loss == 0.0 and not self.warned_zero:
             self.warned_zero = True
             logger.warning(

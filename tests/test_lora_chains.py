@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file
 
-from tests.conftest import TINY_MODEL, tiny_lm_recipe, write_yaml
+from tests.conftest import TINY_MODEL, read_jsonl, tiny_lm_recipe, write_yaml
 
 # 128 positions: the instruct prompts are long, and 64 tokens would leave a few rows nothing to train on.
 MODEL = dict(TINY_MODEL, n_positions=128)
@@ -93,6 +93,9 @@ def run_next(tmp_path: Path, upstream_recipe: tuple[dict, Path], source: str, ki
     assert main([str(write_yaml(tmp_path / "r.yaml", recipe)), "--output-dir", str(run)]) == 0
     statuses = [s["status"] for s in json.loads((run / "pipeline.json").read_text())["stages"]]
     assert statuses == ["cached"] * (len(statuses) - 1) + ["completed"], "only the next stage trains"
+    # It trained: a stage without `peft` on merged adapters once kept peft's frozen weights (grad norm 0 throughout).
+    norms = [r["grad_norm"] for r in read_jsonl(run / "next" / "metrics.jsonl") if r.get("grad_norm") is not None]
+    assert norms and all(n > 0 for n in norms), f"{source} -> {kind}: grad norms {norms}"
     return run, summary(run, "next")
 
 

@@ -246,6 +246,15 @@ def test_numeric_guard_warns_on_spikes_and_zero_loss(caplog):
     with caplog.at_level("WARNING"):
         _feed(NumericGuard(), [1.0, 0.0, 0.0])
     assert caplog.text.count("exactly 0") == 1
+    caplog.clear()
+    with caplog.at_level("WARNING"):  # frozen weights: a loss, and no gradient at all
+        _feed(NumericGuard(), [0.69, 0.69, 0.69], grad_norm=0.0)
+    assert caplog.text.count("grad norm is exactly 0 at step 1 while the loss is 0.69") == 1
+    assert "requires_grad False" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        _feed(NumericGuard(warn_zero_loss=False), [0.5], grad_norm=0.0)  # online RL: normal
+    assert "grad norm" not in caplog.text
 
 
 @pytest.mark.slow

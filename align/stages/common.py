@@ -534,8 +534,11 @@ def load_start(ctx: StageContext, stage: Stage, reward_head: bool = False) -> tu
         loading=stage.loading,
     )
     if start.lora == "merge":
-        # A stage without `peft` trains every weight: it starts from the model the adapters make, merged.
+        # A stage without `peft` trains every weight: it starts from the model the adapters make, merged. peft froze
+        # the base's weights under its adapters, and merging keeps them frozen: without this nothing trained
+        # (grad norm 0 at every step, the saved model the input unchanged).
         model = model.merge_and_unload()
+        model.requires_grad_(True)
     elif start.lora == "continue":
         trained = model.peft_config["default"]
         if (trained.r, trained.lora_alpha) != (stage.peft.r, stage.peft.alpha):
