@@ -47,8 +47,9 @@ def write_model_card(run_dir: Path, stage: str) -> Path | None:
         return None
 
 
-def model_card(run_dir: Path, stage: str) -> str:
-    """The card's text: YAML metadata, then the chain, metrics, prompt format, usage, versions and recipe."""
+def model_card(run_dir: Path, stage: str, merged: bool = False) -> str:
+    """The card's text: YAML metadata, then the chain, metrics, prompt format, usage, versions and recipe.
+    `merged` (`align merge`): the card of the stage's adapters merged into their base, plain weights."""
     import yaml
     from huggingface_hub import ModelCardData
 
@@ -59,7 +60,9 @@ def model_card(run_dir: Path, stage: str) -> str:
     summaries = {name: read_json(run_dir / name / "summary.json") or {} for name in chain}
     summary = summaries[stage]
     model_dir = run_dir / stage / "model"
-    adapter = (model_dir / "adapter_config.json").is_file()
+    adapter = (model_dir / "adapter_config.json").is_file() and not merged
+    if merged:  # the table's last row says what this folder holds
+        summaries[stage] = summary = {**summary, "saved": "merged (align merge)"}
     root = stages[chain[0]].get("model")
     base = base_model(root)
     sources = [part for n in chain for part in data_sources(stages[n].get("data") or {})]

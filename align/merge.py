@@ -34,9 +34,11 @@ def build_parser(prog: str = "align merge") -> argparse.ArgumentParser:
     return parser
 
 
-def merge_adapters(source: Path, out: Path, reward_model: bool = False) -> Path:
+def merge_adapters(source: Path, out: Path, reward_model: bool = False, card: str | None = None) -> Path:
     """Merge the adapters in `source` (a model/ directory with adapter_config.json) into the base they name and
-    save the result in `out`, with the tokenizer and align's files beside the weights. Returns `out`.
+    save the result in `out`, with the tokenizer and align's files beside the weights. Returns `out`. `card`: the
+    merged model's card (a run's stage: `align.card.model_card(..., merged=True)`); else the adapters' card is
+    copied with a note.
 
     Raises:
         BadInput: `source` holds no adapters, or `out` is not new or empty.
@@ -60,12 +62,16 @@ def merge_adapters(source: Path, out: Path, reward_model: bool = False) -> Path:
     for name in CARRIED:
         if (source / name).is_file():
             shutil.copy2(source / name, out / name)
-    card = out / "README.md"
-    if card.is_file():
-        note = (f"\n\n## Merged\n\nThe LoRA adapters of `{source}` merged into their base "
-                f"(`{model.peft_config['default'].base_model_name_or_path}`) by `align merge`: plain weights, loadable "
-                "without peft.\n")  # fmt: skip
-        card.write_text(card.read_text(encoding="utf-8").rstrip() + note, encoding="utf-8")
+    note = (f"\n\n## Merged\n\nThe LoRA adapters of `{source}` merged into their base "
+            f"(`{model.peft_config['default'].base_model_name_or_path}`) by `align merge`: plain weights, loadable "
+            "without peft.\n")  # fmt: skip
+    if card is not None:
+        (out / "README.md").write_text(card.rstrip() + note, encoding="utf-8")
+    elif (out / "README.md").is_file():
+        (out / "README.md").write_text((out / "README.md").read_text(encoding="utf-8").rstrip() + note, "utf-8")
+    from align.models import readable_weights
+
+    readable_weights(out)  # transformers writes them owner-only
     logger.info("merged %s into %s", source, out)
     return out
 
@@ -81,7 +87,12 @@ def main(argv: list[str] | None = None, prog: str = "align merge") -> int:
         from align import stages as registry
 
         reward_model = saved.kind is not None and registry.makes(saved.kind, "reward_model")
-        merge_adapters(saved.path, args.out, reward_model=reward_model)
+        card = None
+        if saved.run_dir is not None and saved.stage is not None and (saved.run_dir / "recipe.yaml").is_file():
+            from align.card import model_card
+
+            card = model_card(saved.run_dir, saved.stage, merged=True)
+        merge_adapters(saved.path, args.out, reward_model=reward_model, card=card)
     except AlignError as exc:
         return print_error(exc)
     print(f"merged {saved.label()} into {args.out}: load it with AutoModelForCausalLM.from_pretrained('{args.out}')")

@@ -313,6 +313,19 @@ def save_model(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, direc
     directory.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(directory, safe_serialization=True)
     tokenizer.save_pretrained(directory)
+    readable_weights(directory)
+
+
+def readable_weights(directory: Path) -> None:
+    """Give the saved weights the permissions the rest of the folder has (the umask's): transformers 5 writes
+    `*.safetensors` owner-only (0600), so a server running as another user (vLLM, a container) could not read
+    them."""
+    import os
+
+    umask = os.umask(0)
+    os.umask(umask)
+    for weights in directory.glob("*.safetensors"):
+        weights.chmod(0o666 & ~umask)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -480,6 +493,7 @@ def save_trained(
     # The trained adapters only: continuing on earlier adapters, TRL's DPO adds a frozen copy named "ref".
     model.save_pretrained(directory, selected_adapters=[model.active_adapter])
     tokenizer.save_pretrained(directory)
+    readable_weights(directory)
     if base_ref is None:
         save_model(model.unload(), tokenizer, directory / "base")
         base_ref = str((directory / "base").resolve())

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -107,6 +108,9 @@ def test_lm_then_full_or_lora_sft(upstream, name, saved):
     result = summary(upstream, name)
     assert (result["status"], result["input"], result["saved"]) == ("completed", "full", saved)
     load_saved(upstream / name / "model", saved)
+    model_dir = upstream / name / "model"
+    (weights,) = model_dir.glob("*.safetensors")  # transformers writes them 0600; align gives them the folder's mode
+    assert weights.stat().st_mode & 0o777 == (model_dir / "tokenizer.json").stat().st_mode & 0o777
     if saved == "adapter":
         lm_dir = str((upstream / "lm" / "model").resolve())
         assert adapter_config(upstream / name / "model")["base_model_name_or_path"] == lm_dir
@@ -229,7 +233,14 @@ def test_align_merge_saves_plain_weights_whose_logits_are_the_adapters(upstream,
     out = tmp_path / "merged"
     assert main(["merge", str(upstream), str(out), "--stage", name]) == 0
     assert not (out / "adapter_config.json").exists() and (out / "model.safetensors").is_file()
-    assert (out / "align_prompts.json").is_file() and "## Merged" in (out / "README.md").read_text()
+    card = (out / "README.md").read_text()
+    assert (out / "align_prompts.json").is_file() and "## Merged" in card
+    # The card is the merged model's: plain transformers, no peft usage, the chain's last row says merged.
+    assert "library_name: transformers" in card and "AutoPeftModel" not in card and "merged (align merge)" in card
+    umask = os.umask(0)
+    os.umask(umask)
+    modes = {f.name: f.stat().st_mode & 0o777 for f in out.iterdir() if f.is_file()}
+    assert modes["model.safetensors"] == 0o666 & ~umask == modes["config.json"], "weights readable as the rest"
     plain = AutoModelForCausalLM.from_pretrained(out).eval()  # plain transformers, no peft
     adapters = AutoPeftModelForCausalLM.from_pretrained(upstream / name / "model").eval()
     ids = torch.randint(0, plain.config.vocab_size, (2, 24), generator=torch.Generator().manual_seed(0))
