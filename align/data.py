@@ -309,6 +309,14 @@ def _load_source(spec: DataSpec, base_dir: Path) -> tuple[dict[str, Dataset], di
             origins[split] = RowOrigin(label, list(zip(paths, counts, strict=True)))
     elif source.disk is not None:
         splits = _load_disk(disk_folder(spec, base_dir))
+        read = {"train", "validation", "test", *filter(None, spec.splits.model_dump().values())}
+        unread = [name for name in splits if name not in read]
+        if unread:  # else its rows would be left out in silence (a `valid` split: 5% cut from train instead)
+            raise BadInput(
+                f"source.disk: the saved data set's split {', '.join(map(repr, unread))} is not read "
+                f"(splits: {', '.join(splits)}; read: train, validation, test)",
+                hint=f"map it: splits: {{validation: {unread[0]}}}",
+            )
     else:
         splits = _load_hub(spec)
     return splits, origins

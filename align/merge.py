@@ -30,7 +30,7 @@ def build_parser(prog: str = "align merge") -> argparse.ArgumentParser:
     )
     parser.add_argument("run_dir", type=Path, help="the run directory (or a stage's model/ directory)")
     parser.add_argument("out", type=Path, help="the folder to write (new or empty)")
-    parser.add_argument("--stage", help="the stage whose adapters to merge (default: the last completed policy stage)")
+    parser.add_argument("--stage", help="the stage whose adapters to merge (default: the last that saved adapters)")
     return parser
 
 
@@ -76,6 +76,19 @@ def merge_adapters(source: Path, out: Path, reward_model: bool = False, card: st
     return out
 
 
+def stage_with_adapters(run_dir: Path) -> str | None:
+    """Without `--stage`, in a run directory: its last completed stage that saved LoRA adapters (None: let
+    `find_model` choose, and say why there is nothing to merge)."""
+    from align.saved import DONE, run_stages
+
+    run_dir = Path(run_dir)
+    if not (run_dir / "pipeline.json").is_file():
+        return None
+    done = [s["name"] for s in run_stages(run_dir) if s["status"] in DONE]
+    with_adapters = [name for name in done if (run_dir / name / "model" / "adapter_config.json").is_file()]
+    return with_adapters[-1] if with_adapters else None
+
+
 def main(argv: list[str] | None = None, prog: str = "align merge") -> int:
     args = build_parser(prog).parse_args(argv)
     from align.runtime import setup_logging
@@ -83,7 +96,8 @@ def main(argv: list[str] | None = None, prog: str = "align merge") -> int:
 
     setup_logging("info")
     try:
-        saved = find_model(args.run_dir, args.stage, any_model=True)
+        stage = args.stage if args.stage is not None else stage_with_adapters(args.run_dir)
+        saved = find_model(args.run_dir, stage, any_model=True)
         from align import stages as registry
 
         reward_model = saved.kind is not None and registry.makes(saved.kind, "reward_model")

@@ -355,7 +355,12 @@ def check_only(
     kept, problems = {}, []
     for i, stage in enumerate(recipe.stages):
         if i > last:
-            kept[stage.name] = "not run (after the stages --only names): its files are left as they are"
+            ran = (read_json(run_dir / stage.name / "summary.json") or {}).get("status") in ("completed", "cached")
+            kept[stage.name] = (
+                "not run (after the stages --only names): its files are left as they are"
+                + ("; they were made from the earlier stages as they were before this run, so it is stale now "
+                   "(a run without --only reruns it)" if ran else "")
+            )  # fmt: skip
             continue
         fp = fingerprint(stage, specs[stage.name], input_identity(stage, recipe, outputs), recipe, precision)
         stage_dir = run_dir / stage.name

@@ -239,7 +239,7 @@ def stage_plots(
             right.set_ylim(0, 1.05)
         logged = kept or tied
         title = "reward accuracy (eval)" if logged else "reward accuracy (not logged by this method)"
-        right.set_title(title + ("\n(steps with every reward 0 left out: ties)" if tied else ""))
+        right.set_title(title + (", all-tie steps left out" if tied else ""), fontsize=9 if tied else None)
         for ax in (left, right):
             ax.set_xlabel("step")
             ax.grid(alpha=0.3)

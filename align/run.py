@@ -113,7 +113,11 @@ def _run_recipe(args: argparse.Namespace, recipe: Any) -> int:
         check_hub(args.offline)
     elif args.offline:
         check_hub(True)
-    only = [name.strip() for name in args.only.split(",") if name.strip()] if args.only else None
+    only = None
+    if args.only is not None:
+        only = [name.strip() for name in args.only.split(",") if name.strip()]
+        if not only:  # `--only ""` or `--only ,` once ran the whole recipe
+            raise BadInput(f"--only {args.only!r}: names no stage", hint="--only STAGE[,STAGE], e.g. --only sft")
     if args.dry_run:
         print(dry_run(recipe, output_dir, only))
         return 0

@@ -125,6 +125,7 @@ def main(argv: list[str] | None = None) -> int:
         sys.stdout.write(text)
     else:
         args.output.write_text(text)
+        print(f"wrote {args.output}: the recipe's JSON Schema (point your editor's YAML extension at it)")
     return 0
 
 

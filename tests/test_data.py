@@ -210,6 +210,15 @@ def test_a_data_set_saved_with_save_to_disk_loads_as_a_source(tmp_path):
             "source"
         ]
     ), "an unset disk: leaves earlier fingerprints as they were"
+    DatasetDict(train=Dataset.from_dict(rows), valid=Dataset.from_dict({"body": ["held"]})).save_to_disk(
+        str(tmp_path / "odd")
+    )  # a split of another name: refused, not left out in silence (5% would be cut from train instead)
+    with pytest.raises(BadInput, match=r"source.disk: the saved data set's split 'valid' is not read") as odd:
+        load_data(spec(source={"disk": "odd"}, columns={"text": "body"}), seed=0, base_dir=tmp_path)
+    assert odd.value.hint == "map it: splits: {validation: valid}"
+    named = load_data(spec(source={"disk": "odd"}, columns={"text": "body"}, splits={"validation": "valid"}), seed=0,
+                      base_dir=tmp_path)  # fmt: skip
+    assert named["validation"]["text"] == ["held"]
     with pytest.raises(BadInput, match=r"source.disk: nowhere: no such folder"):
         load_data(spec(source={"disk": "nowhere"}), seed=0, base_dir=tmp_path)
     (tmp_path / "plain").mkdir()

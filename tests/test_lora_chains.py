@@ -232,6 +232,9 @@ def test_align_merge_saves_plain_weights_whose_logits_are_the_adapters(upstream,
 
     out = tmp_path / "merged"
     assert main(["merge", str(upstream), str(out), "--stage", name]) == 0
+    if name == "sft_scratch_adapter":  # without --stage: the run's last stage that saved adapters, this one
+        assert main(["merge", str(upstream), str(tmp_path / "default")]) == 0
+        assert "stage sft_scratch_adapter (sft)" in capsys.readouterr().out
     assert not (out / "adapter_config.json").exists() and (out / "model.safetensors").is_file()
     card = (out / "README.md").read_text()
     assert (out / "align_prompts.json").is_file() and "## Merged" in card

@@ -266,6 +266,8 @@ def test_a_max_length_that_cuts_every_example_warns_and_the_plan_shows_the_cut(t
         code, out, err = run_cli(path, "--dry-run", "--output-dir", tmp_path / "run")
     assert code == 0, err
     assert "stages.sft.train.max_length: 32 tokens cut" in caplog.text and "never trained" in caplog.text
+    # The fix it names stays within the model's 64 positions: past them, only shorter examples help.
+    assert "past the model's 64 positions: shorten the examples" in caplog.text, caplog.text
     import re
 
     given = re.search(r"untrained: (\d+) of (\d+) left no trained token", out)

@@ -204,3 +204,10 @@ def test_a_misspelt_key_is_named_before_the_heavy_libraries_load(tmp_path):
     proc = subprocess.run([sys.executable, "-c", probe, str(path)], capture_output=True, text=True, cwd=tmp_path)
     assert "unknown key 'traking' (did you mean 'tracking'?)" in proc.stderr
     assert proc.stdout.split("\n")[0] == "2 []", proc.stdout
+
+
+@pytest.mark.parametrize("only", ["", ",", " , "])
+def test_an_only_that_names_no_stage_is_refused(tmp_path, run_cli, only):
+    """`--only ""` and `--only ,` once ran the whole recipe."""
+    code, _, err = run_cli(write_yaml(tmp_path / "r.yaml", tiny_lm_recipe()), "--only", only, "--dry-run")
+    assert code == 2 and "names no stage" in err and "hint: --only STAGE[,STAGE]" in err, err

@@ -305,20 +305,30 @@ TRUNCATION_WARNING = 0.5
 
 
 def warn_truncation(
-    stage: Stage, fmt: str, spans: list[tuple[int, Any]], truncated: int, max_length: int | None
+    stage: Stage,
+    fmt: str,
+    spans: list[tuple[int, Any]],
+    truncated: int,
+    max_length: int | None,
+    positions: int | None = None,
 ) -> None:
     """A warning when `max_length` cuts most training examples: their ends, and the end-of-sequence token that
-    teaches the model to stop, are never trained (where every example is cut, no example teaches it)."""
+    teaches the model to stop, are never trained (where every example is cut, no example teaches it). The fix it
+    names stays within the model's `positions`: past them, only shorter examples help."""
     if not spans or max_length is None or truncated < TRUNCATION_WARNING * len(spans):
         return
     lengths = sorted(n for n, _ in spans)
     covers = lengths[min(len(lengths) - 1, int(0.95 * len(lengths)))]
     end = "end-of-sequence token" if fmt == "text" else "answer's end and end-of-turn token"
     cut = "every" if truncated == len(spans) else f"{truncated} of {len(spans)}"
+    if positions is not None and covers > positions:
+        fix = (f"max_length %d would keep 95%% whole, past the model's {positions} positions: shorten the examples "
+               "(or take a model with more positions)")  # fmt: skip
+    else:
+        fix = "max_length %d keeps 95%% whole"
     logger.warning(
         "stages.%s.train.max_length: %d tokens cut %s training example (%.0f%%): the %s of a cut example is never "
-        "trained, so the model learns less where to stop; the longest is %d tokens, max_length %d keeps 95%% whole "
-        "(align caps it at the model's positions)",
+        "trained, so the model learns less where to stop; the longest is %d tokens, " + fix,
         stage.name, max_length, cut, 100 * truncated / len(spans), end, lengths[-1], covers,
     )  # fmt: skip
 
@@ -370,7 +380,9 @@ def plan(
             )
             parts.hints.append("raise max_length (align caps it at the model's positions) or shorten the prompts")
     spans, untrained, truncated = counts["train"]
-    warn_truncation(stage, fmt, spans, truncated, max_length)
+    from align.models import model_positions
+
+    warn_truncation(stage, fmt, spans, truncated, max_length, model_positions(config) if config is not None else None)
     # Two examples as training sees them: among those that keep a trained token (the dropped ones train nothing).
     kept = [i for i, (_, first) in enumerate(spans) if first is not None and (max_length is None or first < max_length)]
     first_rows = train.select(kept[:2])
