@@ -119,7 +119,7 @@ def test_stages_table_gives_each_stage_its_metrics_before_and_after_and_the_chan
     page = (chain_run / "report.html").read_text()
     assert page.index("<h2>Stages</h2>") < page.index("<h2>lm (lm)"), "the table comes before the stage sections"
     header, *rows = _Tables(page).tables[0]
-    columns = ["stage", "kind", "status", "metric", "before", "after", "change", "verdict", "saved model", "time"]
+    columns = ["stage", "kind", "status", "metric", "before", "after", "change", "verdict", "saved model", "wall time"]
     assert header == columns
     by_stage = {row[0]: dict(zip(header, row, strict=True)) for row in rows}
     assert list(by_stage) == ["lm", "sft", "dpo"]
