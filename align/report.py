@@ -573,6 +573,12 @@ def build_report(run_dir: Path) -> Path:
         for title, png, alt in stage_plots(read_rows(stage_dir / "metrics.jsonl"), summary, saved):
             section.append(f"<h3>{title}</h3><img alt='{html.escape(alt)}' src='data:image/png;base64,{png}'>")
         shown = shown_metrics(metrics)
+        known = registry.kinds().get(kind)
+        if known is not None and not known.trains:  # an eval: its figures are the models', under "Did it help?"
+            prompts = metrics.get("prompts")
+            count = f"{_fmt(prompts)} prompts; " if prompts is not None else ""
+            section.append(f"<p>{count}every model's figures are in <a href='#did-it-help'>Did it help?</a> above.</p>")
+            shown = []
         if shown:
             section.append("<table><tr><th>metric</th><th>value</th></tr>")
             section += [f"<tr><td>{k}</td><td>{_fmt(v)}</td></tr>" for k, v in shown]

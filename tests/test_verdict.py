@@ -380,6 +380,9 @@ def test_did_it_help_opens_the_report_with_models_intervals_verdicts_and_regress
     # The stage verdicts, one line each, with the eval stage left out (its verdict is its own).
     lines = re.findall(r"<li><b>(\w+)</b> \((\w+)\): <span class='(\w+)'>", top)
     assert lines == [("sft", "sft", "improved"), ("dpo", "dpo", "did_not_learn")]
+    # The eval's own section points to the models' figures instead of a table of one count.
+    eval_section = page.split("<h2>eval (eval)")[1].split("<h2>")[0]
+    assert "<th>metric</th>" not in eval_section and "every model's figures are in" in eval_section
     # Each stage's section holds its reasons and warnings.
     dpo_section = page.split("<h2>dpo (dpo)")[1].split("<h2>")[0]
     assert "<li>only 4 optimizer steps</li>" in dpo_section
