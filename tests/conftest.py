@@ -14,6 +14,22 @@ import yaml
 
 REPO = Path(__file__).resolve().parent.parent
 
+
+def pytest_configure(config: pytest.Config) -> None:
+    """One line where the Python running pytest lacks the libraries (a `pytest` found on PATH outside the project's
+    virtual environment), instead of a ModuleNotFoundError per test file."""
+    import importlib.util
+    import sys
+
+    missing = [name for name in ("torch", "transformers", "trl") if importlib.util.find_spec(name) is None]
+    if missing:
+        pytest.exit(
+            f"{', '.join(missing)} not installed for {sys.executable}: run the tests with the Python align is "
+            "installed in (`. .venv/bin/activate`, then `python -m pytest -q`; README: Tests)",
+            returncode=2,
+        )
+
+
 # Tests never reach a server: wandb writes offline, the hub is never asked.
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")

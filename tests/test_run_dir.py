@@ -198,6 +198,21 @@ def test_plain_pytest_collects_from_the_repository_root():
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
 
 
+def test_a_pytest_outside_the_environment_says_so_in_one_line(monkeypatch):
+    """A `pytest` found on PATH outside the virtual environment once failed with a ModuleNotFoundError per file."""
+    import importlib.util
+
+    from tests import conftest
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *args: None if name == "torch" else real(name, *args))
+    with pytest.raises(pytest.exit.Exception, match=r"^torch not installed for .*\. \.venv/bin/activate") as info:
+        conftest.pytest_configure(None)
+    assert info.value.returncode == 2
+    monkeypatch.setattr(importlib.util, "find_spec", real)
+    conftest.pytest_configure(None)  # with the libraries: nothing
+
+
 # --------------------------------------------------------------------------------------------------
 # --only
 
