@@ -138,10 +138,7 @@ class Source(Strict):
 
     @model_serializer(mode="wrap")
     def _dump(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
-        data = handler(self)
-        if self.disk is None:  # the fingerprints of stages written before `disk:` existed hash this dump
-            data.pop("disk", None)
-        return data
+        return later_keys_left_out(handler(self), self, ("disk",))
 
 
 class Splits(Strict):
@@ -152,6 +149,15 @@ class Splits(Strict):
 
 # A mix's rows: how many times a source may be repeated to give the rows `mix_rows` asks of it.
 MAX_REPEATS = 100
+
+
+def later_keys_left_out(data: dict[str, Any], model: BaseModel, keys: tuple[str, ...]) -> dict[str, Any]:
+    """A dump without `keys` where they are unset (None): keys added after runs were fingerprinted (`source.disk`,
+    a stage's `loading`); the fingerprints of those runs hash the dump, and must not change."""
+    for key in keys:
+        if getattr(model, key) is None:
+            data.pop(key, None)
+    return data
 
 
 def _without_unset_mix(data: dict[str, Any], mix: Any) -> dict[str, Any]:
@@ -338,10 +344,7 @@ class TrainingStage(Stage):
 
     @model_serializer(mode="wrap")
     def _dump(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
-        data = handler(self)
-        if self.loading is None:  # the fingerprints of stages written before `loading:` existed hash this dump
-            data.pop("loading", None)
-        return data
+        return later_keys_left_out(handler(self), self, ("loading",))
 
     def model_refs(self) -> dict[str, str]:
         return {"model": self.model} if isinstance(self.model, str) else {}
