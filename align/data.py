@@ -228,9 +228,8 @@ def resolve_files(spec: DataSpec, base_dir: Path) -> dict[str, list[Path]]:
     """
     files = spec.source.files
     by_split = {"train": files} if isinstance(files, list) else dict(files or {})
-    named = {"train", "validation", "test", *filter(None, spec.splits.model_dump().values())}
     for split in by_split:
-        if split not in named:  # else its files would load and nothing would read them
+        if split not in read_splits(spec):  # else its files would load and nothing would read them
             raise BadInput(
                 f"source.files.{split}: no split of that name is read (train, validation, test)",
                 hint=f"name it validation or test, or map it: splits: {{validation: {split}}}",
@@ -251,6 +250,12 @@ def resolve_files(spec: DataSpec, base_dir: Path) -> dict[str, list[Path]]:
 
 # --------------------------------------------------------------------------------------------------
 # Loading
+
+
+def read_splits(spec: DataSpec) -> set[str]:
+    """The splits of a local source that are read: train, validation and test by those names, and any `splits:`
+    names instead."""
+    return {"train", "validation", "test", *filter(None, spec.splits.model_dump().values())}
 
 
 def split_name(spec: DataSpec, role: str, loaded: Iterable[str] = ()) -> str | None:
@@ -309,8 +314,7 @@ def _load_source(spec: DataSpec, base_dir: Path) -> tuple[dict[str, Dataset], di
             origins[split] = RowOrigin(label, list(zip(paths, counts, strict=True)))
     elif source.disk is not None:
         splits = _load_disk(disk_folder(spec, base_dir))
-        read = {"train", "validation", "test", *filter(None, spec.splits.model_dump().values())}
-        unread = [name for name in splits if name not in read]
+        unread = [name for name in splits if name not in read_splits(spec)]
         if unread:  # else its rows would be left out in silence (a `valid` split: 5% cut from train instead)
             raise BadInput(
                 f"source.disk: the saved data set's split {', '.join(map(repr, unread))} is not read "
@@ -762,10 +766,10 @@ def _load_files(paths: list[Path]) -> tuple[Dataset, list[int]]:
         if path.stat().st_size == 0 or not path.read_bytes()[:4096].strip():
             raise BadInput(f"{path}: empty file")
         builder = FILE_BUILDERS[path.suffix.lower()]
-        lines = path.read_text(errors="replace").splitlines() if path.stat().st_size < 1 << 16 else ["header", "row"]
-        if builder == "csv" and sum(1 for line in lines if line.strip()) <= 1:
-            # datasets says only 'Instruction "train" corresponds to no data!'
-            raise BadInput(f"{path}: a header line and no rows")
+        if builder == "csv" and path.stat().st_size < 1 << 16:  # a file past 64 KiB holds more than a header
+            lines = [line for line in path.read_text(errors="replace").splitlines() if line.strip()]
+            if len(lines) <= 1:  # datasets says only 'Instruction "train" corresponds to no data!'
+                raise BadInput(f"{path}: a header line and no rows")
         # datasets logs its own ERROR for a broken file; ours names the line, so theirs is held back.
         quiet = logging.getLogger("datasets.packaged_modules")
         level, quiet.level = quiet.level, logging.CRITICAL
