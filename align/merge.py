@@ -51,14 +51,12 @@ def merge_adapters(source: Path, out: Path, reward_model: bool = False, card: st
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise BadInput(f"{out}: exists and is not empty: nothing overwritten", hint="give a new folder")
     from peft import AutoPeftModelForCausalLM, AutoPeftModelForSequenceClassification
-    from transformers import AutoTokenizer
 
     auto = AutoPeftModelForSequenceClassification if reward_model else AutoPeftModelForCausalLM
     model = auto.from_pretrained(str(source), **({"num_labels": 1} if reward_model else {}))
-    merged = model.merge_and_unload()
-    out.mkdir(parents=True, exist_ok=True)
-    merged.save_pretrained(out, safe_serialization=True)
-    AutoTokenizer.from_pretrained(str(source)).save_pretrained(out)
+    from align.models import load_tokenizer, save_model
+
+    save_model(model.merge_and_unload(), load_tokenizer(str(source)), out)  # safetensors, readable as the rest
     for name in CARRIED:
         if (source / name).is_file():
             shutil.copy2(source / name, out / name)
@@ -69,9 +67,6 @@ def merge_adapters(source: Path, out: Path, reward_model: bool = False, card: st
         (out / "README.md").write_text(card.rstrip() + note, encoding="utf-8")
     elif (out / "README.md").is_file():
         (out / "README.md").write_text((out / "README.md").read_text(encoding="utf-8").rstrip() + note, "utf-8")
-    from align.models import readable_weights
-
-    readable_weights(out)  # transformers writes them owner-only
     logger.info("merged %s into %s", source, out)
     return out
 
