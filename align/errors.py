@@ -72,8 +72,7 @@ SYNONYMS = {"rank": "r", "lora_r": "r", "lora_rank": "r", "lora_alpha": "alpha",
 
 def unknown_key_message(where: str, key: str, choices: Iterable[str]) -> str:
     """`<where>: unknown key 'x' (did you mean 'y'?)` — the one wording used for every unknown key."""
-    choices = list(choices)
-    choices = [str(c) for c in choices if c is not None]
+    choices = [str(c) for c in choices if c is not None]  # an unnamed list entry's name is None
     suggestion = SYNONYMS[key] if key in SYNONYMS and SYNONYMS[key] in choices else closest(key, choices)
     tail = f" (did you mean '{suggestion}'?)" if suggestion else ""
     return f"{where}: unknown key '{key}'{tail}"
