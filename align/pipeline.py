@@ -16,7 +16,7 @@ import sys
 import time
 import uuid
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from align import __version__, versions
 from align import stages as registry
@@ -339,12 +339,20 @@ def only_stages(recipe: Recipe, only: list[str] | None) -> set[str] | None:
     return set(only)
 
 
+class Left(NamedTuple):
+    """A stage `--only` does not run: what happens to it, and whether its files were made from earlier stages
+    that this run changes (`stale`: the next plain run reruns it)."""
+
+    what: str
+    stale: bool = False
+
+
 def check_only(
     recipe: Recipe, specs: dict[str, DataSpec], precision: str, run_dir: Path, selected: set[str]
-) -> dict[str, str]:
+) -> dict[str, Left]:
     """With `--only`: every stage before the last one named that is not named must have completed in `run_dir` as
     the recipe now describes it (its fingerprint), since the named stages start from it. Returns what happens to
-    each stage that is not run (kept as it is, or not run); writes nothing.
+    each stage that is not run (kept as it is, or not run, and stale or not); writes nothing.
 
     Raises:
         BadInput: an earlier stage that is not named and has not completed there (or changed since), named.
@@ -354,16 +362,22 @@ def check_only(
     outputs: dict[str, StageOutput] = {}
     kept, problems = {}, []
     for i, stage in enumerate(recipe.stages):
-        if i > last:
-            ran = (read_json(run_dir / stage.name / "summary.json") or {}).get("status") in ("completed", "cached")
-            kept[stage.name] = (
-                "not run (after the stages --only names): its files are left as they are"
-                + ("; they were made from the earlier stages as they were before this run, so it is stale now "
-                   "(a run without --only reruns it)" if ran else "")
-            )  # fmt: skip
-            continue
         fp = fingerprint(stage, specs[stage.name], input_identity(stage, recipe, outputs), recipe, precision)
         stage_dir = run_dir / stage.name
+        if i > last:
+            # The fingerprint it would have after this run, from the named stages' new ones: equal to the one it
+            # was made with, it is still current; different, its files came from models this run replaces.
+            outputs[stage.name] = StageOutput(stage.name, stage.kind, stage_dir / "model", fp)
+            ran = (read_json(stage_dir / "summary.json") or {}).get("status") in ("completed", "cached")
+            stale = ran and _cached_summary(stage, stage_dir, fp) is None
+            kept[stage.name] = Left(
+                "not run (after the stages --only names): its files are left as they are"
+                + ("; they were made from earlier stages as they were before this run, so it is stale now "
+                   "(a run without --only reruns it)" if stale else "; still current (fingerprint unchanged)"
+                   if ran else ""),
+                stale,
+            )  # fmt: skip
+            continue
         if stage.name in selected:
             outputs[stage.name] = StageOutput(stage.name, stage.kind, stage_dir / "model", fp)
             continue
@@ -381,7 +395,7 @@ def check_only(
             continue
         model_dir = Path(cached["model_dir"]) if cached.get("model_dir") else None
         outputs[stage.name] = StageOutput(stage.name, stage.kind, model_dir, fp, "cached")
-        kept[stage.name] = f"kept as it is (completed, fingerprint {fp})"
+        kept[stage.name] = Left(f"kept as it is (completed, fingerprint {fp})")
     if problems:
         missing = [stage.name for stage in recipe.stages if any(f"stage {stage.name} comes" in p for p in problems)]
         wanted = [n for n in names if n in selected or n in missing]
@@ -410,6 +424,16 @@ class Records:
             if entry["name"] == name:
                 entry.update(fields)
         self.write()
+
+    def mark_stale(self, name: str, stale: bool) -> None:
+        """A `stale` note on a stage's entry (made from earlier stages an `--only` run changed), or none."""
+        for entry in self.pipeline["stages"]:
+            if entry["name"] == name:
+                entry.pop("stale", None)
+                if stale:
+                    entry["stale"] = (
+                        "made from earlier stages that an --only run changed; a run without --only reruns it"
+                    )
 
     def write(self) -> None:
         if is_main_process():
@@ -486,9 +510,11 @@ def run_pipeline(
         tracker = Tracker(recipe.tracking, recipe.name, group, output_dir)
         state = RunState(recipe, output_dir, precision, tracker, data, specs, plans)
         records = Records(recipe, output_dir, set(kept))
+        for name, left in kept.items():
+            logger.info("--only: %s %s", name, left.what)
+            # pipeline.json says so too, not only the log: `completed` alone would read as current.
+            records.mark_stale(name, left.stale)
         records.write()
-        for name, what in kept.items():
-            logger.info("--only: %s %s", name, what)
         try:
             with stop_on_signals():
                 return _run_stages(state, records, fresh, selected)
@@ -621,11 +647,10 @@ def _run_stages(
             )
             model_dir = Path(cached["model_dir"]) if cached.get("model_dir") else None
             state.outputs[stage.name] = StageOutput(stage.name, stage.kind, model_dir, fp, "cached")
-            cached["status"] = "cached"
-            if is_main_process():
-                write_json_atomic(stage_dir / "summary.json", cached)
+            # summary.json is left as the run that trained the stage wrote it (`completed`): this run reused the
+            # stage, which pipeline.json and the closing table say, but it did not change what the stage is.
             records.update(stage.name, status="cached", fingerprint=fp, input_model=cached.get("input_model"))
-            summaries.append(cached)
+            summaries.append({**cached, "status": "cached"})
             continue
 
         kind = registry.get(stage.kind)
@@ -772,7 +797,7 @@ def dry_run(recipe: Recipe, output_dir: Path, only: list[str] | None = None) -> 
              f"precision: {precision.name} ({precision.reason})"]  # fmt: skip
     status = planned_status(recipe, specs, precision.name, output_dir)
     if selected:
-        status.update({name: f"--only: {what}" for name, what in
+        status.update({name: f"--only: {left.what}" for name, left in
                        check_only(recipe, specs, precision.name, output_dir, selected).items()})  # fmt: skip
     for plan, stage in zip(plans.values(), recipe.stages, strict=True):
         plan.details = {"run": status[stage.name], **plan.details}

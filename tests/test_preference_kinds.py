@@ -180,9 +180,15 @@ def test_dry_run_shows_each_plan_and_loss_mask_and_a_rerun_is_cached(world, run_
     assert "reference: none (ORPO is reference-free)" in blocks["orpo"]
     assert "NLL on the whole chosen sequence, prompt included" in blocks["orpo"]
     assert "cpo_alpha: 0.0  (align default: pure SimPO" in blocks["simpo"]
+    names = ("kto", "kto_pairs", "orpo", "simpo", "kto_lora")
+    before = {name: (world["run"] / name / "summary.json").read_bytes() for name in names}
     code, out, err = run_cli(world["recipe"], "--output-dir", world["run"])
     assert code == 0, err
-    assert all(summary(world, name)["status"] == "cached" for name in ("kto", "kto_pairs", "orpo", "simpo", "kto_lora"))
+    pipeline = {s["name"]: s["status"] for s in json.loads((world["run"] / "pipeline.json").read_text())["stages"]}
+    assert all(pipeline[name] == "cached" for name in names), pipeline
+    # The summaries still say what the run that trained them wrote: a rerun reuses a stage, it does not remake it.
+    assert all((world["run"] / name / "summary.json").read_bytes() == before[name] for name in names)
+    assert all(summary(world, name)["status"] == "completed" for name in names)
 
 
 @pytest.mark.slow

@@ -161,7 +161,9 @@ def test_a_rerun_that_changes_nothing_regenerates_nothing(chain, caplog):
     recipe = chain.parent / "r.yaml"
     with caplog.at_level(logging.INFO):
         assert run_align(recipe, "--output-dir", chain) == 0
-    assert summary(chain, "eval")["status"] == "cached"
+    pipeline = {s["name"]: s["status"] for s in json.loads((chain / "pipeline.json").read_text())["stages"]}
+    assert pipeline["eval"] == "cached", pipeline
+    assert summary(chain, "eval")["status"] == "completed", "summary.json keeps the status of the run that made it"
     assert "eval: unchanged since the last run" in caplog.text and "evaluating" not in caplog.text
     assert (chain / "eval" / "generations.jsonl").read_bytes() == before
 

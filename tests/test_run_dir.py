@@ -244,8 +244,11 @@ def test_only_runs_the_named_stages_on_the_earlier_ones_and_leaves_the_others_un
 
     lm, dpo, sft = files("lm"), files("dpo"), json.loads((run_dir / "sft" / "summary.json").read_text())
     changed = ["--set", "stages.sft.train.learning_rate=1e-3"]
+    code, out, err = run_cli(path, "--output-dir", run_dir, "--only", "sft", "--dry-run")
+    assert code == 0 and "still current (fingerprint unchanged)" in out and "stale" not in out, out + err
     code, out, err = run_cli(path, "--output-dir", run_dir, "--only", "sft", "--dry-run", *changed)
     assert code == 0 and "run: --only: kept as it is (completed" in out and "run: --only: not run" in out, out + err
+    assert "so it is stale now" in out, out
     code, out, err = run_cli(path, "--output-dir", run_dir, "--only", "sft", *changed)
     assert code == 0, err
     again = json.loads((run_dir / "sft" / "summary.json").read_text())
@@ -253,6 +256,9 @@ def test_only_runs_the_named_stages_on_the_earlier_ones_and_leaves_the_others_un
     assert files("lm") == lm and files("dpo") == dpo, "the stages --only did not name are left as they were"
     pipeline = {s["name"]: s for s in json.loads((run_dir / "pipeline.json").read_text())["stages"]}
     assert pipeline["lm"]["status"] in ("completed", "cached") and pipeline["dpo"]["status"] in ("completed", "cached")
+    # dpo was made from the sft this run replaced: pipeline.json says so, not only the log.
+    assert "stale" not in pipeline["lm"] and "an --only run changed" in pipeline["dpo"]["stale"], pipeline
+    assert "so it is stale now" in out + err
     assert [line.split()[0] for line in out.splitlines()[1:] if line.strip()][:1] == ["sft"], out
 
     # An earlier stage changed since it ran: the named stage would start from a model the recipe no longer makes.
