@@ -378,7 +378,12 @@ def attention_separates_sequences(model: PreTrainedModel) -> bool:
     boundaries from `position_ids`. Some attention implementations do (flash attention, transformers'
     packed-mask detection); others let every token see the previous sequence, and models with learned
     positions may not accept the layout at all. So we ask the model: the second sequence's logits must be
-    the same alone and packed behind another one.
+    the same alone and packed behind another one, and must not move when the sequence before it changes.
+
+    The probe runs the forward pass as TRL's SFT trains, without a KV cache (`use_cache=False`): transformers
+    reads packed boundaries from `position_ids` only when there is no cache, so a probe that followed the
+    config's `use_cache` answered differently for the same architecture saved by align (`use_cache: false`) and
+    loaded from the hub (`true`), and two stages on one model gave two reasons for packing being off.
     """
     import torch
 
@@ -387,15 +392,27 @@ def attention_separates_sequences(model: PreTrainedModel) -> bool:
     vocab = model.get_input_embeddings().num_embeddings
     generator = torch.Generator().manual_seed(0)
     first = torch.randint(0, vocab, (1, 7), generator=generator)
+    other = torch.randint(0, vocab, (1, 7), generator=generator)
     second = torch.randint(0, vocab, (1, 5), generator=generator)
     device = next(model.parameters()).device
+    positions = torch.cat([torch.arange(7), torch.arange(5)])[None].to(device)
+
+    def logits(ids: Any, position_ids: Any) -> Any:
+        try:
+            return model(input_ids=ids.to(device), position_ids=position_ids, use_cache=False).logits.float()
+        except TypeError:  # a model whose forward takes no `use_cache` has no cache to turn off
+            return model(input_ids=ids.to(device), position_ids=position_ids).logits.float()
+
     try:
         with torch.no_grad():
-            alone = model(input_ids=second.to(device), position_ids=torch.arange(5, device=device)[None]).logits
-            packed_ids = torch.cat([first, second], dim=1).to(device)
-            positions = torch.cat([torch.arange(7), torch.arange(5)])[None].to(device)
-            packed = model(input_ids=packed_ids, position_ids=positions).logits[:, 7:]
-        return bool(torch.allclose(alone.float(), packed.float(), atol=1e-3, rtol=1e-3))
+            alone = logits(second, torch.arange(5, device=device)[None])
+            packed = logits(torch.cat([first, second], dim=1), positions)[:, 7:]
+            behind_other = logits(torch.cat([other, second], dim=1), positions)[:, 7:]
+        # Same shapes, so separated samples give the same numbers whatever precedes them; a leak moves them by
+        # far more than rounding, however small the model's weights.
+        scale = max(1.0, float(alone.abs().max()))
+        unmoved = float((packed - behind_other).abs().max()) <= 1e-5 * scale
+        return unmoved and bool(torch.allclose(alone, packed, atol=1e-3 * scale, rtol=1e-3))
     except Exception as exc:  # the model rejects the layout: no packing for it
         logger.debug("packing probe failed: %s", exc)
         return False

@@ -215,19 +215,44 @@ def test_empty_completions_are_dropped_with_a_count(tmp_path, caplog):
 
 
 def test_packing_is_refused_where_samples_would_see_each_other():
-    from transformers import GPT2Config, GPT2LMHeadModel
+    from transformers import OpenAIGPTConfig, OpenAIGPTLMHeadModel
 
     from align.models import attention_separates_sequences
     from align.stages.sft import SFTKeys, choose_packing
 
-    model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=100, bos_token_id=0, eos_token_id=0))
-    model.config._attn_implementation = "eager"
+    # openai-gpt's attention is a fixed causal mask: a packed sample sees the one before it.
+    model = OpenAIGPTLMHeadModel(OpenAIGPTConfig(n_layer=1, n_embd=32, n_head=2, vocab_size=100))
     assert attention_separates_sequences(model) is False
     stage = SFTKeys(name="s", kind="sft", data={"card": "x"}, train={"packing": True})
     with pytest.raises(BadInput, match="cannot keep packed samples apart"):
         choose_packing(stage, model)
     auto = SFTKeys(name="s", kind="sft", data={"card": "x"})
     assert choose_packing(auto, model)[0] == {"packing": False}
+
+
+@pytest.mark.parametrize("attention", ["eager", "sdpa"])
+def test_the_packing_probe_answers_as_training_runs_whatever_the_config_says_of_the_cache(attention):
+    """One architecture, one answer: the probe once followed the config's `use_cache`, so a GPT-2 align saved
+    (`use_cache: false`) separated packed samples and the same GPT-2 from the hub (`true`) did not, and two
+    stages on one model gave two different reasons for packing being off."""
+    import torch
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from align.models import attention_separates_sequences
+    from align.stages.sft import SFTKeys, choose_packing
+
+    auto = SFTKeys(name="s", kind="sft", data={"card": "x"})
+    answers = set()
+    for use_cache in (True, False):
+        torch.manual_seed(0)
+        config = GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=100, bos_token_id=0, eos_token_id=0,
+                            use_cache=use_cache)  # fmt: skip
+        model = GPT2LMHeadModel(config)
+        model.config._attn_implementation = attention
+        # transformers reads packed boundaries from position_ids when there is no cache, as TRL's SFT trains.
+        assert attention_separates_sequences(model) is True
+        answers.add(choose_packing(auto, model)[1])
+    assert len(answers) == 1 and "keeps packed samples apart" in answers.pop()
 
 
 def test_render_mask_marks_trained_spans():
