@@ -281,6 +281,13 @@ def _fmt(value: Any) -> str:
     return html.escape(str(value))
 
 
+def _change(value: float, digits: int = 4) -> str:
+    """A signed difference with a true minus sign (U+2212), as the verdicts beside it write theirs: the report
+    once showed `-0.5` in the table and `−0.5` in the verdict for the same change."""
+    text = f"{value:+.{digits}g}"
+    return "−" + text[1:] if text.startswith("-") else text
+
+
 def key_metric_cells(kind: str, metrics: dict[str, Any]) -> list[str]:
     """The stages table's metric, before, after and change cells: one line per figure the kind declares.
 
@@ -299,14 +306,14 @@ def key_metric_cells(kind: str, metrics: dict[str, Any]) -> list[str]:
         if isinstance(before, int | float) and isinstance(after, int | float):
             delta = after - before
             verdict = "" if delta == 0 else "better" if (delta < 0) == lower_is_better else "worse"
-            change = f"<span class='{verdict}'>{delta:+.4g}</span>"
+            change = f"<span class='{verdict}'>{_change(delta)}</span>"
         lines.append((label, "-" if before is None else _fmt(before), "-" if after is None else _fmt(after), change))
     sources_before = metrics.get("eval_loss_by_source_before") or {}
     for name, after in (metrics.get("eval_loss_by_source") or {}).items():  # a mix: each source's eval loss
         before = sources_before.get(name)
         change = "-"
         if isinstance(before, int | float) and isinstance(after, int | float):
-            change = f"<span class='{'better' if after < before else 'worse'}'>{after - before:+.4g}</span>"
+            change = f"<span class='{'better' if after < before else 'worse'}'>{_change(after - before)}</span>"
         lines.append((f"eval&nbsp;loss:&nbsp;{html.escape(name)}", _fmt(before) if before is not None else "-",
                       _fmt(after) if after is not None else "-", change))  # fmt: skip
     if not lines:
@@ -474,7 +481,7 @@ def did_it_help(run_dir: Path, entries: list[dict[str, Any]], summaries: dict[st
             for row in worst:
                 difference = row["difference"]
                 change = "0 (tie)" if difference == 0 else (
-                    f"<span class='{'worse' if difference < 0 else 'better'}'>{difference:+.3g}</span>"
+                    f"<span class='{'worse' if difference < 0 else 'better'}'>{_change(difference, 3)}</span>"
                 )  # fmt: skip
                 scores = f"{_fmt(row['baseline_score'])} &rarr; {_fmt(row['candidate_score'])}<br>{change}"
                 out.append(f"<tr><td>{_pre(row['prompt'])}</td><td>{_pre(row['baseline'])}</td>"

@@ -138,10 +138,13 @@ def test_stages_table_gives_each_stage_its_metrics_before_and_after_and_the_chan
             assert float(row["before"].splitlines()[i]) == pytest.approx(before, rel=1e-3)
             assert float(row["after"].splitlines()[i]) == pytest.approx(after, rel=1e-3)
             # The change is the stage's own after - before, signed; never a difference between two stages.
+            # Its minus is the true minus sign (U+2212) the verdicts write, never a hyphen beside it.
             change = row["change"].splitlines()[i]
-            assert change[0] == ("+" if after > before else "-") or after == before == before + float(change)
-            assert float(change) == pytest.approx(after - before, rel=1e-3)
-    assert by_stage["lm"]["change"].startswith("-") and by_stage["sft"]["change"].startswith("+"), "see chain_recipe"
+            assert "-" not in change, change
+            number = float(change.replace("−", "-"))
+            assert change[0] == ("+" if after > before else "−") or after == before == before + number
+            assert number == pytest.approx(after - before, rel=1e-3)
+    assert by_stage["lm"]["change"].startswith("−") and by_stage["sft"]["change"].startswith("+"), "see chain_recipe"
     assert by_stage["sft"]["saved model"].startswith("step 2 (best eval loss, restored by early stopping)")
     assert by_stage["lm"]["saved model"].startswith("step 20 (last step)")
     assert by_stage["dpo"]["saved model"].startswith("step 4 (last step)")
