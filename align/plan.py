@@ -13,13 +13,13 @@ from __future__ import annotations
 
 import copy
 import logging
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from align.errors import BadInput
 from align.recipe import Recipe, ScratchModel, Stage, model_source, stage_ref
+from align.runtime import draws_progress_bars
 from align.values import UNKNOWN, Setting, StartingPoint
 
 if TYPE_CHECKING:
@@ -155,7 +155,7 @@ def plan_settings(
         "logging_steps": Setting(10, "align default"),
         "eval_strategy": Setting("steps", "align default (evaluate while training)"),
         "save_total_limit": Setting(2, "align default (the best and the last checkpoint)"),
-        "disable_tqdm": Setting(not sys.stderr.isatty(), "align default (progress bars only on a terminal)"),
+        "disable_tqdm": Setting(not draws_progress_bars(), "align default (progress bars only on a terminal)"),
         "dataloader_pin_memory": Setting(precision.device != "cpu", "align default (pinned memory only on a GPU)"),
         # On a machine without a GPU, several processes (torchrun / accelerate launch) only form one distributed
         # run when the Trainer is told it is on the CPU: it then uses gloo instead of training each rank alone.

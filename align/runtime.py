@@ -123,6 +123,18 @@ class _HarmlessFilter(logging.Filter):
         return not any(text in message for text in _HARMLESS)
 
 
+def draws_progress_bars(stream: Any = None) -> bool:
+    """Whether progress bars are shown on `stream` (stderr): a terminal with a width. `script` run without a
+    terminal, and some CI runners, give a pseudo-terminal of 0 columns, where every bar came out as a blank line."""
+    stream = sys.stderr if stream is None else stream
+    if not getattr(stream, "isatty", lambda: False)():
+        return False
+    try:
+        return os.get_terminal_size(stream.fileno()).columns > 0
+    except (OSError, ValueError, AttributeError):  # no file descriptor (a wrapped stream): no bars
+        return False
+
+
 class _AlignHandler(logging.Handler):
     """Marker base so a second setup (tests, notebooks) replaces our handlers instead of adding more."""
 
@@ -133,7 +145,7 @@ class _ConsoleHandler(logging.StreamHandler, _AlignHandler):
     (`...1.26it/s]07:08:01 INFO ...`)."""
 
     def emit(self, record: logging.LogRecord) -> None:
-        if not getattr(self.stream, "isatty", lambda: False)():
+        if not draws_progress_bars(self.stream):
             super().emit(record)
             return
         try:
@@ -257,7 +269,7 @@ def _quiet_library_handlers(level: str) -> None:
     tensor_parallel = logging.getLogger("transformers.distributed.tensor_parallel")
     if not any(isinstance(f, _NoTensorParallelNotes) for f in tensor_parallel.filters):
         tensor_parallel.addFilter(_NoTensorParallelNotes())
-    if not sys.stderr.isatty():
+    if not draws_progress_bars():
         # Progress bars are noise in logs and CI; people at a terminal keep them.
         ds_logging.disable_progress_bar()
         hf_logging.disable_progress_bar()

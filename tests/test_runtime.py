@@ -67,7 +67,26 @@ def test_transformers_tensor_parallel_notes_are_dropped_and_its_other_warnings_k
     assert messages == ["something else"]
 
 
-def test_at_a_terminal_log_lines_go_above_the_progress_bars(monkeypatch):
+@pytest.fixture
+def terminal():
+    """A pseudo-terminal's writing end, and a function that gives it a width in columns (a new one has none)."""
+    import fcntl
+    import os
+    import struct
+    import termios
+
+    leader, follower = os.openpty()
+    stream = os.fdopen(follower, "w")
+
+    def resize(columns: int) -> None:
+        fcntl.ioctl(follower, termios.TIOCSWINSZ, struct.pack("HHHH", 24, columns, 0, 0))
+
+    yield stream, resize
+    stream.close()
+    os.close(leader)
+
+
+def test_at_a_terminal_log_lines_go_above_the_progress_bars(monkeypatch, terminal):
     """On a terminal, log lines were glued to tqdm's bars (`...1.26it/s]07:08:01 INFO ...`): through tqdm.write they
     clear the bars first."""
     import io
@@ -77,15 +96,31 @@ def test_at_a_terminal_log_lines_go_above_the_progress_bars(monkeypatch):
 
     from align.runtime import _ConsoleHandler
 
-    class Terminal(io.StringIO):
-        def isatty(self) -> bool:
-            return True
-
+    stream, resize = terminal
+    resize(100)
     written = []
     monkeypatch.setattr(tqdm.tqdm, "write", classmethod(lambda cls, text, file=None, **kw: written.append(text)))
-    terminal, pipe = Terminal(), io.StringIO()
+    pipe = io.StringIO()
     record = logging.LogRecord("align.x", logging.INFO, __file__, 1, "a line", None, None)
-    _ConsoleHandler(terminal).emit(record)
+    _ConsoleHandler(stream).emit(record)
     _ConsoleHandler(pipe).emit(record)
-    assert written == ["a line"] and terminal.getvalue() == "", "the terminal's line went through tqdm.write"
+    assert written == ["a line"], "the terminal's line went through tqdm.write"
     assert pipe.getvalue() == "a line\n", "a pipe or file gets the plain line"
+
+
+def test_a_terminal_without_a_width_draws_no_progress_bars(monkeypatch, terminal):
+    """`script` without a terminal (and some CI runners) gives a pseudo-terminal of 0 columns, where every tqdm bar
+    came out as a blank line: there align draws none, as in a pipe (the Trainer's `disable_tqdm` follows it)."""
+    import io
+    import sys
+
+    from align.runtime import draws_progress_bars
+
+    stream, resize = terminal
+    assert stream.isatty() and draws_progress_bars(stream) is False, "a new pty has 0 columns"
+    resize(80)
+    assert draws_progress_bars(stream) is True
+    assert draws_progress_bars(io.StringIO()) is False
+    resize(0)
+    monkeypatch.setattr(sys, "stderr", stream)
+    assert draws_progress_bars() is False

@@ -286,7 +286,9 @@ def quiet() -> Iterator[None]:
     saved_level = lm_eval_logger.level
     if saved_level == logging.NOTSET:
         lm_eval_logger.setLevel(max(logging.getLogger("transformers").getEffectiveLevel(), logging.INFO))
-    bars = sys.stderr.isatty()  # progress bars shown: at a terminal only
+    from align.runtime import draws_progress_bars
+
+    bars = draws_progress_bars()  # progress bars shown: at a terminal only
     bars_were = (hf_logging.is_progress_bar_enabled(), datasets.is_progress_bar_enabled())
     if not bars:
         hf_logging.disable_progress_bar()
