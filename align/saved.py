@@ -116,6 +116,8 @@ def run_stage_model(run_dir: Path, stage: str | None, any_model: bool = False) -
     model = run_dir / entry["name"] / "model"
     if entry["status"] not in DONE or not holds_model(model):
         raise BadInput(f"--stage {entry['name']}: no saved model in {model} (the stage is {entry['status']})")
+    if entry.get("stale"):  # chat, push and merge use it all the same, but never without saying so
+        logger.warning("stage %s of %s is stale: %s", entry["name"], run_dir, entry["stale"])
     return SavedModel(model, entry["name"], entry["kind"], run_dir)
 
 
@@ -128,11 +130,12 @@ def policy_models(run_dir: Path) -> list[SavedModel]:
     run_dir = Path(run_dir).expanduser()
     if not (run_dir / "pipeline.json").is_file():
         raise BadInput(f"{run_dir}: not a run directory (no pipeline.json)")
-    out = [
-        SavedModel(run_dir / s["name"] / "model", s["name"], s["kind"], run_dir)
-        for s in run_stages(run_dir)
-        if registry.makes(s["kind"], "policy") and s["status"] in DONE and holds_model(run_dir / s["name"] / "model")
-    ]
+    out = []
+    for s in run_stages(run_dir):
+        if registry.makes(s["kind"], "policy") and s["status"] in DONE and holds_model(run_dir / s["name"] / "model"):
+            out.append(SavedModel(run_dir / s["name"] / "model", s["name"], s["kind"], run_dir))
+            if s.get("stale"):
+                logger.warning("stage %s of %s is stale: %s", s["name"], run_dir, s["stale"])
     if not out:
         raise BadInput(f"{run_dir}: no completed {', '.join(registry.making('policy'))} stage yet: no model to use")
     return out

@@ -461,3 +461,30 @@ def test_chat_compares_greedily_and_takes_a_typed_newline(tmp_path):
     assert settle(parse([str(tmp_path)])).temperature == 0.7
     args = settle(parse([str(tmp_path), "--prompt", "Line one.\\nLine two.\\tEnd", "--system", "Be brief.\\n"]))
     assert args.prompt == "Line one.\nLine two.\tEnd" and args.system == "Be brief.\n"
+
+
+def test_a_stale_stage_is_used_with_a_warning_naming_why(tmp_path, caplog):
+    """After `--only sft`, a later dpo stage was made from the sft that run replaced: chat, push and merge still take
+    it, and say so, instead of serving it as if it were current."""
+    from align.saved import find_model, policy_models
+
+    run = tmp_path / "run"
+    stale = "made from earlier stages that an --only run changed; a run without --only reruns it"
+    entries = [{"name": "sft", "kind": "sft", "status": "completed"},
+               {"name": "dpo", "kind": "dpo", "status": "completed", "stale": stale}]  # fmt: skip
+    (run).mkdir()
+    (run / "pipeline.json").write_text(json.dumps({"name": "r", "stages": entries}))
+    for entry in entries:
+        (run / entry["name"] / "model").mkdir(parents=True)
+        (run / entry["name"] / "model" / "config.json").write_text("{}")
+        (run / entry["name"] / "summary.json").write_text(json.dumps({"status": "completed"}))
+    with caplog.at_level("WARNING"):
+        assert find_model(run, "sft").stage == "sft"
+    assert "stale" not in caplog.text
+    with caplog.at_level("WARNING"):
+        assert find_model(run).stage == "dpo"
+    assert f"stage dpo of {run} is stale: {stale}" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        assert [m.stage for m in policy_models(run)] == ["sft", "dpo"]  # chat --compare
+    assert caplog.text.count("is stale") == 1
