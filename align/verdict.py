@@ -150,7 +150,7 @@ def _verdict(
         return Verdict("improved", [reason], warnings)
     if len(pairs) < ROUGH_BOOTSTRAP:
         # Seen: an SFT eval split of 16 rows of which max_length left 2; an interval over two values decides little.
-        warnings.append(f"only {len(pairs)} held-out {unit}: an interval resampled from so few is rough")
+        warnings.append(f"only {_held_out(len(pairs), unit)}: an interval resampled from so few is rough")
     differences = [a - b for b, a in pairs]
     mean_before = sum(b for b, _ in pairs) / len(pairs)
     mean_after = sum(a for _, a in pairs) / len(pairs)
@@ -159,7 +159,7 @@ def _verdict(
     digits = _digits(high - low, change)
     numbers = (
         f"{metric} {_number(mean_before, digits)} → {_number(mean_after, digits)}, change {_signed(change, digits)} "
-        f"[{_signed(low, digits)}, {_signed(high, digits)}] over {len(pairs)} held-out {unit}"
+        f"[{_signed(low, digits)}, {_signed(high, digits)}] over {_held_out(len(pairs), unit)}"
     )
     if low <= 0 <= high:
         causes = stuck_causes(context, len(pairs), (high - low) / 2, digits)
@@ -215,7 +215,7 @@ def stuck_causes(context: Context, n: int, half_width: float, digits: int) -> li
         causes.append(f"LoRA rank r={context.lora_r}{share}")
     if n < FEW_EXAMPLES and half_width > 0:  # (an interval without width: not one example changed, whatever n)
         causes.append(
-            f"only {n} held-out {context.unit}: the interval is ±{half_width:.{digits}f} wide, so a smaller change "
+            f"only {_held_out(n, context.unit)}: the interval is ±{half_width:.{digits}f} wide, so a smaller change "
             "cannot show"
         )
     return causes
@@ -254,7 +254,7 @@ def chosen_warnings(context: Context) -> list[str]:
     change = _signed(mean_after - mean_before, 1)
     return [
         f"chosen log-probability fell {_number(mean_before, 1)} → {_number(mean_after, 1)} (change {change} "
-        f"[{_signed(low, 1)}, {_signed(high, 1)}] over {len(before)} held-out pairs): the chosen answers became "
+        f"[{_signed(low, 1)}, {_signed(high, 1)}] over {_held_out(len(before), 'pairs')}): the chosen answers became "
         "less likely too (common in healthy preference training; a concern together with worse answers)"
     ]
 
@@ -504,6 +504,11 @@ def _digits(width: float, change: float) -> int:
     if scale == 0:
         return 2
     return int(min(6, max(2, -math.floor(math.log10(scale)))))
+
+
+def _held_out(n: int, unit: str) -> str:
+    """`66 held-out pairs`, `1 held-out pair`."""
+    return f"{n} held-out {unit if n != 1 else unit.removesuffix('s')}"
 
 
 def _number(value: float, digits: int) -> str:

@@ -274,3 +274,34 @@ def test_a_max_length_that_cuts_every_example_warns_and_the_plan_shows_the_cut(t
     assert given and int(given[1]) >= 1, out
     assert f"train_examples: {int(given[2]) - int(given[1])}\n" in out, "the dropped are not counted as training ones"
     assert "more tokens cut at max_length=32: never trained]" in out
+
+
+@pytest.mark.parametrize(
+    ("kind", "why"), [("dpo", "the prompt alone fills it"), ("rm", "the longer answer does not fit")]
+)
+def test_a_max_length_that_drops_most_pairs_warns_at_plan_time(tmp_path, run_cli, caplog, kind, why):
+    """rm once dropped 23 of 24 training pairs at max_length 64 and trained on one, with only a plan line saying so;
+    only a split left empty was refused."""
+    import json
+
+    long_prompt = " ".join(f"p{j}" for j in range(40))
+    rows = [{"prompt": (long_prompt if i % 4 else f"Q{i}?") + " ", "chosen": "yes.", "rejected": "no no no."}
+            for i in range(40)]  # fmt: skip
+    (tmp_path / "pairs.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    data = {"source": {"files": ["pairs.jsonl"]}, "format": "preference", "valid_fraction": 0.2}
+    stage = {"name": kind, "kind": kind, "model": dict(TINY_MODEL), "train": {"max_length": 24}, "data": data}
+    if kind == "dpo":
+        stage["generations"] = 0
+    path = write_yaml(tmp_path / "r.yaml", {"name": "drop", "tracking": {"wandb": {"mode": "disabled"}},
+                                            "stages": [stage]})  # fmt: skip
+    with caplog.at_level("WARNING"):
+        code, out, err = run_cli(path, "--dry-run", "--output-dir", tmp_path / "run")
+    assert code == 0, err
+    import re
+
+    warned = re.search(rf"stages\.{kind}\.train\.max_length: 24 tokens drop (\d+) of (\d+) training pairs \((\d+)%: "
+                       rf"{why}\), so the stage learns from (\d+) pairs?; raise max_length", caplog.text)  # fmt: skip
+    assert warned, caplog.text
+    dropped, total, _, left = map(int, warned.groups())
+    assert dropped >= total / 2 and left == total - dropped
+    assert f"dropped: {dropped} of {total} train pairs" in out, "the plan line says the same numbers"

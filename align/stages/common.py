@@ -199,6 +199,23 @@ def report_dropped(stage: Stage, trainer: Trainer, totals: tuple[int, int], reas
             logger.warning("%s: %d of %d %s dropped: %s", split, total - kept[split], total, unit, reason)
 
 
+# A max_length that drops this share of the training pairs or more is named at plan time (`--dry-run` too).
+DROP_WARNING = 0.5
+
+
+def warn_most_dropped(stage: Stage, max_length: int | None, dropped: int, total: int, why: str, fix: str) -> None:
+    """A warning when `max_length` drops most training pairs (`why`: what drops one; `fix`: what keeps them): the
+    stage then learns from, and its verdict measures, a few pairs, which only a plan line said before."""
+    if not total or max_length is None or dropped < DROP_WARNING * total:
+        return
+    left = total - dropped
+    logger.warning(
+        "stages.%s.train.max_length: %d tokens drop %d of %d training pairs (%.0f%%: %s), so the stage learns from "
+        "%d pair%s; %s", stage.name, max_length, dropped, total, 100 * dropped / total, why, left,
+        "" if left == 1 else "s", fix,
+    )  # fmt: skip
+
+
 def log_training(args: Any, n_train: int, unit: str, seed: int) -> dict[str, Any]:
     """Log the planned steps and the effective batch of one optimizer step, as the Trainer will run them; return
     the data order's record (summary.json's `data_order`), against which a resumed or rescaled run can be checked."""

@@ -22,6 +22,7 @@ from align.stages.common import (
     report_dropped,
     run_stage,
     summarize_pairs,
+    warn_most_dropped,
 )
 from align.values import StageParts, StageResult, StartingPoint
 
@@ -155,6 +156,9 @@ def plan(
                 "is left to learn from"
             )
             parts.hints.append("raise max_length (align caps it at the model's positions) or shorten the prompts")
+    total = len(data["train"])
+    warn_most_dropped(stage, max_length, total - kept["train"], total, "the prompt alone fills it",
+                      "raise max_length (align caps it at the model's positions) or shorten the prompts")  # fmt: skip
     parts.details.update(
         train_pairs=len(data["train"]),
         train_tokens=sum(lengths),

@@ -27,6 +27,7 @@ from align.stages.common import (
     pair_examples,
     run_stage,
     summarize_pairs,
+    warn_most_dropped,
 )
 from align.values import Setting, StageParts, StageResult, StartingPoint
 
@@ -156,6 +157,9 @@ def plan_pairs(stage: Stage, *, data: Any, tokenizer: Any, config: Any, parts: S
             parts.problems.append(f"stages.{stage.name}.train.max_length: every {split} prompt fills {max_length} "
                                   "tokens, so no pair is left to learn from")  # fmt: skip
             parts.hints.append("raise max_length (align caps it at the model's positions) or shorten the prompts")
+    total = len(train)
+    warn_most_dropped(stage, max_length, total - kept["train"], total, "the prompt alone fills it",
+                      "raise max_length (align caps it at the model's positions) or shorten the prompts")  # fmt: skip
     parts.details.update(
         train_pairs=len(train),
         train_tokens=sum(min(n, max_length or n) for n in lengths),

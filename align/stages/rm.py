@@ -22,6 +22,7 @@ from align.stages.common import (
     pair_examples,
     report_dropped,
     run_stage,
+    warn_most_dropped,
 )
 from align.values import StageParts, StageResult, StartingPoint
 
@@ -144,6 +145,9 @@ def plan(
                 "reward trainer drops such pairs, so none is left"
             )
             parts.hints.append("raise max_length (align caps it at the model's positions) or shorten the answers")
+    total = len(data["train"])
+    warn_most_dropped(stage, max_length, total - kept["train"], total, "the longer answer does not fit",
+                      "raise max_length (align caps it at the model's positions) or shorten the answers")  # fmt: skip
     parts.details.update(
         train_pairs=len(data["train"]),
         train_tokens=sum(lengths),

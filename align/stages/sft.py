@@ -320,14 +320,14 @@ def warn_truncation(
     lengths = sorted(n for n, _ in spans)
     covers = lengths[min(len(lengths) - 1, int(0.95 * len(lengths)))]
     end = "end-of-sequence token" if fmt == "text" else "answer's end and end-of-turn token"
-    cut = "every" if truncated == len(spans) else f"{truncated} of {len(spans)}"
+    cut = "every training example" if truncated == len(spans) else f"{truncated} of {len(spans)} training examples"
     if positions is not None and covers > positions:
         fix = (f"max_length %d would keep 95%% whole, past the model's {positions} positions: shorten the examples "
                "(or take a model with more positions)")  # fmt: skip
     else:
         fix = "max_length %d keeps 95%% whole"
     logger.warning(
-        "stages.%s.train.max_length: %d tokens cut %s training example (%.0f%%): the %s of a cut example is never "
+        "stages.%s.train.max_length: %d tokens cut %s (%.0f%%): the %s of a cut example is never "
         "trained, so the model learns less where to stop; the longest is %d tokens, " + fix,
         stage.name, max_length, cut, 100 * truncated / len(spans), end, lengths[-1], covers,
     )  # fmt: skip
