@@ -41,7 +41,7 @@ from align.runtime import (
 from align.secrets import redact, secret_values
 from align.signals import raise_if_requested, stop_on_signals
 from align.tracking import Tracker, check_installed, report_to
-from align.values import StageOutput, StageResult
+from align.values import StageOutput, StageResult, saved_model_dir
 
 logger = logging.getLogger(__name__)
 
@@ -339,11 +339,17 @@ def only_stages(recipe: Recipe, only: list[str] | None) -> set[str] | None:
     return set(only)
 
 
+# What happens to a stale stage next: a run without --only compares its fingerprint again, and an --only run that
+# only tried a setting (`--set`) leaves the recipe making the earlier stages as they were, so it may not rerun.
+RERUN = "the next run without --only reruns it if the stages it starts from still differ from those it was made from"
+
+
 class Left(NamedTuple):
     """A stage `--only` does not run: what happens to it, and whether its files were made from earlier stages
     that this run changes (`stale`: the next plain run reruns it)."""
 
     what: str
+    status: str = "cached"
     stale: bool = False
 
 
@@ -368,13 +374,14 @@ def check_only(
             # The fingerprint it would have after this run, from the named stages' new ones: equal to the one it
             # was made with, it is still current; different, its files came from models this run replaces.
             outputs[stage.name] = StageOutput(stage.name, stage.kind, stage_dir / "model", fp)
-            ran = (read_json(stage_dir / "summary.json") or {}).get("status") in ("completed", "cached")
+            was = (read_json(stage_dir / "summary.json") or {}).get("status") or "pending"
+            ran = was in ("completed", "cached")
             stale = ran and _cached_summary(stage, stage_dir, fp) is None
             kept[stage.name] = Left(
                 "not run (after the stages --only names): its files are left as they are"
-                + ("; they were made from earlier stages as they were before this run, so it is stale now "
-                   "(a run without --only reruns it)" if stale else "; still current (fingerprint unchanged)"
-                   if ran else ""),
+                + (f"; they were made from earlier stages as they were before this run, so it is stale now ({RERUN})"
+                   if stale else "; still current (fingerprint unchanged)" if ran else ""),
+                "completed" if was == "cached" else was,  # an old run directory's summary may say cached
                 stale,
             )  # fmt: skip
             continue
@@ -393,8 +400,7 @@ def check_only(
                             f"and has not completed in {run_dir} as the recipe now describes it ({why})")  # fmt: skip
             outputs[stage.name] = StageOutput(stage.name, stage.kind, stage_dir / "model", fp)  # for the later ones
             continue
-        model_dir = Path(cached["model_dir"]) if cached.get("model_dir") else None
-        outputs[stage.name] = StageOutput(stage.name, stage.kind, model_dir, fp, "cached")
+        outputs[stage.name] = StageOutput(stage.name, stage.kind, saved_model_dir(stage_dir, cached), fp, "cached")
         kept[stage.name] = Left(f"kept as it is (completed, fingerprint {fp})")
     if problems:
         missing = [stage.name for stage in recipe.stages if any(f"stage {stage.name} comes" in p for p in problems)]
@@ -425,15 +431,15 @@ class Records:
                 entry.update(fields)
         self.write()
 
-    def mark_stale(self, name: str, stale: bool) -> None:
-        """A `stale` note on a stage's entry (made from earlier stages an `--only` run changed), or none."""
+    def mark_left(self, name: str, status: str, stale: bool) -> None:
+        """The entry of a stage an `--only` run does not train: its status (`cached` where the run takes it as its
+        input, the stage's own where it comes after), and a `stale` note where its inputs changed, or none."""
         for entry in self.pipeline["stages"]:
             if entry["name"] == name:
+                entry["status"] = status
                 entry.pop("stale", None)
                 if stale:
-                    entry["stale"] = (
-                        "made from earlier stages that an --only run changed; a run without --only reruns it"
-                    )
+                    entry["stale"] = f"made from earlier stages that an --only run changed; {RERUN}"
 
     def write(self) -> None:
         if is_main_process():
@@ -513,7 +519,7 @@ def run_pipeline(
         for name, left in kept.items():
             logger.info("--only: %s %s", name, left.what)
             # pipeline.json says so too, not only the log: `completed` alone would read as current.
-            records.mark_stale(name, left.stale)
+            records.mark_left(name, left.status, left.stale)
         records.write()
         try:
             with stop_on_signals():
@@ -592,9 +598,9 @@ def stage_context(recipe: Recipe, stage_name: str, output_dir: Path, write_to: P
                      plans)  # fmt: skip
     for stage in recipe.stages[: names.index(stage_name)]:
         summary = read_json(output_dir / stage.name / "summary.json") or {}
-        if summary.get("status") in ("completed", "cached") and summary.get("model_dir"):
-            state.outputs[stage.name] = StageOutput(stage.name, stage.kind, Path(summary["model_dir"]),
-                                                    summary.get("fingerprint", ""))  # fmt: skip
+        model_dir = saved_model_dir(output_dir / stage.name, summary)
+        if summary.get("status") in ("completed", "cached") and model_dir is not None:
+            state.outputs[stage.name] = StageOutput(stage.name, stage.kind, model_dir, summary.get("fingerprint", ""))
     stage = recipe.stages[names.index(stage_name)]
     kind = registry.get(stage.kind)
     ref = stage_ref(model_source(stage, recipe)) if kind.trains else None
@@ -634,7 +640,7 @@ def _run_stages(
         cached = None if fresh and not kept else _cached_summary(stage, stage_dir, fp)
         wait_for_everyone()
         if kept:  # --only: an earlier stage, completed (check_only made sure), taken as it is and left untouched
-            model_dir = Path(cached["model_dir"]) if cached.get("model_dir") else None
+            model_dir = saved_model_dir(stage_dir, cached)
             state.outputs[stage.name] = StageOutput(stage.name, stage.kind, model_dir, fp, "cached")
             continue
         if cached is not None:
@@ -645,7 +651,7 @@ def _run_stages(
                 stage.name,
                 fp,
             )
-            model_dir = Path(cached["model_dir"]) if cached.get("model_dir") else None
+            model_dir = saved_model_dir(stage_dir, cached)
             state.outputs[stage.name] = StageOutput(stage.name, stage.kind, model_dir, fp, "cached")
             # summary.json is left as the run that trained the stage wrote it (`completed`): this run reused the
             # stage, which pipeline.json and the closing table say, but it did not change what the stage is.

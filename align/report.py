@@ -554,13 +554,18 @@ def build_report(run_dir: Path) -> Path:
         # The stage's wall time, as the console's closing table gives it (the Trainer's train_runtime_s leaves out
         # loading, evaluation before and after, and saving).
         seconds = summary.get("wall_time_s") or metrics.get("train_runtime_s")
+        # A stage an --only run left behind: its figures are of models that run replaced, and the table says so.
+        stale = f"<br><span class='warn'>stale: {html.escape(entry['stale'])}</span>" if entry.get("stale") else ""
         parts.append(
-            f"<tr><td>{html.escape(entry['name'])}</td><td>{html.escape(kind)}</td><td class='{status}'>{status}</td>"
+            f"<tr><td>{html.escape(entry['name'])}</td><td>{html.escape(kind)}</td><td class='{status}'>{status}"
+            f"{stale}</td>"
             f"<td>{metric}</td><td class='num'>{before}</td><td class='num'>{after}</td><td class='num'>{change}</td>"
             f"<td class='verdict'>{verdict_cell(summary.get('verdict'))}</td>"
             f"<td>{model}</td><td class='num'>{f'{seconds:.1f} s' if seconds else '-'}</td></tr>"
         )
-        section = [f"<h2>{html.escape(entry['name'])} ({html.escape(kind)}): {status}</h2>"]
+        section = [
+            f"<h2>{html.escape(entry['name'])} ({html.escape(kind)}): {status}{' (stale)' if stale else ''}</h2>"
+        ]
         if summary.get("error"):
             section.append(f"<p class='failed'>{html.escape(summary['error'])}</p>")
         if summary.get("input_model"):

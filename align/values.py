@@ -89,3 +89,11 @@ class StageOutput:
     model_dir: Path | None  # None: the stage saves no model (eval)
     fingerprint: str
     status: str = "completed"
+
+
+def saved_model_dir(stage_dir: Path, summary: dict[str, Any]) -> Path | None:
+    """Where a completed stage's model is: `<stage>/model` of the run directory it is read from, where its summary
+    says it saved one. Never the summary's `model_dir` as written: that path is as the run's working directory
+    spelt it (`runs/x/sft/model`), so read from another directory, or from a copied run, it named nothing (every
+    stage "changed" and would train again) or the original run's model."""
+    return stage_dir / "model" if summary.get("model_dir") else None

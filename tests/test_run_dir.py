@@ -255,9 +255,11 @@ def test_only_runs_the_named_stages_on_the_earlier_ones_and_leaves_the_others_un
     assert again["status"] == "completed" and again["fingerprint"] != sft["fingerprint"], "sft ran with the new rate"
     assert files("lm") == lm and files("dpo") == dpo, "the stages --only did not name are left as they were"
     pipeline = {s["name"]: s for s in json.loads((run_dir / "pipeline.json").read_text())["stages"]}
-    assert pipeline["lm"]["status"] in ("completed", "cached") and pipeline["dpo"]["status"] in ("completed", "cached")
     # dpo was made from the sft this run replaced: pipeline.json says so, not only the log.
     assert "stale" not in pipeline["lm"] and "an --only run changed" in pipeline["dpo"]["stale"], pipeline
+    # lm was this run's input (cached); dpo was not run, so it keeps its own status; the report says it is stale.
+    assert pipeline["lm"]["status"] == "cached" and pipeline["dpo"]["status"] == "completed", pipeline
+    assert "dpo (dpo): completed (stale)" in (run_dir / "report.html").read_text()
     assert "so it is stale now" in out + err
     assert [line.split()[0] for line in out.splitlines()[1:] if line.strip()][:1] == ["sft"], out
 
@@ -265,3 +267,35 @@ def test_only_runs_the_named_stages_on_the_earlier_ones_and_leaves_the_others_un
     code, _, err = run_cli(path, "--output-dir", run_dir, "--only", "dpo", "--set", "stages.lm.train.max_steps=3")
     assert code == 2 and "stage lm comes before" in err and "(it changed since it ran)" in err
     assert "stage sft comes before" in err, "sft changed too (its input lm did): both are named"
+
+
+def test_a_run_read_from_another_directory_or_copied_is_still_cached_and_uses_its_own_models(
+    tmp_path, run_cli, monkeypatch
+):
+    """summary.json's model_dir is as the run's working directory spelt it (`runs/x/lm/model`): read from another
+    directory, every stage 'changed since the last run' and would train again; read from a copy, the stages after
+    took the original run's models."""
+    import copy
+    import shutil
+
+    recipe = short_recipe()
+    recipe["stages"].append({**copy.deepcopy(recipe["stages"][0]), "name": "lm2", "model": "@lm"})
+    path = write_yaml(tmp_path / "r.yaml", recipe)
+    monkeypatch.chdir(tmp_path)
+    assert run_cli(path, "--output-dir", "runs/x")[0] == 0
+    assert json.loads((tmp_path / "runs/x/lm/summary.json").read_text())["model_dir"] == "runs/x/lm/model"
+
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    code, out, err = run_cli(path, "--output-dir", tmp_path / "runs/x", "--dry-run")
+    assert code == 0 and out.count("run: cached") == 2, out + err
+
+    shutil.copytree(tmp_path / "runs/x", tmp_path / "copy")
+    shutil.rmtree(tmp_path / "runs")  # the original is gone: nothing may read it
+    code, out, err = run_cli(path, "--output-dir", tmp_path / "copy", "--dry-run")
+    assert code == 0 and out.count("run: cached") == 2, out + err
+    code, out, err = run_cli(path, "--output-dir", tmp_path / "copy")
+    assert code == 0, err
+    pipeline = json.loads((tmp_path / "copy/pipeline.json").read_text())
+    assert [s["status"] for s in pipeline["stages"]] == ["cached", "cached"]

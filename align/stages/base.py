@@ -19,7 +19,7 @@ from align.plan import StagePlan, effective_settings, plan_settings, resolve_mod
 from align.prompt_format import generate_usage
 from align.recipe import Recipe, Stage, model_source, stage_ref
 from align.stages.common import starting_point
-from align.values import StageOutput, StageParts, StageResult
+from align.values import StageOutput, StageParts, StageResult, saved_model_dir
 
 
 @dataclass(frozen=True)
@@ -95,7 +95,8 @@ class Kind:
 
     def output_complete(self, stage_dir: Path, summary: dict[str, Any]) -> bool:
         """Whether a completed run of it left its output in place (so an unchanged stage is `cached`)."""
-        return bool(summary.get("model_dir")) and Path(summary["model_dir"]).is_dir()
+        model_dir = saved_model_dir(stage_dir, summary)
+        return model_dir is not None and model_dir.is_dir()
 
     def headline(self, summary: dict[str, Any]) -> str:
         """Its headline figure for the console's closing table: before -> after of its first figure."""

@@ -43,7 +43,7 @@ from align.recipe import (
 from align.rewards import Judge, check_functions, entries_identity
 from align.stages.base import Figure, Kind
 from align.stages.common import show_prompt
-from align.values import Setting, StageResult
+from align.values import Setting, StageResult, saved_model_dir
 
 if TYPE_CHECKING:
     from align.context import StageContext
@@ -220,8 +220,8 @@ def model_identity(ref: str, outputs: Any, base_dir: Path) -> str:
     if not path.is_dir():
         return ref
     summary = read_json(path.parent / "summary.json")
-    made_here = isinstance(summary, dict) and summary.get("fingerprint") and summary.get("model_dir")
-    if made_here and Path(summary["model_dir"]).resolve() == path.resolve():
+    made_here = isinstance(summary, dict) and summary.get("fingerprint")
+    if made_here and saved_model_dir(path.parent, summary) == path:
         return f"{path}:{summary['fingerprint']}"
     stats = sorted((str(f.relative_to(path)), f.stat().st_size, f.stat().st_mtime_ns) for f in path.rglob("*")
                    if f.is_file())  # fmt: skip
