@@ -72,16 +72,28 @@ def merge_adapters(source: Path, out: Path, reward_model: bool = False, card: st
 
 
 def stage_with_adapters(run_dir: Path) -> str | None:
-    """Without `--stage`, in a run directory: its last completed stage that saved LoRA adapters (None: let
-    `find_model` choose, and say why there is nothing to merge)."""
-    from align.saved import DONE, run_stages
+    """Without `--stage`, in a run directory: its last completed stage that saved LoRA adapters (None: not a run
+    directory; `find_model` then reads the path).
+
+    Raises:
+        BadInput: a run directory where no completed stage saved adapters (it once picked the last stage anyway
+            and said that stage's full weights had nothing to merge, as if the wrong stage had been asked for).
+    """
+    from align.errors import BadInput
+    from align.saved import DONE, holds_model, run_stages
 
     run_dir = Path(run_dir)
     if not (run_dir / "pipeline.json").is_file():
         return None
-    done = [s["name"] for s in run_stages(run_dir) if s["status"] in DONE]
+    stages = run_stages(run_dir)
+    done = [s["name"] for s in stages if s["status"] in DONE and holds_model(run_dir / s["name"] / "model")]
     with_adapters = [name for name in done if (run_dir / name / "model" / "adapter_config.json").is_file()]
-    return with_adapters[-1] if with_adapters else None
+    if not with_adapters:
+        full = f"{', '.join(done)} saved full weights" if done else "no stage saved a model yet"
+        raise BadInput(f"{run_dir}: no completed stage saved LoRA adapters ({full}): nothing to merge",
+                       hint="each stage's model/ loads with plain transformers as it is; merge is for stages with "
+                            "`peft:`")  # fmt: skip
+    return with_adapters[-1]
 
 
 def main(argv: list[str] | None = None, prog: str = "align merge") -> int:

@@ -488,3 +488,24 @@ def test_a_stale_stage_is_used_with_a_warning_naming_why(tmp_path, caplog):
     with caplog.at_level("WARNING"):
         assert [m.stage for m in policy_models(run)] == ["sft", "dpo"]  # chat --compare
     assert caplog.text.count("is stale") == 1
+
+
+def test_merge_without_a_stage_in_a_run_without_adapters_says_none_saved_any(tmp_path, capsys):
+    from align.cli import main
+
+    run = tmp_path / "run"
+    entries = [{"name": "sft", "kind": "sft", "status": "completed"}, {"name": "eval", "kind": "eval",
+                                                                       "status": "completed"}]  # fmt: skip
+    run.mkdir()
+    (run / "pipeline.json").write_text(json.dumps({"name": "r", "stages": entries}))
+    (run / "sft" / "model").mkdir(parents=True)
+    (run / "sft" / "model" / "config.json").write_text("{}")
+    for entry in entries:
+        (run / entry["name"]).mkdir(exist_ok=True)
+        (run / entry["name"] / "summary.json").write_text(json.dumps({"status": "completed"}))
+    assert main(["merge", str(run), str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert errors(err) == [f"error: {run}: no completed stage saved LoRA adapters (sft saved full weights): "
+                           "nothing to merge"], err  # fmt: skip
+    assert "hint: each stage's model/ loads with plain transformers as it is" in err
+    assert not (tmp_path / "out").exists()
