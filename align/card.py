@@ -17,6 +17,7 @@ from align import stages as registry
 from align.files import read_json, write_text_atomic
 from align.prompt_format import read_prompt_format
 from align.secrets import redact, secret_values
+from align.values import same_decimals
 
 logger = logging.getLogger(__name__)
 
@@ -106,10 +107,11 @@ def model_card(run_dir: Path, stage: str, merged: bool = False) -> str:
         known = registry.kinds().get(str(stages[name].get("kind")))
         for key in [figure.key for figure in known.figures] if known is not None else []:
             if key in metrics:
-                before = metrics.get(f"{key}_before")
-                body.append(
-                    f"| `{name}` | {key} | {_fmt(before) if before is not None else '-'} | {_fmt(metrics[key])} |"
-                )
+                before, after = metrics.get(f"{key}_before"), metrics[key]
+                shown = same_decimals(before, after) if before is not None else ["-", _fmt(after)]
+                # As the console labels it: the Trainer's eval loss is a mean of batch means, the verdict's per example.
+                label = f"{key} (Trainer: batch mean)" if key == "eval_loss" else key
+                body.append(f"| `{name}` | {label} | {shown[0]} | {shown[1]} |")
     metrics = summary.get("metrics") or {}
     others = ", ".join(f"{k} {_fmt(metrics[k])}" for k in OTHER_METRICS if metrics.get(k) is not None)
     if others:

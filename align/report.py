@@ -23,6 +23,7 @@ from typing import Any
 
 from align import stages as registry
 from align.files import read_json, write_text_atomic
+from align.values import same_decimals
 
 logger = logging.getLogger(__name__)
 
@@ -307,7 +308,11 @@ def key_metric_cells(kind: str, metrics: dict[str, Any]) -> list[str]:
             delta = after - before
             verdict = "" if delta == 0 else "better" if (delta < 0) == lower_is_better else "worse"
             change = f"<span class='{verdict}'>{_change(delta)}</span>"
-        lines.append((label, "-" if before is None else _fmt(before), "-" if after is None else _fmt(after), change))
+        if isinstance(before, float | int) and isinstance(after, float | int):
+            shown_before, shown_after = same_decimals(before, after)  # as the console's closing table writes them
+        else:
+            shown_before, shown_after = ("-" if v is None else _fmt(v) for v in (before, after))
+        lines.append((label, shown_before, shown_after, change))
     sources_before = metrics.get("eval_loss_by_source_before") or {}
     for name, after in (metrics.get("eval_loss_by_source") or {}).items():  # a mix: each source's eval loss
         before = sources_before.get(name)

@@ -97,3 +97,16 @@ def saved_model_dir(stage_dir: Path, summary: dict[str, Any]) -> Path | None:
     spelt it (`runs/x/sft/model`), so read from another directory, or from a copied run, it named nothing (every
     stage "changed" and would train again) or the original run's model."""
     return stage_dir / "model" if summary.get("model_dir") else None
+
+
+def same_decimals(*values: float) -> list[str]:
+    """Numbers shown side by side (before → after) with one number of decimals: as many as four significant digits
+    give the smallest of them, at most six. `0.4848 → 1` and `5.97 → 5.902` (each `.4g` alone) read as figures of
+    different precision; they are `0.4848 → 1.0000` and `5.970 → 5.902`."""
+    import math
+
+    finite = [abs(v) for v in values if isinstance(v, int | float) and math.isfinite(v) and v != 0]
+    decimals = min(6, max((max(0, 3 - math.floor(math.log10(v))) for v in finite), default=0))
+    if finite and min(finite) < 1e-3:  # tiny figures keep their significant digits
+        return [f"{v:.4g}" for v in values]
+    return [f"{v:.{decimals}f}" if isinstance(v, int | float) and math.isfinite(v) else str(v) for v in values]

@@ -352,7 +352,10 @@ def test_every_saved_model_has_a_card_with_its_lineage(run_dir):
     assert "`lm`" in rows[0] and "scratch gpt2" in rows[0] and pipeline["lm"]["fingerprint"] in rows[0]
     assert "`sft`" in rows[1] and "`@lm`" in rows[1] and pipeline["sft"]["fingerprint"] in rows[1]
     assert "python-docs-instruct (prompt_completion" in rows[1]
-    assert f"| `sft` | eval_loss | {summary['metrics']['eval_loss_before']:.4g} |" in body
+    from align.values import same_decimals
+
+    before, after = same_decimals(summary["metrics"]["eval_loss_before"], summary["metrics"]["eval_loss"])
+    assert f"| `sft` | eval_loss (Trainer: batch mean) | {before} | {after} |" in body, "labelled as the console's"
     assert f"transformers {summary['versions']['transformers']}" in body and "align 0.1.0" in body
     assert "never saw in training" in body and "each ending in '\\n\\n'" in body
     assert 'tokenizer("What does the assert statement do?\\n\\n"' in body and "align chat path/to/model" in body

@@ -85,6 +85,7 @@ def test_the_report_and_console_show_each_kinds_headline_figure(chain):
     last model's win rate. The rm row once showed a reward model's eval_loss: no kind may be left out."""
     from align.report import build_report
     from align.run import key_figure
+    from align.values import same_decimals
 
     html = build_report(chain).read_text()
     rows = {m.group(1): m.group(0) for m in re.finditer(r"<tr><td>(\w+)</td><td>\w+</td>.*?</tr>", html)}
@@ -93,8 +94,10 @@ def test_the_report_and_console_show_each_kinds_headline_figure(chain):
         metrics = summary(chain, name)["metrics"]
         row = rows[name]
         assert f"<td>{label}<br>" in row or f"<td>{label}</td>" in row, row
-        assert f"{metrics[f'{key}_before']:.4g}" in row and f"{metrics[key]:.4g}" in row, row
-        assert key_figure(summary(chain, name)).startswith(f"{key} {metrics[f'{key}_before']:.4g} → "), name
+        # Before and after with one number of decimals, the same in the report and on the console.
+        before, after = same_decimals(metrics[f"{key}_before"], metrics[key])
+        assert f">{before}<" in row and f">{after}<" in row, row
+        assert key_figure(summary(chain, name)).startswith(f"{key} {before} → {after}"), name
     assert key_figure(summary(chain, "eval")).startswith("dpo win rate ")
 
 

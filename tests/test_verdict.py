@@ -387,3 +387,15 @@ def test_did_it_help_opens_the_report_with_models_intervals_verdicts_and_regress
     dpo_section = page.split("<h2>dpo (dpo)")[1].split("<h2>")[0]
     assert "<li>only 4 optimizer steps</li>" in dpo_section
     assert "warning: answers got shorter: 20.0 → 8.0 tokens" in dpo_section
+
+
+def test_figures_side_by_side_share_their_decimals():
+    """The closing table once read `accuracy 0.4848 → 1` and `eval_loss 5.97 → 5.902` (each number `.4g` alone)."""
+    from align.values import same_decimals
+
+    assert same_decimals(0.4848, 1) == ["0.4848", "1.0000"]
+    assert same_decimals(5.97, 5.902) == ["5.970", "5.902"]
+    assert same_decimals(8.287, 5.324) == ["8.287", "5.324"]
+    assert same_decimals(0.0, 0.0) == ["0", "0"]
+    assert same_decimals(1.5e-5, 2e-5) == ["1.5e-05", "2e-05"], "tiny figures keep their significant digits"
+    assert same_decimals(float("nan"), 0.5) == ["nan", "0.5000"]

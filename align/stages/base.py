@@ -19,7 +19,7 @@ from align.plan import StagePlan, effective_settings, plan_settings, resolve_mod
 from align.prompt_format import generate_usage
 from align.recipe import Recipe, Stage, model_source, stage_ref
 from align.stages.common import starting_point
-from align.values import StageOutput, StageParts, StageResult, saved_model_dir
+from align.values import StageOutput, StageParts, StageResult, same_decimals, saved_model_dir
 
 
 @dataclass(frozen=True)
@@ -106,7 +106,11 @@ class Kind:
         after, before = metrics.get(key), metrics.get(f"{key}_before")
         if not isinstance(after, int | float):
             return "-"
-        figure = f"{key} {before:.4g} → {after:.4g}" if isinstance(before, int | float) else f"{key} {after:.4g}"
+        if isinstance(before, int | float):
+            shown = same_decimals(before, after)
+            figure = f"{key} {shown[0]} → {shown[1]}"
+        else:
+            figure = f"{key} {after:.4g}"
         # The Trainer's eval loss is a mean over eval batches; the verdict's line below it is a mean over examples,
         # and differs a little: said, so the two figures do not read as one number printed twice.
         return f"{figure} (Trainer: batch mean)" if key == "eval_loss" else figure
