@@ -376,11 +376,15 @@ def _load_data(spec: DataSpec, seed: int, base_dir: Path, where: str | None) -> 
             raise BadInput(
                 f"{label}: {len(train)} rows are too few to hold out valid_fraction {spec.valid_fraction} and train "
                 "on the rest",
-                hint="add rows, or give a validation file: source: {files: {train: [...], validation: [...]}}",
+                hint="add rows, or give the source a validation split (files: {train: [...], validation: [...]}, "
+                "or a saved DatasetDict with one)",
             ) from None
         train, valid = cut["train"], cut["test"]
         valid_origin = origins.get(train_name) or RowOrigin(f"{label} (split {train_name})")
     else:
+        if "valid_fraction" in spec.model_fields_set:  # set, and nothing would say it changed nothing
+            logger.warning("%s: valid_fraction %s is not used: the source has a validation split ('%s'), which is the "
+                           "held-out set", label, spec.valid_fraction, valid_name)  # fmt: skip
         valid = _numbered(splits[valid_name])
         valid_origin = origins.get(valid_name) or RowOrigin(f"{label} (split {valid_name})")
     train_origin = origins.get(train_name) or RowOrigin(f"{label} (split {train_name})")
@@ -630,8 +634,8 @@ def warn_small_validation(spec: DataSpec, n_valid: int, n_source: int, where: st
     elif split is None:
         origin = f"valid_fraction {spec.valid_fraction} of {n_source} rows"
         fix = (
-            f"raise valid_fraction (>= {MIN_EVAL_ROWS / max(1, n_source):.2g} gives {MIN_EVAL_ROWS} rows), or give a "
-            "validation file: source: {files: {train: [...], validation: [...]}}"
+            f"raise valid_fraction (>= {MIN_EVAL_ROWS / max(1, n_source):.2g} gives {MIN_EVAL_ROWS} rows), or give "
+            "the source a validation split (files: {train: [...], validation: [...]}, or a saved DatasetDict with one)"
         )
     else:
         origin, fix = f"the source's split '{split}'", "give the validation split more rows"

@@ -67,6 +67,14 @@ def test_a_validation_file_is_the_validation_split_without_naming_it_in_splits(t
     assert loaded["validation"]["text"] == ["held out"] and len(loaded["train"]) == 40
     # Too small, and the warning's fix is no longer what the user already wrote.
     assert "the source's split 'validation'" in caplog.text and "splits:" not in caplog.text
+    assert "valid_fraction" not in caplog.text
+    # A valid_fraction set beside a validation split changes nothing, and says so instead of nothing.
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="align.data"):
+        again = load_data(spec(source={"files": files}, valid_fraction=0.2), seed=1, base_dir=tmp_path)
+    assert len(again["train"]) == 40 and "valid_fraction 0.2 is not used: the source has a validation split" in (
+        caplog.text
+    )
     prompts = load_data(spec(source={"files": files}), seed=1, base_dir=tmp_path, prompts_only=True)
     assert prompts["test"]["text"] == ["a prompt"]
     # A split of another name is read only where `splits:` names it; else refused, not loaded and ignored.
