@@ -275,3 +275,22 @@ def test_push_and_merge_take_a_reward_model_stage_and_name_a_stage_that_saves_no
         find_model(run, "rm")  # chat: a reward model does not generate
     with pytest.raises(BadInput, match="--stage eval: an eval stage, which saves no model"):
         find_model(run, "eval", any_model=True)
+
+
+def test_peft_settings_adapters_trained_on_do_not_take_are_each_named():
+    """A stage with `peft:` on an earlier stage's adapters trains those adapters on as they are: the warning once
+    named r and alpha only, so a different target_modules was ignored without a word."""
+    from types import SimpleNamespace
+
+    from align.recipe import PeftSettings
+    from align.stages.common import ignored_peft_settings
+
+    trained = SimpleNamespace(r=8, lora_alpha=16, lora_dropout=0.05, target_modules={"c_attn", "c_proj", "c_fc"})
+    same = PeftSettings(r=8, alpha=16, target_modules=["c_fc", "c_attn", "c_proj"])
+    assert ignored_peft_settings(trained, same) == []
+    assert ignored_peft_settings(trained, PeftSettings(r=8, alpha=16)) == [], "all-linear: whatever they are on"
+    other = PeftSettings(r=4, alpha=16, target_modules=["c_attn"])
+    assert ignored_peft_settings(trained, other) == [
+        "r 4 is not applied (the input's adapters have 8)",
+        "target_modules ['c_attn'] are not applied (the input's adapters are on ['c_attn', 'c_fc', 'c_proj'])",
+    ]

@@ -504,6 +504,20 @@ def starting_point(recipe: Recipe, stage: Stage, outputs: dict[str, Any] | None 
     return StartingPoint(kind, lora, base)
 
 
+def ignored_peft_settings(trained: Any, asked: Any) -> list[str]:
+    """What a stage's `peft:` asks that adapters trained on as they are do not do: each setting, the input's and
+    this stage's value (the warning once named r and alpha only, and a different target_modules went unsaid)."""
+    out = []
+    for key, have in (("r", trained.r), ("alpha", trained.lora_alpha), ("dropout", trained.lora_dropout)):
+        if have != getattr(asked, key):
+            out.append(f"{key} {getattr(asked, key)} is not applied (the input's adapters have {have})")
+    wanted = asked.target_modules
+    have_modules = sorted(trained.target_modules) if isinstance(trained.target_modules, set | list) else None
+    if wanted != "all-linear" and have_modules is not None and sorted(wanted) != have_modules:
+        out.append(f"target_modules {sorted(wanted)} are not applied (the input's adapters are on {have_modules})")
+    return out
+
+
 def planned_output(stage: Stage) -> str:
     """What a stage will save, from its recipe: adapters (with `peft`), merged (with `merge`), else full weights.
 
@@ -557,12 +571,11 @@ def load_start(ctx: StageContext, stage: Stage, reward_head: bool = False) -> tu
         model = model.merge_and_unload()
         model.requires_grad_(True)
     elif start.lora == "continue":
-        trained = model.peft_config["default"]
-        if (trained.r, trained.lora_alpha) != (stage.peft.r, stage.peft.alpha):
+        ignored = ignored_peft_settings(model.peft_config["default"], stage.peft)
+        if ignored:
             logger.warning(
-                "stages.%s.peft: the input's adapters (r=%d, alpha=%d) train on as they are; this stage's r=%d, "
-                "alpha=%d are not applied (to start fresh adapters, save the earlier stage with `merge: true`)",
-                stage.name, trained.r, trained.lora_alpha, stage.peft.r, stage.peft.alpha,
+                "stages.%s.peft: the input's adapters train on as they are, so this stage's %s (to start fresh "
+                "adapters, save the earlier stage with `merge: true`)", stage.name, "; ".join(ignored),
             )  # fmt: skip
     logger.info("input: %s; %s", start.input, start.describe())
     return model, tokenizer, start
