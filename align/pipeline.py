@@ -507,7 +507,8 @@ def run_pipeline(
     with hold_run_dir(output_dir, recipe, fresh, selected):
         log_to_file(output_dir / "align.log")
         set_console_level(log_level)
-        logger.info("align %s: recipe %s, %d stages -> %s", __version__, recipe.name, len(recipe.stages), output_dir)
+        count = f"{len(recipe.stages)} stage{'' if len(recipe.stages) == 1 else 's'}"
+        logger.info("align %s: recipe %s, %s -> %s", __version__, recipe.name, count, output_dir)
         logger.info("precision %s: %s", precision.name, precision.reason)
         if is_main_process():
             resolved = redact(resolved_recipe(recipe, specs), secret_values())
@@ -799,7 +800,8 @@ def dry_run(recipe: Recipe, output_dir: Path, only: list[str] | None = None) -> 
     precision = choose_precision(recipe.precision)
     specs, data = preflight(recipe)
     plans = plan_stages(recipe, specs, data, precision, output_dir, report_to(recipe.tracking.wandb))
-    lines = [f"preflight: recipe {recipe.name}, {len(recipe.stages)} stages, output {output_dir}",
+    count = f"{len(recipe.stages)} stage{'' if len(recipe.stages) == 1 else 's'}"
+    lines = [f"preflight: recipe {recipe.name}, {count}, output {output_dir}",
              f"precision: {precision.name} ({precision.reason})"]  # fmt: skip
     status = planned_status(recipe, specs, precision.name, output_dir)
     if selected:
