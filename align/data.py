@@ -687,6 +687,15 @@ def first_unique(values: list[Any], n: int) -> list[Any]:
     return list(seen.values())
 
 
+def data_label(spec: DataSpec) -> str:
+    """How the plan and the log name a stage's data: its card, else its source (a mix: its sources' names)."""
+    if spec.name:
+        return spec.name
+    if spec.source is None:
+        return "a mix of " + ", ".join(data_label(m) for m in spec.mix or [])
+    return _source_label(spec)
+
+
 def _source_label(spec: DataSpec) -> str:
     s = spec.source
     if s.hub:

@@ -673,8 +673,10 @@ def _run_stages(
         elif stage_dir.exists() and is_main_process():
             remove_inside(state.run_dir, stage_dir)  # a changed (or --fresh) stage starts clean: no stale metrics rows
         input_model = kind.input_label(stage, recipe, state.outputs)
+        from align.data import data_label
+
         logger.info("[%d/%d] %s: %s from %s on %s", i, len(recipe.stages), stage.name, stage.kind, input_model,
-                    specs[stage.name].name or "inline data")  # fmt: skip
+                    data_label(specs[stage.name]))  # fmt: skip
         records.update(stage.name, status="running", fingerprint=fp, input_model=input_model)
         records.summary(stage, None, status="running", fp=fp, input_model=input_model)
         tracker.start_stage(stage, redact(resolved_recipe(recipe, specs)["stages"][i - 1], secret_values()))
@@ -807,11 +809,13 @@ def dry_run(recipe: Recipe, output_dir: Path, only: list[str] | None = None) -> 
     if selected:
         status.update({name: f"--only: {left.what}" for name, left in
                        check_only(recipe, specs, precision.name, output_dir, selected).items()})  # fmt: skip
+    from align.data import data_label
+
     for plan, stage in zip(plans.values(), recipe.stages, strict=True):
         plan.details = {"run": status[stage.name], **plan.details}
         split = data[stage.name]
         rows = ", ".join(f"{len(rows)} {name} rows" for name, rows in split.items())
-        plan.details = {"data": f"{specs[stage.name].name or 'inline'} ({specs[stage.name].format}): {rows}",
+        plan.details = {"data": f"{data_label(specs[stage.name])} ({specs[stage.name].format}): {rows}",
                         **plan.details}  # fmt: skip
         stopping = getattr(stage, "early_stopping", None)  # a training stage's
         if stopping is not None:
