@@ -384,7 +384,11 @@ def run(stage: Stage, ctx: StageContext) -> StageResult:
     if not is_main_process():  # one process evaluates; the others wait for the next stage
         return StageResult(stage.name, stage.kind, "completed", None, label)
     rows = eval_rows(ctx.data["test"], ctx.spec.format, stage.max_prompts)
-    logger.info("evaluating %d models on %d held-out prompts: %s", len(models), len(rows), label)
+    available = len(ctx.data["test"])
+    # The data line said how many the split has; this one says how many are used, and why fewer.
+    first = (f" (from the split's {available} rows: each prompt once, at most max_prompts {stage.max_prompts})"
+             if len(rows) < available else "")  # fmt: skip
+    logger.info("evaluating %d models on %d held-out prompts%s: %s", len(models), len(rows), first, label)
     answers, lm_eval = {}, {}
     for index, (name, ref) in enumerate(models.items()):
         path = resolve_ref(ref, ctx.outputs, ctx.recipe.base_dir)
