@@ -162,7 +162,8 @@ def test_dpo_after_each_kind_of_sft(tmp_path, upstream_recipe, source, input_kin
         assert any(not before[k].equal(after[k]) for k in before)
         assert not (model_dir / "ref").exists() and not (model_dir / "base").exists()
     else:
-        assert base == str((upstream / source / "model").resolve())
+        # Fresh adapters on the model of the run they are in (this copy of the upstream run), never on the original.
+        assert base == str((run / source / "model").resolve())
 
 
 @pytest.mark.slow

@@ -99,6 +99,12 @@ def test_the_report_and_console_show_each_kinds_headline_figure(chain):
         assert f">{before}<" in row and f">{after}<" in row, row
         assert key_figure(summary(chain, name)).startswith(f"{key} {before} → {after}"), name
     assert key_figure(summary(chain, "eval")).startswith("dpo win rate ")
+    # The data line counts the split; the eval's line says how many it uses of them, and why fewer.
+    log = (chain / "align.log").read_text()
+    assert re.search(r"python-docs-instruct: (\d+) prompts to evaluate", log)
+    split = int(re.search(r"python-docs-instruct: (\d+) prompts to evaluate", log)[1])
+    assert (f"evaluating 2 models on 24 held-out prompts (from the split's {split} rows: each prompt once, at most "
+            "max_prompts 24)") in log  # fmt: skip
 
 
 @pytest.mark.slow

@@ -392,7 +392,7 @@ def run(stage: Stage, ctx: StageContext) -> StageResult:
     answers, lm_eval = {}, {}
     for index, (name, ref) in enumerate(models.items()):
         path = resolve_ref(ref, ctx.outputs, ctx.recipe.base_dir)
-        answers[name] = answer_all(stage, ctx, name, path, rows, index)
+        answers[name] = answer_all(stage, ctx, name, ref, path, rows, index)
         if stage.lm_eval is not None:
             lm_eval[name] = run_lm_eval(stage, ctx, path)
         raise_if_requested(f"in stage {stage.name} after model {name} (its answers are kept)")
@@ -404,13 +404,16 @@ def run(stage: Stage, ctx: StageContext) -> StageResult:
     return StageResult(stage.name, stage.kind, "completed", None, label, metrics, {"verdict": verdict})
 
 
-def answer_all(stage: Stage, ctx: StageContext, name: str, path: str, rows: list[EvalRow], index: int) -> list:
+def answer_all(
+    stage: Stage, ctx: StageContext, name: str, ref: str, path: str, rows: list[EvalRow], index: int
+) -> list:
     """One model's answers to every prompt (`num_samples` each), from its progress file when an earlier run of
-    this very stage made them, else generated and kept there at once."""
+    this very stage made them, else generated and kept there at once. The progress is keyed by the model as the
+    recipe names it (`@sft`: that stage's fingerprint), not by where it lies, so a copied run goes on from it too."""
     from align.evaluation import generate_batched
 
     gen = stage.generation
-    key = hashlib.sha256(json.dumps([model_identity(path, ctx.outputs, ctx.recipe.base_dir), gen.model_dump(),
+    key = hashlib.sha256(json.dumps([model_identity(ref, ctx.outputs, ctx.recipe.base_dir), gen.model_dump(),
                                      [show_prompt(r.prompt) for r in rows], index]).encode()).hexdigest()  # fmt: skip
     progress = ctx.stage_dir / "progress" / f"{name}.json"
     kept = _read_progress(progress, key)
