@@ -439,6 +439,7 @@ def did_it_help(run_dir: Path, entries: list[dict[str, Any]], summaries: dict[st
         head = ["model", *(f"score: {html.escape(j)}" for j in judges), "win rate [95% CI]", "LC win rate",
                 "mean length", "repetition", "distinct-2", "eos rate", *map(html.escape, tasks), "verdict"]  # fmt: skip
         out.append("<table class='models'><tr>" + "".join(f"<th>{h}</th>" for h in head) + "</tr>")
+        rows = []
         for label, m in models.items():
             scores = m.get("score_mean") or {}
             rate, ci, lc = m.get("win_rate"), m.get("win_rate_ci"), m.get("lc_win_rate")
@@ -452,14 +453,22 @@ def did_it_help(run_dir: Path, entries: list[dict[str, Any]], summaries: dict[st
             task_cells = [lm_eval.get(t.split("/", 1)[0], {}).get(t.split("/", 1)[1]) for t in tasks]
             cells = [*(scores.get(j) for j in judges), win, lc, m.get("mean_length"),
                      m.get("repetition"), m.get("distinct_2"), m.get("eos_rate"), *task_cells]  # fmt: skip
+            rows.append((label, m, cells))
+        # Each column's numbers with one number of decimals (2.850 beside 2.990, as the verdict writes them; not
+        # 2.85 beside 2.99, nor an eos rate of 1 beside 0.975).
+        columns = [list(column) for column in zip(*(cells for _, _, cells in rows), strict=True)]
+        for column in columns:
+            numeric = [isinstance(c, int | float) and not isinstance(c, bool) for c in column]
+            shown = iter(same_decimals(*(c for c, number in zip(column, numeric, strict=True) if number)))
+            column[:] = [next(shown) if number else c for c, number in zip(column, numeric, strict=True)]
+        for (label, m, _), cells in zip(rows, zip(*columns, strict=True), strict=True):
             verdict = m.get("verdict") or {}
             reasons = "".join(f"<br>{html.escape(r)}" for r in verdict.get("reasons") or [])
             reasons += "".join(f"<br><span class='warn'>warning: {html.escape(w)}</span>"
                                for w in verdict.get("warnings") or [])  # fmt: skip
             out.append(
                 f"<tr><td>{html.escape(label)}<br><code>{html.escape(str(m.get('model', '')))}</code></td>"
-                + "".join(f"<td class='num'>{'-' if c is None else c if isinstance(c, str) else _fmt(c)}</td>"
-                          for c in cells)
+                + "".join(f"<td class='num'>{'-' if c is None else c}</td>" for c in cells)
                 + f"<td>{verdict_status(verdict)}{reasons}</td></tr>"
             )  # fmt: skip
         out.append("</table>")
@@ -467,7 +476,7 @@ def did_it_help(run_dir: Path, entries: list[dict[str, Any]], summaries: dict[st
         png = win_rate_plot(models, str(baseline), str(judge))
         if png is not None:
             alt = "Win rate against the baseline with 95% intervals: " + "; ".join(
-                f"{label} {_fmt(m['win_rate'])}" for label, m in models.items() if m.get("win_rate") is not None
+                f"{label} {m['win_rate']:.2f}" for label, m in models.items() if m.get("win_rate") is not None
             )
             out.append(f"<img class='win-rates' alt='{html.escape(alt)}' src='data:image/png;base64,{png}'>")
         rows = read_rows(run_dir / name / "generations.jsonl")  # a torn last line (a killed run) is skipped
@@ -488,7 +497,8 @@ def did_it_help(run_dir: Path, entries: list[dict[str, Any]], summaries: dict[st
                 change = "0 (tie)" if difference == 0 else (
                     f"<span class='{'worse' if difference < 0 else 'better'}'>{_change(difference, 3)}</span>"
                 )  # fmt: skip
-                scores = f"{_fmt(row['baseline_score'])} &rarr; {_fmt(row['candidate_score'])}<br>{change}"
+                shown = same_decimals(row["baseline_score"], row["candidate_score"])
+                scores = f"{shown[0]} &rarr; {shown[1]}<br>{change}"
                 out.append(f"<tr><td>{_pre(row['prompt'])}</td><td>{_pre(row['baseline'])}</td>"
                            f"<td>{_pre(row['candidate'])}</td><td class='num'>{scores}</td></tr>")  # fmt: skip
             out.append("</table>")

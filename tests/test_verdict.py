@@ -330,7 +330,7 @@ def fabricated_run(run_dir):
         "sft": model | {"model": "@sft (runs/x/sft/model)", "win_rate": 0.5, "win_rate_ci": [0.5, 0.5],
                         "verdict": {"status": "baseline", "reasons": ["the baseline"]}},
         "dpo": model | {"model": "@dpo (runs/x/dpo/model)", "win_rate": 0.31, "win_rate_ci": [0.24, 0.38],
-                        "lc_win_rate": 0.35, "verdict": {"status": "worse", "reasons": [WORSE]}},
+                        "lc_win_rate": 0.35, "eos_rate": 1.0, "verdict": {"status": "worse", "reasons": [WORSE]}},
     }  # fmt: skip
     metrics = {"baseline": "sft", "prompts": 12, "judge": "reward_model", "judges": ["reward_model", "rouge_l"],
                "models": models}  # fmt: skip
@@ -368,9 +368,11 @@ def test_did_it_help_opens_the_report_with_models_intervals_verdicts_and_regress
     assert "<span class='baseline'>baseline</span>" in table
     sft_row = table.split("<td>sft<br>")[1].split("</tr>")[0]
     assert "- (the baseline)" in sft_row and "[0.5" not in sft_row, "no interval of the baseline against itself"
+    # A column's numbers share their decimals: an eos rate of 1 beside 0.9 once read as a different precision.
+    assert ">0.9000<" in sft_row and ">1.0000<" in dpo_row and ">1<" not in dpo_row
     # The intervals, drawn.
     (png,) = re.findall(r"<img class='win-rates' alt='([^']*)' src='data:image/png;base64,([A-Za-z0-9+/=]+)'", top)
-    assert png[0] == "Win rate against the baseline with 95% intervals: sft 0.5; dpo 0.31"
+    assert png[0] == "Win rate against the baseline with 95% intervals: sft 0.50; dpo 0.31", "as the page writes them"
     assert matplotlib.image.imread(BytesIO(base64.b64decode(png[1])), format="png").shape[0] > 50
     # Side by side, the largest regressions first, ten of them.
     regress = top.split("largest regressions first")[1].split("</table>")[0]
