@@ -216,7 +216,7 @@ def test_small_validation_split_warns_once_with_the_fix(tmp_path, caplog):
     warnings = [r.getMessage() for r in caplog.records if "validation split" in r.getMessage()]
     assert len(warnings) == 1, warnings
     assert "stages.sft.data: the validation split has only 2 rows (valid_fraction 0.05 of 36 rows)" in warnings[0]
-    assert "raise valid_fraction" in warnings[0] and "validation file" in warnings[0]
+    assert "raise valid_fraction" in warnings[0] and "give the source a validation split (files:" in warnings[0]
 
     caplog.clear()
     with caplog.at_level(logging.WARNING, logger="align.data"):
