@@ -75,6 +75,12 @@ def test_reward_model_learns_the_held_out_pairs_and_saves_a_one_output_head(chai
     assert rm["input_model"].startswith("@sft")
     figures = f"accuracy {metrics['accuracy_before']:.2f} → {metrics['accuracy']:.2f}"
     assert rm["verdict"]["reasons"][0].startswith(figures)
+    # The Trainer's logged eval_accuracy differs from align's per-pair accuracy; the log says how, beside both.
+    said = f"accuracy {metrics['accuracy_before']:.4f} → {metrics['accuracy']:.4f}: the share of the"
+    assert (
+        said in (chain / "align.log").read_text()
+        and "is a mean of its eval batches' accuracies" in (chain / "align.log").read_text()
+    )
     model = AutoModelForSequenceClassification.from_pretrained(chain / "rm" / "model")
     assert model.config.num_labels == 1 and model.score.weight.shape[0] == 1
 

@@ -102,6 +102,15 @@ class RMStage(StageKind):
         }
         verdict = accuracy_verdict("accuracy", measured_before["correct"], measured_after["correct"], unit="pairs",
                                    **self.trained_with)  # fmt: skip
+        logged = (after or {}).get("eval_accuracy")
+        if isinstance(logged, int | float):
+            # Two accuracies of one model in one log: said how they differ, so they do not read as a contradiction.
+            logger.info(
+                "accuracy %.4f → %.4f: the share of the %d held-out pairs whose chosen answer scores higher; the "
+                "Trainer's eval_accuracy in the rows above (%.4f at the end) is a mean of its eval batches' "
+                "accuracies, so it differs a little", measured_before["accuracy"], measured_after["accuracy"],
+                len(measured_after["correct"]), logged,
+            )  # fmt: skip
         return metrics, {"verdict": verdict.record()}
 
 
