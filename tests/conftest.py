@@ -16,12 +16,20 @@ REPO = Path(__file__).resolve().parent.parent
 
 
 def pytest_configure(config: pytest.Config) -> None:
-    """One line where the Python running pytest lacks the libraries (a `pytest` found on PATH outside the project's
-    virtual environment), instead of a ModuleNotFoundError per test file."""
+    """A plain `pytest` found on PATH outside the project's virtual environment (no torch there) runs the suite
+    again with the venv's Python, where `.ci/run` and the README put one; without one, one line saying so instead
+    of a ModuleNotFoundError per test file."""
     import importlib.util
     import sys
 
     missing = [name for name in ("torch", "transformers", "trl") if importlib.util.find_spec(name) is None]
+    venv_python = REPO / ".venv" / "bin" / "python"
+    if missing and venv_python.is_file() and not os.environ.get("ALIGN_PYTEST_REEXEC"):
+        print(f"pytest: {sys.executable} has no {', '.join(missing)}; running the suite with {venv_python}",
+              file=sys.stderr, flush=True)  # fmt: skip
+        os.environ["ALIGN_PYTEST_REEXEC"] = "1"  # once: a venv without the libraries ends in the line below
+        os.chdir(config.invocation_params.dir)
+        os.execv(venv_python, [str(venv_python), "-m", "pytest", *config.invocation_params.args])
     if missing:
         pytest.exit(
             f"{', '.join(missing)} not installed for {sys.executable}: run the tests with the Python align is "

@@ -206,11 +206,39 @@ def test_a_pytest_outside_the_environment_says_so_in_one_line(monkeypatch):
 
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *args: None if name == "torch" else real(name, *args))
+    monkeypatch.setenv("ALIGN_PYTEST_REEXEC", "1")  # as after a re-run with a venv that lacks torch too
     with pytest.raises(pytest.exit.Exception, match=r"^torch not installed for .*\. \.venv/bin/activate") as info:
         conftest.pytest_configure(None)
     assert info.value.returncode == 2
     monkeypatch.setattr(importlib.util, "find_spec", real)
     conftest.pytest_configure(None)  # with the libraries: nothing
+
+
+def test_a_plain_pytest_outside_the_environment_runs_the_suite_with_the_projects_venv(monkeypatch, tmp_path):
+    """`pytest` as most users type it, from a PATH whose Python has no torch: the suite runs again with the
+    repository's `.venv` Python (what `.ci/run` makes), with the same arguments, from the same directory."""
+    import importlib.util
+    from types import SimpleNamespace
+
+    from tests import conftest
+
+    venv_python = tmp_path / ".venv" / "bin" / "python"
+    venv_python.parent.mkdir(parents=True)
+    venv_python.write_text("")
+    monkeypatch.setattr(conftest, "REPO", tmp_path)
+    environ = {k: v for k, v in os.environ.items() if k != "ALIGN_PYTEST_REEXEC"}
+    monkeypatch.setattr(os, "environ", environ)
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *args: None if name == "torch" else real(name, *args))
+    calls = []
+    monkeypatch.setattr(os, "execv", lambda path, argv: calls.append((path, argv)))
+    monkeypatch.setattr(os, "chdir", lambda path: calls.append(("chdir", path)))
+    config = SimpleNamespace(invocation_params=SimpleNamespace(dir=tmp_path / "tests", args=("-q", "-m", "not slow")))
+    with pytest.raises(pytest.exit.Exception):  # the real execv never returns; the stand-in falls through to it
+        conftest.pytest_configure(config)
+    assert calls == [("chdir", tmp_path / "tests"),
+                     (venv_python, [str(venv_python), "-m", "pytest", "-q", "-m", "not slow"])]  # fmt: skip
+    assert environ["ALIGN_PYTEST_REEXEC"] == "1", "once: a venv without torch ends in the one-line exit"
 
 
 # --------------------------------------------------------------------------------------------------
