@@ -41,7 +41,7 @@ from align.runtime import (
 from align.secrets import redact, secret_values
 from align.signals import raise_if_requested, stop_on_signals
 from align.tracking import Tracker, check_installed, report_to
-from align.values import StageOutput, StageResult, saved_model_dir
+from align.values import StageOutput, StageResult, counted, saved_model_dir
 
 logger = logging.getLogger(__name__)
 
@@ -507,8 +507,8 @@ def run_pipeline(
     with hold_run_dir(output_dir, recipe, fresh, selected):
         log_to_file(output_dir / "align.log")
         set_console_level(log_level)
-        count = f"{len(recipe.stages)} stage{'' if len(recipe.stages) == 1 else 's'}"
-        logger.info("align %s: recipe %s, %s -> %s", __version__, recipe.name, count, output_dir)
+        logger.info("align %s: recipe %s, %s -> %s", __version__, recipe.name, counted(len(recipe.stages), "stage"),
+                    output_dir)  # fmt: skip
         logger.info("precision %s: %s", precision.name, precision.reason)
         if is_main_process():
             resolved = redact(resolved_recipe(recipe, specs), secret_values())
@@ -802,8 +802,7 @@ def dry_run(recipe: Recipe, output_dir: Path, only: list[str] | None = None) -> 
     precision = choose_precision(recipe.precision)
     specs, data = preflight(recipe)
     plans = plan_stages(recipe, specs, data, precision, output_dir, report_to(recipe.tracking.wandb))
-    count = f"{len(recipe.stages)} stage{'' if len(recipe.stages) == 1 else 's'}"
-    lines = [f"preflight: recipe {recipe.name}, {count}, output {output_dir}",
+    lines = [f"preflight: recipe {recipe.name}, {counted(len(recipe.stages), 'stage')}, output {output_dir}",
              f"precision: {precision.name} ({precision.reason})"]  # fmt: skip
     status = planned_status(recipe, specs, precision.name, output_dir)
     if selected:

@@ -116,9 +116,14 @@ def run_stage_model(run_dir: Path, stage: str | None, any_model: bool = False) -
     model = run_dir / entry["name"] / "model"
     if entry["status"] not in DONE or not holds_model(model):
         raise BadInput(f"--stage {entry['name']}: no saved model in {model} (the stage is {entry['status']})")
-    if entry.get("stale"):  # chat, push and merge use it all the same, but never without saying so
-        logger.warning("stage %s of %s is stale: %s", entry["name"], run_dir, entry["stale"])
+    warn_if_stale(entry, run_dir)
     return SavedModel(model, entry["name"], entry["kind"], run_dir)
+
+
+def warn_if_stale(entry: dict[str, Any], run_dir: Path) -> None:
+    """chat, push and merge use a stage an `--only` run left stale all the same, but never without saying so."""
+    if entry.get("stale"):
+        logger.warning("stage %s of %s is stale: %s", entry["name"], run_dir, entry["stale"])
 
 
 def policy_models(run_dir: Path) -> list[SavedModel]:
@@ -134,8 +139,7 @@ def policy_models(run_dir: Path) -> list[SavedModel]:
     for s in run_stages(run_dir):
         if registry.makes(s["kind"], "policy") and s["status"] in DONE and holds_model(run_dir / s["name"] / "model"):
             out.append(SavedModel(run_dir / s["name"] / "model", s["name"], s["kind"], run_dir))
-            if s.get("stale"):
-                logger.warning("stage %s of %s is stale: %s", s["name"], run_dir, s["stale"])
+            warn_if_stale(s, run_dir)
     if not out:
         raise BadInput(f"{run_dir}: no completed {', '.join(registry.making('policy'))} stage yet: no model to use")
     return out

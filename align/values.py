@@ -3,6 +3,7 @@ from, what it returns, and what it hands on. Plain data: this module imports not
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -103,10 +104,13 @@ def same_decimals(*values: float) -> list[str]:
     """Numbers shown side by side (before → after) with one number of decimals: as many as four significant digits
     give the smallest of them, at most six. `0.4848 → 1` and `5.97 → 5.902` (each `.4g` alone) read as figures of
     different precision; they are `0.4848 → 1.0000` and `5.970 → 5.902`."""
-    import math
-
     finite = [abs(v) for v in values if isinstance(v, int | float) and math.isfinite(v) and v != 0]
     decimals = min(6, max((max(0, 3 - math.floor(math.log10(v))) for v in finite), default=0))
     if finite and min(finite) < 1e-3:  # tiny figures keep their significant digits
         return [f"{v:.4g}" for v in values]
     return [f"{v:.{decimals}f}" if isinstance(v, int | float) and math.isfinite(v) else str(v) for v in values]
+
+
+def counted(n: int, noun: str) -> str:
+    """`1 stage`, `2 stages`: a count with its noun in the number it needs (`noun` singular, plural by `s`)."""
+    return f"{n} {noun}{'' if n == 1 else 's'}"

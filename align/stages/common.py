@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 from align.prompt_split import split_ids
 from align.recipe import ScratchModel, model_source, stage_ref
-from align.values import UNKNOWN, Setting, StageResult, StartingPoint
+from align.values import UNKNOWN, Setting, StageResult, StartingPoint, counted
 
 if TYPE_CHECKING:
     from transformers import Trainer
@@ -211,8 +211,7 @@ def warn_most_dropped(stage: Stage, max_length: int | None, dropped: int, total:
     left = total - dropped
     logger.warning(
         "stages.%s.train.max_length: %d tokens drop %d of %d training pairs (%.0f%%: %s), so the stage learns from "
-        "%d pair%s; %s", stage.name, max_length, dropped, total, 100 * dropped / total, why, left,
-        "" if left == 1 else "s", fix,
+        "%s; %s", stage.name, max_length, dropped, total, 100 * dropped / total, why, counted(left, "pair"), fix,
     )  # fmt: skip
 
 
