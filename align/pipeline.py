@@ -268,22 +268,14 @@ def data_identity(spec: DataSpec, base_dir: Path) -> dict[str, Any]:
     return {"revision": source.revision or "main"}
 
 
-# Every key a stage had before each kind declared its own (align 0.1.0 held them all on one class), with its
-# default: filled in under the stage's own keys, so a run directory made then is still `cached` now. Frozen: a new
-# kind's keys are simply its own.
-SHARED_STAGE_KEYS: dict[str, Any] = {
-    "model": None, "train": {}, "early_stopping": None, "peft": None, "merge": False, "generations": 4,
-    "trust_remote_code": False, "models": None, "baseline": None, "max_prompts": 200, "judges": [], "lm_eval": None,
-    "allow_overlap": False,
-    "generation": {"max_new_tokens": 64, "temperature": 0.0, "top_p": 1.0, "num_samples": 1, "batch_size": 16,
-                   "seed": 0},
-}  # fmt: skip
-
-
 def fingerprint(stage: Stage, spec: DataSpec, input_fingerprint: str, recipe: Recipe, precision: str) -> str:
     """A hash of everything that determines a stage's output: config, data and its content, input, seed, align."""
+    # The stage as recipe.yaml saves it (defaults its kind fills in spelt out) and its data as resolved (`spec`), not
+    # as written: a saved recipe.yaml, which spells a card out in full, finds its stages cached.
+    entry = stage.model_dump(mode="json", exclude={"data"})
+    registry.get(stage.kind).resolve(entry, stage, recipe)
     payload = {
-        "stage": {**SHARED_STAGE_KEYS, **stage.model_dump(mode="json")},
+        "stage": entry,
         "data": spec.model_dump(mode="json"),
         "data_content": data_identity(spec, recipe.base_dir),
         "input": input_fingerprint,

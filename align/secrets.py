@@ -1,7 +1,11 @@
 """Credentials: which values are secret, and a copy of anything with them replaced by '***'.
 
 Every writer of run files (recipe.yaml, model cards, tracker configs) redacts through here, so a token in the
-environment or under a credential-like key never reaches the run directory.
+environment or under a credential key never reaches the run directory.
+
+A name is judged by its words, never by a substring: `num_key_value_heads`, `pad_token` and `max_new_tokens` are
+settings that a saved recipe must keep (one redacted to '***' no longer runs), while `hub_token`, `api_key` and
+`password` are credentials.
 """
 
 from __future__ import annotations
@@ -12,26 +16,60 @@ from typing import Any
 
 # Credentials that must never reach the run directory, whatever key they hide under.
 SECRET_ENV = ("WANDB_API_KEY", "HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "OPENAI_API_KEY")
-SECRET_NAME = re.compile(r"(token|key|secret|password|passwd)", re.IGNORECASE)
-# Names that hold "token"/"key" but are ordinary settings, not credentials.
-NOT_SECRET = re.compile(
-    r"^((pad|eos|bos|unk|sep|cls|mask)_token(_id)?|.*tokens?_.*|.*_tokens|.*tokenizer.*|max_tokens|key_.*)$"
-)
+# A name whose last word is one of these is a credential, whatever comes before it ("pwd" is not one: $PWD is the
+# working directory, which would be struck from every path).
+ALWAYS_SECRET = frozenset({"secret", "password", "passwd", "passphrase", "apikey", "credential", "credentials"})
+# "token" and "key" name credentials only with a word that says so before them: models are full of other tokens and
+# keys (pad_token, image_token_id, key_bias, share_att_key).
+QUALIFIED = frozenset({"token", "key"})
+QUALIFIERS = frozenset({
+    "api", "access", "auth", "authentication", "authorization", "bearer", "refresh", "session", "secret", "private",
+    "client", "personal", "hub", "hf", "huggingface", "wandb", "openai", "anthropic", "github", "gh", "gitlab",
+    "slack", "signing", "encryption", "license", "service", "account", "mlflow", "comet", "neptune", "aws", "azure",
+    "gcp", "s3",
+})  # fmt: skip
+
+
+def words(name: str) -> list[str]:
+    """A key's or variable's words, lower case: split at `_`, `-`, `.` and camelCase humps."""
+    spaced = re.sub(r"(?<=[a-z0-9])(?=[A-Z])", "_", name)
+    return [w for w in re.split(r"[_\-.\s]+", spaced.lower()) if w]
+
+
+def is_credential_name(name: str) -> bool:
+    """Whether a recipe key names a credential: its last word is a credential word (`password`, `secret`), or `token`
+    / `key` with a credential word before it (`hub_token`, `api_key`, `accessToken`), or the name is `token` alone
+    (the hub's keyword for one)."""
+    parts = words(str(name))
+    if not parts:
+        return False
+    last = parts[-1]
+    if last in ALWAYS_SECRET:
+        return True
+    return last in QUALIFIED and (parts == ["token"] or any(w in QUALIFIERS for w in parts[:-1]))
+
+
+def is_credential_variable(name: str) -> bool:
+    """Whether an environment variable holds a credential: a known one, or one whose last word is TOKEN, KEY or a
+    credential word (GITHUB_TOKEN, MY_SERVICE_PASSWORD; not TOKENIZERS_PARALLELISM, whose 'false' would otherwise be
+    struck from every string)."""
+    parts = words(name)
+    return name in SECRET_ENV or bool(parts) and (parts[-1] in ALWAYS_SECRET or parts[-1] in QUALIFIED)
 
 
 def secret_values() -> list[str]:
-    """The values of the environment's credentials: the known names, and any name with TOKEN, SECRET or PASSWORD."""
-    names = set(SECRET_ENV) | {k for k in os.environ if any(w in k.upper() for w in ("TOKEN", "SECRET", "PASSWORD"))}
-    return [os.environ[k] for k in names if os.environ.get(k)]
+    """The values of the environment's credentials (`is_credential_variable`)."""
+    return [value for name, value in os.environ.items() if value and is_credential_variable(name)]
 
 
 def redact(node: Any, secrets: list[str] | None = None) -> Any:
-    """A copy with credential-like keys' values and any known secret value replaced by '***'."""
+    """A copy with credential keys' values (`is_credential_name`; text or numbers, never a switch like
+    `use_auth_token: true`) and any known secret value replaced by '***'."""
     secrets = [s for s in (secrets or []) if s and len(s) >= 4]
     if isinstance(node, dict):
         out = {}
         for k, v in node.items():
-            if SECRET_NAME.search(str(k)) and not NOT_SECRET.match(str(k)) and isinstance(v, str | int | float):
+            if is_credential_name(str(k)) and isinstance(v, str | int | float) and not isinstance(v, bool):
                 out[k] = "***"
             else:
                 out[k] = redact(v, secrets)

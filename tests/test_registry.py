@@ -1,5 +1,5 @@
 """The stage-kind registry: a kind is declared in its own module and registered in one line; nothing else in align
-names it; align's modules import each other one way; fingerprints are those align computed before the registry."""
+names it; align's modules import each other one way; fingerprints are pinned, and a saved recipe has its own."""
 
 from __future__ import annotations
 
@@ -89,15 +89,18 @@ def test_the_import_graph_has_no_cycle():
             visit(name, [])
 
 
-# Measured on main before the registry (eb94925, 2026-12-02) with this very recipe and files: a run directory made
-# then must be `cached` now, so the stages' fingerprints may not change.
-FINGERPRINTS_BEFORE = {"lm": "82552dff8f1055e7", "sft": "459d2d90b1ad091b", "rm": "593b0b4be1a41173",
-                       "dpo": "bc595c9073dd52e0", "eval": "f6dafb8dd8428352"}  # fmt: skip
+# Pinned: a change that moves a fingerprint makes every run directory made before it train again, so it is made on
+# purpose (the last, 2026-12-07: the fingerprint reads the stage as recipe.yaml saves it, so a saved recipe is cached).
+FINGERPRINTS = {"lm": "fbdd41ee714a20b0", "sft": "c5e8e6b80e702d4e", "rm": "204399bf4cdbfb26",
+                "dpo": "31ae8ffc910d4f74", "eval": "568f2af600406876"}  # fmt: skip
 
 
-def test_fingerprints_are_those_align_computed_before_the_registry(tmp_path):
+def test_fingerprints_are_pinned_and_a_saved_recipe_has_the_recipes_own(tmp_path):
+    """The fingerprints of a five-kind chain are those pinned above, and the recipe.yaml a run saves (cards spelt out,
+    an omitted model as `@<previous>`, an eval's models listed) gives the very same: running it finds every stage
+    cached."""
     from align.loader import load_recipe
-    from align.pipeline import planned_status, resolve_specs
+    from align.pipeline import planned_status, resolve_specs, resolved_recipe
 
     rows = {
         "text.jsonl": [{"text": f"line {i} of a text"} for i in range(30)],
@@ -119,7 +122,16 @@ def test_fingerprints_are_those_align_computed_before_the_registry(tmp_path):
     ]  # fmt: skip
     recipe = {"name": "fp", "seed": 3, "precision": "fp32", "tracking": {"wandb": {"mode": "disabled"}},
               "stages": stages}  # fmt: skip
+    stages[0]["data"] = {"card": "wikitext-2-raw-v1", "max_train_rows": 50}  # a card: recipe.yaml spells it out
+
+    def fingerprints(path: Path) -> dict[str, str]:
+        loaded = load_recipe(path)
+        status = planned_status(loaded, resolve_specs(loaded), "fp32", tmp_path / "run")
+        return {k: re.search(r"fingerprint (\w+)", v).group(1) for k, v in status.items()}
+
     (tmp_path / "r.yaml").write_text(yaml.safe_dump(recipe, sort_keys=False))
     loaded = load_recipe(tmp_path / "r.yaml")
-    status = planned_status(loaded, resolve_specs(loaded), "fp32", tmp_path / "run")
-    assert {k: re.search(r"fingerprint (\w+)", v).group(1) for k, v in status.items()} == FINGERPRINTS_BEFORE
+    saved = resolved_recipe(loaded, resolve_specs(loaded))
+    assert saved["stages"][0]["data"]["source"]["hub"] == "wikitext" and saved["stages"][1]["model"] == "@lm"
+    (tmp_path / "saved.yaml").write_text(yaml.safe_dump(saved, sort_keys=False))
+    assert fingerprints(tmp_path / "r.yaml") == fingerprints(tmp_path / "saved.yaml") == FINGERPRINTS
