@@ -90,6 +90,7 @@ def scratch_config(spec: ScratchModel, where: str, vocab_size: int | None = None
     Raises:
         BadInput: an unknown model type or an override the config class does not have.
     """
+    from huggingface_hub.errors import StrictDataclassError  # how transformers' configs refuse values
     from transformers import CONFIG_MAPPING, AutoConfig
 
     if spec.model_type not in CONFIG_MAPPING:
@@ -107,7 +108,30 @@ def scratch_config(spec: ScratchModel, where: str, vocab_size: int | None = None
     # Our tokenizer's one special token, <|endoftext|>, is id 0: bos, eos and pad all point at it.
     for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
         overrides.setdefault(name, 0)
-    return AutoConfig.for_model(spec.model_type, **overrides)
+    try:
+        return AutoConfig.for_model(spec.model_type, **overrides)
+    except (TypeError, ValueError, StrictDataclassError) as exc:
+        raise BadInput(config_problem(exc, where, dict(spec.model_extra or {}))) from None
+
+
+def config_problem(exc: Exception, where: str, given: dict[str, Any]) -> str:
+    """A config class's refusal as one line naming the recipe's key and giving the library's own reason: a field's
+    type error names its key; a check of several fields (heads that do not divide the hidden size) names the keys
+    whose values the reason quotes, or the model alone."""
+    import re
+
+    reason = exc.__cause__ or exc
+    # "... doesn't match any type in (<class 'int'>, <class 'NoneType'>). Errors: <the same, per type>"
+    text = " ".join(str(reason).split()).split(". Errors:")[0]
+    text = re.sub(r"<class '(\w+)'>", r"\1", text)
+    field = re.search(r"field '(\w+)'", str(exc))
+    if field is not None:
+        keys = [field.group(1)]
+    else:
+        quoted = set(re.findall(r"\(([^()]+)\)", text))
+        keys = [k for k, v in given.items() if str(v) in quoted]
+    named = ", ".join(f"{where}.{k}" for k in keys) if keys else where
+    return f"{named}: {text}"
 
 
 def model_positions(config: PretrainedConfig) -> int | None:

@@ -38,7 +38,7 @@ def save_tiny_model(directory: Path) -> Path:
     return directory
 
 
-def lm_recipe(model: str) -> dict:
+def lm_recipe(model: str | dict) -> dict:
     recipe = tiny_lm_recipe()
     recipe["stages"][0].update(model=model, data={"card": "python-docs", "max_train_rows": 40, "max_eval_rows": 20})
     return recipe
@@ -90,6 +90,26 @@ def test_a_ref_that_could_be_either_says_both_and_names_the_current_download_com
     assert f"looked in {tmp_path / 'org/no-such-model'}" in err
     assert "hint: download it on a connected machine (hf download org/no-such-model)" in err
     assert "huggingface-cli" not in err
+
+
+@pytest.mark.parametrize(
+    ("change", "named", "reason"),
+    [
+        ({"num_attention_heads": 3}, "stages.lm.model.hidden_size, stages.lm.model.num_attention_heads",
+         "The hidden size (32) is not a multiple of the number of attention heads (3)."),
+        ({"num_key_value_heads": "two"}, "stages.lm.model.num_key_value_heads",
+         "Field 'num_key_value_heads' with value 'two' doesn't match any type in (int, NoneType)"),
+    ],
+)  # fmt: skip
+def test_a_from_scratch_config_the_library_refuses_is_exit_2_with_its_reason(tmp_path, run_cli, change, named, reason):
+    """transformers' own checks of a config (strict dataclasses) as one error line naming the recipe's key, before
+    anything is written: the reason was lost behind 'unexpected StrictDataclassClassValidationError', exit 1."""
+    model = {"model_type": "llama", "vocab_size": 512, "hidden_size": 32, "intermediate_size": 64,
+             "num_hidden_layers": 2, "num_attention_heads": 4, "max_position_embeddings": 64, **change}  # fmt: skip
+    code, _, err = run_cli(write_yaml(tmp_path / "r.yaml", lm_recipe(model)), "--output-dir", tmp_path / "run")
+    assert code == 2, err
+    assert f"error: {tmp_path / 'r.yaml'}: {named}: {reason}" in err, err
+    assert err.count("error: ") == 1 and "Strict" not in err and not (tmp_path / "run").exists()
 
 
 def test_missing_data_file_names_both_places(tmp_path, monkeypatch):
