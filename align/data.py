@@ -336,7 +336,8 @@ def _load_prompts(spec: DataSpec, base_dir: Path, where: str | None) -> DatasetD
     if name not in splits:
         raise BadInput(f"{label}: no split '{name}' (splits: {', '.join(splits)})")
     origin = origins.get(name) or RowOrigin(f"{label} (split {name})")
-    rows = _usable_rows(map_columns(_numbered(splits[name]), spec, label), spec, label, origin, name)
+    # Every column is kept: the judges read them whatever the format (a messages row's `answer`).
+    rows = _usable_rows(map_columns(_numbered(splits[name]), spec, label, keep_others=True), spec, label, origin, name)
     logger.info("data %s: %d prompts to evaluate (the plan's test split: the source's split '%s')",
                 spec.name or label, len(rows), name)  # fmt: skip
     return DatasetDict(test=rows)
@@ -827,8 +828,9 @@ def diagnose_file(path: Path, exc: Exception) -> str:
     return f"{path}: cannot read: {first[:200]}"
 
 
-def map_columns(ds: Dataset, spec: DataSpec, label: str) -> Dataset:
-    """Rename the source's columns to the format's fields and drop the rest.
+def map_columns(ds: Dataset, spec: DataSpec, label: str, keep_others: bool = False) -> Dataset:
+    """Rename the source's columns to the format's fields and drop the rest, or keep the rest where functions read
+    them: `prompt_only` rows (the rewards') and, in any format, `keep_others` (an eval's judges').
 
     A field mapped to a list of columns (Alpaca's `[instruction, input]`) joins their non-empty values.
 
@@ -864,7 +866,7 @@ def map_columns(ds: Dataset, spec: DataSpec, label: str) -> Dataset:
 
         ds = ds.map(join, desc="join columns")
     renames = {cols[0]: field for field, cols in sources.items() if field not in joined}
-    if spec.format in KEEPS_COLUMNS:  # the reward functions read the other columns (an `answer`, a `topic`)
+    if keep_others or spec.format in KEEPS_COLUMNS:  # functions read the other columns (an `answer`, a `topic`)
         taken = set(renames) | {c for cols in joined.values() for c in cols}
         clash = [c for c in ds.column_names if c not in taken and c in renames.values()]
         ds = ds.remove_columns(clash)  # a column named like a field the mapping fills from another column

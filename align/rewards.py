@@ -283,21 +283,44 @@ def entries_identity(entries: Sequence[Any], base_dir: Path, outputs: Any) -> li
 # Checked before training, guarded during it
 
 
-def check_reward(fn: RewardFn, label: str, rows: Sequence[dict[str, Any]], where: str, completions: list) -> None:
-    """Call `fn` as TRL will, on held-out `rows` with `completions` (their reference answers where a column names
-    them, else empty strings): it must return one float or None per row.
+# What TRL's GRPO and RLOO trainers pass a reward function beside the prompts, completions and data columns.
+TRL_EXTRAS = ("trainer_state", "log_extra", "log_metric")
+
+
+def check_reward(
+    fn: RewardFn, label: str, rows: Sequence[dict[str, Any]], where: str, completions: list, by_trl: bool = False
+) -> None:
+    """Call `fn` as it will be called, on held-out `rows` with `completions` (their reference answers where a column
+    names them, else empty strings): it must return one float or None per row. `by_trl` (a reward TRL calls while it
+    trains): with TRL's extra keywords too (`TRL_EXTRAS`), a fresh trainer state among them.
 
     Raises:
-        BadInput: it raises, returns something that is not a list, the wrong number of values, or a value that is
+        BadInput: it raises (the message names the columns that reach it, and asks for `**kwargs` where it refused
+            a keyword), returns something that is not a list, the wrong number of values, or a value that is
             neither a finite number nor None.
     """
     prompts = [row["prompt"] for row in rows]
     columns = {k: [row[k] for row in rows] for k in rows[0] if k != "prompt"} if rows else {}
+    extras: dict[str, Any] = {}
+    if by_trl:
+        from transformers import TrainerState
+
+        extras = {
+            "trainer_state": TrainerState(),
+            "log_extra": lambda *a, **k: None,
+            "log_metric": lambda *a, **k: None,
+        }
     try:
-        values = fn(prompts=prompts, completions=completions, completion_ids=[[] for _ in rows], **columns)
+        values = fn(prompts=prompts, completions=completions, completion_ids=[[] for _ in rows], **columns, **extras)
     except Exception as exc:
+        given = ", ".join(["prompts", "completions", "completion_ids", *columns, *extras])
+        fix = ""
+        if isinstance(exc, TypeError) and "unexpected keyword argument" in str(exc):
+            fix = "; add **kwargs to its parameters, since every column and TRL's own keywords are passed"
+        elif isinstance(exc, TypeError) and "missing" in str(exc) and "argument" in str(exc):
+            fix = "; a parameter must be one of these (a data column, or one renamed with the data's `columns:`)"
         raise BadInput(f"{where}: {label} raised {type(exc).__name__}: {exc} (called on {len(rows)} held-out rows "
-                       f"before training)") from None  # fmt: skip
+                       f"before training, with {given}){fix}") from None  # fmt: skip
     if not isinstance(values, list | tuple):
         raise BadInput(f"{where}: {label} returned {type(values).__name__}, not a list of floats (one per completion)")
     if len(values) != len(rows):
@@ -308,11 +331,13 @@ def check_reward(fn: RewardFn, label: str, rows: Sequence[dict[str, Any]], where
         raise BadInput(f"{where}: {label} returned {bad[0]!r}: each value must be a finite number or None")
 
 
-def check_functions(entries: Sequence[FunctionFields], rows: Any, base_dir: Path, where: str) -> list[str]:
+def check_functions(
+    entries: Sequence[FunctionFields], rows: Any, base_dir: Path, where: str, by_trl: bool = False
+) -> list[str]:
     """Every `function:` entry of `entries` (an online stage's rewards or monitor, an eval's judges) imported and
     called on two of `rows` (dicts or a Dataset with a `prompt` column), with their reference column as the
-    completions where one is named (exact_match's `answer` by default), else empty completions. Returns the
-    problems, each naming `<where>[i]`."""
+    completions where one is named (exact_match's `answer` by default), else empty completions; `by_trl`: as TRL
+    calls a reward (`check_reward`). Returns the problems, each naming `<where>[i]`."""
     sample = [dict(rows[i]) for i in range(min(2, len(rows)))]
     conversational = bool(sample) and isinstance(sample[0]["prompt"], list)
     problems = []
@@ -326,7 +351,7 @@ def check_functions(entries: Sequence[FunctionFields], rows: Any, base_dir: Path
             completions = [row[column] if column and column in row else "" for row in sample]
             if conversational:
                 completions = [[{"role": "assistant", "content": str(c)}] for c in completions]
-            check_reward(fn, entry.function, sample, at, completions)
+            check_reward(fn, entry.function, sample, at, completions, by_trl)
         except BadInput as exc:
             problems += exc.problems
     return problems

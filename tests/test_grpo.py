@@ -22,6 +22,10 @@ def constant(prompts, completions, **kwargs):
     return [1.0] * len(completions)
 
 
+def also_constant(prompts, completions, **kwargs):
+    return [1.0] * len(completions)
+
+
 def boom(prompts, completions, trainer_state=None, **kwargs):
     if trainer_state is not None and trainer_state.global_step >= 2:
         raise RuntimeError("the grader is down")
@@ -30,6 +34,18 @@ def boom(prompts, completions, trainer_state=None, **kwargs):
 
 def short(prompts, completions, **kwargs):
     return [0.0] * (len(completions) - 1)
+
+
+def strict(prompts, completions, answer):
+    return [float(c == a) for c, a in zip(completions, answer)]
+
+
+def counts_steps(prompts, completions, trainer_state, **kwargs):
+    return [float(trainer_state.global_step)] * len(completions)
+
+
+def needs_level(prompts, completions, level, **kwargs):
+    return [0.0] * len(completions)
 '''
 TRAIN = {"max_steps": 4, "per_device_train_batch_size": 8, "per_device_eval_batch_size": 8, "num_generations": 4,
          "max_completion_length": 6, "learning_rate": 1.0e-3, "logging_steps": 1, "eval_steps": 4}  # fmt: skip
@@ -60,11 +76,14 @@ def folder(tmp_path_factory) -> Path:
 def trained(folder) -> Path:
     from align.run import main
 
+    # The constant stages have two rewards of 1.0, weighted 1 and 0.25: what TRL logs as the training reward shows
+    # whether the weights reached it (1.25) or not (2.0).
+    constants = [{"function": "rewards.py:constant"}, {"function": "rewards.py:also_constant", "weight": 0.25}]
     stages = [
         online("grpo", "grpo", "rewards.py:near"),
-        online("grpo_constant", "grpo", "rewards.py:constant"),
+        {**online("grpo_constant", "grpo", ""), "rewards": constants},
         online("rloo", "rloo", "rewards.py:near"),
-        online("rloo_constant", "rloo", "rewards.py:constant"),
+        {**online("rloo_constant", "rloo", ""), "rewards": constants},
     ]
     assert main([str(write_yaml(folder / "r.yaml", recipe(stages))), "--output-dir", str(folder / "run")]) == 0
     return folder / "run"
@@ -100,12 +119,25 @@ def test_a_constant_reward_is_not_improved_and_names_the_missing_variance(traine
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("name", ["grpo_constant", "rloo_constant"])
+def test_each_rewards_weight_reaches_training_and_the_held_out_measure_alike(trained, name):
+    """Two rewards of 1.0 at weights 1 and 0.25: TRL's logged training reward is their weighted sum, 1.25 (2.0 when
+    the weights stayed with align), and the held-out measure is the same sum."""
+    rows = [json.loads(line) for line in (trained / name / "metrics.jsonl").read_text().splitlines()]
+    logged = [r["reward"] for r in rows if r["split"] == "train" and "reward" in r]
+    assert len(logged) == TRAIN["max_steps"] and all(abs(v - 1.25) < 1e-6 for v in logged), logged
+    metrics = summary(trained, name)["metrics"]
+    assert metrics["reward_before"] == pytest.approx(1.25) and metrics["reward"] == pytest.approx(1.25)
+
+
+@pytest.mark.slow
 def test_a_reward_that_raises_while_training_stops_the_stage_naming_it_and_the_step(folder, run_cli):
     path = write_yaml(folder / "boom.yaml", recipe([online("grpo", "grpo", "rewards.py:boom")]))
     code, _, err = run_cli(path, "--output-dir", folder / "boom")
     assert code == 1
     assert "error: reward rewards.py:boom raised RuntimeError at step 3: the grader is down" in err, err
     assert "Traceback" not in err
+    assert "attention_mask" not in err, "transformers' false alarm at the first answers is kept out of the console"
     assert summary(folder / "boom", "grpo")["status"] == "failed"
 
 
@@ -116,6 +148,12 @@ def test_a_reward_that_raises_while_training_stops_the_stage_naming_it_and_the_s
         ({"rewards": [{"function": "rewards.py:short"}]},
          "stages.grpo.rewards[0]: rewards.py:short returned 1 values for 2 completions"),
         ({"rewards": [{"function": "rewards.py:nope"}]}, "stages.grpo.rewards[0].function: rewards.py has no function"),
+        ({"rewards": [{"function": "rewards.py:strict"}]},
+         "got an unexpected keyword argument 'completion_ids' (called on 2 held-out rows before training, with "
+         "prompts, completions, completion_ids, answer, topic, trainer_state, log_extra, log_metric); add **kwargs"),
+        ({"rewards": [{"function": "rewards.py:needs_level"}]},
+         "missing 1 required positional argument: 'level' (called on 2 held-out rows before training, with prompts, "
+         "completions, completion_ids, answer, topic, trainer_state, log_extra, log_metric); a parameter must be"),
         ({"rewards": [{"function": "grader.py:near"}]}, "stages.grpo.rewards[0].function: no file grader.py"),
         ({"rewards": [{"function": "exact_mtach"}]}, "no reward named 'exact_mtach' (did you mean 'exact_match'?)"),
         ({"rewards": [{"function": "think_format_reward"}]}, "think_format_reward reads message-list completions"),
@@ -220,6 +258,49 @@ def test_the_eval_stage_judges_by_a_reward_function_on_prompt_only_rows_with_an_
         assert 0.0 < models[label]["score_mean"]["rewards.py:near"] <= 1.0, "near read the `answer` column"
     lines = [json.loads(line) for line in (folder / "judged" / "eval" / "generations.jsonl").read_text().splitlines()]
     assert {tuple(sorted(line["scores"])) for line in lines} == {("exact_match", "rewards.py:near")}
+
+
+@pytest.mark.slow
+def test_a_reward_that_reads_the_trainer_state_passes_the_check_before_training(folder, run_cli):
+    """The check before training calls a reward as TRL does, `trainer_state` included: a reward that reads it is not
+    refused, and one without **kwargs is refused then, not at TRL's first step."""
+    path = write_yaml(folder / "state.yaml", recipe([online("grpo", "grpo", "rewards.py:counts_steps")]))
+    code, _, err = run_cli(path, "--dry-run", "--output-dir", folder / "state")
+    assert code == 0, err
+
+
+@pytest.mark.slow
+def test_a_judge_on_messages_rows_receives_their_other_columns_and_a_missing_one_is_named(folder, run_cli):
+    """An eval's judges get every column whatever the format: on `messages` rows, `answer` reaches `near` (it was
+    dropped, and the check failed with a bare 'missing argument'); a judge asking for a column the data lacks is
+    refused naming the columns that do reach it."""
+    rows = [{"messages": [{"role": "user", "content": f"What is {a} + {b}?"},
+                          {"role": "assistant", "content": f"It is {a + b}."}], "answer": str(a + b)}
+            for a in range(4) for b in range(4)]  # fmt: skip
+    (folder / "chats.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+    def eval_stage(judge: str) -> dict[str, Any]:
+        return {
+            "name": "eval",
+            "kind": "eval",
+            "models": {"m": "@grpo"},
+            "allow_overlap": True,
+            "generation": {"max_new_tokens": 4},
+            "data": {"source": {"files": ["chats.jsonl"]}, "format": "messages"},
+            "judges": [{"function": judge}],
+        }
+
+    stages = [online("grpo", "grpo", "rewards.py:near"), eval_stage("rewards.py:near")]
+    code, _, err = run_cli(write_yaml(folder / "chats.yaml", recipe(stages)), "--dry-run")
+    assert code == 0, err
+    stages[1] = eval_stage("rewards.py:needs_level")
+    code, _, err = run_cli(write_yaml(folder / "chats.yaml", recipe(stages)), "--dry-run")
+    assert code == 2
+    assert (
+        "stages.eval.judges[0]: rewards.py:needs_level raised TypeError: needs_level() missing 1 required "
+        "positional argument: 'level' (called on 2 held-out rows before training, with prompts, completions, "
+        "completion_ids, answer)"
+    ) in err, err
 
 
 @pytest.mark.slow

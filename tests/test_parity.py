@@ -371,7 +371,15 @@ GRPO_REWARD = '''
 def near(prompts, completions, answer, **kwargs):
     """Dense: the closer the completion's length in characters to the answer's number, the higher."""
     return [1.0 / (1 + abs(len(c) - int(a))) for c, a in zip(completions, answer)]
+
+
+def spaces(prompts, completions, **kwargs):
+    """Dense too, and not in step with `near`: the share of spaces in the completion."""
+    return [c.count(" ") / max(1, len(c)) for c in completions]
 '''
+# Two rewards with weights other than 1: a run that ignored the weights would sample the same answers but push them
+# by other advantages, and its logged reward and weights would part from the bare trainer's.
+GRPO_REWARDS = [{"function": "rewards.py:near"}, {"function": "rewards.py:spaces", "weight": -0.4}]
 GRPO_SETTINGS: dict[str, Any] = {
     "max_steps": 6, "per_device_train_batch_size": 8, "per_device_eval_batch_size": 8, "num_generations": 4,
     "max_completion_length": 8, "learning_rate": 1e-3, "logging_steps": 1, "eval_steps": 3,
@@ -388,45 +396,51 @@ def grpo_files(world: dict[str, Any]) -> tuple[dict[str, str], Path]:
 
 
 @pytest.mark.slow
-def test_grpo_matches_a_bare_grpo_trainer_reward_for_reward_and_weight_for_weight(world):
-    """align's grpo stage against GRPOTrainer as TRL's documentation shows it, on the same saved model, prompts,
-    reward function and settings: the mean reward at every logged step and the final weights (max absolute
-    difference) agree. GRPO's logged loss is often exactly 0 here and would prove nothing. align's defaults that
-    change the run are given to the bare side: `disable_dropout` (align's default for online stages) and the
-    `ALIGN_DEFAULTS` of every stage; `remove_unused_columns: false` is TRL's GRPO default already."""
+@pytest.mark.parametrize("kind", ["grpo", "rloo"])
+def test_online_rl_matches_the_bare_trainer_reward_for_reward_and_weight_for_weight(world, kind):
+    """align's grpo (rloo) stage against GRPOTrainer (RLOOTrainer) as TRL's documentation shows it, on the same saved
+    model, prompts, two weighted reward functions and settings: the mean reward at every logged step and the final
+    weights (max absolute difference) agree. The logged loss is often exactly 0 here and would prove nothing.
+    align's defaults that change the run are given to the bare side: `disable_dropout` (align's default for online
+    stages) and the `ALIGN_DEFAULTS` of every stage; `remove_unused_columns: false` is TRL's default already."""
     import importlib.util
 
     import torch
+    import trl
     from datasets import load_dataset
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM, AutoTokenizer
-    from trl import GRPOConfig, GRPOTrainer
 
     from align.loader import load_recipe
     from align.pipeline import run_pipeline
 
     files, reward_file = grpo_files(world)
     root = world["root"]
-    stage = {"name": "grpo", "kind": "grpo", "model": str(world["model"]),
+    stage = {"name": kind, "kind": kind, "model": str(world["model"]),
              "data": {"source": {"files": {"train": [files["train"]], "validation": [files["validation"]]}},
                       "format": "prompt_only", "splits": {"validation": "validation"}},
-             "rewards": [{"function": "rewards.py:near"}], "train": dict(GRPO_SETTINGS)}  # fmt: skip
-    recipe = {"name": "grpo_parity", "seed": SEED, "precision": "fp32", "tracking": {"wandb": {"mode": "disabled"}},
-              "stages": [stage]}  # fmt: skip
-    out = root / "runs" / "grpo_parity"
-    run_pipeline(load_recipe(write_yaml(root / "grpo_parity.yaml", recipe)), output_dir=out, log_level="warning")
-    rows = [json.loads(line) for line in (out / "grpo" / "metrics.jsonl").read_text().splitlines()]
+             "rewards": GRPO_REWARDS, "train": dict(GRPO_SETTINGS)}  # fmt: skip
+    recipe = {"name": f"{kind}_parity", "seed": SEED, "precision": "fp32",
+              "tracking": {"wandb": {"mode": "disabled"}}, "stages": [stage]}  # fmt: skip
+    out = root / "runs" / f"{kind}_parity"
+    run_pipeline(load_recipe(write_yaml(root / f"{kind}_parity.yaml", recipe)), output_dir=out, log_level="warning")
+    rows = [json.loads(line) for line in (out / kind / "metrics.jsonl").read_text().splitlines()]
     aligned = {r["step"]: r["reward"] for r in rows if r["split"] == "train" and "reward" in r}
 
     spec = importlib.util.spec_from_file_location("bare_rewards", reward_file)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     data = load_dataset("json", data_files=files)
-    config = GRPOConfig(output_dir=str(root / "bare" / "grpo"), seed=SEED, report_to="none",
-                        **{**ALIGN_DEFAULTS, **GRPO_SETTINGS, "disable_dropout": True})  # fmt: skip
-    trainer = GRPOTrainer(model=AutoModelForCausalLM.from_pretrained(world["model"]), reward_funcs=module.near,
-                          args=config, train_dataset=data["train"], eval_dataset=data["validation"],
-                          processing_class=AutoTokenizer.from_pretrained(world["model"]))  # fmt: skip
+    name = {"grpo": "GRPO", "rloo": "RLOO"}[kind]
+    config = getattr(trl, f"{name}Config")(
+        output_dir=str(root / "bare" / kind), seed=SEED, report_to="none", reward_weights=[1.0, -0.4],
+        **{**ALIGN_DEFAULTS, **GRPO_SETTINGS, "disable_dropout": True},
+    )  # fmt: skip
+    trainer = getattr(trl, f"{name}Trainer")(
+        model=AutoModelForCausalLM.from_pretrained(world["model"]), reward_funcs=[module.near, module.spaces],
+        args=config, train_dataset=data["train"], eval_dataset=data["validation"],
+        processing_class=AutoTokenizer.from_pretrained(world["model"]),
+    )  # fmt: skip
     trainer.train()
     bare = {r["step"]: r["reward"] for r in trainer.state.log_history if "reward" in r and "eval_reward" not in r}
 
@@ -434,7 +448,7 @@ def test_grpo_matches_a_bare_grpo_trainer_reward_for_reward_and_weight_for_weigh
     assert len(set(bare.values())) > 1, "the reward moved: the comparison is not of constants"
     for step, value in bare.items():
         assert abs(aligned[step] - value) <= TOLERANCE, f"step {step}: align {aligned[step]:.7f}, bare {value:.7f}"
-    saved = load_file(str(out / "grpo" / "model" / "model.safetensors"))
+    saved = load_file(str(out / kind / "model" / "model.safetensors"))
     state = trainer.model.state_dict()
     worst = max(float((saved[k] - state[k].detach()).abs().max()) for k in saved if k in state)
     assert worst <= TOLERANCE, f"the final weights differ by {worst:.2e}"

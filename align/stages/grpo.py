@@ -9,8 +9,9 @@ or returns a non-finite value during training stops the stage naming it and the 
 The held-out measure is the mean total reward per held-out prompt, sampled before and after training with the same
 settings and seed, and the verdict a paired bootstrap over prompts. GRPO learns nothing from a group whose answers
 all got the same reward (often: every answer truncated, or a reward constant for this model); the health alarms
-(`HealthAlarms`) say so while it trains, and the verdict names it. A loss of exactly 0 is normal here (a group
-without variance gives none), so that numeric warning is off.
+(`HealthAlarms`) say so while it trains, and the verdict names it. The loss is a policy-gradient surrogate: exactly 0
+(a group without variance gives none) and jumps against a median near 0 are normal, so the numeric guard warns of
+neither (it still stops a non-finite loss).
 
 `OnlineStage` is what grpo and rloo (align/stages/rloo.py) share.
 """
@@ -99,7 +100,7 @@ class OnlineStage(StageKind):
     and the held-out reward before and after."""
 
     unit = "completions"
-    loss_can_be_zero = True
+    surrogate_loss = True
     trainer_name = ""
 
     def setup(self) -> None:
@@ -282,7 +283,7 @@ class OnlineStage(StageKind):
             if hacking is not None:
                 self.health.fire("reward hacking", hacking, None)
         verdict = accuracy_verdict("reward", measured_before["per_prompt"], measured_after["per_prompt"],
-                                   unit="prompts", **self.trained_with)  # fmt: skip
+                                   ceiling=None, unit="prompts", **self.trained_with)  # fmt: skip
         causes = []
         if verdict.status != "improved":
             for label, measured in (("before", measured_before), ("after", measured_after)):
@@ -370,6 +371,11 @@ def plan_online(stage: Any, cls: type, data: Any, start: StartingPoint, recipe: 
         # Its batches are prompts, with no input_ids for the Trainer to count (it warns at every step).
         "include_num_input_tokens_seen": Setting("no", "align (managed): online batches hold prompts, not tokens"),
     })  # fmt: skip
+    # TRL sums the functions' rewards unweighted unless it is given `reward_weights`: each entry's `weight` reaches it,
+    # so the trained objective is the one the plan names and the held-out measure scores.
+    parts.fixed["reward_weights"] = Setting(
+        [float(e.weight) for e in stage.rewards], "align (from rewards:): each entry's weight, in order"
+    )
     if "disable_dropout" not in stage.train:
         parts.fixed["disable_dropout"] = Setting(True, "align default: policy and reference see the same network")
     g = value["num_generations"]
@@ -422,7 +428,8 @@ def plan_online(stage: Any, cls: type, data: Any, start: StartingPoint, recipe: 
     if stage.monitor:
         parts.details["monitor"] = ", ".join(j.name for j in stage.monitor) + " (at each evaluation)"
     if data is not None:
-        parts.problems += check_functions(stage.rewards, data["validation"], recipe.base_dir, where + ".rewards")
+        parts.problems += check_functions(stage.rewards, data["validation"], recipe.base_dir, where + ".rewards",
+                                          by_trl=True)  # fmt: skip
         parts.problems += check_functions(stage.monitor, data["validation"], recipe.base_dir, where + ".monitor")
         for n, judge in enumerate(stage.monitor):
             if judge.reference is not None and "completion" not in data["validation"].column_names:
