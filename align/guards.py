@@ -88,6 +88,10 @@ class NumericGuard(TrainerCallback):
     - a loss spike (over twice the running median of the last 50 steps): a warning, and a wandb alert online;
     - a loss of exactly 0: a warning with the usual causes;
     - a grad norm of exactly 0 under a loss that is not: nothing trains (frozen weights); a warning with the causes.
+
+    `surrogate_loss` (online RL): the loss is a policy-gradient surrogate near 0, not a measure of fit. Exactly 0 (a
+    group without reward variance), a zero gradient and jumps against a near-zero median are all normal there, so
+    only the non-finite checks apply; the RL health alarms watch what matters instead.
     """
 
     def __init__(
@@ -97,7 +101,7 @@ class NumericGuard(TrainerCallback):
         window: int = 50,
         loss_scaling: bool = False,
         max_skipped: int = 20,
-        warn_zero_loss: bool = True,
+        surrogate_loss: bool = False,
     ):
         self.tracker = tracker
         self.loss_scaling = loss_scaling
@@ -111,8 +115,9 @@ class NumericGuard(TrainerCallback):
         self.grad_norm: float | None = None
         self.nonfinite: dict[str, Any] | None = None
         self.last_spike_step = -(10**9)
-        self.warned_zero = not warn_zero_loss  # online RL: a loss of exactly 0 is normal (a group without variance)
-        self.warned_zero_grad = not warn_zero_loss  # and so is a zero gradient there
+        self.surrogate_loss = surrogate_loss
+        self.warned_zero = surrogate_loss
+        self.warned_zero_grad = surrogate_loss
         self.watches_grad_norm = True
 
     def attach(self, trainer: Any) -> None:
@@ -187,7 +192,7 @@ class NumericGuard(TrainerCallback):
                 step,
             )
         recent = self.losses[-self.window :]
-        if len(recent) >= 10:
+        if len(recent) >= 10 and not self.surrogate_loss:
             median = sorted(recent)[len(recent) // 2]
             if median > 0 and loss > self.spike_factor * median and step - self.last_spike_step >= self.window:
                 self.last_spike_step = step

@@ -114,6 +114,10 @@ _HARMLESS = (
     "`loss_type=None` was set in the config but it is unrecognized",  # every from-scratch GPT-2
     "There were missing keys in the checkpoint model loaded: ['lm_head.weight']",  # tied weights, restored by tying
     "mtime may not be reliable on this filesystem",  # checkpoint ordering falls back to step numbers: fine
+    # generate's decoding steps pass the cache, not the mask, and a finished row's next token is the pad id (often
+    # eos): a false alarm at every online stage's first answers. align passes the mask; padded batches answer as
+    # single prompts do (align.evaluation.generation).
+    "We strongly recommend passing in an `attention_mask` since your input_ids may be padded",
 )
 
 

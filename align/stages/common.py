@@ -40,7 +40,7 @@ class StageKind:
     unit = "rows"  # what a training row is, for the log: blocks, examples, pairs
     lm_head = False  # TRL's chunked LM head, which align/patches.py routes on a CPU
     reward_head = False  # a reward model: the input's body with a new one-output head
-    loss_can_be_zero = False  # online RL: a group without reward variance gives a loss of exactly 0
+    surrogate_loss = False  # online RL: the loss is a policy-gradient surrogate (guards.NumericGuard)
 
     def __init__(self, stage: Stage, ctx: StageContext, model: Any, tokenizer: Any, start: StartingPoint):
         self.stage, self.ctx, self.model, self.tokenizer, self.start = stage, ctx, model, tokenizer, start
@@ -113,7 +113,7 @@ def run_stage(stage: Stage, ctx: StageContext, kind: type[StageKind]) -> StageRe
         prepared = {name: trainer.eval_dataset[f"eval {name}"] for name in by_source}
         trainer.eval_dataset, setup.eval = trainer.eval_dataset["eval"], union
         evaluate_by_source(trainer, prepared)
-    guard = watch(trainer, ctx, warn_zero_loss=not setup.loss_can_be_zero)
+    guard = watch(trainer, ctx, surrogate_loss=setup.surrogate_loss)
     setup.check(trainer)
     order = log_training(args, len(trainer.train_dataset), setup.unit, ctx.seed)
 
@@ -369,7 +369,7 @@ def perplexities(before: dict[str, Any], after: dict[str, Any]) -> dict[str, flo
     return {"perplexity": perplexity(after.get("eval_loss")), "perplexity_before": perplexity(before.get("eval_loss"))}
 
 
-def watch(trainer: Trainer, ctx: StageContext, warn_zero_loss: bool = True) -> NumericGuard:
+def watch(trainer: Trainer, ctx: StageContext, surrogate_loss: bool = False) -> NumericGuard:
     """Silence the Trainer's own printing (MetricsWriter logs each row once), guard its raw numbers, and stop at a
     step's end with a checkpoint when a signal asks (align/signals.py)."""
     from transformers.trainer_callback import PrinterCallback, ProgressCallback
@@ -382,7 +382,7 @@ def watch(trainer: Trainer, ctx: StageContext, warn_zero_loss: bool = True) -> N
         trainer.add_callback(bars_without_rows())
     # Before the guard: on a non-finite step the guard, running after it, cancels the save a signal asked for.
     trainer.add_callback(StopOnSignal())
-    guard = NumericGuard(ctx.tracker, loss_scaling=ctx.precision.name == "fp16", warn_zero_loss=warn_zero_loss)
+    guard = NumericGuard(ctx.tracker, loss_scaling=ctx.precision.name == "fp16", surrogate_loss=surrogate_loss)
     guard.attach(trainer)
     trainer.add_callback(guard)
     return guard
