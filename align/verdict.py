@@ -88,6 +88,7 @@ class Context:
         chosen_logps: per held-out pair, the chosen completion's summed log-probability (before, after).
         answers: the greedy answers (`align.evaluation.Answer`) to the same prompts (before, after).
         seed: seeds the bootstrap.
+        ceiling: the measure's best mean (1 for an accuracy); a measure already there before training cannot rise.
     """
 
     unit: str = "examples"
@@ -103,6 +104,7 @@ class Context:
     chosen_logps: tuple[Sequence[float], Sequence[float]] | None = None
     answers: tuple[Sequence[Any], Sequence[Any]] | None = None
     seed: int = 0
+    ceiling: float | None = None
 
 
 def loss_verdict(metric: str, before: Sequence[float], after: Sequence[float], **context: Any) -> Verdict:
@@ -117,9 +119,11 @@ def loss_verdict(metric: str, before: Sequence[float], after: Sequence[float], *
     return _verdict(metric, before, after, lower_is_better=True, context=Context(**context))
 
 
-def accuracy_verdict(metric: str, before: Sequence[float], after: Sequence[float], **context: Any) -> Verdict:
+def accuracy_verdict(
+    metric: str, before: Sequence[float], after: Sequence[float], ceiling: float | None = 1.0, **context: Any
+) -> Verdict:
     """The verdict from per-example correctness (0/1) before and after training (higher is better): dpo's
-    pref_accuracy, rm's accuracy.
+    pref_accuracy, rm's accuracy. `ceiling`: the best mean the measure has (None for a reward without one).
 
     `context` takes `Context`'s fields (the learning rate and its default, steps, ...), each optional.
 
@@ -127,7 +131,7 @@ def accuracy_verdict(metric: str, before: Sequence[float], after: Sequence[float
         ValueError: no examples, or before and after of different lengths.
         TypeError: a context key `Context` does not have.
     """
-    return _verdict(metric, before, after, lower_is_better=False, context=Context(**context))
+    return _verdict(metric, before, after, lower_is_better=False, context=Context(ceiling=ceiling, **context))
 
 
 def _verdict(
@@ -163,6 +167,10 @@ def _verdict(
     )
     if low <= 0 <= high:
         causes = stuck_causes(context, len(pairs), (high - low) / 2, digits)
+        if context.ceiling is not None and mean_before >= context.ceiling:
+            causes.insert(0, f"saturated: {metric} was already {_number(mean_before, digits)} before training on "
+                          f"every one of {_held_out(len(pairs), unit)}, so it could not rise; a harder held-out set, "
+                          "or the eval loss and margins, can show what training did")  # fmt: skip
         return Verdict("did_not_learn", [numbers, *causes], warnings)
     better = (high < 0) == lower_is_better
     if better:

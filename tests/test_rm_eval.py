@@ -270,7 +270,8 @@ def test_eval_prompts_an_earlier_stage_trained_on_are_refused(tmp_path, run_cli)
     path = write_yaml(tmp_path / "r.yaml", recipe)
     code, _, err = run_cli(path, "--output-dir", tmp_path / "run")
     assert code == 2
-    assert re.search(r"stages.eval.data: \d+ of 24 eval prompts are among its training prompts \(stage sft\)", err)
+    assert re.search(r"stages.eval.data: \d+ of the 24 prompts this eval answers \(from the split's \d+ rows\) are "
+                     r"among its training prompts \(stage sft\); the first, prompt \d+: '", err), err
     assert "allow_overlap" in err
     assert not (tmp_path / "run").exists()  # refused before the lm stage trained
     recipe["stages"][-1]["allow_overlap"] = True
@@ -285,7 +286,26 @@ def test_eval_references_found_in_the_lm_text_are_refused(tmp_path, run_cli):
     recipe["stages"][-1].update(models={"lm": "@lm"}, baseline="lm", judges=[{"reference": "rouge_l"}])
     code, _, err = run_cli(write_yaml(tmp_path / "r.yaml", recipe), "--output-dir", tmp_path / "run", "--dry-run")
     assert code == 2
-    assert "eval prompts are found word for word in its training text (stage lm)" in err
+    assert "rows) are found word for word in its training text (stage lm)" in err
+
+
+def test_a_leaked_chat_prompt_is_quoted_by_its_user_turn_not_the_system_turn_every_row_shares():
+    from types import SimpleNamespace
+
+    from datasets import Dataset
+
+    from align.stages.eval import EvalRow, leaked
+
+    system = {"role": "system", "content": "You are a careful assistant who answers questions about Python. " * 2}
+    prompts = [[system, {"role": "user", "content": f"What does the keyword number {i} do?"}] for i in range(6)]
+    rows = [EvalRow(p, None) for p in prompts]
+    recipe = SimpleNamespace(stages=[SimpleNamespace(name="sft"), SimpleNamespace(name="eval")])
+    chain = {"sft": {"train": Dataset.from_dict({"prompt": prompts[2:4]})}}
+    (problem,) = leaked(rows, recipe, recipe.stages[1], chain, split_rows=40)
+    assert problem == (
+        "stages.eval.data: 2 of the 6 prompts this eval answers (from the split's 40 rows) are among its training "
+        "prompts (stage sft); the first, prompt 3: 'user: What does the keyword number 2 do?'"
+    )
 
 
 @pytest.mark.parametrize(

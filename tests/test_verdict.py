@@ -72,6 +72,19 @@ def test_no_change_is_did_not_learn_with_the_causes_stated_in_numbers():
     ]
 
 
+def test_an_accuracy_already_perfect_before_training_is_named_as_saturated_and_a_reward_is_not():
+    """`did_not_learn: pref_accuracy 1.00 → 1.00` named no cause: every held-out pair was right before training, so
+    the measure could not rise. A reward has no such ceiling (its weights set its range)."""
+    verdict = accuracy_verdict("pref_accuracy", [1.0] * 24, [1.0] * 24, unit="pairs")
+    assert verdict.status == "did_not_learn"
+    assert verdict.reasons[1] == (
+        "saturated: pref_accuracy was already 1.00 before training on every one of 24 held-out pairs, so it could "
+        "not rise; a harder held-out set, or the eval loss and margins, can show what training did"
+    )
+    assert not any("saturated" in r for r in accuracy_verdict("reward", [1.0] * 24, [1.0] * 24, ceiling=None).reasons)
+    assert not any("saturated" in r for r in accuracy_verdict("accuracy", [1.0, 0.0] * 12, [1.0, 0.0] * 12).reasons)
+
+
 def test_no_change_names_few_steps_a_long_warmup_tiny_lora_and_a_small_eval_split():
     after = [3.0 + 0.1 * (-1) ** i for i in range(12)]  # six up, six down: no change overall
     verdict = loss_verdict(
@@ -401,3 +414,34 @@ def test_figures_side_by_side_share_their_decimals():
     assert same_decimals(0.0, 0.0) == ["0", "0"]
     assert same_decimals(1.5e-5, 2e-5) == ["1.5e-05", "2e-05"], "tiny figures keep their significant digits"
     assert same_decimals(float("nan"), 0.5) == ["nan", "0.5000"]
+
+
+def test_an_eval_of_several_models_heads_with_the_worst_and_names_every_one_that_differs():
+    """dpo ties the baseline, orpo loses every prompt, grpo wins: the stage is `worse`, its first reason (the console's
+    verdict line) and the closing table's headline lead with orpo, then grpo, then dpo. The stage once took the last
+    model's verdict, and `no_difference: dpo` hid orpo's 0.00."""
+    from align.stages.eval import KIND, eval_verdict
+
+    def model(rate: float, low: float, high: float, status: str) -> dict:
+        return {"win_rate": rate, "win_rate_ci": [low, high],
+                "verdict": {"status": status, "reasons": [f"win rate {rate:.2f} [{low:.2f}, {high:.2f}]"],
+                            "warnings": []}}  # fmt: skip
+
+    metrics = {"baseline": "sft", "models": {
+        "sft": {"win_rate": 0.5, "win_rate_ci": [0.5, 0.5], "verdict": {"status": "baseline", "reasons": [""]}},
+        "dpo": model(0.57, 0.45, 0.68, "no_difference"), "orpo": model(0.0, 0.0, 0.0, "worse"),
+        "grpo": model(0.8, 0.7, 0.9, "better"),
+    }}  # fmt: skip
+    verdict = eval_verdict(metrics)
+    assert verdict["status"] == "worse"
+    assert verdict["reasons"] == [
+        "orpo: win rate 0.00 [0.00, 0.00] (worse)",
+        "grpo: win rate 0.80 [0.70, 0.90] (better)",
+        "dpo: win rate 0.57 [0.45, 0.68] (no_difference)",
+    ]
+    summary = {"metrics": metrics, "verdict": verdict}
+    assert KIND.headline(summary) == "win rate vs sft: orpo 0.00 (worse), grpo 0.80 (better), dpo 0.57"
+    del metrics["models"]["orpo"]
+    assert eval_verdict(metrics)["status"] == "better"
+    del metrics["models"]["grpo"]
+    assert eval_verdict(metrics)["status"] == "no_difference"

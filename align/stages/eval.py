@@ -298,7 +298,7 @@ def plan_eval(
         if stage.allow_overlap:
             details["leakage"] = "not checked (allow_overlap: true)"
         else:
-            leaks = leaked(rows, recipe, stage, chain)
+            leaks = leaked(rows, recipe, stage, chain, len(data["test"]))
             details["leakage"] = f"{len(leaks)} earlier stages trained on these prompts" if leaks else (
                 "none: no prompt is in an earlier stage's training split")  # fmt: skip
             if leaks:
@@ -329,10 +329,11 @@ def _positions(config: Any) -> int | None:
     return model_positions(config) if config is not None else None
 
 
-def leaked(rows: list[EvalRow], recipe: Recipe, stage: Stage, chain: dict[str, Any]) -> list[str]:
+def leaked(rows: list[EvalRow], recipe: Recipe, stage: Stage, chain: dict[str, Any], split_rows: int) -> list[str]:
     """One problem per earlier training stage of this recipe that trained on some of the eval's prompts: the same
     prompt (sft, dpo and rm stages), or, for an lm stage, the reference answer (else the prompt) found word for word
-    in its training text."""
+    in its training text. Counted against the prompts the eval answers, with the `split_rows` they come from, as the
+    plan counts them; the first is quoted by its own words (its last user turn, not a system turn many share)."""
     problems = []
     names = [s.name for s in recipe.stages]
     for earlier in recipe.stages[: names.index(stage.name)]:
@@ -350,12 +351,22 @@ def leaked(rows: list[EvalRow], recipe: Recipe, stage: Stage, chain: dict[str, A
             hits = [i for i, r in enumerate(rows) if _normal(show_prompt(r.prompt)) in trained]
             what = "among its training prompts"
         if hits:
-            first = show_prompt(rows[hits[0]].prompt)
+            first = _own_words(rows[hits[0]].prompt)
             problems.append(
-                f"stages.{stage.name}.data: {len(hits)} of {len(rows)} eval prompts are {what} (stage "
-                f"{earlier.name}); the first: {first[:80]!r}"
+                f"stages.{stage.name}.data: {len(hits)} of the {len(rows)} prompts this eval answers (from the split's "
+                f"{split_rows} rows) are {what} (stage {earlier.name}); the first, prompt {hits[0] + 1}: "
+                f"{first[:80] + ('...' if len(first) > 80 else '')!r}"
             )
     return problems
+
+
+def _own_words(prompt: Any) -> str:
+    """What tells a prompt apart: a message list's last user turn (its system turn is often every row's), else the
+    text itself."""
+    if isinstance(prompt, list):
+        users = [m for m in prompt if m.get("role") == "user"] or prompt
+        return f"{users[-1].get('role')}: {_normal(str(users[-1].get('content', '')))}" if users else ""
+    return _normal(str(prompt))
 
 
 def _train_prompts(train: Any) -> list[Any]:
@@ -629,16 +640,34 @@ def model_verdict(
     return {"status": status, "reasons": reasons, "warnings": warnings}
 
 
+# Worst first: a model the baseline beat must not stand behind one that tied it.
+VERDICT_ORDER = {"worse": 0, "better": 1, "no_difference": 2}
+
+
+def ranked_models(metrics: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
+    """The models other than the baseline, those whose verdict differs from it first, the worst first: `worse`,
+    then `better`, then `no_difference`, each by raw win rate from the lowest (recipe order breaks ties)."""
+    others = [(label, m) for label, m in metrics["models"].items() if label != metrics["baseline"]]
+
+    def rank(item: tuple[str, dict[str, Any]]) -> tuple[int, float]:
+        rate = item[1].get("win_rate")
+        status = (item[1].get("verdict") or {}).get("status")
+        return VERDICT_ORDER.get(status, 2), rate if isinstance(rate, int | float) else 0.5
+
+    return sorted(others, key=rank)
+
+
 def eval_verdict(metrics: dict[str, Any]) -> dict[str, Any]:
-    """The stage's own verdict: the last model's against the baseline (the end of the chain, as `models:` lists
-    it), with every model's line among the reasons."""
-    others = [(label, m["verdict"]) for label, m in metrics["models"].items() if label != metrics["baseline"]]
+    """The stage's own verdict over every model: `worse` where any model is worse than the baseline, else `better`
+    where any is better, else `no_difference`; one reason a model, worst first (`ranked_models`), so the headline
+    that quotes the first never hides a model the baseline beat."""
+    others = [(label, m["verdict"]) for label, m in ranked_models(metrics)]
     if not others:
         return {"status": "baseline", "reasons": ["only the baseline was evaluated"], "warnings": []}
     reasons = [f"{label}: {v['reasons'][0]}" + ("" if len(others) == 1 else f" ({v['status']})")
                for label, v in others]  # fmt: skip
     warnings = [f"{label}: {w}" for label, v in others for w in v["warnings"]]
-    return {"status": others[-1][1]["status"], "reasons": reasons, "warnings": warnings}
+    return {"status": others[0][1]["status"], "reasons": reasons, "warnings": warnings}
 
 
 def write_generations(
@@ -738,19 +767,24 @@ class EvalKind(Kind):
         return (stage_dir / "generations.jsonl").is_file()  # its figures and answers are its output
 
     def headline(self, summary: dict[str, Any]) -> str:
-        """Each model's win rate against the baseline, the interval with it for one model alone."""
+        """Each model's win rate against the baseline, worst first with its verdict where it differs from the
+        baseline's; the interval with it for one model alone."""
         m = summary.get("metrics") or {}
-        models = m.get("models") or {}
-        others = [(label, e) for label, e in models.items()
-                  if label != m.get("baseline") and isinstance(e.get("win_rate"), int | float)]  # fmt: skip
+        if not m.get("models"):
+            return "-"
+        others = [(label, e) for label, e in ranked_models(m) if isinstance(e.get("win_rate"), int | float)]
         if not others:
             return "-"
         if len(others) == 1:
             label, entry = others[0]
             low, high = entry["win_rate_ci"]
             return f"{label} win rate {entry['win_rate']:.2f} [{low:.2f}, {high:.2f}] vs {m.get('baseline')}"
-        rates = ", ".join(f"{label} {entry['win_rate']:.2f}" for label, entry in others)
-        return f"win rate vs {m.get('baseline')}: {rates}"
+
+        def shown(label: str, entry: dict[str, Any]) -> str:
+            status = (entry.get("verdict") or {}).get("status", "no_difference")
+            return f"{label} {entry['win_rate']:.2f}" + ("" if status == "no_difference" else f" ({status})")
+
+        return f"win rate vs {m.get('baseline')}: " + ", ".join(shown(label, entry) for label, entry in others)
 
 
 KIND = EvalKind(
