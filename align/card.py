@@ -65,6 +65,8 @@ def model_card(run_dir: Path, stage: str, merged: bool = False) -> str:
     if merged:  # the table's last row says what this folder holds
         summaries[stage] = summary = {**summary, "saved": "merged (align merge)"}
     root = stages[chain[0]].get("model")
+    # The saved config: full weights, or adapters with the base built from scratch beside them (`base/`).
+    built = read_json(model_dir / "config.json") or read_json(model_dir / "base" / "config.json")
     base = base_model(root)
     sources = [part for n in chain for part in data_sources(stages[n].get("data") or {})]
     datasets = list(dict.fromkeys(d for d in map(dataset_id, sources) if d))
@@ -85,7 +87,8 @@ def model_card(run_dir: Path, stage: str, merged: bool = False) -> str:
     body = [
         f"# {title}",
         "",
-        f"Stage `{stage}` ({kind}) of the align recipe `{recipe.get('name')}`: {describe_root(root)}, then {steps}.",
+        f"Stage `{stage}` ({kind}) of the align recipe `{recipe.get('name')}`: {describe_root(root, built)}, then "
+        f"{steps}.",
         "",
         "## How it was made",
         "",
@@ -192,10 +195,17 @@ def base_model(root: Any) -> str | None:
     return None if root.startswith((".", "/", "~")) else root
 
 
-def describe_root(root: Any) -> str:
+def describe_root(root: Any, built: dict[str, Any] | None = None) -> str:
+    """The model the chain started from; for one built from scratch, its sizes, the vocabulary as `built` (the saved
+    config) has it: the tokenizer trained on a small corpus can have fewer tokens than the recipe asked for."""
     if isinstance(root, dict):
-        sizes = ", ".join(f"{k} {v}" for k, v in root.items() if k != "model_type")
-        return f"a `{root.get('model_type')}` built from scratch ({sizes})"
+        sizes = {k: v for k, v in root.items() if k != "model_type"}
+        actual = (built or {}).get("vocab_size")
+        if isinstance(actual, int) and actual != sizes.get("vocab_size"):
+            sizes["vocab_size"] = (
+                f"{actual} ({sizes.get('vocab_size')} asked; the tokenizer trained on the data has {actual})"
+            )
+        return f"a `{root.get('model_type')}` built from scratch ({', '.join(f'{k} {v}' for k, v in sizes.items())})"
     return f"`{root}`"
 
 

@@ -258,6 +258,14 @@ def resolve_model(
         tokenizer = train_tokenizer(training_texts(data["train"]), source.vocab_size)
         config = scratch_config(source, where, vocab_size=len(tokenizer))
         label = f"scratch:{source.model_type} (tokenizer trained here: {len(tokenizer)} tokens)"
+        if len(tokenizer) < source.vocab_size:
+            # BPE stops merging when no pair occurs twice: a small corpus gives fewer tokens than asked.
+            label = (
+                f"scratch:{source.model_type} (tokenizer trained here: {len(tokenizer)} of {source.vocab_size} tokens)"
+            )
+            logger.warning("%s.vocab_size: %d asked, but the tokenizer trained on this stage's data has %d tokens (no "
+                           "pair of tokens left that occurs twice); the model is built with %d", where,
+                           source.vocab_size, len(tokenizer), len(tokenizer))  # fmt: skip
         return label, "scratch", tokenizer, config
     ref = stage_ref(source)
     if ref is not None:

@@ -96,6 +96,22 @@ def _main(args: argparse.Namespace) -> int:
         raise
 
 
+def warn_replaced(recipe: Any, specs: Any, output_dir: Path, only: list[str]) -> None:
+    """`--only` with `--set`: each named stage the changed values make train again replaces its model in the run, and
+    a later run without the `--set` trains it back; said before it happens, with the way to try a value beside it."""
+    from align.pipeline import planned_status
+    from align.runtime import choose_precision
+
+    status = planned_status(recipe, specs, choose_precision(recipe.precision).name, output_dir)
+    for name in only:
+        if status.get(name, "").startswith("runs again"):
+            logger.warning(
+                "--only %s with --set: the %s model in %s is replaced by one trained with the --set values, and the "
+                "next run without them trains it again; to try a value beside the run, copy it and run the copy: "
+                "cp -r %s %s-try, then --output-dir %s-try", name, name, output_dir, output_dir, output_dir, output_dir
+            )  # fmt: skip
+
+
 def _run_recipe(args: argparse.Namespace, recipe: Any) -> int:
     from align.pipeline import dry_run, print_config, resolve_specs, run_pipeline
     from align.runtime import check_hub, is_main_process, set_console_level
@@ -121,6 +137,8 @@ def _run_recipe(args: argparse.Namespace, recipe: Any) -> int:
     if args.dry_run:
         print(dry_run(recipe, output_dir, only))
         return 0
+    if only and args.overrides:
+        warn_replaced(recipe, specs, output_dir, only)
 
     summaries = run_pipeline(recipe, output_dir=output_dir, log_level=level, fresh=args.fresh, only=only)
     if is_main_process():

@@ -104,6 +104,18 @@ def test_the_console_command_is_installed_and_the_python_m_forms_still_work():
     assert code.returncode == 2 and errors(code.stderr) == ["error: unknown command 'chta' (did you mean 'chat'?)"]
 
 
+def test_align_imports_from_the_folder_that_holds_a_clone_named_align(tmp_path):
+    """From `~` with the clone in `~/align`, Python's path search meets the clone (no __init__.py) before any import
+    hook: the install must put a regular package on the path (pyproject.toml's package-dir), or `align` is that
+    folder as a namespace package and the README's Python example fails with an ImportError."""
+    (tmp_path / "align" / "recipes").mkdir(parents=True)
+    (tmp_path / "align" / "README.md").write_text("a clone\n")
+    code = "import align, align.loader; print(align.__version__, align.__file__)"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split()[1] == str(REPO / "align" / "__init__.py")
+
+
 @pytest.mark.slow
 def test_align_run_made_the_run_and_align_report_rebuilds_its_report(run_dir, capsys):
     from align.cli import main

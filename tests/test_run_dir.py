@@ -279,6 +279,9 @@ def test_only_runs_the_named_stages_on_the_earlier_ones_and_leaves_the_others_un
     assert "so it is stale now" in out, out
     code, out, err = run_cli(path, "--output-dir", run_dir, "--only", "sft", *changed)
     assert code == 0, err
+    # Said as it happens: this replaces the run's sft model; a copy is where to try a value.
+    assert (f"--only sft with --set: the sft model in {run_dir} is replaced by one trained with the --set values" in err
+            and f"cp -r {run_dir} {run_dir}-try, then --output-dir {run_dir}-try" in err), err  # fmt: skip
     again = json.loads((run_dir / "sft" / "summary.json").read_text())
     assert again["status"] == "completed" and again["fingerprint"] != sft["fingerprint"], "sft ran with the new rate"
     assert files("lm") == lm and files("dpo") == dpo, "the stages --only did not name are left as they were"
