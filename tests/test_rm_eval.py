@@ -270,8 +270,11 @@ def test_eval_prompts_an_earlier_stage_trained_on_are_refused(tmp_path, run_cli)
     path = write_yaml(tmp_path / "r.yaml", recipe)
     code, _, err = run_cli(path, "--output-dir", tmp_path / "run")
     assert code == 2
-    assert re.search(r"stages.eval.data: \d+ of the 24 prompts this eval answers \(from the split's \d+ rows\) are "
-                     r"among its training prompts \(stage sft\); the first, prompt \d+: '", err), err
+    assert re.search(
+        r"stages.eval.data: \d+ of the 24 prompts this eval answers \(from the split's \d+ rows\) are "
+        r"among its training prompts \(stage sft\); the first, prompt \d+: '",
+        err,
+    ), err
     assert "allow_overlap" in err
     assert not (tmp_path / "run").exists()  # refused before the lm stage trained
     recipe["stages"][-1]["allow_overlap"] = True
