@@ -79,7 +79,7 @@ def hub_config(ref: str, where: str, trust_remote_code: bool = False, base_dir: 
             )
         raise BadInput(
             f"{where}: cannot load model '{ref}': {first}",
-            hint=f"download it on a connected machine (hf download {ref}), or set `model:` to a local directory "
+            hint=f"download it on a connected machine (hf download {ref}), or name a local directory "
             "holding a save_pretrained model and tokenizer",
         ) from None
 

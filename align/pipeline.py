@@ -143,19 +143,26 @@ def check_models(recipe: Recipe, found: Problems) -> None:
     from align.models import hub_config, is_adapter_dir, scratch_config
 
     for stage in recipe.stages:
-        where = f"stages.{stage.name}.model"
         model = getattr(stage, "model", None)  # the model a training stage starts from (an eval's are its own)
-        try:
-            if isinstance(model, ScratchModel):
-                scratch_config(model, where)
-            elif isinstance(model, str) and stage_ref(model) is None:
-                hub_config(model, where, stage.trust_remote_code, recipe.base_dir)
-                local = Path(model).expanduser()
-                if local.is_dir() and not is_adapter_dir(model) and not any(local.glob("*.safetensors")):
+        if isinstance(model, ScratchModel):
+            try:
+                scratch_config(model, f"stages.{stage.name}.model")
+            except BadInput as exc:
+                found.absorb(exc)
+        # Every model the stage reads, as its kind declares them (an eval's models and judges, an online stage's
+        # reward models): one not on this machine is refused now, not once the stages before it have trained.
+        for key, ref in stage.model_refs().items():
+            where = f"stages.{stage.name}.{key}"
+            if stage_ref(ref) is not None:
+                continue
+            try:
+                hub_config(ref, where, stage.trust_remote_code, recipe.base_dir)
+                local = Path(ref).expanduser()
+                if local.is_dir() and not is_adapter_dir(ref) and not any(local.glob("*.safetensors")):
                     found.add([f"{where}: {local} has no safetensors weights; align does not load pickled (.bin) "
                                "weights (convert: save_pretrained(..., safe_serialization=True))"])  # fmt: skip
-        except BadInput as exc:
-            found.absorb(exc)
+            except BadInput as exc:
+                found.absorb(exc)
 
 
 def load_all_data(recipe: Recipe, specs: dict[str, DataSpec], found: Problems) -> dict[str, Any]:

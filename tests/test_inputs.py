@@ -17,7 +17,7 @@ import yaml
 from align.data import first_unique, load_data
 from align.errors import BadInput
 from align.recipe import DataSpec
-from tests.conftest import tiny_lm_recipe, write_yaml
+from tests.conftest import TINY_MODEL, tiny_lm_recipe, write_yaml
 
 
 def spec(**fields) -> DataSpec:
@@ -110,6 +110,29 @@ def test_a_from_scratch_config_the_library_refuses_is_exit_2_with_its_reason(tmp
     assert code == 2, err
     assert f"error: {tmp_path / 'r.yaml'}: {named}: {reason}" in err, err
     assert err.count("error: ") == 1 and "Strict" not in err and not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize(
+    ("stage", "where"),
+    [
+        ({"name": "eval", "kind": "eval", "data": {"card": "python-docs-instruct"},
+          "judges": [{"reward_model": "someone/not-here-rm"}]}, "stages.eval.judges.0.reward_model"),
+        ({"name": "grpo", "kind": "grpo", "data": {"card": "arithmetic"},
+          "rewards": [{"function": "exact_match"}, {"reward_model": "someone/not-here-rm"}]},
+         "stages.grpo.rewards.1.reward_model"),
+        ({"name": "grpo", "kind": "grpo", "data": {"card": "arithmetic"}, "rewards": [{"function": "exact_match"}],
+          "monitor": [{"reward_model": "someone/not-here-rm"}]}, "stages.grpo.monitor.0.reward_model"),
+    ],
+)  # fmt: skip
+def test_a_reward_model_not_on_this_machine_is_refused_before_any_stage_trains(tmp_path, run_cli, stage, where):
+    """Every model a stage reads (its kind's model_refs) is checked offline before the first stage trains: a grpo
+    reward model from the hub once failed only after the stages before it had trained (an eval judge too)."""
+    recipe = lm_recipe({**TINY_MODEL})
+    recipe["stages"].append(stage)
+    code, _, err = run_cli(write_yaml(tmp_path / "r.yaml", recipe), "--output-dir", tmp_path / "run")
+    assert code == 2, err
+    assert f"error: {tmp_path / 'r.yaml'}: {where}: cannot load model 'someone/not-here-rm': not in the local" in err
+    assert not (tmp_path / "run").exists(), "refused before the lm stage trained"
 
 
 def test_missing_data_file_names_both_places(tmp_path, monkeypatch):
