@@ -59,7 +59,9 @@ def build_parser(prog: str = "align chat") -> argparse.ArgumentParser:
         f"In the chat: {COMMANDS}.",
     )
     parser.add_argument("model", nargs="?", type=Path, help="a model/ directory, a stage folder or a run directory")
-    parser.add_argument("--stage", help="the run directory's stage (default: its last completed lm, sft or dpo stage)")
+    parser.add_argument(
+        "--stage", help="the run directory's stage (default: its last completed stage that makes a policy, not an rm)"
+    )
     parser.add_argument(
         "--prompt", help=r"answer this prompt once and exit (the answer alone on stdout); \n is a new line"
     )
@@ -67,7 +69,7 @@ def build_parser(prog: str = "align chat") -> argparse.ArgumentParser:
         "--compare",
         type=Path,
         metavar="RUN_DIR",
-        help="answer --prompt with every lm, sft and dpo stage's model of this run, one after another",
+        help="answer --prompt with the model of every stage of this run that makes a policy, one after another",
     )
     parser.add_argument("--system", help="a system prompt to start with (the chat's /system sets it too)")
     parser.add_argument(

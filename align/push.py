@@ -29,7 +29,9 @@ def build_parser(prog: str = "align push") -> argparse.ArgumentParser:
         f"The token is read from ${TOKEN_ENV} only.",
     )
     parser.add_argument("run_dir", type=Path, help="the run directory (or a stage's model/ directory)")
-    parser.add_argument("--stage", help="the stage whose model to push (default: the last completed lm, sft or dpo)")
+    parser.add_argument(
+        "--stage", help="the stage whose model to push (default: the last completed one that makes a policy)"
+    )
     parser.add_argument("--repo-id", required=True, help="the hub repository, owner/name (created if missing)")
     parser.add_argument("--private", action="store_true", help="create the repository private")
     return parser

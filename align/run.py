@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from align.errors import AlignError, BadInput, print_error
+from align.stages import NAMES
 
 logger = logging.getLogger("align.run")
 
@@ -22,8 +23,7 @@ logger = logging.getLogger("align.run")
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="python -m align.run",
-        description="Run an align recipe: its stages (lm, sft, rm, dpo, eval) in order, each on an earlier one's "
-        "output.",
+        description=f"Run an align recipe: its stages ({', '.join(NAMES)}) in order, each on an earlier one's output.",
     )
     parser.add_argument("recipe", type=Path, help="the recipe YAML file")
     parser.add_argument(

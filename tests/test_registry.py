@@ -135,3 +135,19 @@ def test_fingerprints_are_pinned_and_a_saved_recipe_has_the_recipes_own(tmp_path
     assert saved["stages"][0]["data"]["source"]["hub"] == "wikitext" and saved["stages"][1]["model"] == "@lm"
     (tmp_path / "saved.yaml").write_text(yaml.safe_dump(saved, sort_keys=False))
     assert fingerprints(tmp_path / "r.yaml") == fingerprints(tmp_path / "saved.yaml") == FINGERPRINTS
+
+
+def test_each_stage_module_is_named_for_its_kind_and_the_help_lists_every_kind():
+    """The registry's NAMES come from the module names, so `--help` lists the kinds without importing them (pydantic
+    and all): each module must be named for the kind it declares."""
+    from align import stages as registry
+    from align.run import parse_args
+
+    assert tuple(registry.names()) == registry.NAMES
+    import contextlib
+    import io
+
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.suppress(SystemExit):
+        parse_args(["--help"])
+    assert f"its stages ({', '.join(registry.names())})" in " ".join(out.getvalue().split())

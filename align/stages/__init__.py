@@ -35,6 +35,11 @@ MODULES = (
 )
 
 
+# Each module is named for its kind (tests/test_registry.py holds it), so help texts list the kinds without
+# importing them.
+NAMES = tuple(module.rsplit(".", 1)[1] for module in MODULES)
+
+
 @functools.cache
 def kinds() -> dict[str, Kind]:
     """Every registered kind by name, in the registry's order."""
