@@ -116,8 +116,7 @@ class NumericGuard(TrainerCallback):
         self.nonfinite: dict[str, Any] | None = None
         self.last_spike_step = -(10**9)
         self.surrogate_loss = surrogate_loss
-        self.warned_zero = surrogate_loss
-        self.warned_zero_grad = surrogate_loss
+        self.warned_zero = self.warned_zero_grad = surrogate_loss  # nothing to warn of: as if already warned
         self.watches_grad_norm = True
 
     def attach(self, trainer: Any) -> None:

@@ -283,16 +283,12 @@ def entries_identity(entries: Sequence[Any], base_dir: Path, outputs: Any) -> li
 # Checked before training, guarded during it
 
 
-# What TRL's GRPO and RLOO trainers pass a reward function beside the prompts, completions and data columns.
-TRL_EXTRAS = ("trainer_state", "log_extra", "log_metric")
-
-
 def check_reward(
     fn: RewardFn, label: str, rows: Sequence[dict[str, Any]], where: str, completions: list, by_trl: bool = False
 ) -> None:
     """Call `fn` as it will be called, on held-out `rows` with `completions` (their reference answers where a column
     names them, else empty strings): it must return one float or None per row. `by_trl` (a reward TRL calls while it
-    trains): with TRL's extra keywords too (`TRL_EXTRAS`), a fresh trainer state among them.
+    trains): with the keywords TRL's GRPO and RLOO trainers add (a fresh trainer state, and the logging callbacks).
 
     Raises:
         BadInput: it raises (the message names the columns that reach it, and asks for `**kwargs` where it refused
