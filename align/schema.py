@@ -12,6 +12,7 @@ stages, data, models).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import sys
@@ -120,7 +121,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="align schema", description="Print the recipe's JSON Schema.")
     parser.add_argument("--output", "-o", type=Path, help="write it to this file instead of standard output")
     args = parser.parse_args(argv)
-    text = json.dumps(recipe_schema(), indent=2) + "\n"
+    # stdout is the JSON: a library that prints while it loads (transformers' "[INFO] Running in WANDB offline mode"
+    # under WANDB_MODE=offline) must not land in `align schema > align.schema.json`.
+    with contextlib.redirect_stdout(sys.stderr):
+        text = json.dumps(recipe_schema(), indent=2) + "\n"
     if args.output is None:
         sys.stdout.write(text)
     else:
