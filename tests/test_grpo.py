@@ -118,6 +118,18 @@ def test_a_constant_reward_is_not_improved_and_names_the_missing_variance(traine
     assert any(w.startswith("zero reward variance: 100% of groups") for w in verdict["warnings"]), verdict
 
 
+@pytest.mark.parametrize("kind", ["grpo", "rloo"])
+def test_print_config_shows_the_reward_weights_align_passes_from_rewards(folder, run_cli, kind):
+    import yaml
+
+    stage = online(kind, kind, "")
+    stage["rewards"] = [{"function": "rewards.py:constant"}, {"function": "rewards.py:also_constant", "weight": 0.25}]
+    code, out, err = run_cli(write_yaml(folder / f"weights_{kind}.yaml", recipe([stage])), "--print-config")
+    assert code == 0, err
+    assert yaml.safe_load(out)["stages"][0]["train"]["reward_weights"] == [1.0, 0.25]
+    assert "reward_weights:  # align (from rewards:): each entry's weight, in order" in out
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("name", ["grpo_constant", "rloo_constant"])
 def test_each_rewards_weight_reaches_training_and_the_held_out_measure_alike(trained, name):
