@@ -277,8 +277,10 @@ def test_a_reward_that_reads_the_trainer_state_passes_the_check_before_training(
     """The check before training calls a reward as TRL does, `trainer_state` included: a reward that reads it is not
     refused, and one without **kwargs is refused then, not at TRL's first step."""
     path = write_yaml(folder / "state.yaml", recipe([online("grpo", "grpo", "rewards.py:counts_steps")]))
-    code, _, err = run_cli(path, "--dry-run", "--output-dir", folder / "state")
+    code, out, err = run_cli(path, "--dry-run", "--output-dir", folder / "state")
     assert code == 0, err
+    # And the plan says what each evaluation samples (TRL's: a group for every validation prompt).
+    assert "evaluation: 13 validation prompts x 4 answers at each evaluation" in out, out
 
 
 @pytest.mark.slow

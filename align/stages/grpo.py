@@ -444,6 +444,9 @@ def plan_online(stage: Any, cls: type, data: Any, start: StartingPoint, recipe: 
                                       "`completion` column, which this data does not have")  # fmt: skip
         train = data["train"]
         parts.details["train_prompts"] = len(train)
+        # TRL samples a group for every validation prompt at each evaluation: the cost a user may not expect.
+        parts.details["evaluation"] = (f"{len(data['validation'])} validation prompts x {g} answers at each "
+                                       "evaluation (data's max_eval_rows caps the prompts)")  # fmt: skip
         parts.details["examples"] = [{"prompt": show_prompt(train[i]["prompt"])} for i in range(min(2, len(train)))]
         parts.count = lambda effective: batch_figures(effective, len(train) * g)
     return parts
