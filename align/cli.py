@@ -35,8 +35,8 @@ def build_parser() -> argparse.ArgumentParser:
     """The top-level parser: only for `align --help` and the list of subcommands (each parses its own flags)."""
     parser = argparse.ArgumentParser(
         prog="align",
-        description="Post-training stages (causal-LM fine-tuning, SFT, preference optimisation, reward models, "
-        "evaluation) as YAML recipes on the Hugging Face stack.",
+        description="Post-training stages (causal-LM fine-tuning, SFT, reward models, preference optimisation, "
+        "online RL, evaluation) as YAML recipes on the Hugging Face stack.",
         epilog="`align COMMAND --help` shows a command's flags. The python -m forms (align.run, align.report) work "
         "the same.",
     )

@@ -139,12 +139,16 @@ def test_shorter_answers_are_no_warning_where_the_before_answers_were_loops():
 
 
 def test_a_stage_built_from_scratch_says_its_improvement_is_by_construction():
+    """...and only beside `improved`: beside `did_not_learn` (a grpo from scratch) 'any training improves on it'
+    contradicted the verdict it sat under."""
     from align.stages.common import scratch_warning
     from align.values import StartingPoint
 
     fields = {k: "x" for k in StartingPoint.__dataclass_fields__}
-    assert "random initialisation" in scratch_warning(StartingPoint(**{**fields, "input": "scratch"}))[0]
-    assert scratch_warning(StartingPoint(**{**fields, "input": "full"})) == []
+    scratch = StartingPoint(**{**fields, "input": "scratch"})
+    assert "random initialisation" in scratch_warning(scratch, "improved")[0]
+    assert scratch_warning(scratch, "did_not_learn") == scratch_warning(scratch, "got_worse") == []
+    assert scratch_warning(StartingPoint(**{**fields, "input": "full"}), "improved") == []
 
 
 def test_a_handful_of_examples_is_flagged_whatever_the_status():

@@ -141,7 +141,7 @@ def run_stage(stage: Stage, ctx: StageContext, kind: type[StageKind]) -> StageRe
         metrics["eval_loss_by_source_before"] = {n: before.get(f"eval_{n}_loss") for n in names}
     if extra.get("verdict") is not None:
         extra["verdict"] = report_verdict(
-            ctx, stage, extra["verdict"], source_warnings(metrics) + scratch_warning(start)
+            ctx, stage, extra["verdict"], source_warnings(metrics) + scratch_warning(start, extra["verdict"].status)
         )
     return StageResult(stage.name, stage.kind, "completed", model_dir, ctx.input_label, metrics, extra)
 
@@ -287,10 +287,11 @@ def evaluate_by_source(trainer: Trainer, sets: dict[str, Any]) -> None:
     trainer.evaluate, trainer.log = evaluate, log
 
 
-def scratch_warning(start: Any) -> list[str]:
+def scratch_warning(start: Any, status: str) -> list[str]:
     """A model built from scratch is measured "before" as its random initialisation: any training beats that, so
-    its `improved` is true by construction and says little; the warning says so beside it."""
-    if getattr(start, "input", None) != "scratch":
+    its `improved` is true by construction and says little; the warning says so beside it (beside another status it
+    would contradict the verdict it explains)."""
+    if getattr(start, "input", None) != "scratch" or status != "improved":
         return []
     return ["built from scratch: 'before' is the random initialisation, which any training improves on; judge the "
             "stage by a later stage's or an eval's comparison, not by this improvement"]  # fmt: skip
