@@ -498,7 +498,9 @@ def did_it_help(run_dir: Path, entries: list[dict[str, Any]], summaries: dict[st
                     f"<span class='{'worse' if difference < 0 else 'better'}'>{_change(difference, 3)}</span>"
                 )  # fmt: skip
                 shown = same_decimals(row["baseline_score"], row["candidate_score"])
-                scores = f"{shown[0]} &rarr; {shown[1]}<br>{change}"
+                # Named, not "a -> b": an arrow between two models reads as before -> after.
+                scores = (f"{html.escape(str(baseline))} {shown[0]}<br>{html.escape(candidate)} {shown[1]}"
+                          f"<br>{change}")  # fmt: skip
                 out.append(f"<tr><td>{_pre(row['prompt'])}</td><td>{_pre(row['baseline'])}</td>"
                            f"<td>{_pre(row['candidate'])}</td><td class='num'>{scores}</td></tr>")  # fmt: skip
             out.append("</table>")

@@ -396,6 +396,8 @@ def test_did_it_help_opens_the_report_with_models_intervals_verdicts_and_regress
     shown = [int(p) for p in re.findall(r"question (\d+)\?", regress)]
     assert shown == [0, 1, 2, 3, 4, 5, 6, 7, 8, 9]
     assert regress.index("&lt;sft answer 0&gt;") < regress.index("&lt;dpo answer 0&gt;")
+    # Each score named by its model (an arrow between two models read as before -> after).
+    assert "&rarr;" not in regress and re.search(r"<td class='num'>sft [\d.]+<br>dpo [\d.]+<br>", regress), regress
     # The stage verdicts, one line each, with the eval stage left out (its verdict is its own).
     lines = re.findall(r"<li><b>(\w+)</b> \((\w+)\): <span class='(\w+)'>", top)
     assert lines == [("sft", "sft", "improved"), ("dpo", "dpo", "did_not_learn")]
