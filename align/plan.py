@@ -33,7 +33,7 @@ KEY_SETTINGS = (
     "learning_rate", "lr_scheduler_type", "warmup_steps", "weight_decay", "max_grad_norm", "optim",
     "per_device_train_batch_size", "gradient_accumulation_steps", "per_device_eval_batch_size",
     "num_train_epochs", "max_steps", "max_length", "eval_strategy", "eval_steps", "save_strategy", "save_steps",
-    "save_total_limit", "logging_steps", "load_best_model_at_end", "gradient_checkpointing", "bf16", "fp16",
+    "save_total_limit", "logging_steps", "load_best_model_at_end", "activation_checkpointing", "bf16", "fp16",
     "seed", "packing", "completion_only_loss", "assistant_only_loss", "beta", "loss_type", "loss_weights",
     "precompute_ref_log_probs", "cpo_alpha", "simpo_gamma", "desirable_weight", "undesirable_weight",
     "num_generations", "max_completion_length", "temperature", "scale_rewards",
@@ -121,6 +121,18 @@ def instantiate(cls: type, name: str, kwargs: dict[str, Any]) -> Any:
 # Training arguments, with where each came from
 
 
+# transformers 5.25 renamed gradient_checkpointing to activation_checkpointing (the old name is a deprecated alias, to
+# go in v6); a recipe may use either.
+CHECKPOINTING_KEYS = ("activation_checkpointing", "gradient_checkpointing")
+
+
+def checkpointing_key(config_class: type | None) -> str:
+    """The name the config class takes the switch by: the new one where it has it, so align's own default raises no
+    deprecation warning (TRL's configs default the old one to True, which warns unless the new one is set)."""
+    fields = getattr(config_class, "__dataclass_fields__", {})
+    return "activation_checkpointing" if "activation_checkpointing" in fields else "gradient_checkpointing"
+
+
 def supports_checkpointing(config: Any) -> bool | None:
     """Whether the architecture's model class supports gradient checkpointing (None: unknown)."""
     from transformers import MODEL_FOR_CAUSAL_LM_MAPPING
@@ -141,6 +153,7 @@ def plan_settings(
     report_to: list[str],
     checkpointing: bool | None,
     fixed: dict[str, Setting],
+    config_class: type | None = None,
 ) -> tuple[dict[str, Setting], list[str]]:
     """The arguments for the stage's config class: the recipe's `train:` keys, align's defaults under them, what
     align manages on top, and the stage's `fixed` decisions (max_length, loss, ...). Returns them and the problems.
@@ -174,14 +187,16 @@ def plan_settings(
     )
     out.update(fixed)
     problems = []
-    if "gradient_checkpointing" not in stage.train:
+    given_key = next((k for k in CHECKPOINTING_KEYS if k in stage.train), None)
+    if given_key is None:
+        key = checkpointing_key(config_class)
         if checkpointing is None:
-            out["gradient_checkpointing"] = Setting(False, f"align default: on where the model supports it ({UNKNOWN})")
+            out[key] = Setting(False, f"align default: on where the model supports it ({UNKNOWN})")
         else:
             why = "the model supports it" if checkpointing else "the model does not support it"
-            out["gradient_checkpointing"] = Setting(checkpointing, f"align default ({why})")
-    elif stage.train["gradient_checkpointing"] and checkpointing is False:
-        problems.append(f"{where}.gradient_checkpointing: this model does not support it")
+            out[key] = Setting(checkpointing, f"align default ({why})")
+    elif stage.train[given_key] and checkpointing is False:
+        problems.append(f"{where}.{given_key}: this model does not support it")
 
     if stage.early_stopping is not None:
         # The best checkpoint must be on disk to be restored, so saving follows evaluation step for step.
@@ -215,8 +230,9 @@ def effective_settings(cls: type, name: str, settings: dict[str, Setting], runti
         if key in runtime:
             out[key] = Setting("decided when the stage starts", runtime[key])
             continue
-        if not hasattr(args, key):
-            continue
+        if not hasattr(args, key) or (key not in settings and any(k in settings for k in CHECKPOINTING_KEYS)
+                                      and key in CHECKPOINTING_KEYS):  # fmt: skip
+            continue  # the switch is shown under the name the recipe gave it, not twice
         value = getattr(args, key)
         value = getattr(value, "value", value)  # enums print as their value
         if key in settings:

@@ -41,7 +41,7 @@ ALIGN_DEFAULTS: dict[str, Any] = {
     "logging_steps": 10,
     "eval_strategy": "steps",
     "save_total_limit": 2,
-    "gradient_checkpointing": True,  # GPT-2 supports it
+    "activation_checkpointing": True,  # GPT-2 supports it (transformers 5.25's name for gradient_checkpointing)
     "use_cpu": True,
     "bf16": False,
     "fp16": False,

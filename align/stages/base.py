@@ -164,13 +164,13 @@ class TrainingKind(Kind):
         start = starting_point(recipe, stage)
         parts = self.plan_parts(stage, spec=inputs["spec"], data=data, tokenizer=tokenizer, config=config, start=start,
                                 recipe=recipe)  # fmt: skip
+        cls = self.config_class()
         settings, problems = plan_settings(
             stage, recipe, inputs["precision"], inputs["run_dir"], inputs["report_to"],
-            supports_checkpointing(config), parts.fixed,
+            supports_checkpointing(config), parts.fixed, cls,
         )  # fmt: skip
         found.add(problems + parts.problems)
         found.hints += parts.hints
-        cls = self.config_class()
         plan = StagePlan(stage.name, self.name, label, source, start, config, tokenizer, settings,
                          details=parts.details, runtime=parts.runtime, prepared=parts.prepared,
                          config_class=cls)  # fmt: skip

@@ -140,10 +140,14 @@ def run_stage(stage: Stage, ctx: StageContext, kind: type[StageKind]) -> StageRe
         metrics["eval_loss_by_source"] = {n: after.get(f"eval_{n}_loss") for n in names}
         metrics["eval_loss_by_source_before"] = {n: before.get(f"eval_{n}_loss") for n in names}
     if extra.get("verdict") is not None:
-        extra["verdict"] = report_verdict(
-            ctx, stage, extra["verdict"], source_warnings(metrics) + scratch_warning(start, extra["verdict"].status)
-        )
+        warnings = source_warnings(metrics) + scratch_warning(start, verdict_status(extra["verdict"]))
+        extra["verdict"] = report_verdict(ctx, stage, extra["verdict"], warnings)
     return StageResult(stage.name, stage.kind, "completed", model_dir, ctx.input_label, metrics, extra)
+
+
+def verdict_status(verdict: Any) -> str:
+    """The status of an `align.verdict.Verdict` or of its record (a dict)."""
+    return verdict.status if hasattr(verdict, "status") else verdict["status"]
 
 
 def report_verdict(ctx: StageContext, stage: Stage, verdict: Any, warnings: list[str] | None = None) -> dict:
