@@ -226,13 +226,14 @@ def effective_settings(cls: type, name: str, settings: dict[str, Setting], runti
     its source: what was given, the library's default, or the library's value derived from another setting."""
     args = instantiate(cls, name, {k: s.value for k, s in settings.items()})
     out = {}
+    # The checkpointing switch under the one name it was given (the other, its alias, mirrors it).
+    checkpointing = next((k for k in CHECKPOINTING_KEYS if k in settings), None)
     for key in dict.fromkeys([*KEY_SETTINGS, *settings]):
         if key in runtime:
             out[key] = Setting("decided when the stage starts", runtime[key])
             continue
-        if not hasattr(args, key) or (key not in settings and any(k in settings for k in CHECKPOINTING_KEYS)
-                                      and key in CHECKPOINTING_KEYS):  # fmt: skip
-            continue  # the switch is shown under the name the recipe gave it, not twice
+        if not hasattr(args, key) or (key in CHECKPOINTING_KEYS and checkpointing not in (None, key)):
+            continue
         value = getattr(args, key)
         value = getattr(value, "value", value)  # enums print as their value
         if key in settings:
@@ -276,9 +277,7 @@ def resolve_model(
         label = f"scratch:{source.model_type} (tokenizer trained here: {len(tokenizer)} tokens)"
         if len(tokenizer) < source.vocab_size:
             # BPE stops merging when no pair occurs twice: a small corpus gives fewer tokens than asked.
-            label = (
-                f"scratch:{source.model_type} (tokenizer trained here: {len(tokenizer)} of {source.vocab_size} tokens)"
-            )
+            label = label.replace(" tokens)", f" of the {source.vocab_size} asked)")
             logger.warning("%s.vocab_size: %d asked, but the tokenizer trained on this stage's data has %d tokens (no "
                            "pair of tokens left that occurs twice); the model is built with %d", where,
                            source.vocab_size, len(tokenizer), len(tokenizer))  # fmt: skip

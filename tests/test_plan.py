@@ -320,3 +320,26 @@ def test_a_max_length_that_drops_most_pairs_warns_at_plan_time(tmp_path, run_cli
     assert dropped >= total / 2 and left == total - dropped
     assert f"dropped: {dropped} of {total} train pairs" in out, "the plan line says the same numbers"
     assert "data: pairs.jsonl (preference): 32 train rows, 8 validation rows" in out, "named by its file, not 'inline'"
+
+
+def test_a_tokenizer_smaller_than_the_vocab_size_asked_is_said_in_the_plan_the_log_and_the_card(tmp_path, run_cli):
+    """BPE stops merging when no pair of tokens occurs twice: 60 short lines give fewer than the 512 tokens TINY_MODEL
+    asks for. It was silent, and the model card still said 512."""
+    import re
+
+    from align.card import describe_root
+
+    (tmp_path / "text.jsonl").write_text("".join(f'{{"text": "line {i} of a short text"}}\n' for i in range(60)))
+    recipe = tiny_lm_recipe()
+    recipe["stages"][0]["data"] = {"source": {"files": ["text.jsonl"]}, "format": "text", "valid_fraction": 0.3}
+    code, out, err = run_cli(write_yaml(tmp_path / "r.yaml", recipe), "--dry-run", "--output-dir", tmp_path / "run")
+    assert code == 0, err
+    built = int(re.search(r"tokenizer trained here: (\d+) of the 512 asked\)", out).group(1))
+    assert built < 512
+    assert f"stages.lm.model.vocab_size: 512 asked, but the tokenizer trained on this stage's data has {built}" in err
+    root = {"model_type": "gpt2", "vocab_size": 512, "n_layer": 2}
+    assert describe_root(root, {"vocab_size": built}) == (
+        f"a `gpt2` built from scratch (vocab_size {built} (512 asked; the tokenizer trained on the data has {built}), "
+        "n_layer 2)"
+    )
+    assert describe_root(root, {"vocab_size": 512}) == "a `gpt2` built from scratch (vocab_size 512, n_layer 2)"
