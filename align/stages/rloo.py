@@ -1,7 +1,7 @@
-"""`kind: rloo` — online RL with TRL's RLOOTrainer: like grpo (align/stages/grpo.py: the same rewards, checks, alarms
-and held-out measure), with REINFORCE's leave-one-out baseline (each answer against the mean of its group's others)
-and the KL to the reference as a reward penalty. TRL's defaults differ: beta 0.05 (so a reference model) and 2
-answers per prompt.
+"""`kind: rloo` — online RL with TRL's RLOOTrainer: like grpo (what they share, align/stages/online_rl.py: the same
+rewards, checks, alarms and held-out measure), with REINFORCE's leave-one-out baseline (each answer against the mean
+of its group's others) and the KL to the reference as a reward penalty. TRL's defaults differ: beta 0.05 (so a
+reference model) and 2 answers per prompt.
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Literal
 
 from align.stages.base import Figure
 from align.stages.common import run_stage
-from align.stages.grpo import OnlineKeys, OnlineKind, OnlineStage, online_plan
+from align.stages.online_rl import OnlineKeys, OnlineKind, OnlineStage, online_plan
 
 if TYPE_CHECKING:
     from align.context import StageContext

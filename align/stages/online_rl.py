@@ -1,0 +1,438 @@
+"""What the online RL kinds (grpo, rloo: align/stages/grpo.py, rloo.py) share: their recipe keys (rewards, monitor
+judges, alarms, the held-out measure), the stage that wires TRL's trainer (reward functions guarded, a reference only
+where beta > 0, the health alarms, the held-out reward before and after), and their plan.
+
+The held-out measure is the mean total reward per held-out prompt, sampled before and after training with the same
+settings and seed, and the verdict a paired bootstrap over prompts. Online RL learns nothing from a group whose answers
+all got the same reward (often: every answer truncated, or a reward constant for this model); the health alarms
+(`HealthAlarms`) say so while it trains, and the verdict names it. The loss is a policy-gradient surrogate: exactly 0
+(a group without variance gives none) and jumps against a median near 0 are normal, so the numeric guard warns of
+neither (it still stops a non-finite loss).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable
+from typing import Any
+
+from pydantic import Field
+
+from align.recipe import Stage, Strict, TrainingStage, reward_model_problems, stage_ref
+from align.rewards import Judge, RewardEntry, check_functions, entries_identity, guarded, resolve_function
+from align.stages.base import TrainingKind
+from align.stages.common import StageKind, generation_table, show_prompt
+from align.values import Setting, StageParts, StartingPoint
+
+logger = logging.getLogger(__name__)
+
+
+class Measure(Strict):
+    """The held-out measure before and after training (and at each evaluation, with a `monitor:`)."""
+
+    prompts: int = Field(32, ge=2, description="held-out prompts (the validation split's first), the bootstrap's units")
+    samples: int = Field(4, ge=1, description="answers sampled per prompt, with the training's sampling settings")
+
+
+class Alarms(Strict):
+    """The health alarms of online RL (each a warning with its numbers; `stop: true` makes them stop the stage)."""
+
+    stop: bool = Field(False, description="an alarm stops the stage (as a non-finite loss does) instead of warning")
+    zero_std: float = Field(0.9, ge=0.0, le=1.0, description="share of groups whose answers all got one reward")
+    hacking: float = Field(
+        0.1, gt=0.0, description="held-out reward rise past which a monitor that did not rise warns (reward hacking)"
+    )
+    monitor_rise: float = Field(0.01, ge=0.0, description="a monitor's held-out rise below this counts as flat")
+    clipped: float = Field(0.9, ge=0.0, le=1.0, description="share of answers cut at max_completion_length")
+    collapse: float = Field(0.25, gt=0.0, lt=1.0, description="mean length or entropy below this share of its first")
+    kl: float = Field(1.0, gt=0.0, description="KL to the reference above this (with beta > 0)")
+    window: int = Field(3, ge=1, description="logged steps in a row an alarm's condition must hold")
+
+
+class OnlineKeys(TrainingStage):
+    """The recipe keys of an online RL stage: those of every training stage, its rewards, and its alarms."""
+
+    rewards: list[RewardEntry] = Field(min_length=1, description="what scores the answers; each has its weight")
+    monitor: list[Judge] = Field(
+        default_factory=list,
+        description="independent judges of the held-out answers, "
+        "scored at each evaluation: proxy reward up while they stay flat is reward hacking",
+    )
+    alarms: Alarms = Field(default_factory=Alarms)
+    measure: Measure = Field(default_factory=Measure)
+
+    def model_refs(self) -> dict[str, str]:
+        """Its input model, and every reward model among its rewards and monitor judges."""
+        refs = super().model_refs()
+        for part, entries in (("rewards", self.rewards), ("monitor", self.monitor)):
+            refs |= {f"{part}.{n}.reward_model": e.reward_model for n, e in enumerate(entries) if e.reward_model}
+        return refs
+
+    def problems(self, earlier: list[Stage]) -> list[str]:
+        problems = super().problems(earlier)
+        where = f"stages.{self.name}"
+        if "reward_weights" in self.train:
+            problems.append(f"{where}.train.reward_weights: each entry of `rewards:` has its own `weight`")
+        for n, entry in enumerate(self.rewards):
+            problems += reward_model_problems(entry.reward_model, f"{where}.rewards.{n}.reward_model", earlier)
+        for n, judge in enumerate(self.monitor):
+            problems += reward_model_problems(judge.reward_model, f"{where}.monitor.{n}.reward_model", earlier)
+        names = [judge.name for judge in self.monitor]
+        if len(set(names)) < len(names):
+            problems.append(f"{where}.monitor: two judges of the same name ({', '.join(names)}); keep one of each")
+        return problems
+
+
+class OnlineStage(StageKind):
+    """An online RL trainer of TRL's: reward functions guarded, a reference only where beta > 0, the health alarms,
+    and the held-out reward before and after."""
+
+    unit = "completions"
+    surrogate_loss = True
+    trainer_name = ""
+
+    def setup(self) -> None:
+        from align.models import ensure_chat_template
+
+        ensure_chat_template(self.tokenizer)
+        stage = self.stage
+        self.conversational = bool(len(self.data["train"])) and isinstance(self.data["train"][0]["prompt"], list)
+        self.entries = list(stage.rewards)
+        self.scorers = [self.scorer(e, f"stages.{stage.name}.rewards[{n}]") for n, e in enumerate(self.entries)]
+        self.functions = [fn for fn, _ in self.scorers]
+        self.reward_tokenizers = [tokenizer for _, tokenizer in self.scorers]
+        self.monitors = [self.scorer(j, f"stages.{stage.name}.monitor[{n}]") for n, j in enumerate(stage.monitor)]
+        self.weights = [entry.weight for entry in self.entries]
+        self.train, self.eval = self.data["train"], self.data["validation"]
+        self.held_out = self.eval.select(range(min(stage.measure.prompts, len(self.eval))))
+        self.prompts = [self.held_out[i]["prompt"] for i in range(min(self.stage.generations, len(self.held_out)))]
+        self.before: dict[str, Any] | None = None  # the held-out measure before training, which monitors compare with
+        self.extra = {"rewards": [{"reward": e.name, "weight": e.weight} for e in self.entries]}
+        if stage.monitor:
+            self.extra["monitor"] = [j.name for j in stage.monitor]
+
+    def scorer(self, entry: RewardEntry | Judge, where: str) -> tuple[Any, Any]:
+        """What scores answers for one entry: a guarded function (tokenizer None), a reward model and its
+        tokenizer, or (a `reference: rouge_l` monitor) the string "rouge_l"."""
+        if entry.function is not None:
+            fn = resolve_function(entry, self.ctx.recipe.base_dir, where, self.conversational)
+            return guarded(fn, entry.name), None
+        if getattr(entry, "reference", None) is not None:
+            return "rouge_l", None
+        return self.reward_model(entry, where)
+
+    def reward_model(self, entry: RewardEntry | Judge, where: str) -> tuple[Any, Any]:
+        from align.models import build_model
+
+        ref = stage_ref(entry.reward_model)
+        path = str(self.ctx.outputs[ref].model_dir) if ref is not None else entry.reward_model
+        model, tokenizer = build_model(path, where, reward_head=True)
+        model.config._name_or_path = entry.name  # TRL names its figure after it (a model built here has none)
+        return model.eval(), tokenizer
+
+    def trainer(self, args: Any, callbacks: list[Any]) -> Any:
+        import trl
+
+        from align.models import lora_config
+
+        self.use_reference(args)
+        trainer_class = getattr(trl, self.trainer_name)
+        return trainer_class(
+            model=self.model, reward_funcs=self.functions, args=args, train_dataset=self.train,
+            eval_dataset=self.eval, processing_class=self.tokenizer, reward_processing_classes=self.reward_tokenizers,
+            callbacks=callbacks, peft_config=lora_config(self.stage.peft) if self.start.lora == "new" else None,
+        )  # fmt: skip
+
+    def use_reference(self, args: Any) -> None:
+        """With beta > 0 TRL loads its reference from the model's `_name_or_path`; a model built from scratch here,
+        or the input's adapters merged, has no such directory: the starting weights are saved for it."""
+        if not args.beta or self.start.lora == "new":
+            self.extra["reference"] = "none (beta 0)" if not args.beta else "the input model with its adapters off"
+            return
+        from align.runtime import is_main_process, wait_for_everyone
+
+        named = str(getattr(self.model.config, "_name_or_path", "") or "")
+        if self.start.input == "full" and named and named == str(self.ctx.model_ref):
+            self.extra["reference"] = f"the input model, loaded again by TRL from {named}"
+            return
+        folder = self.ctx.stage_dir / "reference"
+        if is_main_process():
+            self.model.save_pretrained(folder)
+        wait_for_everyone()
+        self.model.config._name_or_path = str(folder)
+        self.extra["reference"] = f"the input model, saved for TRL to load in {folder}"
+
+    def guards(self) -> list[Any]:
+        from align.guards import HealthAlarms
+
+        self.health = HealthAlarms(self.stage.alarms, self.ctx.tracker)
+        return [self.health, *([monitor_callback(self)] if self.monitors else [])]
+
+    def measure(self, trainer: Any) -> dict[str, Any]:
+        measured = self.measure_model(trainer.model, trainer.args)
+        if self.before is None:
+            self.before = measured
+        return measured
+
+    def measure_model(self, model: Any, args: Any) -> dict[str, Any]:
+        """Every held-out prompt answered `measure.samples` times with the training's own sampling settings and the
+        recipe's seed, and scored: the mean total reward per prompt, each function's mean, each monitor's mean, the
+        share of prompts whose answers all scored alike, mean length and the share cut at max_completion_length."""
+        from align.evaluation import generate_batched
+
+        rows = self.held_out
+        answers = generate_batched(
+            model, self.tokenizer, list(rows["prompt"]), max_new_tokens=args.max_completion_length,
+            temperature=args.temperature or 1.0, top_p=args.top_p, num_samples=self.stage.measure.samples,
+            seed=self.ctx.seed, batch_size=args.per_device_eval_batch_size,
+        )  # fmt: skip
+        flat = [(i, a) for i, per in enumerate(answers) for a in per]
+        per_function = {entry.name: self.score(scorer, flat, args) for entry, scorer in zip(self.entries, self.scorers,
+                                                                                            strict=True)}  # fmt: skip
+        monitors = {judge.name: _nanmean(self.score(scorer, flat, args))
+                    for judge, scorer in zip(self.stage.monitor, self.monitors, strict=True)}  # fmt: skip
+        totals = [
+            sum(
+                w * (0.0 if math.isnan(v[k]) else v[k])
+                for w, v in zip(self.weights, per_function.values(), strict=True)
+            )
+            for k in range(len(flat))
+        ]
+        n = self.stage.measure.samples
+        by_prompt = [totals[i * n : (i + 1) * n] for i in range(len(rows))]
+        return {
+            "per_prompt": [sum(g) / len(g) for g in by_prompt],
+            "reward": sum(totals) / max(1, len(totals)),
+            "rewards": {name: _nanmean(values) for name, values in per_function.items()},
+            "monitor": monitors,
+            "zero_std": sum(max(g) - min(g) < 1e-12 for g in by_prompt) / max(1, len(by_prompt)),
+            "length": sum(a.tokens for _, a in flat) / max(1, len(flat)),
+            "clipped": sum(not a.ended for _, a in flat) / max(1, len(flat)),
+            "answers": [per[0] for per in answers[: len(self.prompts)]],
+        }
+
+    def score(self, scorer: tuple[Any, Any], flat: list[tuple[int, Any]], args: Any) -> list[float]:
+        """One scorer's value for each held-out (prompt index, answer): NaN where a function had no opinion."""
+        fn, tokenizer = scorer
+        rows = self.held_out
+        prompts = [rows[i]["prompt"] for i, _ in flat]
+        if fn == "rouge_l":
+            from align.evaluation import rouge_l_f1
+
+            return rouge_l_f1([a.text for _, a in flat], [str(rows[i].get("completion") or "") for i, _ in flat])
+        if tokenizer is not None:
+            from align.evaluation import reward_model_scores
+
+            texts = [a.text for _, a in flat]
+            return reward_model_scores(fn, tokenizer, prompts, texts, batch_size=args.per_device_eval_batch_size)
+        columns = {k: [rows[i][k] for i, _ in flat] for k in rows.column_names if k != "prompt"}
+        completions = [[{"role": "assistant", "content": a.text}] if self.conversational else a.text for _, a in flat]
+        values = fn(prompts=prompts, completions=completions, completion_ids=[list(a.token_ids) for _, a in flat],
+                    **columns)  # fmt: skip
+        return [float("nan") if v is None else float(v) for v in values]
+
+    def hacking(self, measured: dict[str, Any]) -> str | None:
+        """The reward-hacking warning, where the held-out reward rose by `alarms.hacking` or more since before
+        training while a monitor rose by less than `alarms.monitor_rise` (flat or down)."""
+        if self.before is None or not measured["monitor"]:
+            return None
+        a = self.stage.alarms
+        rise = measured["reward"] - self.before["reward"]
+        flat = [(name, self.before["monitor"][name], value) for name, value in measured["monitor"].items()
+                if value is not None and self.before["monitor"].get(name) is not None
+                and value - self.before["monitor"][name] < a.monitor_rise]  # fmt: skip
+        if rise < a.hacking or not flat:
+            return None
+        monitors = ", ".join(f"{name} {b:.3f} → {v:.3f}" for name, b, v in flat)
+        return (f"the held-out reward rose {self.before['reward']:.3f} → {measured['reward']:.3f} while the monitor "
+                f"did not ({monitors}): the policy is learning what the reward pays for, not the task; check what "
+                "the reward function rewards, or give the monitor's function a weight among the rewards")  # fmt: skip
+
+    def summarize(self, before, after, measured_before, measured_after):
+        from align.verdict import Verdict, accuracy_verdict
+
+        metrics = {
+            "reward_before": measured_before["reward"],
+            "reward": measured_after["reward"],
+            "rewards": {
+                name: {"before": measured_before["rewards"][name], "after": value}
+                for name, value in measured_after["rewards"].items()
+            },  # fmt: skip
+            "completion_length": measured_after["length"],
+            "clipped_ratio": measured_after["clipped"],
+            "frac_reward_zero_std": after.get("eval_frac_reward_zero_std"),
+            "kl": after.get("eval_kl"),
+            "entropy": after.get("eval_entropy"),
+        }
+        if measured_after["monitor"]:
+            metrics["monitor"] = {name: {"before": measured_before["monitor"][name], "after": value}
+                                  for name, value in measured_after["monitor"].items()}  # fmt: skip
+            hacking = self.hacking(measured_after)
+            if hacking is not None:
+                self.health.fire("reward hacking", hacking, None)
+        verdict = accuracy_verdict("reward", measured_before["per_prompt"], measured_after["per_prompt"],
+                                   ceiling=None, unit="prompts", **self.trained_with)  # fmt: skip
+        causes = []
+        if verdict.status != "improved":
+            for label, measured in (("before", measured_before), ("after", measured_after)):
+                if measured["zero_std"] >= 0.5:
+                    causes.append(f"no learning signal: {measured['zero_std']:.0%} of held-out prompts got the same "
+                                  f"reward on all {self.stage.measure.samples} answers {label} training (GRPO learns "
+                                  "only from groups whose rewards differ)")  # fmt: skip
+                    break
+            if measured_before["clipped"] >= 0.5:
+                causes.append(f"truncation: {measured_before['clipped']:.0%} of answers hit max_completion_length "
+                              "before training (a truncated answer is often scored alike)")  # fmt: skip
+        verdict = Verdict(verdict.status, [*verdict.reasons, *causes], [*verdict.warnings, *self.health.fired])
+        answers = ([a.text for a in measured_before["answers"]], [a.text for a in measured_after["answers"]])
+        generations = generation_table(self.ctx, [show_prompt(p) for p in self.prompts], *answers)
+        return metrics, {"generations": generations, "verdict": verdict}
+
+
+def monitor_callback(stage: OnlineStage) -> Any:
+    """A TrainerCallback: at each evaluation during training, the held-out answers sampled and scored by the rewards
+    and by every `monitor:` judge (the `monitor` split of metrics.jsonl and the trackers), and the reward-hacking
+    alarm checked against the measure before training. Built here so transformers is imported only when it runs."""
+    from transformers import TrainerCallback
+
+    from align.stages.common import keep_random_state
+
+    class Monitor(TrainerCallback):
+        def on_evaluate(self, args, state, control, model=None, **kwargs):
+            # Only the Trainer's evaluations while it trains: the closing one is `measure`d after training.
+            if state.global_step == 0 or model is None or (stage.writer and stage.writer.phase is not None):
+                return
+            with keep_random_state():  # training must draw the same random numbers with a monitor or without
+                measured = stage.measure_model(model, args)
+            row = {"step": state.global_step, "epoch": state.epoch, "split": "monitor",
+                   "monitor/reward": measured["reward"]}  # fmt: skip
+            row |= {f"monitor/{name}": value for name, value in measured["monitor"].items()}
+            if stage.writer is not None:
+                stage.writer.record(row)
+            hacking = stage.hacking(measured)
+            if hacking is not None:
+                stage.health.fire("reward hacking", hacking, control)
+
+    return Monitor()
+
+
+def _nanmean(values: list[float]) -> float | None:
+    kept = [v for v in values if not math.isnan(v)]
+    return sum(kept) / len(kept) if kept else None
+
+
+# --------------------------------------------------------------------------------------------------
+# Plan
+
+
+def online_plan(config_class: Callable[[], type]) -> Callable[..., StageParts]:
+    """The plan of an online stage whose config class `config_class()` gives (GRPOConfig, RLOOConfig)."""
+
+    def plan(stage: Any, *, spec: Any, data: Any, tokenizer: Any, config: Any, start: StartingPoint,
+             recipe: Any) -> StageParts:  # fmt: skip
+        """An online stage's part of its plan: its rewards (each imported and called on two held-out rows), the
+        batch rules TRL enforces only when it starts (at least 2 answers per prompt; the generation batch a multiple
+        of them at this process count), vLLM's needs, and the reference."""
+        return plan_online(stage, config_class(), data, start, recipe)
+
+    return plan
+
+
+def plan_online(stage: Any, cls: type, data: Any, start: StartingPoint, recipe: Any) -> StageParts:
+    import importlib.util
+
+    from align.plan import batch_figures, world_size
+
+    where = f"stages.{stage.name}"
+    fields = cls.__dataclass_fields__
+    value = {k: stage.train.get(k, fields[k].default) for k in (
+        "num_generations", "per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps",
+        "steps_per_generation", "generation_batch_size", "max_completion_length", "beta", "use_vllm",
+        "num_iterations", "save_steps",
+    ) if k in fields}  # fmt: skip
+    parts = StageParts(fixed={
+        "remove_unused_columns": Setting(False, "align (managed): the data's other columns reach the rewards"),
+        # Its batches are prompts, with no input_ids for the Trainer to count (it warns at every step).
+        "include_num_input_tokens_seen": Setting("no", "align (managed): online batches hold prompts, not tokens"),
+    })  # fmt: skip
+    # TRL sums the functions' rewards unweighted unless it is given `reward_weights`: each entry's `weight` reaches it,
+    # so the trained objective is the one the plan names and the held-out measure scores.
+    parts.fixed["reward_weights"] = Setting(
+        [float(e.weight) for e in stage.rewards], "align (from rewards:): each entry's weight, in order"
+    )
+    if "disable_dropout" not in stage.train:
+        parts.fixed["disable_dropout"] = Setting(True, "align default: policy and reference see the same network")
+    g = value["num_generations"]
+    if g < 2:
+        parts.problems.append(f"{where}.train.num_generations: {g}: a group needs at least 2 answers to compare")
+    processes = world_size()
+    generation = value.get("generation_batch_size") or value["per_device_train_batch_size"] * processes * (
+        value.get("steps_per_generation") or value["gradient_accumulation_steps"]
+    )
+    if g >= 2 and generation % g:
+        parts.problems.append(
+            f"{where}.train.per_device_train_batch_size: a generation batch of {generation} "
+            f"answers ({processes} processes) does not divide into groups of num_generations {g}"
+        )
+        parts.hints.append("make per_device_train_batch_size x processes x gradient_accumulation_steps a multiple "
+                           "of num_generations (the batch counts answers, not prompts)")  # fmt: skip
+    if g >= 2 and (value["per_device_eval_batch_size"] * processes) % g:
+        parts.problems.append(f"{where}.train.per_device_eval_batch_size: {value['per_device_eval_batch_size']} x "
+                              f"{processes} processes does not divide into groups of {g}")  # fmt: skip
+    # TRL samples a generation batch once per steps_per_generation x num_iterations steps and reuses it in between;
+    # a checkpoint inside that span resumes with a fresh batch, so only one on its boundary ends where an unbroken
+    # run ends.
+    span = (value.get("steps_per_generation") or value["gradient_accumulation_steps"]) * (
+        value.get("num_iterations") or 1
+    )
+    save = value.get("save_steps")
+    if span > 1 and isinstance(save, int | float) and save >= 1 and int(save) % span:
+        logger.warning("%s.train.save_steps: %s is not a multiple of %d (steps_per_generation x num_iterations): a "
+                       "resume from such a checkpoint samples a new generation batch and will not end where an "
+                       "unbroken run ends", where, save, span)  # fmt: skip
+        parts.details["resume"] = f"inexact: save_steps {save} is not a multiple of {span}"
+    if value.get("use_vllm"):
+        import torch
+
+        if importlib.util.find_spec("vllm") is None:
+            parts.problems.append(f"{where}.train.use_vllm: vllm is not installed")
+            parts.hints.append('pip install -e ".[vllm]"')
+        elif not torch.cuda.is_available():
+            parts.problems.append(f"{where}.train.use_vllm: vLLM needs a GPU, and this machine has none")
+    if value["beta"] and start.lora == "continue":
+        parts.problems.append(f"{where}.peft: with beta > 0 the reference would be the input's base without its "
+                              "adapters, not the input model")  # fmt: skip
+        parts.hints.append("save the earlier stage with `merge: true`, or keep beta 0")
+    parts.details.update(
+        input=start.summary(),
+        rewards="; ".join(f"{e.name} (weight {e.weight:g})" for e in stage.rewards),
+        reference="none (beta 0: no KL term)" if not value["beta"] else f"the input model (beta {value['beta']})",
+        answers=f"{g} per prompt, up to {value['max_completion_length']} tokens each",
+    )
+    if stage.monitor:
+        parts.details["monitor"] = ", ".join(j.name for j in stage.monitor) + " (at each evaluation)"
+    if data is not None:
+        parts.problems += check_functions(stage.rewards, data["validation"], recipe.base_dir, where + ".rewards",
+                                          by_trl=True)  # fmt: skip
+        parts.problems += check_functions(stage.monitor, data["validation"], recipe.base_dir, where + ".monitor")
+        for n, judge in enumerate(stage.monitor):
+            if judge.reference is not None and "completion" not in data["validation"].column_names:
+                parts.problems.append(f"{where}.monitor[{n}]: rouge_l scores the answers against the data's "
+                                      "`completion` column, which this data does not have")  # fmt: skip
+        train = data["train"]
+        parts.details["train_prompts"] = len(train)
+        # TRL samples a group for every validation prompt at each evaluation: the cost a user may not expect.
+        parts.details["evaluation"] = (f"{len(data['validation'])} validation prompts x {g} answers at each "
+                                       "evaluation (data's max_eval_rows caps the prompts)")  # fmt: skip
+        parts.details["examples"] = [{"prompt": show_prompt(train[i]["prompt"])} for i in range(min(2, len(train)))]
+        parts.count = lambda effective: batch_figures(effective, len(train) * g)
+    return parts
+
+
+class OnlineKind(TrainingKind):
+    """A training kind whose output also depends on its reward files and reward models, and its monitor's."""
+
+    def input_identity(self, stage: Any, recipe: Any, outputs: Any) -> str:
+        pinned = entries_identity([*stage.rewards, *stage.monitor], recipe.base_dir, outputs)
+        return "|".join([super().input_identity(stage, recipe, outputs), *pinned])
