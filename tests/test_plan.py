@@ -320,6 +320,8 @@ def test_a_max_length_that_drops_most_pairs_warns_at_plan_time(tmp_path, run_cli
     assert dropped >= total / 2 and left == total - dropped
     assert f"dropped: {dropped} of {total} train pairs" in out, "the plan line says the same numbers"
     assert "data: pairs.jsonl (preference): 32 train rows, 8 validation rows" in out, "named by its file, not 'inline'"
+    if kind == "dpo":  # TRL cuts each side to max_length: the planned tokens count what is trained (orpo, kto did)
+        assert int(re.search(r"train_tokens: (\d+)", out)[1]) <= 2 * 32 * 24, out
 
 
 def test_a_tokenizer_smaller_than_the_vocab_size_asked_is_said_in_the_plan_the_log_and_the_card(tmp_path, run_cli):

@@ -161,7 +161,7 @@ def plan(
                       "raise max_length (align caps it at the model's positions) or shorten the prompts")  # fmt: skip
     parts.details.update(
         train_pairs=len(data["train"]),
-        train_tokens=sum(lengths),
+        train_tokens=sum(min(n, max_length or n) for n in lengths),  # TRL cuts each side to max_length
         max_length=max_length,
         truncation_rate=truncated / max(1, len(lengths)),
         dropped=f"{len(data['train']) - kept['train']} of {len(data['train'])} train pairs (prompt fills max_length)",
