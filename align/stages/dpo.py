@@ -7,7 +7,6 @@ second copy); continuing on an earlier stage's adapters, TRL's frozen copy of th
 
 from __future__ import annotations
 
-import copy
 import logging
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -24,6 +23,7 @@ from align.stages.common import (
     summarize_pairs,
     warn_most_dropped,
 )
+from align.stages.preference_family import reference_for, reference_plan
 from align.values import StageParts, StageResult, StartingPoint
 
 if TYPE_CHECKING:
@@ -93,32 +93,6 @@ class DPOStage(StageKind):
     def summarize(self, before, after, measured_before, measured_after):
         return summarize_pairs(self, after, measured_before, measured_after,
                                dpo_loss=(before.get("eval_loss"), after.get("eval_loss")))  # fmt: skip
-
-
-def reference_plan(stage: Stage, start: StartingPoint) -> str:
-    """What the reference model is, in a sentence: for the summary, the log and the dry run alike."""
-    if start.lora == "continue":
-        return "the input's LoRA adapters, copied by TRL as a frozen 'ref' adapter (no second model)"
-    if start.lora == "new":
-        return "the input model with the LoRA adapters switched off (no second model in memory)"
-    if stage.train.get("precompute_ref_log_probs"):
-        return "the input model's log-probabilities, computed once before training (no second model kept)"
-    if start.lora == "merge":
-        return "a frozen copy of the input model, its LoRA adapters merged into the base"
-    return "a frozen copy of the input model"
-
-
-def reference_for(stage: Stage, start: StartingPoint, model: Any) -> tuple[Any, str]:
-    """The reference model (None where TRL needs none) and a sentence saying what it is."""
-    reference = reference_plan(stage, start)
-    if start.lora in ("new", "continue") or stage.train.get("precompute_ref_log_probs"):
-        return None, reference
-    # An explicit frozen copy: TRL would otherwise reload the reference from config._name_or_path, which a model
-    # built from scratch does not have.
-    frozen = copy.deepcopy(model).eval()
-    for parameter in frozen.parameters():
-        parameter.requires_grad_(False)
-    return frozen, reference
 
 
 # --------------------------------------------------------------------------------------------------

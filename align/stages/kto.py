@@ -35,7 +35,7 @@ from align.stages.common import (
     report_dropped,
     run_stage,
 )
-from align.stages.dpo import reference_for, reference_plan
+from align.stages.preference_family import reference_for, reference_plan
 from align.values import StageParts, StageResult, StartingPoint
 
 if TYPE_CHECKING:

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any, Literal
 from align.recipe import PREFERENCE_FORMATS, TrainingStage
 from align.stages.base import Figure, TrainingKind
 from align.stages.common import run_stage
-from align.stages.orpo import PairStage, plan_pairs
+from align.stages.preference_family import PairStage, plan_pairs
 from align.values import Setting, StageParts, StageResult, StartingPoint
 
 if TYPE_CHECKING:
