@@ -13,7 +13,7 @@ import types
 import typing
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, ClassVar, Literal, Union
+from typing import Annotated, Any, ClassVar, Literal, Union
 
 import yaml
 from pydantic import (
@@ -284,6 +284,52 @@ class PeftSettings(Strict):
     )
 
 
+class ModelRefMark:
+    """Marks a recipe field whose value names a model (a hub id, a directory or `@stage`): `Annotated[..., MODEL_REF]`.
+    `Stage.model_refs` collects every marked field, so the offline and run-directory checks reach a new model-valued
+    field (a reward model, a teacher) by its declaration alone; tests/test_registry.py holds every kind to it."""
+
+    def __repr__(self) -> str:
+        return "MODEL_REF"
+
+
+MODEL_REF = ModelRefMark()
+
+
+def declared_model_refs(node: Any, path: str = "") -> dict[str, str]:
+    """Every model named in `node`'s fields marked `MODEL_REF` (strings only: a from-scratch config names none), by
+    its dotted key (`model`, `models.sft`, `rewards.1.reward_model`), found through nested models, lists and dicts."""
+    found: dict[str, str] = {}
+
+    def strings(value: Any, at: str) -> None:
+        if isinstance(value, str):
+            found[at] = value
+        elif isinstance(value, dict):
+            for key, item in value.items():
+                strings(item, f"{at}.{key}")
+        elif isinstance(value, list):
+            for n, item in enumerate(value):
+                strings(item, f"{at}.{n}")
+
+    def walk(value: Any, at: str) -> None:
+        if isinstance(value, BaseModel):
+            found.update(declared_model_refs(value, f"{at}."))
+        elif isinstance(value, dict):
+            for key, item in value.items():
+                walk(item, f"{at}.{key}")
+        elif isinstance(value, list):
+            for n, item in enumerate(value):
+                walk(item, f"{at}.{n}")
+
+    for name, info in type(node).model_fields.items():
+        value = getattr(node, name)
+        if MODEL_REF in info.metadata:
+            strings(value, f"{path}{name}")
+        else:
+            walk(value, f"{path}{name}")
+    return found
+
+
 class Stage(Strict):
     """The shape every stage shares. Each kind's module declares its own recipe keys as a subclass (with `kind` a
     literal of its name), and the loader (align/loader.py) validates a stage with its kind's class."""
@@ -301,8 +347,8 @@ class Stage(Strict):
 
     def model_refs(self) -> dict[str, str]:
         """Every model this stage reads, as written (hub ids, directories, @stage references), by its key under
-        the stage (`model`, `models.sft`, `judges.0.reward_model`)."""
-        return {}
+        the stage (`model`, `models.sft`, `judges.0.reward_model`): its fields marked `MODEL_REF`."""
+        return declared_model_refs(self)
 
     def a_kind(self) -> str:
         """The kind with its article, as a sentence says it: "an sft", "a dpo"."""
@@ -328,7 +374,7 @@ class TrainingStage(Stage):
     """The recipe keys of a stage that trains a model: what every training kind takes (each adds its own)."""
 
     makes: ClassVar[str | None] = "policy"
-    model: str | ScratchModel | None = Field(
+    model: Annotated[str | ScratchModel | None, MODEL_REF] = Field(
         None, description="hub id, local directory, @<stage>, or {model_type: ...}; omitted: the previous stage"
     )
     data: DataRef
@@ -345,9 +391,6 @@ class TrainingStage(Stage):
     @model_serializer(mode="wrap")
     def _dump(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
         return later_keys_left_out(handler(self), self, ("loading",))
-
-    def model_refs(self) -> dict[str, str]:
-        return {"model": self.model} if isinstance(self.model, str) else {}
 
     def problems(self, earlier: list[Stage]) -> list[str]:
         where = f"stages.{self.name}"

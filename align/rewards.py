@@ -17,12 +17,12 @@ import math
 import re
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import Field, model_serializer, model_validator
 
 from align.errors import BadInput, StageFailed, closest
-from align.recipe import Strict, search_paths
+from align.recipe import MODEL_REF, Strict, search_paths
 
 RewardFn = Callable[..., list]
 
@@ -41,7 +41,9 @@ class FunctionFields(Strict):
 class RewardEntry(FunctionFields):
     """One reward of an online stage: a function or a reward model, and its weight."""
 
-    reward_model: str | None = Field(None, description="a sequence-classification model: @<rm stage>, path or hub id")
+    reward_model: Annotated[str | None, MODEL_REF] = Field(
+        None, description="a sequence-classification model: @<rm stage>, path or hub id"
+    )
     weight: float = Field(1.0, description="its share of the total reward (TRL's reward_weights)")
 
     @model_validator(mode="after")
@@ -61,7 +63,9 @@ class Judge(FunctionFields):
     """One judge of answers (an eval stage's `judges:`, an online stage's `monitor:`): a function (the entries
     `rewards:` takes), a reward model, or ROUGE-L against the data's references; higher is better."""
 
-    reward_model: str | None = Field(None, description="a sequence-classification model: @<rm stage>, path or hub id")
+    reward_model: Annotated[str | None, MODEL_REF] = Field(
+        None, description="a sequence-classification model: @<rm stage>, path or hub id"
+    )
     reference: Literal["rouge_l"] | None = Field(None, description="score answers against the data's references")
 
     @model_serializer(mode="wrap")

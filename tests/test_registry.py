@@ -7,6 +7,7 @@ import ast
 import json
 import re
 from pathlib import Path
+from typing import Annotated, Any
 
 import yaml
 
@@ -151,3 +152,61 @@ def test_each_stage_module_is_named_for_its_kind_and_the_help_lists_every_kind()
     with contextlib.redirect_stdout(out), contextlib.suppress(SystemExit):
         parse_args(["--help"])
     assert f"its stages ({', '.join(registry.names())})" in " ".join(out.getvalue().split())
+
+
+# A field of one of these names holds a model (a hub id, a directory, `@stage`); `teacher` is the next kind's.
+MODEL_FIELD = re.compile(r"^(models?|teacher|.*_model)$")
+
+
+def unmarked_model_fields(cls: type, path: str = "") -> list[str]:
+    """Every field of a recipe-keys class, nested models included, that by its name holds a model but is not marked
+    `MODEL_REF`: one the offline check and the run-directory check would never see."""
+    import typing
+
+    from pydantic import BaseModel
+
+    from align.recipe import MODEL_REF
+
+    def models_in(annotation: Any) -> list[type]:
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            return [annotation]
+        return [m for arg in typing.get_args(annotation) for m in models_in(arg)]
+
+    found = []
+    for name, info in cls.model_fields.items():
+        if MODEL_FIELD.match(name) and MODEL_REF not in info.metadata:
+            found.append(f"{path}{name}")
+        for nested in models_in(info.annotation):
+            found += unmarked_model_fields(nested, f"{path}{name}.")
+    return found
+
+
+def test_every_kinds_model_valued_fields_are_declared_and_reach_the_checks():
+    """Conformance, from the registry: every field that holds a model is marked MODEL_REF, so `model_refs()` (the
+    offline check before stage one, the run-directory check) reaches it by its declaration alone. A kind built here
+    with a `teacher:` it did not mark fails the same check, as the next kind would."""
+    from pydantic import Field
+
+    from align import stages as registry
+    from align.recipe import MODEL_REF, TrainingStage
+
+    assert {name: unmarked_model_fields(kind.keys) for name, kind in registry.kinds().items()} == {
+        name: [] for name in registry.names()
+    }
+
+    class Forgot(TrainingStage):
+        teacher: str | None = Field(None, description="the model to distil from")
+
+    class Declared(TrainingStage):
+        teacher: Annotated[str | None, MODEL_REF] = Field(None, description="the model to distil from")
+
+    assert unmarked_model_fields(Forgot) == ["teacher"]
+    assert unmarked_model_fields(Declared) == []
+    data = {"card": "python-docs"}
+    assert Forgot(name="d", kind="x", model="org/student", teacher="org/teacher", data=data).model_refs() == {
+        "model": "org/student"
+    }, "an unmarked teacher escapes the checks: what the conformance test exists to catch"
+    assert Declared(name="d", kind="x", model="org/student", teacher="@sft", data=data).model_refs() == {
+        "model": "org/student",
+        "teacher": "@sft",
+    }

@@ -24,13 +24,14 @@ import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ClassVar, Literal
+from typing import TYPE_CHECKING, Annotated, Any, ClassVar, Literal
 
 from pydantic import Field
 
 from align.errors import BadInput, Problems
 from align.plan import StagePlan
 from align.recipe import (
+    MODEL_REF,
     PREFERENCE_FORMATS,
     DataRef,
     Recipe,
@@ -91,7 +92,7 @@ class EvalStage(Stage):
     trust_remote_code: bool = Field(
         False, description="run Python code shipped in the models' hub repositories (only for models you trust)"
     )
-    models: dict[str, str] | None = Field(
+    models: Annotated[dict[str, str] | None, MODEL_REF] = Field(
         None, description="label -> model (@stage, directory or hub id); omitted: every earlier policy stage"
     )
     baseline: str | None = Field(None, description="the label every model is compared with (default: the first)")
@@ -102,10 +103,6 @@ class EvalStage(Stage):
     allow_overlap: bool = Field(
         False, description="allow prompts that an earlier stage of this recipe trained on (refused by default)"
     )
-
-    def model_refs(self) -> dict[str, str]:
-        refs = {f"models.{label}": ref for label, ref in (self.models or {}).items()}
-        return refs | {f"judges.{n}.reward_model": j.reward_model for n, j in enumerate(self.judges) if j.reward_model}
 
     def problems(self, earlier: list[Stage]) -> list[str]:
         """Its models, baseline and judges against the stages before it."""

@@ -62,13 +62,6 @@ class OnlineKeys(TrainingStage):
     alarms: Alarms = Field(default_factory=Alarms)
     measure: Measure = Field(default_factory=Measure)
 
-    def model_refs(self) -> dict[str, str]:
-        """Its input model, and every reward model among its rewards and monitor judges."""
-        refs = super().model_refs()
-        for part, entries in (("rewards", self.rewards), ("monitor", self.monitor)):
-            refs |= {f"{part}.{n}.reward_model": e.reward_model for n, e in enumerate(entries) if e.reward_model}
-        return refs
-
     def problems(self, earlier: list[Stage]) -> list[str]:
         problems = super().problems(earlier)
         where = f"stages.{self.name}"
