@@ -147,13 +147,15 @@ def model_card(run_dir: Path, stage: str, merged: bool = False) -> str:
 
 
 def later_evaluations(run_dir: Path, stage: str) -> list[str]:
-    """A line for each completed eval stage of the run that evaluated `stage`'s model: its verdict and what it says
-    of this model (a stage's own "improved" and a later eval's "worse" belong on the same card)."""
+    """A line for each completed stage of the run that compared `stage`'s model with others (an eval): its verdict on
+    this model, not on the whole stage, and what it says of it (a stage's own "improved" and a later eval's "worse"
+    belong on the same card; another model's "worse" does not)."""
     lines = []
     for entry in (read_json(run_dir / "pipeline.json") or {}).get("stages", []):
         summary = read_json(run_dir / str(entry.get("name")) / "summary.json") or {}
         metrics = summary.get("metrics") or {}
-        if entry.get("kind") != "eval" or summary.get("status") not in ("completed", "cached"):
+        kind = registry.kinds().get(str(entry.get("kind")))
+        if kind is None or not kind.compares_models or summary.get("status") not in ("completed", "cached"):
             continue
         if stage not in (metrics.get("models") or {}):
             continue
@@ -163,7 +165,8 @@ def later_evaluations(run_dir: Path, stage: str) -> list[str]:
         if stage == metrics.get("baseline"):
             lines.append(f"- `{entry['name']}`: the baseline the other models were compared against.")
             continue
-        status = f"**{verdict['status']}**" if verdict.get("status") else "no verdict"
+        own = (metrics["models"][stage].get("verdict") or {}).get("status")
+        status = f"**{own}**" if own else "no verdict"
         lines.append(f"- `{entry['name']}`: {status}" + (f": {'; '.join(said)}" if said else "") + ".")
         lines += [f"  - warning: {w}" for w in warned]
     return lines

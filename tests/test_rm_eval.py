@@ -437,7 +437,8 @@ def test_a_later_evals_verdict_reaches_the_evaluated_models_cards(chain):
     for name in judged:
         card = (chain / name / "model" / "README.md").read_text()
         section = card[card.index("## Later evaluations") :].split("\n## ", 1)[0]
-        assert f"- `eval`: **{evaluation['verdict']['status']}**" in section, section
+        own = evaluation["metrics"]["models"][name]["verdict"]["status"]
+        assert f"- `eval`: **{own}**" in section, section
         ours = [r.removeprefix(f"{name}: ") for r in evaluation["verdict"]["reasons"] if r.startswith(f"{name}: ")]
         assert all(reason in section for reason in ours), section
     baseline = evaluation["metrics"]["baseline"]

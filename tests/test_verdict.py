@@ -451,3 +451,23 @@ def test_an_eval_of_several_models_heads_with_the_worst_and_names_every_one_that
     assert eval_verdict(metrics)["status"] == "better"
     del metrics["models"]["grpo"]
     assert eval_verdict(metrics)["status"] == "no_difference"
+
+
+def test_a_models_card_carries_the_evals_verdict_on_that_model_not_on_the_whole_stage(tmp_path):
+    """dpo tied the baseline, orpo lost: the eval stage is `worse`, yet dpo's card must say `no_difference`."""
+    from align.card import later_evaluations
+
+    def model(status: str) -> dict:
+        return {"verdict": {"status": status, "reasons": [], "warnings": []}}
+
+    (tmp_path / "eval").mkdir()
+    (tmp_path / "pipeline.json").write_text(json.dumps({"stages": [{"name": "eval", "kind": "eval"}]}))
+    summary = {"status": "completed", "verdict": {"status": "worse", "warnings": [], "reasons": [
+        "orpo: win rate 0.00 [0.00, 0.00] (worse)", "dpo: win rate 0.57 [0.45, 0.68] (no_difference)"]},
+        "metrics": {"baseline": "sft", "models": {"sft": model("baseline"), "dpo": model("no_difference"),
+                                                  "orpo": model("worse")}}}  # fmt: skip
+    (tmp_path / "eval" / "summary.json").write_text(json.dumps(summary))
+    assert later_evaluations(tmp_path, "dpo") == [
+        "- `eval`: **no_difference**: win rate 0.57 [0.45, 0.68] (no_difference)."
+    ]
+    assert later_evaluations(tmp_path, "orpo")[0].startswith("- `eval`: **worse**: win rate 0.00")
