@@ -296,37 +296,24 @@ class ModelRefMark:
 MODEL_REF = ModelRefMark()
 
 
-def declared_model_refs(node: Any, path: str = "") -> dict[str, str]:
+def declared_model_refs(node: BaseModel) -> dict[str, str]:
     """Every model named in `node`'s fields marked `MODEL_REF` (strings only: a from-scratch config names none), by
     its dotted key (`model`, `models.sft`, `rewards.1.reward_model`), found through nested models, lists and dicts."""
     found: dict[str, str] = {}
 
-    def strings(value: Any, at: str) -> None:
-        if isinstance(value, str):
-            found[at] = value
-        elif isinstance(value, dict):
-            for key, item in value.items():
-                strings(item, f"{at}.{key}")
-        elif isinstance(value, list):
-            for n, item in enumerate(value):
-                strings(item, f"{at}.{n}")
-
-    def walk(value: Any, at: str) -> None:
+    def visit(value: Any, at: str, marked: bool) -> None:
         if isinstance(value, BaseModel):
-            found.update(declared_model_refs(value, f"{at}."))
-        elif isinstance(value, dict):
-            for key, item in value.items():
-                walk(item, f"{at}.{key}")
-        elif isinstance(value, list):
-            for n, item in enumerate(value):
-                walk(item, f"{at}.{n}")
+            if marked:
+                return  # a model built from a config ({model_type: ...}) names no model to find
+            for name, info in type(value).model_fields.items():
+                visit(getattr(value, name), f"{at}.{name}" if at else name, MODEL_REF in info.metadata)
+        elif isinstance(value, dict | list):
+            for key, item in value.items() if isinstance(value, dict) else enumerate(value):
+                visit(item, f"{at}.{key}", marked)
+        elif marked and isinstance(value, str):
+            found[at] = value
 
-    for name, info in type(node).model_fields.items():
-        value = getattr(node, name)
-        if MODEL_REF in info.metadata:
-            strings(value, f"{path}{name}")
-        else:
-            walk(value, f"{path}{name}")
+    visit(node, "", False)
     return found
 
 

@@ -206,6 +206,8 @@ def test_every_kinds_model_valued_fields_are_declared_and_reach_the_checks():
     assert Forgot(name="d", kind="x", model="org/student", teacher="org/teacher", data=data).model_refs() == {
         "model": "org/student"
     }, "an unmarked teacher escapes the checks: what the conformance test exists to catch"
+    scratch = {"model_type": "gpt2", "n_layer": 2}
+    assert Declared(name="d", kind="x", model=scratch, data=data).model_refs() == {}, "a config names no model"
     assert Declared(name="d", kind="x", model="org/student", teacher="@sft", data=data).model_refs() == {
         "model": "org/student",
         "teacher": "@sft",
