@@ -14,8 +14,6 @@ import os
 import re
 from typing import Any
 
-# Credentials that must never reach the run directory, whatever key they hide under.
-SECRET_ENV = ("WANDB_API_KEY", "HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "OPENAI_API_KEY")
 # A name whose last word is one of these is a credential, whatever comes before it ("pwd" is not one: $PWD is the
 # working directory, which would be struck from every path).
 ALWAYS_SECRET = frozenset({"secret", "password", "passwd", "passphrase", "apikey", "credential", "credentials"})
@@ -50,11 +48,11 @@ def is_credential_name(name: str) -> bool:
 
 
 def is_credential_variable(name: str) -> bool:
-    """Whether an environment variable holds a credential: a known one, or one whose last word is TOKEN, KEY or a
-    credential word (GITHUB_TOKEN, MY_SERVICE_PASSWORD; not TOKENIZERS_PARALLELISM, whose 'false' would otherwise be
-    struck from every string)."""
+    """Whether an environment variable holds a credential: one whose last word is TOKEN or KEY, or with a credential
+    word anywhere (GITHUB_TOKEN, MY_SERVICE_PASSWORD, DB_SECRET_VALUE; not TOKENIZERS_PARALLELISM, whose 'false' would
+    otherwise be struck from every string)."""
     parts = words(name)
-    return name in SECRET_ENV or bool(parts) and (parts[-1] in ALWAYS_SECRET or parts[-1] in QUALIFIED)
+    return bool(parts) and (parts[-1] in QUALIFIED or any(w in ALWAYS_SECRET for w in parts))
 
 
 def secret_values() -> list[str]:

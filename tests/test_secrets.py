@@ -114,8 +114,10 @@ def test_only_credential_variables_are_struck_from_text(monkeypatch):
     monkeypatch.setenv("TOKENIZERS_PARALLELISM", "false")
     monkeypatch.setenv("PWD", "/home/someone/work")
     monkeypatch.setenv("GITHUB_TOKEN", "ghp_abcdef0123456789")
+    monkeypatch.setenv("DB_SECRET_VALUE", "s3cr3t-value")
     values = secret_values()
-    assert "ghp_abcdef0123456789" in values and "false" not in values and "/home/someone/work" not in values
+    assert "ghp_abcdef0123456789" in values and "s3cr3t-value" in values
+    assert "false" not in values and "/home/someone/work" not in values
     text = "/home/someone/work/false_positives.jsonl with ghp_abcdef0123456789"
     assert redact(text, values) == "/home/someone/work/false_positives.jsonl with ***"
 
