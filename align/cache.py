@@ -223,8 +223,9 @@ def _store(entry: Path, ds: Dataset, meta: dict[str, Any]) -> bool:
 # TRL trainers whose data preparation goes through the cache
 
 
-def cached_trainer(trainer_cls: type, kind: str, data_format: str) -> type:
-    """`trainer_cls` with its data preparation (TRL's tokenize/mask/truncate/pack step) going through the cache.
+def cached_trainer(trainer_cls: type, kind: str, data_format: str, contract: tuple[str, ...]) -> type:
+    """`trainer_cls` with its data preparation (TRL's tokenize/mask/truncate/pack step) going through the cache;
+    `contract`: the arguments of TRL's data-preparation method the kind was written against.
 
     TRL prepares in-memory data sets again on every run (datasets' own map cache needs file-backed data, and
     keys on a pickled tokenizer). Every process takes the same path (hit or miss), so TRL's main-process-first
@@ -260,4 +261,4 @@ def cached_trainer(trainer_cls: type, kind: str, data_format: str) -> type:
         prepared, _ = fetch(parts, lambda: (prepare(), {}), f"{kind} {split}")
         return prepared
 
-    return wrap_preparation(trainer_cls, around)
+    return wrap_preparation(trainer_cls, around, contract)

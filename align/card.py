@@ -103,6 +103,9 @@ def model_card(run_dir: Path, stage: str, merged: bool = False) -> str:
             f"| {data_label(data, (s.get('data') or {}).get('mix'))} | `{s.get('fingerprint', '-')}` "
             f"| {s.get('saved', 'full')} |"
         )
+    read = [f"`{name}` read {refs}." for name in chain if (refs := other_models(stages[name]))]
+    if read:  # a teacher, a reward model: every model a stage declares beside the one it trains
+        body += ["", *read]
     body += ["", "## Key metrics", "", "Each stage on its own held-out split, before and after it trained.", ""]
     body += ["| stage | metric | before | after |", "|---|---|---|---|"]
     for name in chain:
@@ -170,6 +173,21 @@ def later_evaluations(run_dir: Path, stage: str) -> list[str]:
         lines.append(f"- `{entry['name']}`: {status}" + (f": {'; '.join(said)}" if said else "") + ".")
         lines += [f"  - warning: {w}" for w in warned]
     return lines
+
+
+def other_models(entry: dict[str, Any]) -> str:
+    """The models a stage's resolved recipe entry names beside the one it trains (its kind's declared model-valued
+    fields: a teacher, a reward model), as the card says them: "teacher `@big`"; empty where it names none."""
+    from pydantic import ValidationError
+
+    kind = registry.kinds().get(str(entry.get("kind")))
+    if kind is None:
+        return ""
+    try:
+        refs = kind.keys.model_validate(entry).model_refs()
+    except ValidationError:  # a recipe of another version of align
+        return ""
+    return ", ".join(f"{key} `{value}`" for key, value in refs.items() if key != "model")
 
 
 def stage_chain(stages: dict[str, dict[str, Any]], stage: str) -> list[str]:

@@ -98,26 +98,17 @@ def install_lm_head(device: Any) -> str:
 # --------------------------------------------------------------------------------------------------
 # TRL's data preparation (the tokenized-data cache in align/cache.py stands in front of it)
 
-# `_prepare_dataset`'s arguments in trl 1.16, by trainer: TRL calls it positionally, the split's name last.
-PREPARE_CONTRACTS = {
-    "SFTTrainer": ("self", "dataset", "processing_class", "args", "packing", "formatting_func", "dataset_name"),
-    "DPOTrainer": ("self", "dataset", "processing_class", "args", "dataset_name"),
-    "RewardTrainer": ("self", "dataset", "processing_class", "args", "dataset_name"),
-    "KTOTrainer": ("self", "dataset", "processing_class", "args", "dataset_name"),
-}
-
+# A kind declares the `_prepare_dataset` arguments of its trainer it was written against (`TrainingKind.prepare`):
+# TRL calls the method positionally, the split's name last.
 Prepare = Callable[..., Any]
 
 
-def wrap_preparation(trainer_cls: type, around: Callable[..., Any]) -> type:
+def wrap_preparation(trainer_cls: type, around: Callable[..., Any], expected: tuple[str, ...]) -> type:
     """`trainer_cls` whose data preparation goes through `around(prepare, trainer, dataset, processing_class,
     args, extra, split)`, where `prepare()` runs TRL's own and `extra` holds the arguments between `args` and the
-    split's name (SFT's packing and formatting function). Unwrapped, with one logged line, where TRL's method is
-    not the one this was written for."""
+    split's name (SFT's packing and formatting function). Unwrapped, with one logged line, where TRL's method does
+    not take `expected`, the arguments the kind was written against."""
     base = getattr(trainer_cls, "_prepare_dataset", None)
-    expected = next(
-        (PREPARE_CONTRACTS[k.__name__] for k in trainer_cls.__mro__ if k.__name__ in PREPARE_CONTRACTS), None
-    )
     if base is None or _parameters(base) != expected:
         _fallback(f"tokenized-data cache ({trainer_cls.__name__})", f"_prepare_dataset takes {_parameters(base)}")
         return trainer_cls
@@ -218,19 +209,15 @@ def skip_download_counts() -> None:
 # --------------------------------------------------------------------------------------------------
 # TRL's experimental trainers
 
-# Where TRL keeps the classes that are not in its stable API yet, as of trl 1.16 (pyproject.toml pins trl >= 1.16,
-# < 2: TRL moves a method out of `trl.experimental` when it promotes it, as it did KTO in 1.16).
-EXPERIMENTAL = {
-    "ORPOTrainer": "trl.experimental.orpo",
-    "ORPOConfig": "trl.experimental.orpo",
-    "CPOTrainer": "trl.experimental.cpo",
-    "CPOConfig": "trl.experimental.cpo",
-}
+# A kind names the classes it takes from TRL's experimental API by their path there (`TrainingKind.experimental`);
+# TRL moves a method out of `trl.experimental` when it promotes it, as it did KTO in 1.16, so each is looked for in
+# `trl` too. pyproject.toml pins the range below.
 EXPERIMENTAL_RANGE = "trl >= 1.16, < 2"
 
 
-def experimental(name: str) -> type:
-    """A class of TRL's experimental API by name: from `trl.experimental`, else (promoted since) from `trl` itself.
+def experimental(path: str) -> type:
+    """A class of TRL's experimental API by its path there (`trl.experimental.orpo:ORPOTrainer`): from there, else
+    (promoted since) from `trl` itself.
     TRL warns on every first import of `trl.experimental` that its API may change; align pins the range it was
     written against and silences that warning (TRL's own switch, TRL_EXPERIMENTAL_SILENCE).
 
@@ -243,8 +230,9 @@ def experimental(name: str) -> type:
     from align.errors import BadInput
 
     os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
+    module, _, name = path.partition(":")
     try:
-        return getattr(importlib.import_module(EXPERIMENTAL[name]), name)
+        return getattr(importlib.import_module(module), name)
     except (ImportError, AttributeError):
         pass
     import trl
@@ -253,7 +241,7 @@ def experimental(name: str) -> type:
     if isinstance(promoted, type):
         return promoted
     raise BadInput(
-        f"TRL {trl.__version__} has no {name} (align uses it from {EXPERIMENTAL[name]}, in {EXPERIMENTAL_RANGE})",
+        f"TRL {trl.__version__} has no {name} (align uses it from {module}, in {EXPERIMENTAL_RANGE})",
         hint=f'pip install "{EXPERIMENTAL_RANGE.replace(", ", ",").replace(" ", "")}"',
     )
 

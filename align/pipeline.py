@@ -24,7 +24,7 @@ from align.card import write_model_card
 from align.context import RunState, StageContext
 from align.errors import AlignError, BadInput, GuardStopped, Interrupted, Problems, StageFailed, closest
 from align.files import read_json, write_json_atomic, write_text_atomic
-from align.plan import StagePlan, describe, plain
+from align.plan import PlanInputs, StagePlan, describe, plain
 from align.recipe import DataSpec, Recipe, ScratchModel, Stage, model_source, stage_ref, to_yaml
 from align.rundir import RunLock, check_output_dir, clear_for_fresh, remove_inside
 from align.runtime import (
@@ -224,10 +224,9 @@ def plan_stages(
     found = Problems()
     for stage in recipe.stages:
         CURRENT_STAGE.set(stage.name)
-        plan, problems = registry.get(stage.kind).plan(
-            stage, recipe=recipe, spec=specs[stage.name], data=data and data[stage.name], plans=plans,
-            chain=data or {}, precision=precision, run_dir=run_dir, report_to=report_to,
-        )  # fmt: skip
+        inputs = PlanInputs(recipe, specs[stage.name], data and data[stage.name], plans, data or {}, precision,
+                            run_dir, report_to)  # fmt: skip
+        plan, problems = registry.get(stage.kind).plan(stage, inputs)
         found.add(problems.problems)
         found.hints += problems.hints
         if plan is not None:

@@ -27,19 +27,39 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-# The settings `--print-config` and `--dry-run` show for every stage, beyond those the recipe or align set: the
-# ones that decide what training does. The rest of the config class is in align.log at the stage's start.
+# The settings `--print-config` and `--dry-run` show for every training stage, beyond those the recipe or align set:
+# the ones that decide what training does. Each kind adds its own (`Kind.key_settings`: beta, num_generations). The
+# rest of the config class is in align.log at the stage's start.
 KEY_SETTINGS = (
     "learning_rate", "lr_scheduler_type", "warmup_steps", "weight_decay", "max_grad_norm", "optim",
     "per_device_train_batch_size", "gradient_accumulation_steps", "per_device_eval_batch_size",
     "num_train_epochs", "max_steps", "max_length", "eval_strategy", "eval_steps", "save_strategy", "save_steps",
     "save_total_limit", "logging_steps", "load_best_model_at_end", "activation_checkpointing", "bf16", "fp16",
-    "seed", "packing", "completion_only_loss", "assistant_only_loss", "beta", "loss_type", "loss_weights",
-    "precompute_ref_log_probs", "cpo_alpha", "simpo_gamma", "desirable_weight", "undesirable_weight",
-    "num_generations", "max_completion_length", "temperature", "scale_rewards",
+    "seed",
 )  # fmt: skip
 # Settings align decides itself (the recipe may not set them: recipe.MANAGED_TRAIN_KEYS says where they live).
 MANAGED = "align (managed)"
+
+
+@dataclass(frozen=True)
+class PlanInputs:
+    """What a kind's plan takes: the recipe, this stage's data spec and data (None for `--print-config`: only
+    settings are planned), the earlier stages' plans, every stage's data (`chain`), the run's precision, run
+    directory and trackers; and, for a training kind's own part of the plan, the model it starts from (`tokenizer`
+    and `config`, None where unknown offline; `start`). A new need is a field here, not a new argument of every
+    kind's plan."""
+
+    recipe: Recipe
+    spec: Any
+    data: Any
+    plans: dict[str, StagePlan]
+    chain: dict[str, Any]
+    precision: Any
+    run_dir: Path
+    report_to: list[str]
+    tokenizer: Any = None
+    config: Any = None
+    start: StartingPoint | None = None
 
 
 @dataclass
@@ -221,14 +241,17 @@ def early_stopping_callbacks(stage: Stage) -> list[Any]:
     return [EarlyStoppingCallback(stage.early_stopping.patience, stage.early_stopping.threshold)]
 
 
-def effective_settings(cls: type, name: str, settings: dict[str, Setting], runtime: dict[str, str]) -> dict:
-    """KEY_SETTINGS (and every setting align or the recipe gave) as the config class `cls` resolves them, each with
-    its source: what was given, the library's default, or the library's value derived from another setting."""
+def effective_settings(
+    cls: type, name: str, settings: dict[str, Setting], runtime: dict[str, str], own: tuple[str, ...] = ()
+) -> dict:
+    """KEY_SETTINGS, the kind's own key settings (`own`) and every setting align or the recipe gave, as the config
+    class `cls` resolves them, each with its source: what was given, the library's default, or the library's value
+    derived from another setting."""
     args = instantiate(cls, name, {k: s.value for k, s in settings.items()})
     out = {}
     # The checkpointing switch under the one name it was given (the other, its alias, mirrors it).
     checkpointing = next((k for k in CHECKPOINTING_KEYS if k in settings), None)
-    for key in dict.fromkeys([*KEY_SETTINGS, *settings]):
+    for key in dict.fromkeys([*KEY_SETTINGS, *own, *settings]):
         if key in runtime:
             out[key] = Setting("decided when the stage starts", runtime[key])
             continue

@@ -11,9 +11,7 @@ after. Then the resolved recipe. Written at the end of every run, failed ones in
 
 from __future__ import annotations
 
-import base64
 import html
-import io
 import json
 import logging
 import math
@@ -23,6 +21,7 @@ from typing import Any
 
 from align import stages as registry
 from align.files import read_json, write_text_atomic
+from align.plots import figure, png, series
 from align.values import same_decimals
 
 logger = logging.getLogger(__name__)
@@ -114,56 +113,24 @@ def saved_model_step(summary: dict[str, Any], early_stopping: bool) -> tuple[int
     return metrics["global_step"], "last step"
 
 
-def reward_accuracy_points(rows: list[dict[str, Any]]) -> tuple[list[tuple[int, float]], set[int]]:
-    """The eval reward accuracy's (step, value) points worth drawing, and the steps left out: where the policy is
-    still its reference (step 0) every implicit reward is 0, TRL counts those ties as wrong, and the curve would start
-    at 0 beside a held-out pref_accuracy of 0.6."""
-    margin = dict(zip(*_series(rows, "eval", "eval_rewards/margins"), strict=True))
-    steps, values = _series(rows, "eval", "eval_rewards/accuracies")
-    tied = {x for x in steps if margin.get(x) == 0.0}
-    return [(x, y) for x, y in zip(steps, values, strict=True) if x not in tied], tied
-
-
-def _series(rows: list[dict[str, Any]], split: str, key: str) -> tuple[list[int], list[float]]:
-    points = [(r["step"], r[key]) for r in rows if r.get("split") == split and isinstance(r.get(key), int | float)]
-    return [p[0] for p in points], [p[1] for p in points]
-
-
-def _png(fig: Any) -> str:
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=110)
-    return base64.b64encode(buffer.getvalue()).decode("ascii")
-
-
-def _figure(width: float, height: float, columns: int = 1) -> tuple[Any, Any]:
-    """A bare Agg figure with fixed margins (in inches, room for tick labels, axis labels and titles): no pyplot,
-    whose import and figure registry cost more than the plots, and no layout engine, which measures every text
-    by drawing it once more (~0.1 s a figure: a tenth of an SFT run's whole overhead over bare TRL)."""
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(width, height))
-    fig.subplots_adjust(left=0.8 / width, right=1 - 0.2 / width, bottom=0.5 / height, top=1 - 0.35 / height,
-                        wspace=0.25)  # fmt: skip
-    return fig, fig.subplots(1, columns)
-
-
 def stage_plots(
     rows: list[dict[str, Any]], summary: dict[str, Any], saved: tuple[int, str] | None = None
 ) -> list[tuple[str, str, str]]:
-    """(title, base64 PNG, alt text naming what is drawn) for each plot the stage's rows allow; `saved` is
-    `saved_model_step`'s answer, marked on the loss plot."""
+    """(title, base64 PNG, alt text naming what is drawn) for each plot the stage's rows allow, its kind's own
+    (`Kind.plots`) after those of every training stage; `saved` is `saved_model_step`'s answer, marked on the loss
+    plot."""
     plots = []
     metrics = summary.get("metrics") or {}
-    train_x, train_y = _series(rows, "train", "loss")
-    eval_x, eval_y = _series(rows, "eval", "eval_loss")
+    train_x, train_y = series(rows, "train", "loss")
+    eval_x, eval_y = series(rows, "eval", "eval_loss")
     if train_x or eval_x:
-        fig, ax = _figure(7, 3.6)
+        fig, ax = figure(7, 3.6)
         if train_x:
             ax.plot(train_x, train_y, label="train loss", color="#1f77b4")
         if eval_x:
             ax.plot(eval_x, eval_y, "o-", label="eval loss", color="#d62728")
         for name in metrics.get("eval_loss_by_source") or {}:  # a mix: each source's own, dashed
-            x, y = _series(rows, "eval", f"eval_{name}_loss")
+            x, y = series(rows, "eval", f"eval_{name}_loss")
             if x:
                 ax.plot(x, y, ".--", label=f"eval loss: {name}", linewidth=1)
         if saved is not None:
@@ -179,11 +146,11 @@ def stage_plots(
         ax.legend(fontsize=8)
         ax.grid(alpha=0.3)
         labels = ax.get_legend_handles_labels()[1]
-        plots.append(("Train and eval loss", _png(fig), "Train and eval loss: " + "; ".join(labels)))
-    lr_x, lr_y = _series(rows, "train", "learning_rate")
-    gn_x, gn_y = _series(rows, "train", "grad_norm")
+        plots.append(("Train and eval loss", png(fig), "Train and eval loss: " + "; ".join(labels)))
+    lr_x, lr_y = series(rows, "train", "learning_rate")
+    gn_x, gn_y = series(rows, "train", "grad_norm")
     if lr_x or gn_x:
-        fig, (left, right) = _figure(9, 3.2, columns=2)
+        fig, (left, right) = figure(9, 3.2, columns=2)
         left.plot(lr_x, lr_y, color="#9467bd")
         left.set_title("learning rate")
         right.plot(gn_x, gn_y, color="#ff7f0e")
@@ -191,61 +158,10 @@ def stage_plots(
         for ax in (left, right):
             ax.set_xlabel("step")
             ax.grid(alpha=0.3)
-        plots.append(("Learning rate and grad norm", _png(fig), "learning rate and grad norm per train step"))
-    # Online RL (grpo, rloo): the reward and what the health alarms watch, as TRL logs them at each training log.
-    reward_x, reward_y = _series(rows, "train", "reward")
-    if reward_x:
-        fig, (left, right) = _figure(9, 3.2, columns=2)
-        left.plot(reward_x, reward_y, "o-", label="reward (total)", color="#2ca02c")
-        for key in sorted({k for r in rows for k in r if k.startswith("rewards/") and k.endswith("/mean")}):
-            x, y = _series(rows, "train", key)
-            left.plot(x, y, "--", label=key.removeprefix("rewards/").removesuffix("/mean"))
-        eval_x, eval_y = _series(rows, "eval", "eval_reward")
-        if eval_x:
-            left.plot(eval_x, eval_y, "s", label="reward (eval)", color="#d62728")
-        left.set_title("reward")
-        left.legend(fontsize=7)
-        for key, color in (("frac_reward_zero_std", "#7f7f7f"), ("completions/clipped_ratio", "#ff7f0e")):
-            x, y = _series(rows, "train", key)
-            if x:
-                right.plot(x, y, "o-", label=key, color=color)
-        right.set_ylim(-0.05, 1.05)
-        right.set_title("groups without variance, answers truncated")
-        right.legend(fontsize=7)
-        for ax in (left, right):
-            ax.set_xlabel("step")
-            ax.grid(alpha=0.3)
-        plots.append(
-            (
-                "Reward and its health",
-                _png(fig),
-                "reward per function, share of groups without reward variance, share of answers truncated",
-            )
-        )
-    # The implicit rewards the preference trainers log (DPO, KTO, ORPO, SimPO), each series on its own steps: KTO
-    # logs no reward accuracy, and a margin only for evaluations that held both labels.
-    rewards = {name: _series(rows, "eval", f"eval_rewards/{key}")
-               for name, key in (("chosen", "chosen"), ("rejected", "rejected"), ("margin", "margins"))}  # fmt: skip
-    if rewards["chosen"][0]:
-        fig, (left, right) = _figure(9, 3.2, columns=2)
-        for (name, (x, y)), style in zip(rewards.items(), (("o-", "#2ca02c"), ("o-", "#d62728"), ("o--", "#7f7f7f")),
-                                         strict=True):  # fmt: skip
-            if x:
-                left.plot(x, y, style[0], label=name, color=style[1])
-        left.set_title("implicit rewards (eval)")
-        left.legend()
-        kept, tied = reward_accuracy_points(rows)
-        if kept:
-            right.plot([x for x, _ in kept], [y for _, y in kept], "o-", color="#1f77b4")
-            right.set_ylim(0, 1.05)
-        logged = kept or tied
-        title = "reward accuracy (eval)" if logged else "reward accuracy (not logged by this method)"
-        right.set_title(title + (", all-tie steps left out" if tied else ""), fontsize=9 if tied else None)
-        for ax in (left, right):
-            ax.set_xlabel("step")
-            ax.grid(alpha=0.3)
-        plots.append(("Preference rewards", _png(fig),
-                      "implicit rewards of chosen and rejected answers, margin, reward accuracy"))  # fmt: skip
+        plots.append(("Learning rate and grad norm", png(fig), "learning rate and grad norm per train step"))
+    known = registry.kinds().get(str(summary.get("kind")))
+    if known is not None:
+        plots += known.plots(rows, summary)
     return plots
 
 
@@ -386,7 +302,7 @@ def win_rate_plot(models: dict[str, dict[str, Any]], baseline: str, judge: str) 
     drawn = [(label, m) for label, m in models.items() if isinstance(m.get("win_rate"), int | float)]
     if not drawn:
         return None
-    fig, ax = _figure(7, 0.9 + 0.45 * len(drawn))
+    fig, ax = figure(7, 0.9 + 0.45 * len(drawn))
     fig.subplots_adjust(left=1.6 / 7)
     for y, (_, m) in enumerate(drawn):
         rate = m["win_rate"]
@@ -399,7 +315,7 @@ def win_rate_plot(models: dict[str, dict[str, Any]], baseline: str, judge: str) 
     ax.set_xlim(0, 1)
     ax.set_xlabel(f"win rate vs {baseline} ({judge}), 95% interval")
     ax.grid(alpha=0.3, axis="x")
-    return _png(fig)
+    return png(fig)
 
 
 def how_to_read(baseline: str, judge: str) -> str:
@@ -599,8 +515,8 @@ def build_report(run_dir: Path) -> Path:
                     f"({_fmt(loss_before)}): training made it worse on this stage's eval set.</p>"
                 )
         section += mix_table(summary)
-        for title, png, alt in stage_plots(read_rows(stage_dir / "metrics.jsonl"), summary, saved):
-            section.append(f"<h3>{title}</h3><img alt='{html.escape(alt)}' src='data:image/png;base64,{png}'>")
+        for title, image, alt in stage_plots(read_rows(stage_dir / "metrics.jsonl"), summary, saved):
+            section.append(f"<h3>{title}</h3><img alt='{html.escape(alt)}' src='data:image/png;base64,{image}'>")
         shown = shown_metrics(metrics)
         known = registry.kinds().get(kind)
         if known is not None and not known.trains:  # an eval: its figures are the models', under "Did it help?"

@@ -208,8 +208,9 @@ def test_offline_hub_recipe_fails_fast_and_clearly(run_cli):
 
 def test_run_lm_is_importable():
     from align.stages import run_lm
+    from align.stages.lm import LM
 
-    assert callable(run_lm) and run_lm.__module__ == "align.stages.lm"
+    assert isinstance(run_lm.__self__, LM) and run_lm.__func__ is LM.run
 
 
 def test_pickled_weights_are_refused_before_training(tmp_path, run_cli):

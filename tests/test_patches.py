@@ -24,13 +24,15 @@ def test_private_names_appear_in_one_module_only():
     assert found == ["align/patches.py"]
 
 
-@pytest.mark.parametrize("trainer", ["SFTTrainer", "DPOTrainer"])
-def test_trl_preparation_has_the_signature_the_cache_wraps(trainer):
-    import trl
+def test_trl_preparation_has_the_signature_each_kind_declares_for_the_cache():
+    from align import stages as registry
+    from align.stages.base import library_class
 
-    from align.patches import PREPARE_CONTRACTS
-
-    assert tuple(inspect.signature(getattr(trl, trainer)._prepare_dataset).parameters) == PREPARE_CONTRACTS[trainer]
+    declared = {k.name: k for k in registry.kinds().values() if getattr(k, "prepare", None) is not None}
+    assert {"sft", "dpo", "kto", "rm"} <= set(declared)  # the kinds whose data the tokenized-data cache covers
+    for kind in declared.values():
+        trainer = library_class(kind.trainer_class, kind.experimental)
+        assert tuple(inspect.signature(trainer._prepare_dataset).parameters) == kind.prepare, kind.name
 
 
 def test_trl_lm_head_has_the_signature_the_cpu_head_replaces():
@@ -50,13 +52,14 @@ def test_transformers_trainer_still_has_the_grad_norm_the_guard_watches():
 
 def test_a_changed_preparation_is_left_alone_with_one_line(caplog):
     from align.patches import wrap_preparation
+    from align.stages.dpo import DPO
 
     class DPOTrainer:  # named as TRL's, with an argument TRL 1.16 did not have
         def _prepare_dataset(self, dataset, processing_class, args, dataset_name, new_argument): ...
 
     caplog.set_level(logging.WARNING)
     for _ in range(2):
-        assert wrap_preparation(DPOTrainer, lambda *a: None) is DPOTrainer
+        assert wrap_preparation(DPOTrainer, lambda *a: None, DPO.prepare) is DPOTrainer
     assert caplog.text.count("tokenized-data cache (DPOTrainer): the library changed") == 1
 
 

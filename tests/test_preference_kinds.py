@@ -146,7 +146,8 @@ def test_orpo_and_simpo_train_without_a_reference_and_simpo_without_an_nll_term(
     from align.patches import experimental
 
     orpo, simpo = world["trainers"]["orpo"], world["trainers"]["simpo"]
-    assert isinstance(orpo, experimental("ORPOTrainer")) and isinstance(simpo, experimental("CPOTrainer"))
+    assert isinstance(orpo, experimental("trl.experimental.orpo:ORPOTrainer"))
+    assert isinstance(simpo, experimental("trl.experimental.cpo:CPOTrainer"))
     assert getattr(orpo, "ref_model", None) is None and getattr(simpo, "ref_model", None) is None
     assert (simpo.args.loss_type, simpo.args.cpo_alpha, simpo.args.beta) == ("simpo", 0.0, 2.0)
     settings = summary(world, "simpo")["plan"]["settings"]

@@ -14,8 +14,17 @@ import yaml
 from tests.conftest import REPO
 
 PACKAGE = REPO / "align"
-# "eval" is also a split's name (the Trainer's `eval_` prefix, metrics rows), so its literal is not counted.
-KINDS = ("lm", "sft", "dpo", "kto", "orpo", "simpo", "rm", "grpo", "rloo")
+
+
+def registered() -> tuple[str, ...]:
+    """Every registered kind but eval, which is also a split's name (the Trainer's `eval_` prefix, metrics rows), so
+    its literal is not counted."""
+    from align import stages as registry
+
+    return tuple(name for name in registry.names() if name != "eval")
+
+
+KINDS = registered()
 
 
 def test_every_kind_is_named_only_in_its_module_and_its_registry_line():
@@ -212,3 +221,32 @@ def test_every_kinds_model_valued_fields_are_declared_and_reach_the_checks():
         "model": "org/student",
         "teacher": "@sft",
     }
+
+
+def test_a_declared_model_field_naming_an_earlier_stage_reaches_the_fingerprint():
+    """The fingerprint, from the declaration alone: a kind whose `teacher:` names `@sft` runs again when sft's
+    fingerprint changes, with no `input_identity` of its own; a kind with no such field keeps its fingerprint."""
+    from pydantic import Field
+
+    from align.recipe import MODEL_REF, Recipe, TrainingStage
+    from align.stages.base import TrainingKind
+    from align.values import StageOutput
+
+    class TeacherKeys(TrainingStage):
+        teacher: Annotated[str | None, MODEL_REF] = Field(None, description="the model to distil from")
+
+    class WithTeacher(TrainingKind):
+        name = "x"
+        keys = TeacherKeys
+
+    data = {"card": "python-docs"}
+    stage = TeacherKeys(name="d", kind="x", model="@lm", teacher="@sft", data=data)
+    plain = TeacherKeys(name="d", kind="x", model="@lm", data=data)
+    recipe = Recipe.model_construct(name="r", stages=[stage])
+
+    def identity(stage: Any, sft: str) -> str:
+        outputs = {n: StageOutput(n, "sft", None, fp) for n, fp in (("lm", "lm-fp"), ("sft", sft))}
+        return WithTeacher().input_identity(stage, recipe, outputs)
+
+    assert identity(stage, "one") != identity(stage, "two")
+    assert identity(plain, "one") == identity(plain, "two") == "lm-fp", "a kind without the field: as before"

@@ -364,7 +364,7 @@ def test_training_log_lines_say_the_step_of_the_total_the_time_and_the_eta(tmp_p
 def test_the_dpo_reward_accuracy_curve_leaves_out_steps_where_every_reward_ties_at_zero():
     """It started at 0.0 (TRL counts ties as wrong; at step 0 every implicit reward is 0) beside a held-out
     pref_accuracy of 0.62 before training."""
-    from align.report import reward_accuracy_points
+    from align.stages.preference_family import reward_accuracy_points
 
     rows = [{"step": 0, "split": "eval", "eval_rewards/margins": 0.0, "eval_rewards/accuracies": 0.0},
             {"step": 4, "split": "eval", "eval_rewards/margins": 0.31, "eval_rewards/accuracies": 0.7},

@@ -426,7 +426,7 @@ def test_an_eval_of_several_models_heads_with_the_worst_and_names_every_one_that
     """dpo ties the baseline, orpo loses every prompt, grpo wins: the stage is `worse`, its first reason (the console's
     verdict line) and the closing table's headline lead with orpo, then grpo, then dpo. The stage once took the last
     model's verdict, and `no_difference: dpo` hid orpo's 0.00."""
-    from align.stages.eval import KIND, eval_verdict
+    from align.stages.eval import Eval, eval_verdict
 
     def model(rate: float, low: float, high: float, status: str) -> dict:
         return {"win_rate": rate, "win_rate_ci": [low, high],
@@ -446,7 +446,7 @@ def test_an_eval_of_several_models_heads_with_the_worst_and_names_every_one_that
         "dpo: win rate 0.57 [0.45, 0.68] (no_difference)",
     ]
     summary = {"metrics": metrics, "verdict": verdict}
-    assert KIND.headline(summary) == "win rate vs sft: orpo 0.00 (worse), grpo 0.80 (better), dpo 0.57"
+    assert Eval().headline(summary) == "win rate vs sft: orpo 0.00 (worse), grpo 0.80 (better), dpo 0.57"
     del metrics["models"]["orpo"]
     assert eval_verdict(metrics)["status"] == "better"
     del metrics["models"]["grpo"]

@@ -1,5 +1,5 @@
-"""The registry of stage kinds: one line per kind, the module that declares it (its `KIND`, an
-`align.stages.base.Kind`). Everything else asks the registry about a kind and never names one.
+"""The registry of stage kinds: one line per kind, the class that declares it (an `align.stages.base.Kind`, in a
+module named for the kind). Everything else asks the registry about a kind and never names one.
 
 Each entry point is `run(stage, ctx) -> StageResult`, `ctx` a read-only `align.context.StageContext`. From Python,
 `align.pipeline.stage_context(recipe, "sft", Path("runs/x"))` builds the context a stage needs (the recipe planned as
@@ -21,19 +21,20 @@ from align.errors import BadInput, closest
 if TYPE_CHECKING:
     from align.stages.base import Kind
 
-MODULES = (
-    "align.stages.lm",
-    "align.stages.sft",
-    "align.stages.dpo",
-    "align.stages.kto",
-    "align.stages.orpo",
-    "align.stages.simpo",
-    "align.stages.rm",
-    "align.stages.grpo",
-    "align.stages.rloo",
-    "align.stages.eval",
+# One line per kind: its module and class (an `align.stages.base.Kind`).
+METHODS = (
+    "align.stages.lm:LM",
+    "align.stages.sft:SFT",
+    "align.stages.dpo:DPO",
+    "align.stages.kto:KTO",
+    "align.stages.orpo:ORPO",
+    "align.stages.simpo:SimPO",
+    "align.stages.rm:RM",
+    "align.stages.grpo:GRPO",
+    "align.stages.rloo:RLOO",
+    "align.stages.eval:Eval",
 )
-
+MODULES = tuple(entry.partition(":")[0] for entry in METHODS)
 
 # Each module is named for its kind (tests/test_registry.py holds it), so help texts list the kinds without
 # importing them.
@@ -43,7 +44,10 @@ NAMES = tuple(module.rsplit(".", 1)[1] for module in MODULES)
 @functools.cache
 def kinds() -> dict[str, Kind]:
     """Every registered kind by name, in the registry's order."""
-    found = [importlib.import_module(module).KIND for module in MODULES]
+    found = []
+    for entry in METHODS:
+        module, _, name = entry.partition(":")
+        found.append(getattr(importlib.import_module(module), name)())
     return {kind.name: kind for kind in found}
 
 

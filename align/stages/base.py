@@ -1,25 +1,35 @@
-"""What a kind of stage declares about itself, in one place: `Kind` for every kind, `TrainingKind` for a kind that
-trains a model with a Trainer.
+"""A method is one class: what a kind of stage declares about itself and what it does, read top to bottom.
 
-A kind's module makes one instance, `KIND`, and the registry (`align/stages/__init__.py`) lists the module. Recipe
-validation, the pipeline, the report, the model card, the console table, `align chat` and `align push` ask the
+`Kind` is what every kind declares; `TrainingKind` is a kind that trains a model with a Trainer (its plan, its TRL
+contracts, and the steps `run_stage` calls: setup, trainer, guards, check, measure, summarize). A kind's module
+defines its class, and the registry (`align/stages/__init__.py`) has one line naming it. Recipe validation, the
+pipeline, `--print-config`, the report, the model card, the console table, `align chat` and `align push` ask the
 kind, never its name: adding a method is its module, its tests, its README section and one registry line.
+
+One instance of each class (the registry's) answers the questions asked before a stage runs; `run` makes a fresh
+instance for each run of a stage, which holds that run's model, data and measurements.
 """
 
 from __future__ import annotations
 
 import importlib
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from align.errors import BadInput, Problems
-from align.plan import StagePlan, effective_settings, plan_settings, resolve_model, supports_checkpointing
+from align.plan import PlanInputs, StagePlan, effective_settings, plan_settings, resolve_model, supports_checkpointing
 from align.prompt_format import generate_usage
 from align.recipe import Recipe, Stage, model_source, stage_ref
 from align.stages.common import starting_point
-from align.values import StageOutput, StageParts, StageResult, same_decimals, saved_model_dir
+from align.values import StageOutput, StageParts, StageResult, StartingPoint, same_decimals, saved_model_dir
+
+if TYPE_CHECKING:
+    from transformers import Trainer
+
+    from align.context import StageContext
+    from align.metrics import MetricsWriter
 
 
 @dataclass(frozen=True)
@@ -32,30 +42,30 @@ class Figure:
     lower_is_better: bool
 
 
-@dataclass(frozen=True)
 class Kind:
-    """Everything particular to a kind of stage that the rest of align needs to know.
+    """Everything particular to a kind of stage that the rest of align needs to know, as class attributes.
 
-    `keys`: its recipe keys, a pydantic class (`kind: Literal[<name>]`) that also says what the kind's saved model
-    is (`makes`) and holds its own cross-field checks. `formats`: the data formats it accepts. `run`: its entry
-    point, `run(stage, ctx) -> StageResult`. `figures`: what the report's stages table, the model card and the
-    console show for it. `compares_models`: the report shows its models side by side ("Did it help?").
-    `keeps_progress`: after a stop it goes on from the work it kept, without a checkpoint. `prompts_only`: its data
-    is one `test` split of prompts to answer. `pipeline_tag`: the hub task of its saved model. `card_usage`: the
-    model card's usage snippet, from the model's prompt format and whether it is adapters. `about`: one line.
+    `name`: the recipe's `kind:`. `keys`: its recipe keys, a pydantic class (`kind: Literal[<name>]`) that also says
+    what the kind's saved model is (`makes`), holds its own cross-field checks, and marks its model-valued fields
+    (`MODEL_REF`: the offline check, the run-directory check and the fingerprint reach them by that alone).
+    `formats`: the data formats it accepts. `figures`: what the report's stages table, the model card and the
+    console show for it. `key_settings`: its config class's settings that `--print-config` shows beside those
+    every training stage shows (plan.KEY_SETTINGS). `compares_models`: the report shows its models side by side
+    ("Did it help?"). `keeps_progress`: after a stop it goes on from the work it kept, without a checkpoint.
+    `prompts_only`: its data is one `test` split of prompts to answer. `pipeline_tag`: the hub task of its saved
+    model. `about`: one line.
     """
 
-    name: str
-    keys: type[Stage]
-    formats: tuple[str, ...]
-    run: Callable[[Any, Any], StageResult]
-    about: str
-    figures: tuple[Figure, ...] = ()
-    compares_models: bool = False
-    keeps_progress: bool = False
-    prompts_only: bool = False
-    pipeline_tag: str = "text-generation"
-    card_usage: Callable[[Any, bool], str] = generate_usage
+    name: ClassVar[str]
+    keys: ClassVar[type[Stage]]
+    formats: ClassVar[tuple[str, ...]]
+    about: ClassVar[str]
+    figures: ClassVar[tuple[Figure, ...]] = ()
+    key_settings: ClassVar[tuple[str, ...]] = ()
+    compares_models: ClassVar[bool] = False
+    keeps_progress: ClassVar[bool] = False
+    prompts_only: ClassVar[bool] = False
+    pipeline_tag: ClassVar[str] = "text-generation"
 
     @property
     def makes(self) -> str | None:
@@ -75,10 +85,12 @@ class Kind:
         """The config class whose fields its `train:` takes (imported only when asked); None: it trains nothing."""
         return None
 
-    def plan(self, stage: Any, **inputs: Any) -> tuple[StagePlan | None, Problems]:
-        """Its plan, before any stage trains, and every problem found. `inputs`: `recipe`, `spec`, `data` (this
-        stage's, None for `--print-config`), `plans` (the earlier stages'), `chain` (every stage's data),
-        `precision`, `run_dir`, `report_to`."""
+    def run(self, stage: Any, ctx: StageContext) -> StageResult:
+        """Run the stage: `ctx` is the read-only context the pipeline built (align/context.py)."""
+        raise NotImplementedError
+
+    def plan(self, stage: Any, inputs: PlanInputs) -> tuple[StagePlan | None, Problems]:
+        """Its plan, before any stage trains, and every problem found."""
         raise NotImplementedError
 
     def resolve(self, entry: dict[str, Any], stage: Any, recipe: Recipe) -> None:
@@ -86,17 +98,45 @@ class Kind:
         to a default: an omitted model spelled as the stage it comes from."""
 
     def input_identity(self, stage: Any, recipe: Recipe, outputs: Mapping[str, StageOutput]) -> str:
-        """What its fingerprint takes from its inputs (an earlier stage's fingerprint, a model as written)."""
-        raise NotImplementedError
+        """What its fingerprint takes from its inputs beyond the stage as written (which the fingerprint holds):
+        the model it starts from, and the fingerprint of every earlier stage a declared model-valued field names
+        (`teacher: '@sft'`), so retraining that stage runs this one again."""
+        others = [f"{value}:{outputs[stage_ref(value)].fingerprint}" for key, value in stage.model_refs().items()
+                  if key != "model" and stage_ref(value) is not None]  # fmt: skip
+        return "|".join([self.model_identity(stage, recipe, outputs), *others])
+
+    def model_identity(self, stage: Any, recipe: Recipe, outputs: Mapping[str, StageOutput]) -> str:
+        """The model it starts from: an earlier stage's fingerprint, a hub id or path as written, nothing for a
+        model built from scratch (its config is in the stage's own)."""
+        source = model_source(stage, recipe)
+        ref = stage_ref(source)
+        if ref is not None:
+            return outputs[ref].fingerprint
+        return source if isinstance(source, str) else ""
 
     def input_label(self, stage: Any, recipe: Recipe, outputs: Mapping[str, StageOutput]) -> str:
         """Its input as summary.json records it: `@lm (runs/x/lm/model)`, a hub id, `scratch:gpt2`."""
-        raise NotImplementedError
+        source = model_source(stage, recipe)
+        ref = stage_ref(source)
+        if ref is not None:
+            return f"{source} ({outputs[ref].model_dir})"
+        if isinstance(source, str):
+            return source
+        return f"scratch:{source.model_type}"
 
     def output_complete(self, stage_dir: Path, summary: dict[str, Any]) -> bool:
         """Whether a completed run of it left its output in place (so an unchanged stage is `cached`)."""
         model_dir = saved_model_dir(stage_dir, summary)
         return model_dir is not None and model_dir.is_dir()
+
+    def card_usage(self, prompt_format: Any, adapters: bool) -> str:
+        """The model card's usage snippet, from the model's prompt format and whether it is adapters."""
+        return generate_usage(prompt_format, adapters)
+
+    def plots(self, rows: list[dict[str, Any]], summary: dict[str, Any]) -> list[tuple[str, str, str]]:
+        """The report's plots of its own (title, base64 PNG, alt text), beyond the loss, learning rate and grad norm
+        every training stage has (align/report.py draws those)."""
+        return []
 
     def headline(self, summary: dict[str, Any]) -> str:
         """Its headline figure for the console's closing table: before -> after of its first figure."""
@@ -116,32 +156,72 @@ class Kind:
         return f"{figure} (Trainer: batch mean)" if key == "eval_loss" else figure
 
 
-@dataclass(frozen=True)
-class TrainingKind(Kind):
-    """A kind that trains a model: `config` names its config class as `module:Class`, or is a function that returns
-    it (both are called only when the class is needed: TRL is heavy to import); `plan_parts(stage, spec=, data=,
-    tokenizer=, config=, start=) -> StageParts` is its part of the plan, on top of the training arguments every
-    training stage shares."""
+def library_class(path: str, experimental: bool = False) -> type:
+    """A class by its import path, `module:Class` (imported only when asked: TRL is heavy to import). An
+    experimental one comes through align/patches.py, which knows where TRL moves such classes."""
+    if experimental:
+        from align.patches import experimental as from_experimental
 
-    config: str | Callable[[], type] = ""
-    plan_parts: Callable[..., StageParts] | None = None
+        return from_experimental(path)
+    module, _, name = path.partition(":")
+    return getattr(importlib.import_module(module), name)
+
+
+class TrainingKind(Kind):
+    """A kind that trains a model: its declarations, its plan, and what it brings to `run_stage` (the sequence every
+    training stage runs, align/stages/common.py): its data and Trainer, the checks on what the Trainer prepared, its
+    measurements before and after training, and its summary metrics.
+
+    Its library contracts: `config` and `trainer_class` are import paths, `module:Class` (`experimental`: under
+    `trl.experimental`, found through align/patches.py wherever TRL keeps it now); `prepare` is the signature of the
+    trainer's data-preparation method it was written against (align/patches.py `wrap_preparation`), through which
+    the tokenized-data cache (align/cache.py) stands in front of TRL's preparation (None: no such step to hook).
+
+    A run's instance sets itself up in `setup()` from the loaded model (`self.model`, `self.tokenizer`,
+    `self.start`), with the stage's plan (`self.plan`) deciding everything that was decided before any stage trained.
+    """
+
+    config: ClassVar[str] = ""
+    trainer_class: ClassVar[str] = ""
+    experimental: ClassVar[bool] = False
+    prepare: ClassVar[tuple[str, ...] | None] = None
+    unit: ClassVar[str] = "rows"  # what a training row is, for the log: blocks, examples, pairs
+    lm_head: ClassVar[bool] = False  # TRL's chunked LM head, which align/patches.py routes on a CPU
+    reward_head: ClassVar[bool] = False  # a reward model: the input's body with a new one-output head
+    surrogate_loss: ClassVar[bool] = False  # online RL: the loss is a policy-gradient surrogate (guards.NumericGuard)
 
     @property
     def trains(self) -> bool:
         return True
 
     def config_class(self) -> type:
-        if callable(self.config):
-            return self.config()
-        module, _, name = self.config.partition(":")
-        return getattr(importlib.import_module(module), name)
+        return library_class(self.config, self.experimental)
 
-    def plan(self, stage: Any, **inputs: Any) -> tuple[StagePlan | None, Problems]:
-        recipe, data = inputs["recipe"], inputs["data"]
+    def trainer_cls(self, data_format: str | None = None) -> type:
+        """Its Trainer class, through the tokenized-data cache where the kind declares TRL's preparation step
+        (`data_format`: the format of the rows it is given, where the kind changed the data's own)."""
+        cls = library_class(self.trainer_class, self.experimental)
+        if self.prepare is None:
+            return cls
+        from align.cache import cached_trainer
+
+        return cached_trainer(cls, self.name, data_format or self.ctx.spec.format, self.prepare)
+
+    # ----------------------------------------------------------------------------------------------
+    # Before any stage trains
+
+    def plan_parts(self, stage: Any, inputs: PlanInputs) -> StageParts:
+        """Its part of the plan, on top of the training arguments every training stage shares: fixed arguments,
+        details to show, problems found against the data (`inputs.data`, None for `--print-config`). `inputs` holds
+        the model it starts from (`tokenizer`, `config`, `start`) and the earlier stages' plans."""
+        return StageParts(details={"input": inputs.start.summary()})
+
+    def plan(self, stage: Any, inputs: PlanInputs) -> tuple[StagePlan | None, Problems]:
+        recipe, data = inputs.recipe, inputs.data
         found = Problems()
         try:
             label, source, tokenizer, config = resolve_model(
-                stage, recipe, inputs["plans"], data, need_tokenizer=data is not None
+                stage, recipe, inputs.plans, data, need_tokenizer=data is not None
             )
         except BadInput as exc:
             found.absorb(exc)
@@ -162,11 +242,10 @@ class TrainingKind(Kind):
             if bad is not None:
                 found.absorb(bad)
         start = starting_point(recipe, stage)
-        parts = self.plan_parts(stage, spec=inputs["spec"], data=data, tokenizer=tokenizer, config=config, start=start,
-                                recipe=recipe)  # fmt: skip
+        parts = self.plan_parts(stage, replace(inputs, tokenizer=tokenizer, config=config, start=start))
         cls = self.config_class()
         settings, problems = plan_settings(
-            stage, recipe, inputs["precision"], inputs["run_dir"], inputs["report_to"],
+            stage, recipe, inputs.precision, inputs.run_dir, inputs.report_to,
             supports_checkpointing(config), parts.fixed, cls,
         )  # fmt: skip
         found.add(problems + parts.problems)
@@ -176,7 +255,7 @@ class TrainingKind(Kind):
                          config_class=cls)  # fmt: skip
         if not problems:
             try:
-                plan.effective = effective_settings(cls, stage.name, settings, parts.runtime)
+                plan.effective = effective_settings(cls, stage.name, settings, parts.runtime, self.key_settings)
             except BadInput as exc:
                 found.absorb(exc)
         if loading is not None:  # what the stage loads its model with, as the plan shows it
@@ -191,20 +270,54 @@ class TrainingKind(Kind):
         if entry.get("model") is None:
             entry["model"] = model_source(stage, recipe)
 
-    def input_identity(self, stage: Any, recipe: Recipe, outputs: Mapping[str, StageOutput]) -> str:
-        """An earlier stage's fingerprint, a hub id or path as written, nothing for a model built from scratch (its
-        config is in the stage's own)."""
-        source = model_source(stage, recipe)
-        ref = stage_ref(source)
-        if ref is not None:
-            return outputs[ref].fingerprint
-        return source if isinstance(source, str) else ""
+    # ----------------------------------------------------------------------------------------------
+    # A run of the stage (a fresh instance each time: `bind` gives it the run's model and context)
 
-    def input_label(self, stage: Any, recipe: Recipe, outputs: Mapping[str, StageOutput]) -> str:
-        source = model_source(stage, recipe)
-        ref = stage_ref(source)
-        if ref is not None:
-            return f"{source} ({outputs[ref].model_dir})"
-        if isinstance(source, str):
-            return source
-        return f"scratch:{source.model_type}"
+    def run(self, stage: Any, ctx: StageContext) -> StageResult:
+        from align.stages.common import run_stage
+
+        return run_stage(stage, ctx, type(self))
+
+    def bind(self, stage: Stage, ctx: StageContext, model: Any, tokenizer: Any, start: StartingPoint) -> None:
+        """Give this run's instance its stage, context and loaded model, then set it up."""
+        self.stage, self.ctx, self.model, self.tokenizer, self.start = stage, ctx, model, tokenizer, start
+        self.planned = ctx.plan  # the stage's StagePlan
+        self.data = ctx.data
+        self.at_run_time: dict[str, Any] = {}  # the decisions the plan left to run time
+        self.extra: dict[str, Any] = {}  # summary.json fields known before training
+        # What training ran with (learning rate and the library's default, steps, LoRA rank), set by `run_stage`
+        # before `summarize`: the likely causes a verdict cites (align/verdict.py `training_context`).
+        self.trained_with: dict[str, Any] = {}
+        self.writer: MetricsWriter | None = None  # the stage's metrics.jsonl writer, set by `run_stage`
+        self.setup()
+
+    def setup(self) -> None:
+        """The kind's data and pieces, from the loaded model and the plan."""
+
+    def trainer(self, args: Any, callbacks: list[Any]) -> Trainer:
+        raise NotImplementedError
+
+    def guards(self) -> list[Any]:
+        """The kind's own guards (TrainerCallbacks), beyond the numeric guard every training stage has (a
+        non-finite loss stops it; spikes and a loss of exactly 0 are warnings)."""
+        return []
+
+    def check(self, trainer: Trainer) -> None:
+        """After the Trainer prepared the data: say (or refuse) what its preparation cut."""
+
+    def eval_sets(self, by_source: dict[str, Any]) -> dict[str, Any] | None:
+        """A mix's validation rows of each source (`by_source`) in the form this kind gives its Trainer as
+        `eval_dataset` (what `self.eval` holds for the whole split), for the per-source eval losses; None where the
+        kind's Trainer has no eval loss to take per source (online RL scores generations)."""
+        return None
+
+    def measure(self, trainer: Trainer) -> dict[str, Any]:
+        """Before and after training, outside it (greedy answers, preference accuracy)."""
+        return {}
+
+    def summarize(
+        self, before: dict[str, Any], after: dict[str, Any], measured_before: dict[str, Any], measured_after: dict
+    ) -> tuple[dict[str, Any], dict[str, Any]]:
+        """The kind's summary metrics and summary.json fields, from the evaluations and measurements; a `verdict`
+        field (an `align.verdict.Verdict`) is logged, tracked and recorded by `run_stage`."""
+        return {}, {}

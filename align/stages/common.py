@@ -21,6 +21,7 @@ if TYPE_CHECKING:
     from align.guards import NumericGuard
     from align.metrics import MetricsWriter
     from align.recipe import Recipe, Stage
+    from align.stages.base import TrainingKind
 
 logger = logging.getLogger(__name__)
 
@@ -29,64 +30,7 @@ logger = logging.getLogger(__name__)
 # The stage skeleton: the sequence every training stage runs, written once
 
 
-class StageKind:
-    """What a kind of stage brings to `run_stage`, and only that: its data and Trainer, the checks on what the
-    Trainer prepared, its measurements before and after training, and its summary metrics.
-
-    A subclass sets itself up in `setup()` from the loaded model (`self.model`, `self.tokenizer`, `self.start`),
-    with the stage's plan (`self.plan`) deciding everything that was decided before any stage trained.
-    """
-
-    unit = "rows"  # what a training row is, for the log: blocks, examples, pairs
-    lm_head = False  # TRL's chunked LM head, which align/patches.py routes on a CPU
-    reward_head = False  # a reward model: the input's body with a new one-output head
-    surrogate_loss = False  # online RL: the loss is a policy-gradient surrogate (guards.NumericGuard)
-
-    def __init__(self, stage: Stage, ctx: StageContext, model: Any, tokenizer: Any, start: StartingPoint):
-        self.stage, self.ctx, self.model, self.tokenizer, self.start = stage, ctx, model, tokenizer, start
-        self.plan = ctx.plan
-        self.data = ctx.data
-        self.at_run_time: dict[str, Any] = {}  # the decisions the plan left to run time
-        self.extra: dict[str, Any] = {}  # summary.json fields known before training
-        # What training ran with (learning rate and the library's default, steps, LoRA rank), set by `run_stage`
-        # before `summarize`: the likely causes a verdict cites (align/verdict.py `training_context`).
-        self.trained_with: dict[str, Any] = {}
-        self.writer: MetricsWriter | None = None  # the stage's metrics.jsonl writer, set by `run_stage`
-        self.setup()
-
-    def setup(self) -> None:
-        """The kind's data and pieces, from the loaded model and the plan."""
-
-    def trainer(self, args: Any, callbacks: list[Any]) -> Trainer:
-        raise NotImplementedError
-
-    def guards(self) -> list[Any]:
-        """The kind's own guards (TrainerCallbacks), beyond the numeric guard every training stage has (a
-        non-finite loss stops it; spikes and a loss of exactly 0 are warnings)."""
-        return []
-
-    def check(self, trainer: Trainer) -> None:
-        """After the Trainer prepared the data: say (or refuse) what its preparation cut."""
-
-    def eval_sets(self, by_source: dict[str, Any]) -> dict[str, Any] | None:
-        """A mix's validation rows of each source (`by_source`) in the form this kind gives its Trainer as
-        `eval_dataset` (what `self.eval` holds for the whole split), for the per-source eval losses; None where the
-        kind's Trainer has no eval loss to take per source (online RL scores generations)."""
-        return None
-
-    def measure(self, trainer: Trainer) -> dict[str, Any]:
-        """Before and after training, outside it (greedy answers, preference accuracy)."""
-        return {}
-
-    def summarize(
-        self, before: dict[str, Any], after: dict[str, Any], measured_before: dict[str, Any], measured_after: dict
-    ) -> tuple[dict[str, Any], dict[str, Any]]:
-        """The kind's summary metrics and summary.json fields, from the evaluations and measurements; a `verdict`
-        field (an `align.verdict.Verdict`) is logged, tracked and recorded by `run_stage`."""
-        return {}, {}
-
-
-def run_stage(stage: Stage, ctx: StageContext, kind: type[StageKind]) -> StageResult:
+def run_stage(stage: Stage, ctx: StageContext, kind: type[TrainingKind]) -> StageResult:
     """Every training stage: seed -> model -> the kind's setup -> training args (the plan's) -> metrics writer ->
     Trainer -> watch -> measure and evaluate -> train -> check -> evaluate and measure -> save -> summary, verdict."""
     from align.guards import raise_if_nonfinite
@@ -98,7 +42,8 @@ def run_stage(stage: Stage, ctx: StageContext, kind: type[StageKind]) -> StageRe
     # 1. Seed, model, tokenizer, and the kind's data and pieces --------------------------------------
     seed_everything(ctx.seed)
     model, tokenizer, start = load_start(ctx, stage, kind.reward_head)
-    setup = kind(stage, ctx, model, tokenizer, start)
+    setup = kind()
+    setup.bind(stage, ctx, model, tokenizer, start)
     by_source = mix_eval_sets(ctx, setup)
 
     # 2. Trainer, with the planned arguments -----------------------------------------------------------
@@ -242,8 +187,8 @@ def log_training(args: Any, n_train: int, unit: str, seed: int) -> dict[str, Any
     }
 
 
-def mix_eval_sets(ctx: StageContext, setup: StageKind) -> dict[str, Any] | None:
-    """A mix's validation rows per source in the kind's eval form (`StageKind.eval_sets`), or None: no mix, or a
+def mix_eval_sets(ctx: StageContext, setup: TrainingKind) -> dict[str, Any] | None:
+    """A mix's validation rows per source in the kind's eval form (`TrainingKind.eval_sets`), or None: no mix, or a
     kind whose eval is not a loss over rows (then said once)."""
     by_source = ctx.data.validation_by_source() if hasattr(ctx.data, "validation_by_source") else None
     if not by_source:
@@ -635,7 +580,7 @@ def generation_table(
     return rows
 
 
-def measure_pairs(stage_kind: StageKind, trainer: Trainer, pairs: Any, average: bool = False) -> dict[str, Any]:
+def measure_pairs(stage_kind: TrainingKind, trainer: Trainer, pairs: Any, average: bool = False) -> dict[str, Any]:
     """A preference stage's held-out measure, before or after training: per pair whether the policy finds the chosen
     completion likelier (by summed log-probability, or with `average` by its mean per token), the chosen
     completion's log-probability, and greedy answers to the stage's prompts (`stage_kind.prompts`)."""
@@ -653,7 +598,7 @@ def measure_pairs(stage_kind: StageKind, trainer: Trainer, pairs: Any, average: 
 
 
 def summarize_pairs(
-    stage_kind: StageKind,
+    stage_kind: TrainingKind,
     after: dict[str, Any],
     measured_before: dict[str, Any],
     measured_after: dict[str, Any],

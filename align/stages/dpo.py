@@ -10,40 +10,49 @@ from __future__ import annotations
 import logging
 from typing import TYPE_CHECKING, Any, Literal
 
-from align.prompt_split import split_all_ids
 from align.recipe import PREFERENCE_FORMATS, TrainingStage
 from align.stages.base import Figure, TrainingKind
-from align.stages.common import (
-    StageKind,
-    max_length_setting,
-    measure_pairs,
-    pair_examples,
-    report_dropped,
-    run_stage,
-    summarize_pairs,
-    warn_most_dropped,
-)
-from align.stages.preference_family import reference_for, reference_plan
-from align.values import StageParts, StageResult, StartingPoint
+from align.stages.common import measure_pairs, report_dropped, summarize_pairs
+from align.stages.preference_family import LENGTH_HINT, plan_pairs, preference_plots, reference_for, reference_plan
+from align.values import StageParts
 
 if TYPE_CHECKING:
-    from align.context import StageContext
+    from align.plan import PlanInputs
     from align.recipe import Stage
 
 logger = logging.getLogger(__name__)
 
 
-def run(stage: Stage, ctx: StageContext) -> StageResult:
-    """Align a model to preference pairs; measure preference accuracy before and after; save."""
-    return run_stage(stage, ctx, DPOStage)
+class DPOKeys(TrainingStage):
+    """A dpo stage's recipe keys: those of every training stage."""
+
+    kind: Literal["dpo"]
 
 
-class DPOStage(StageKind):
+class DPO(TrainingKind):
     """TRL's DPOTrainer (through the tokenized-data cache) against the planned reference, with preference accuracy
     and greedy answers to held-out prompts before and after."""
 
+    name = "dpo"
+    keys = DPOKeys
+    formats = PREFERENCE_FORMATS
+    about = "Direct Preference Optimization against a reference model (TRL's DPOTrainer; every loss_type it has)"
+    figures = (Figure("pref accuracy", "pref_accuracy", False), Figure("eval loss (DPO)", "eval_loss", True))
+    key_settings = ("beta", "loss_type", "loss_weights", "precompute_ref_log_probs")
+    config = "trl:DPOConfig"
+    trainer_class = "trl:DPOTrainer"
+    prepare = ("self", "dataset", "processing_class", "args", "dataset_name")
     unit = "pairs"
     lm_head = True
+
+    def plots(self, rows: list[dict[str, Any]], summary: dict[str, Any]) -> list[tuple[str, str, str]]:
+        return preference_plots(rows)
+
+    def plan_parts(self, stage: Stage, inputs: PlanInputs) -> StageParts:
+        """max_length, the reference model, and, with the data, what max_length cuts and drops (TRL drops a pair
+        whose prompt alone fills it: nothing of either answer would be left)."""
+        details = {"input": inputs.start.summary(), "reference": reference_plan(stage, inputs.start)}
+        return plan_pairs(stage, inputs, StageParts(details=details), room=0)
 
     def setup(self) -> None:
         from align.data import first_unique
@@ -53,7 +62,7 @@ class DPOStage(StageKind):
         # Full DPO on SFT adapters merged them first (load_start): policy and reference both start as the SFT model.
         self.ref_model, reference = reference_for(self.stage, self.start, self.model)
         logger.info("reference model: %s", reference)
-        self.max_length = self.plan.settings["max_length"].value
+        self.max_length = self.planned.settings["max_length"].value
         self.train, self.eval = self.data["train"], self.data["validation"]
         self.prompts = first_unique(self.eval["prompt"], self.stage.generations)  # each prompt has several pairs
         self.extra = {"reference": reference}
@@ -62,12 +71,9 @@ class DPOStage(StageKind):
         return by_source  # the rows as they are: the Trainer prepares them
 
     def trainer(self, args: Any, callbacks: list[Any]) -> Any:
-        from trl import DPOTrainer
-
-        from align.cache import cached_trainer
         from align.models import lora_config
 
-        return cached_trainer(DPOTrainer, "dpo", self.ctx.spec.format)(
+        return self.trainer_cls()(
             model=self.model, ref_model=self.ref_model, args=args, train_dataset=self.train,
             eval_dataset=self.eval, processing_class=self.tokenizer, callbacks=callbacks,
             peft_config=lora_config(self.stage.peft) if self.start.lora == "new" else None,
@@ -83,7 +89,7 @@ class DPOStage(StageKind):
             self.stage, trainer, (len(self.train), len(self.eval)),
             reason=f"the prompt alone fills max_length={self.max_length}",
             refusal=f"every {{split}} prompt fills {self.max_length} tokens, so no pair is left to learn from",
-            hint="raise max_length (align caps it at the model's positions) or shorten the prompts",
+            hint=LENGTH_HINT,
         )  # fmt: skip
         self.extra.update(beta=trainer.args.beta, loss_type=trainer.args.loss_type)
 
@@ -93,71 +99,3 @@ class DPOStage(StageKind):
     def summarize(self, before, after, measured_before, measured_after):
         return summarize_pairs(self, after, measured_before, measured_after,
                                dpo_loss=(before.get("eval_loss"), after.get("eval_loss")))  # fmt: skip
-
-
-# --------------------------------------------------------------------------------------------------
-# Dry run
-
-
-def plan(
-    stage: Stage, *, spec: Any, data: Any, tokenizer: Any, config: Any, start: StartingPoint, recipe: Any = None
-) -> StageParts:
-    """A DPO stage's part of its plan: max_length, the reference model, and, with the data, the pairs whose prompt
-    alone fills `max_length` (TRL drops them; none left in a split is a problem here, before any stage trains)."""
-    from align.models import ensure_chat_template
-    from align.plan import batch_figures
-
-    length = max_length_setting(stage, config)
-    parts = StageParts(
-        fixed={"max_length": length}, details={"input": start.summary(), "reference": reference_plan(stage, start)}
-    )
-    if tokenizer is None or data is None:
-        return parts
-    ensure_chat_template(tokenizer)
-    max_length = length.value
-    kept, lengths, truncated = {}, [], 0
-    for split, pairs in (("train", data["train"]), ("eval", data["validation"])):
-        prompts = list(pairs["prompt"])
-        sides = [split_all_ids(tokenizer, prompts, list(pairs[side])) for side in ("chosen", "rejected")]
-        if split == "train":
-            lengths = [len(p) + len(c) for side in sides for p, c in side]
-            truncated = sum(max_length is not None and n > max_length for n in lengths)
-        # TRL drops a pair whose prompt alone fills max_length: nothing of either answer would be left.
-        kept[split] = sum(max_length is None or len(p) < max_length for p, _ in sides[0])
-        if len(pairs) and not kept[split]:
-            parts.problems.append(
-                f"stages.{stage.name}.train.max_length: every {split} prompt fills {max_length} tokens, so no pair "
-                "is left to learn from"
-            )
-            parts.hints.append("raise max_length (align caps it at the model's positions) or shorten the prompts")
-    total = len(data["train"])
-    warn_most_dropped(stage, max_length, total - kept["train"], total, "the prompt alone fills it",
-                      "raise max_length (align caps it at the model's positions) or shorten the prompts")  # fmt: skip
-    parts.details.update(
-        train_pairs=len(data["train"]),
-        train_tokens=sum(min(n, max_length or n) for n in lengths),  # TRL cuts each side to max_length
-        max_length=max_length,
-        truncation_rate=truncated / max(1, len(lengths)),
-        dropped=f"{len(data['train']) - kept['train']} of {len(data['train'])} train pairs (prompt fills max_length)",
-        examples=pair_examples(tokenizer, data["train"]),
-    )
-    parts.count = lambda effective: batch_figures(effective, kept["train"])
-    return parts
-
-
-class DPOKeys(TrainingStage):
-    """A dpo stage's recipe keys: those of every training stage."""
-
-    kind: Literal["dpo"]
-
-
-KIND = TrainingKind(
-    name="dpo",
-    keys=DPOKeys,
-    formats=PREFERENCE_FORMATS,
-    run=run,
-    about="Direct Preference Optimization against a reference model (TRL's DPOTrainer; every loss_type it has)",
-    figures=(Figure("pref accuracy", "pref_accuracy", False), Figure("eval loss (DPO)", "eval_loss", True)),
-    config="trl:DPOConfig",
-    plan_parts=plan,
-)

@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Annotated, Any, ClassVar, Literal
 from pydantic import Field
 
 from align.errors import BadInput, Problems
-from align.plan import StagePlan
+from align.plan import PlanInputs, StagePlan
 from align.recipe import (
     MODEL_REF,
     PREFERENCE_FORMATS,
@@ -737,14 +737,27 @@ def _read_progress(path: Path, key: str) -> list[list[Answer]] | None:
 # The kind
 
 
-class EvalKind(Kind):
+class Eval(Kind):
     """An eval stage: it plans its models, prompts and judges, saves no model, and goes on from the answers it
     kept after a stop."""
 
-    def plan(self, stage: Any, **inputs: Any) -> tuple[StagePlan | None, Problems]:
+    name = "eval"
+    keys = EvalStage
+    # Prompts from any format with prompts; the reference answer (completion, chosen) is kept when there is one, and
+    # the other columns reach the function judges.
+    formats = ("prompt_completion", "messages", "prompt_only", *PREFERENCE_FORMATS)
+    about = "did it help? every model answers held-out prompts, judges score them, each is compared with a baseline"
+    figures = (Figure("win rate", "win_rate", False),)
+    compares_models = True
+    keeps_progress = True
+    prompts_only = True
+
+    def run(self, stage: Any, ctx: StageContext) -> StageResult:
+        return run(stage, ctx)
+
+    def plan(self, stage: Any, inputs: PlanInputs) -> tuple[StagePlan | None, Problems]:
         found = Problems()
-        plan, problems, hints = plan_eval(stage, inputs["recipe"], inputs["spec"], inputs["data"], inputs["plans"],
-                                          inputs["chain"])  # fmt: skip
+        plan, problems, hints = plan_eval(stage, inputs.recipe, inputs.spec, inputs.data, inputs.plans, inputs.chain)
         found.add(problems)
         found.hints += hints
         return plan, found
@@ -782,18 +795,3 @@ class EvalKind(Kind):
             return f"{label} {entry['win_rate']:.2f}" + ("" if status == "no_difference" else f" ({status})")
 
         return f"win rate vs {m.get('baseline')}: " + ", ".join(shown(label, entry) for label, entry in others)
-
-
-KIND = EvalKind(
-    name="eval",
-    keys=EvalStage,
-    # Prompts from any format with prompts; the reference answer (completion, chosen) is kept when there is one, and
-    # the other columns reach the function judges.
-    formats=("prompt_completion", "messages", "prompt_only", *PREFERENCE_FORMATS),
-    run=run,
-    about="did it help? every model answers held-out prompts, judges score them, each is compared with a baseline",
-    figures=(Figure("win rate", "win_rate", False),),
-    compares_models=True,
-    keeps_progress=True,
-    prompts_only=True,
-)

@@ -10,38 +10,19 @@ What grpo shares with rloo (keys, measure, alarms, plan) is in align/stages/onli
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Literal
+from typing import Literal
 
-from align.stages.base import Figure
-from align.stages.common import run_stage
-from align.stages.online_rl import OnlineKeys, OnlineKind, OnlineStage, online_plan
-
-if TYPE_CHECKING:
-    from align.context import StageContext
-    from align.recipe import Stage
-    from align.values import StageResult
+from align.stages.online_rl import OnlineKeys, OnlineKind
 
 
 class GRPOKeys(OnlineKeys):
     kind: Literal["grpo"]
 
 
-class GRPOStage(OnlineStage):
-    trainer_name = "GRPOTrainer"
-
-
-def run(stage: Stage, ctx: StageContext) -> StageResult:
-    """Train a policy online against its reward functions; measure its held-out reward before and after; save."""
-    return run_stage(stage, ctx, GRPOStage)
-
-
-KIND = OnlineKind(
-    name="grpo",
-    keys=GRPOKeys,
-    formats=("prompt_only",),
-    run=run,
-    about="online RL: several answers per prompt scored by reward functions, each against its group (TRL's GRPO)",
-    figures=(Figure("reward", "reward", False),),
-    config="trl:GRPOConfig",
-    plan_parts=online_plan(lambda: KIND.config_class()),
-)
+class GRPO(OnlineKind):
+    name = "grpo"
+    keys = GRPOKeys
+    about = "online RL: several answers per prompt scored by reward functions, each against its group (TRL's GRPO)"
+    key_settings = ("beta", "loss_type", "num_generations", "max_completion_length", "temperature", "scale_rewards")
+    config = "trl:GRPOConfig"
+    trainer_class = "trl:GRPOTrainer"

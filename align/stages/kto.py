@@ -27,32 +27,19 @@ from typing import TYPE_CHECKING, Any, Literal
 from align.prompt_split import split_all_ids, split_ids
 from align.recipe import PREFERENCE_FORMATS, TrainingStage
 from align.stages.base import Figure, TrainingKind
-from align.stages.common import (
-    StageKind,
-    generation_table,
-    max_length_setting,
-    render_mask,
-    report_dropped,
-    run_stage,
-)
-from align.stages.preference_family import reference_for, reference_plan
-from align.values import StageParts, StageResult, StartingPoint
+from align.stages.common import generation_table, max_length_setting, render_mask, report_dropped
+from align.stages.preference_family import LENGTH_HINT, preference_plots, reference_for, reference_plan
+from align.values import StageParts
 
 if TYPE_CHECKING:
     from datasets import Dataset
 
-    from align.context import StageContext
+    from align.plan import PlanInputs
     from align.recipe import Stage
 
 logger = logging.getLogger(__name__)
 
 UNPAIRED = "unpaired_preference"
-
-
-def run(stage: Stage, ctx: StageContext) -> StageResult:
-    """Align a model to answers marked desirable or not; measure label AUC (or preference accuracy on pairs) before
-    and after; save."""
-    return run_stage(stage, ctx, KTOStage)
 
 
 def unpaired(pairs: Dataset) -> Dataset:
@@ -78,11 +65,100 @@ def shared_neighbours(prompts: list[Any]) -> int:
     return sum(a == b for a, b in zip(keys, keys[1:], strict=False))
 
 
-class KTOStage(StageKind):
+class KTOKeys(TrainingStage):
+    """A kto stage's recipe keys: those of every training stage."""
+
+    kind: Literal["kto"]
+
+
+class KTO(TrainingKind):
     """TRL's KTOTrainer (through the tokenized-data cache) against the planned reference, with the label AUC (or,
     on pairs, preference accuracy) and greedy answers to held-out prompts before and after."""
 
+    name = "kto"
+    keys = KTOKeys
+    formats = (UNPAIRED, *PREFERENCE_FORMATS)
+    about = "Kahneman-Tversky Optimization on answers marked desirable or not, or on pairs (TRL's KTOTrainer)"
+    figures = (
+        Figure("label AUC", "label_auc", False),
+        Figure("pref accuracy", "pref_accuracy", False),
+        Figure("eval loss (KTO)", "eval_loss", True),
+    )
+    key_settings = ("beta", "loss_type", "precompute_ref_log_probs", "desirable_weight", "undesirable_weight")
+    config = "trl:KTOConfig"
+    trainer_class = "trl:KTOTrainer"
+    prepare = ("self", "dataset", "processing_class", "args", "dataset_name")
     unit = "rows"
+
+    def plots(self, rows: list[dict[str, Any]], summary: dict[str, Any]) -> list[tuple[str, str, str]]:
+        return preference_plots(rows)
+
+    def plan_parts(self, stage: Stage, inputs: PlanInputs) -> StageParts:
+        """max_length, the reference, the batch its KL estimate needs and, with the data, the rows whose prompt alone
+        fills `max_length` (TRL drops them; none left in a split is a problem here)."""
+        from align.models import ensure_chat_template
+        from align.plan import batch_figures
+
+        data, tokenizer, start = inputs.data, inputs.tokenizer, inputs.start
+        length = max_length_setting(stage, inputs.config)
+        pairs = inputs.spec.format != UNPAIRED
+        parts = StageParts(fixed={"max_length": length}, details={
+            "input": start.summary(),
+            "reference": reference_plan(stage, start),
+            "rows": "each pair split into a desirable and an undesirable row, alternating" if pairs else (
+                "in the training split's order (a valid_fraction cut shuffles them; a file's validation split does "
+                "not)"),
+            "held-out measure": "pref_accuracy (pairs)" if pairs else "label_auc (mean token log-probability)",
+        })  # fmt: skip
+        batch = stage.train.get("per_device_train_batch_size", self.config_class().per_device_train_batch_size)
+        if stage.train.get("loss_type", "kto") == "kto" and batch < 2:
+            parts.problems.append(
+                f"stages.{stage.name}.train.per_device_train_batch_size: KTO estimates its KL term "
+                f"from other rows of the same batch, so it needs at least 2 per device (got {batch})"
+            )
+            parts.hints.append(
+                "raise per_device_train_batch_size (lower gradient_accumulation_steps to keep the "
+                "effective batch), or use loss_type: apo_zero_unpaired, which has no KL term"
+            )
+        if tokenizer is None or data is None:
+            return parts
+        ensure_chat_template(tokenizer)
+        max_length = length.value
+        kept, lengths, truncated, labels = {}, [], 0, []
+        for split, ds in (("train", data["train"]), ("eval", data["validation"])):
+            rows = unpaired(ds) if pairs else ds
+            ids = split_all_ids(tokenizer, list(rows["prompt"]), list(rows["completion"]))
+            if split == "train":
+                lengths = [len(p) + len(c) for p, c in ids]
+                truncated = sum(max_length is not None and n > max_length for n in lengths)
+                labels = list(rows["label"])
+                first = rows.select(range(min(2, len(rows))))
+            kept[split] = sum(max_length is None or len(p) < max_length for p, _ in ids)
+            if len(rows) and not kept[split]:
+                parts.problems.append(f"stages.{stage.name}.train.max_length: every {split} prompt fills {max_length} "
+                                      "tokens, so no row is left to learn from")  # fmt: skip
+                parts.hints.append(LENGTH_HINT)
+        desirable = sum(labels)
+        if not pairs:
+            same = shared_neighbours(list(data["train"]["prompt"]))
+            if same > len(labels) // 4:
+                logger.warning(
+                    "stages.%s.data: %d of %d training rows answer the same prompt as the next row; KTO trains rows "
+                    "in the order given and estimates its KL term from each row's prompt with the next row's "
+                    "completion, so those pairs are not mismatched: shuffle the file's rows", stage.name, same,
+                    len(labels),
+                )  # fmt: skip
+        parts.details.update(
+            train_rows=len(lengths),
+            desirable=f"{desirable} of {len(labels)} rows ({desirable / max(1, len(labels)):.0%})",
+            train_tokens=sum(min(n, max_length or n) for n in lengths),
+            max_length=max_length,
+            truncation_rate=truncated / max(1, len(lengths)),
+            dropped=f"{len(lengths) - kept['train']} of {len(lengths)} train rows (prompt fills max_length)",
+            examples=[unpaired_example(tokenizer, row) for row in first],
+        )
+        parts.count = lambda effective: batch_figures(effective, kept["train"])
+        return parts
 
     def setup(self) -> None:
         from align.data import first_unique
@@ -91,7 +167,7 @@ class KTOStage(StageKind):
         ensure_chat_template(self.tokenizer)
         self.ref_model, reference = reference_for(self.stage, self.start, self.model)
         logger.info("reference model: %s", reference)
-        self.max_length = self.plan.settings["max_length"].value
+        self.max_length = self.planned.settings["max_length"].value
         self.pairs = self.ctx.spec.format != UNPAIRED
         train, valid = self.data["train"], self.data["validation"]
         self.held_out = valid  # measured as given: pairs, or labelled rows
@@ -103,12 +179,9 @@ class KTOStage(StageKind):
         return {name: unpaired(rows) if self.pairs else rows for name, rows in by_source.items()}
 
     def trainer(self, args: Any, callbacks: list[Any]) -> Any:
-        from trl import KTOTrainer
-
-        from align.cache import cached_trainer
         from align.models import lora_config
 
-        return cached_trainer(KTOTrainer, "kto", UNPAIRED)(
+        return self.trainer_cls(UNPAIRED)(
             model=self.model, ref_model=self.ref_model, args=args, train_dataset=self.train, eval_dataset=self.eval,
             processing_class=self.tokenizer, callbacks=callbacks,
             peft_config=lora_config(self.stage.peft) if self.start.lora == "new" else None,
@@ -125,7 +198,7 @@ class KTOStage(StageKind):
             self.stage, trainer, (len(self.train), len(self.eval)),
             reason=f"the prompt alone fills max_length={self.max_length}",
             refusal=f"every {{split}} prompt fills {self.max_length} tokens, so no row is left to learn from",
-            hint="raise max_length (align caps it at the model's positions) or shorten the prompts", unit="rows",
+            hint=LENGTH_HINT, unit="rows",
         )  # fmt: skip
         args = trainer.args
         self.extra.update(beta=args.beta, loss_type=args.loss_type, desirable_weight=args.desirable_weight,
@@ -164,102 +237,9 @@ class KTOStage(StageKind):
         return metrics, {"generations": generation_table(self.ctx, self.prompts, *texts), "verdict": verdict}
 
 
-# --------------------------------------------------------------------------------------------------
-# Plan
-
-
-def plan(
-    stage: Stage, *, spec: Any, data: Any, tokenizer: Any, config: Any, start: StartingPoint, recipe: Any = None
-) -> StageParts:
-    """A KTO stage's part of its plan: max_length, the reference, the batch its KL estimate needs and, with the data,
-    the rows whose prompt alone fills `max_length` (TRL drops them; none left in a split is a problem here)."""
-    from align.models import ensure_chat_template
-    from align.plan import batch_figures
-
-    length = max_length_setting(stage, config)
-    pairs = spec.format != UNPAIRED
-    parts = StageParts(fixed={"max_length": length}, details={
-        "input": start.summary(),
-        "reference": reference_plan(stage, start),
-        "rows": "each pair split into a desirable and an undesirable row, alternating" if pairs else (
-            "in the training split's order (a valid_fraction cut shuffles them; a file's validation split does not)"),
-        "held-out measure": "pref_accuracy (pairs)" if pairs else "label_auc (mean token log-probability)",
-    })  # fmt: skip
-    batch = stage.train.get("per_device_train_batch_size", KIND.config_class().per_device_train_batch_size)
-    if stage.train.get("loss_type", "kto") == "kto" and batch < 2:
-        parts.problems.append(
-            f"stages.{stage.name}.train.per_device_train_batch_size: KTO estimates its KL term "
-            f"from other rows of the same batch, so it needs at least 2 per device (got {batch})"
-        )
-        parts.hints.append(
-            "raise per_device_train_batch_size (lower gradient_accumulation_steps to keep the "
-            "effective batch), or use loss_type: apo_zero_unpaired, which has no KL term"
-        )
-    if tokenizer is None or data is None:
-        return parts
-    ensure_chat_template(tokenizer)
-    max_length = length.value
-    kept, lengths, truncated, labels = {}, [], 0, []
-    for split, ds in (("train", data["train"]), ("eval", data["validation"])):
-        rows = unpaired(ds) if pairs else ds
-        ids = split_all_ids(tokenizer, list(rows["prompt"]), list(rows["completion"]))
-        if split == "train":
-            lengths = [len(p) + len(c) for p, c in ids]
-            truncated = sum(max_length is not None and n > max_length for n in lengths)
-            labels = list(rows["label"])
-            first = rows.select(range(min(2, len(rows))))
-        kept[split] = sum(max_length is None or len(p) < max_length for p, _ in ids)
-        if len(rows) and not kept[split]:
-            parts.problems.append(f"stages.{stage.name}.train.max_length: every {split} prompt fills {max_length} "
-                                  "tokens, so no row is left to learn from")  # fmt: skip
-            parts.hints.append("raise max_length (align caps it at the model's positions) or shorten the prompts")
-    desirable = sum(labels)
-    if not pairs:
-        same = shared_neighbours(list(data["train"]["prompt"]))
-        if same > len(labels) // 4:
-            logger.warning(
-                "stages.%s.data: %d of %d training rows answer the same prompt as the next row; KTO trains rows in "
-                "the order given and estimates its KL term from each row's prompt with the next row's completion, so "
-                "those pairs are not mismatched: shuffle the file's rows", stage.name, same, len(labels),
-            )  # fmt: skip
-    parts.details.update(
-        train_rows=len(lengths),
-        desirable=f"{desirable} of {len(labels)} rows ({desirable / max(1, len(labels)):.0%})",
-        train_tokens=sum(min(n, max_length or n) for n in lengths),
-        max_length=max_length,
-        truncation_rate=truncated / max(1, len(lengths)),
-        dropped=f"{len(lengths) - kept['train']} of {len(lengths)} train rows (prompt fills max_length)",
-        examples=[unpaired_example(tokenizer, row) for row in first],
-    )
-    parts.count = lambda effective: batch_figures(effective, kept["train"])
-    return parts
-
-
 def unpaired_example(tokenizer: Any, row: dict[str, Any]) -> dict[str, str]:
     """A row as `--dry-run` shows it: the completion (what the loss falls on) in [[ ]] after its prompt, and its
     label."""
     p, c = split_ids(tokenizer, row["prompt"], row["completion"])
     rendered = render_mask(p + c, [0] * len(p) + [1] * len(c), tokenizer)
     return {"label": "desirable" if row["label"] else "undesirable", "rendered": rendered}
-
-
-class KTOKeys(TrainingStage):
-    """A kto stage's recipe keys: those of every training stage."""
-
-    kind: Literal["kto"]
-
-
-KIND = TrainingKind(
-    name="kto",
-    keys=KTOKeys,
-    formats=(UNPAIRED, *PREFERENCE_FORMATS),
-    run=run,
-    about="Kahneman-Tversky Optimization on answers marked desirable or not, or on pairs (TRL's KTOTrainer)",
-    figures=(
-        Figure("label AUC", "label_auc", False),
-        Figure("pref accuracy", "pref_accuracy", False),
-        Figure("eval loss (KTO)", "eval_loss", True),
-    ),  # fmt: skip
-    config="trl:KTOConfig",
-    plan_parts=plan,
-)

@@ -11,11 +11,11 @@ from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 from align.recipe import TrainingStage
 from align.stages.base import Figure, TrainingKind
-from align.stages.common import StageKind, max_length_setting, perplexities, run_stage
-from align.values import Setting, StageParts, StageResult
+from align.stages.common import max_length_setting, perplexities
+from align.values import Setting, StageParts
 
 if TYPE_CHECKING:
-    from align.context import StageContext
+    from align.plan import PlanInputs
     from align.recipe import Stage
 
 logger = logging.getLogger(__name__)
@@ -33,20 +33,72 @@ def collate_blocks(rows: list[dict[str, Any]]) -> dict[str, Any]:
     return {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids), "labels": input_ids.clone()}
 
 
-def run(stage: Stage, ctx: StageContext) -> StageResult:
-    """Fine-tune a causal LM on a text data set; evaluate before and after; save the model."""
-    return run_stage(stage, ctx, LMStage)
+class LMKeys(TrainingStage):
+    """An lm stage's recipe keys: those of every training stage. It trains every weight, so it takes no `peft:`."""
+
+    kind: Literal["lm"]
+    article: ClassVar[str] = "an"
+
+    def problems(self, earlier: list[Stage]) -> list[str]:
+        problems = super().problems(earlier)
+        if self.peft is not None:
+            problems.append(f"stages.{self.name}.peft: an lm stage trains every weight; LoRA is for the stages that "
+                            "adapt a model after it (sft, preference, reward model)")  # fmt: skip
+        return problems
 
 
-class LMStage(StageKind):
+class LM(TrainingKind):
     """transformers' Trainer on full blocks of real tokens (made by the plan), every token a label."""
 
+    name = "lm"
+    keys = LMKeys
+    formats = ("text",)
+    about = "causal-LM fine-tuning on plain text (transformers' Trainer on full blocks of real tokens)"
+    figures = (Figure("eval loss", "eval_loss", True), Figure("perplexity", "perplexity", True))
+    config = "align.stages.lm_config:LMConfig"
     unit = "blocks"
+
+    def plan_parts(self, stage: Stage, inputs: PlanInputs) -> StageParts:
+        """The block length and, with the data, blocks, token counts and a sample."""
+        from align.plan import batch_figures
+
+        data, tokenizer = inputs.data, inputs.tokenizer
+        length = max_length_setting(stage, inputs.config)
+        size = int(length.value or 1024)  # the block length: None would mean one endless block
+        parts = StageParts(
+            fixed={"max_length": Setting(size, length.source)}, details={"input": inputs.start.summary()}
+        )
+        if data is None or tokenizer is None:
+            return parts
+        train_blocks, train_stats = cached_blocks(data["train"], tokenizer, size, "train")
+        eval_blocks, eval_stats = cached_blocks(data["validation"], tokenizer, size, "eval")
+        parts.prepared = {"train": (train_blocks, train_stats), "eval": (eval_blocks, eval_stats)}
+        for split, stats in (("training", train_stats), ("eval", eval_stats)):
+            if not stats["blocks"]:
+                parts.problems.append(
+                    f"stages.{stage.name}.train.max_length: the {split} text ({stats['tokens']} tokens) fills no "
+                    f"block of {size} tokens"
+                )
+                parts.hints.append("lower max_length, or give the stage more text")
+        sample = tokenizer.decode(train_blocks[0]["input_ids"][:64]) if len(train_blocks) else ""
+        parts.details.update(
+            block_size=size,
+            train_tokens=train_stats["tokens"],
+            eval_tokens=eval_stats["tokens"],
+            train_blocks=train_stats["blocks"],
+            eval_blocks=eval_stats["blocks"],
+            truncation_rate=train_stats["dropped_tokens"] / max(1, train_stats["tokens"]),
+            packing_efficiency=1.0,  # every position of every block holds a real token
+            examples=[{"text": sample, "loss_mask": "every token is trained on (language modelling)"}],
+        )
+        parts.count = lambda effective: batch_figures(effective, train_stats["blocks"])
+        return parts
 
     def setup(self) -> None:
         # An lm stage trains every weight: LoRA adapters of an earlier stage were merged into their base (load_start).
-        (self.train, train_stats), (self.eval, eval_stats) = self.plan.prepared["train"], self.plan.prepared["eval"]
-        size = self.plan.settings["max_length"].value
+        prepared = self.planned.prepared
+        (self.train, train_stats), (self.eval, eval_stats) = prepared["train"], prepared["eval"]
+        size = self.planned.settings["max_length"].value
         logger.info(
             "%d train blocks and %d eval blocks of %d tokens (%d and %d tail tokens dropped)",
             train_stats["blocks"], eval_stats["blocks"], size, train_stats["dropped_tokens"],
@@ -56,7 +108,7 @@ class LMStage(StageKind):
 
     def eval_sets(self, by_source: dict[str, Any]) -> dict[str, Any]:
         # Each source's text in blocks of its own: the whole split's blocks run across the sources' boundaries.
-        size = self.plan.settings["max_length"].value
+        size = self.planned.settings["max_length"].value
         return {name: cached_blocks(rows, self.tokenizer, size, f"eval {name}")[0] for name, rows in by_source.items()}
 
     def trainer(self, args: Any, callbacks: list[Any]) -> Any:
@@ -96,65 +148,3 @@ def cached_blocks(ds: Any, tokenizer: Any, size: int, split: str) -> tuple[Any, 
         "block_size": size,
     }
     return fetch(parts, lambda: pack_text_blocks(ds, tokenizer, size), f"lm {split}")
-
-
-def plan(
-    stage: Stage, *, spec: Any, data: Any, tokenizer: Any, config: Any, start: Any, recipe: Any = None
-) -> StageParts:
-    """An LM stage's part of its plan: the block length and, with the data, blocks, token counts and a sample."""
-    from align.plan import batch_figures
-
-    length = max_length_setting(stage, config)
-    size = int(length.value or 1024)  # the block length: None would mean one endless block
-    parts = StageParts(fixed={"max_length": Setting(size, length.source)}, details={"input": start.summary()})
-    if data is None or tokenizer is None:
-        return parts
-    train_blocks, train_stats = cached_blocks(data["train"], tokenizer, size, "train")
-    eval_blocks, eval_stats = cached_blocks(data["validation"], tokenizer, size, "eval")
-    parts.prepared = {"train": (train_blocks, train_stats), "eval": (eval_blocks, eval_stats)}
-    for split, stats in (("training", train_stats), ("eval", eval_stats)):
-        if not stats["blocks"]:
-            parts.problems.append(
-                f"stages.{stage.name}.train.max_length: the {split} text ({stats['tokens']} tokens) fills no "
-                f"block of {size} tokens"
-            )
-            parts.hints.append("lower max_length, or give the stage more text")
-    sample = tokenizer.decode(train_blocks[0]["input_ids"][:64]) if len(train_blocks) else ""
-    parts.details.update(
-        block_size=size,
-        train_tokens=train_stats["tokens"],
-        eval_tokens=eval_stats["tokens"],
-        train_blocks=train_stats["blocks"],
-        eval_blocks=eval_stats["blocks"],
-        truncation_rate=train_stats["dropped_tokens"] / max(1, train_stats["tokens"]),
-        packing_efficiency=1.0,  # every position of every block holds a real token
-        examples=[{"text": sample, "loss_mask": "every token is trained on (language modelling)"}],
-    )
-    parts.count = lambda effective: batch_figures(effective, train_stats["blocks"])
-    return parts
-
-
-class LMKeys(TrainingStage):
-    """An lm stage's recipe keys: those of every training stage. It trains every weight, so it takes no `peft:`."""
-
-    kind: Literal["lm"]
-    article: ClassVar[str] = "an"
-
-    def problems(self, earlier: list[Stage]) -> list[str]:
-        problems = super().problems(earlier)
-        if self.peft is not None:
-            problems.append(f"stages.{self.name}.peft: an lm stage trains every weight; LoRA is for the stages that "
-                            "adapt a model after it (sft, preference, reward model)")  # fmt: skip
-        return problems
-
-
-KIND = TrainingKind(
-    name="lm",
-    keys=LMKeys,
-    formats=("text",),
-    run=run,
-    about="causal-LM fine-tuning on plain text (transformers' Trainer on full blocks of real tokens)",
-    figures=(Figure("eval loss", "eval_loss", True), Figure("perplexity", "perplexity", True)),
-    config="align.stages.lm_config:LMConfig",
-    plan_parts=plan,
-)

@@ -14,16 +14,18 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pydantic import Field
 
 from align.recipe import Stage, Strict, TrainingStage, reward_model_problems, stage_ref
 from align.rewards import Judge, RewardEntry, check_functions, entries_identity, guarded, resolve_function
-from align.stages.base import TrainingKind
-from align.stages.common import StageKind, generation_table, show_prompt
+from align.stages.base import Figure, TrainingKind
+from align.stages.common import generation_table, show_prompt
 from align.values import Setting, StageParts, StartingPoint
+
+if TYPE_CHECKING:
+    from align.plan import PlanInputs
 
 logger = logging.getLogger(__name__)
 
@@ -77,13 +79,25 @@ class OnlineKeys(TrainingStage):
         return problems
 
 
-class OnlineStage(StageKind):
+class OnlineKind(TrainingKind):
     """An online RL trainer of TRL's: reward functions guarded, a reference only where beta > 0, the health alarms,
-    and the held-out reward before and after."""
+    and the held-out reward before and after. Its output also depends on its reward files and reward models, and
+    its monitor's (`input_identity`)."""
 
+    formats = ("prompt_only",)
+    figures = (Figure("reward", "reward", False),)
     unit = "completions"
     surrogate_loss = True
-    trainer_name = ""
+
+    def plan_parts(self, stage: Any, inputs: PlanInputs) -> StageParts:
+        return plan_online(stage, self.config_class(), inputs.data, inputs.start, inputs.recipe)
+
+    def input_identity(self, stage: Any, recipe: Any, outputs: Any) -> str:
+        pinned = entries_identity([*stage.rewards, *stage.monitor], recipe.base_dir, outputs)
+        return "|".join([self.model_identity(stage, recipe, outputs), *pinned])
+
+    def plots(self, rows: list[dict[str, Any]], summary: dict[str, Any]) -> list[tuple[str, str, str]]:
+        return online_plots(rows)
 
     def setup(self) -> None:
         from align.models import ensure_chat_template
@@ -125,13 +139,10 @@ class OnlineStage(StageKind):
         return model.eval(), tokenizer
 
     def trainer(self, args: Any, callbacks: list[Any]) -> Any:
-        import trl
-
         from align.models import lora_config
 
         self.use_reference(args)
-        trainer_class = getattr(trl, self.trainer_name)
-        return trainer_class(
+        return self.trainer_cls()(
             model=self.model, reward_funcs=self.functions, args=args, train_dataset=self.train,
             eval_dataset=self.eval, processing_class=self.tokenizer, reward_processing_classes=self.reward_tokenizers,
             callbacks=callbacks, peft_config=lora_config(self.stage.peft) if self.start.lora == "new" else None,
@@ -283,7 +294,7 @@ class OnlineStage(StageKind):
         return metrics, {"generations": generations, "verdict": verdict}
 
 
-def monitor_callback(stage: OnlineStage) -> Any:
+def monitor_callback(stage: OnlineKind) -> Any:
     """A TrainerCallback: at each evaluation during training, the held-out answers sampled and scored by the rewards
     and by every `monitor:` judge (the `monitor` split of metrics.jsonl and the trackers), and the reward-hacking
     alarm checked against the measure before training. Built here so transformers is imported only when it runs."""
@@ -319,20 +330,10 @@ def _nanmean(values: list[float]) -> float | None:
 # Plan
 
 
-def online_plan(config_class: Callable[[], type]) -> Callable[..., StageParts]:
-    """The plan of an online stage whose config class `config_class()` gives (GRPOConfig, RLOOConfig)."""
-
-    def plan(stage: Any, *, spec: Any, data: Any, tokenizer: Any, config: Any, start: StartingPoint,
-             recipe: Any) -> StageParts:  # fmt: skip
-        """An online stage's part of its plan: its rewards (each imported and called on two held-out rows), the
-        batch rules TRL enforces only when it starts (at least 2 answers per prompt; the generation batch a multiple
-        of them at this process count), vLLM's needs, and the reference."""
-        return plan_online(stage, config_class(), data, start, recipe)
-
-    return plan
-
-
 def plan_online(stage: Any, cls: type, data: Any, start: StartingPoint, recipe: Any) -> StageParts:
+    """An online stage's part of its plan (`cls`: its config class): its rewards (each imported and called on two
+    held-out rows), the batch rules TRL enforces only when it starts (at least 2 answers per prompt; the generation
+    batch a multiple of them at this process count), vLLM's needs, and the reference."""
     import importlib.util
 
     from align.plan import batch_figures, world_size
@@ -423,9 +424,38 @@ def plan_online(stage: Any, cls: type, data: Any, start: StartingPoint, recipe: 
     return parts
 
 
-class OnlineKind(TrainingKind):
-    """A training kind whose output also depends on its reward files and reward models, and its monitor's."""
+def online_plots(rows: list[dict[str, Any]]) -> list[tuple[str, str, str]]:
+    """The reward and what the health alarms watch, as TRL logs them at each training log."""
+    from align.plots import figure, png, series
 
-    def input_identity(self, stage: Any, recipe: Any, outputs: Any) -> str:
-        pinned = entries_identity([*stage.rewards, *stage.monitor], recipe.base_dir, outputs)
-        return "|".join([super().input_identity(stage, recipe, outputs), *pinned])
+    plots = []
+    reward_x, reward_y = series(rows, "train", "reward")
+    if reward_x:
+        fig, (left, right) = figure(9, 3.2, columns=2)
+        left.plot(reward_x, reward_y, "o-", label="reward (total)", color="#2ca02c")
+        for key in sorted({k for r in rows for k in r if k.startswith("rewards/") and k.endswith("/mean")}):
+            x, y = series(rows, "train", key)
+            left.plot(x, y, "--", label=key.removeprefix("rewards/").removesuffix("/mean"))
+        eval_x, eval_y = series(rows, "eval", "eval_reward")
+        if eval_x:
+            left.plot(eval_x, eval_y, "s", label="reward (eval)", color="#d62728")
+        left.set_title("reward")
+        left.legend(fontsize=7)
+        for key, color in (("frac_reward_zero_std", "#7f7f7f"), ("completions/clipped_ratio", "#ff7f0e")):
+            x, y = series(rows, "train", key)
+            if x:
+                right.plot(x, y, "o-", label=key, color=color)
+        right.set_ylim(-0.05, 1.05)
+        right.set_title("groups without variance, answers truncated")
+        right.legend(fontsize=7)
+        for ax in (left, right):
+            ax.set_xlabel("step")
+            ax.grid(alpha=0.3)
+        plots.append(
+            (
+                "Reward and its health",
+                png(fig),
+                "reward per function, share of groups without reward variance, share of answers truncated",
+            )
+        )
+    return plots

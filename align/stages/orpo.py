@@ -7,53 +7,18 @@ TRL's NLL runs over the whole chosen sequence, prompt included, and the dry run 
 log-probability (what ORPO's odds ratio compares), before and after. It is the policy's own preference, so it is no tie
 by construction before training; the sum over tokens would mostly compare the answers' lengths.
 
-What ORPO and SimPO (align/stages/simpo.py, TRL's CPOTrainer) share, reference-free trainers on pairs, is `PairStage`
+What ORPO and SimPO (align/stages/simpo.py, TRL's CPOTrainer) share, reference-free trainers on pairs, is `PairKind`
 in align/stages/preference_family.py.
 """
 
 from __future__ import annotations
 
-import logging
-from typing import TYPE_CHECKING, Any, ClassVar, Literal
+from typing import Any, ClassVar, Literal
 
-from align.recipe import PREFERENCE_FORMATS, TrainingStage
-from align.stages.base import Figure, TrainingKind
-from align.stages.common import run_stage
-from align.stages.preference_family import PairStage, plan_pairs
-from align.values import StageParts, StageResult, StartingPoint
-
-if TYPE_CHECKING:
-    from align.context import StageContext
-    from align.recipe import Stage
-
-logger = logging.getLogger(__name__)
-
-
-def run(stage: Stage, ctx: StageContext) -> StageResult:
-    """Align a model to preference pairs with ORPO; measure preference accuracy before and after; save."""
-    return run_stage(stage, ctx, ORPOStage)
-
-
-class ORPOStage(PairStage):
-    trainer_name = "ORPOTrainer"
-    method = "ORPO"
-    average = True  # ORPO's odds are of each completion's mean token log-probability
-
-    def own_metrics(self, after: dict[str, Any]) -> dict[str, Any]:
-        return {"log_odds_ratio": after.get("eval_log_odds_ratio"), "nll_loss": after.get("eval_nll_loss")}
-
-
-def plan(
-    stage: Stage, *, spec: Any, data: Any, tokenizer: Any, config: Any, start: StartingPoint, recipe: Any = None
-) -> StageParts:
-    """An ORPO stage's part of its plan: no reference, and where its loss falls."""
-    parts = StageParts(details={
-        "input": start.summary(),
-        "reference": "none (ORPO is reference-free)",
-        "loss_on": "NLL on the whole chosen sequence, prompt included (TRL's ORPO), plus beta x the log odds ratio "
-                   "of the chosen over the rejected completion",
-    })  # fmt: skip
-    return plan_pairs(stage, data=data, tokenizer=tokenizer, config=config, parts=parts)
+from align.recipe import TrainingStage
+from align.stages.base import Figure
+from align.stages.preference_family import PairKind
+from align.values import StartingPoint
 
 
 class ORPOKeys(TrainingStage):
@@ -63,22 +28,28 @@ class ORPOKeys(TrainingStage):
     article: ClassVar[str] = "an"
 
 
-def _config() -> type:
-    from align.patches import experimental
+class ORPO(PairKind):
+    """TRL's ORPOTrainer on pairs: no reference; preference accuracy by mean token log-probability."""
 
-    return experimental("ORPOConfig")
-
-
-KIND = TrainingKind(
-    name="orpo",
-    keys=ORPOKeys,
-    formats=PREFERENCE_FORMATS,
-    run=run,
-    about="Odds Ratio Preference Optimization: SFT and preference in one loss, no reference model (TRL's ORPO)",
-    figures=(
+    name = "orpo"
+    keys = ORPOKeys
+    about = "Odds Ratio Preference Optimization: SFT and preference in one loss, no reference model (TRL's ORPO)"
+    figures = (
         Figure("pref accuracy (per token)", "pref_accuracy", False),
         Figure("eval loss (ORPO)", "eval_loss", True),
-    ),  # fmt: skip
-    config=_config,
-    plan_parts=plan,
-)
+    )
+    key_settings = ("beta", "max_completion_length")
+    config = "trl.experimental.orpo:ORPOConfig"
+    trainer_class = "trl.experimental.orpo:ORPOTrainer"
+    method = "ORPO"
+    average = True  # ORPO's odds are of each completion's mean token log-probability
+
+    def plan_details(self, start: StartingPoint) -> dict[str, str]:
+        return {
+            **super().plan_details(start),
+            "loss_on": "NLL on the whole chosen sequence, prompt included (TRL's ORPO), plus beta x the log odds "
+            "ratio of the chosen over the rejected completion",
+        }
+
+    def own_metrics(self, after: dict[str, Any]) -> dict[str, Any]:
+        return {"log_odds_ratio": after.get("eval_log_odds_ratio"), "nll_loss": after.get("eval_nll_loss")}

@@ -1,5 +1,6 @@
 """What the preference kinds share (dpo, kto: align/stages/dpo.py, kto.py; orpo, simpo: orpo.py, simpo.py): the
-reference model of the kinds that have one, and `PairStage` with its plan, the reference-free trainers of
+reference model of the kinds that have one, one plan of what max_length does to pairs, their report plots, and
+`PairKind`, the reference-free trainers of
 `trl.experimental` on pairs (ORPO's, CPO's). TRL tokenizes their data inside the trainer's constructor, with no
 preparation step to hook, so align's tokenized-data cache does not cover them.
 """
@@ -11,17 +12,13 @@ import logging
 from typing import TYPE_CHECKING, Any
 
 from align.prompt_split import split_all_ids
-from align.stages.common import (
-    StageKind,
-    max_length_setting,
-    measure_pairs,
-    pair_examples,
-    summarize_pairs,
-    warn_most_dropped,
-)
+from align.recipe import PREFERENCE_FORMATS
+from align.stages.base import TrainingKind
+from align.stages.common import max_length_setting, measure_pairs, pair_examples, summarize_pairs, warn_most_dropped
 from align.values import Setting, StageParts, StartingPoint
 
 if TYPE_CHECKING:
+    from align.plan import PlanInputs
     from align.recipe import Stage
 
 logger = logging.getLogger(__name__)
@@ -35,14 +32,31 @@ PAIR_BATCHES = {
 }
 
 
-class PairStage(StageKind):
+def with_pair_batches(parts: StageParts) -> StageParts:
+    """`parts` with the batch settings TRL's pair collator needs (PAIR_BATCHES)."""
+    parts.fixed.update(PAIR_BATCHES)
+    return parts
+
+
+class PairKind(TrainingKind):
     """A reference-free trainer of `trl.experimental` on preference pairs, with preference accuracy (`average`: by
     each completion's mean token log-probability) and greedy answers to held-out prompts before and after."""
 
+    formats = PREFERENCE_FORMATS
+    experimental = True
     unit = "pairs"
-    trainer_name = ""  # the class in `trl.experimental`
     method = ""  # as the guards' messages name it
     average = False
+
+    def plots(self, rows: list[dict[str, Any]], summary: dict[str, Any]) -> list[tuple[str, str, str]]:
+        return preference_plots(rows)
+
+    def plan_details(self, start: StartingPoint) -> dict[str, str]:
+        """What the dry run says of the method: its input, its reference (none), where its loss falls."""
+        return {"input": start.summary(), "reference": f"none ({self.method} is reference-free)"}
+
+    def plan_parts(self, stage: Stage, inputs: PlanInputs) -> StageParts:
+        return with_pair_batches(plan_pairs(stage, inputs, StageParts(details=self.plan_details(inputs.start))))
 
     def setup(self) -> None:
         from align.data import first_unique
@@ -50,16 +64,15 @@ class PairStage(StageKind):
 
         ensure_chat_template(self.tokenizer)
         self.extra = {"reference": "none"}
-        self.max_length = self.plan.settings["max_length"].value
+        self.max_length = self.planned.settings["max_length"].value
         self.train, self.eval = (fitting(self.data[split], self.tokenizer, self.max_length, split)
                                  for split in ("train", "validation"))  # fmt: skip
         self.prompts = first_unique(self.eval["prompt"], self.stage.generations)
 
     def trainer(self, args: Any, callbacks: list[Any]) -> Any:
         from align.models import lora_config
-        from align.patches import experimental
 
-        return experimental(self.trainer_name)(
+        return self.trainer_cls()(
             model=self.model, args=args, train_dataset=self.train, eval_dataset=self.eval,
             processing_class=self.tokenizer, callbacks=callbacks,
             peft_config=lora_config(self.stage.peft) if self.start.lora == "new" else None,
@@ -87,15 +100,16 @@ class PairStage(StageKind):
         return {}
 
 
-def fits(tokenizer: Any, pairs: Any, max_length: int | None) -> list[bool]:
-    """Per pair, whether its prompt leaves room for an answer in `max_length` (with the BOS token TRL may add).
+def fits(tokenizer: Any, pairs: Any, max_length: int | None, room: int = 1) -> list[bool]:
+    """Per pair, whether its prompt leaves room for an answer in `max_length`: `room` tokens beside it (1: the BOS
+    token TRL's ORPO and CPO trainers may add; 0: DPO and KTO, which drop a row whose prompt alone fills it).
 
     TRL's ORPO and CPO trainers shorten the answers to fit `max_length` but keep a prompt that alone is longer: the
     sequence then runs past the model's positions and fails mid-training (IndexError in the embedding)."""
     if max_length is None:
         return [True] * len(pairs)
     ids = split_all_ids(tokenizer, list(pairs["prompt"]), list(pairs["chosen"]))
-    return [len(p) < max_length - 1 for p, _ in ids]
+    return [len(p) < max_length - room for p, _ in ids]
 
 
 def fitting(pairs: Any, tokenizer: Any, max_length: int | None, split: str) -> Any:
@@ -108,43 +122,59 @@ def fitting(pairs: Any, tokenizer: Any, max_length: int | None, split: str) -> A
     return pairs.select([i for i, k in enumerate(keep) if k])
 
 
-def plan_pairs(stage: Stage, *, data: Any, tokenizer: Any, config: Any, parts: StageParts) -> StageParts:
-    """What a reference-free pair stage's plan shares: max_length (capped at the model's positions) and, with the
-    data, the pairs `max_length` cuts (TRL shortens their answers to fit) or drops (their prompt alone fills it; none
-    left in a split is a problem here), the planned steps and two rendered pairs (the compared answer in [[ ]])."""
-    from align.models import ensure_chat_template
+# What a user does about a max_length that leaves too little of the data: said by every length check of every kind.
+LENGTH_HINT = "raise max_length (align caps it at the model's positions) or shorten the prompts"
+
+
+def plan_pair_lengths(stage: Stage, data: Any, tokenizer: Any, max_length: int | None, room: int) -> StageParts:
+    """What `max_length` does to preference pairs, planned once for every pair kind: the answers it cuts (TRL
+    shortens each side to fit), the pairs it drops (the prompt alone leaves fewer than `room` tokens: `fits`; none
+    left in a split is a problem here, before any stage trains, and most of the train pairs a warning), the train
+    tokens as TRL will see them (each side capped at `max_length`), the planned steps and two rendered pairs."""
     from align.plan import batch_figures
 
-    length = max_length_setting(stage, config)
-    parts.fixed.update({"max_length": length, **PAIR_BATCHES})
-    if tokenizer is None or data is None:
-        return parts
-    ensure_chat_template(tokenizer)
-    max_length = length.value
+    parts = StageParts()
     train = data["train"]
     sides = [split_all_ids(tokenizer, list(train["prompt"]), list(train[side])) for side in ("chosen", "rejected")]
     lengths = [len(p) + len(c) for side in sides for p, c in side]
     truncated = sum(max_length is not None and n > max_length for n in lengths)
     kept = {}
     for split, pairs in (("train", train), ("eval", data["validation"])):
-        kept[split] = sum(fits(tokenizer, pairs, max_length))
+        kept[split] = sum(fits(tokenizer, pairs, max_length, room))
         if len(pairs) and not kept[split]:
             parts.problems.append(f"stages.{stage.name}.train.max_length: every {split} prompt fills {max_length} "
                                   "tokens, so no pair is left to learn from")  # fmt: skip
-            parts.hints.append("raise max_length (align caps it at the model's positions) or shorten the prompts")
+            parts.hints.append(LENGTH_HINT)
     total = len(train)
-    warn_most_dropped(stage, max_length, total - kept["train"], total, "the prompt alone fills it",
-                      "raise max_length (align caps it at the model's positions) or shorten the prompts")  # fmt: skip
+    warn_most_dropped(stage, max_length, total - kept["train"], total, "the prompt alone fills it", LENGTH_HINT)
     parts.details.update(
-        train_pairs=len(train),
+        train_pairs=total,
         train_tokens=sum(min(n, max_length or n) for n in lengths),
         max_length=max_length,
         truncation_rate=truncated / max(1, len(lengths)),
         truncated=f"{truncated} of {len(lengths)} answers (TRL shortens the answer to fit max_length)",
-        dropped=f"{len(train) - kept['train']} of {len(train)} train pairs (prompt fills max_length)",
+        dropped=f"{total - kept['train']} of {total} train pairs (prompt fills max_length)",
         examples=pair_examples(tokenizer, train),
     )
     parts.count = lambda effective: batch_figures(effective, kept["train"])
+    return parts
+
+
+def plan_pairs(stage: Stage, inputs: PlanInputs, parts: StageParts, room: int = 1) -> StageParts:
+    """What a pair stage's plan shares (dpo, orpo, simpo): max_length (capped at the model's positions) and, with
+    the data, what it cuts and drops (`plan_pair_lengths`)."""
+    from align.models import ensure_chat_template
+
+    length = max_length_setting(stage, inputs.config)
+    parts.fixed["max_length"] = length
+    if inputs.tokenizer is None or inputs.data is None:
+        return parts
+    ensure_chat_template(inputs.tokenizer)
+    lengths = plan_pair_lengths(stage, inputs.data, inputs.tokenizer, length.value, room)
+    parts.details.update(lengths.details)
+    parts.problems += lengths.problems
+    parts.hints += lengths.hints
+    parts.count = lengths.count
     return parts
 
 
@@ -172,3 +202,50 @@ def reference_for(stage: Stage, start: StartingPoint, model: Any) -> tuple[Any, 
     for parameter in frozen.parameters():
         parameter.requires_grad_(False)
     return frozen, reference
+
+
+# --------------------------------------------------------------------------------------------------
+# The report's plots of the preference kinds
+
+
+def preference_plots(rows: list[dict[str, Any]]) -> list[tuple[str, str, str]]:
+    """The implicit rewards the preference trainers log (DPO, KTO, ORPO, SimPO), each series on its own steps: KTO
+    logs no reward accuracy, and a margin only for evaluations that held both labels."""
+    from align.plots import figure, png, series
+
+    plots = []
+    rewards = {name: series(rows, "eval", f"eval_rewards/{key}")
+               for name, key in (("chosen", "chosen"), ("rejected", "rejected"), ("margin", "margins"))}  # fmt: skip
+    if rewards["chosen"][0]:
+        fig, (left, right) = figure(9, 3.2, columns=2)
+        for (name, (x, y)), style in zip(rewards.items(), (("o-", "#2ca02c"), ("o-", "#d62728"), ("o--", "#7f7f7f")),
+                                         strict=True):  # fmt: skip
+            if x:
+                left.plot(x, y, style[0], label=name, color=style[1])
+        left.set_title("implicit rewards (eval)")
+        left.legend()
+        kept, tied = reward_accuracy_points(rows)
+        if kept:
+            right.plot([x for x, _ in kept], [y for _, y in kept], "o-", color="#1f77b4")
+            right.set_ylim(0, 1.05)
+        logged = kept or tied
+        title = "reward accuracy (eval)" if logged else "reward accuracy (not logged by this method)"
+        right.set_title(title + (", all-tie steps left out" if tied else ""), fontsize=9 if tied else None)
+        for ax in (left, right):
+            ax.set_xlabel("step")
+            ax.grid(alpha=0.3)
+        plots.append(("Preference rewards", png(fig),
+                      "implicit rewards of chosen and rejected answers, margin, reward accuracy"))  # fmt: skip
+    return plots
+
+
+def reward_accuracy_points(rows: list[dict[str, Any]]) -> tuple[list[tuple[int, float]], set[int]]:
+    """The eval reward accuracy's (step, value) points worth drawing, and the steps left out: where the policy is
+    still its reference (step 0) every implicit reward is 0, TRL counts those ties as wrong, and the curve would start
+    at 0 beside a held-out pref_accuracy of 0.6."""
+    from align.plots import series
+
+    margin = dict(zip(*series(rows, "eval", "eval_rewards/margins"), strict=True))
+    steps, values = series(rows, "eval", "eval_rewards/accuracies")
+    tied = {x for x in steps if margin.get(x) == 0.0}
+    return [(x, y) for x, y in zip(steps, values, strict=True) if x not in tied], tied

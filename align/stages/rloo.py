@@ -6,39 +6,20 @@ reference model) and 2 answers per prompt.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Literal
+from typing import ClassVar, Literal
 
-from align.stages.base import Figure
-from align.stages.common import run_stage
-from align.stages.online_rl import OnlineKeys, OnlineKind, OnlineStage, online_plan
-
-if TYPE_CHECKING:
-    from align.context import StageContext
-    from align.recipe import Stage
-    from align.values import StageResult
+from align.stages.online_rl import OnlineKeys, OnlineKind
 
 
 class RLOOKeys(OnlineKeys):
     kind: Literal["rloo"]
-    article = "an"
+    article: ClassVar[str] = "an"
 
 
-class RLOOStage(OnlineStage):
-    trainer_name = "RLOOTrainer"
-
-
-def run(stage: Stage, ctx: StageContext) -> StageResult:
-    """Train a policy online with leave-one-out baselines; measure its held-out reward before and after; save."""
-    return run_stage(stage, ctx, RLOOStage)
-
-
-KIND = OnlineKind(
-    name="rloo",
-    keys=RLOOKeys,
-    formats=("prompt_only",),
-    run=run,
-    about="online RL with leave-one-out baselines and a KL penalty in the reward (TRL's RLOO)",
-    figures=(Figure("reward", "reward", False),),
-    config="trl:RLOOConfig",
-    plan_parts=online_plan(lambda: KIND.config_class()),
-)
+class RLOO(OnlineKind):
+    name = "rloo"
+    keys = RLOOKeys
+    about = "online RL with leave-one-out baselines and a KL penalty in the reward (TRL's RLOO)"
+    key_settings = ("beta", "num_generations", "max_completion_length", "temperature")
+    config = "trl:RLOOConfig"
+    trainer_class = "trl:RLOOTrainer"

@@ -16,51 +16,113 @@ from align.prompt_format import score_usage
 from align.prompt_split import split_all_ids
 from align.recipe import PREFERENCE_FORMATS, TrainingStage
 from align.stages.base import Figure, TrainingKind
-from align.stages.common import (
-    StageKind,
-    max_length_setting,
-    pair_examples,
-    report_dropped,
-    run_stage,
-    warn_most_dropped,
-)
-from align.values import StageParts, StageResult, StartingPoint
+from align.stages.common import max_length_setting, pair_examples, report_dropped, warn_most_dropped
+from align.values import StageParts
 
 if TYPE_CHECKING:
-    from align.context import StageContext
+    from align.plan import PlanInputs
     from align.recipe import Stage
 
 logger = logging.getLogger(__name__)
 
-
-def run(stage: Stage, ctx: StageContext) -> StageResult:
-    """Train a reward model on preference pairs; measure held-out accuracy before and after; save."""
-    return run_stage(stage, ctx, RMStage)
+# The reward trainer drops a pair longer than max_length, so what it needs is room for the whole pair.
+HINT = "raise max_length (align caps it at the model's positions) or shorten the answers"
 
 
-class RMStage(StageKind):
+class RMKeys(TrainingStage):
+    """An rm stage's recipe keys: those of every training stage. Its model is a judge, not a policy."""
+
+    kind: Literal["rm"]
+    makes: ClassVar[str | None] = "reward_model"
+    article: ClassVar[str] = "an"
+
+
+class RM(TrainingKind):
     """TRL's RewardTrainer (through the tokenized-data cache), with held-out pair accuracy before and after."""
 
+    name = "rm"
+    keys = RMKeys
+    formats = PREFERENCE_FORMATS
+    about = "a reward model on preference pairs (TRL's RewardTrainer): an eval stage's judge"
+    figures = (
+        Figure("accuracy", "accuracy", False),
+        Figure("margin", "margin", False),
+        Figure("eval loss", "eval_loss", True),
+    )
+    pipeline_tag = "text-classification"
+    config = "trl:RewardConfig"
+    trainer_class = "trl:RewardTrainer"
+    prepare = ("self", "dataset", "processing_class", "args", "dataset_name")
     unit = "pairs"
     reward_head = True  # the input's body with a new sequence-classification head of one output
+
+    def card_usage(self, prompt_format: Any, adapters: bool) -> str:
+        return score_usage(prompt_format, adapters)
+
+    def plan_parts(self, stage: Stage, inputs: PlanInputs) -> StageParts:
+        """max_length (the library's 1024, capped at the model's positions), the head, and, with the data, the pairs
+        the reward trainer will drop for being longer than max_length (none left in a split is a problem here, before
+        any stage trains)."""
+        from align.models import ensure_chat_template
+        from align.plan import batch_figures
+
+        data, tokenizer, start = inputs.data, inputs.tokenizer, inputs.start
+        length = max_length_setting(stage, inputs.config)
+        details = {"input": start.summary(), "head": "a new sequence-classification head of one output (the reward)"}
+        parts = StageParts(fixed={"max_length": length}, details=details)
+        if start.lora == "continue":
+            parts.problems.append(
+                f"stages.{stage.name}.peft: the input model is LoRA adapters of a language model; a reward model "
+                "cannot train them on as they are"
+            )
+            parts.hints.append("save the earlier stage with `merge: true`, or train this stage without `peft:`")
+        if tokenizer is None or data is None:
+            return parts
+        ensure_chat_template(tokenizer)
+        max_length = length.value
+        kept, lengths = {}, []
+        for split, pairs in (("train", data["train"]), ("eval", data["validation"])):
+            prompts = list(pairs["prompt"])
+            sides = [split_all_ids(tokenizer, prompts, list(pairs[side])) for side in ("chosen", "rejected")]
+            totals = [max(len(a[0]) + len(a[1]), len(b[0]) + len(b[1])) for a, b in zip(*sides, strict=True)]
+            if split == "train":  # the tokens of the pairs it keeps: a longer pair is dropped, not cut
+                fitting = [
+                    (a, b) for a, b, n in zip(*sides, totals, strict=True) if max_length is None or n <= max_length
+                ]
+                lengths = [len(p) + len(c) for pair in fitting for p, c in pair]
+            kept[split] = sum(max_length is None or n <= max_length for n in totals)
+            if len(pairs) and not kept[split]:
+                parts.problems.append(
+                    f"stages.{stage.name}.train.max_length: every {split} pair is longer than {max_length} tokens; the "
+                    "reward trainer drops such pairs, so none is left"
+                )
+                parts.hints.append(HINT)
+        total = len(data["train"])
+        warn_most_dropped(stage, max_length, total - kept["train"], total, "the longer answer does not fit", HINT)
+        parts.details.update(
+            train_pairs=len(data["train"]),
+            train_tokens=sum(lengths),
+            max_length=max_length,
+            dropped=f"{total - kept['train']} of {total} train pairs (longer than max_length)",
+            examples=pair_examples(tokenizer, data["train"]),
+        )
+        parts.count = lambda effective: batch_figures(effective, kept["train"])
+        return parts
 
     def setup(self) -> None:
         from align.models import ensure_chat_template
 
         ensure_chat_template(self.tokenizer)
         self.train, self.eval = self.data["train"], self.data["validation"]
-        self.max_length = self.plan.settings["max_length"].value
+        self.max_length = self.planned.settings["max_length"].value
 
     def eval_sets(self, by_source: dict[str, Any]) -> dict[str, Any]:
         return by_source  # the rows as they are: the Trainer prepares them
 
     def trainer(self, args: Any, callbacks: list[Any]) -> Any:
-        from trl import RewardTrainer
-
-        from align.cache import cached_trainer
         from align.models import lora_config
 
-        return cached_trainer(RewardTrainer, "rm", self.ctx.spec.format)(
+        return self.trainer_cls()(
             model=self.model, args=args, train_dataset=self.train, eval_dataset=self.eval,
             processing_class=self.tokenizer, callbacks=callbacks,
             peft_config=lora_config(self.stage.peft, "SEQ_CLS") if self.start.lora == "new" else None,
@@ -72,7 +134,7 @@ class RMStage(StageKind):
             self.stage, trainer, (len(self.train), len(self.eval)), reason=f"longer than max_length={self.max_length}",
             refusal=f"every {{split}} pair is longer than {self.max_length} tokens, and the reward trainer drops such "
             "pairs, so none is left",
-            hint="raise max_length (align caps it at the model's positions) or shorten the answers",
+            hint=HINT,
         )  # fmt: skip
 
     def measure(self, trainer: Any) -> dict[str, Any]:
@@ -112,83 +174,3 @@ class RMStage(StageKind):
                 len(measured_after["correct"]), logged,
             )  # fmt: skip
         return metrics, {"verdict": verdict.record()}
-
-
-# --------------------------------------------------------------------------------------------------
-# Plan
-
-
-def plan(
-    stage: Stage, *, spec: Any, data: Any, tokenizer: Any, config: Any, start: StartingPoint, recipe: Any = None
-) -> StageParts:
-    """An rm stage's part of its plan: max_length (the library's 1024, capped at the model's positions), the head,
-    and, with the data, the pairs the reward trainer will drop for being longer than max_length (none left in a
-    split is a problem here, before any stage trains)."""
-    from align.models import ensure_chat_template
-    from align.plan import batch_figures
-
-    length = max_length_setting(stage, config)
-    details = {"input": start.summary(), "head": "a new sequence-classification head of one output (the reward)"}
-    parts = StageParts(fixed={"max_length": length}, details=details)
-    if start.lora == "continue":
-        parts.problems.append(
-            f"stages.{stage.name}.peft: the input model is LoRA adapters of a language model; a reward model cannot "
-            "train them on as they are"
-        )
-        parts.hints.append("save the earlier stage with `merge: true`, or train this stage without `peft:`")
-    if tokenizer is None or data is None:
-        return parts
-    ensure_chat_template(tokenizer)
-    max_length = length.value
-    kept, lengths = {}, []
-    for split, pairs in (("train", data["train"]), ("eval", data["validation"])):
-        prompts = list(pairs["prompt"])
-        sides = [split_all_ids(tokenizer, prompts, list(pairs[side])) for side in ("chosen", "rejected")]
-        totals = [max(len(a[0]) + len(a[1]), len(b[0]) + len(b[1])) for a, b in zip(*sides, strict=True)]
-        if split == "train":
-            lengths = [len(p) + len(c) for side in sides for p, c in side]
-        kept[split] = sum(max_length is None or n <= max_length for n in totals)
-        if len(pairs) and not kept[split]:
-            parts.problems.append(
-                f"stages.{stage.name}.train.max_length: every {split} pair is longer than {max_length} tokens; the "
-                "reward trainer drops such pairs, so none is left"
-            )
-            parts.hints.append("raise max_length (align caps it at the model's positions) or shorten the answers")
-    total = len(data["train"])
-    warn_most_dropped(stage, max_length, total - kept["train"], total, "the longer answer does not fit",
-                      "raise max_length (align caps it at the model's positions) or shorten the answers")  # fmt: skip
-    parts.details.update(
-        train_pairs=len(data["train"]),
-        train_tokens=sum(lengths),
-        max_length=max_length,
-        dropped=f"{len(data['train']) - kept['train']} of {len(data['train'])} train pairs (longer than max_length)",
-        examples=pair_examples(tokenizer, data["train"]),
-    )
-    parts.count = lambda effective: batch_figures(effective, kept["train"])
-    return parts
-
-
-class RMKeys(TrainingStage):
-    """An rm stage's recipe keys: those of every training stage. Its model is a judge, not a policy."""
-
-    kind: Literal["rm"]
-    makes: ClassVar[str | None] = "reward_model"
-    article: ClassVar[str] = "an"
-
-
-KIND = TrainingKind(
-    name="rm",
-    keys=RMKeys,
-    formats=PREFERENCE_FORMATS,
-    run=run,
-    about="a reward model on preference pairs (TRL's RewardTrainer): an eval stage's judge",
-    figures=(
-        Figure("accuracy", "accuracy", False),
-        Figure("margin", "margin", False),
-        Figure("eval loss", "eval_loss", True),
-    ),  # fmt: skip
-    pipeline_tag="text-classification",
-    card_usage=score_usage,
-    config="trl:RewardConfig",
-    plan_parts=plan,
-)

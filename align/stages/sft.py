@@ -13,48 +13,126 @@ from align.errors import BadInput
 from align.prompt_split import split_all_ids, split_ids
 from align.recipe import TrainingStage
 from align.stages.base import Figure, TrainingKind
-from align.stages.common import (
-    StageKind,
-    generation_table,
-    max_length_setting,
-    perplexities,
-    render_mask,
-    run_stage,
-)
-from align.values import UNKNOWN, Setting, StageParts, StageResult
+from align.stages.common import generation_table, max_length_setting, perplexities, render_mask
+from align.values import UNKNOWN, Setting, StageParts
 
 if TYPE_CHECKING:
     from datasets import Dataset
 
-    from align.context import StageContext
+    from align.plan import PlanInputs
     from align.recipe import Stage
 
 logger = logging.getLogger(__name__)
 
 
-def run(stage: Stage, ctx: StageContext) -> StageResult:
-    """Fine-tune on prompt/completion pairs, conversations or text; evaluate and sample before and after; save."""
-    return run_stage(stage, ctx, SFTStage)
+class SFTKeys(TrainingStage):
+    """An sft stage's recipe keys: those of every training stage."""
+
+    kind: Literal["sft"]
+    article: ClassVar[str] = "an"
 
 
-class SFTStage(StageKind):
+class SFT(TrainingKind):
     """TRL's SFTTrainer (through the tokenized-data cache) with the planned loss mask, packing where the loaded
     model's attention keeps packed samples apart, and greedy answers to eval prompts before and after."""
 
+    name = "sft"
+    keys = SFTKeys
+    formats = ("text", "prompt_completion", "messages")
+    about = "supervised fine-tuning on completions, conversations or text (TRL's SFTTrainer)"
+    figures = (Figure("eval loss", "eval_loss", True), Figure("perplexity", "perplexity", True))
+    key_settings = ("packing", "completion_only_loss", "assistant_only_loss", "loss_type")
+    config = "trl:SFTConfig"
+    trainer_class = "trl:SFTTrainer"
+    prepare = ("self", "dataset", "processing_class", "args", "packing", "formatting_func", "dataset_name")
+
     unit = "examples"
     lm_head = True
+
+    def plan_parts(self, stage: Stage, inputs: PlanInputs) -> StageParts:
+        """max_length, the chat template and loss mask, packing (decided when the
+        model is loaded), and, with the data, the examples `max_length` truncates or leaves nothing to learn.
+
+        A `max_length` that leaves no training (or eval) example a trained token is a problem here, before any stage
+        of the recipe trains.
+        """
+        from align.models import ensure_chat_template, marks_assistant_turns
+        from align.plan import batch_figures
+
+        data, tokenizer, config, start = inputs.data, inputs.tokenizer, inputs.config, inputs.start
+        fmt = inputs.spec.format
+        length = max_length_setting(stage, config)
+        parts = StageParts(fixed={"max_length": length}, details={"input": start.summary()})
+        if "packing" not in stage.train:
+            parts.runtime["packing"] = (
+                "align default: padding-free only where the loaded model's attention keeps packed samples apart "
+                "(probed when the stage starts)"
+            )
+        if tokenizer is None:
+            parts.details["loss_on"] = f"{UNKNOWN} (the chat template decides)" if fmt == "messages" else fmt
+            return parts
+        template = ensure_chat_template(tokenizer)
+        loss = loss_flags(stage, fmt, tokenizer)
+        parts.fixed.update({k: Setting(v, "align default (loss on answers only)") for k, v in loss.items()})
+        parts.details.update(
+            chat_template=template
+            + ("" if fmt != "messages" or marks_assistant_turns(tokenizer) else " (no turn marks)"),
+            loss_on=describe_loss(loss, fmt),
+        )
+        if data is None:
+            return parts
+        train, valid = apply_loss(loss, fmt, data["train"], data["validation"])
+        max_length = length.value
+        counts = {}
+        for split, ds in (("train", train), ("eval", valid)):
+            spans = trained_spans(ds, tokenizer, loss)
+            untrained = sum(
+                1 for _, first in spans if first is None or (max_length is not None and first >= max_length)
+            )
+            truncated = sum(1 for n, _ in spans if max_length is not None and n > max_length)
+            counts[split] = (spans, untrained, truncated)
+            if spans and untrained == len(spans):
+                parts.problems.append(
+                    f"stages.{stage.name}.train.max_length: {max_length} tokens leave no "
+                    f"{'training' if split == 'train' else split} example a trained token (prompts fill it)"
+                )
+                parts.hints.append("raise max_length (align caps it at the model's positions) or shorten the prompts")
+        spans, untrained, truncated = counts["train"]
+        from align.models import model_positions
+
+        warn_truncation(
+            stage, fmt, spans, truncated, max_length, model_positions(config) if config is not None else None
+        )
+        # Two examples as training sees them: among those that keep a trained token (the dropped ones train nothing).
+        kept = [
+            i for i, (_, first) in enumerate(spans) if first is not None and (max_length is None or first < max_length)
+        ]
+        first_rows = train.select(kept[:2])
+        used = [min(n, max_length or n) for n, _ in spans]
+        parts.details.update(
+            train_examples=len(train) - untrained,  # the dropped ones are counted on their own line
+            train_tokens=sum(used),
+            max_length=max_length,
+            truncated=f"{truncated} of {len(spans)} ({truncated / max(1, len(spans)):.1%})",
+            truncation_rate=truncated / max(1, len(spans)),
+            untrained=f"{untrained} of {len(spans)} left no trained token by max_length (dropped)",
+            packing_efficiency=sum(used) / max(1, _padded_tokens(used, _batch_size(stage))),
+            examples=[{"rendered": render_example(row, tokenizer, loss, max_length)} for row in first_rows],
+        )
+        parts.count = lambda effective: batch_figures(effective, len(train) - untrained)
+        return parts
 
     def setup(self) -> None:
         from align.models import ensure_chat_template
 
         self.format = self.ctx.spec.format
         template = ensure_chat_template(self.tokenizer)
-        settings = self.plan.settings
+        settings = self.planned.settings
         self.loss = {k: settings[k].value for k in ("assistant_only_loss", "completion_only_loss") if k in settings}
         self.train, self.eval = apply_loss(self.loss, self.format, self.data["train"], self.data["validation"])
         pack, pack_reason = choose_packing(self.stage, self.model)
         logger.info("%s", pack_reason)
-        self.at_run_time = {k: v for k, v in pack.items() if k in self.plan.runtime}
+        self.at_run_time = {k: v for k, v in pack.items() if k in self.planned.runtime}
         self.prompts = eval_prompts(self.eval, self.stage.generations)
         self.extra = {"chat_template": template, "loss_on": describe_loss(self.loss, self.format),
                       "packing": pack_reason}  # fmt: skip
@@ -63,19 +141,16 @@ class SFTStage(StageKind):
         return {name: apply_loss(self.loss, self.format, rows)[0] for name, rows in by_source.items()}
 
     def trainer(self, args: Any, callbacks: list[Any]) -> Any:
-        from trl import SFTTrainer
-
-        from align.cache import cached_trainer
         from align.models import lora_config
 
-        return cached_trainer(SFTTrainer, "sft", self.format)(
+        return self.trainer_cls()(
             model=self.model, args=args, train_dataset=self.train, eval_dataset=self.eval,
             processing_class=self.tokenizer, callbacks=callbacks,
             peft_config=lora_config(self.stage.peft) if self.start.lora == "new" else None,
         )  # fmt: skip
 
     def check(self, trainer: Any) -> None:
-        max_length = self.plan.settings["max_length"].value
+        max_length = self.planned.settings["max_length"].value
         report_truncation(self.stage, trainer, len(self.train), len(self.eval), max_length, trainer.args.packing)
         example = render_labels(trainer.train_dataset[0], self.tokenizer)
         logger.info("first training example, trained tokens in [[ ]]: %r", example)
@@ -333,76 +408,10 @@ def warn_truncation(
     )  # fmt: skip
 
 
-def plan(
-    stage: Stage, *, spec: Any, data: Any, tokenizer: Any, config: Any, start: Any, recipe: Any = None
-) -> StageParts:
-    """An SFT stage's part of its plan: max_length, the chat template and loss mask, packing (decided when the
-    model is loaded), and, with the data, the examples `max_length` truncates or leaves nothing to learn.
-
-    A `max_length` that leaves no training (or eval) example a trained token is a problem here, before any stage
-    of the recipe trains.
-    """
-    from align.models import ensure_chat_template, marks_assistant_turns
-    from align.plan import batch_figures
-
-    fmt = spec.format
-    length = max_length_setting(stage, config)
-    parts = StageParts(fixed={"max_length": length}, details={"input": start.summary()})
-    if "packing" not in stage.train:
-        parts.runtime["packing"] = (
-            "align default: padding-free only where the loaded model's attention keeps packed samples apart "
-            "(probed when the stage starts)"
-        )
-    if tokenizer is None:
-        parts.details["loss_on"] = f"{UNKNOWN} (the chat template decides)" if fmt == "messages" else fmt
-        return parts
-    template = ensure_chat_template(tokenizer)
-    loss = loss_flags(stage, fmt, tokenizer)
-    parts.fixed.update({k: Setting(v, "align default (loss on answers only)") for k, v in loss.items()})
-    parts.details.update(
-        chat_template=template + ("" if fmt != "messages" or marks_assistant_turns(tokenizer) else " (no turn marks)"),
-        loss_on=describe_loss(loss, fmt),
-    )
-    if data is None:
-        return parts
-    train, valid = apply_loss(loss, fmt, data["train"], data["validation"])
-    max_length = length.value
-    counts = {}
-    for split, ds in (("train", train), ("eval", valid)):
-        spans = trained_spans(ds, tokenizer, loss)
-        untrained = sum(1 for _, first in spans if first is None or (max_length is not None and first >= max_length))
-        truncated = sum(1 for n, _ in spans if max_length is not None and n > max_length)
-        counts[split] = (spans, untrained, truncated)
-        if spans and untrained == len(spans):
-            parts.problems.append(
-                f"stages.{stage.name}.train.max_length: {max_length} tokens leave no "
-                f"{'training' if split == 'train' else split} example a trained token (prompts fill it)"
-            )
-            parts.hints.append("raise max_length (align caps it at the model's positions) or shorten the prompts")
-    spans, untrained, truncated = counts["train"]
-    from align.models import model_positions
-
-    warn_truncation(stage, fmt, spans, truncated, max_length, model_positions(config) if config is not None else None)
-    # Two examples as training sees them: among those that keep a trained token (the dropped ones train nothing).
-    kept = [i for i, (_, first) in enumerate(spans) if first is not None and (max_length is None or first < max_length)]
-    first_rows = train.select(kept[:2])
-    used = [min(n, max_length or n) for n, _ in spans]
-    parts.details.update(
-        train_examples=len(train) - untrained,  # the dropped ones are counted on their own line
-        train_tokens=sum(used),
-        max_length=max_length,
-        truncated=f"{truncated} of {len(spans)} ({truncated / max(1, len(spans)):.1%})",
-        truncation_rate=truncated / max(1, len(spans)),
-        untrained=f"{untrained} of {len(spans)} left no trained token by max_length (dropped)",
-        packing_efficiency=sum(used) / max(1, _padded_tokens(used, _batch_size(stage))),
-        examples=[{"rendered": render_example(row, tokenizer, loss, max_length)} for row in first_rows],
-    )
-    parts.count = lambda effective: batch_figures(effective, len(train) - untrained)
-    return parts
-
-
 def _batch_size(stage: Stage) -> int:
-    return int(stage.train.get("per_device_train_batch_size", KIND.config_class().per_device_train_batch_size))
+    from trl import SFTConfig
+
+    return int(stage.train.get("per_device_train_batch_size", SFTConfig.per_device_train_batch_size))
 
 
 def _padded_tokens(lengths: list[int], batch_size: int) -> int:
@@ -410,22 +419,3 @@ def _padded_tokens(lengths: list[int], batch_size: int) -> int:
     return sum(
         max(lengths[i : i + batch_size]) * len(lengths[i : i + batch_size]) for i in range(0, len(lengths), batch_size)
     )
-
-
-class SFTKeys(TrainingStage):
-    """An sft stage's recipe keys: those of every training stage."""
-
-    kind: Literal["sft"]
-    article: ClassVar[str] = "an"
-
-
-KIND = TrainingKind(
-    name="sft",
-    keys=SFTKeys,
-    formats=("text", "prompt_completion", "messages"),
-    run=run,
-    about="supervised fine-tuning on completions, conversations or text (TRL's SFTTrainer)",
-    figures=(Figure("eval loss", "eval_loss", True), Figure("perplexity", "perplexity", True)),
-    config="trl:SFTConfig",
-    plan_parts=plan,
-)
