@@ -4,7 +4,7 @@ module named for the kind). Everything else asks the registry about a kind and n
 Each entry point is `run(stage, ctx) -> StageResult`, `ctx` a read-only `align.context.StageContext`. From Python,
 `align.pipeline.stage_context(recipe, "sft", Path("runs/x"))` builds the context a stage needs (the recipe planned as
 a run would, the earlier stages' outputs from that run directory); then `run_sft(ctx.stage, ctx)` (likewise
-`run_lm`, `run_dpo`, `run_kto`, `run_orpo`, `run_simpo`, `run_rm`, `run_grpo`, `run_rloo` and `run_eval`).
+`run_<kind>` for every kind below).
 
 The modules are imported when first asked for (they import no heavy library at the top), so `import align.stages`
 stays cheap.
