@@ -454,3 +454,70 @@ def test_online_rl_matches_the_bare_trainer_reward_for_reward_and_weight_for_wei
     assert worst <= TOLERANCE, f"the final weights differ by {worst:.2e}"
     assert not torch.equal(saved["transformer.wte.weight"], load_file(str(world["model"] / "model.safetensors"))[
         "transformer.wte.weight"]), "training moved the weights"  # fmt: skip
+
+
+# --------------------------------------------------------------------------------------------------
+# Distillation: the same sampled answers scored by the same teacher, so the same loss at every step
+
+DISTILL_SETTINGS: dict[str, Any] = {
+    "max_steps": 6, "per_device_train_batch_size": 4, "per_device_eval_batch_size": 4, "max_completion_length": 8,
+    "learning_rate": 1e-3, "logging_steps": 1, "eval_steps": 3, "beta": 0.5,
+}  # fmt: skip
+
+
+@pytest.mark.slow
+def test_distill_matches_the_bare_trainer_loss_for_loss_and_weight_for_weight(world):
+    """align's distill stage against DistillationTrainer as TRL's documentation shows it, on the same saved student
+    and teacher (the tests' tiny GPT-2, the teacher from another seed), prompts and settings: the loss at every
+    logged step and the final weights agree. The teacher goes to the bare trainer as a model, frozen in eval mode,
+    as align gives it."""
+    import torch
+    import trl
+    from datasets import load_dataset
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from align.loader import load_recipe
+    from align.pipeline import run_pipeline
+
+    files, _ = grpo_files(world)
+    root = world["root"]
+    teacher_dir = root / "teacher"
+    if not teacher_dir.exists():  # a teacher that differs from the student: the same config from another seed
+        torch.manual_seed(1)
+        model = AutoModelForCausalLM.from_config(AutoModelForCausalLM.from_pretrained(world["model"]).config)
+        model.save_pretrained(teacher_dir)
+        AutoTokenizer.from_pretrained(world["model"]).save_pretrained(teacher_dir)
+    stage = {"name": "distill", "kind": "distill", "model": str(world["model"]), "teacher": str(teacher_dir),
+             "data": {"source": {"files": {"train": [files["train"]], "validation": [files["validation"]]}},
+                      "format": "prompt_only", "splits": {"validation": "validation"}},
+             "generations": 1, "measure": {"prompts": 4, "max_new_tokens": 4},
+             "train": dict(DISTILL_SETTINGS)}  # fmt: skip
+    recipe = {"name": "distill_parity", "seed": SEED, "precision": "fp32",
+              "tracking": {"wandb": {"mode": "disabled"}}, "stages": [stage]}  # fmt: skip
+    out = root / "runs" / "distill_parity"
+    run_pipeline(load_recipe(write_yaml(root / "distill_parity.yaml", recipe)), output_dir=out, log_level="warning")
+    rows = [json.loads(line) for line in (out / "distill" / "metrics.jsonl").read_text().splitlines()]
+    aligned = {r["step"]: r["loss"] for r in rows if r["split"] == "train" and "loss" in r}
+
+    teacher = AutoModelForCausalLM.from_pretrained(teacher_dir).eval()
+    teacher.requires_grad_(False)
+    data = load_dataset("json", data_files=files).select_columns(["prompt"])
+    config = trl.DistillationConfig(output_dir=str(root / "bare" / "distill"), seed=SEED, report_to="none",
+                                    **{**ALIGN_DEFAULTS, **DISTILL_SETTINGS})  # fmt: skip
+    trainer = trl.DistillationTrainer(
+        model=AutoModelForCausalLM.from_pretrained(world["model"]), teacher_model=teacher, args=config,
+        train_dataset=data["train"], eval_dataset=data["validation"],
+        processing_class=AutoTokenizer.from_pretrained(world["model"]),
+    )  # fmt: skip
+    trainer.train()
+    bare = {r["step"]: r["loss"] for r in trainer.state.log_history if "loss" in r and "eval_loss" not in r}
+
+    assert sorted(aligned) == sorted(bare) == list(range(1, DISTILL_SETTINGS["max_steps"] + 1))
+    assert len(set(bare.values())) > 1, "the loss moved: the comparison is not of constants"
+    for step, value in bare.items():
+        assert abs(aligned[step] - value) <= TOLERANCE, f"step {step}: align {aligned[step]:.7f}, bare {value:.7f}"
+    saved = load_file(str(out / "distill" / "model" / "model.safetensors"))
+    state = trainer.model.state_dict()
+    worst = max(float((saved[k] - state[k].detach()).abs().max()) for k in saved if k in state)
+    assert worst <= TOLERANCE, f"the final weights differ by {worst:.2e}"

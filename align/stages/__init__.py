@@ -32,6 +32,7 @@ METHODS = (
     "align.stages.rm:RM",
     "align.stages.grpo:GRPO",
     "align.stages.rloo:RLOO",
+    "align.stages.distill:Distill",
     "align.stages.eval:Eval",
 )
 MODULES = tuple(entry.partition(":")[0] for entry in METHODS)
