@@ -123,7 +123,7 @@ def resolve_specs(recipe: Recipe) -> dict[str, DataSpec]:
     Raises:
         BadInput: every problem found, together.
     """
-    from align.data import check_format, resolve_data
+    from align.data_cards import check_format, resolve_data
 
     specs, found = {}, Problems()
     for stage in recipe.stages:
@@ -255,12 +255,12 @@ def data_identity(spec: DataSpec, base_dir: Path) -> dict[str, Any]:
         return {source.name: data_identity(source, base_dir) for source in spec.mix}
     source = spec.source
     if source.files is not None:
-        from align.data import resolve_files
+        from align.data_sources import resolve_files
 
         return {f"{split}:{path.name}": file_sha256(path)
                 for split, paths in resolve_files(spec, base_dir).items() for path in paths}  # fmt: skip
     if source.disk is not None:
-        from align.data import disk_folder
+        from align.data_sources import disk_folder
 
         folder = disk_folder(spec, base_dir)
         return {
@@ -671,7 +671,7 @@ def _run_stages(
         elif stage_dir.exists() and is_main_process():
             remove_inside(state.run_dir, stage_dir)  # a changed (or --fresh) stage starts clean: no stale metrics rows
         input_model = kind.input_label(stage, recipe, state.outputs)
-        from align.data import data_label
+        from align.data_sources import data_label
 
         logger.info("[%d/%d] %s: %s from %s on %s", i, len(recipe.stages), stage.name, stage.kind, input_model,
                     data_label(specs[stage.name]))  # fmt: skip
@@ -806,7 +806,7 @@ def dry_run(recipe: Recipe, output_dir: Path, only: list[str] | None = None) -> 
     if selected:
         status.update({name: f"--only: {left.what}" for name, left in
                        check_only(recipe, specs, precision.name, output_dir, selected).items()})  # fmt: skip
-    from align.data import data_label
+    from align.data_sources import data_label
 
     for plan, stage in zip(plans.values(), recipe.stages, strict=True):
         plan.details = {"run": status[stage.name], **plan.details}

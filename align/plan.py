@@ -293,7 +293,7 @@ def resolve_model(
     if isinstance(source, ScratchModel):
         if data is None:
             return f"scratch:{source.model_type}", "scratch", None, scratch_config(source, where)
-        from align.data import training_texts
+        from align.data_rows import training_texts
 
         tokenizer = train_tokenizer(training_texts(data["train"]), source.vocab_size)
         config = scratch_config(source, where, vocab_size=len(tokenizer))

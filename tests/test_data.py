@@ -7,7 +7,8 @@ import json
 import pytest
 
 from align.builtin import python_docs
-from align.data import load_data, pack_text_blocks, resolve_data
+from align.data import load_data, pack_text_blocks
+from align.data_cards import resolve_data
 from align.errors import BadInput
 from align.recipe import DataRef, DataSpec
 from tests.conftest import REPO

@@ -7,7 +7,8 @@ import re
 
 import pytest
 
-from align.data import load_data, split_implicit
+from align.data import load_data
+from align.data_rows import split_implicit
 from align.errors import BadInput
 from align.recipe import DataSpec
 from tests.conftest import TINY_MODEL, captured_trainers, tiny_lm_recipe, write_yaml

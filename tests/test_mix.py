@@ -74,7 +74,8 @@ def test_a_jsonl_and_a_csv_mix_3_to_1_without_repeating_the_smaller(sft_mix_run)
 
 @pytest.mark.slow
 def test_the_same_rows_are_taken_on_a_second_load(sft_mix_run):
-    from align.data import load_data, resolve_data
+    from align.data import load_data
+    from align.data_cards import resolve_data
     from align.recipe import DataRef
 
     ref = DataRef.model_validate(sft_mix()["stages"][0]["data"])
@@ -154,7 +155,8 @@ def test_the_resolved_recipe_of_a_mix_runs_again_as_the_same_stage(sft_mix_run, 
 
 
 def test_mix_rows_repeats_a_source_and_says_so(tmp_path, caplog):
-    from align.data import load_data, resolve_data
+    from align.data import load_data
+    from align.data_cards import resolve_data
     from align.recipe import DataRef
 
     write_sources(tmp_path)
@@ -281,7 +283,7 @@ def test_a_format_the_stage_cannot_take_and_other_mix_problems(tmp_path, run_cli
 
 def test_an_eval_stage_refuses_a_mix(tmp_path):
     from align import stages as registry
-    from align.data import check_format, resolve_data
+    from align.data_cards import check_format, resolve_data
     from align.recipe import DataRef
 
     write_sources(tmp_path)
