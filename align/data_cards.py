@@ -13,7 +13,8 @@ import yaml
 from pydantic import ValidationError
 
 from align.errors import BadInput, Problems, closest
-from align.recipe import DataRef, DataSpec, _format_error, _unknown_keys
+from align.recipe import DataRef, DataSpec
+from align.recipe_yaml import _format_error, _unknown_keys
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 

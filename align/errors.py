@@ -78,6 +78,12 @@ def unknown_key_message(where: str, key: str, choices: Iterable[str]) -> str:
     return f"{where}: unknown key '{key}'{tail}"
 
 
+def misplaced_key_message(written: str, meant: str) -> str:
+    """A key written in a section it does not belong to, where the enclosing one takes it."""
+    key = meant.rsplit(".", 1)[-1]
+    return f"{written}: `{key}` is not a key of this section; it belongs one level up, as {meant}"
+
+
 class Problems:
     """Collects the problems of several checks, so they are all reported together, once."""
 

@@ -15,20 +15,8 @@ from pydantic import ValidationError
 
 from align import stages as registry
 from align.errors import BadInput, closest, unknown_key_message
-from align.recipe import (
-    Recipe,
-    Stage,
-    _dedupe,
-    _format_error,
-    _model_of,
-    _unknown_keys,
-    apply_overrides,
-    blame,
-    check_recipe,
-    check_train,
-    load_yaml,
-    resolve_local_models,
-)
+from align.recipe import Recipe, Stage, check_recipe, check_train, resolve_local_models
+from align.recipe_yaml import _dedupe, _format_error, _model_of, _unknown_keys, apply_overrides, blame, load_yaml
 
 
 def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:

@@ -25,7 +25,8 @@ from align.context import RunState, StageContext
 from align.errors import AlignError, BadInput, GuardStopped, Interrupted, Problems, StageFailed, closest
 from align.files import read_json, write_json_atomic, write_text_atomic
 from align.plan import PlanInputs, StagePlan, describe, plain
-from align.recipe import DataSpec, Recipe, ScratchModel, Stage, model_source, stage_ref, to_yaml
+from align.recipe import DataSpec, Recipe, ScratchModel, Stage, model_source, stage_ref
+from align.recipe_yaml import to_yaml
 from align.rundir import RunLock, check_output_dir, clear_for_fresh, remove_inside
 from align.runtime import (
     CURRENT_STAGE,

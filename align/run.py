@@ -90,7 +90,7 @@ def _main(args: argparse.Namespace) -> int:
     except BadInput as exc:
         # Preflight's problems name a recipe path (`stages.sft.data.mix.1.weight`); the line also names the file, or
         # the `--set` that gave the value, as the loader's own problems do.
-        from align.recipe import blame
+        from align.recipe_yaml import blame
 
         exc.problems = [blame(p, args.recipe, args.overrides) if p.startswith("stages.") else p for p in exc.problems]
         raise

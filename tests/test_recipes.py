@@ -11,7 +11,7 @@ import yaml
 
 from align.errors import BadInput
 from align.loader import load_recipe
-from align.recipe import apply_overrides
+from align.recipe_yaml import apply_overrides
 from tests.conftest import REPO, tiny_lm_recipe, write_yaml
 
 RECIPES = sorted((REPO / "recipes").glob("*.yaml"))
