@@ -115,8 +115,9 @@ def model_card(run_dir: Path, stage: str, merged: bool = False) -> str:
             if key in metrics:
                 before, after = metrics.get(f"{key}_before"), metrics[key]
                 shown = same_decimals(before, after) if before is not None else ["-", _fmt(after)]
-                # As the console labels it: the Trainer's eval loss is a mean of batch means, the verdict's per example.
-                label = f"{key} (Trainer: batch mean)" if key == "eval_loss" else key
+                # As the console labels it: a token mean (or the Trainer's mean of batch means), the verdict's per
+                # example.
+                label = f"{key} ({known.eval_loss_label})" if key == "eval_loss" else key
                 body.append(f"| `{name}` | {label} | {shown[0]} | {shown[1]} |")
     metrics = summary.get("metrics") or {}
     others = ", ".join(f"{k} {_fmt(metrics[k])}" for k in OTHER_METRICS if metrics.get(k) is not None)

@@ -348,35 +348,52 @@ def example_losses(trainer: Any) -> list[float]:
     each position predicting the next token as the model's own loss does, over the Trainer's eval dataloader (the
     batches `trainer.evaluate()` sees). One forward pass over the eval split, no gradients.
 
-    The mean of these is not summary.json's `eval_loss`, the Trainer's: that one weighs every token alike, so long
-    examples count more, and on models whose loss transformers 5 does not recognise as shifted (GPT-2: `loss_type`
-    None) it divides the summed loss by every label, the first of each row too, which no position predicts: 63/64
-    of the true mean on a 64-token block (measured: 6.1456 against 6.2431 here). The verdict says "eval loss per
-    example" for that reason.
+    Their mean weighs every example alike; summary.json's `eval_loss` (`token_mean_loss`) weighs every token alike,
+    so long examples count more. The Trainer's own figure (`eval_loss_trainer`) differs again: on models whose loss
+    transformers 5 does not recognise as shifted (GPT-2: `loss_type` None) it divides the summed loss by every label,
+    the first of each row too, which no position predicts: 63/64 of the true mean on a 64-token block (measured:
+    6.1456 against 6.2431 here). The verdict says "eval loss per example" for that reason.
+    """
+    return [total / count for total, count in example_token_losses(trainer)]
+
+
+def token_mean_loss(pairs: Sequence[tuple[float, int]]) -> float | None:
+    """The eval loss as a token mean over the held-out examples: every labelled token's cross-entropy weighs alike,
+    each example counted once whatever the process count (`example_token_losses`)."""
+    tokens = sum(count for _, count in pairs)
+    return sum(total for total, _ in pairs) / tokens if tokens else None
+
+
+def example_token_losses(trainer: Any, dataloader: Any = None) -> list[tuple[float, int]]:
+    """Each held-out example's summed token cross-entropy and its count of labelled tokens (labels != -100), each
+    position predicting the next token as the model's own loss does, over `dataloader` (default: the Trainer's eval
+    dataloader, the batches `trainer.evaluate()` sees). One forward pass, no gradients.
 
     A padding-free (packed) batch holds several examples in one row: they are told apart by `position_ids`, which
     restart at 0 with every example (TRL's collator also masks each example's first label, so no position predicts
     across a boundary). A row without `position_ids` (wrapped packing, which cuts examples mid-sequence) counts as
     one example: its loss is a block's, not an example's. Examples without a labelled token are left out.
-    Under several processes every process measures its share and the shares are gathered, in order.
+    Under several processes every process measures its share and the shares are gathered, in order, each example
+    once (the rows `even_batches` repeats to fill a process's last batch are dropped).
     """
     import torch
     import torch.nn.functional as F
 
     model, accelerator = trainer.model, trainer.accelerator
-    losses: list[float] = []
+    sums: list[float] = []
+    counts: list[float] = []
     was_training = model.training
     model.eval()
     try:
         # no_grad, not inference_mode: before training, a tensor a model caches in inference mode (a lazily built
         # rotary table) could not be used by the backward pass later.
         with torch.no_grad():
-            for batch in trainer.get_eval_dataloader():
+            for batch in dataloader if dataloader is not None else trainer.get_eval_dataloader():
                 labels = batch["labels"]
                 inputs = {k: v for k, v in batch.items() if k != "labels"}
                 logits = model(**inputs, use_cache=False).logits
                 positions = batch.get("position_ids")
-                rows = []
+                row_sums, row_counts = [], []
                 for row in range(labels.shape[0]):
                     # One row at a time in fp32: a whole batch's fp32 logits can hold gigabytes on a large vocabulary.
                     token_loss = F.cross_entropy(
@@ -387,12 +404,14 @@ def example_losses(trainer: Any) -> list[float]:
                         example = torch.zeros_like(labelled, dtype=torch.long)
                     else:
                         example = torch.cumsum(positions[row] == 0, dim=0)[1:]  # which example each target is in
-                    rows.append([float(token_loss[labelled & (example == index)].mean())
-                                 for index in torch.unique(example[labelled]).tolist()])  # fmt: skip
-                losses.extend(_gathered(accelerator, rows))
+                    parts = [labelled & (example == index) for index in torch.unique(example[labelled]).tolist()]
+                    row_sums.append([float(token_loss[part].sum()) for part in parts])
+                    row_counts.append([float(part.sum()) for part in parts])
+                sums.extend(_gathered(accelerator, row_sums))
+                counts.extend(_gathered(accelerator, row_counts))
     finally:
         model.train(was_training)
-    return losses
+    return [(total, int(count)) for total, count in zip(sums, counts, strict=True)]
 
 
 def _gathered(accelerator: Any, rows: list[list[float]]) -> list[float]:

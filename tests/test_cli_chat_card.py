@@ -367,7 +367,7 @@ def test_every_saved_model_has_a_card_with_its_lineage(run_dir):
     from align.values import same_decimals
 
     before, after = same_decimals(summary["metrics"]["eval_loss_before"], summary["metrics"]["eval_loss"])
-    assert f"| `sft` | eval_loss (Trainer: batch mean) | {before} | {after} |" in body, "labelled as the console's"
+    assert f"| `sft` | eval_loss (token mean) | {before} | {after} |" in body, "labelled as the console's"
     assert f"transformers {summary['versions']['transformers']}" in body and "align 0.1.0" in body
     assert "never saw in training" in body and "each ending in '\\n\\n'" in body
     assert 'tokenizer("What does the assert statement do?\\n\\n"' in body and "align chat path/to/model" in body

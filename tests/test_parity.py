@@ -136,7 +136,7 @@ FORMATS = {"sft": "prompt_completion", "dpo": "preference", "lm": "text", "kto":
 def run_align(
     world: dict[str, Any], kind: str, settings: dict[str, Any], name: str, model: Path | None = None
 ) -> float:
-    """The run as an align recipe (through `run_pipeline`); its final eval loss."""
+    """The run as an align recipe (through `run_pipeline`); its final eval loss as the Trainer computes it."""
     from align.loader import load_recipe
     from align.pipeline import run_pipeline
 
@@ -163,7 +163,9 @@ def run_align(
     }
     path = write_yaml(root / f"{name}.yaml", recipe)
     summaries = run_pipeline(load_recipe(path), output_dir=root / "runs" / name, log_level="warning")
-    return summaries[0]["metrics"]["eval_loss"]
+    metrics = summaries[0]["metrics"]
+    # The bare side's figure is the Trainer's: beside align's token mean (lm, sft), it is `eval_loss_trainer`.
+    return metrics.get("eval_loss_trainer", metrics["eval_loss"])
 
 
 def bare_config(config_class: type, root: Path, name: str, settings: dict[str, Any]) -> Any:

@@ -66,6 +66,14 @@ class Kind:
     keeps_progress: ClassVar[bool] = False
     prompts_only: ClassVar[bool] = False
     pipeline_tag: ClassVar[str] = "text-generation"
+    # Its loss is a token cross-entropy (lm, sft): the `eval_loss` align records is the token mean over the
+    # validation rows, the same on any process count (common.token_mean_evaluation); else the Trainer's figure.
+    token_loss: ClassVar[bool] = False
+
+    @property
+    def eval_loss_label(self) -> str:
+        """What its `eval_loss` is, as the console and the card say beside it."""
+        return "token mean" if self.token_loss else "Trainer: batch mean"
 
     @property
     def makes(self) -> str | None:
@@ -151,9 +159,9 @@ class Kind:
             figure = f"{key} {shown[0]} → {shown[1]}"
         else:
             figure = f"{key} {after:.4g}"
-        # The Trainer's eval loss is a mean over eval batches; the verdict's line below it is a mean over examples,
-        # and differs a little: said, so the two figures do not read as one number printed twice.
-        return f"{figure} (Trainer: batch mean)" if key == "eval_loss" else figure
+        # The eval loss is a token mean (or the Trainer's mean over eval batches); the verdict's line below it is a
+        # mean over examples, and differs a little: said, so the two figures do not read as one number printed twice.
+        return f"{figure} ({self.eval_loss_label})" if key == "eval_loss" else figure
 
 
 def library_class(path: str, experimental: bool = False) -> type:

@@ -58,6 +58,8 @@ def run_stage(stage: Stage, ctx: StageContext, kind: type[TrainingKind]) -> Stag
         prepared = {name: trainer.eval_dataset[f"eval {name}"] for name in by_source}
         trainer.eval_dataset, setup.eval = trainer.eval_dataset["eval"], union
         evaluate_by_source(trainer, prepared)
+    if setup.token_loss:
+        token_mean_evaluation(trainer)
     guard = watch(trainer, ctx, surrogate_loss=setup.surrogate_loss)
     setup.check(trainer)
     order = log_training(args, len(trainer.train_dataset), setup.unit, ctx.seed)
@@ -263,6 +265,31 @@ def source_warnings(metrics: dict[str, Any]) -> list[str]:
     return out
 
 
+def token_mean_evaluation(trainer: Trainer) -> None:
+    """Make every evaluation's loss (`eval_loss`, a mix's `eval_<source>_loss`) the token mean over the validation
+    rows, each counted once: the figure metrics.jsonl, the trackers, early stopping and summary.json take. The
+    Trainer's own stays beside it as `eval_loss_trainer`: a mean of its batches' means, where under several
+    processes the rows that fill a process's last batch enter that batch's mean (1 process and 2 differed by 1e-3).
+    One more forward pass over the eval split, without gradients."""
+    from align.verdict import example_token_losses, token_mean_loss
+
+    original = trainer.evaluation_loop
+
+    def evaluation_loop(dataloader: Any, description: str, prediction_loss_only: bool | None = None,
+                        ignore_keys: Any = None, metric_key_prefix: str = "eval") -> Any:  # fmt: skip
+        out = original(dataloader, description, prediction_loss_only, ignore_keys, metric_key_prefix)
+        key = f"{metric_key_prefix}_loss"
+        if key in out.metrics:
+            out.metrics[f"{key}_trainer"] = out.metrics[key]
+            # Iterating a DataLoader draws a seed from torch's generator: outside training's random numbers, or
+            # the dropout masks after an evaluation mid-training would differ from a run without this pass.
+            with keep_random_state():
+                out.metrics[key] = token_mean_loss(example_token_losses(trainer, dataloader))
+        return out
+
+    trainer.evaluation_loop = evaluation_loop
+
+
 def evaluate(trainer: Trainer, writer: MetricsWriter, phase: str) -> dict[str, float]:
     """Evaluate outside training: `before` lands on the eval curve at step 0; `final` is kept apart."""
     from transformers.integrations import WandbCallback
@@ -379,6 +406,15 @@ def summary_metrics(
         "tokens_per_s": train_tokens / runtime if runtime > 0 and train_tokens is not None else None,
         # Beyond the contract's keys: the wait before training moves (model, data, first step) and peak memory.
         "time_to_first_step_s": writer.first_step_s,
+        # Where `eval_loss` is align's token mean (token_mean_evaluation), the Trainer's own figure beside it.
+        **{
+            key: value
+            for key, value in (
+                ("eval_loss_trainer", after.get("eval_loss_trainer")),
+                ("eval_loss_trainer_before", before.get("eval_loss_trainer")),
+            )
+            if value is not None
+        },  # fmt: skip
         "peak_memory_gb": peak_memory_gb(),
         **utilisation(trainer, train_tokens / runtime if runtime > 0 and train_tokens is not None else None),
     }

@@ -57,6 +57,7 @@ class LM(TrainingKind):
     figures = (Figure("eval loss", "eval_loss", True), Figure("perplexity", "perplexity", True))
     config = "align.stages.lm_config:LMConfig"
     unit = "blocks"
+    token_loss = True
 
     def plan_parts(self, stage: Stage, inputs: PlanInputs) -> StageParts:
         """The block length and, with the data, blocks, token counts and a sample."""

@@ -45,6 +45,7 @@ class SFT(TrainingKind):
     config = "trl:SFTConfig"
     trainer_class = "trl:SFTTrainer"
     prepare = ("self", "dataset", "processing_class", "args", "packing", "formatting_func", "dataset_name")
+    token_loss = True
 
     unit = "examples"
     lm_head = True
