@@ -426,7 +426,8 @@ def test_an_eval_of_several_models_heads_with_the_worst_and_names_every_one_that
     """dpo ties the baseline, orpo loses every prompt, grpo wins: the stage is `worse`, its first reason (the console's
     verdict line) and the closing table's headline lead with orpo, then grpo, then dpo. The stage once took the last
     model's verdict, and `no_difference: dpo` hid orpo's 0.00."""
-    from align.stages.eval import Eval, eval_verdict
+    from align.evaluation.verdicts import eval_verdict
+    from align.stages.eval import Eval
 
     def model(rate: float, low: float, high: float, status: str) -> dict:
         return {"win_rate": rate, "win_rate_ci": [low, high],

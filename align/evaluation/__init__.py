@@ -6,6 +6,10 @@ A library of plain functions, no stage logic: `kind: eval` (and `kind: rm`, for 
 - `answer_statistics` (`mean_length`, `repetition`, `distinct_n`, `eos_rate`): what the answers look like.
 - `rouge_l_f1` (reference judge) and `reward_model_scores` (a sequence-classification model as judge).
 - `compare_pairwise`: win rate against a baseline, its bootstrap interval, and the length-controlled win rate.
+- `loading` (`load_on_device`, `load_policy`, `render_prompt`): a model to evaluate, on the run's device, and its
+  prompts as it saw them in training.
+- `verdicts` (`model_verdict`, `eval_verdict`, `ranked_models`): each model against the baseline; the eval's verdict.
+- `progress`: each model's answers, kept as they are made, which a stopped eval goes on from.
 
 Heavy libraries (torch, transformers, rouge-score) are imported inside the functions that need them.
 """

@@ -48,7 +48,6 @@ from align.values import Setting, StageResult, saved_model_dir
 
 if TYPE_CHECKING:
     from align.context import StageContext
-    from align.evaluation import Answer
     from align.recipe import DataSpec
 
 logger = logging.getLogger(__name__)
@@ -384,6 +383,7 @@ def _normal(text: str) -> str:
 
 def run(stage: Stage, ctx: StageContext) -> StageResult:
     """Answer the held-out prompts with every model, judge the answers, compare each model with the baseline."""
+    from align.evaluation.verdicts import eval_verdict
     from align.runtime import is_main_process
     from align.signals import raise_if_requested
 
@@ -419,6 +419,8 @@ def answer_all(
     this very stage made them, else generated and kept there at once. The progress is keyed by the model as the
     recipe names it (`@sft`: that stage's fingerprint), not by where it lies, so a copied run goes on from it too."""
     from align.evaluation import generate_batched
+    from align.evaluation.loading import load_policy, render_prompt
+    from align.evaluation.progress import _read_progress, _write_progress
 
     gen = stage.generation
     key = hashlib.sha256(json.dumps([model_identity(ref, ctx.outputs, ctx.recipe.base_dir), gen.model_dump(),
@@ -444,44 +446,10 @@ def answer_all(
     return answers
 
 
-def load_on_device(path: str, where: str, precision: Any, reward_head: bool = False) -> tuple[Any, Any]:
-    """A model to run (adapters merged into their base) and its tokenizer, on the run's device, in the run's
-    precision (bf16 or fp16 weights on a GPU that trains in them; fp32 elsewhere)."""
-    import torch
-
-    from align.models import build_model
-
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision.name)
-    model, tokenizer = build_model(path, where, dtype=dtype, reward_head=reward_head)
-    if hasattr(model, "merge_and_unload"):
-        model = model.merge_and_unload()
-    return model.to(precision.device).eval(), tokenizer
-
-
-def load_policy(path: str, where: str, precision: Any) -> tuple[Any, Any, Any]:
-    """A model that answers, its tokenizer, and how its prompts were formatted in training (align_prompts.json; a
-    model from elsewhere: its chat template if it has one)."""
-    from align.prompt_format import read_prompt_format
-
-    model, tokenizer = load_on_device(path, where, precision)
-    local = Path(path)
-    prompt_format = read_prompt_format(local if local.is_dir() else Path("-"), tokenizer.chat_template is not None)
-    return model, tokenizer, prompt_format
-
-
-def render_prompt(prompt: Any, prompt_format: Any) -> Any:
-    """A prompt the way the model saw prompts in training: a plain string (with the trained prompts' common
-    ending, where it lacks it) or chat messages."""
-    if prompt_format.format == "chat_template":
-        return [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
-    if isinstance(prompt, str) and prompt_format.prompt_suffix and not prompt.endswith(prompt_format.prompt_suffix):
-        return prompt.rstrip() + prompt_format.prompt_suffix
-    return prompt
-
-
 def judge_all(judge: Any, ctx: StageContext, rows: list[EvalRow], answers: dict[str, list]) -> dict[str, list]:
     """One judge's score of every answer: label -> per prompt -> per sample."""
     from align.evaluation import reward_model_scores, rouge_l_f1
+    from align.evaluation.loading import load_on_device, render_prompt
 
     flat = [(label, p, s) for label, per in answers.items() for p, samples in enumerate(per) for s in samples]
     if judge.reference is not None:
@@ -558,6 +526,7 @@ def figures(
     """The eval summary's metrics (the contract's keys): per model each judge's mean, the win rate against the
     baseline by every judge (the first judge's is `win_rate`), answer statistics and lm-eval figures."""
     from align.evaluation import answer_statistics, compare_pairwise
+    from align.evaluation.verdicts import model_verdict, score_interval
 
     baseline = baseline_of(stage, ctx.recipe)
     models = eval_models(stage, ctx.recipe)
@@ -585,86 +554,8 @@ def figures(
     return out
 
 
-def score_interval(per_prompt: list[list[float]], seed: int) -> list[float] | None:
-    """The 95% percentile bootstrap interval of a judge's mean score, prompts resampled (each prompt's mean over
-    its samples)."""
-    from align.evaluation.pairwise import bootstrap_interval
-
-    means = [sum(p) / len(p) for p in per_prompt if p]
-    return list(bootstrap_interval(means, seed=seed)) if means else None
-
-
 def _mean(values: list[float]) -> float | None:
     return sum(values) / len(values) if values else None
-
-
-def model_verdict(
-    label: str, baseline: str, entry: dict[str, Any], base: dict[str, Any] | None, judges: list[str]
-) -> dict[str, Any]:
-    """A model against the baseline by the first judge's raw win rate: `better` or `worse` where the 95% interval
-    excludes 0.5, else `no_difference`. The raw rate, not the length-controlled one: the LC fit forgives an answer
-    cut short by the length limit, which is a real failure here. Shorter, more repetitive or fewer ended answers
-    than the baseline's are warnings."""
-    if label == baseline:
-        return {"status": "baseline", "reasons": [f"{label} is the baseline every model is compared with"],
-                "warnings": []}  # fmt: skip
-    if not judges:
-        return {"status": "no_difference", "reasons": ["no judge compared the answers (lm_eval figures only)"],
-                "warnings": []}  # fmt: skip
-    low, high = entry["win_rate_ci"]
-    status = "better" if low > 0.5 else "worse" if high < 0.5 else "no_difference"
-    first = (f"win rate {entry['win_rate']:.2f} [{low:.2f}, {high:.2f}] against {baseline} by {judges[0]} "
-             f"(length-controlled {entry['lc_win_rate']:.2f})")  # fmt: skip
-    if base is not None and entry["score_ci"].get(judges[0]) and base["score_ci"].get(judges[0]):
-        # The judge's mean for both, each with its interval: for exact_match, the two accuracies.
-        (low_m, high_m), (low_b, high_b) = entry["score_ci"][judges[0]], base["score_ci"][judges[0]]
-        first += (f"; mean {judges[0]} {entry['score_mean'][judges[0]]:.3f} [{low_m:.3f}, {high_m:.3f}] against "
-                  f"{base['score_mean'][judges[0]]:.3f} [{low_b:.3f}, {high_b:.3f}]")  # fmt: skip
-    reasons = [first]
-    for j in judges[1:]:
-        other = entry["win_rates"][j]
-        low_j, high_j = other["win_rate_ci"]
-        reasons.append(f"by {j}: {other['win_rate']:.2f} [{low_j:.2f}, {high_j:.2f}]")
-    warnings = []
-    if base is not None:
-        if entry["mean_length"] < 0.8 * base["mean_length"]:
-            warnings.append(f"shorter answers: {entry['mean_length']:.1f} tokens against {base['mean_length']:.1f}")
-        if entry["repetition"] > base["repetition"] + 0.05:
-            warnings.append(f"more repetitive: repeated 4-grams {entry['repetition']:.2f} against "
-                            f"{base['repetition']:.2f}")  # fmt: skip
-        if entry["eos_rate"] < base["eos_rate"] - 0.05:
-            warnings.append(f"fewer answers end on their own: {entry['eos_rate']:.0%} against {base['eos_rate']:.0%}")
-    return {"status": status, "reasons": reasons, "warnings": warnings}
-
-
-# Worst first: a model the baseline beat must not stand behind one that tied it.
-VERDICT_ORDER = {"worse": 0, "better": 1, "no_difference": 2}
-
-
-def ranked_models(metrics: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
-    """The models other than the baseline, those whose verdict differs from it first, the worst first: `worse`,
-    then `better`, then `no_difference`, each by raw win rate from the lowest (recipe order breaks ties)."""
-    others = [(label, m) for label, m in metrics["models"].items() if label != metrics["baseline"]]
-
-    def rank(item: tuple[str, dict[str, Any]]) -> tuple[int, float]:
-        rate = item[1].get("win_rate")
-        status = (item[1].get("verdict") or {}).get("status")
-        return VERDICT_ORDER.get(status, 2), rate if isinstance(rate, int | float) else 0.5
-
-    return sorted(others, key=rank)
-
-
-def eval_verdict(metrics: dict[str, Any]) -> dict[str, Any]:
-    """The stage's own verdict over every model: `worse` where any model is worse than the baseline, else `better`
-    where any is better, else `no_difference`; one reason a model, worst first (`ranked_models`), so the headline
-    that quotes the first never hides a model the baseline beat."""
-    others = [(label, m["verdict"]) for label, m in ranked_models(metrics)]
-    if not others:
-        return {"status": "baseline", "reasons": ["only the baseline was evaluated"], "warnings": []}
-    reasons = [f"{label}: {v['reasons'][0]}" + ("" if len(others) == 1 else f" ({v['status']})")
-               for label, v in others]  # fmt: skip
-    warnings = [f"{label}: {w}" for label, v in others for w in v["warnings"]]
-    return {"status": others[0][1]["status"], "reasons": reasons, "warnings": warnings}
 
 
 def write_generations(
@@ -707,30 +598,6 @@ def report_to_tracker(ctx: StageContext, metrics: dict[str, Any], lines: list[di
         for r in regressions(lines, baseline, label, 50, judge=judge)
     ]  # fmt: skip
     ctx.tracker.table("eval/answers", columns, table)
-
-
-# --------------------------------------------------------------------------------------------------
-# Progress files
-
-
-def _write_progress(path: Path, key: str, answers: list[list[Answer]]) -> None:
-    from align.files import write_text_atomic
-
-    data = {"key": key, "answers": [[[a.text, list(a.token_ids), a.ended, a.prompt_truncated] for a in per]
-                                    for per in answers]}  # fmt: skip
-    path.parent.mkdir(parents=True, exist_ok=True)
-    write_text_atomic(path, json.dumps(data))
-
-
-def _read_progress(path: Path, key: str) -> list[list[Answer]] | None:
-    from align.evaluation import Answer
-    from align.files import read_json
-
-    data = read_json(path)
-    if not isinstance(data, dict) or data.get("key") != key:
-        return None
-    return [[Answer(text, tuple(ids), ended, truncated) for text, ids, ended, truncated in per]
-            for per in data["answers"]]  # fmt: skip
 
 
 # --------------------------------------------------------------------------------------------------
@@ -779,6 +646,8 @@ class Eval(Kind):
     def headline(self, summary: dict[str, Any]) -> str:
         """Each model's win rate against the baseline, worst first with its verdict where it differs from the
         baseline's; the interval with it for one model alone."""
+        from align.evaluation.verdicts import ranked_models
+
         m = summary.get("metrics") or {}
         if not m.get("models"):
             return "-"

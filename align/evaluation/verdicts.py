@@ -1,0 +1,85 @@
+"""An eval's verdicts: each model against the baseline by the first judge's win rate (with the interval of each
+judge's mean score it quotes), and the stage's own over every model, the worst first.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+def score_interval(per_prompt: list[list[float]], seed: int) -> list[float] | None:
+    """The 95% percentile bootstrap interval of a judge's mean score, prompts resampled (each prompt's mean over
+    its samples)."""
+    from align.evaluation.pairwise import bootstrap_interval
+
+    means = [sum(p) / len(p) for p in per_prompt if p]
+    return list(bootstrap_interval(means, seed=seed)) if means else None
+
+
+def model_verdict(
+    label: str, baseline: str, entry: dict[str, Any], base: dict[str, Any] | None, judges: list[str]
+) -> dict[str, Any]:
+    """A model against the baseline by the first judge's raw win rate: `better` or `worse` where the 95% interval
+    excludes 0.5, else `no_difference`. The raw rate, not the length-controlled one: the LC fit forgives an answer
+    cut short by the length limit, which is a real failure here. Shorter, more repetitive or fewer ended answers
+    than the baseline's are warnings."""
+    if label == baseline:
+        return {"status": "baseline", "reasons": [f"{label} is the baseline every model is compared with"],
+                "warnings": []}  # fmt: skip
+    if not judges:
+        return {"status": "no_difference", "reasons": ["no judge compared the answers (lm_eval figures only)"],
+                "warnings": []}  # fmt: skip
+    low, high = entry["win_rate_ci"]
+    status = "better" if low > 0.5 else "worse" if high < 0.5 else "no_difference"
+    first = (f"win rate {entry['win_rate']:.2f} [{low:.2f}, {high:.2f}] against {baseline} by {judges[0]} "
+             f"(length-controlled {entry['lc_win_rate']:.2f})")  # fmt: skip
+    if base is not None and entry["score_ci"].get(judges[0]) and base["score_ci"].get(judges[0]):
+        # The judge's mean for both, each with its interval: for exact_match, the two accuracies.
+        (low_m, high_m), (low_b, high_b) = entry["score_ci"][judges[0]], base["score_ci"][judges[0]]
+        first += (f"; mean {judges[0]} {entry['score_mean'][judges[0]]:.3f} [{low_m:.3f}, {high_m:.3f}] against "
+                  f"{base['score_mean'][judges[0]]:.3f} [{low_b:.3f}, {high_b:.3f}]")  # fmt: skip
+    reasons = [first]
+    for j in judges[1:]:
+        other = entry["win_rates"][j]
+        low_j, high_j = other["win_rate_ci"]
+        reasons.append(f"by {j}: {other['win_rate']:.2f} [{low_j:.2f}, {high_j:.2f}]")
+    warnings = []
+    if base is not None:
+        if entry["mean_length"] < 0.8 * base["mean_length"]:
+            warnings.append(f"shorter answers: {entry['mean_length']:.1f} tokens against {base['mean_length']:.1f}")
+        if entry["repetition"] > base["repetition"] + 0.05:
+            warnings.append(f"more repetitive: repeated 4-grams {entry['repetition']:.2f} against "
+                            f"{base['repetition']:.2f}")  # fmt: skip
+        if entry["eos_rate"] < base["eos_rate"] - 0.05:
+            warnings.append(f"fewer answers end on their own: {entry['eos_rate']:.0%} against {base['eos_rate']:.0%}")
+    return {"status": status, "reasons": reasons, "warnings": warnings}
+
+
+# Worst first: a model the baseline beat must not stand behind one that tied it.
+VERDICT_ORDER = {"worse": 0, "better": 1, "no_difference": 2}
+
+
+def ranked_models(metrics: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
+    """The models other than the baseline, those whose verdict differs from it first, the worst first: `worse`,
+    then `better`, then `no_difference`, each by raw win rate from the lowest (recipe order breaks ties)."""
+    others = [(label, m) for label, m in metrics["models"].items() if label != metrics["baseline"]]
+
+    def rank(item: tuple[str, dict[str, Any]]) -> tuple[int, float]:
+        rate = item[1].get("win_rate")
+        status = (item[1].get("verdict") or {}).get("status")
+        return VERDICT_ORDER.get(status, 2), rate if isinstance(rate, int | float) else 0.5
+
+    return sorted(others, key=rank)
+
+
+def eval_verdict(metrics: dict[str, Any]) -> dict[str, Any]:
+    """The stage's own verdict over every model: `worse` where any model is worse than the baseline, else `better`
+    where any is better, else `no_difference`; one reason a model, worst first (`ranked_models`), so the headline
+    that quotes the first never hides a model the baseline beat."""
+    others = [(label, m["verdict"]) for label, m in ranked_models(metrics)]
+    if not others:
+        return {"status": "baseline", "reasons": ["only the baseline was evaluated"], "warnings": []}
+    reasons = [f"{label}: {v['reasons'][0]}" + ("" if len(others) == 1 else f" ({v['status']})")
+               for label, v in others]  # fmt: skip
+    warnings = [f"{label}: {w}" for label, v in others for w in v["warnings"]]
+    return {"status": others[0][1]["status"], "reasons": reasons, "warnings": warnings}
