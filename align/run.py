@@ -99,7 +99,7 @@ def _main(args: argparse.Namespace) -> int:
 def warn_replaced(recipe: Any, specs: Any, output_dir: Path, only: list[str]) -> None:
     """`--only` with `--set`: each named stage the changed values make train again replaces its model in the run, and
     a later run without the `--set` trains it back; said before it happens, with the way to try a value beside it."""
-    from align.pipeline import planned_status
+    from align.run_records import planned_status
     from align.runtime import choose_precision
 
     status = planned_status(recipe, specs, choose_precision(recipe.precision).name, output_dir)
@@ -113,7 +113,9 @@ def warn_replaced(recipe: Any, specs: Any, output_dir: Path, only: list[str]) ->
 
 
 def _run_recipe(args: argparse.Namespace, recipe: Any) -> int:
-    from align.pipeline import dry_run, print_config, resolve_specs, run_pipeline
+    from align.dry_run import dry_run, print_config
+    from align.pipeline import run_pipeline
+    from align.preflight import resolve_specs
     from align.runtime import check_hub, is_main_process, set_console_level
 
     level = args.log_level or recipe.tracking.log_level

@@ -197,7 +197,7 @@ def test_a_data_set_saved_with_save_to_disk_loads_as_a_source(tmp_path):
     """The offline hint once said to save_to_disk, and no source read such a folder."""
     from datasets import Dataset, DatasetDict
 
-    from align.pipeline import data_identity
+    from align.fingerprints import data_identity
 
     rows = {"body": [f"row {i}" for i in range(30)]}
     DatasetDict(train=Dataset.from_dict(rows), validation=Dataset.from_dict({"body": ["held out"]})).save_to_disk(

@@ -146,7 +146,7 @@ def test_the_resolved_recipe_of_a_mix_runs_again_as_the_same_stage(sft_mix_run, 
     assert code == 0, err
     assert "chat: 144 of 190 train rows (75.0% of rows, " in out and "domain: 48 of 48 train rows" in out
     from align.loader import load_recipe
-    from align.pipeline import resolve_specs
+    from align.preflight import resolve_specs
 
     specs = [
         resolve_specs(load_recipe(path))["sft"].model_dump(mode="json") for path in (sft_mix_run / "r.yaml", resolved)

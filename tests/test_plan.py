@@ -45,7 +45,8 @@ def test_the_trainer_gets_exactly_the_planned_arguments_for_every_kind(tmp_path,
     import transformers
 
     from align.loader import load_recipe
-    from align.pipeline import plan_stages, preflight, run_pipeline
+    from align.pipeline import run_pipeline
+    from align.preflight import plan_stages, preflight
     from align.runtime import choose_precision
     from align.tracking import report_to
 
@@ -86,7 +87,7 @@ def test_the_trainer_gets_exactly_the_planned_arguments_for_every_kind(tmp_path,
 
     # The dry run says what a run into that directory would do: everything cached; a changed dpo, and what reads it,
     # runs again (the fingerprints the run itself computes).
-    from align.pipeline import dry_run
+    from align.dry_run import dry_run
 
     out = dry_run(recipe, run_dir)
     assert out.count("  run: cached (unchanged since the last run") == 5, out

@@ -110,7 +110,9 @@ def test_fingerprints_are_pinned_and_a_saved_recipe_has_the_recipes_own(tmp_path
     an omitted model as `@<previous>`, an eval's models listed) gives the very same: running it finds every stage
     cached."""
     from align.loader import load_recipe
-    from align.pipeline import planned_status, resolve_specs, resolved_recipe
+    from align.pipeline import resolved_recipe
+    from align.preflight import resolve_specs
+    from align.run_records import planned_status
 
     rows = {
         "text.jsonl": [{"text": f"line {i} of a text"} for i in range(30)],

@@ -132,7 +132,7 @@ def test_a_crash_mid_stage_resumes_from_the_last_checkpoint(tmp_path, run_cli, m
 
 
 def test_a_stage_a_guard_stopped_is_not_resumed_into_the_same_blow_up(tmp_path, caplog):
-    from align.pipeline import interrupted_checkpoint
+    from align.run_records import interrupted_checkpoint
 
     stage_dir = tmp_path / "lm"
     checkpoint = stage_dir / "checkpoints" / "checkpoint-10"
