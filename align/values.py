@@ -68,6 +68,29 @@ class StartingPoint:
         return f"{self.input}: {self.describe()}"
 
 
+@dataclass(frozen=True)
+class HeldOut:
+    """A kind's held-out measure at one point, before or after training, as its `measure` returns it and its
+    `summarize` reads it: `values`, one score per unit (pair, row, example, prompt) that the verdict's bootstrap
+    resamples; `answers`, greedy answers to the stage's prompts (`align.evaluation.Answer`); `chosen_logps`, per pair
+    the chosen answer's log-probability (the verdict warns when it falls); `extra`, the kind's other figures (a
+    reward model's margin)."""
+
+    values: list[float]
+    answers: list[Any] = field(default_factory=list)
+    chosen_logps: list[float] | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def figure(self) -> float:
+        """The summary's figure: the mean of `values`."""
+        return sum(self.values) / max(1, len(self.values))
+
+    @property
+    def texts(self) -> list[str]:
+        return [answer.text for answer in self.answers]
+
+
 @dataclass
 class StageResult:
     """What a stage returns: its status, where its model is, and the summary metrics of the contract."""

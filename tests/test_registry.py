@@ -252,3 +252,42 @@ def test_a_declared_model_field_naming_an_earlier_stage_reaches_the_fingerprint(
 
     assert identity(stage, "one") != identity(stage, "two")
     assert identity(plain, "one") == identity(plain, "two") == "lm-fp", "a kind without the field: as before"
+
+
+def test_every_kinds_figures_reach_the_console_the_report_and_the_card(tmp_path):
+    """Conformance, from the registry: a run directory with one completed stage of every training kind, each
+    summary holding its kind's declared figures before and after; the console's headline, the report's stages table
+    and the model card's metrics show every one, with no code of the kind's own in those modules. A new kind's
+    figures reach them by its declaration alone."""
+    from align import stages as registry
+    from align.card import model_card
+    from align.report import build_report
+
+    training = [kind for kind in registry.kinds().values() if kind.trains]
+    entries, stages = [], []
+    for n, kind in enumerate(training):
+        name = f"s{n}"
+        model = {"model_type": "gpt2"} if n == 0 else f"@s{n - 1}"
+        stages.append({"name": name, "kind": kind.name, "model": model, "data": {"card": "python-docs"}})
+        metrics = {}
+        for i, figure in enumerate(kind.figures):
+            metrics |= {f"{figure.key}_before": 0.25 + i, figure.key: 0.75 + i}
+        summary = {"stage": name, "kind": kind.name, "status": "completed", "fingerprint": f"fp{n}", "metrics": metrics,
+                   "input_model": str(model), "saved": "full"}  # fmt: skip
+        (tmp_path / name / "model").mkdir(parents=True)
+        (tmp_path / name / "model" / "config.json").write_text(json.dumps({"model_type": "gpt2"}))
+        (tmp_path / name / "summary.json").write_text(json.dumps(summary))
+        entries.append({"name": name, "kind": kind.name, "status": "completed", "fingerprint": f"fp{n}"})
+    (tmp_path / "pipeline.json").write_text(json.dumps({"name": "conformance", "stages": entries}))
+    (tmp_path / "recipe.yaml").write_text(yaml.safe_dump({"name": "conformance", "stages": stages}))
+
+    report = build_report(tmp_path).read_text()
+    for n, kind in enumerate(training):
+        summary = json.loads((tmp_path / f"s{n}" / "summary.json").read_text())
+        first = kind.figures[0]
+        assert kind.headline(summary).startswith(f"{first.key} 0.25"), kind.name
+        row = report.split(f"<tr><td>s{n}</td><td>{kind.name}</td>")[1].split("</tr>")[0]
+        card = model_card(tmp_path, f"s{n}").split("## Key metrics")[1].split("##")[0]
+        for figure in kind.figures:
+            assert figure.key in row or figure.label in row, (kind.name, figure.key, "report")
+            assert f"| `s{n}` | {figure.key}" in card, (kind.name, figure.key, "card")

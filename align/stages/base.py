@@ -23,7 +23,7 @@ from align.plan import PlanInputs, StagePlan, effective_settings, plan_settings,
 from align.prompt_format import generate_usage
 from align.recipe import Recipe, Stage, model_source, stage_ref
 from align.stages.common import starting_point
-from align.values import StageOutput, StageParts, StageResult, StartingPoint, same_decimals, saved_model_dir
+from align.values import HeldOut, StageOutput, StageParts, StageResult, StartingPoint, same_decimals, saved_model_dir
 
 if TYPE_CHECKING:
     from transformers import Trainer
@@ -319,12 +319,13 @@ class TrainingKind(Kind):
         kind's Trainer has no eval loss to take per source (online RL scores generations)."""
         return None
 
-    def measure(self, trainer: Trainer) -> dict[str, Any]:
-        """Before and after training, outside it (greedy answers, preference accuracy)."""
-        return {}
+    def measure(self, trainer: Trainer) -> HeldOut:
+        """Its held-out measure, before and after training, outside it (per-example losses, preference accuracy,
+        greedy answers)."""
+        return HeldOut([])
 
     def summarize(
-        self, before: dict[str, Any], after: dict[str, Any], measured_before: dict[str, Any], measured_after: dict
+        self, before: dict[str, Any], after: dict[str, Any], measured_before: HeldOut, measured_after: HeldOut
     ) -> tuple[dict[str, Any], dict[str, Any]]:
         """The kind's summary metrics and summary.json fields, from the evaluations and measurements; a `verdict`
         field (an `align.verdict.Verdict`) is logged, tracked and recorded by `run_stage`."""

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 from align.prompt_split import split_ids
 from align.recipe import ScratchModel, model_source, stage_ref
-from align.values import UNKNOWN, Setting, StageResult, StartingPoint, counted
+from align.values import UNKNOWN, HeldOut, Setting, StageResult, StartingPoint, counted
 
 if TYPE_CHECKING:
     from transformers import Trainer
@@ -616,7 +616,7 @@ def generation_table(
     return rows
 
 
-def measure_pairs(stage_kind: TrainingKind, trainer: Trainer, pairs: Any, average: bool = False) -> dict[str, Any]:
+def measure_pairs(stage_kind: TrainingKind, trainer: Trainer, pairs: Any, average: bool = False) -> HeldOut:
     """A preference stage's held-out measure, before or after training: per pair whether the policy finds the chosen
     completion likelier (by summed log-probability, or with `average` by its mean per token), the chosen
     completion's log-probability, and greedy answers to the stage's prompts (`stage_kind.prompts`)."""
@@ -625,19 +625,15 @@ def measure_pairs(stage_kind: TrainingKind, trainer: Trainer, pairs: Any, averag
 
     model, tokenizer = trainer.model, stage_kind.tokenizer
     correct, chosen = preference_pairs(model, tokenizer, pairs, stage_kind.max_length, average)
-    return {
-        "answers": greedy_answers(model, tokenizer, stage_kind.prompts),
-        "correct": correct,  # per pair: 1 where the chosen completion is the likelier
-        "chosen_logps": chosen,
-        "pref_accuracy": sum(correct) / max(1, len(correct)),
-    }
+    # Per pair: 1 where the chosen completion is the likelier.
+    return HeldOut(correct, greedy_answers(model, tokenizer, stage_kind.prompts), chosen_logps=chosen)
 
 
 def summarize_pairs(
     stage_kind: TrainingKind,
     after: dict[str, Any],
-    measured_before: dict[str, Any],
-    measured_after: dict[str, Any],
+    measured_before: HeldOut,
+    measured_after: HeldOut,
     **context: Any,
 ) -> tuple[dict[str, Any], dict[str, Any]]:
     """A preference stage's summary metrics (the last eval's reward accuracy and margin, `pref_accuracy` before and
@@ -647,17 +643,16 @@ def summarize_pairs(
     metrics = {
         "reward_accuracy": after.get("eval_rewards/accuracies"),
         "reward_margin": after.get("eval_rewards/margins"),
-        "pref_accuracy_before": measured_before["pref_accuracy"],
-        "pref_accuracy": measured_after["pref_accuracy"],
+        "pref_accuracy_before": measured_before.figure,
+        "pref_accuracy": measured_after.figure,
     }
-    answers = (measured_before["answers"], measured_after["answers"])
     verdict = accuracy_verdict(
-        "pref_accuracy", measured_before["correct"], measured_after["correct"], unit="pairs", answers=answers,
-        chosen_logps=(measured_before["chosen_logps"], measured_after["chosen_logps"]),
+        "pref_accuracy", measured_before.values, measured_after.values, unit="pairs",
+        answers=(measured_before.answers, measured_after.answers),
+        chosen_logps=(measured_before.chosen_logps, measured_after.chosen_logps),
         **stage_kind.trained_with, **context,
     )  # fmt: skip
-    texts = ([a.text for a in side] for side in answers)
-    generations = generation_table(stage_kind.ctx, stage_kind.prompts, *texts)
+    generations = generation_table(stage_kind.ctx, stage_kind.prompts, measured_before.texts, measured_after.texts)
     return metrics, {"generations": generations, "verdict": verdict}
 
 

@@ -25,7 +25,7 @@ from align.errors import BadInput
 from align.recipe import MODEL_REF, Loading, Strict, TrainingStage, policy_list, stage_ref
 from align.stages.base import Figure, TrainingKind
 from align.stages.common import generation_table, show_prompt
-from align.values import Setting, StageParts
+from align.values import HeldOut, Setting, StageParts
 
 if TYPE_CHECKING:
     from align.plan import PlanInputs
@@ -166,27 +166,26 @@ class Distill(TrainingKind):
     def check(self, trainer: Any) -> None:
         self.extra.update(beta=trainer.args.beta, divergence=divergence(trainer.args.beta))
 
-    def measure(self, trainer: Any) -> dict[str, Any]:
+    def measure(self, trainer: Any) -> HeldOut:
         from align.verdict import greedy_answers
 
         model = trainer.model
-        return {
-            "kl": kl_to_teacher(model, self.teacher, self.targets),
-            "answers": [a.text for a in greedy_answers(model, self.tokenizer, self.prompts)],
-        }
+        return HeldOut(
+            kl_to_teacher(model, self.teacher, self.targets), greedy_answers(model, self.tokenizer, self.prompts)
+        )
 
     def summarize(self, before, after, measured_before, measured_after):
         from align.verdict import loss_verdict
 
-        kl_before, kl_after = (sum(m["kl"]) / len(m["kl"]) for m in (measured_before, measured_after))
+        kl_before, kl_after = measured_before.figure, measured_after.figure
         metrics = {
             "kl_to_teacher_before": kl_before,
             "kl_to_teacher": kl_after,
             "gap_closed": 1 - kl_after / kl_before if kl_before > 0 else None,
         }
-        verdict = loss_verdict("kl_to_teacher", measured_before["kl"], measured_after["kl"], unit="prompts",
+        verdict = loss_verdict("kl_to_teacher", measured_before.values, measured_after.values, unit="prompts",
                                **self.trained_with)  # fmt: skip
-        table = generation_table(self.ctx, self.prompts, measured_before["answers"], measured_after["answers"])
+        table = generation_table(self.ctx, self.prompts, measured_before.texts, measured_after.texts)
         return metrics, {"generations": table, "verdict": verdict}
 
     def plots(self, rows: list[dict[str, Any]], summary: dict[str, Any]) -> list[tuple[str, str, str]]:

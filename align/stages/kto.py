@@ -29,7 +29,7 @@ from align.recipe import PREFERENCE_FORMATS, TrainingStage
 from align.stages.base import Figure, TrainingKind
 from align.stages.common import generation_table, max_length_setting, render_mask, report_dropped
 from align.stages.preference_family import LENGTH_HINT, preference_plots, reference_for, reference_plan
-from align.values import StageParts
+from align.values import HeldOut, StageParts
 
 if TYPE_CHECKING:
     from datasets import Dataset
@@ -204,19 +204,18 @@ class KTO(TrainingKind):
         self.extra.update(beta=args.beta, loss_type=args.loss_type, desirable_weight=args.desirable_weight,
                           undesirable_weight=args.undesirable_weight)  # fmt: skip
 
-    def measure(self, trainer: Any) -> dict[str, Any]:
+    def measure(self, trainer: Any) -> HeldOut:
         from align.evaluation.likelihood import completion_logps, label_auc_values, preference_pairs
         from align.verdict import greedy_answers
 
-        out: dict[str, Any] = {"answers": greedy_answers(trainer.model, self.tokenizer, self.prompts)}
+        answers = greedy_answers(trainer.model, self.tokenizer, self.prompts)
         rows = self.held_out
         if self.pairs:
             correct, chosen = preference_pairs(trainer.model, self.tokenizer, rows, self.max_length)
-            return {**out, "values": correct, "chosen_logps": chosen, "figure": sum(correct) / max(1, len(correct))}
+            return HeldOut(correct, answers, chosen_logps=chosen)
         scores = completion_logps(trainer.model, self.tokenizer, rows["prompt"], rows["completion"], self.max_length,
                                   average=True)  # fmt: skip
-        values = label_auc_values(scores, list(rows["label"]))
-        return {**out, "values": values, "figure": sum(values) / max(1, len(values))}
+        return HeldOut(label_auc_values(scores, list(rows["label"])), answers)
 
     def summarize(self, before, after, measured_before, measured_after):
         from align.verdict import accuracy_verdict
@@ -225,16 +224,16 @@ class KTO(TrainingKind):
         metrics = {
             "kl": after.get("eval_kl"),
             "reward_margin": after.get("eval_rewards/margins"),
-            f"{key}_before": measured_before["figure"],
-            key: measured_after["figure"],
+            f"{key}_before": measured_before.figure,
+            key: measured_after.figure,
         }
-        answers = (measured_before["answers"], measured_after["answers"])
-        chosen = (measured_before["chosen_logps"], measured_after["chosen_logps"]) if self.pairs else None
-        verdict = accuracy_verdict(key, measured_before["values"], measured_after["values"],
+        answers = (measured_before.answers, measured_after.answers)
+        chosen = (measured_before.chosen_logps, measured_after.chosen_logps) if self.pairs else None
+        verdict = accuracy_verdict(key, measured_before.values, measured_after.values,
                                    unit="pairs" if self.pairs else "rows", answers=answers, chosen_logps=chosen,
                                    **self.trained_with)  # fmt: skip
-        texts = ([a.text for a in side] for side in answers)
-        return metrics, {"generations": generation_table(self.ctx, self.prompts, *texts), "verdict": verdict}
+        table = generation_table(self.ctx, self.prompts, measured_before.texts, measured_after.texts)
+        return metrics, {"generations": table, "verdict": verdict}
 
 
 def unpaired_example(tokenizer: Any, row: dict[str, Any]) -> dict[str, str]:

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Literal
 from align.recipe import TrainingStage
 from align.stages.base import Figure, TrainingKind
 from align.stages.common import max_length_setting, perplexities
-from align.values import Setting, StageParts
+from align.values import HeldOut, Setting, StageParts
 
 if TYPE_CHECKING:
     from align.plan import PlanInputs
@@ -120,15 +120,15 @@ class LM(TrainingKind):
             data_collator=collate_blocks, processing_class=self.tokenizer, callbacks=callbacks,
         )  # fmt: skip
 
-    def measure(self, trainer: Any) -> dict[str, Any]:
+    def measure(self, trainer: Any) -> HeldOut:
         from align.verdict import example_losses
 
-        return {"losses": example_losses(trainer)}  # each eval block's loss, for the verdict
+        return HeldOut(example_losses(trainer))  # each eval block's loss, for the verdict
 
     def summarize(self, before, after, measured_before, measured_after):
         from align.verdict import loss_verdict
 
-        losses = measured_before["losses"], measured_after["losses"]
+        losses = measured_before.values, measured_after.values
         verdict = loss_verdict("eval loss per example", *losses, unit="blocks", **self.trained_with)
         return perplexities(before, after), {"verdict": verdict}
 

@@ -22,7 +22,7 @@ from align.recipe import Stage, Strict, TrainingStage, reward_model_problems, st
 from align.rewards import Judge, RewardEntry, check_functions, entries_identity, guarded, resolve_function
 from align.stages.base import Figure, TrainingKind
 from align.stages.common import generation_table, show_prompt
-from align.values import Setting, StageParts, StartingPoint
+from align.values import HeldOut, Setting, StageParts, StartingPoint
 
 if TYPE_CHECKING:
     from align.plan import PlanInputs
@@ -114,7 +114,7 @@ class OnlineKind(TrainingKind):
         self.train, self.eval = self.data["train"], self.data["validation"]
         self.held_out = self.eval.select(range(min(stage.measure.prompts, len(self.eval))))
         self.prompts = [self.held_out[i]["prompt"] for i in range(min(self.stage.generations, len(self.held_out)))]
-        self.before: dict[str, Any] | None = None  # the held-out measure before training, which monitors compare with
+        self.before: HeldOut | None = None  # the held-out measure before training, which monitors compare with
         self.extra = {"rewards": [{"reward": e.name, "weight": e.weight} for e in self.entries]}
         if stage.monitor:
             self.extra["monitor"] = [j.name for j in stage.monitor]
@@ -173,13 +173,13 @@ class OnlineKind(TrainingKind):
         self.health = HealthAlarms(self.stage.alarms, self.ctx.tracker)
         return [self.health, *([monitor_callback(self)] if self.monitors else [])]
 
-    def measure(self, trainer: Any) -> dict[str, Any]:
+    def measure(self, trainer: Any) -> HeldOut:
         measured = self.measure_model(trainer.model, trainer.args)
         if self.before is None:
             self.before = measured
         return measured
 
-    def measure_model(self, model: Any, args: Any) -> dict[str, Any]:
+    def measure_model(self, model: Any, args: Any) -> HeldOut:
         """Every held-out prompt answered `measure.samples` times with the training's own sampling settings and the
         recipe's seed, and scored: the mean total reward per prompt, each function's mean, each monitor's mean, the
         share of prompts whose answers all scored alike, mean length and the share cut at max_completion_length."""
@@ -205,16 +205,18 @@ class OnlineKind(TrainingKind):
         ]
         n = self.stage.measure.samples
         by_prompt = [totals[i * n : (i + 1) * n] for i in range(len(rows))]
-        return {
-            "per_prompt": [sum(g) / len(g) for g in by_prompt],
-            "reward": sum(totals) / max(1, len(totals)),
-            "rewards": {name: _nanmean(values) for name, values in per_function.items()},
-            "monitor": monitors,
-            "zero_std": sum(max(g) - min(g) < 1e-12 for g in by_prompt) / max(1, len(by_prompt)),
-            "length": sum(a.tokens for _, a in flat) / max(1, len(flat)),
-            "clipped": sum(not a.ended for _, a in flat) / max(1, len(flat)),
-            "answers": [per[0] for per in answers[: len(self.prompts)]],
-        }
+        # The held-out reward is the mean of the per-prompt means (every prompt has as many answers).
+        return HeldOut(
+            [sum(g) / len(g) for g in by_prompt],
+            [per[0] for per in answers[: len(self.prompts)]],
+            extra={
+                "rewards": {name: _nanmean(values) for name, values in per_function.items()},
+                "monitor": monitors,
+                "zero_std": sum(max(g) - min(g) < 1e-12 for g in by_prompt) / max(1, len(by_prompt)),
+                "length": sum(a.tokens for _, a in flat) / max(1, len(flat)),
+                "clipped": sum(not a.ended for _, a in flat) / max(1, len(flat)),
+            },
+        )
 
     def score(self, scorer: tuple[Any, Any], flat: list[tuple[int, Any]], args: Any) -> list[float]:
         """One scorer's value for each held-out (prompt index, answer): NaN where a function had no opinion."""
@@ -239,17 +241,18 @@ class OnlineKind(TrainingKind):
     def hacking(self, measured: dict[str, Any]) -> str | None:
         """The reward-hacking warning, where the held-out reward rose by `alarms.hacking` or more since before
         training while a monitor rose by less than `alarms.monitor_rise` (flat or down)."""
-        if self.before is None or not measured["monitor"]:
+        if self.before is None or not measured.extra["monitor"]:
             return None
         a = self.stage.alarms
-        rise = measured["reward"] - self.before["reward"]
-        flat = [(name, self.before["monitor"][name], value) for name, value in measured["monitor"].items()
-                if value is not None and self.before["monitor"].get(name) is not None
-                and value - self.before["monitor"][name] < a.monitor_rise]  # fmt: skip
+        rise = measured.figure - self.before.figure
+        before = self.before.extra["monitor"]
+        flat = [(name, before[name], value) for name, value in measured.extra["monitor"].items()
+                if value is not None and before.get(name) is not None
+                and value - before[name] < a.monitor_rise]  # fmt: skip
         if rise < a.hacking or not flat:
             return None
         monitors = ", ".join(f"{name} {b:.3f} → {v:.3f}" for name, b, v in flat)
-        return (f"the held-out reward rose {self.before['reward']:.3f} → {measured['reward']:.3f} while the monitor "
+        return (f"the held-out reward rose {self.before.figure:.3f} → {measured.figure:.3f} while the monitor "
                 f"did not ({monitors}): the policy is learning what the reward pays for, not the task; check what "
                 "the reward function rewards, or give the monitor's function a weight among the rewards")  # fmt: skip
 
@@ -257,39 +260,41 @@ class OnlineKind(TrainingKind):
         from align.verdict import Verdict, accuracy_verdict
 
         metrics = {
-            "reward_before": measured_before["reward"],
-            "reward": measured_after["reward"],
+            "reward_before": measured_before.figure,
+            "reward": measured_after.figure,
             "rewards": {
-                name: {"before": measured_before["rewards"][name], "after": value}
-                for name, value in measured_after["rewards"].items()
+                name: {"before": measured_before.extra["rewards"][name], "after": value}
+                for name, value in measured_after.extra["rewards"].items()
             },  # fmt: skip
-            "completion_length": measured_after["length"],
-            "clipped_ratio": measured_after["clipped"],
+            "completion_length": measured_after.extra["length"],
+            "clipped_ratio": measured_after.extra["clipped"],
             "frac_reward_zero_std": after.get("eval_frac_reward_zero_std"),
             "kl": after.get("eval_kl"),
             "entropy": after.get("eval_entropy"),
         }
-        if measured_after["monitor"]:
-            metrics["monitor"] = {name: {"before": measured_before["monitor"][name], "after": value}
-                                  for name, value in measured_after["monitor"].items()}  # fmt: skip
+        if measured_after.extra["monitor"]:
+            metrics["monitor"] = {name: {"before": measured_before.extra["monitor"][name], "after": value}
+                                  for name, value in measured_after.extra["monitor"].items()}  # fmt: skip
             hacking = self.hacking(measured_after)
             if hacking is not None:
                 self.health.fire("reward hacking", hacking, None)
-        verdict = accuracy_verdict("reward", measured_before["per_prompt"], measured_after["per_prompt"],
+        verdict = accuracy_verdict("reward", measured_before.values, measured_after.values,
                                    ceiling=None, unit="prompts", **self.trained_with)  # fmt: skip
         causes = []
         if verdict.status != "improved":
             for label, measured in (("before", measured_before), ("after", measured_after)):
-                if measured["zero_std"] >= 0.5:
-                    causes.append(f"no learning signal: {measured['zero_std']:.0%} of held-out prompts got the same "
+                zero_std = measured.extra["zero_std"]
+                if zero_std >= 0.5:
+                    causes.append(f"no learning signal: {zero_std:.0%} of held-out prompts got the same "
                                   f"reward on all {self.stage.measure.samples} answers {label} training (GRPO learns "
                                   "only from groups whose rewards differ)")  # fmt: skip
                     break
-            if measured_before["clipped"] >= 0.5:
-                causes.append(f"truncation: {measured_before['clipped']:.0%} of answers hit max_completion_length "
+            clipped = measured_before.extra["clipped"]
+            if clipped >= 0.5:
+                causes.append(f"truncation: {clipped:.0%} of answers hit max_completion_length "
                               "before training (a truncated answer is often scored alike)")  # fmt: skip
         verdict = Verdict(verdict.status, [*verdict.reasons, *causes], [*verdict.warnings, *self.health.fired])
-        answers = ([a.text for a in measured_before["answers"]], [a.text for a in measured_after["answers"]])
+        answers = (measured_before.texts, measured_after.texts)
         generations = generation_table(self.ctx, [show_prompt(p) for p in self.prompts], *answers)
         return metrics, {"generations": generations, "verdict": verdict}
 
@@ -310,8 +315,8 @@ def monitor_callback(stage: OnlineKind) -> Any:
             with keep_random_state():  # training must draw the same random numbers with a monitor or without
                 measured = stage.measure_model(model, args)
             row = {"step": state.global_step, "epoch": state.epoch, "split": "monitor",
-                   "monitor/reward": measured["reward"]}  # fmt: skip
-            row |= {f"monitor/{name}": value for name, value in measured["monitor"].items()}
+                   "monitor/reward": measured.figure}  # fmt: skip
+            row |= {f"monitor/{name}": value for name, value in measured.extra["monitor"].items()}
             if stage.writer is not None:
                 stage.writer.record(row)
             hacking = stage.hacking(measured)

@@ -17,7 +17,7 @@ from align.prompt_split import split_all_ids
 from align.recipe import PREFERENCE_FORMATS, TrainingStage
 from align.stages.base import Figure, TrainingKind
 from align.stages.common import max_length_setting, pair_examples, report_dropped, warn_most_dropped
-from align.values import StageParts
+from align.values import HeldOut, StageParts
 
 if TYPE_CHECKING:
     from align.plan import PlanInputs
@@ -137,7 +137,7 @@ class RM(TrainingKind):
             hint=HINT,
         )  # fmt: skip
 
-    def measure(self, trainer: Any) -> dict[str, Any]:
+    def measure(self, trainer: Any) -> HeldOut:
         """Every held-out pair the Trainer evaluates, scored as it scores them (its own token ids)."""
         from align.evaluation.judges import score_token_ids
 
@@ -147,22 +147,19 @@ class RM(TrainingKind):
         chosen = score_token_ids(trainer.model, pairs["chosen_ids"], pad, batch_size=size)
         rejected = score_token_ids(trainer.model, pairs["rejected_ids"], pad, batch_size=size)
         correct = [int(c > r) for c, r in zip(chosen, rejected, strict=True)]
-        return {
-            "correct": correct,
-            "accuracy": sum(correct) / max(1, len(correct)),
-            "margin": sum(c - r for c, r in zip(chosen, rejected, strict=True)) / max(1, len(correct)),
-        }
+        margin = sum(c - r for c, r in zip(chosen, rejected, strict=True)) / max(1, len(correct))
+        return HeldOut(correct, extra={"margin": margin})
 
     def summarize(self, before, after, measured_before, measured_after):
         from align.verdict import accuracy_verdict
 
         metrics = {
-            "accuracy_before": measured_before["accuracy"],
-            "accuracy": measured_after["accuracy"],
-            "margin_before": measured_before["margin"],
-            "margin": measured_after["margin"],
+            "accuracy_before": measured_before.figure,
+            "accuracy": measured_after.figure,
+            "margin_before": measured_before.extra["margin"],
+            "margin": measured_after.extra["margin"],
         }
-        verdict = accuracy_verdict("accuracy", measured_before["correct"], measured_after["correct"], unit="pairs",
+        verdict = accuracy_verdict("accuracy", measured_before.values, measured_after.values, unit="pairs",
                                    **self.trained_with)  # fmt: skip
         logged = (after or {}).get("eval_accuracy")
         if isinstance(logged, int | float):
@@ -170,7 +167,7 @@ class RM(TrainingKind):
             logger.info(
                 "accuracy %.4f → %.4f: the share of the %d held-out pairs whose chosen answer scores higher; the "
                 "Trainer's eval_accuracy in the rows above (%.4f at the end) is a mean of its eval batches' "
-                "accuracies, so it differs a little", measured_before["accuracy"], measured_after["accuracy"],
-                len(measured_after["correct"]), logged,
+                "accuracies, so it differs a little", measured_before.figure, measured_after.figure,
+                len(measured_after.values), logged,
             )  # fmt: skip
         return metrics, {"verdict": verdict.record()}

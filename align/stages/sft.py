@@ -14,7 +14,7 @@ from align.prompt_split import split_all_ids, split_ids
 from align.recipe import TrainingStage
 from align.stages.base import Figure, TrainingKind
 from align.stages.common import generation_table, max_length_setting, perplexities, render_mask
-from align.values import UNKNOWN, Setting, StageParts
+from align.values import UNKNOWN, HeldOut, Setting, StageParts
 
 if TYPE_CHECKING:
     from datasets import Dataset
@@ -156,22 +156,19 @@ class SFT(TrainingKind):
         example = render_labels(trainer.train_dataset[0], self.tokenizer)
         logger.info("first training example, trained tokens in [[ ]]: %r", example)
 
-    def measure(self, trainer: Any) -> dict[str, Any]:
+    def measure(self, trainer: Any) -> HeldOut:
         from align.verdict import example_losses, greedy_answers
 
-        return {
-            "answers": greedy_answers(trainer.model, self.tokenizer, self.prompts),
-            "losses": example_losses(trainer),  # each eval example's loss, for the verdict
-        }
+        # Each eval example's loss, for the verdict.
+        return HeldOut(example_losses(trainer), greedy_answers(trainer.model, self.tokenizer, self.prompts))
 
     def summarize(self, before, after, measured_before, measured_after):
         from align.verdict import loss_verdict
 
-        answers = (measured_before["answers"], measured_after["answers"])
-        losses = measured_before["losses"], measured_after["losses"]
+        answers = (measured_before.answers, measured_after.answers)
+        losses = measured_before.values, measured_after.values
         verdict = loss_verdict("eval loss per example", *losses, answers=answers, **self.trained_with)
-        texts = ([a.text for a in side] for side in answers)
-        generations = generation_table(self.ctx, self.prompts, *texts)
+        generations = generation_table(self.ctx, self.prompts, measured_before.texts, measured_after.texts)
         return perplexities(before, after), {"generations": generations, "verdict": verdict}
 
 
