@@ -103,7 +103,10 @@ def model_card(run_dir: Path, stage: str, merged: bool = False) -> str:
             f"| {data_label(data, (s.get('data') or {}).get('mix'))} | `{s.get('fingerprint', '-')}` "
             f"| {s.get('saved', 'full')} |"
         )
-    read = [f"`{name}` read {refs}." for name in chain if (refs := other_models(stages[name]))]
+    fingerprints = {
+        e["name"]: e.get("fingerprint") for e in (read_json(run_dir / "pipeline.json") or {}).get("stages", [])
+    }
+    read = [f"`{name}` read {refs}." for name in chain if (refs := other_models(stages[name], fingerprints))]
     if read:  # a teacher, a reward model: every model a stage declares beside the one it trains
         body += ["", *read]
     body += ["", "## Key metrics", "", "Each stage on its own held-out split, before and after it trained.", ""]
@@ -163,6 +166,10 @@ def later_evaluations(run_dir: Path, stage: str) -> list[str]:
             continue
         if stage not in (metrics.get("models") or {}):
             continue
+        if entry.get("stale"):  # an --only run retrained a model it compared: its figures are of the one before
+            lines.append(f"- `{entry['name']}`: stale, measured before a later `--only` run retrained this model "
+                         "or one it was compared with; run the recipe again to measure it anew.")  # fmt: skip
+            continue
         verdict = summary.get("verdict") or {}
         said = [r.removeprefix(f"{stage}: ") for r in verdict.get("reasons") or [] if r.startswith(f"{stage}: ")]
         warned = [w.removeprefix(f"{stage}: ") for w in verdict.get("warnings") or [] if w.startswith(f"{stage}: ")]
@@ -176,9 +183,10 @@ def later_evaluations(run_dir: Path, stage: str) -> list[str]:
     return lines
 
 
-def other_models(entry: dict[str, Any]) -> str:
+def other_models(entry: dict[str, Any], fingerprints: dict[str, Any]) -> str:
     """The models a stage's resolved recipe entry names beside the one it trains (its kind's declared model-valued
-    fields: a teacher, a reward model), as the card says them: "teacher `@big`"; empty where it names none."""
+    fields: a teacher, a reward model), as the card says them: "teacher `@big` (fingerprint `3f2a...`)", the
+    fingerprint of the run's stage an `@stage` names; empty where it names none."""
     from pydantic import ValidationError
 
     kind = registry.kinds().get(str(entry.get("kind")))
@@ -188,7 +196,12 @@ def other_models(entry: dict[str, Any]) -> str:
         refs = kind.keys.model_validate(entry).model_refs()
     except ValidationError:  # a recipe of another version of align
         return ""
-    return ", ".join(f"{key} `{value}`" for key, value in refs.items() if key != "model")
+
+    def said(key: str, value: str) -> str:
+        fingerprint = fingerprints.get(value[1:]) if value.startswith("@") else None
+        return f"{key} `{value}`" + (f" (fingerprint `{fingerprint}`)" if fingerprint else "")
+
+    return ", ".join(said(key, value) for key, value in refs.items() if key != "model")
 
 
 def stage_chain(stages: dict[str, dict[str, Any]], stage: str) -> list[str]:

@@ -349,6 +349,8 @@ def did_it_help(run_dir: Path, entries: list[dict[str, Any]], summaries: dict[st
             f"<h3>{html.escape(name)}: {len(models)} models on {_fmt(metrics.get('prompts', '?'))} prompts, against "
             f"{html.escape(str(baseline))}, judged by {html.escape(str(judge))}</h3>"
         )
+        if entry.get("stale"):  # as the stages table says it, here too: its figures are of models since retrained
+            out.append(f"<p class='warn'>Stale: {html.escape(str(entry['stale']))}.</p>")
         out.append(verdict_block(summary.get("verdict")))
         tasks = sorted({f"{task}/{key}" for m in models.values() for task, figures in (m.get("lm_eval") or {}).items()
                         for key in (figures or {})})  # fmt: skip

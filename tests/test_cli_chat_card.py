@@ -524,3 +524,27 @@ def test_merge_without_a_stage_in_a_run_without_adapters_says_none_saved_any(tmp
                            "nothing to merge"], err  # fmt: skip
     assert "hint: each stage's model/ loads with plain transformers as it is" in err
     assert not (tmp_path / "out").exists()
+
+
+def test_a_stale_eval_is_said_stale_on_the_card_and_in_did_it_help(tmp_path):
+    """An --only run retrained sft after the eval compared it: the card does not credit the new model with the old
+    figures, and the report's "Did it help?" says the eval is stale where it shows them (a trial found both)."""
+    from align.card import later_evaluations
+    from align.report import build_report
+
+    stale = "made from earlier stages that an --only run changed; a run without --only reruns it"
+    entries = [{"name": "sft", "kind": "sft", "status": "completed"},
+               {"name": "eval", "kind": "eval", "status": "completed", "stale": stale}]  # fmt: skip
+    (tmp_path / "pipeline.json").write_text(json.dumps({"name": "r", "stages": entries}))
+    models = {"base": {"verdict": {"status": "baseline"}}, "sft": {"win_rate": 0.2, "verdict": {"status": "worse"}}}
+    summary = {"stage": "eval", "kind": "eval", "status": "completed",
+               "metrics": {"models": models, "baseline": "base", "judge": "j", "prompts": 4},
+               "verdict": {"status": "worse", "reasons": ["sft: win rate 0.20"], "warnings": []}}  # fmt: skip
+    for name, data in (("sft", {"stage": "sft", "kind": "sft", "status": "completed"}), ("eval", summary)):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "summary.json").write_text(json.dumps(data))
+    (tmp_path / "recipe.yaml").write_text("name: r\nstages: []\n")
+    (line,) = later_evaluations(tmp_path, "sft")
+    assert line.startswith("- `eval`: stale") and "worse" not in line
+    did_it_help = build_report(tmp_path).read_text().split("<h2 id='did-it-help'>")[1].split("<h2>")[0]
+    assert f"Stale: {stale}." in did_it_help

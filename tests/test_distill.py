@@ -106,6 +106,21 @@ def test_a_wrong_teacher_is_refused_before_any_stage_trains(tmp_path, run_cli, c
     assert not (tmp_path / "run").exists()
 
 
+def test_the_student_under_another_path_is_no_teacher(tmp_path, run_cli):
+    """`model: "@student"` with the student stage's own saved model named by its path (after a first run)."""
+    from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel
+
+    from align.builtin import python_docs
+    from align.models import train_tokenizer
+
+    saved = tmp_path / "run" / "student" / "model"
+    GPT2LMHeadModel(GPT2Config(vocab_size=301, n_layer=1, n_embd=32, n_head=2, n_positions=32)).save_pretrained(saved)
+    train_tokenizer(python_docs()["text"][:50], 301).save_pretrained(saved)
+    assert AutoTokenizer.from_pretrained(saved) is not None
+    code, _, err = dry_run(tmp_path, run_cli, chain(teacher=str(saved) + "/"))
+    assert code == 2 and f"stages.distill.teacher: '{saved}/' is {saved}, the student itself" in err, err
+
+
 def test_a_reward_model_or_an_eval_stage_is_no_teacher(tmp_path, run_cli):
     recipe = chain(teacher="@judge")
     recipe["stages"].insert(2, {"name": "judge", "kind": "rm", "model": "@student",
@@ -120,7 +135,7 @@ def test_a_teacher_with_another_vocabulary_is_refused_naming_both_sizes(tmp_path
     code, _, err = dry_run(tmp_path, run_cli, recipe)
     assert code == 2, err
     assert (
-        "stages.distill.teacher: the teacher's vocabulary has 280 tokens (280 embedding rows), the student's 301 (301)"
+        "stages.distill.teacher: the teacher's vocabulary has 280 tokens (280 embedding rows), the student's 301 tokens"
         in err
     )
 
@@ -175,13 +190,17 @@ def test_the_kl_to_the_teacher_is_measured_before_and_after_with_its_verdict(dis
     m = summary["metrics"]
     assert m["kl_to_teacher_before"] > 0 and m["kl_to_teacher"] >= 0
     assert abs(m["gap_closed"] - (1 - m["kl_to_teacher"] / m["kl_to_teacher_before"])) < 1e-12
-    assert summary["verdict"]["status"] in ("improved", "no_difference", "got_worse")
+    assert summary["verdict"]["status"] == "improved", summary["verdict"]
+    assert summary["verdict"]["reasons"][0].startswith("kl_to_teacher ")
     assert summary["teacher"] == "@teacher" and summary["kl_direction"].startswith("KL(student ‖ teacher)")
+    assert summary["teacher_model"] == str(distilled["run"] / "teacher" / "model")
     assert len(summary["teacher_answers_sha256"]) == 16
     html = build_report(distilled["run"]).read_text()
     assert "KL to the teacher" in html and "kl_to_teacher" in html
     card = model_card(distilled["run"], "distill")
-    assert "`distill` read teacher `@teacher`." in card
+    teacher = json.loads((distilled["run"] / "pipeline.json").read_text())["stages"][0]["fingerprint"]
+    assert f"`distill` read teacher `@teacher` (fingerprint `{teacher}`)." in card
+    assert summary["teacher_fingerprint"] == teacher
     assert "| `distill` | kl_to_teacher |" in card
 
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 from pydantic import Field
@@ -34,6 +35,8 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 DIRECTION = "KL(student ‖ teacher) per answer token, on the teacher's greedy answers to held-out prompts"
+# A KL to the teacher below this before training: two copies of one model (nothing to learn from it).
+SAME = 1e-6
 
 
 class DistillMeasure(Strict):
@@ -110,6 +113,11 @@ class Distill(TrainingKind):
                 f"{stage.measure.max_new_tokens} tokens each), before and after",
             },
         )
+        same = same_directory(stage, inputs)
+        if same is not None:
+            parts.problems.append(f"stages.{stage.name}.teacher: {stage.teacher!r} is {same}, the student itself (the "
+                                  "stage's model); name a larger or better model to learn from")  # fmt: skip
+            return parts
         if inputs.tokenizer is None:
             return parts
         try:
@@ -121,8 +129,9 @@ class Distill(TrainingKind):
         problem = vocabulary_problem(inputs.tokenizer, inputs.config, teacher_tokenizer, teacher_config)
         if problem is not None:
             parts.problems.append(f"stages.{stage.name}.teacher: {problem}")
-            parts.hints.append("distil from a teacher of the student's family and tokenizer (or train the student on "
-                               "the teacher's tokenizer)")  # fmt: skip
+            parts.hints.append("distil from a teacher of the student's family and tokenizer; two models built from "
+                               "scratch share one when their stages train it on the same rows with the same "
+                               "vocab_size")  # fmt: skip
         if inputs.data is not None:
             train = inputs.data["train"]
             parts.details["train_prompts"] = len(train)
@@ -141,7 +150,7 @@ class Distill(TrainingKind):
         stage = self.stage
         self.train, self.eval = (as_prompts(self.data[split]) for split in ("train", "validation"))
         ref = stage_ref(stage.teacher)
-        path = str(self.ctx.outputs[ref].model_dir) if ref is not None else stage.teacher
+        path = str(self.ctx.outputs[ref].model_dir) if ref is not None else local_path(stage.teacher, self.ctx.recipe)
         teacher, _ = build_model(path, f"stages.{stage.name}.teacher", loading=stage.teacher_loading)
         self.teacher = teacher.to(self.model.device).eval()
         for parameter in self.teacher.parameters():
@@ -152,7 +161,10 @@ class Distill(TrainingKind):
         digest = hashlib.sha256(json.dumps(self.targets).encode()).hexdigest()[:16]
         logger.info("teacher: %s; its greedy answers to %d held-out prompts (sha256 %s) are the KL measure's tokens",
                     stage.teacher, len(self.targets), digest)  # fmt: skip
-        self.extra = {"teacher": stage.teacher, "kl_direction": DIRECTION, "teacher_answers_sha256": digest}
+        self.extra = {"teacher": stage.teacher, "teacher_model": path, "kl_direction": DIRECTION,
+                      "teacher_answers_sha256": digest}  # fmt: skip
+        if ref is not None:  # which training of the teacher stage taught this student
+            self.extra["teacher_fingerprint"] = self.ctx.outputs[ref].fingerprint
 
     def trainer(self, args: Any, callbacks: list[Any]) -> Any:
         from align.models import lora_config
@@ -175,7 +187,7 @@ class Distill(TrainingKind):
         )
 
     def summarize(self, before, after, measured_before, measured_after):
-        from align.verdict import loss_verdict
+        from align.verdict import Verdict, loss_verdict
 
         kl_before, kl_after = measured_before.figure, measured_after.figure
         metrics = {
@@ -185,6 +197,10 @@ class Distill(TrainingKind):
         }
         verdict = loss_verdict("kl_to_teacher", measured_before.values, measured_after.values, unit="prompts",
                                **self.trained_with)  # fmt: skip
+        if kl_before < SAME:  # the likely cause, instead of the learning rate or steps the verdict would cite
+            cause = (f"the student already predicted as the teacher before training (KL {kl_before:.2g}): is the "
+                     "teacher the student itself, under another path?")  # fmt: skip
+            verdict = Verdict(verdict.status, [verdict.reasons[0], cause], verdict.warnings)
         table = generation_table(self.ctx, self.prompts, measured_before.texts, measured_after.texts)
         return metrics, {"generations": table, "verdict": verdict}
 
@@ -214,6 +230,31 @@ def as_prompts(rows: Any) -> Any:
     return rows.select_columns(["prompt"])
 
 
+def local_path(name: str, recipe: Any) -> str:
+    """A teacher written as a local directory, found as a stage's `model:` is (the recipe's folder first); else the
+    name as written (a hub id)."""
+    from align.recipe import search_paths
+
+    found = next((p for p in search_paths(name, recipe.base_dir) if p.is_dir()), None)
+    return str(found) if found is not None else name
+
+
+def same_directory(stage: Stage, inputs: PlanInputs) -> str | None:
+    """Where the teacher is the student's own directory under another spelling (`@student` and
+    `runs/x/student/model`, `./m` and `m/`): that directory; else None."""
+    from align.recipe import model_source
+
+    def directory(name: Any) -> Path | None:
+        if not isinstance(name, str):
+            return None  # a model built from scratch here
+        ref = stage_ref(name)
+        path = inputs.run_dir / ref / "model" if ref is not None else Path(local_path(name, inputs.recipe))
+        return path.resolve() if path.is_dir() or ref is not None else None
+
+    student, teacher = directory(model_source(stage, inputs.recipe)), directory(stage.teacher)
+    return str(teacher) if teacher is not None and teacher == student else None
+
+
 def teacher_of(stage: Stage, inputs: PlanInputs) -> tuple[Any, Any]:
     """The teacher's tokenizer and config, without its weights: an earlier stage's plan, else loaded as the stage's
     own model would be (the offline check has refused an unreachable hub id already).
@@ -227,7 +268,7 @@ def teacher_of(stage: Stage, inputs: PlanInputs) -> tuple[Any, Any]:
         _, _, tokenizer, config = resolve_model(as_model, inputs.recipe, inputs.plans, None, need_tokenizer=True)
     except BadInput as exc:
         named = [p.replace(f"stages.{stage.name}.model", f"stages.{stage.name}.teacher") for p in exc.problems]
-        raise BadInput(named, hint=exc.hint) from None
+        raise BadInput(named, hint=exc.hint and exc.hint.replace("`model:`", "`teacher:`")) from None
     return tokenizer, config
 
 
@@ -238,7 +279,8 @@ def vocabulary_problem(student: Any, student_config: Any, teacher: Any, teacher_
     rows = tuple(getattr(c.get_text_config(), "vocab_size", None) for c in (student_config, teacher_config))
     if sizes[0] != sizes[1] or rows[0] != rows[1]:
         return (f"the teacher's vocabulary has {sizes[1]} tokens ({rows[1]} embedding rows), the student's "
-                f"{sizes[0]} ({rows[0]}); distillation compares their distributions token by token")  # fmt: skip
+                f"{sizes[0]} tokens ({rows[0]} embedding rows); distillation compares their distributions token by "
+                "token")  # fmt: skip
     ours, theirs = student.convert_ids_to_tokens(range(sizes[0])), teacher.convert_ids_to_tokens(range(sizes[1]))
     first = next((i for i, (a, b) in enumerate(zip(ours, theirs, strict=True)) if a != b), None)
     if first is None:
