@@ -247,7 +247,7 @@ def experimental(path: str) -> type:
 
 
 # --------------------------------------------------------------------------------------------------
-# The metrics TRL's trainers store for the next logged row (align/stages/common.py `evaluate_by_source`)
+# The metrics TRL's trainers store for the next logged row (align/stages/runner.py `evaluate_by_source`)
 
 
 @contextlib.contextmanager
@@ -273,7 +273,7 @@ def stored_metrics_kept(trainer: Any) -> Iterator[None]:
 
 
 # --------------------------------------------------------------------------------------------------
-# Training after an evaluation, under several processes (align/stages/common.py `run_stage`)
+# Training after an evaluation, under several processes (align/stages/runner.py `run_stage`)
 
 
 def train_after_evaluation(trainer: Any) -> None:

@@ -155,17 +155,17 @@ def _drop_align_log_handlers():
 def captured_trainers() -> Iterator[dict[str, Any]]:
     """The Trainer each stage of an in-process run built, by stage name: tests assert what it holds (its reference,
     its data, its arguments), not the sentence the plan printed about it."""
-    import align.stages.common as common
+    import align.stages.runner as runner
 
     seen: dict[str, Any] = {}
-    original = common.watch
+    original = runner.watch
 
     def watch(trainer: Any, ctx: Any, **kwargs: Any) -> Any:
         seen[ctx.stage.name] = trainer
         return original(trainer, ctx, **kwargs)
 
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(common, "watch", watch)
+        patch.setattr(runner, "watch", watch)
         yield seen
 
 

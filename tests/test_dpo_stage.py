@@ -67,7 +67,7 @@ def test_dpo_summary_has_the_contract_metrics(builtin_run):
     assert metrics["eval_loss"] < metrics["eval_loss_before"]
     assert result["reference"] == "a frozen copy of the input model"
     assert (
-        "[dpo] align.stages.common: LM head: plain logits (no Triton on cpu" in (builtin_run / "align.log").read_text()
+        "[dpo] align.stages.runner: LM head: plain logits (no Triton on cpu" in (builtin_run / "align.log").read_text()
     )
     assert len(result["generations"]) == 4 and {"prompt", "before", "after"} <= set(result["generations"][0])
 

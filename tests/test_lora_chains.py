@@ -284,7 +284,7 @@ def test_peft_settings_adapters_trained_on_do_not_take_are_each_named():
     from types import SimpleNamespace
 
     from align.recipe import PeftSettings
-    from align.stages.common import ignored_peft_settings
+    from align.stages.runner import ignored_peft_settings
 
     trained = SimpleNamespace(r=8, lora_alpha=16, lora_dropout=0.05, target_modules={"c_attn", "c_proj", "c_fc"})
     same = PeftSettings(r=8, alpha=16, target_modules=["c_fc", "c_attn", "c_proj"])

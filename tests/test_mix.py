@@ -223,7 +223,7 @@ def test_a_text_mix_in_an_lm_stage_packs_each_source_for_its_loss(tmp_path, run_
 
 
 def test_a_source_that_got_worse_while_the_total_improved_is_named():
-    from align.stages.common import source_warnings
+    from align.stages.runner import source_warnings
 
     metrics = {"eval_loss_before": 3.0, "eval_loss": 2.0, "eval_loss_by_source_before": {"chat": 3.1, "safety": 2.5},
                "eval_loss_by_source": {"chat": 1.9, "safety": 2.8}}  # fmt: skip

@@ -5,7 +5,7 @@ Both sides read one saved model (weights and tokenizer), the same JSONL files an
 defaults that change what is computed are given to the bare side (`ALIGN_DEFAULTS`); the bookkeeping ones
 (`logging_nan_inf_filter`, `include_num_input_tokens_seen`, progress bars, pinned memory) are left at the
 library's there, so the test also shows they change nothing. The models keep GPT-2's dropout (0.1), so anything
-align draws from the random generators before training would show: before `common.keep_random_state`, the eval at
+align draws from the random generators before training would show: before `runner.keep_random_state`, the eval at
 step 0 shifted the dropout masks and the sft and lm runs ended 4.3e-4 and 3.2e-3 from the bare scripts' (dpo
 matched anyway: TRL's `disable_dropout` turns dropout off). Measured since: all three equal to the last bit.
 """
@@ -352,7 +352,7 @@ def test_a_measurement_outside_training_takes_no_random_numbers():
     import torch
     from transformers import set_seed
 
-    from align.stages.common import keep_random_state
+    from align.stages.runner import keep_random_state
 
     def draw() -> tuple[float, float, float]:
         return random.random(), float(np.random.rand()), float(torch.rand(()))

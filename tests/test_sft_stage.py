@@ -52,7 +52,7 @@ def test_sft_takes_the_lm_model_and_lowers_completion_loss(chain_run):
     assert metrics["perplexity"] < metrics["perplexity_before"]
     assert result["loss_on"] == "completions" and result["chat_template"] == "default"
     assert "packing: off" in result["packing"], "no packing on a CPU attention that cannot keep samples apart cheaply"
-    assert "[sft] align.stages.common: LM head: plain logits (no Triton on cpu" in (chain_run / "align.log").read_text()
+    assert "[sft] align.stages.runner: LM head: plain logits (no Triton on cpu" in (chain_run / "align.log").read_text()
     pipeline = json.loads((chain_run / "pipeline.json").read_text())
     assert [s["status"] for s in pipeline["stages"]] == ["completed", "completed"]
     assert pipeline["stages"][1]["input_model"] == result["input_model"]
@@ -257,7 +257,7 @@ def test_the_packing_probe_answers_as_training_runs_whatever_the_config_says_of_
 
 def test_render_mask_marks_trained_spans():
     from align.models import train_tokenizer
-    from align.stages.common import render_mask
+    from align.stages.runner import render_mask
 
     tokenizer = train_tokenizer(["question answer"] * 50, 260)
     ids = tokenizer("question answer", add_special_tokens=False)["input_ids"]

@@ -141,7 +141,7 @@ def test_shorter_answers_are_no_warning_where_the_before_answers_were_loops():
 def test_a_stage_built_from_scratch_says_its_improvement_is_by_construction():
     """...and only beside `improved`: beside `did_not_learn` (a grpo from scratch) 'any training improves on it'
     contradicted the verdict it sat under."""
-    from align.stages.common import scratch_warning
+    from align.stages.runner import scratch_warning
     from align.values import StartingPoint
 
     fields = {k: "x" for k in StartingPoint.__dataclass_fields__}
@@ -191,7 +191,7 @@ def test_regressions_put_the_largest_loss_first_and_average_samples():
 
 
 def test_the_verdict_reaches_the_log_and_every_tracker_call(caplog):
-    from align.stages.common import report_verdict
+    from align.stages.runner import report_verdict
 
     calls = []
     tracker = SimpleNamespace(

@@ -22,7 +22,7 @@ from align.errors import BadInput, Problems
 from align.plan import PlanInputs, StagePlan, effective_settings, plan_settings, resolve_model, supports_checkpointing
 from align.prompt_format import generate_usage
 from align.recipe import Recipe, Stage, model_source, stage_ref
-from align.stages.common import starting_point
+from align.stages.runner import starting_point
 from align.values import HeldOut, StageOutput, StageParts, StageResult, StartingPoint, same_decimals, saved_model_dir
 
 if TYPE_CHECKING:
@@ -67,7 +67,7 @@ class Kind:
     prompts_only: ClassVar[bool] = False
     pipeline_tag: ClassVar[str] = "text-generation"
     # Its loss is a token cross-entropy (lm, sft): the `eval_loss` align records is the token mean over the
-    # validation rows, the same on any process count (common.token_mean_evaluation); else the Trainer's figure.
+    # validation rows, the same on any process count (runner.token_mean_evaluation); else the Trainer's figure.
     token_loss: ClassVar[bool] = False
 
     @property
@@ -177,7 +177,7 @@ def library_class(path: str, experimental: bool = False) -> type:
 
 class TrainingKind(Kind):
     """A kind that trains a model: its declarations, its plan, and what it brings to `run_stage` (the sequence every
-    training stage runs, align/stages/common.py): its data and Trainer, the checks on what the Trainer prepared, its
+    training stage runs, align/stages/runner.py): its data and Trainer, the checks on what the Trainer prepared, its
     measurements before and after training, and its summary metrics.
 
     Its library contracts: `config` and `trainer_class` are import paths, `module:Class` (`experimental`: under
@@ -282,7 +282,7 @@ class TrainingKind(Kind):
     # A run of the stage (a fresh instance each time: `bind` gives it the run's model and context)
 
     def run(self, stage: Any, ctx: StageContext) -> StageResult:
-        from align.stages.common import run_stage
+        from align.stages.runner import run_stage
 
         return run_stage(stage, ctx, type(self))
 

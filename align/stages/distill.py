@@ -25,7 +25,7 @@ from pydantic import Field
 from align.errors import BadInput
 from align.recipe import MODEL_REF, Loading, Strict, TrainingStage, policy_list, stage_ref
 from align.stages.base import Figure, TrainingKind
-from align.stages.common import generation_table, show_prompt
+from align.stages.runner import generation_table, show_prompt
 from align.values import HeldOut, Setting, StageParts
 
 if TYPE_CHECKING:

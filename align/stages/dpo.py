@@ -12,8 +12,16 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from align.recipe import PREFERENCE_FORMATS, TrainingStage
 from align.stages.base import Figure, TrainingKind
-from align.stages.common import measure_pairs, report_dropped, summarize_pairs
-from align.stages.preference_family import LENGTH_HINT, plan_pairs, preference_plots, reference_for, reference_plan
+from align.stages.preference_family import (
+    LENGTH_HINT,
+    measure_pairs,
+    plan_pairs,
+    preference_plots,
+    reference_for,
+    reference_plan,
+    summarize_pairs,
+)
+from align.stages.runner import report_dropped
 from align.values import StageParts
 
 if TYPE_CHECKING:

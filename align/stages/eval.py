@@ -43,7 +43,7 @@ from align.recipe import (
 )
 from align.rewards import Judge, check_functions, entries_identity
 from align.stages.base import Figure, Kind
-from align.stages.common import show_prompt
+from align.stages.runner import show_prompt
 from align.values import Setting, StageResult, saved_model_dir
 
 if TYPE_CHECKING:

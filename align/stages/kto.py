@@ -27,8 +27,8 @@ from typing import TYPE_CHECKING, Any, Literal
 from align.prompt_split import split_all_ids, split_ids
 from align.recipe import PREFERENCE_FORMATS, TrainingStage
 from align.stages.base import Figure, TrainingKind
-from align.stages.common import generation_table, max_length_setting, render_mask, report_dropped
 from align.stages.preference_family import LENGTH_HINT, preference_plots, reference_for, reference_plan
+from align.stages.runner import generation_table, max_length_setting, render_mask, report_dropped
 from align.values import HeldOut, StageParts
 
 if TYPE_CHECKING:

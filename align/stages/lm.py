@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 from align.recipe import TrainingStage
 from align.stages.base import Figure, TrainingKind
-from align.stages.common import max_length_setting, perplexities
+from align.stages.runner import max_length_setting, perplexities
 from align.values import HeldOut, Setting, StageParts
 
 if TYPE_CHECKING:

@@ -21,7 +21,7 @@ from pydantic import Field
 from align.recipe import Stage, Strict, TrainingStage, reward_model_problems, stage_ref
 from align.rewards import Judge, RewardEntry, check_functions, entries_identity, guarded, resolve_function
 from align.stages.base import Figure, TrainingKind
-from align.stages.common import generation_table, show_prompt
+from align.stages.runner import generation_table, show_prompt
 from align.values import HeldOut, Setting, StageParts, StartingPoint
 
 if TYPE_CHECKING:
@@ -305,7 +305,7 @@ def monitor_callback(stage: OnlineKind) -> Any:
     alarm checked against the measure before training. Built here so transformers is imported only when it runs."""
     from transformers import TrainerCallback
 
-    from align.stages.common import keep_random_state
+    from align.stages.runner import keep_random_state
 
     class Monitor(TrainerCallback):
         def on_evaluate(self, args, state, control, model=None, **kwargs):

@@ -14,10 +14,12 @@ from typing import TYPE_CHECKING, Any
 from align.prompt_split import split_all_ids
 from align.recipe import PREFERENCE_FORMATS
 from align.stages.base import TrainingKind
-from align.stages.common import max_length_setting, measure_pairs, pair_examples, summarize_pairs, warn_most_dropped
-from align.values import Setting, StageParts, StartingPoint
+from align.stages.runner import generation_table, max_length_setting, pair_examples, warn_most_dropped
+from align.values import HeldOut, Setting, StageParts, StartingPoint
 
 if TYPE_CHECKING:
+    from transformers import Trainer
+
     from align.plan import PlanInputs
     from align.recipe import Stage
 
@@ -202,6 +204,50 @@ def reference_for(stage: Stage, start: StartingPoint, model: Any) -> tuple[Any, 
     for parameter in frozen.parameters():
         parameter.requires_grad_(False)
     return frozen, reference
+
+
+# --------------------------------------------------------------------------------------------------
+# The held-out measure of the pair kinds (dpo, orpo, simpo; kto on pairs measures as they do)
+
+
+def measure_pairs(stage_kind: TrainingKind, trainer: Trainer, pairs: Any, average: bool = False) -> HeldOut:
+    """A preference stage's held-out measure, before or after training: per pair whether the policy finds the chosen
+    completion likelier (by summed log-probability, or with `average` by its mean per token), the chosen
+    completion's log-probability, and greedy answers to the stage's prompts (`stage_kind.prompts`)."""
+    from align.evaluation.likelihood import preference_pairs
+    from align.verdict import greedy_answers
+
+    model, tokenizer = trainer.model, stage_kind.tokenizer
+    correct, chosen = preference_pairs(model, tokenizer, pairs, stage_kind.max_length, average)
+    # Per pair: 1 where the chosen completion is the likelier.
+    return HeldOut(correct, greedy_answers(model, tokenizer, stage_kind.prompts), chosen_logps=chosen)
+
+
+def summarize_pairs(
+    stage_kind: TrainingKind,
+    after: dict[str, Any],
+    measured_before: HeldOut,
+    measured_after: HeldOut,
+    **context: Any,
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """A preference stage's summary metrics (the last eval's reward accuracy and margin, `pref_accuracy` before and
+    after) and its verdict and greedy answers, from `measure_pairs`; `context` adds what the verdict may cite."""
+    from align.verdict import accuracy_verdict
+
+    metrics = {
+        "reward_accuracy": after.get("eval_rewards/accuracies"),
+        "reward_margin": after.get("eval_rewards/margins"),
+        "pref_accuracy_before": measured_before.figure,
+        "pref_accuracy": measured_after.figure,
+    }
+    verdict = accuracy_verdict(
+        "pref_accuracy", measured_before.values, measured_after.values, unit="pairs",
+        answers=(measured_before.answers, measured_after.answers),
+        chosen_logps=(measured_before.chosen_logps, measured_after.chosen_logps),
+        **stage_kind.trained_with, **context,
+    )  # fmt: skip
+    generations = generation_table(stage_kind.ctx, stage_kind.prompts, measured_before.texts, measured_after.texts)
+    return metrics, {"generations": generations, "verdict": verdict}
 
 
 # --------------------------------------------------------------------------------------------------

@@ -16,7 +16,7 @@ from align.prompt_format import score_usage
 from align.prompt_split import split_all_ids
 from align.recipe import PREFERENCE_FORMATS, TrainingStage
 from align.stages.base import Figure, TrainingKind
-from align.stages.common import max_length_setting, pair_examples, report_dropped, warn_most_dropped
+from align.stages.runner import max_length_setting, pair_examples, report_dropped, warn_most_dropped
 from align.values import HeldOut, StageParts
 
 if TYPE_CHECKING:

@@ -13,7 +13,7 @@ from align.errors import BadInput
 from align.prompt_split import split_all_ids, split_ids
 from align.recipe import TrainingStage
 from align.stages.base import Figure, TrainingKind
-from align.stages.common import generation_table, max_length_setting, perplexities, render_mask
+from align.stages.runner import generation_table, max_length_setting, perplexities, render_mask
 from align.values import UNKNOWN, HeldOut, Setting, StageParts
 
 if TYPE_CHECKING:

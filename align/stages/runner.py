@@ -1,5 +1,7 @@
-"""What every stage shares: the skeleton every training stage runs (`run_stage`), training arguments from the
-plan, evaluation phases, what a stage starts from, and the stage's result."""
+"""The stage runner: the skeleton every training stage runs (`run_stage`) and what it is made of (training
+arguments from the plan, the evaluation phases and the token-mean eval loss, the guards, the summary metrics, the
+saved model, the verdict's record), what a stage starts from (`starting_point`, `load_start`), and the plan and log
+helpers several kinds use (max_length, dropped rows, rendered examples, greedy-answer tables)."""
 
 from __future__ import annotations
 
@@ -12,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 from align.prompt_split import split_ids
 from align.recipe import ScratchModel, model_source, stage_ref
-from align.values import UNKNOWN, HeldOut, Setting, StageResult, StartingPoint, counted
+from align.values import UNKNOWN, Setting, StageResult, StartingPoint, counted
 
 if TYPE_CHECKING:
     from transformers import Trainer
@@ -614,46 +616,6 @@ def generation_table(
     if rows:
         ctx.tracker.table("generations", ["prompt", "before", "after"], [list(r.values()) for r in rows])
     return rows
-
-
-def measure_pairs(stage_kind: TrainingKind, trainer: Trainer, pairs: Any, average: bool = False) -> HeldOut:
-    """A preference stage's held-out measure, before or after training: per pair whether the policy finds the chosen
-    completion likelier (by summed log-probability, or with `average` by its mean per token), the chosen
-    completion's log-probability, and greedy answers to the stage's prompts (`stage_kind.prompts`)."""
-    from align.evaluation.likelihood import preference_pairs
-    from align.verdict import greedy_answers
-
-    model, tokenizer = trainer.model, stage_kind.tokenizer
-    correct, chosen = preference_pairs(model, tokenizer, pairs, stage_kind.max_length, average)
-    # Per pair: 1 where the chosen completion is the likelier.
-    return HeldOut(correct, greedy_answers(model, tokenizer, stage_kind.prompts), chosen_logps=chosen)
-
-
-def summarize_pairs(
-    stage_kind: TrainingKind,
-    after: dict[str, Any],
-    measured_before: HeldOut,
-    measured_after: HeldOut,
-    **context: Any,
-) -> tuple[dict[str, Any], dict[str, Any]]:
-    """A preference stage's summary metrics (the last eval's reward accuracy and margin, `pref_accuracy` before and
-    after) and its verdict and greedy answers, from `measure_pairs`; `context` adds what the verdict may cite."""
-    from align.verdict import accuracy_verdict
-
-    metrics = {
-        "reward_accuracy": after.get("eval_rewards/accuracies"),
-        "reward_margin": after.get("eval_rewards/margins"),
-        "pref_accuracy_before": measured_before.figure,
-        "pref_accuracy": measured_after.figure,
-    }
-    verdict = accuracy_verdict(
-        "pref_accuracy", measured_before.values, measured_after.values, unit="pairs",
-        answers=(measured_before.answers, measured_after.answers),
-        chosen_logps=(measured_before.chosen_logps, measured_after.chosen_logps),
-        **stage_kind.trained_with, **context,
-    )  # fmt: skip
-    generations = generation_table(stage_kind.ctx, stage_kind.prompts, measured_before.texts, measured_after.texts)
-    return metrics, {"generations": generations, "verdict": verdict}
 
 
 def show_prompt(prompt: Any) -> str:
