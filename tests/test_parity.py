@@ -397,6 +397,24 @@ def grpo_files(world: dict[str, Any]) -> tuple[dict[str, str], Path]:
     return files, root / "rewards.py"
 
 
+def assert_same_steps_and_weights(
+    aligned: dict[int, float], bare: dict[int, float], steps: int, stage_dir: Path, trainer: Any, what: str
+) -> dict[str, Any]:
+    """align's logged figure (`what`) at every step against the bare trainer's, within TOLERANCE, and the saved
+    weights against the bare trainer's final ones; the saved weights, for more checks."""
+    from safetensors.torch import load_file
+
+    assert sorted(aligned) == sorted(bare) == list(range(1, steps + 1))
+    assert len(set(bare.values())) > 1, f"the {what} moved: the comparison is not of constants"
+    for step, value in bare.items():
+        assert abs(aligned[step] - value) <= TOLERANCE, f"step {step}: align {aligned[step]:.7f}, bare {value:.7f}"
+    saved = load_file(str(stage_dir / "model" / "model.safetensors"))
+    state = trainer.model.state_dict()
+    worst = max(float((saved[k] - state[k].detach()).abs().max()) for k in saved if k in state)
+    assert worst <= TOLERANCE, f"the final weights differ by {worst:.2e}"
+    return saved
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("kind", ["grpo", "rloo"])
 def test_online_rl_matches_the_bare_trainer_reward_for_reward_and_weight_for_weight(world, kind):
@@ -446,14 +464,7 @@ def test_online_rl_matches_the_bare_trainer_reward_for_reward_and_weight_for_wei
     trainer.train()
     bare = {r["step"]: r["reward"] for r in trainer.state.log_history if "reward" in r and "eval_reward" not in r}
 
-    assert sorted(aligned) == sorted(bare) == list(range(1, GRPO_SETTINGS["max_steps"] + 1))
-    assert len(set(bare.values())) > 1, "the reward moved: the comparison is not of constants"
-    for step, value in bare.items():
-        assert abs(aligned[step] - value) <= TOLERANCE, f"step {step}: align {aligned[step]:.7f}, bare {value:.7f}"
-    saved = load_file(str(out / kind / "model" / "model.safetensors"))
-    state = trainer.model.state_dict()
-    worst = max(float((saved[k] - state[k].detach()).abs().max()) for k in saved if k in state)
-    assert worst <= TOLERANCE, f"the final weights differ by {worst:.2e}"
+    saved = assert_same_steps_and_weights(aligned, bare, GRPO_SETTINGS["max_steps"], out / kind, trainer, "reward")
     assert not torch.equal(saved["transformer.wte.weight"], load_file(str(world["model"] / "model.safetensors"))[
         "transformer.wte.weight"]), "training moved the weights"  # fmt: skip
 
@@ -476,7 +487,6 @@ def test_distill_matches_the_bare_trainer_loss_for_loss_and_weight_for_weight(wo
     import torch
     import trl
     from datasets import load_dataset
-    from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from align.loader import load_recipe
@@ -515,11 +525,4 @@ def test_distill_matches_the_bare_trainer_loss_for_loss_and_weight_for_weight(wo
     trainer.train()
     bare = {r["step"]: r["loss"] for r in trainer.state.log_history if "loss" in r and "eval_loss" not in r}
 
-    assert sorted(aligned) == sorted(bare) == list(range(1, DISTILL_SETTINGS["max_steps"] + 1))
-    assert len(set(bare.values())) > 1, "the loss moved: the comparison is not of constants"
-    for step, value in bare.items():
-        assert abs(aligned[step] - value) <= TOLERANCE, f"step {step}: align {aligned[step]:.7f}, bare {value:.7f}"
-    saved = load_file(str(out / "distill" / "model" / "model.safetensors"))
-    state = trainer.model.state_dict()
-    worst = max(float((saved[k] - state[k].detach()).abs().max()) for k in saved if k in state)
-    assert worst <= TOLERANCE, f"the final weights differ by {worst:.2e}"
+    assert_same_steps_and_weights(aligned, bare, DISTILL_SETTINGS["max_steps"], out / "distill", trainer, "loss")
