@@ -158,6 +158,31 @@ def test_the_same_size_is_not_the_same_vocabulary():
     assert vocabulary_problem(one, config, copy.deepcopy(one), config) is None
 
 
+def test_a_conversation_gives_its_turns_before_the_last_answer_as_the_prompt(tmp_path, run_cli):
+    """messages rows: the trainer gets each conversation up to its last assistant turn, which the student writes."""
+    from datasets import Dataset
+
+    from align.stages.distill import as_prompts
+
+    turns = [{"role": "system", "content": "Add."}, {"role": "user", "content": "What is 1 + 2 + 3 + 4? Answer:"},
+             {"role": "assistant", "content": " 10"}]  # fmt: skip
+    rows = [{"messages": turns}] * 24
+    assert as_prompts(Dataset.from_list(rows))[0] == {"prompt": turns[:2]}
+    path = tmp_path / "chats.jsonl"
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    recipe = chain(data={"source": {"files": [str(path)]}, "format": "messages", "valid_fraction": 0.25})
+    # At 32 positions the rendered conversation leaves no room for the answer: TRL would fail mid-training.
+    code, _, err = dry_run(tmp_path, run_cli, recipe)
+    assert code == 2 and "stages.distill.train.max_completion_length: 24 of 24 prompts leave no room" in err, err
+    assert "the model's 32 positions (the longest prompt is " in err and not (tmp_path / "run").exists()
+    for stage in recipe["stages"][:2]:
+        stage["model"]["n_positions"] = 64
+    code, out, err = dry_run(tmp_path, run_cli, recipe)
+    assert code == 0, err
+    section = out.split("(distill)")[1]
+    assert r"prompt: 'system: Add.\nuser: What is 1 + 2 + 3 + 4? Answer:'" in section and " 10" not in section
+
+
 def test_an_unreachable_hub_teacher_is_refused_before_stage_one(tmp_path, run_cli):
     code, _, err = dry_run(tmp_path, run_cli, chain(teacher="someone/not-on-this-machine"))
     assert code == 2 and "stages.distill.teacher" in err and "not-on-this-machine" in err, err

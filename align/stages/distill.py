@@ -83,7 +83,9 @@ class Distill(TrainingKind):
 
     name = "distill"
     keys = DistillKeys
-    formats = ("prompt_only", "prompt_completion")  # the trainer reads the prompts; the student writes the answers
+    # The trainer reads prompts; the student writes the answers (a completion, a conversation's last assistant turn
+    # are left out).
+    formats = ("prompt_only", "prompt_completion", "messages")
     about = "on-policy distillation: the student answers, a frozen teacher scores every token (TRL's distillation)"
     figures = (Figure("KL to teacher", "kl_to_teacher", True),)
     key_settings = ("beta", "max_completion_length", "temperature", "top_p", "top_k", "disable_dropout")
@@ -133,7 +135,13 @@ class Distill(TrainingKind):
                                "scratch share one when their stages train it on the same rows with the same "
                                "vocab_size")  # fmt: skip
         if inputs.data is not None:
-            train = inputs.data["train"]
+            train = as_prompts(inputs.data["train"])
+            answer = stage.train.get("max_completion_length", cls.max_completion_length)
+            problem = room_problem(stage, inputs, [train, as_prompts(inputs.data["validation"])], answer)
+            if problem is not None:
+                parts.problems.append(problem)
+                parts.hints.append("lower max_completion_length, shorten or leave out the longest prompts, or use a "
+                                   "model with more positions")  # fmt: skip
             parts.details["train_prompts"] = len(train)
             parts.details["examples"] = [{"prompt": show_prompt(train[i]["prompt"])} for i in range(min(2, len(train)))]
             parts.count = lambda effective: batch_figures(effective, len(train))
@@ -226,8 +234,17 @@ def divergence(beta: float) -> str:
 
 
 def as_prompts(rows: Any) -> Any:
-    """The rows the trainer reads: their prompts (a completion column is left out: the student writes its own)."""
-    return rows.select_columns(["prompt"])
+    """The rows the trainer reads: their prompts. A completion column is left out, and a conversation ends before
+    its last assistant turn: the student writes its own answer."""
+    if "prompt" in rows.column_names:
+        return rows.select_columns(["prompt"])
+
+    def before_last_answer(row: dict[str, Any]) -> dict[str, Any]:
+        turns = row["messages"]
+        last = max((i for i, turn in enumerate(turns) if turn["role"] == "assistant"), default=len(turns))
+        return {"prompt": turns[:last]}
+
+    return rows.map(before_last_answer, remove_columns=rows.column_names)
 
 
 def local_path(name: str, recipe: Any) -> str:
@@ -253,6 +270,27 @@ def same_directory(stage: Stage, inputs: PlanInputs) -> str | None:
 
     student, teacher = directory(model_source(stage, inputs.recipe)), directory(stage.teacher)
     return str(teacher) if teacher is not None and teacher == student else None
+
+
+def room_problem(stage: Stage, inputs: PlanInputs, splits: list[Any], answer: int) -> str | None:
+    """Why some prompt leaves no room for an answer of `answer` tokens (max_completion_length) in the model's
+    positions, or None: TRL's distillation trainer does not cut prompts, so such a prompt would stop training mid-way
+    with an index error in the position embedding."""
+    from align.evaluation.generation import prompt_ids
+    from align.models import ensure_chat_template, model_positions
+
+    positions = model_positions(inputs.config) if inputs.config is not None else None
+    if positions is None:
+        return None
+    ensure_chat_template(inputs.tokenizer)
+    lengths = [len(prompt_ids(inputs.tokenizer, prompt, None)) for rows in splits for prompt in rows["prompt"]]
+    over = [n for n in lengths if n + answer > positions]
+    if not over:
+        return None
+    return (f"stages.{stage.name}.train.max_completion_length: {len(over)} of {len(lengths)} prompts leave no room "
+            f"for an answer of {answer} tokens in the model's {positions} positions (the longest prompt is "
+            f"{max(over)} tokens); TRL's distillation trainer does not cut prompts, so training would stop at the "
+            "first")  # fmt: skip
 
 
 def teacher_of(stage: Stage, inputs: PlanInputs) -> tuple[Any, Any]:
