@@ -74,7 +74,8 @@ def main() -> int:
                 if side == "bare":
                     losses[side] = json.loads(proc.stdout.strip().splitlines()[-1])["eval_loss"]
                 else:
-                    losses[side] = summary(tmp / "align", "sft")["metrics"]["eval_loss"]
+                    # The bare script's figure is the Trainer's: beside align's token mean, `eval_loss_trainer`.
+                    losses[side] = summary(tmp / "align", "sft")["metrics"]["eval_loss_trainer"]
     median = {side: statistics.median(values) for side, values in seconds.items()}
     ratio, like_for_like = median["align"] / median["bare"], median["align_trl_head"] / median["bare"]
     # Equal to the Trainer's last printed digits: the baseline keeps its evaluation before training out of the random
