@@ -186,7 +186,8 @@ class TrainingKind(Kind):
     the tokenized-data cache (align/cache.py) stands in front of TRL's preparation (None: no such step to hook).
 
     A run's instance sets itself up in `setup()` from the loaded model (`self.model`, `self.tokenizer`,
-    `self.start`), with the stage's plan (`self.plan`) deciding everything that was decided before any stage trained.
+    `self.start`), with the stage's plan (`self.planned`) deciding everything that was decided before any stage
+    trained.
     """
 
     config: ClassVar[str] = ""
