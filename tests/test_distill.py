@@ -305,3 +305,37 @@ def test_the_shipped_recipe_runs_short_and_reports_the_kl_and_the_eval_beside_sf
     assert set(models) == {"sft_only", "student", "distill", "teacher"}
     assert all(isinstance(m["score_mean"]["exact_match"], float) for m in models.values())
     assert re.search(r"distill +improved: kl_to_teacher ", done.stdout), done.stdout
+
+
+def test_a_kl_of_zero_before_training_is_named_as_the_cause_not_the_learning_rate():
+    """Where the plan cannot tell (the same weights under another name), the verdict says why nothing was learned."""
+    from types import SimpleNamespace
+
+    from align.stages.distill import Distill
+    from align.values import HeldOut
+
+    kind = Distill()
+    kind.ctx = SimpleNamespace(tracker=SimpleNamespace(table=lambda *args: None))
+    kind.prompts, kind.trained_with = [], {"learning_rate": 1e-3, "default_learning_rate": 1e-6}
+    metrics, extra = kind.summarize({}, {}, HeldOut([0.0] * 8), HeldOut([0.001, 0.0012] * 4))
+    assert metrics["kl_to_teacher_before"] == 0.0 and metrics["gap_closed"] is None
+    reasons = extra["verdict"].reasons
+    assert len(reasons) == 2 and "is the teacher the student itself, under another path?" in reasons[1], reasons
+
+
+@pytest.mark.slow
+def test_a_teacher_saved_as_lora_adapters_teaches(tmp_path):
+    """The teacher stage trained LoRA adapters (on a base stage of its own): the distill stage loads them on their
+    base and distils from that model."""
+    from align.loader import load_recipe
+    from align.pipeline import run_pipeline
+
+    recipe = chain()
+    base = {**recipe["stages"][0], "name": "base"}
+    recipe["stages"][0] = {**recipe["stages"][0], "model": "@base", "peft": {"r": 4}}
+    recipe["stages"].insert(0, base)
+    run_pipeline(load_recipe(write_yaml(tmp_path / "r.yaml", recipe)), output_dir=tmp_path / "run", log_level="warning")
+    summary = json.loads((tmp_path / "run" / "distill" / "summary.json").read_text())
+    assert (tmp_path / "run" / "teacher" / "model" / "adapter_config.json").is_file(), "the teacher is adapters"
+    assert summary["status"] == "completed" and summary["teacher_model"] == str(tmp_path / "run" / "teacher" / "model")
+    assert summary["metrics"]["kl_to_teacher"] < summary["metrics"]["kl_to_teacher_before"]
