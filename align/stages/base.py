@@ -194,6 +194,7 @@ class TrainingKind(Kind):
     trainer_class: ClassVar[str] = ""
     experimental: ClassVar[bool] = False
     prepare: ClassVar[tuple[str, ...] | None] = None
+    trainer_format: ClassVar[str | None] = None  # the rows' format the trainer gets, where the kind changes it
     unit: ClassVar[str] = "rows"  # what a training row is, for the log: blocks, examples, pairs
     lm_head: ClassVar[bool] = False  # TRL's chunked LM head, which align/patches.py routes on a CPU
     reward_head: ClassVar[bool] = False  # a reward model: the input's body with a new one-output head
@@ -303,8 +304,18 @@ class TrainingKind(Kind):
     def setup(self) -> None:
         """The kind's data and pieces, from the loaded model and the plan."""
 
-    def trainer(self, args: Any, callbacks: list[Any]) -> Trainer:
-        raise NotImplementedError
+    def trainer(self, args: Any, callbacks: list[Any], **own: Any) -> Trainer:
+        """Its Trainer (`trainer_cls`) on the run's train and eval rows (`self.train`, `self.eval`, set by `setup`),
+        with the LoRA adapters the plan decided; `own`: the kind's own arguments (a reference model, a teacher,
+        reward functions)."""
+        from align.models import lora_config
+
+        task = "SEQ_CLS" if self.reward_head else "CAUSAL_LM"
+        return self.trainer_cls(self.trainer_format)(
+            model=self.model, args=args, train_dataset=self.train, eval_dataset=self.eval,
+            processing_class=self.tokenizer, callbacks=callbacks,
+            peft_config=lora_config(self.stage.peft, task) if self.start.lora == "new" else None, **own,
+        )  # fmt: skip
 
     def guards(self) -> list[Any]:
         """The kind's own guards (TrainerCallbacks), beyond the numeric guard every training stage has (a

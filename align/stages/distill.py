@@ -175,13 +175,7 @@ class Distill(TrainingKind):
             self.extra["teacher_fingerprint"] = self.ctx.outputs[ref].fingerprint
 
     def trainer(self, args: Any, callbacks: list[Any]) -> Any:
-        from align.models import lora_config
-
-        return self.trainer_cls()(
-            model=self.model, teacher_model=self.teacher, args=args, train_dataset=self.train,
-            eval_dataset=self.eval, processing_class=self.tokenizer, callbacks=callbacks,
-            peft_config=lora_config(self.stage.peft) if self.start.lora == "new" else None,
-        )  # fmt: skip
+        return super().trainer(args, callbacks, teacher_model=self.teacher)
 
     def check(self, trainer: Any) -> None:
         self.extra.update(beta=trainer.args.beta, divergence=divergence(trainer.args.beta))

@@ -79,13 +79,7 @@ class DPO(TrainingKind):
         return by_source  # the rows as they are: the Trainer prepares them
 
     def trainer(self, args: Any, callbacks: list[Any]) -> Any:
-        from align.models import lora_config
-
-        return self.trainer_cls()(
-            model=self.model, ref_model=self.ref_model, args=args, train_dataset=self.train,
-            eval_dataset=self.eval, processing_class=self.tokenizer, callbacks=callbacks,
-            peft_config=lora_config(self.stage.peft) if self.start.lora == "new" else None,
-        )  # fmt: skip
+        return super().trainer(args, callbacks, ref_model=self.ref_model)
 
     def guards(self) -> list[Any]:
         from align.guards import PreferenceGuard

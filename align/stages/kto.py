@@ -89,6 +89,7 @@ class KTO(TrainingKind):
     trainer_class = "trl:KTOTrainer"
     prepare = ("self", "dataset", "processing_class", "args", "dataset_name")
     unit = "rows"
+    trainer_format = UNPAIRED  # pairs reach TRL split into desirable and undesirable rows
 
     def plots(self, rows: list[dict[str, Any]], summary: dict[str, Any]) -> list[tuple[str, str, str]]:
         return preference_plots(rows)
@@ -179,13 +180,7 @@ class KTO(TrainingKind):
         return {name: unpaired(rows) if self.pairs else rows for name, rows in by_source.items()}
 
     def trainer(self, args: Any, callbacks: list[Any]) -> Any:
-        from align.models import lora_config
-
-        return self.trainer_cls(UNPAIRED)(
-            model=self.model, ref_model=self.ref_model, args=args, train_dataset=self.train, eval_dataset=self.eval,
-            processing_class=self.tokenizer, callbacks=callbacks,
-            peft_config=lora_config(self.stage.peft) if self.start.lora == "new" else None,
-        )  # fmt: skip
+        return super().trainer(args, callbacks, ref_model=self.ref_model)
 
     def guards(self) -> list[Any]:
         from align.guards import PreferenceGuard

@@ -139,14 +139,9 @@ class OnlineKind(TrainingKind):
         return model.eval(), tokenizer
 
     def trainer(self, args: Any, callbacks: list[Any]) -> Any:
-        from align.models import lora_config
-
         self.use_reference(args)
-        return self.trainer_cls()(
-            model=self.model, reward_funcs=self.functions, args=args, train_dataset=self.train,
-            eval_dataset=self.eval, processing_class=self.tokenizer, reward_processing_classes=self.reward_tokenizers,
-            callbacks=callbacks, peft_config=lora_config(self.stage.peft) if self.start.lora == "new" else None,
-        )  # fmt: skip
+        return super().trainer(args, callbacks, reward_funcs=self.functions,
+                               reward_processing_classes=self.reward_tokenizers)  # fmt: skip
 
     def use_reference(self, args: Any) -> None:
         """With beta > 0 TRL loads its reference from the model's `_name_or_path`; a model built from scratch here,

@@ -71,15 +71,6 @@ class PairKind(TrainingKind):
                                  for split in ("train", "validation"))  # fmt: skip
         self.prompts = first_unique(self.eval["prompt"], self.stage.generations)
 
-    def trainer(self, args: Any, callbacks: list[Any]) -> Any:
-        from align.models import lora_config
-
-        return self.trainer_cls()(
-            model=self.model, args=args, train_dataset=self.train, eval_dataset=self.eval,
-            processing_class=self.tokenizer, callbacks=callbacks,
-            peft_config=lora_config(self.stage.peft) if self.start.lora == "new" else None,
-        )  # fmt: skip
-
     def guards(self) -> list[Any]:
         from align.guards import PreferenceGuard
 

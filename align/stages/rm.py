@@ -119,15 +119,6 @@ class RM(TrainingKind):
     def eval_sets(self, by_source: dict[str, Any]) -> dict[str, Any]:
         return by_source  # the rows as they are: the Trainer prepares them
 
-    def trainer(self, args: Any, callbacks: list[Any]) -> Any:
-        from align.models import lora_config
-
-        return self.trainer_cls()(
-            model=self.model, args=args, train_dataset=self.train, eval_dataset=self.eval,
-            processing_class=self.tokenizer, callbacks=callbacks,
-            peft_config=lora_config(self.stage.peft, "SEQ_CLS") if self.start.lora == "new" else None,
-        )  # fmt: skip
-
     def check(self, trainer: Any) -> None:
         # TRL's reward trainer drops a pair whose chosen or rejected sequence is longer than max_length, not cut it.
         report_dropped(

@@ -141,15 +141,6 @@ class SFT(TrainingKind):
     def eval_sets(self, by_source: dict[str, Any]) -> dict[str, Any]:
         return {name: apply_loss(self.loss, self.format, rows)[0] for name, rows in by_source.items()}
 
-    def trainer(self, args: Any, callbacks: list[Any]) -> Any:
-        from align.models import lora_config
-
-        return self.trainer_cls()(
-            model=self.model, args=args, train_dataset=self.train, eval_dataset=self.eval,
-            processing_class=self.tokenizer, callbacks=callbacks,
-            peft_config=lora_config(self.stage.peft) if self.start.lora == "new" else None,
-        )  # fmt: skip
-
     def check(self, trainer: Any) -> None:
         max_length = self.planned.settings["max_length"].value
         report_truncation(self.stage, trainer, len(self.train), len(self.eval), max_length, trainer.args.packing)
