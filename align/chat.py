@@ -236,6 +236,7 @@ def answer(model: Any, tokenizer: Any, text: str, sampling: Sampling, out: TextI
     beginning had to be cut to fit the model's positions (its end is kept)."""
     import torch
 
+    from align.families import generation_kwargs
     from align.models import model_positions
 
     max_new = new_tokens_limit(model, sampling.max_new_tokens)
@@ -251,6 +252,7 @@ def answer(model: Any, tokenizer: Any, text: str, sampling: Sampling, out: TextI
     sample = sampling.temperature > 0
     with torch.no_grad():
         output = model.generate(
+            **generation_kwargs(model),
             input_ids=ids,
             attention_mask=torch.ones_like(ids),
             max_new_tokens=max_new,

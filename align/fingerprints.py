@@ -64,6 +64,9 @@ def fingerprint(stage: Stage, spec: DataSpec, input_fingerprint: str, recipe: Re
         "precision": precision,
         "align": __version__,
     }
+    template = getattr(stage, "chat_template", None)
+    if isinstance(template, str) and template.endswith(".jinja") and Path(template).is_file():
+        payload["chat_template_content"] = file_sha256(Path(template))  # an edited template trains again
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 

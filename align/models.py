@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from align.errors import BadInput, StageFailed, closest, unknown_key_message
+from align.families import complete_stops, pin_date
 from align.recipe import ScratchModel
 
 if TYPE_CHECKING:
@@ -165,6 +166,7 @@ def load_tokenizer(ref: str, trust_remote_code: bool = False) -> PreTrainedToken
         if fallback is not None:
             tokenizer.pad_token = fallback
             logger.debug("tokenizer has no pad token: using %r", fallback)
+    pin_date(tokenizer)
     return tokenizer
 
 
@@ -232,6 +234,7 @@ def build_model(
         else:
             model = AutoPeftModelForCausalLM.from_pretrained(ref, is_trainable=True, dtype=dtype, **options)
         logger.info("loaded LoRA adapters from %s on %s", ref, model.peft_config["default"].base_model_name_or_path)
+        complete_stops(model, tokenizer)
         return model, tokenizer
 
     hub_config(ref, where, trust_remote_code)  # fails fast, with a clear message, when the model cannot be had
@@ -254,6 +257,7 @@ def build_model(
         ) from None
     if getattr(model.config, "pad_token_id", None) is None and tokenizer.pad_token_id is not None:
         model.config.pad_token_id = tokenizer.pad_token_id
+    complete_stops(model, tokenizer)
     if "quantization_config" in options:
         from peft import prepare_model_for_kbit_training
 
@@ -492,10 +496,77 @@ def lora_target_problems(settings: Any, config: Any, where: str, task_type: str 
 
     leaves = {name.rsplit(".", 1)[-1] for name, m in model.named_modules() if isinstance(m, torch.nn.Linear | Conv1D)}
     linear = sorted(leaves - {"lm_head", "score"})  # the head: peft's all-linear leaves it out too
-    return BadInput(
-        f"{where}: {', '.join(map(repr, missing))}: no module of {type(model).__name__} is named so",
-        hint=f"its linear layers: target_modules: [{', '.join(linear)}] (or all-linear)",
-    )
+    hint = f"its linear layers: target_modules: [{', '.join(linear)}] (or all-linear)"
+    experts = expert_parameters(model)
+    if experts:
+        hint += f"; its experts are parameters, not layers: peft.target_parameters: [{', '.join(experts)}]"
+    return BadInput(f"{where}: {', '.join(map(repr, missing))}: no module of {type(model).__name__} is named so",
+                    hint=hint)  # fmt: skip
+
+
+def expert_parameters(model: Any) -> list[str]:
+    """The names (past the layer index) of an MoE's expert weights held as 3-D parameters, not linear layers
+    (transformers 5 fuses each layer's experts: `mlp.experts.gate_up_proj`), which peft adapts through
+    `target_parameters`."""
+    import re
+
+    names = {
+        re.sub(r"^.*?\.layers\.\d+\.", "", n) for n, p in model.named_parameters() if p.dim() == 3 and ".layers." in n
+    }
+    return sorted(names)
+
+
+def lora_adapts(settings: Any, config: Any, task_type: str = "CAUSAL_LM", where: str = "peft") -> str | None:
+    """What a stage's LoRA adapts, by layer name, read from peft applied to the model built on the meta device (no
+    weights): on an MoE, whether the experts (3-D parameters) and the router are among them. None where the model
+    cannot be built from its config.
+
+    Where peft wraps expert parameters, which it does only without dropout, align's default dropout becomes 0
+    (`settings` is changed, and the line says so); a dropout the recipe sets is refused.
+
+    Raises:
+        BadInput: peft refuses the settings (a recipe's dropout on experts).
+    """
+    try:
+        import torch
+        from peft import get_peft_model
+        from peft.tuners.lora import LoraLayer
+        from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+        auto = AutoModelForSequenceClassification if task_type == "SEQ_CLS" else AutoModelForCausalLM
+        with torch.device("meta"):
+            base = auto.from_config(config)
+            experts = expert_parameters(base)
+            model = get_peft_model(base, lora_config(settings, task_type))
+    except ValueError as exc:
+        if "dropout" not in str(exc) or not settings.dropout:
+            raise BadInput(f"{where}: peft cannot adapt this model as asked: {exc}") from None
+        # peft adapts 3-D expert parameters (an MoE's, through `target_parameters` or all-linear) only without
+        # dropout: the recipe's own dropout is refused, align's default gives way.
+        if "dropout" in settings.model_fields_set:
+            raise BadInput(
+                f"{where}.dropout: {settings.dropout}: peft adapts this MoE's experts only without dropout",
+                hint="peft.dropout: 0, or target_modules naming only linear layers (the attention projections)",
+            ) from None
+        settings.dropout = 0.0
+        shown = lora_adapts(settings, config, task_type, where)
+        return f"{shown}; dropout 0 (align: peft adapts an MoE's experts only without dropout)" if shown else None
+    except Exception as exc:  # remote code, an architecture transformers cannot build from a config alone
+        logger.debug("LoRA targets not listed before the stage (%s)", exc)
+        return None
+    import re
+
+    adapted = set()
+    for name, module in model.named_modules():
+        if isinstance(module, LoraLayer):
+            short = re.sub(r"^.*?\.layers\.\d+\.", "", name).replace(".base_layer", "")
+            parameter = getattr(module, "parameter_name", None)
+            adapted.add(f"{short}.{parameter}" if parameter else short)
+    shown = ", ".join(sorted(adapted)) or "nothing"
+    left = [e for e in experts if e not in adapted]
+    if left:
+        shown += f" (not the experts' {', '.join(left)}: add them to peft.target_parameters)"
+    return shown
 
 
 def lora_config(settings: Any, task_type: str = "CAUSAL_LM") -> Any:
@@ -509,6 +580,7 @@ def lora_config(settings: Any, task_type: str = "CAUSAL_LM") -> Any:
         lora_dropout=settings.dropout,
         target_modules=settings.target_modules,
         task_type=task_type,
+        **({"target_parameters": settings.target_parameters} if settings.target_parameters else {}),
     )
 
 
@@ -524,6 +596,9 @@ def save_trained(
 
     from peft import PeftModel
 
+    from align.families import router_logits_off
+
+    router_logits_off(model)
     directory.mkdir(parents=True, exist_ok=True)
     if not isinstance(model, PeftModel):
         save_model(model, tokenizer, directory)

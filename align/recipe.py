@@ -61,6 +61,7 @@ MANAGED_TRAIN_KEYS: dict[str, str] = {
     "metric_for_best_model": "early stopping always watches eval_loss",
     # TRL applies it only when it loads the model from a name; align loads the model itself, and TRL ignores it.
     "model_init_kwargs": "align loads the model: use the stage's `loading: {attn_implementation, dtype, quantization}`",
+    "chat_template_path": "use the stage's `chat_template:` (a name TRL ships, a .jinja file, or own)",
 }
 # The Trainer pickles its arguments into every checkpoint: a credential in `train:` would land on disk.
 CREDENTIAL_TRAIN_KEYS = {"hub_token": "HF_TOKEN"}
@@ -280,6 +281,15 @@ class PeftSettings(Strict):
     target_modules: str | list[str] = Field(
         "all-linear", description="module names to adapt, or 'all-linear' for every linear layer but the head"
     )
+    target_parameters: list[str] | None = Field(
+        None,
+        description="parameters to adapt that are not linear layers: an MoE's experts (peft's target_parameters, "
+        "e.g. [mlp.experts.gate_up_proj, mlp.experts.down_proj])",
+    )
+
+    @model_serializer(mode="wrap")
+    def _dump(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        return later_keys_left_out(handler(self), self, ("target_parameters",))
 
 
 class ModelRefMark:
@@ -372,10 +382,16 @@ class TrainingStage(Stage):
         False, description="run Python code shipped in the model's hub repository (only for models you trust)"
     )
     loading: Loading | None = Field(None, description="how the input model is loaded: attention, dtype, quantization")
+    chat_template: str | None = Field(
+        None,
+        description="the chat template: a name TRL ships (qwen2_5, llama3, gemma3, ...), a .jinja file, or own (the "
+        "model's; align's own for a model without one). A named one adds its special tokens to the tokenizer and "
+        "makes its end-of-turn token the eos",
+    )
 
     @model_serializer(mode="wrap")
     def _dump(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
-        return later_keys_left_out(handler(self), self, ("loading",))
+        return later_keys_left_out(handler(self), self, ("loading", "chat_template"))
 
     def problems(self, earlier: list[Stage]) -> list[str]:
         where = f"stages.{self.name}"
@@ -477,7 +493,8 @@ def search_paths(name: str, base_dir: Path) -> list[Path]:
 
 
 def resolve_local_models(recipe: Recipe) -> None:
-    """Make each stage's local model directory absolute, found by `search_paths` (the recipe's folder first).
+    """Make each stage's local model directory (and `.jinja` chat template) absolute, found by `search_paths` (the
+    recipe's folder first).
 
     Done once, at load, so every consumer (preflight, the stages, fingerprints, `--print-config`) sees the same
     directory whatever the working directory. Hub ids, and paths found in neither place, stay as written:
@@ -489,6 +506,11 @@ def resolve_local_models(recipe: Recipe) -> None:
             found = next((p for p in search_paths(model, recipe.base_dir) if p.is_dir()), None)
             if found is not None:
                 stage.model = str(found)
+        template = getattr(stage, "chat_template", None)
+        if isinstance(template, str) and template.endswith(".jinja"):
+            found = next((p for p in search_paths(template, recipe.base_dir) if p.is_file()), None)
+            if found is not None:
+                stage.chat_template = str(found)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -134,6 +134,7 @@ def generate_batched(
     """
     import torch
 
+    from align.families import generation_kwargs
     from align.models import model_positions
 
     if max_new_tokens < 1 or num_samples < 1 or batch_size < 1:
@@ -181,6 +182,7 @@ def generate_batched(
         "repetition_penalty": 1.0,
         "no_repeat_ngram_size": 0,
     }
+    settings |= generation_kwargs(model)  # an MoE's router logits off (align/families.py says why)
     if sampling:
         settings |= {"temperature": temperature, "top_p": top_p, "top_k": 0, "typical_p": 1.0, "min_p": 0.0}
 

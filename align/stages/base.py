@@ -233,6 +233,9 @@ class TrainingKind(Kind):
             label, source, tokenizer, config = resolve_model(
                 stage, recipe, inputs.plans, data, need_tokenizer=data is not None
             )
+            from align.families import use_stage_template
+
+            use_stage_template(stage, tokenizer)
         except BadInput as exc:
             found.absorb(exc)
             return None, found
@@ -243,7 +246,7 @@ class TrainingKind(Kind):
             bad = loading_problems(loading, f"stages.{stage.name}.loading")
             if bad is not None:
                 found.absorb(bad)
-        peft = getattr(stage, "peft", None)
+        peft, adapts = getattr(stage, "peft", None), None
         if peft is not None:
             from align.models import lora_target_problems
 
@@ -251,6 +254,14 @@ class TrainingKind(Kind):
             bad = lora_target_problems(peft, config, f"stages.{stage.name}.peft.target_modules", task)
             if bad is not None:
                 found.absorb(bad)
+            elif config is not None:
+                from align.models import lora_adapts
+
+                try:  # what the adapters cover, by name: on an MoE, whether the experts and router are among them
+                    adapts = lora_adapts(peft, config, task, f"stages.{stage.name}.peft")
+                except BadInput as exc:
+                    found.absorb(exc)
+                    adapts = None
         start = starting_point(recipe, stage)
         parts = self.plan_parts(stage, replace(inputs, tokenizer=tokenizer, config=config, start=start))
         cls = self.config_class()
@@ -268,6 +279,8 @@ class TrainingKind(Kind):
                 plan.effective = effective_settings(cls, stage.name, settings, parts.runtime, self.key_settings)
             except BadInput as exc:
                 found.absorb(exc)
+        if adapts is not None:
+            plan.details["lora_adapts"] = adapts
         if loading is not None:  # what the stage loads its model with, as the plan shows it
             plan.details["loading"] = ", ".join(f"{k}: {v}" for k, v in loading.model_dump().items() if v is not None)
         if data is not None and hasattr(data, "describe"):  # a mix: what each source gives

@@ -551,6 +551,9 @@ def load_start(ctx: StageContext, stage: Stage, reward_head: bool = False) -> tu
         reward_head=reward_head,
         loading=stage.loading,
     )
+    from align.families import use_stage_template
+
+    use_stage_template(stage, tokenizer, model)
     if start.lora == "merge":
         # A stage without `peft` trains every weight: it starts from the model the adapters make, merged. peft froze
         # the base's weights under its adapters, and merging keeps them frozen: without this nothing trained

@@ -57,6 +57,7 @@ class SFT(TrainingKind):
         A `max_length` that leaves no training (or eval) example a trained token is a problem here, before any stage
         of the recipe trains.
         """
+        from align.families import describe_template, router_loss
         from align.models import ensure_chat_template, marks_assistant_turns
         from align.plan import batch_figures
 
@@ -74,15 +75,19 @@ class SFT(TrainingKind):
             return parts
         template = ensure_chat_template(tokenizer)
         loss = loss_flags(stage, fmt, tokenizer)
-        parts.fixed.update({k: Setting(v, "align default (loss on answers only)") for k, v in loss.items()})
+        parts.fixed.update({k: Setting(v, "align default (loss on answers only)") for k, v in config_flags(loss)})
+        marks = marks_assistant_turns(tokenizer) or loss.get(DERIVED, False) if fmt == "messages" else None
         parts.details.update(
-            chat_template=template
-            + ("" if fmt != "messages" or marks_assistant_turns(tokenizer) else " (no turn marks)"),
+            chat_template=describe_template(stage, tokenizer, marks, template == "default"),
             loss_on=describe_loss(loss, fmt),
         )
+        router = router_loss(config) if config is not None else None
+        if router is not None:
+            parts.details["router_aux_loss"] = router
         if data is None:
             return parts
-        train, valid = apply_loss(loss, fmt, data["train"], data["validation"])
+        # Conversations stay conversations here: `masked_ids` derives their masks where align derives them.
+        train, valid = apply_loss(dict(config_flags(loss)), fmt, data["train"], data["validation"])
         max_length = length.value
         counts = {}
         for split, ds in (("train", train), ("eval", valid)):
@@ -128,18 +133,25 @@ class SFT(TrainingKind):
 
         self.format = self.ctx.spec.format
         template = ensure_chat_template(self.tokenizer)
+        if getattr(self.stage, "chat_template", None) not in (None, "own"):
+            template = self.stage.chat_template
         settings = self.planned.settings
-        self.loss = {k: settings[k].value for k in ("assistant_only_loss", "completion_only_loss") if k in settings}
-        self.train, self.eval = apply_loss(self.loss, self.format, self.data["train"], self.data["validation"])
+        self.loss = {k: settings[k].value for k in CONFIG_FLAGS if k in settings}
+        if not self.loss and DERIVED in loss_flags(self.stage, self.format, self.tokenizer):
+            self.loss[DERIVED] = True
+        self.train, self.eval = self.apply(self.data["train"], self.data["validation"])
         pack, pack_reason = choose_packing(self.stage, self.model)
         logger.info("%s", pack_reason)
         self.at_run_time = {k: v for k, v in pack.items() if k in self.planned.runtime}
-        self.prompts = eval_prompts(self.eval, self.stage.generations)
+        self.prompts = eval_prompts(self.data["validation"], self.stage.generations)  # as written, not tokenized
         self.extra = {"chat_template": template, "loss_on": describe_loss(self.loss, self.format),
                       "packing": pack_reason}  # fmt: skip
 
+    def apply(self, *splits: Dataset) -> list[Dataset]:
+        return apply_loss(self.loss, self.format, *splits, tokenizer=self.tokenizer)
+
     def eval_sets(self, by_source: dict[str, Any]) -> dict[str, Any]:
-        return {name: apply_loss(self.loss, self.format, rows)[0] for name, rows in by_source.items()}
+        return {name: self.apply(rows)[0] for name, rows in by_source.items()}
 
     def check(self, trainer: Any) -> None:
         max_length = self.planned.settings["max_length"].value
@@ -167,17 +179,32 @@ class SFT(TrainingKind):
 # The pieces, in the order `run` uses them
 
 
+# The loss flags SFTConfig takes; `DERIVED` marks conversations whose assistant masks align derives from the template.
+CONFIG_FLAGS = ("assistant_only_loss", "completion_only_loss")
+DERIVED = "derived_masks"
+
+
+def config_flags(loss: dict[str, Any]) -> list[tuple[str, Any]]:
+    return [(k, v) for k, v in loss.items() if k in CONFIG_FLAGS]
+
+
 def loss_flags(stage: Stage, fmt: str, tokenizer: Any) -> dict[str, Any]:
     """Where the loss falls: completions (prompt_completion), assistant turns (messages), everything (text).
 
-    Where the chat template cannot mark assistant turns, conversations are trained on their last assistant turn,
-    completion-only (`apply_loss` splits them), and the log says so.
+    Assistant turns are marked by the template's `{% generation %}` marks or TRL's training variant of it; where
+    there is neither (Llama 3.1/3.2), align derives the masks from what the template renders (`DERIVED`,
+    align/families.py `derived_masks`). Only where neither works (a template that renders earlier turns differently
+    as the conversation grows) are conversations trained on their last assistant turn, completion-only
+    (`apply_loss` splits them), and the log says so.
     """
+    from align.families import derives_masks
     from align.models import marks_assistant_turns
 
     if fmt == "messages" and stage.train.get("assistant_only_loss", True):
         if marks_assistant_turns(tokenizer):
             return {"assistant_only_loss": True}
+        if derives_masks(tokenizer):
+            return {DERIVED: True}
         logger.warning(
             "the chat template cannot mark assistant turns: training on each conversation's last assistant turn, "
             "with the earlier turns as its prompt (completion-only loss)"
@@ -186,9 +213,18 @@ def loss_flags(stage: Stage, fmt: str, tokenizer: Any) -> dict[str, Any]:
     return {}
 
 
-def apply_loss(loss: dict[str, Any], fmt: str, *splits: Dataset) -> list[Dataset]:
+def apply_loss(loss: dict[str, Any], fmt: str, *splits: Dataset, tokenizer: Any = None) -> list[Dataset]:
     """The splits as the loss needs them: conversations become prompt (every turn before the last assistant
-    turn) and completion (that turn) where the loss falls on completions only."""
+    turn) and completion (that turn) where the loss falls on completions only; with masks align derives, token ids
+    and `assistant_masks` (TRL takes tokenized rows as they are and builds labels from that mask)."""
+    if fmt == "messages" and loss.get(DERIVED):
+        from align.families import derived_masks
+
+        def tokenized(row: dict[str, Any]) -> dict[str, Any]:
+            ids, mask = derived_masks(tokenizer, row["messages"])
+            return {"input_ids": ids, "assistant_masks": mask}
+
+        return [ds.map(tokenized, remove_columns=ds.column_names) for ds in splits]
     if fmt != "messages" or not loss.get("completion_only_loss"):
         return list(splits)
     split = {"prompt": _before_last_assistant, "completion": _last_assistant}
@@ -202,6 +238,8 @@ def apply_loss(loss: dict[str, Any], fmt: str, *splits: Dataset) -> list[Dataset
 def describe_loss(loss: dict[str, Any], fmt: str) -> str:
     if loss.get("assistant_only_loss"):
         return "assistant turns"
+    if loss.get(DERIVED):
+        return "assistant turns (masks align derives from the template: it has no generation marks)"
     if fmt == "prompt_completion" or loss.get("completion_only_loss"):
         return "completions" if loss.get("completion_only_loss", True) else "whole sequences"
     return "whole sequences"
@@ -337,6 +375,10 @@ def masked_ids(row: dict[str, Any], tokenizer: Any, loss: dict[str, Any]) -> tup
     from trl.chat_template_utils import get_training_chat_template, has_generation_markers
 
     eos = tokenizer.eos_token or ""
+    if "messages" in row and loss.get(DERIVED):
+        from align.families import derived_masks
+
+        return derived_masks(tokenizer, row["messages"])
     if "messages" in row:
         template = tokenizer.chat_template
         if loss.get("assistant_only_loss") and not has_generation_markers(template):

@@ -1,0 +1,359 @@
+"""The model families users post-train: Llama 3, Qwen 2.5/3, Gemma 3, Phi-3 and a Qwen3-MoE, each a tiny model with
+its real chat template (read from the installed TRL), special tokens, eos/pad/BOS habits and stop ids
+(tests/families.py), beside GPT-2. What each family needs is decided by the plan and held in place here: assistant
+masks, stopping, pad = eos, BOS, dated templates, router losses and LoRA on experts; and `chat_template:` by name.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+
+from tests import families
+from tests.conftest import read_jsonl, write_yaml
+
+CHAT_FAMILIES = ("llama3", "qwen2_5", "qwen3", "gemma3", "phi3", "qwen3_moe")
+CONVERSATION = [
+    {"role": "system", "content": "Be brief."},
+    {"role": "user", "content": "red blue"},
+    {"role": "assistant", "content": "blue"},
+    {"role": "user", "content": "apple"},
+    {"role": "assistant", "content": "apple river"},
+]
+
+
+@pytest.fixture(scope="session")
+def family_models(tmp_path_factory) -> dict[str, Path]:
+    """Every family's tiny model, built once per test session (well under a second each), and the data."""
+    root = tmp_path_factory.mktemp("families")
+    built = {name: families.build(name, root / name) for name in families.FAMILIES}
+    return {**built, **families.write_data(root / "data")}
+
+
+def tokenizer_of(family_models: dict[str, Path], name: str, template: str | None = None) -> Any:
+    from align.models import load_tokenizer
+
+    tokenizer = load_tokenizer(str(family_models[name]))
+    if template is not None:
+        from align.families import apply_template
+
+        apply_template(tokenizer, families.trl_template(template))
+    return tokenizer
+
+
+def trained_runs(ids: list[int], mask: list[int], tokenizer: Any) -> list[str]:
+    """The text of each run of trained tokens."""
+    runs, current = [], []
+    for token, bit in zip(ids, mask, strict=True):
+        if bit:
+            current.append(token)
+        elif current:
+            runs.append(tokenizer.decode(current))
+            current = []
+    if current:
+        runs.append(tokenizer.decode(current))
+    return runs
+
+
+# --------------------------------------------------------------------------------------------------
+# Assistant masks
+
+
+@pytest.mark.parametrize(
+    ("name", "template"),
+    [*((f, None) for f in CHAT_FAMILIES), ("llama3", "llama3_1"), ("llama3", "llama3_2")],
+)
+def test_each_chat_family_trains_its_assistant_turns_with_their_end_of_turn_and_nothing_else(
+    family_models, name, template
+):
+    """The mask the plan renders is the one training uses (TRL's training template where it ships one, align's
+    derived masks for Llama 3.1/3.2): each assistant turn's content and end-of-turn token, with whitespace around
+    them; never a system or user token. Qwen 3's empty thought block sits inside its turn (TRL's training template
+    puts it there), and Phi-3's template closes the conversation with eos after the last turn."""
+    from align.stages.sft import DERIVED, loss_flags, masked_ids
+
+    tokenizer = tokenizer_of(family_models, name, template)
+    loss = loss_flags(SimpleNamespace(train={}, name="sft"), "messages", tokenizer)
+    assert loss == ({DERIVED: True} if template else {"assistant_only_loss": True})
+    ids, mask = masked_ids({"messages": CONVERSATION}, tokenizer, loss)
+    eot = families.FAMILIES[name].eot
+    runs = ["".join(run.split()) for run in trained_runs(ids, mask, tokenizer)]
+    if name in ("qwen3", "qwen3_moe"):
+        runs = [run.removeprefix("<think></think>") for run in runs]
+    if name == "phi3":
+        runs[-1] = runs[-1].removesuffix(tokenizer.eos_token)
+    assert runs == [f"blue{eot}", f"appleriver{eot}"]
+    untrained = tokenizer.decode([t for t, m in zip(ids, mask, strict=True) if not m])
+    assert "red blue" in untrained and "Be brief." in untrained
+
+
+def test_sft_plans_say_each_family_trains_assistant_turns_and_what_its_template_does(family_models, run_cli, tmp_path):
+    """One dry run, one sft stage per family: the plan says loss on assistant turns, the end-of-turn token, the
+    system prompt Qwen 2.5 injects and Llama 3.2's pinned date; the MoE's router loss; what LoRA adapts on it."""
+    stages = []
+    for name in ("gpt2", *CHAT_FAMILIES, "llama3_2"):
+        model = family_models["llama3" if name == "llama3_2" else name]
+        stages.append({"name": f"sft_{name}", "kind": "sft", "model": str(model), "generations": 0,
+                       "data": {"source": {"files": [str(family_models["conv"])]}, "format": "messages",
+                                "valid_fraction": 0.1},
+                       "train": {"max_steps": 1}})  # fmt: skip
+    stages[-1]["chat_template"] = "llama3_2"
+    moe = next(s for s in stages if s["name"] == "sft_qwen3_moe")
+    moe["peft"] = {"r": 4}
+    recipe = write_yaml(tmp_path / "r.yaml", {"name": "fam", "stages": stages})
+    code, out, err = run_cli(recipe, "--output-dir", tmp_path / "run", "--dry-run")
+    assert code == 0, err
+    plans = {block.split(" (sft)")[0].split("] ")[-1]: block for block in out.split("\n[")[1:]}
+    for name in ("gpt2", *CHAT_FAMILIES, "llama3_2"):
+        plan = plans[f"sft_{name}"]
+        assert "loss_on: assistant turns" in plan, plan
+        eot = families.FAMILIES["llama3" if name == "llama3_2" else name].eot
+        assert f"end of turn {eot}" in plan
+    assert "align's default (### role: headers)" in plans["sft_gpt2"]
+    assert "You are Qwen, created by Alibaba Cloud" in plans["sft_qwen2_5"]
+    assert "date pinned to 26 Jul 2024" in plans["sft_llama3_2"]
+    assert "masks align derives from the template" in plans["sft_llama3_2"]
+    assert "router_aux_loss: on: TRL adds router_aux_loss_coef 0.01" in plans["sft_qwen3_moe"]
+    # peft adapts the fused experts and the router only without dropout: align's default gives way, and says so.
+    assert "lora_adapts: mlp.experts.down_proj, mlp.experts.gate_up_proj, mlp.gate.weight" in plans["sft_qwen3_moe"]
+    assert "dropout 0 (align: peft adapts an MoE's experts only without dropout)" in plans["sft_qwen3_moe"]
+    assert "router_aux_loss" not in plans["sft_llama3"]
+
+
+# --------------------------------------------------------------------------------------------------
+# Tokens: BOS, dates, stops
+
+
+@pytest.mark.parametrize("name", ["llama3", "gemma3", "phi3"])
+def test_no_double_bos_where_the_tokenizer_and_the_template_both_add_one(family_models, name):
+    """Llama 3's and Gemma 3's templates write BOS and their tokenizers add it too; Phi-3's tokenizer adds one. The
+    ids training, generation and chat read start with exactly one."""
+    from align.chat import Conversation
+    from align.evaluation.generation import prompt_ids
+    from align.prompt_format import PromptFormat
+    from align.stages.sft import loss_flags, masked_ids
+
+    tokenizer = tokenizer_of(family_models, name)
+    bos = tokenizer.bos_token_id
+    assert tokenizer("red")["input_ids"][0] == bos  # the tokenizer adds one itself
+    trained, _ = masked_ids({"messages": CONVERSATION}, tokenizer, loss_flags(SimpleNamespace(train={}), "messages",
+                                                                               tokenizer))  # fmt: skip
+    asked = prompt_ids(tokenizer, CONVERSATION[:2], "chat_template")
+    chatted = tokenizer(Conversation(PromptFormat("chat_template"), tokenizer).render("red blue"),
+                        add_special_tokens=False)["input_ids"]  # fmt: skip
+    for ids in (trained, asked, chatted):
+        assert ids.count(bos) <= 1 and ids[1] != bos, tokenizer.convert_ids_to_tokens(ids[:3])
+
+
+def test_a_dated_template_renders_the_same_day_every_day(family_models):
+    """Llama 3.2's template renders today's date: pinned, a prompt's tokens (and every cache and fingerprint hashed
+    from them) do not change at midnight. Unpinned, it renders today."""
+    import datetime
+
+    from align.families import PINNED_DATE, pin_date, render, template_facts
+
+    tokenizer = tokenizer_of(family_models, "llama3")
+    tokenizer.chat_template = families.trl_template("llama3_2")
+    today = datetime.date.today().strftime("%d %b %Y")
+    assert today in render(tokenizer, CONVERSATION[:2])
+    assert pin_date(tokenizer) and template_facts(tokenizer).pinned
+    text = render(tokenizer, CONVERSATION[:2])
+    assert PINNED_DATE in text and today not in text
+    assert render(tokenizer, CONVERSATION[:2], date_string="1 Jan 2025").count("1 Jan 2025") == 1  # still settable
+    saved = tokenizer_of(family_models, "llama3", "llama3_2")  # as a stage's `chat_template: llama3_2` sets it
+    assert template_facts(saved).pinned
+
+
+@pytest.mark.parametrize("name", CHAT_FAMILIES)
+def test_generation_stops_at_every_stop_id_and_the_end_of_turn(family_models, name):
+    """The loaded model's generation config (which chat, the eval stage, grpo rollouts and the held-out answers
+    read) holds every stop id the release had and the template's end-of-turn token."""
+    from align.evaluation.generation import stop_token_ids
+    from align.models import build_model
+
+    model, tokenizer = build_model(str(family_models[name]), "stages.x.model")
+    family = families.FAMILIES[name]
+    stops = stop_token_ids(model, tokenizer)
+    assert set(tokenizer.convert_ids_to_tokens(stops)) == {*family.stops, family.eot}
+
+
+# --------------------------------------------------------------------------------------------------
+# Bad input
+
+
+def sft_stage(family_models: dict[str, Path], model: str, **extra: Any) -> dict[str, Any]:
+    return {"name": "sft", "kind": "sft", "model": str(family_models[model]), "generations": 0,
+            "data": {"source": {"files": [str(family_models["conv"])]}, "format": "messages", "valid_fraction": 0.1},
+            "train": {"max_steps": 1}, **extra}  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("model", "extra", "error", "hint"),
+    [
+        (
+            "gpt2",
+            {"chat_template": "qwen25"},
+            "stages.sft.chat_template: 'qwen25' is not a chat template TRL ships (closest: qwen2_5",
+            "a .jinja file, or own",
+        ),
+        (
+            "gpt2",
+            {"chat_template": "qwen2_5", "train": {"chat_template_path": "x.jinja"}},
+            "stages.sft.train.chat_template_path: set by align: use the stage's `chat_template:`",
+            None,
+        ),
+        ("gpt2", {"chat_template": "missing.jinja"}, "stages.sft.chat_template: 'missing.jinja': no such file", None),
+        (
+            "qwen3_moe",
+            {"peft": {"target_modules": ["gate_proj", "up_proj"]}},
+            "stages.sft.peft.target_modules: 'gate_proj', 'up_proj': no module of Qwen3MoeForCausalLM is named so",
+            "target_modules: [k_proj, o_proj, q_proj, v_proj] (or all-linear); its experts are parameters, not layers: "
+            "peft.target_parameters: [mlp.experts.down_proj, mlp.experts.gate_up_proj]",
+        ),
+        (
+            "qwen3_moe",
+            {"peft": {"dropout": 0.1}},
+            "stages.sft.peft.dropout: 0.1: peft adapts this MoE's experts only without dropout",
+            "peft.dropout: 0",
+        ),
+    ],  # fmt: skip
+)
+def test_bad_template_and_moe_lora_input_stops_before_stage_one(
+    family_models, run_cli, tmp_path, model, extra, error, hint
+):
+    stages = [{"name": "first", "kind": "lm", "model": {"model_type": "gpt2", "n_layer": 1, "n_head": 2, "n_embd": 32},
+               "data": {"card": "python-docs", "max_train_rows": 40, "max_eval_rows": 8},
+               "train": {"max_steps": 1, "max_length": 32}},
+              {**sft_stage(family_models, model), **extra}]  # fmt: skip
+    if "train" in extra:
+        stages[1]["train"] = {"max_steps": 1, **extra["train"]}
+    code, _, err = run_cli(write_yaml(tmp_path / "r.yaml", {"name": "bad", "stages": stages}), "--output-dir",
+                           tmp_path / "run")  # fmt: skip
+    assert code == 2, err
+    assert f".yaml: {error}" in err and err.count("error:") == 1, err
+    if hint is not None:
+        assert hint in err, err
+    assert not (tmp_path / "run" / "first").exists()  # nothing trained
+
+
+# --------------------------------------------------------------------------------------------------
+# Whole chains (slow)
+
+
+def chain(family_models: dict[str, Path], model: str, lora_stage: str) -> dict[str, Any]:
+    """The issue's recipe: sft -> dpo -> grpo on message data, LoRA on one stage."""
+    data = {k: str(v) for k, v in family_models.items() if k in ("conv", "pairs", "prompts")}
+    stages = [
+        {"name": "sft", "kind": "sft", "model": str(family_models[model]), "generations": 2,
+         "data": {"source": {"files": [data["conv"]]}, "format": "messages", "valid_fraction": 0.1},
+         "train": {"max_steps": 4, "per_device_train_batch_size": 8, "logging_steps": 2, "eval_steps": 2,
+                   "learning_rate": 0.001}},
+        {"name": "dpo", "kind": "dpo", "generations": 0,
+         "data": {"source": {"files": [data["pairs"]]}, "format": "preference", "valid_fraction": 0.1},
+         "train": {"max_steps": 2, "per_device_train_batch_size": 8, "logging_steps": 1, "eval_steps": 2}},
+        {"name": "grpo", "kind": "grpo", "generations": 0,
+         "data": {"source": {"files": [data["prompts"]]}, "format": "prompt_only", "valid_fraction": 0.1},
+         "rewards": [{"function": "exact_match"}],
+         "train": {"max_steps": 2, "per_device_train_batch_size": 4, "num_generations": 4,
+                   "max_completion_length": 8, "logging_steps": 1}},
+    ]  # fmt: skip
+    next(s for s in stages if s["name"] == lora_stage)["peft"] = {"r": 4, "alpha": 8}
+    return {"name": f"chain-{model}", "seed": 0, "tracking": {"wandb": {"mode": "disabled"}}, "stages": stages}
+
+
+@pytest.fixture(scope="module")
+def moe_chain(family_models, tmp_path_factory) -> Path:
+    from align.loader import load_recipe
+    from align.pipeline import run_pipeline
+
+    root = tmp_path_factory.mktemp("moe-chain")
+    recipe = load_recipe(write_yaml(root / "r.yaml", chain(family_models, "qwen3_moe", "sft")))
+    run_pipeline(recipe, output_dir=root / "run", log_level="warning")
+    return root / "run"
+
+
+@pytest.mark.slow
+def test_the_moe_trains_sft_dpo_grpo_with_its_router_loss_logged(moe_chain):
+    """A Qwen3-MoE (4 experts, 2 per token) through sft (LoRA on its attention, experts and router) -> dpo -> grpo:
+    every stage completes, and each logs the router's load-balancing loss while it trains."""
+    for stage in ("sft", "dpo", "grpo"):
+        summary = json.loads((moe_chain / stage / "summary.json").read_text())
+        assert summary["status"] == "completed", stage
+        rows = read_jsonl(moe_chain / stage / "metrics.jsonl")
+        aux = [r.get("aux_loss", r.get("eval_aux_loss")) for r in rows]
+        assert any(isinstance(a, float) and a > 0 for a in aux), (stage, rows[:2])
+    adapter = json.loads((moe_chain / "sft" / "model" / "adapter_config.json").read_text())
+    assert {"gate_up_proj", "down_proj"} <= set(adapter["target_parameters"])  # all-linear took the experts
+    assert adapter["lora_dropout"] == 0.0
+    # TRL turned the router logits on to train the router: saved off, as the family releases it, so that generate
+    # on the saved model does not fail at its first cached step (align's own generation turns them off too).
+    assert json.loads((moe_chain / "grpo" / "model" / "config.json").read_text())["output_router_logits"] is False
+    generation = json.loads((moe_chain / "grpo" / "model" / "generation_config.json").read_text())
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(moe_chain / "grpo" / "model")
+    assert set(tokenizer.convert_ids_to_tokens(generation["eos_token_id"])) == {"<|im_end|>", "<|endoftext|>"}
+
+
+@pytest.mark.slow
+def test_llama3_chain_trains_the_end_of_turn_label_though_pad_is_eos(family_models, tmp_path):
+    """Llama 3 has no pad token; align sets pad = eos = <|eot_id|>. The end-of-turn label is still trained in
+    every padded batch, no sequence starts with two BOS, and the saved model stops where the release did."""
+    from align.loader import load_recipe
+    from align.pipeline import run_pipeline
+    from tests.conftest import captured_trainers
+
+    recipe = load_recipe(write_yaml(tmp_path / "r.yaml", chain(family_models, "llama3", "dpo")))
+    with captured_trainers() as trainers:
+        run_pipeline(recipe, output_dir=tmp_path / "run", log_level="warning")
+    sft = trainers["sft"]
+    tokenizer = sft.processing_class
+    eot, bos = tokenizer.convert_tokens_to_ids("<|eot_id|>"), tokenizer.bos_token_id
+    assert tokenizer.pad_token_id == eot
+    batch = sft.data_collator([sft.train_dataset[i] for i in range(8)])
+    lengths = batch["attention_mask"].sum(dim=1)
+    assert len(set(lengths.tolist())) > 1  # rows of different lengths: padding with the eot id happened
+    for row, length in zip(batch["labels"], lengths, strict=True):
+        labels = row[:length].tolist()
+        assert labels[-1] == eot  # the turn's end is trained...
+        assert all(label == -100 for label in row[length:].tolist())  # ...the padding after it is not
+    for ids in (*(sft.train_dataset[i]["input_ids"] for i in range(4)),
+                *(trainers["dpo"].train_dataset[i]["prompt_ids"] for i in range(4))):  # fmt: skip
+        assert ids[0] == bos and ids[1] != bos
+    for stage in ("sft", "dpo", "grpo"):
+        assert json.loads((tmp_path / "run" / stage / "summary.json").read_text())["status"] == "completed"
+    saved = json.loads((tmp_path / "run" / "grpo" / "model" / "generation_config.json").read_text())
+    assert set(tokenizer.convert_ids_to_tokens(saved["eos_token_id"])) == set(families.FAMILIES["llama3"].stops)
+
+
+@pytest.mark.slow
+def test_a_named_template_on_a_gpt2_base_trains_assistant_turns_stops_and_chats(family_models, tmp_path, run_cli):
+    """`chat_template: qwen2_5` on a base GPT-2: its turn markers become single tokens (the embeddings grow), eos and
+    the generation config follow `<|im_end|>`, sft trains the assistant turns, and chat renders with the template."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from align.chat import Conversation
+    from align.prompt_format import read_prompt_format
+
+    recipe = {"name": "named", "seed": 0, "tracking": {"wandb": {"mode": "disabled"}},
+              "stages": [sft_stage(family_models, "gpt2", chat_template="qwen2_5",
+                                   train={"max_steps": 2, "per_device_train_batch_size": 8})]}  # fmt: skip
+    code, _, err = run_cli(write_yaml(tmp_path / "r.yaml", recipe), "--output-dir", tmp_path / "run")
+    assert code == 0, err
+    saved = tmp_path / "run" / "sft" / "model"
+    summary = json.loads((tmp_path / "run" / "sft" / "summary.json").read_text())
+    assert summary["loss_on"] == "assistant turns" and summary["chat_template"] == "qwen2_5"
+    tokenizer = AutoTokenizer.from_pretrained(saved)
+    end = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    assert tokenizer("<|im_end|>", add_special_tokens=False)["input_ids"] == [end]
+    assert tokenizer.eos_token == "<|im_end|>"
+    model = AutoModelForCausalLM.from_pretrained(saved)
+    assert model.get_input_embeddings().num_embeddings == len(tokenizer)
+    stops = model.generation_config.eos_token_id
+    assert end in (stops if isinstance(stops, list) else [stops])
+    chat = Conversation(read_prompt_format(saved, True), tokenizer)
+    assert chat.render("red blue").endswith("<|im_start|>user\nred blue<|im_end|>\n<|im_start|>assistant\n")
