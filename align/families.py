@@ -278,16 +278,17 @@ def is_moe(config: Any) -> bool:
     return any(getattr(text, k, None) for k in ("num_experts", "num_local_experts", "n_routed_experts"))
 
 
-def router_loss(config: Any) -> str | None:
+def router_loss(config: Any, asked: float | None = None) -> str | None:
     """What the router's load-balancing loss does for an MoE model (None for a dense one): TRL adds it to the loss
-    with the config's `router_aux_loss_coef`, and logs it as `aux_loss`."""
+    with `train.router_aux_loss_coef` (`asked`), else the config's, and logs it as `aux_loss`."""
     if not is_moe(config):
         return None
     text = getattr(config, "text_config", None) or config
-    coef = getattr(text, "router_aux_loss_coef", None)
+    coef = getattr(text, "router_aux_loss_coef", None) if asked is None else asked
+    source = "the config's" if asked is None else "the recipe's"
     if not coef:
-        return "off: the config's router_aux_loss_coef is 0 (set train.router_aux_loss_coef to train the router)"
-    return f"on: TRL adds router_aux_loss_coef {coef} x the load-balancing loss, logged as aux_loss"
+        return f"off: {source} router_aux_loss_coef is 0 (set train.router_aux_loss_coef to train the router)"
+    return f"on: TRL adds {source} router_aux_loss_coef {coef} x the load-balancing loss, logged as aux_loss"
 
 
 # --------------------------------------------------------------------------------------------------

@@ -131,6 +131,17 @@ def tracked_run(tmp_path_factory, _test_cache) -> dict[str, Any]:
     return {"run_dir": tmp / "run", "stdout": done.stdout, "stderr": done.stderr}
 
 
+@pytest.fixture(scope="session")
+def family_models(tmp_path_factory) -> dict[str, Path]:
+    """Every family's tiny model (tests/families.py), built once per test session (well under a second each), and
+    its data: `conv`, `pairs` and `prompts` JSONL files."""
+    from tests import families
+
+    root = tmp_path_factory.mktemp("families")
+    built = {name: families.build(name, root / name) for name in families.FAMILIES}
+    return {**built, **families.write_data(root / "data")}
+
+
 @pytest.fixture(scope="session", autouse=True)
 def _test_cache(tmp_path_factory):
     """The tests' own tokenized-data cache (session-wide, set before any module fixture trains): never the

@@ -26,14 +26,6 @@ CONVERSATION = [
 ]
 
 
-@pytest.fixture(scope="session")
-def family_models(tmp_path_factory) -> dict[str, Path]:
-    """Every family's tiny model, built once per test session (well under a second each), and the data."""
-    root = tmp_path_factory.mktemp("families")
-    built = {name: families.build(name, root / name) for name in families.FAMILIES}
-    return {**built, **families.write_data(root / "data")}
-
-
 def tokenizer_of(family_models: dict[str, Path], name: str, template: str | None = None) -> Any:
     from align.models import load_tokenizer
 
@@ -117,7 +109,7 @@ def test_sft_plans_say_each_family_trains_assistant_turns_and_what_its_template_
     assert "You are Qwen, created by Alibaba Cloud" in plans["sft_qwen2_5"]
     assert "date pinned to 26 Jul 2024" in plans["sft_llama3_2"]
     assert "masks align derives from the template" in plans["sft_llama3_2"]
-    assert "router_aux_loss: on: TRL adds router_aux_loss_coef 0.01" in plans["sft_qwen3_moe"]
+    assert "router_aux_loss: on: TRL adds the config's router_aux_loss_coef 0.01" in plans["sft_qwen3_moe"]
     # peft adapts the fused experts and the router only without dropout: align's default gives way, and says so.
     assert "lora_adapts: mlp.experts.down_proj, mlp.experts.gate_up_proj, mlp.gate.weight" in plans["sft_qwen3_moe"]
     assert "dropout 0 (align: peft adapts an MoE's experts only without dropout)" in plans["sft_qwen3_moe"]

@@ -134,13 +134,20 @@ FORMATS = {"sft": "prompt_completion", "dpo": "preference", "lm": "text", "kto":
 
 
 def run_align(
-    world: dict[str, Any], kind: str, settings: dict[str, Any], name: str, model: Path | None = None
+    world: dict[str, Any],
+    kind: str,
+    settings: dict[str, Any],
+    name: str,
+    model: Path | None = None,
+    files: dict[str, str] | None = None,
+    fmt: str | None = None,
 ) -> float:
-    """The run as an align recipe (through `run_pipeline`); its final eval loss as the Trainer computes it."""
+    """The run as an align recipe (through `run_pipeline`); its final eval loss as the Trainer computes it. `files`
+    and `fmt` default to the world's files of the kind and its format."""
     from align.loader import load_recipe
     from align.pipeline import run_pipeline
 
-    root, files = world["root"], world["files"][kind]
+    root, files = world["root"], files or world["files"][kind]
     stage = {
         "name": kind,
         "kind": kind,
@@ -149,7 +156,7 @@ def run_align(
         **({"generations": 1} if kind != "lm" else {}),
         "data": {
             "source": {"files": {"train": [files["train"]], "validation": [files["validation"]]}},
-            "format": FORMATS[kind],
+            "format": fmt or FORMATS[kind],
             "splits": {"validation": "validation"},
         },
         "train": dict(settings),
@@ -526,3 +533,55 @@ def test_distill_matches_the_bare_trainer_loss_for_loss_and_weight_for_weight(wo
     bare = {r["step"]: r["loss"] for r in trainer.state.log_history if "loss" in r and "eval_loss" not in r}
 
     assert_same_steps_and_weights(aligned, bare, DISTILL_SETTINGS["max_steps"], out / "distill", trainer, "loss")
+
+
+# --------------------------------------------------------------------------------------------------
+# Other families: their real chat templates, message data
+
+
+@pytest.fixture(scope="module")
+def family_world(world, family_models) -> dict[str, Any]:
+    """Llama 3 and Qwen 2.5 as tests/families.py builds them (once per session), and their conversations and message
+    pairs split into train and validation files."""
+    from tests import families
+
+    root = world["root"] / "families"
+    root.mkdir(parents=True, exist_ok=True)
+    rows = {"sft": families.conversations(), "dpo": families.pairs()}
+    files = {kind: {"train": write_jsonl(root / f"{kind}_train.jsonl", r[: len(r) * 9 // 10]),
+                    "validation": write_jsonl(root / f"{kind}_valid.jsonl", r[len(r) * 9 // 10 :])}
+             for kind, r in rows.items()}  # fmt: skip
+    return {"files": files, "llama3": family_models["llama3"], "qwen2_5": family_models["qwen2_5"]}
+
+
+FAMILY_FORMATS = {"sft": "messages", "dpo": "preference"}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", ["qwen2_5", "llama3"])
+@pytest.mark.parametrize("kind", ["sft", "dpo"])
+def test_other_families_match_the_bare_library(world, family_world, family, kind):
+    """sft (assistant-only loss on conversations, align's default) and dpo on message pairs, through each family's
+    own chat template: align and the bare trainer end at the same eval loss. The bare side loads the tokenizer as
+    saved (Llama 3 without a pad token: TRL pads with eos, as align does)."""
+    from datasets import load_dataset
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from trl import DPOConfig, DPOTrainer, SFTConfig, SFTTrainer
+
+    model, files = family_world[family], family_world["files"][kind]
+    settings = {**(SFT_SETTINGS if kind == "sft" else DPO_SETTINGS), "max_steps": 8, "eval_steps": 4}
+    aligned = run_align(world, kind, settings, f"{kind}-{family}", model=model, files=files, fmt=FAMILY_FORMATS[kind])
+    data = load_dataset("json", data_files=files)
+    config_class, trainer_class = (SFTConfig, SFTTrainer) if kind == "sft" else (DPOConfig, DPOTrainer)
+    extra = {"assistant_only_loss": True} if kind == "sft" else {}
+    trainer = trainer_class(
+        model=AutoModelForCausalLM.from_pretrained(model),
+        args=bare_config(config_class, world["root"], f"{kind}-{family}", {**settings, **extra}),
+        train_dataset=data["train"],
+        eval_dataset=data["validation"],
+        processing_class=AutoTokenizer.from_pretrained(model),
+    )
+    trainer.train()
+    library = trainer.evaluate()["eval_loss"]
+    assert math.isfinite(aligned)
+    assert abs(aligned - library) <= TOLERANCE, f"{kind} on {family}: align {aligned:.7f}, bare {library:.7f}"

@@ -281,6 +281,19 @@ class TrainingKind(Kind):
                 found.absorb(exc)
         if adapts is not None:
             plan.details["lora_adapts"] = adapts
+        if tokenizer is not None and getattr(tokenizer, "chat_template", None) and "chat_template" not in plan.details:
+            from align.families import describe_template
+            from align.models import DEFAULT_CHAT_TEMPLATE
+
+            # Every kind that renders conversations shows its template (sft adds whether it marks assistant turns).
+            default = tokenizer.chat_template == DEFAULT_CHAT_TEMPLATE
+            plan.details["chat_template"] = describe_template(stage, tokenizer, None, default)
+        if config is not None:
+            from align.families import router_loss
+
+            router = router_loss(config, stage.train.get("router_aux_loss_coef"))
+            if router is not None:
+                plan.details["router_aux_loss"] = router
         if loading is not None:  # what the stage loads its model with, as the plan shows it
             plan.details["loading"] = ", ".join(f"{k}: {v}" for k, v in loading.model_dump().items() if v is not None)
         if data is not None and hasattr(data, "describe"):  # a mix: what each source gives

@@ -57,7 +57,7 @@ class SFT(TrainingKind):
         A `max_length` that leaves no training (or eval) example a trained token is a problem here, before any stage
         of the recipe trains.
         """
-        from align.families import describe_template, router_loss
+        from align.families import describe_template
         from align.models import ensure_chat_template, marks_assistant_turns
         from align.plan import batch_figures
 
@@ -81,9 +81,6 @@ class SFT(TrainingKind):
             chat_template=describe_template(stage, tokenizer, marks, template == "default"),
             loss_on=describe_loss(loss, fmt),
         )
-        router = router_loss(config) if config is not None else None
-        if router is not None:
-            parts.details["router_aux_loss"] = router
         if data is None:
             return parts
         # Conversations stay conversations here: `masked_ids` derives their masks where align derives them.
