@@ -214,6 +214,7 @@ class HealthAlarms(TrainerCallback):
     - truncation (`completions/clipped_ratio`): answers cut at max_completion_length, often all scored alike;
     - completion length or entropy collapsing below a share of its first logged value;
     - KL to the reference above a threshold (with beta > 0);
+    - cut thoughts (`thinking/cut_rate`, a thinking template's): answers whose reasoning never closed;
     - reward hacking (`fire`d by the online stage's monitor): the held-out reward up, a `monitor:` judge flat.
     """
 
@@ -256,6 +257,12 @@ class HealthAlarms(TrainerCallback):
                 self.fire(f"{what} collapse", f"{what} fell from {start:.3g} to {recent[-1][key]:.3g} (below "
                            f"{s.collapse:.0%} of its first value) for {len(recent)} logs: the policy is collapsing "
                            "onto a few answers; lower the learning rate or raise beta", control)  # fmt: skip
+        from align.families import cut_thoughts_cause, cut_thoughts_share
+
+        if held("thinking/cut_rate", lambda v: v >= cut_thoughts_share(s)):
+            of = f"answers for {len(recent)} logs"
+            self.fire("cut thoughts", cut_thoughts_cause(recent[-1]["thinking/cut_rate"], of,
+                                                         args.max_completion_length), control)  # fmt: skip
         if getattr(args, "beta", 0) and held("kl", lambda v: v > s.kl):
             self.fire("KL", f"KL to the reference is {recent[-1]['kl']:.3g}, above {s.kl:g}, for {len(recent)} "
                        "logs: the policy is drifting far from where it started; lower the learning rate or raise "

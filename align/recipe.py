@@ -382,6 +382,11 @@ class TrainingStage(Stage):
         False, description="run Python code shipped in the model's hub repository (only for models you trust)"
     )
     loading: Loading | None = Field(None, description="how the input model is loaded: attention, dtype, quantization")
+    thinking: bool | None = Field(
+        None,
+        description="a thinking template's switch (Qwen 3's enable_thinking) wherever the stage renders a generation "
+        "prompt; unset: the template's default. true on a template that does not think is refused",
+    )
     chat_template: str | None = Field(
         None,
         description="the chat template: a name TRL ships (qwen2_5, llama3, gemma3, ...), a .jinja file, or own (the "
@@ -391,7 +396,7 @@ class TrainingStage(Stage):
 
     @model_serializer(mode="wrap")
     def _dump(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
-        return later_keys_left_out(handler(self), self, ("loading", "chat_template"))
+        return later_keys_left_out(handler(self), self, ("loading", "chat_template", "thinking"))
 
     def problems(self, earlier: list[Stage]) -> list[str]:
         where = f"stages.{self.name}"

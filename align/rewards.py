@@ -45,6 +45,18 @@ class RewardEntry(FunctionFields):
         None, description="a sequence-classification model: @<rm stage>, path or hub id"
     )
     weight: float = Field(1.0, description="its share of the total reward (TRL's reward_weights)")
+    raw: bool | None = Field(
+        None,
+        description="on a thinking stage, the completion as generated, reasoning included (TRL's "
+        "think_format_reward needs it); otherwise a function gets the final answer as `completions` and the "
+        "reasoning as `reasoning`",
+    )
+
+    @model_serializer(mode="wrap")
+    def _dump(self, handler: Any) -> dict[str, Any]:
+        from align.recipe import later_keys_left_out
+
+        return later_keys_left_out(handler(self), self, ("raw",))
 
     @model_validator(mode="after")
     def _exactly_one(self) -> RewardEntry:
@@ -332,12 +344,18 @@ def check_reward(
 
 
 def check_functions(
-    entries: Sequence[FunctionFields], rows: Any, base_dir: Path, where: str, by_trl: bool = False
+    entries: Sequence[FunctionFields],
+    rows: Any,
+    base_dir: Path,
+    where: str,
+    by_trl: bool = False,
+    thinking: Any = None,
 ) -> list[str]:
     """Every `function:` entry of `entries` (an online stage's rewards or monitor, an eval's judges) imported and
     called on two of `rows` (dicts or a Dataset with a `prompt` column), with their reference column as the
     completions where one is named (exact_match's `answer` by default), else empty completions; `by_trl`: as TRL
-    calls a reward (`check_reward`). Returns the problems, each naming `<where>[i]`."""
+    calls a reward (`check_reward`); `thinking` (a thinking template's): with the answer and reasoning apart, as
+    the stage calls it (`answers_apart`). Returns the problems, each naming `<where>[i]`."""
     sample = [dict(rows[i]) for i in range(min(2, len(rows)))]
     conversational = bool(sample) and isinstance(sample[0]["prompt"], list)
     problems = []
@@ -346,7 +364,8 @@ def check_functions(
             continue
         at = f"{where}[{n}]"
         try:
-            fn = resolve_function(entry, base_dir, at, conversational)
+            fn = answers_apart(resolve_function(entry, base_dir, at, conversational), thinking,
+                               bool(getattr(entry, "raw", False)))  # fmt: skip
             column = entry.column or ("answer" if entry.function == "exact_match" else None)
             completions = [row[column] if column and column in row else "" for row in sample]
             if conversational:
@@ -359,6 +378,33 @@ def check_functions(
 
 class RewardFailed(StageFailed):
     """A reward function raised or returned a non-finite value during training."""
+
+
+def answers_apart(fn: RewardFn, thinking: Any, raw: bool = False, health: bool = False) -> RewardFn:
+    """`fn` given each completion's final answer as `completions` and its reasoning as `reasoning` (an empty string
+    where it has none), on a stage whose template thinks (`thinking`: align.families.Thinking); `raw`: the
+    completion as generated. `health`: this function (the stage's first) also logs, through TRL's `log_metric`, the
+    share of completions whose reasoning never closed (`thinking/cut_rate`) and the mean reasoning length in
+    characters (`thinking/reasoning_chars`)."""
+    if thinking is None:
+        return fn
+    from align.families import split_reasoning
+
+    def reward(*args: Any, completions: list, **kwargs: Any) -> list:
+        kwargs.pop("reasoning", None)  # a data column of that name is refused when planning; never passed twice
+        texts = [c[-1]["content"] if isinstance(c, list) else str(c) for c in completions]
+        parts = [split_reasoning(text, thinking) for text in texts]
+        log = kwargs.get("log_metric")
+        if health and callable(log) and parts:
+            log("thinking/cut_rate", sum(cut for _, _, cut in parts) / len(parts))
+            log("thinking/reasoning_chars", sum(len(r or "") for _, r, _ in parts) / len(parts))
+        if raw:
+            return fn(*args, completions=completions, **kwargs)
+        answers = [[{**c[-1], "content": a}] if isinstance(c, list) else a
+                   for c, (a, _, _) in zip(completions, parts, strict=True)]  # fmt: skip
+        return fn(*args, completions=answers, reasoning=[r or "" for _, r, _ in parts], **kwargs)
+
+    return reward
 
 
 def guarded(fn: RewardFn, label: str) -> RewardFn:

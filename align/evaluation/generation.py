@@ -63,7 +63,12 @@ def as_messages(prompt: Prompt) -> list[dict[str, Any]]:
     return [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
 
 
-def prompt_ids(tokenizer: PreTrainedTokenizerBase, prompt: Prompt, prompt_format: PromptFormat | None) -> list[int]:
+def prompt_ids(
+    tokenizer: PreTrainedTokenizerBase,
+    prompt: Prompt,
+    prompt_format: PromptFormat | None,
+    template_kwargs: dict[str, Any] | None = None,
+) -> list[int]:
     """The prompt's tokens as the model reads them before its answer.
 
     Plain prompts are tokenized as they are, with the tokenizer's own special tokens (as TRL tokenizes a plain
@@ -72,7 +77,9 @@ def prompt_ids(tokenizer: PreTrainedTokenizerBase, prompt: Prompt, prompt_format
     """
     if resolve_format(prompt, prompt_format) == "plain":
         return list(tokenizer(prompt)["input_ids"])
-    text = tokenizer.apply_chat_template(as_messages(prompt), tokenize=False, add_generation_prompt=True)
+    text = tokenizer.apply_chat_template(
+        as_messages(prompt), tokenize=False, add_generation_prompt=True, **(template_kwargs or {})
+    )
     return list(tokenizer(text, add_special_tokens=False)["input_ids"])
 
 
@@ -100,6 +107,7 @@ def generate_batched(
     batch_size: int = 16,
     seed: int = 0,
     prompt_format: PromptFormat | None = None,
+    template_kwargs: dict[str, Any] | None = None,
 ) -> list[list[Answer]]:
     """Answers to every prompt, `num_samples` each, generated `batch_size` rows at a time with left padding.
 
@@ -118,6 +126,7 @@ def generate_batched(
         prompt_format: `plain` renders string prompts as they are; `chat_template` renders messages (a string
             becomes one user turn) with the tokenizer's chat template and its generation prompt. None: read from
             each prompt's type.
+        template_kwargs: the chat template's arguments (a thinking switch: `{"enable_thinking": False}`).
 
     Only these settings shape the decoding: the model's own generation defaults (top_k, repetition penalty,
     ...) are switched off, so that models compared on one eval decode alike.
@@ -150,7 +159,7 @@ def generate_batched(
     # 1. Render and tokenize every prompt; keep the end of those that do not fit.
     encoded, truncated = [], []
     for index, prompt in enumerate(prompts):
-        ids = prompt_ids(tokenizer, prompt, prompt_format)
+        ids = prompt_ids(tokenizer, prompt, prompt_format, template_kwargs)
         if not ids:
             raise ValueError(f"prompt {index} renders to no tokens: there is nothing to answer")
         room = None if limit is None else limit - max_new_tokens

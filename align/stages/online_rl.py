@@ -16,10 +16,19 @@ import logging
 import math
 from typing import TYPE_CHECKING, Any
 
-from pydantic import Field
+from pydantic import Field, SerializerFunctionWrapHandler, model_serializer
 
-from align.recipe import Stage, Strict, TrainingStage, reward_model_problems, stage_ref
-from align.rewards import Judge, RewardEntry, check_functions, entries_identity, guarded, resolve_function
+from align.families import CUT_THOUGHTS, cut_thoughts_cause, cut_thoughts_share
+from align.recipe import Stage, Strict, TrainingStage, later_keys_left_out, reward_model_problems, stage_ref
+from align.rewards import (
+    Judge,
+    RewardEntry,
+    answers_apart,
+    check_functions,
+    entries_identity,
+    guarded,
+    resolve_function,
+)
 from align.stages.base import Figure, TrainingKind
 from align.stages.runner import generation_table, show_prompt
 from align.values import HeldOut, Setting, StageParts, StartingPoint
@@ -50,6 +59,14 @@ class Alarms(Strict):
     collapse: float = Field(0.25, gt=0.0, lt=1.0, description="mean length or entropy below this share of its first")
     kl: float = Field(1.0, gt=0.0, description="KL to the reference above this (with beta > 0)")
     window: int = Field(3, ge=1, description="logged steps in a row an alarm's condition must hold")
+    cut_thoughts: float | None = Field(
+        None, ge=0.0, le=1.0, description="share of answers whose reasoning never closed (a thinking template's); "
+        f"unset: {CUT_THOUGHTS}"
+    )  # fmt: skip
+
+    @model_serializer(mode="wrap")
+    def _dump(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        return later_keys_left_out(handler(self), self, ("cut_thoughts",))
 
 
 class OnlineKeys(TrainingStage):
@@ -90,7 +107,13 @@ class OnlineKind(TrainingKind):
     surrogate_loss = True
 
     def plan_parts(self, stage: Any, inputs: PlanInputs) -> StageParts:
-        return plan_online(stage, self.config_class(), inputs.data, inputs.start, inputs.recipe)
+        from align.families import thinking_of
+
+        tokenizer = inputs.tokenizer
+        thinking = thinking_of(tokenizer) if tokenizer is not None and tokenizer.chat_template else None
+        parts = plan_online(stage, self.config_class(), inputs.data, inputs.start, inputs.recipe, thinking)
+        plan_thinking(stage, tokenizer, thinking, inputs.data, parts)
+        return parts
 
     def input_identity(self, stage: Any, recipe: Any, outputs: Any) -> str:
         pinned = entries_identity([*stage.rewards, *stage.monitor], recipe.base_dir, outputs)
@@ -100,10 +123,14 @@ class OnlineKind(TrainingKind):
         return online_plots(rows)
 
     def setup(self) -> None:
+        from align.families import thinking_of
         from align.models import ensure_chat_template
 
         ensure_chat_template(self.tokenizer)
         stage = self.stage
+        # A template that thinks: rewards get the answer and the reasoning apart, and the health of thoughts is logged.
+        self.thinking = thinking_of(self.tokenizer) if self.tokenizer.chat_template else None
+        self.template_kwargs = self.thinking.kwargs(stage.thinking) if self.thinking else {}
         self.conversational = bool(len(self.data["train"])) and isinstance(self.data["train"][0]["prompt"], list)
         self.entries = list(stage.rewards)
         self.scorers = [self.scorer(e, f"stages.{stage.name}.rewards[{n}]") for n, e in enumerate(self.entries)]
@@ -124,6 +151,8 @@ class OnlineKind(TrainingKind):
         tokenizer, or (a `reference: rouge_l` monitor) the string "rouge_l"."""
         if entry.function is not None:
             fn = resolve_function(entry, self.ctx.recipe.base_dir, where, self.conversational)
+            first = entry is self.stage.rewards[0]  # one function logs the health of thoughts
+            fn = answers_apart(fn, self.thinking, bool(getattr(entry, "raw", False)), health=first)
             return guarded(fn, entry.name), None
         if getattr(entry, "reference", None) is not None:
             return "rouge_l", None
@@ -184,7 +213,7 @@ class OnlineKind(TrainingKind):
         answers = generate_batched(
             model, self.tokenizer, list(rows["prompt"]), max_new_tokens=args.max_completion_length,
             temperature=args.temperature or 1.0, top_p=args.top_p, num_samples=self.stage.measure.samples,
-            seed=self.ctx.seed, batch_size=args.per_device_eval_batch_size,
+            seed=self.ctx.seed, batch_size=args.per_device_eval_batch_size, template_kwargs=self.template_kwargs,
         )  # fmt: skip
         flat = [(i, a) for i, per in enumerate(answers) for a in per]
         per_function = {entry.name: self.score(scorer, flat, args) for entry, scorer in zip(self.entries, self.scorers,
@@ -210,6 +239,7 @@ class OnlineKind(TrainingKind):
                 "zero_std": sum(max(g) - min(g) < 1e-12 for g in by_prompt) / max(1, len(by_prompt)),
                 "length": sum(a.tokens for _, a in flat) / max(1, len(flat)),
                 "clipped": sum(not a.ended for _, a in flat) / max(1, len(flat)),
+                **thought_figures([a.text for _, a in flat], self.thinking),
             },
         )
 
@@ -267,6 +297,9 @@ class OnlineKind(TrainingKind):
             "kl": after.get("eval_kl"),
             "entropy": after.get("eval_entropy"),
         }
+        if self.thinking is not None:
+            for key in ("cut_thought_rate", "reasoning_length"):
+                metrics[f"{key}_before"], metrics[key] = measured_before.extra[key], measured_after.extra[key]
         if measured_after.extra["monitor"]:
             metrics["monitor"] = {name: {"before": measured_before.extra["monitor"][name], "after": value}
                                   for name, value in measured_after.extra["monitor"].items()}  # fmt: skip
@@ -288,10 +321,63 @@ class OnlineKind(TrainingKind):
             if clipped >= 0.5:
                 causes.append(f"truncation: {clipped:.0%} of answers hit max_completion_length "
                               "before training (a truncated answer is often scored alike)")  # fmt: skip
+            cut = measured_before.extra.get("cut_thought_rate")
+            if cut is not None and cut >= cut_thoughts_share(self.stage.alarms):
+                limit = self.stage.train.get("max_completion_length", "its default")
+                causes.append(cut_thoughts_cause(cut, "held-out answers before training", limit))
         verdict = Verdict(verdict.status, [*verdict.reasons, *causes], [*verdict.warnings, *self.health.fired])
         answers = (measured_before.texts, measured_after.texts)
         generations = generation_table(self.ctx, [show_prompt(p) for p in self.prompts], *answers)
         return metrics, {"generations": generations, "verdict": verdict}
+
+
+def thought_figures(texts: list[str], thinking: Any) -> dict[str, float]:
+    """The share of answers whose reasoning never closed and the mean reasoning length (characters), for a template
+    that thinks (none otherwise)."""
+    if thinking is None:
+        return {}
+    from align.families import split_reasoning
+
+    parts = [split_reasoning(text, thinking) for text in texts]
+    n = max(1, len(parts))
+    return {"cut_thought_rate": sum(cut for _, _, cut in parts) / n,
+            "reasoning_length": sum(len(r or "") for _, r, _ in parts) / n}  # fmt: skip
+
+
+def plan_thinking(stage: Any, tokenizer: Any, thinking: Any, data: Any, parts: StageParts) -> None:
+    """A thinking template's switch for the stage's `thinking:` (TRL's `chat_template_kwargs`), the generation prompt
+    as rendered under it, and what is refused before any stage trains: `thinking: true` on a template that does not
+    think (or one without a switch to turn it off for `false`), and a data column named `reasoning` (the rewards
+    receive the completions' reasoning under that name)."""
+    from align.families import THINKING_HINT, render, thinking_problem
+
+    where = f"stages.{stage.name}"
+    if data is not None and "reasoning" in data["validation"].column_names:
+        parts.problems.append(f"{where}.data: a column named 'reasoning': reward functions receive each "
+                              "completion's reasoning under that name")  # fmt: skip
+        parts.hints.append("rename the column (the data card's or source's `columns:` mapping, or in the file)")
+    if tokenizer is None or not getattr(tokenizer, "chat_template", None):
+        return
+    problem = thinking_problem(stage, thinking)
+    if problem is not None:
+        parts.problems.append(problem)
+        parts.hints.append(THINKING_HINT)
+        return
+    if thinking is None:
+        return
+    asked = stage.thinking
+    kwargs = thinking.kwargs(asked)
+    if kwargs:
+        given = stage.train.get("chat_template_kwargs") or {}
+        parts.fixed["chat_template_kwargs"] = Setting({**given, **kwargs}, f"align (thinking: {str(asked).lower()})")
+    state = "the template's default" if asked is None else ("on" if asked else "off")
+    parts.details["thinking"] = (f"{state}: reasoning in {thinking.opens} ... {thinking.closes}; rewards get the "
+                                 "answer as completions and the reasoning as reasoning (raw: true for the whole "
+                                 "completion)")  # fmt: skip
+    if data is not None and len(data["train"]):
+        prompt = data["train"][0]["prompt"]
+        messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
+        parts.details["generation_prompt"] = repr(render(tokenizer, messages, prompt=True, **kwargs))
 
 
 def monitor_callback(stage: OnlineKind) -> Any:
@@ -330,9 +416,12 @@ def _nanmean(values: list[float]) -> float | None:
 # Plan
 
 
-def plan_online(stage: Any, cls: type, data: Any, start: StartingPoint, recipe: Any) -> StageParts:
+def plan_online(
+    stage: Any, cls: type, data: Any, start: StartingPoint, recipe: Any, thinking: Any = None
+) -> StageParts:
     """An online stage's part of its plan (`cls`: its config class): its rewards (each imported and called on two
-    held-out rows), the batch rules TRL enforces only when it starts (at least 2 answers per prompt; the generation
+    held-out rows, as the stage calls them: `thinking`, a thinking template's, splits the answers), the batch
+    rules TRL enforces only when it starts (at least 2 answers per prompt; the generation
     batch a multiple of them at this process count), vLLM's needs, and the reference."""
     import importlib.util
 
@@ -408,7 +497,7 @@ def plan_online(stage: Any, cls: type, data: Any, start: StartingPoint, recipe: 
         parts.details["monitor"] = ", ".join(j.name for j in stage.monitor) + " (at each evaluation)"
     if data is not None:
         parts.problems += check_functions(stage.rewards, data["validation"], recipe.base_dir, where + ".rewards",
-                                          by_trl=True)  # fmt: skip
+                                          by_trl=True, thinking=thinking)  # fmt: skip
         parts.problems += check_functions(stage.monitor, data["validation"], recipe.base_dir, where + ".monitor")
         for n, judge in enumerate(stage.monitor):
             if judge.reference is not None and "completion" not in data["validation"].column_names:

@@ -57,7 +57,7 @@ class SFT(TrainingKind):
         A `max_length` that leaves no training (or eval) example a trained token is a problem here, before any stage
         of the recipe trains.
         """
-        from align.families import describe_template
+        from align.families import THINKING_HINT, describe_template, thinking_of, thinking_problem
         from align.models import ensure_chat_template, marks_assistant_turns
         from align.plan import batch_figures
 
@@ -74,6 +74,10 @@ class SFT(TrainingKind):
             parts.details["loss_on"] = f"{UNKNOWN} (the chat template decides)" if fmt == "messages" else fmt
             return parts
         template = ensure_chat_template(tokenizer)
+        problem = thinking_problem(stage, thinking_of(tokenizer))
+        if problem is not None:
+            parts.problems.append(problem)
+            parts.hints.append(THINKING_HINT)
         loss = loss_flags(stage, fmt, tokenizer)
         parts.fixed.update({k: Setting(v, "align default (loss on answers only)") for k, v in config_flags(loss)})
         marks = marks_assistant_turns(tokenizer) or loss.get(DERIVED, False) if fmt == "messages" else None
@@ -134,8 +138,8 @@ class SFT(TrainingKind):
             template = self.stage.chat_template
         settings = self.planned.settings
         self.loss = {k: settings[k].value for k in CONFIG_FLAGS if k in settings}
-        if not self.loss and DERIVED in loss_flags(self.stage, self.format, self.tokenizer):
-            self.loss[DERIVED] = True
+        if not self.loss:  # the masks align makes itself, as the plan decided
+            self.loss = {k: True for k in loss_flags(self.stage, self.format, self.tokenizer) if k in ALIGN_MASKS}
         self.train, self.eval = self.apply(self.data["train"], self.data["validation"])
         pack, pack_reason = choose_packing(self.stage, self.model)
         logger.info("%s", pack_reason)
@@ -176,9 +180,12 @@ class SFT(TrainingKind):
 # The pieces, in the order `run` uses them
 
 
-# The loss flags SFTConfig takes; `DERIVED` marks conversations whose assistant masks align derives from the template.
+# The loss flags SFTConfig takes; `DERIVED` marks conversations whose assistant masks align derives from the template,
+# `NO_THOUGHT` those trained with `thinking: false`, whose empty reasoning block align moves out of the mask.
 CONFIG_FLAGS = ("assistant_only_loss", "completion_only_loss")
 DERIVED = "derived_masks"
+NO_THOUGHT = "empty_thought_untrained"
+ALIGN_MASKS = (DERIVED, NO_THOUGHT)
 
 
 def config_flags(loss: dict[str, Any]) -> list[tuple[str, Any]]:
@@ -194,10 +201,12 @@ def loss_flags(stage: Stage, fmt: str, tokenizer: Any) -> dict[str, Any]:
     as the conversation grows) are conversations trained on their last assistant turn, completion-only
     (`apply_loss` splits them), and the log says so.
     """
-    from align.families import derives_masks
+    from align.families import derives_masks, thinking_of
     from align.models import marks_assistant_turns
 
     if fmt == "messages" and stage.train.get("assistant_only_loss", True):
+        if getattr(stage, "thinking", None) is False and thinking_of(tokenizer) is not None:
+            return {NO_THOUGHT: True}
         if marks_assistant_turns(tokenizer):
             return {"assistant_only_loss": True}
         if derives_masks(tokenizer):
@@ -214,11 +223,10 @@ def apply_loss(loss: dict[str, Any], fmt: str, *splits: Dataset, tokenizer: Any 
     """The splits as the loss needs them: conversations become prompt (every turn before the last assistant
     turn) and completion (that turn) where the loss falls on completions only; with masks align derives, token ids
     and `assistant_masks` (TRL takes tokenized rows as they are and builds labels from that mask)."""
-    if fmt == "messages" and loss.get(DERIVED):
-        from align.families import derived_masks
+    if fmt == "messages" and any(loss.get(k) for k in ALIGN_MASKS):
 
         def tokenized(row: dict[str, Any]) -> dict[str, Any]:
-            ids, mask = derived_masks(tokenizer, row["messages"])
+            ids, mask = align_masks(row["messages"], tokenizer, loss)
             return {"input_ids": ids, "assistant_masks": mask}
 
         return [ds.map(tokenized, remove_columns=ds.column_names) for ds in splits]
@@ -237,6 +245,8 @@ def describe_loss(loss: dict[str, Any], fmt: str) -> str:
         return "assistant turns"
     if loss.get(DERIVED):
         return "assistant turns (masks align derives from the template: it has no generation marks)"
+    if loss.get(NO_THOUGHT):
+        return "assistant turns, without the empty reasoning block (thinking: false)"
     if fmt == "prompt_completion" or loss.get("completion_only_loss"):
         return "completions" if loss.get("completion_only_loss", True) else "whole sequences"
     return "whole sequences"
@@ -372,10 +382,8 @@ def masked_ids(row: dict[str, Any], tokenizer: Any, loss: dict[str, Any]) -> tup
     from trl.chat_template_utils import get_training_chat_template, has_generation_markers
 
     eos = tokenizer.eos_token or ""
-    if "messages" in row and loss.get(DERIVED):
-        from align.families import derived_masks
-
-        return derived_masks(tokenizer, row["messages"])
+    if "messages" in row and any(loss.get(k) for k in ALIGN_MASKS):
+        return align_masks(row["messages"], tokenizer, loss)
     if "messages" in row:
         template = tokenizer.chat_template
         if loss.get("assistant_only_loss") and not has_generation_markers(template):
@@ -391,6 +399,15 @@ def masked_ids(row: dict[str, Any], tokenizer: Any, loss: dict[str, Any]) -> tup
         return prompt + completion, [0] * len(prompt) + [int(trained)] * len(completion)
     ids = tokenizer(row["text"] + eos, add_special_tokens=False)["input_ids"]
     return ids, [1] * len(ids)
+
+
+def align_masks(messages: list[dict[str, Any]], tokenizer: Any, loss: dict[str, Any]) -> tuple[list[int], list[int]]:
+    """A conversation's ids and assistant mask where align makes them (`ALIGN_MASKS`), not TRL."""
+    from align.families import derived_masks, masks_without_thought, thinking_of
+
+    if loss.get(NO_THOUGHT):
+        return masks_without_thought(tokenizer, messages, thinking_of(tokenizer))
+    return derived_masks(tokenizer, messages)
 
 
 def render_example(row: dict[str, Any], tokenizer: Any, loss: dict[str, Any], max_length: int | None = None) -> str:
