@@ -80,6 +80,12 @@ def build_parser(prog: str = "align chat") -> argparse.ArgumentParser:
     parser.add_argument("--top-p", type=_top_p, default=0.9, help="nucleus sampling's mass (default 0.9)")
     parser.add_argument("--max-new-tokens", type=_positive_int, default=256, help="per answer (default 256)")
     parser.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
+    parser.add_argument(
+        "--thinking",
+        choices=("on", "off"),
+        help="a thinking template's switch (Qwen 3's enable_thinking; default: the template's). The reasoning is "
+        "shown apart from the answer, dimmed, on stderr",
+    )
     return parser
 
 
@@ -107,6 +113,7 @@ class Conversation:
     tokenizer: Any
     system: str | None = None
     turns: list[tuple[str, str]] = field(default_factory=list)
+    template_kwargs: dict[str, Any] = field(default_factory=dict)  # a thinking template's switch
 
     def render(self, user: str) -> str:
         """The text the model continues to answer `user` after the turns so far.
@@ -120,7 +127,9 @@ class Conversation:
                 messages += [{"role": "user", "content": asked}, {"role": "assistant", "content": answered}]
             messages.append({"role": "user", "content": user})
             try:
-                return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+                return self.tokenizer.apply_chat_template(
+                    messages, tokenize=False, add_generation_prompt=True, **self.template_kwargs
+                )
             except Exception as exc:  # jinja's TemplateError: some templates refuse a system role
                 raise BadInput(f"the chat template refused the conversation: {exc}") from None
         eos = self.tokenizer.eos_token or ""
@@ -301,11 +310,29 @@ def chat(
     prompts = read_prompt_format(saved.path, bool(getattr(tokenizer, "chat_template", None)))
     sampling = Sampling(args.temperature, args.top_p, args.max_new_tokens)
     conversation = Conversation(prompts, tokenizer, system=args.system)
+    thinking = thinking_for(conversation, getattr(args, "thinking", None))
     set_seed(args.seed)
     print(banner(saved, prompts, sampling, new_tokens_limit(model, sampling.max_new_tokens)), file=err)
+    if thinking is not None:
+        print(f"thinking: {getattr(args, 'thinking', None) or 'the template default'}; the reasoning is shown "
+              "apart, on stderr", file=err)  # fmt: skip
+
+    def reply_to(text: str, stream: TextIO | None) -> tuple[str, bool]:
+        """The answer (streamed where the model does not think; a thinking model's reasoning shown apart first)."""
+        if thinking is None:
+            return answer(model, tokenizer, text, sampling, stream)
+        from align.families import split_reasoning
+
+        raw, cut = answer(model, tokenizer, text, sampling, None)
+        reply, reasoning, unfinished = split_reasoning(raw, thinking)
+        if reasoning is not None or unfinished:
+            show_reasoning(reasoning or "", unfinished, err)
+        if stream is not None:
+            stream.write(reply)
+        return reply, cut
 
     if args.prompt is not None:
-        text, cut = answer(model, tokenizer, conversation.render(args.prompt), sampling, None)
+        text, cut = reply_to(conversation.render(args.prompt), None)
         if cut:
             print("note: the prompt was longer than the model's positions: its beginning was cut", file=err)
         print(text, file=out)
@@ -343,7 +370,7 @@ def chat(
                 continue
             out.write("model> ")
             out.flush()
-            reply, cut = answer(model, tokenizer, text, sampling, out)
+            reply, cut = reply_to(text, out)
             print(file=out)
             if not reply.strip():
                 print(f"({'an empty answer' if not reply else 'an answer of whitespace only'})", file=err)
@@ -355,6 +382,36 @@ def chat(
     except KeyboardInterrupt:  # Ctrl-C, at the prompt or while answering: the chat ends, cleanly
         print(file=out)
     return 0
+
+
+def thinking_for(conversation: Conversation, asked: str | None) -> Any:
+    """The template's reasoning block (None where it does not think), and its switch set as `--thinking` asks.
+
+    Raises:
+        BadInput: `--thinking` on a model whose template does not think, or one without a switch for it.
+    """
+    from align.families import thinking_of
+
+    tokenizer = conversation.tokenizer
+    thinking = thinking_of(tokenizer) if conversation.prompts.format == "chat_template" else None
+    if asked is None:
+        return thinking
+    if thinking is None:
+        raise BadInput(f"--thinking {asked}: this model's chat template does not think", hint="leave --thinking out")
+    if thinking.switch is None:
+        raise BadInput(f"--thinking {asked}: this model's chat template has no switch for thinking",
+                       hint="leave --thinking out")  # fmt: skip
+    conversation.template_kwargs = thinking.kwargs(asked == "on")
+    return thinking
+
+
+def show_reasoning(reasoning: str, unfinished: bool, err: TextIO) -> None:
+    """A thinking model's reasoning, apart from its answer: dimmed on a terminal, marked otherwise."""
+    note = " (cut: it never closed within --max-new-tokens)" if unfinished else ""
+    if getattr(err, "isatty", lambda: False)():
+        print(f"\x1b[2m{reasoning}{note}\x1b[0m", file=err)
+    else:
+        print(f"[reasoning{note}] {reasoning}", file=err)
 
 
 def compare(run_dir: Path, args: argparse.Namespace, out: TextIO | None = None, err: TextIO | None = None) -> int:

@@ -99,14 +99,14 @@ class TemplateFacts:
     """What a chat template does, read from what it renders (see `template_facts`)."""
 
     end_of_turn: str | None  # the token after an assistant's content (`<|im_end|>`, `<|eot_id|>`, eos)
-    system_prompt: str | None  # the system text it writes when the conversation has none
+    system_prompt: str | None  # the system text it writes of its own, and when
     dated: bool  # renders today's date unless `date_string` is given
     pinned: bool  # align pinned its date
 
     def describe(self) -> str:
         parts = [f"end of turn {self.end_of_turn}" if self.end_of_turn else "end of turn unknown"]
         if self.system_prompt:
-            parts.append(f"injects a system prompt when the data has none: {self.system_prompt[:80]!r}")
+            parts.append(f"a system prompt of its own ({self.system_prompt})")
         if self.pinned:
             parts.append(f"date pinned to {PINNED_DATE} (date_string)")
         return "; ".join(parts)
@@ -131,10 +131,12 @@ def end_of_turn(tokenizer: PreTrainedTokenizerBase) -> str | None:
 
 
 def injected_system_prompt(tokenizer: PreTrainedTokenizerBase) -> str | None:
-    """The system text a template writes into a conversation that has none (Qwen 2.5's "You are Qwen, ...", Llama
-    3.1's knowledge date), or None."""
+    """What system text a template writes of its own, said as the plan shows it: into a conversation without a
+    system prompt only (Qwen 2.5's "You are Qwen, ..."), or always, before the data's own (Llama 3.1's knowledge
+    date); None where it writes none."""
     try:
         text = render(tokenizer, [{"role": "user", "content": _USER}])
+        with_system = render(tokenizer, [{"role": "system", "content": _SYSTEM}, {"role": "user", "content": _USER}])
     except Exception:
         return None
     before = text.split(_USER)[0]
@@ -142,7 +144,11 @@ def injected_system_prompt(tokenizer: PreTrainedTokenizerBase) -> str | None:
         before = before.replace(token, " ")
     roles = re.compile(r"[#:\s]*(?:system|user|assistant|model)?[#:\s]*")
     words = [w for w in before.split() if not roles.fullmatch(w)]
-    return " ".join(words) or None
+    if not words:
+        return None
+    own = " ".join(words)
+    always = all(w in with_system.split(_SYSTEM)[0] for w in words)
+    return f"{'always writes' if always else 'writes when the data has none'}: {own[:80]!r}"
 
 
 def pin_date(tokenizer: PreTrainedTokenizerBase) -> bool:
@@ -204,8 +210,16 @@ def apply_template(tokenizer: PreTrainedTokenizerBase, template: str, model: Any
     if model is not None:
         if len(tokenizer) > model.get_input_embeddings().num_embeddings:
             model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+        model.config.eos_token_id = tokenizer.eos_token_id  # as the generation config: the Trainer checks they agree
         complete_stops(model, tokenizer)
     return new_special + new_plain
+
+
+def embedding_modules(model: Any) -> list[str]:
+    """The names (last part) of the model's input embedding and output head: what trains beside LoRA adapters where
+    a named template added tokens, since their rows start untrained (peft's `modules_to_save`)."""
+    wanted = {id(model.get_input_embeddings()), id(model.get_output_embeddings())}
+    return sorted({name.rsplit(".", 1)[-1] for name, module in model.named_modules() if id(module) in wanted})
 
 
 def complete_stops(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> list[int]:
@@ -288,7 +302,8 @@ def router_loss(config: Any, asked: float | None = None) -> str | None:
     coef = getattr(text, "router_aux_loss_coef", None) if asked is None else asked
     source = "the config's" if asked is None else "the recipe's"
     if not coef:
-        return f"off: {source} router_aux_loss_coef is 0 (set train.router_aux_loss_coef to train the router)"
+        return (f"off: {source} router_aux_loss_coef is 0, so no load-balancing term (the router still learns from "
+                "the loss; set train.router_aux_loss_coef to balance the experts)")  # fmt: skip
     return f"on: TRL adds {source} router_aux_loss_coef {coef} x the load-balancing loss, logged as aux_loss"
 
 
@@ -296,26 +311,29 @@ def router_loss(config: Any, asked: float | None = None) -> str | None:
 # A stage's choice
 
 
-def use_stage_template(stage: Any, tokenizer: PreTrainedTokenizerBase | None, model: Any = None) -> None:
+def use_stage_template(stage: Any, tokenizer: PreTrainedTokenizerBase | None, model: Any = None) -> list[str]:
     """Apply a stage's `chat_template:` (a shipped name or a .jinja file; `own`/unset keeps the model's) to the
     planned tokenizer, or at run time to the loaded tokenizer and model. Either way a dated template is pinned.
+    Returns the tokens it added to the tokenizer.
 
     Raises:
         BadInput: an unknown name or a missing file (found when planning, before any stage trains).
     """
     if tokenizer is None:
-        return
+        return []
     choice = getattr(stage, "chat_template", None)
     if choice not in (None, "own"):
         added = apply_template(tokenizer, read_template(choice, f"stages.{stage.name}.chat_template"), model)
         if added and model is not None:
             logger.info("chat template %s: added %s to the tokenizer (embeddings resized to %d); eos is %s",
                         choice, ", ".join(added), len(tokenizer), tokenizer.eos_token)  # fmt: skip
-    elif pin_date(tokenizer) and model is not None:
+        return added
+    if pin_date(tokenizer) and model is not None:
         complete_stops(model, tokenizer)
+    return []
 
 
-def describe_template(stage: Any, tokenizer: PreTrainedTokenizerBase, marks: bool | None, default: bool) -> str:
+def describe_template(stage: Any, tokenizer: PreTrainedTokenizerBase, marks: bool | str | None, default: bool) -> str:
     """The plan's line on the chat template: which (`default`: align's own, given to a model without one),
     whether assistant turns can be told apart (`marks`: None where the stage trains no conversations), and what the
     template does (end of turn, injected system prompt, pinned date)."""
@@ -325,7 +343,8 @@ def describe_template(stage: Any, tokenizer: PreTrainedTokenizerBase, marks: boo
     else:
         label = f"{choice} (TRL {trl_version()}'s)" if not choice.endswith(".jinja") else choice
     if marks is not None:
-        label += "; marks assistant turns" if marks else "; assistant turns not marked"
+        label += {True: "; marks assistant turns", False: "; assistant turns not marked",
+                  "derived": "; no generation marks (align derives the assistant masks)"}[marks]  # fmt: skip
     return f"{label}; {template_facts(tokenizer).describe()}"
 
 

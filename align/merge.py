@@ -54,9 +54,19 @@ def merge_adapters(source: Path, out: Path, reward_model: bool = False, card: st
 
     auto = AutoPeftModelForSequenceClassification if reward_model else AutoPeftModelForCausalLM
     model = auto.from_pretrained(str(source), **({"num_labels": 1} if reward_model else {}))
+    from align.families import complete_stops
     from align.models import load_tokenizer, save_model
 
-    save_model(model.merge_and_unload(), load_tokenizer(str(source)), out)  # safetensors, readable as the rest
+    tokenizer = load_tokenizer(str(source))
+    if (source / "generation_config.json").is_file():  # where the stage stopped, not the base's own stops
+        from transformers import GenerationConfig
+
+        model.generation_config = GenerationConfig.from_pretrained(str(source))
+    merged = model.merge_and_unload()
+    complete_stops(merged, tokenizer)  # a named template's end-of-turn token among them
+    if tokenizer.eos_token_id is not None:
+        merged.config.eos_token_id = tokenizer.eos_token_id
+    save_model(merged, tokenizer, out)  # safetensors, readable as the rest
     for name in CARRIED:
         if (source / name).is_file():
             shutil.copy2(source / name, out / name)

@@ -559,7 +559,7 @@ def lora_adapts(settings: Any, config: Any, task_type: str = "CAUSAL_LM", where:
     adapted = set()
     for name, module in model.named_modules():
         if isinstance(module, LoraLayer):
-            short = re.sub(r"^.*?\.layers\.\d+\.", "", name).replace(".base_layer", "")
+            short = re.sub(r"^.*\.\d+\.", "", name).replace(".base_layer", "")
             parameter = getattr(module, "parameter_name", None)
             adapted.add(f"{short}.{parameter}" if parameter else short)
     shown = ", ".join(sorted(adapted)) or "nothing"
@@ -569,9 +569,12 @@ def lora_adapts(settings: Any, config: Any, task_type: str = "CAUSAL_LM", where:
     return shown
 
 
-def lora_config(settings: Any, task_type: str = "CAUSAL_LM") -> Any:
+def lora_config(settings: Any, task_type: str = "CAUSAL_LM", embeddings: list[str] | None = None) -> Any:
     """peft's LoraConfig from a stage's `peft:`; `task_type` "SEQ_CLS" (an rm stage) also trains and saves the new
-    score head (peft adds it to `modules_to_save`)."""
+    score head (peft adds it to `modules_to_save`); `embeddings`: the embedding and head modules that train and save
+    whole beside the adapters (a named chat template added tokens, whose rows start untrained), kept tied where the
+    model ties them. peft's `trainable_token_indices` would train only those rows, but TRL's chunked LM head reads
+    the head's `bias`, which peft's token wrapper lacks (TRL 1.16, peft 0.21: the first step fails)."""
     from peft import LoraConfig
 
     return LoraConfig(
@@ -581,6 +584,7 @@ def lora_config(settings: Any, task_type: str = "CAUSAL_LM") -> Any:
         target_modules=settings.target_modules,
         task_type=task_type,
         **({"target_parameters": settings.target_parameters} if settings.target_parameters else {}),
+        **({"modules_to_save": embeddings, "ensure_weight_tying": True} if embeddings else {}),
     )
 
 
@@ -609,6 +613,8 @@ def save_trained(
     # The trained adapters only: continuing on earlier adapters, TRL's DPO adds a frozen copy named "ref".
     model.save_pretrained(directory, selected_adapters=[model.active_adapter])
     tokenizer.save_pretrained(directory)
+    # Where generation stops (a named template's end-of-turn token among them): peft saves no generation config.
+    model.generation_config.save_pretrained(directory)
     readable_weights(directory)
     if base_ref is None:
         save_model(model.unload(), tokenizer, directory / "base")

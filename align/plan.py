@@ -218,6 +218,11 @@ def plan_settings(
     elif stage.train[given_key] and checkpointing is False:
         problems.append(f"{where}.{given_key}: this model does not support it")
 
+    logging, steps = out["logging_steps"].value, out.get("max_steps")
+    if isinstance(logging, int) and steps is not None and isinstance(steps.value, int) and 0 < steps.value < logging:
+        logger.warning("%s.logging_steps: %d (%s) is more than max_steps %d: no training row (loss, grad norm, an "
+                       "MoE's aux_loss) will be logged; set logging_steps: %d or less", where, logging,
+                       out["logging_steps"].source, steps.value, steps.value)  # fmt: skip
     if stage.early_stopping is not None:
         # The best checkpoint must be on disk to be restored, so saving follows evaluation step for step.
         why = f"early stopping (patience {stage.early_stopping.patience})"

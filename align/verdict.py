@@ -432,9 +432,16 @@ def _gathered(accelerator: Any, rows: list[list[float]]) -> list[float]:
     return [x for x in flat if x == x]  # NaN: padding
 
 
-def greedy_answers(model: Any, tokenizer: Any, prompts: Sequence[Any], max_new_tokens: int = 48) -> list[Any]:
+def greedy_answers(
+    model: Any,
+    tokenizer: Any,
+    prompts: Sequence[Any],
+    max_new_tokens: int = 48,
+    template_kwargs: dict[str, Any] | None = None,
+) -> list[Any]:
     """Greedy answers (`align.evaluation.Answer`: text, tokens, whether it ended on eos) to the stage's eval
-    prompts, at most `max_new_tokens` and half the model's positions (room for the prompt), in batches."""
+    prompts, at most `max_new_tokens` and half the model's positions (room for the prompt), in batches;
+    `template_kwargs`: the chat template's (a thinking switch)."""
     from align.evaluation import generate_batched
     from align.models import model_positions
 
@@ -443,7 +450,9 @@ def greedy_answers(model: Any, tokenizer: Any, prompts: Sequence[Any], max_new_t
     limit = model_positions(model.config)
     if limit is not None:
         max_new_tokens = max(1, min(max_new_tokens, limit // 2))
-    return [sample[0] for sample in generate_batched(model, tokenizer, list(prompts), max_new_tokens=max_new_tokens)]
+    answers = generate_batched(model, tokenizer, list(prompts), max_new_tokens=max_new_tokens,
+                               template_kwargs=template_kwargs)  # fmt: skip
+    return [sample[0] for sample in answers]
 
 
 # --------------------------------------------------------------------------------------------------

@@ -96,6 +96,8 @@ def test_sft_plans_say_each_family_trains_assistant_turns_and_what_its_template_
     stages[-1]["chat_template"] = "llama3_2"
     moe = next(s for s in stages if s["name"] == "sft_qwen3_moe")
     moe["peft"] = {"r": 4}
+    named = {**stages[0], "name": "sft_gpt2_named", "chat_template": "qwen2_5", "peft": {"target_modules": ["c_attn"]}}
+    stages.append(named)
     recipe = write_yaml(tmp_path / "r.yaml", {"name": "fam", "stages": stages})
     code, out, err = run_cli(recipe, "--output-dir", tmp_path / "run", "--dry-run")
     assert code == 0, err
@@ -106,8 +108,16 @@ def test_sft_plans_say_each_family_trains_assistant_turns_and_what_its_template_
         eot = families.FAMILIES["llama3" if name == "llama3_2" else name].eot
         assert f"end of turn {eot}" in plan
     assert "align's default (### role: headers)" in plans["sft_gpt2"]
-    assert "You are Qwen, created by Alibaba Cloud" in plans["sft_qwen2_5"]
+    assert "(writes when the data has none: 'You are Qwen, created by Alibaba Cloud" in plans["sft_qwen2_5"]
+    assert "(always writes: 'Cutting Knowledge Date: December 2023 Today Date: 26 Jul 2024')" in plans["sft_llama3_2"]
     assert "date pinned to 26 Jul 2024" in plans["sft_llama3_2"]
+    # LoRA on a base given a named template: the turn markers' embeddings train beside the adapters (short names).
+    assert ("lora_adapts: attn.c_attn; and the embeddings and head whole (modules_to_save): the template added 6 "
+            "tokens" in plans["sft_gpt2_named"])  # fmt: skip
+    assert (
+        "template_tokens: adds <|im_start|>, <|im_end|>, <tool_call>, </tool_call>, <tool_response>, "
+        "</tool_response> (the embeddings grow to 398); eos is <|im_end|>" in plans["sft_gpt2_named"]
+    )
     assert "masks align derives from the template" in plans["sft_llama3_2"]
     assert "router_aux_loss: on: TRL adds the config's router_aux_loss_coef 0.01" in plans["sft_qwen3_moe"]
     # peft adapts the fused experts and the router only without dropout: align's default gives way, and says so.
@@ -320,6 +330,44 @@ def test_llama3_chain_trains_the_end_of_turn_label_though_pad_is_eos(family_mode
         assert json.loads((tmp_path / "run" / stage / "summary.json").read_text())["status"] == "completed"
     saved = json.loads((tmp_path / "run" / "grpo" / "model" / "generation_config.json").read_text())
     assert set(tokenizer.convert_ids_to_tokens(saved["eos_token_id"])) == set(families.FAMILIES["llama3"].stops)
+
+
+@pytest.mark.slow
+def test_lora_on_a_named_template_trains_the_new_tokens_and_merge_keeps_the_end_of_turn_stop(
+    family_models, tmp_path, run_cli
+):
+    """LoRA with `chat_template: qwen2_5` on a base GPT-2: the embeddings and head train whole beside the adapters
+    (else `<|im_end|>` keeps its initial row), the adapters' folder says where generation stops, and `align merge`
+    keeps `<|im_end|>` as a stop (a merged model once stopped only at GPT-2's eos)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from align.merge import main as merge
+
+    stage = sft_stage(family_models, "gpt2", chat_template="qwen2_5", peft={"r": 4, "target_modules": ["c_attn"]},
+                      train={"max_steps": 3, "per_device_train_batch_size": 8, "learning_rate": 0.01})  # fmt: skip
+    recipe = {"name": "named-lora", "seed": 0, "tracking": {"wandb": {"mode": "disabled"}}, "stages": [stage]}
+    code, _, err = run_cli(write_yaml(tmp_path / "r.yaml", recipe), "--output-dir", tmp_path / "run")
+    assert code == 0, err
+    adapters = tmp_path / "run" / "sft" / "model"
+    tokenizer = AutoTokenizer.from_pretrained(adapters)
+    end = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    config = json.loads((adapters / "adapter_config.json").read_text())
+    assert "wte" in config["modules_to_save"] and config["ensure_weight_tying"]  # the tied head with it
+    assert end in json.loads((adapters / "generation_config.json").read_text())["eos_token_id"]
+    assert merge([str(tmp_path / "run"), str(tmp_path / "merged")]) == 0
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged")
+    stops = merged.generation_config.eos_token_id
+    assert end in (stops if isinstance(stops, list) else [stops]) and merged.config.eos_token_id == end
+    from safetensors.torch import load_file
+
+    saved = load_file(adapters / "adapter_model.safetensors")
+    rows = next(v for k, v in saved.items() if "wte" in k)  # the whole embedding, saved with the adapters
+    assert rows.shape[0] == len(tokenizer)
+    assert torch.equal(merged.get_input_embeddings().weight[end], rows[end])  # merged as trained
+    base = AutoModelForCausalLM.from_pretrained(family_models["gpt2"]).get_input_embeddings().weight
+    word = tokenizer("red", add_special_tokens=False)["input_ids"][0]
+    assert not torch.equal(rows[word], base[word])  # the embeddings trained
 
 
 @pytest.mark.slow

@@ -30,17 +30,38 @@ class Answer:
         token_ids: the answer's tokens, the stop token excluded.
         ended: True when generation stopped on the end-of-turn/eos token, False when it hit `max_new_tokens`.
         prompt_truncated: True when the prompt lost its start to fit the model's positions.
+        reasoning: a thinking template's reasoning, apart from `text` (then the answer after it); None where the
+            answer has no reasoning block (`with_reasoning_apart`).
+        thought_cut: the reasoning never closed (max_new_tokens cut it mid-thought): `text` is empty.
     """
 
     text: str
     token_ids: tuple[int, ...]
     ended: bool
     prompt_truncated: bool = False
+    reasoning: str | None = None
+    thought_cut: bool = False
 
     @property
     def tokens(self) -> int:
         """The answer's length in tokens (the stop token not counted)."""
         return len(self.token_ids)
+
+
+def with_reasoning_apart(answers: list[list[Answer]], thinking: Any) -> list[list[Answer]]:
+    """Each answer's text split into its final answer (`text`) and `reasoning`, for a template that thinks
+    (`thinking`: align.families.Thinking; None leaves the answers as they are)."""
+    if thinking is None:
+        return answers
+    import dataclasses
+
+    from align.families import split_reasoning
+
+    def apart(answer: Answer) -> Answer:
+        text, reasoning, cut = split_reasoning(answer.text, thinking)
+        return dataclasses.replace(answer, text=text, reasoning=reasoning, thought_cut=cut)
+
+    return [[apart(a) for a in per] for per in answers]
 
 
 def resolve_format(prompt: Prompt, prompt_format: PromptFormat | None) -> PromptFormat:

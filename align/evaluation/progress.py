@@ -15,8 +15,8 @@ if TYPE_CHECKING:
 def _write_progress(path: Path, key: str, answers: list[list[Answer]]) -> None:
     from align.files import write_text_atomic
 
-    data = {"key": key, "answers": [[[a.text, list(a.token_ids), a.ended, a.prompt_truncated] for a in per]
-                                    for per in answers]}  # fmt: skip
+    data = {"key": key, "answers": [[[a.text, list(a.token_ids), a.ended, a.prompt_truncated, a.reasoning,
+                                      a.thought_cut] for a in per] for per in answers]}  # fmt: skip
     path.parent.mkdir(parents=True, exist_ok=True)
     write_text_atomic(path, json.dumps(data))
 
@@ -28,5 +28,6 @@ def _read_progress(path: Path, key: str) -> list[list[Answer]] | None:
     data = read_json(path)
     if not isinstance(data, dict) or data.get("key") != key:
         return None
-    return [[Answer(text, tuple(ids), ended, truncated) for text, ids, ended, truncated in per]
+    # Files written before answers kept their reasoning apart hold four fields.
+    return [[Answer(text, tuple(ids), ended, truncated, *rest) for text, ids, ended, truncated, *rest in per]
             for per in data["answers"]]  # fmt: skip

@@ -235,7 +235,7 @@ class TrainingKind(Kind):
             )
             from align.families import use_stage_template
 
-            use_stage_template(stage, tokenizer)
+            added = use_stage_template(stage, tokenizer)
         except BadInput as exc:
             found.absorb(exc)
             return None, found
@@ -279,8 +279,16 @@ class TrainingKind(Kind):
                 plan.effective = effective_settings(cls, stage.name, settings, parts.runtime, self.key_settings)
             except BadInput as exc:
                 found.absorb(exc)
+        if peft is not None and added and start.lora == "new":
+            # The rows of the tokens the template added start untrained: the embeddings and head train whole.
+            plan.prepared["train_embeddings"] = True
+            adapts = (adapts + "; " if adapts else "") + (f"and the embeddings and head whole (modules_to_save): the "
+                                                          f"template added {len(added)} tokens")  # fmt: skip
         if adapts is not None:
             plan.details["lora_adapts"] = adapts
+        if added:  # what the stage's chat template does to the tokenizer and model, before anything trains
+            plan.details["template_tokens"] = (f"adds {', '.join(added)} (the embeddings grow to {len(tokenizer)}); "
+                                               f"eos is {tokenizer.eos_token}")  # fmt: skip
         if tokenizer is not None and getattr(tokenizer, "chat_template", None) and "chat_template" not in plan.details:
             from align.families import describe_template
             from align.models import DEFAULT_CHAT_TEMPLATE
@@ -288,6 +296,13 @@ class TrainingKind(Kind):
             # Every kind that renders conversations shows its template (sft adds whether it marks assistant turns).
             default = tokenizer.chat_template == DEFAULT_CHAT_TEMPLATE
             plan.details["chat_template"] = describe_template(stage, tokenizer, None, default)
+        if tokenizer is not None and getattr(stage, "thinking", None) is not None:
+            from align.families import THINKING_HINT, thinking_of, thinking_problem
+
+            problem = thinking_problem(stage, thinking_of(tokenizer) if tokenizer.chat_template else None)
+            if problem is not None:
+                found.add([problem])
+                found.hints.append(THINKING_HINT)
         if config is not None:
             from align.families import router_loss
 
@@ -318,6 +333,11 @@ class TrainingKind(Kind):
         """Give this run's instance its stage, context and loaded model, then set it up."""
         self.stage, self.ctx, self.model, self.tokenizer, self.start = stage, ctx, model, tokenizer, start
         self.planned = ctx.plan  # the stage's StagePlan
+        from align.families import thinking_of
+
+        # A thinking template's switch as the stage sets it, wherever the stage generates (held-out answers).
+        thinking = thinking_of(tokenizer) if getattr(tokenizer, "chat_template", None) else None
+        self.template_kwargs = thinking.kwargs(getattr(stage, "thinking", None)) if thinking else {}
         self.data = ctx.data
         self.at_run_time: dict[str, Any] = {}  # the decisions the plan left to run time
         self.extra: dict[str, Any] = {}  # summary.json fields known before training
@@ -334,13 +354,17 @@ class TrainingKind(Kind):
         """Its Trainer (`trainer_cls`) on the run's train and eval rows (`self.train`, `self.eval`, set by `setup`),
         with the LoRA adapters the plan decided; `own`: the kind's own arguments (a reference model, a teacher,
         reward functions)."""
+        from align.families import embedding_modules
         from align.models import lora_config
 
         task = "SEQ_CLS" if self.reward_head else "CAUSAL_LM"
+        peft = None
+        if self.start.lora == "new":
+            embeddings = embedding_modules(self.model) if self.planned.prepared.get("train_embeddings") else None
+            peft = lora_config(self.stage.peft, task, embeddings)
         return self.trainer_cls(self.trainer_format)(
             model=self.model, args=args, train_dataset=self.train, eval_dataset=self.eval,
-            processing_class=self.tokenizer, callbacks=callbacks,
-            peft_config=lora_config(self.stage.peft, task) if self.start.lora == "new" else None, **own,
+            processing_class=self.tokenizer, callbacks=callbacks, peft_config=peft, **own,
         )  # fmt: skip
 
     def guards(self) -> list[Any]:

@@ -185,7 +185,8 @@ class Distill(TrainingKind):
 
         model = trainer.model
         return HeldOut(
-            kl_to_teacher(model, self.teacher, self.targets), greedy_answers(model, self.tokenizer, self.prompts)
+            kl_to_teacher(model, self.teacher, self.targets),
+            greedy_answers(model, self.tokenizer, self.prompts, template_kwargs=self.template_kwargs),
         )
 
     def summarize(self, before, after, measured_before, measured_after):

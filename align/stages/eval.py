@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, ClassVar, Literal
 
-from pydantic import Field
+from pydantic import Field, SerializerFunctionWrapHandler, model_serializer
 
 from align.errors import BadInput, Problems
 from align.plan import PlanInputs, StagePlan
@@ -37,6 +37,7 @@ from align.recipe import (
     Recipe,
     Stage,
     Strict,
+    later_keys_left_out,
     path_component_problems,
     reward_model_problems,
     stage_ref,
@@ -102,6 +103,14 @@ class EvalStage(Stage):
     allow_overlap: bool = Field(
         False, description="allow prompts that an earlier stage of this recipe trained on (refused by default)"
     )
+    thinking: bool | None = Field(
+        None, description="the thinking switch of each model's template (one that thinks) when it answers; unset: "
+        "the template's default. Judges score the answer after the reasoning"
+    )  # fmt: skip
+
+    @model_serializer(mode="wrap")
+    def _dump(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        return later_keys_left_out(handler(self), self, ("thinking",))
 
     def problems(self, earlier: list[Stage]) -> list[str]:
         """Its models, baseline and judges against the stages before it."""
@@ -260,6 +269,8 @@ def plan_eval(
                                       else "align default")  # fmt: skip
     for label, ref in models.items():
         config = _planned_config(ref, plans, recipe)
+        if stage.thinking is not None:
+            problems += thinking_problems(stage, label, _planned_tokenizer(ref, plans))
         limit = _positions(config)
         if limit is not None and stage.generation.max_new_tokens >= limit:
             problems.append(f"{where}.generation.max_new_tokens: {stage.generation.max_new_tokens} leaves no room for "
@@ -287,6 +298,10 @@ def plan_eval(
         problems += check_functions(
             stage.judges, [{"prompt": r.prompt, **r.columns} for r in rows[:2]], recipe.base_dir, f"{where}.judges"
         )
+        if any(j.function is not None for j in stage.judges) and any("reasoning" in r.columns for r in rows):
+            problems.append(f"{where}.data: a column named 'reasoning': function judges receive a thinking model's "
+                            "reasoning under that name")  # fmt: skip
+            hints.append("rename the column (the data card's or source's `columns:` mapping, or in the file)")
         if any(j.reference is not None for j in stage.judges) and with_reference < len(rows):
             problems.append(f"{where}.judges: the reference judge needs a reference answer for every prompt; "
                             f"{len(rows) - with_reference} of {len(rows)} have none")  # fmt: skip
@@ -305,6 +320,29 @@ def plan_eval(
     plan = StagePlan(stage.name, stage.kind, label, "models", None, None, None, settings, details=details)
     plan.effective = dict(settings)  # shown under `settings:`, each with its source
     return plan, problems, hints
+
+
+def _planned_tokenizer(ref: str, plans: dict[str, StagePlan]) -> Any:
+    """A model's tokenizer as planned (an earlier stage's) or saved (a directory); None where it is not at hand."""
+    name = stage_ref(ref)
+    if name is not None:
+        return plans[name].tokenizer if name in plans else None
+    try:
+        from align.models import load_tokenizer
+
+        return load_tokenizer(ref)
+    except Exception:  # not available offline: nothing to check before the stage
+        return None
+
+
+def thinking_problems(stage: Stage, label: str, tokenizer: Any) -> list[str]:
+    """The eval's `thinking:` against one model's template (as `align.families.thinking_problem` says it)."""
+    if tokenizer is None or not getattr(tokenizer, "chat_template", None):
+        return []
+    from align.families import thinking_of, thinking_problem
+
+    problem = thinking_problem(stage, thinking_of(tokenizer))
+    return [] if problem is None else [problem.replace(": the chat template", f": model {label}'s chat template")]
 
 
 def _planned_config(ref: str, plans: dict[str, StagePlan], recipe: Recipe) -> Any:
@@ -423,8 +461,11 @@ def answer_all(
     from align.evaluation.progress import _read_progress, _write_progress
 
     gen = stage.generation
-    key = hashlib.sha256(json.dumps([model_identity(ref, ctx.outputs, ctx.recipe.base_dir), gen.model_dump(),
-                                     [show_prompt(r.prompt) for r in rows], index]).encode()).hexdigest()  # fmt: skip
+    parts = [model_identity(ref, ctx.outputs, ctx.recipe.base_dir), gen.model_dump(),
+             [show_prompt(r.prompt) for r in rows], index]  # fmt: skip
+    if stage.thinking is not None:  # only where set: progress kept before the key existed still matches
+        parts.append({"thinking": stage.thinking})
+    key = hashlib.sha256(json.dumps(parts).encode()).hexdigest()
     progress = ctx.stage_dir / "progress" / f"{name}.json"
     kept = _read_progress(progress, key)
     if kept is not None:
@@ -433,11 +474,18 @@ def answer_all(
     model, tokenizer, prompt_format = load_policy(path, f"stages.{stage.name}.models.{name}", ctx.precision)
     prompts = [render_prompt(r.prompt, prompt_format) for r in rows]
     fmt = "plain" if prompt_format.format == "plain" and all(isinstance(p, str) for p in prompts) else "chat_template"
+    from align.evaluation.generation import with_reasoning_apart
+    from align.families import thinking_of
+
+    # A template that thinks: its switch as the stage sets it, and each answer's reasoning kept apart from it.
+    thinking = thinking_of(tokenizer) if fmt == "chat_template" and tokenizer.chat_template else None
     # A different seed per model: sampled answers of two copies of one model must differ, or they would tie.
     answers = generate_batched(
         model, tokenizer, prompts, max_new_tokens=gen.max_new_tokens, temperature=gen.temperature, top_p=gen.top_p,
         num_samples=gen.num_samples, batch_size=gen.batch_size, seed=gen.seed + index, prompt_format=fmt,
+        template_kwargs=thinking.kwargs(stage.thinking) if thinking else None,
     )  # fmt: skip
+    answers = with_reasoning_apart(answers, thinking)
     del model
     _write_progress(progress, key, answers)
     flat = [a for per_prompt in answers for a in per_prompt]
@@ -483,11 +531,14 @@ def function_scores(judge: Judge, ctx: StageContext, rows: list[EvalRow], flat: 
     conversational = bool(rows) and isinstance(rows[0].prompt, list)
     fn = guarded(resolve_function(judge, ctx.recipe.base_dir, where, conversational), judge.name)
     prompts = [rows[p].prompt for _, p, _ in flat]
+    # The answer after any reasoning is what is judged (`Answer.text`); the reasoning comes as `reasoning`.
+    reasoning = {"reasoning": [a.reasoning or "" for _, _, a in flat]} if any(
+        a.reasoning is not None for _, _, a in flat) else {}  # fmt: skip
     completions = [[{"role": "assistant", "content": a.text}] if conversational else a.text for _, _, a in flat]
     names = sorted({k for row in rows for k in row.columns})
     columns = {k: [rows[p].columns.get(k) for _, p, _ in flat] for k in names}
     values = fn(prompts=prompts, completions=completions, completion_ids=[list(a.token_ids) for _, _, a in flat],
-                **columns)  # fmt: skip
+                **columns, **reasoning)  # fmt: skip
     if len(values) != len(flat):
         from align.rewards import RewardFailed
 
@@ -546,7 +597,12 @@ def figures(
             entry["win_rates"][j] = {**result.summary(), "length_coefficient": result.length_coefficient}
         if judges:
             entry.update({k: entry["win_rates"][judges[0]][k] for k in ("win_rate", "win_rate_ci", "lc_win_rate")})
-        entry.update(answer_statistics([a for samples in per for a in samples]))
+        flat_answers = [a for samples in per for a in samples]
+        entry.update(answer_statistics(flat_answers))
+        if any(a.reasoning is not None or a.thought_cut for a in flat_answers):
+            n = len(flat_answers)
+            entry["cut_thought_rate"] = sum(a.thought_cut for a in flat_answers) / n
+            entry["reasoning_length"] = sum(len(a.reasoning or "") for a in flat_answers) / n
         if label in lm_eval:
             entry["lm_eval"] = lm_eval[label]
         entry["verdict"] = model_verdict(label, baseline, entry, out["models"].get(baseline), judges)
@@ -572,6 +628,9 @@ def write_generations(
                     "prompt_index": p, "prompt": show_prompt(row.prompt), "reference": row.reference,
                     "model": label, "sample": s, "answer": answer.text, "tokens": answer.tokens,
                     "ended": answer.ended, "scores": {j: scores[j][label][p][s] for j in scores},
+                    # A thinking model's reasoning, apart from the answer judged (only where it thought).
+                    **({"reasoning": answer.reasoning, "thought_cut": answer.thought_cut}
+                       if answer.reasoning is not None or answer.thought_cut else {}),
                 })  # fmt: skip
     write_text_atomic(path, "".join(json.dumps(line) + "\n" for line in lines))
     return lines

@@ -203,7 +203,7 @@ class KTO(TrainingKind):
         from align.evaluation.likelihood import completion_logps, label_auc_values, preference_pairs
         from align.verdict import greedy_answers
 
-        answers = greedy_answers(trainer.model, self.tokenizer, self.prompts)
+        answers = greedy_answers(trainer.model, self.tokenizer, self.prompts, template_kwargs=self.template_kwargs)
         rows = self.held_out
         if self.pairs:
             correct, chosen = preference_pairs(trainer.model, self.tokenizer, rows, self.max_length)

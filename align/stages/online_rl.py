@@ -248,14 +248,19 @@ class OnlineKind(TrainingKind):
         fn, tokenizer = scorer
         rows = self.held_out
         prompts = [rows[i]["prompt"] for i, _ in flat]
+        from align.families import split_reasoning
+
+        # A thinking model's answer after its reasoning is what a reward model or ROUGE-L scores (the functions
+        # split it themselves: `answers_apart`).
+        answers = [split_reasoning(a.text, self.thinking)[0] for _, a in flat]
         if fn == "rouge_l":
             from align.evaluation import rouge_l_f1
 
-            return rouge_l_f1([a.text for _, a in flat], [str(rows[i].get("completion") or "") for i, _ in flat])
+            return rouge_l_f1(answers, [str(rows[i].get("completion") or "") for i, _ in flat])
         if tokenizer is not None:
             from align.evaluation import reward_model_scores
 
-            texts = [a.text for _, a in flat]
+            texts = answers
             return reward_model_scores(fn, tokenizer, prompts, texts, batch_size=args.per_device_eval_batch_size)
         columns = {k: [rows[i][k] for i, _ in flat] for k in rows.column_names if k != "prompt"}
         completions = [[{"role": "assistant", "content": a.text}] if self.conversational else a.text for _, a in flat]
@@ -346,10 +351,10 @@ def thought_figures(texts: list[str], thinking: Any) -> dict[str, float]:
 
 def plan_thinking(stage: Any, tokenizer: Any, thinking: Any, data: Any, parts: StageParts) -> None:
     """A thinking template's switch for the stage's `thinking:` (TRL's `chat_template_kwargs`), the generation prompt
-    as rendered under it, and what is refused before any stage trains: `thinking: true` on a template that does not
-    think (or one without a switch to turn it off for `false`), and a data column named `reasoning` (the rewards
-    receive the completions' reasoning under that name)."""
-    from align.families import THINKING_HINT, render, thinking_problem
+    as rendered under it, and a data column named `reasoning` refused (the rewards receive the completions'
+    reasoning under that name). A `thinking:` the template cannot follow is refused by every kind's plan
+    (align/stages/base.py)."""
+    from align.families import render, thinking_problem
 
     where = f"stages.{stage.name}"
     if data is not None and "reasoning" in data["validation"].column_names:
@@ -358,15 +363,16 @@ def plan_thinking(stage: Any, tokenizer: Any, thinking: Any, data: Any, parts: S
         parts.hints.append("rename the column (the data card's or source's `columns:` mapping, or in the file)")
     if tokenizer is None or not getattr(tokenizer, "chat_template", None):
         return
-    problem = thinking_problem(stage, thinking)
-    if problem is not None:
-        parts.problems.append(problem)
-        parts.hints.append(THINKING_HINT)
-        return
-    if thinking is None:
+    if thinking is not None and thinking_problem(stage, thinking) is not None:  # the plan of every kind says why
         return
     asked = stage.thinking
-    kwargs = thinking.kwargs(asked)
+    kwargs = thinking.kwargs(asked) if thinking is not None else {}
+    if data is not None and len(data["train"]):  # what the policy reads before its answer, as rendered
+        prompt = data["train"][0]["prompt"]  # a string prompt is read as it is (TRL renders no template for it)
+        shown = prompt if isinstance(prompt, str) else render(tokenizer, prompt, prompt=True, **kwargs)
+        parts.details["generation_prompt"] = repr(shown)
+    if thinking is None:
+        return
     if kwargs:
         given = stage.train.get("chat_template_kwargs") or {}
         parts.fixed["chat_template_kwargs"] = Setting({**given, **kwargs}, f"align (thinking: {str(asked).lower()})")
@@ -374,10 +380,6 @@ def plan_thinking(stage: Any, tokenizer: Any, thinking: Any, data: Any, parts: S
     parts.details["thinking"] = (f"{state}: reasoning in {thinking.opens} ... {thinking.closes}; rewards get the "
                                  "answer as completions and the reasoning as reasoning (raw: true for the whole "
                                  "completion)")  # fmt: skip
-    if data is not None and len(data["train"]):
-        prompt = data["train"][0]["prompt"]
-        messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
-        parts.details["generation_prompt"] = repr(render(tokenizer, messages, prompt=True, **kwargs))
 
 
 def monitor_callback(stage: OnlineKind) -> Any:

@@ -211,7 +211,11 @@ def measure_pairs(stage_kind: TrainingKind, trainer: Trainer, pairs: Any, averag
     model, tokenizer = trainer.model, stage_kind.tokenizer
     correct, chosen = preference_pairs(model, tokenizer, pairs, stage_kind.max_length, average)
     # Per pair: 1 where the chosen completion is the likelier.
-    return HeldOut(correct, greedy_answers(model, tokenizer, stage_kind.prompts), chosen_logps=chosen)
+    return HeldOut(
+        correct,
+        greedy_answers(model, tokenizer, stage_kind.prompts, template_kwargs=stage_kind.template_kwargs),
+        chosen_logps=chosen,
+    )
 
 
 def summarize_pairs(

@@ -57,7 +57,7 @@ class SFT(TrainingKind):
         A `max_length` that leaves no training (or eval) example a trained token is a problem here, before any stage
         of the recipe trains.
         """
-        from align.families import THINKING_HINT, describe_template, thinking_of, thinking_problem
+        from align.families import describe_template
         from align.models import ensure_chat_template, marks_assistant_turns
         from align.plan import batch_figures
 
@@ -74,13 +74,11 @@ class SFT(TrainingKind):
             parts.details["loss_on"] = f"{UNKNOWN} (the chat template decides)" if fmt == "messages" else fmt
             return parts
         template = ensure_chat_template(tokenizer)
-        problem = thinking_problem(stage, thinking_of(tokenizer))
-        if problem is not None:
-            parts.problems.append(problem)
-            parts.hints.append(THINKING_HINT)
         loss = loss_flags(stage, fmt, tokenizer)
         parts.fixed.update({k: Setting(v, "align default (loss on answers only)") for k, v in config_flags(loss)})
-        marks = marks_assistant_turns(tokenizer) or loss.get(DERIVED, False) if fmt == "messages" else None
+        marks = None
+        if fmt == "messages":
+            marks = "derived" if loss.get(DERIVED) else marks_assistant_turns(tokenizer) or bool(loss.get(NO_THOUGHT))
         parts.details.update(
             chat_template=describe_template(stage, tokenizer, marks, template == "default"),
             loss_on=describe_loss(loss, fmt),
@@ -164,7 +162,8 @@ class SFT(TrainingKind):
         from align.verdict import example_losses, greedy_answers
 
         # Each eval example's loss, for the verdict.
-        return HeldOut(example_losses(trainer), greedy_answers(trainer.model, self.tokenizer, self.prompts))
+        answers = greedy_answers(trainer.model, self.tokenizer, self.prompts, template_kwargs=self.template_kwargs)
+        return HeldOut(example_losses(trainer), answers)
 
     def summarize(self, before, after, measured_before, measured_after):
         from align.verdict import loss_verdict
@@ -219,10 +218,33 @@ def loss_flags(stage: Stage, fmt: str, tokenizer: Any) -> dict[str, Any]:
     return {}
 
 
+def reasoning_named(ds: Dataset) -> Dataset:
+    """Conversations whose assistant turns carry their reasoning as `thinking` get it as `reasoning_content`, the
+    name chat templates render (Qwen 3's, R1 distills')."""
+    feature = ds.features.get("messages") if len(ds) else None
+    inner = getattr(feature, "feature", feature[0] if isinstance(feature, list) and feature else None)
+    if not isinstance(inner, dict) or "thinking" not in inner:
+        return ds
+
+    def renamed(row: dict[str, Any]) -> dict[str, Any]:
+        messages = []
+        for m in row["messages"]:
+            m = dict(m)
+            thought = m.pop("thinking", None)
+            if thought is not None and m.get("reasoning_content") is None:
+                m["reasoning_content"] = thought
+            messages.append(m)
+        return {"messages": messages}
+
+    return ds.map(renamed)
+
+
 def apply_loss(loss: dict[str, Any], fmt: str, *splits: Dataset, tokenizer: Any = None) -> list[Dataset]:
     """The splits as the loss needs them: conversations become prompt (every turn before the last assistant
     turn) and completion (that turn) where the loss falls on completions only; with masks align derives, token ids
     and `assistant_masks` (TRL takes tokenized rows as they are and builds labels from that mask)."""
+    if fmt == "messages":
+        splits = tuple(reasoning_named(ds) for ds in splits)
     if fmt == "messages" and any(loss.get(k) for k in ALIGN_MASKS):
 
         def tokenized(row: dict[str, Any]) -> dict[str, Any]:
