@@ -119,8 +119,9 @@ import json
 
 def record(prompts, completions, reasoning, **kwargs):
     with open(__file__ + ".jsonl", "a") as out:
-        for c, r in zip(completions, reasoning):
-            out.write(json.dumps({"answer": c[-1]["content"], "reasoning": r}) + "\\n")
+        for c, r in zip(completions, reasoning or [None] * len(completions)):
+            answer = c[-1]["content"] if isinstance(c, list) else c
+            out.write(json.dumps({"answer": answer, "reasoning": r}) + "\\n")
     return [0.0] * len(completions)
 """
 
@@ -190,3 +191,68 @@ def test_thinking_true_on_a_template_that_cannot_think_is_refused_in_sft(family_
                            tmp_path / "run")  # fmt: skip
     assert code == 2 and "stages.sft.thinking: true: the chat template does not think" in err, err
     assert "hint: remove thinking:, or use a template that thinks" in err
+
+
+def thinking_copy(family_models: dict[str, Path], template: str, folder: Path) -> Path:
+    """The Qwen 3 fixture saved again with another of TRL's templates (as a release that ships it would be)."""
+    import shutil
+
+    shutil.copytree(family_models["qwen3"], folder)
+    config = folder / "tokenizer_config.json"
+    (folder / "chat_template.jinja").write_text(families.trl_template(template))
+    settings = json.loads(config.read_text())
+    settings.pop("chat_template", None)
+    config.write_text(json.dumps(settings))
+    return folder
+
+
+@pytest.mark.slow
+def test_the_eval_stage_keeps_reasoning_apart_and_judges_the_answer(family_models, tmp_path):
+    """Two models answer: Qwen 3, and a copy whose template opens <think> in its generation prompt (Qwen 3.5's
+    thinking one, which has no switch to turn it off). generations.jsonl keeps each answer and its reasoning apart;
+    the judges get the answer, and the reasoning; the summary counts cut thoughts per model."""
+    from align.loader import load_recipe
+    from align.pipeline import run_pipeline
+
+    opens = thinking_copy(family_models, "qwen3_5_think", tmp_path / "opens")
+    # A judge receives `reasoning` where a model's template thinks (the check before the stage calls it without).
+    (tmp_path / "recorder.py").write_text(RECORDER.replace("reasoning, **kwargs", "reasoning=None, **kwargs"))
+    stage = {"name": "eval", "kind": "eval", "models": {"qwen3": str(family_models["qwen3"]), "opens": str(opens)},
+             "data": {"source": {"files": {"test": [str(family_models["prompts"])]}}, "format": "prompt_only"},
+             "max_prompts": 4, "generation": {"max_new_tokens": 6, "batch_size": 4},
+             "judges": [{"function": "recorder.py:record"}, {"function": "exact_match"}]}  # fmt: skip
+    recipe = load_recipe(write_yaml(tmp_path / "r.yaml", {"name": "e", "stages": [stage]}))
+    summary = run_pipeline(recipe, output_dir=tmp_path / "run", log_level="warning")[0]
+    lines = [json.loads(line) for line in (tmp_path / "run" / "eval" / "generations.jsonl").read_text().splitlines()]
+    opened = [line for line in lines if line["model"] == "opens"]
+    assert opened and all("reasoning" in line and line["thought_cut"] == (line["answer"] == "") for line in opened)
+    models = summary["metrics"]["models"]
+    assert models["opens"]["cut_thought_rate"] >= 0.5 and "reasoning_length" in models["opens"]
+    seen = [json.loads(line) for line in (tmp_path / "recorder.py.jsonl").read_text().splitlines()]
+    judged = {line["answer"] for line in lines}
+    assert {r["answer"] for r in seen[-len(lines) :]} <= judged  # the judge got the answers as written, apart
+
+
+def test_the_eval_stage_refuses_thinking_for_a_model_that_cannot(family_models, run_cli, tmp_path):
+    stage = {"name": "eval", "kind": "eval", "thinking": True, "models": {"llama": str(family_models["llama3"])},
+             "data": {"source": {"files": {"test": [str(family_models["prompts"])]}}, "format": "prompt_only"},
+             "judges": [{"function": "exact_match"}]}  # fmt: skip
+    code, _, err = run_cli(write_yaml(tmp_path / "r.yaml", {"name": "e", "stages": [stage]}), "--output-dir",
+                           tmp_path / "run")  # fmt: skip
+    assert code == 2 and "stages.eval.thinking: true: model llama's chat template does not think" in err, err
+
+
+def test_chat_shows_the_reasoning_apart_and_switches_thinking(family_models, tmp_path, capsys):
+    """`align chat --prompt`: the answer alone on stdout, a thinking model's reasoning apart on stderr; `--thinking`
+    on a model that cannot think is bad input (exit 2)."""
+    from align.chat import main as chat
+
+    opens = thinking_copy(family_models, "qwen3_5_think", tmp_path / "opens")
+    assert chat([str(opens), "--prompt", "red blue", "--max-new-tokens", "4", "--temperature", "0"]) == 0
+    out, err = capsys.readouterr()
+    assert "[reasoning (cut: it never closed within --max-new-tokens)]" in err
+    assert "<think>" not in out
+    assert chat([str(family_models["qwen3"]), "--prompt", "red", "--max-new-tokens", "4", "--thinking", "off"]) == 0
+    assert "thinking: off; the reasoning is shown apart, on stderr" in capsys.readouterr().err
+    assert chat([str(family_models["llama3"]), "--prompt", "red", "--thinking", "on"]) == 2
+    assert "error: --thinking on: this model's chat template does not think" in capsys.readouterr().err
