@@ -321,7 +321,7 @@ def chat(
         """The answer (streamed where the model does not think; a thinking model's reasoning shown apart first)."""
         if thinking is None:
             return answer(model, tokenizer, text, sampling, stream)
-        from align.families import split_reasoning
+        from align.thinking import split_reasoning
 
         raw, cut = answer(model, tokenizer, text, sampling, None)
         reply, reasoning, unfinished = split_reasoning(raw, thinking)
@@ -390,7 +390,7 @@ def thinking_for(conversation: Conversation, asked: str | None) -> Any:
     Raises:
         BadInput: `--thinking` on a model whose template does not think, or one without a switch for it.
     """
-    from align.families import thinking_of
+    from align.thinking import thinking_of
 
     tokenizer = conversation.tokenizer
     thinking = thinking_of(tokenizer) if conversation.prompts.format == "chat_template" else None

@@ -257,7 +257,7 @@ class HealthAlarms(TrainerCallback):
                 self.fire(f"{what} collapse", f"{what} fell from {start:.3g} to {recent[-1][key]:.3g} (below "
                            f"{s.collapse:.0%} of its first value) for {len(recent)} logs: the policy is collapsing "
                            "onto a few answers; lower the learning rate or raise beta", control)  # fmt: skip
-        from align.families import cut_thoughts_cause, cut_thoughts_share
+        from align.thinking import cut_thoughts_cause, cut_thoughts_share
 
         if held("thinking/cut_rate", lambda v: v >= cut_thoughts_share(s)):
             of = f"answers for {len(recent)} logs"

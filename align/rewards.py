@@ -388,7 +388,7 @@ def answers_apart(fn: RewardFn, thinking: Any, raw: bool = False, health: bool =
     characters (`thinking/reasoning_chars`)."""
     if thinking is None:
         return fn
-    from align.families import split_reasoning
+    from align.thinking import split_reasoning
 
     def reward(*args: Any, completions: list, **kwargs: Any) -> list:
         kwargs.pop("reasoning", None)  # a data column of that name is refused when planning; never passed twice

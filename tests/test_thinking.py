@@ -30,7 +30,7 @@ def qwen3_tokenizer(family_models: dict[str, Path], template: str | None = None)
 def test_a_template_thinks_by_what_it_renders(family_models, template, thinks):
     """Qwen 3 renders `reasoning_content` between <think> tags and switches the block with `enable_thinking`; an R1
     distill's generation prompt opens <think> itself; Qwen 2.5, Llama 3.1, Phi-3 and Gemma 3 do not think."""
-    from align.families import thinking_of
+    from align.thinking import thinking_of
 
     found = thinking_of(qwen3_tokenizer(family_models, template))
     if thinks is None:
@@ -43,8 +43,8 @@ def test_rewards_get_the_answer_after_the_reasoning_and_raw_gets_it_all(family_m
     """exact_match scores the answer after </think>: a right answer after a thought scores 1 where the whole
     completion scores 0; a function gets the reasoning as `reasoning`; `raw: true` gets the completion as generated;
     the first function logs the share of cut thoughts."""
-    from align.families import thinking_of
     from align.rewards import answers_apart, exact_match, guarded
+    from align.thinking import thinking_of
 
     thinking = thinking_of(qwen3_tokenizer(family_models))
     completions = [[{"role": "assistant", "content": text}] for text in

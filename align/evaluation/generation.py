@@ -55,7 +55,7 @@ def with_reasoning_apart(answers: list[list[Answer]], thinking: Any) -> list[lis
         return answers
     import dataclasses
 
-    from align.families import split_reasoning
+    from align.thinking import split_reasoning
 
     def apart(answer: Answer) -> Answer:
         text, reasoning, cut = split_reasoning(answer.text, thinking)

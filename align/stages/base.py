@@ -297,7 +297,7 @@ class TrainingKind(Kind):
             default = tokenizer.chat_template == DEFAULT_CHAT_TEMPLATE
             plan.details["chat_template"] = describe_template(stage, tokenizer, None, default)
         if tokenizer is not None and getattr(stage, "thinking", None) is not None:
-            from align.families import THINKING_HINT, thinking_of, thinking_problem
+            from align.thinking import THINKING_HINT, thinking_of, thinking_problem
 
             problem = thinking_problem(stage, thinking_of(tokenizer) if tokenizer.chat_template else None)
             if problem is not None:
@@ -333,7 +333,7 @@ class TrainingKind(Kind):
         """Give this run's instance its stage, context and loaded model, then set it up."""
         self.stage, self.ctx, self.model, self.tokenizer, self.start = stage, ctx, model, tokenizer, start
         self.planned = ctx.plan  # the stage's StagePlan
-        from align.families import thinking_of
+        from align.thinking import thinking_of
 
         # A thinking template's switch as the stage sets it, wherever the stage generates (held-out answers).
         thinking = thinking_of(tokenizer) if getattr(tokenizer, "chat_template", None) else None

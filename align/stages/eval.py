@@ -339,7 +339,7 @@ def thinking_problems(stage: Stage, label: str, tokenizer: Any) -> list[str]:
     """The eval's `thinking:` against one model's template (as `align.families.thinking_problem` says it)."""
     if tokenizer is None or not getattr(tokenizer, "chat_template", None):
         return []
-    from align.families import thinking_of, thinking_problem
+    from align.thinking import thinking_of, thinking_problem
 
     problem = thinking_problem(stage, thinking_of(tokenizer))
     return [] if problem is None else [problem.replace(": the chat template", f": model {label}'s chat template")]
@@ -475,7 +475,7 @@ def answer_all(
     prompts = [render_prompt(r.prompt, prompt_format) for r in rows]
     fmt = "plain" if prompt_format.format == "plain" and all(isinstance(p, str) for p in prompts) else "chat_template"
     from align.evaluation.generation import with_reasoning_apart
-    from align.families import thinking_of
+    from align.thinking import thinking_of
 
     # A template that thinks: its switch as the stage sets it, and each answer's reasoning kept apart from it.
     thinking = thinking_of(tokenizer) if fmt == "chat_template" and tokenizer.chat_template else None

@@ -18,7 +18,6 @@ from typing import TYPE_CHECKING, Any
 
 from pydantic import Field, SerializerFunctionWrapHandler, model_serializer
 
-from align.families import CUT_THOUGHTS, cut_thoughts_cause, cut_thoughts_share
 from align.recipe import Stage, Strict, TrainingStage, later_keys_left_out, reward_model_problems, stage_ref
 from align.rewards import (
     Judge,
@@ -31,6 +30,7 @@ from align.rewards import (
 )
 from align.stages.base import Figure, TrainingKind
 from align.stages.runner import generation_table, show_prompt
+from align.thinking import CUT_THOUGHTS, cut_thoughts_cause, cut_thoughts_share
 from align.values import HeldOut, Setting, StageParts, StartingPoint
 
 if TYPE_CHECKING:
@@ -107,7 +107,7 @@ class OnlineKind(TrainingKind):
     surrogate_loss = True
 
     def plan_parts(self, stage: Any, inputs: PlanInputs) -> StageParts:
-        from align.families import thinking_of
+        from align.thinking import thinking_of
 
         tokenizer = inputs.tokenizer
         thinking = thinking_of(tokenizer) if tokenizer is not None and tokenizer.chat_template else None
@@ -123,8 +123,8 @@ class OnlineKind(TrainingKind):
         return online_plots(rows)
 
     def setup(self) -> None:
-        from align.families import thinking_of
         from align.models import ensure_chat_template
+        from align.thinking import thinking_of
 
         ensure_chat_template(self.tokenizer)
         stage = self.stage
@@ -248,7 +248,7 @@ class OnlineKind(TrainingKind):
         fn, tokenizer = scorer
         rows = self.held_out
         prompts = [rows[i]["prompt"] for i, _ in flat]
-        from align.families import split_reasoning
+        from align.thinking import split_reasoning
 
         # A thinking model's answer after its reasoning is what a reward model or ROUGE-L scores (the functions
         # split it themselves: `answers_apart`).
@@ -341,7 +341,7 @@ def thought_figures(texts: list[str], thinking: Any) -> dict[str, float]:
     that thinks (none otherwise)."""
     if thinking is None:
         return {}
-    from align.families import split_reasoning
+    from align.thinking import split_reasoning
 
     parts = [split_reasoning(text, thinking) for text in texts]
     n = max(1, len(parts))
@@ -354,7 +354,8 @@ def plan_thinking(stage: Any, tokenizer: Any, thinking: Any, data: Any, parts: S
     as rendered under it, and a data column named `reasoning` refused (the rewards receive the completions'
     reasoning under that name). A `thinking:` the template cannot follow is refused by every kind's plan
     (align/stages/base.py)."""
-    from align.families import render, thinking_problem
+    from align.families import render
+    from align.thinking import thinking_problem
 
     where = f"stages.{stage.name}"
     if data is not None and "reasoning" in data["validation"].column_names:

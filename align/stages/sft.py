@@ -200,8 +200,9 @@ def loss_flags(stage: Stage, fmt: str, tokenizer: Any) -> dict[str, Any]:
     as the conversation grows) are conversations trained on their last assistant turn, completion-only
     (`apply_loss` splits them), and the log says so.
     """
-    from align.families import derives_masks, thinking_of
+    from align.families import derives_masks
     from align.models import marks_assistant_turns
+    from align.thinking import thinking_of
 
     if fmt == "messages" and stage.train.get("assistant_only_loss", True):
         if getattr(stage, "thinking", None) is False and thinking_of(tokenizer) is not None:
@@ -425,7 +426,8 @@ def masked_ids(row: dict[str, Any], tokenizer: Any, loss: dict[str, Any]) -> tup
 
 def align_masks(messages: list[dict[str, Any]], tokenizer: Any, loss: dict[str, Any]) -> tuple[list[int], list[int]]:
     """A conversation's ids and assistant mask where align makes them (`ALIGN_MASKS`), not TRL."""
-    from align.families import derived_masks, masks_without_thought, thinking_of
+    from align.families import derived_masks
+    from align.thinking import masks_without_thought, thinking_of
 
     if loss.get(NO_THOUGHT):
         return masks_without_thought(tokenizer, messages, thinking_of(tokenizer))
