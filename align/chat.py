@@ -310,12 +310,15 @@ def chat(
     prompts = read_prompt_format(saved.path, bool(getattr(tokenizer, "chat_template", None)))
     sampling = Sampling(args.temperature, args.top_p, args.max_new_tokens)
     conversation = Conversation(prompts, tokenizer, system=args.system)
-    thinking = thinking_for(conversation, getattr(args, "thinking", None))
+    # --thinking, else the setting the model was trained with, else the template's default.
+    asked = getattr(args, "thinking", None)
+    trained = None if prompts.thinking is None else ("on" if prompts.thinking else "off")
+    thinking = thinking_for(conversation, asked or trained)
     set_seed(args.seed)
     print(banner(saved, prompts, sampling, new_tokens_limit(model, sampling.max_new_tokens)), file=err)
     if thinking is not None:
-        print(f"thinking: {getattr(args, 'thinking', None) or 'the template default'}; the reasoning is shown "
-              "apart, on stderr", file=err)  # fmt: skip
+        shown = asked or (f"{trained} (as trained)" if trained else "the template's default")
+        print(f"thinking: {shown}; the reasoning is shown apart, on stderr", file=err)
 
     def reply_to(text: str, stream: TextIO | None) -> tuple[str, bool]:
         """The answer (streamed where the model does not think; a thinking model's reasoning shown apart first)."""
@@ -393,7 +396,8 @@ def thinking_for(conversation: Conversation, asked: str | None) -> Any:
     from align.thinking import thinking_of
 
     tokenizer = conversation.tokenizer
-    thinking = thinking_of(tokenizer) if conversation.prompts.format == "chat_template" else None
+    setting = None if asked is None else asked == "on"
+    thinking = thinking_of(tokenizer, setting) if conversation.prompts.format == "chat_template" else None
     if asked is None:
         return thinking
     if thinking is None:

@@ -364,3 +364,28 @@ def router_logits_off(model: Any) -> None:
     config = getattr(model, "config", None)
     if config is not None and getattr(config, "output_router_logits", False):
         config.output_router_logits = False
+
+
+def plan_family(stage: Any, plan: Any, added: list[str], adapts: str | None, default: bool) -> None:
+    """What a training stage's plan (`StagePlan`) shows of its model's family: the tokens its chat template adds
+    (and, with fresh LoRA, the embeddings and head that then train whole), what LoRA adapts, the template
+    (`default`: align's own), and an MoE's router loss. (A `thinking:` the template cannot follow is refused by
+    align/thinking.py's `refuse_unfollowable`.)"""
+    tokenizer, config = plan.tokenizer, plan.config
+    if stage.peft is not None and added and plan.start.lora == "new":
+        # The rows of the tokens the template added start untrained: the embeddings and head train whole.
+        plan.prepared["train_embeddings"] = True
+        adapts = (adapts + "; " if adapts else "") + (f"and the embeddings and head whole (modules_to_save): the "
+                                                      f"template added {len(added)} tokens")  # fmt: skip
+    if adapts is not None:
+        plan.details["lora_adapts"] = adapts
+    if added:  # what the stage's chat template does to the tokenizer and model, before anything trains
+        plan.details["template_tokens"] = (f"adds {', '.join(added)} (the embeddings grow to {len(tokenizer)}); eos "
+                                           f"is {tokenizer.eos_token}")  # fmt: skip
+    if tokenizer is not None and getattr(tokenizer, "chat_template", None) and "chat_template" not in plan.details:
+        # Every kind that renders conversations shows its template (sft adds whether it marks assistant turns).
+        plan.details["chat_template"] = describe_template(stage, tokenizer, None, default)
+    if config is not None:
+        router = router_loss(config, stage.train.get("router_aux_loss_coef"))
+        if router is not None:
+            plan.details["router_aux_loss"] = router

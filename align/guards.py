@@ -260,7 +260,7 @@ class HealthAlarms(TrainerCallback):
         from align.thinking import cut_thoughts_cause, cut_thoughts_share
 
         if held("thinking/cut_rate", lambda v: v >= cut_thoughts_share(s)):
-            of = f"answers for {len(recent)} logs"
+            of = f"answers for {len(recent)} log{'s' if len(recent) != 1 else ''}"
             self.fire("cut thoughts", cut_thoughts_cause(recent[-1]["thinking/cut_rate"], of,
                                                          args.max_completion_length), control)  # fmt: skip
         if getattr(args, "beta", 0) and held("kl", lambda v: v > s.kl):

@@ -583,7 +583,8 @@ def lora_config(settings: Any, task_type: str = "CAUSAL_LM", embeddings: list[st
         lora_dropout=settings.dropout,
         target_modules=settings.target_modules,
         task_type=task_type,
-        **({"target_parameters": settings.target_parameters} if settings.target_parameters else {}),
+        # peft's target_parameters where given (`settings` may be any object with the LoRA fields)
+        **({"target_parameters": targets} if (targets := getattr(settings, "target_parameters", None)) else {}),
         **({"modules_to_save": embeddings, "ensure_weight_tying": True} if embeddings else {}),
     )
 
@@ -613,8 +614,10 @@ def save_trained(
     # The trained adapters only: continuing on earlier adapters, TRL's DPO adds a frozen copy named "ref".
     model.save_pretrained(directory, selected_adapters=[model.active_adapter])
     tokenizer.save_pretrained(directory)
-    # Where generation stops (a named template's end-of-turn token among them): peft saves no generation config.
-    model.generation_config.save_pretrained(directory)
+    # Where generation stops (a named template's end-of-turn token among them): peft saves no generation config (a
+    # reward model generates nothing, and has none).
+    if getattr(model, "generation_config", None) is not None:
+        model.generation_config.save_pretrained(directory)
     readable_weights(directory)
     if base_ref is None:
         save_model(model.unload(), tokenizer, directory / "base")

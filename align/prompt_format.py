@@ -39,6 +39,7 @@ class PromptFormat:
     prompt_suffix: str = ""
     example_prompt: str | None = None
     recorded: bool = True
+    thinking: bool | None = None  # the stage's `thinking:` (None: the template's default), which chat and eval follow
 
     def describe(self) -> str:
         """One line for chat's banner and the model card."""
@@ -78,9 +79,12 @@ def _shared_whitespace_end(texts: list[str]) -> str:
     return shortest
 
 
-def record_prompt_format(model_dir: Path, stage: str, kind: str, data_format: str, rows: Any) -> PromptFormat:
+def record_prompt_format(
+    model_dir: Path, stage: str, kind: str, data_format: str, rows: Any, thinking: bool | None = None
+) -> PromptFormat:
     """Write `model_dir/align_prompts.json`: how this stage's training prompts were formatted (from its data
-    format and its first training rows), which `align chat` follows and the model card states."""
+    format and its first training rows), and its `thinking:` where it set one; `align chat`, the eval stage and the
+    model card follow it."""
     sample = [rows[i] for i in range(min(32, len(rows)))] if rows is not None else []
     found = prompt_format_of(kind, data_format, sample)
     record = {
@@ -90,6 +94,7 @@ def record_prompt_format(model_dir: Path, stage: str, kind: str, data_format: st
         "kind": kind,
         "prompt_suffix": found.prompt_suffix,
         "example_prompt": found.example_prompt,
+        **({"thinking": thinking} if thinking is not None else {}),
     }
     write_text_atomic(model_dir / PROMPTS_FILE, json.dumps(record, indent=2) + "\n")
     return PromptFormat(**{k: v for k, v in record.items()})
@@ -100,7 +105,7 @@ def read_prompt_format(model_dir: Path, has_chat_template: bool | None = None) -
     (a model from elsewhere), else plain text."""
     record = read_json(Path(model_dir) / PROMPTS_FILE)
     if isinstance(record, dict) and record.get("format") in ("plain", "chat_template"):
-        fields = ("format", "data_format", "stage", "kind", "prompt_suffix", "example_prompt")
+        fields = ("format", "data_format", "stage", "kind", "prompt_suffix", "example_prompt", "thinking")
         return PromptFormat(**{k: record[k] for k in fields if record.get(k) is not None})
     return PromptFormat("chat_template" if has_chat_template else "plain", recorded=False)
 

@@ -21,6 +21,7 @@ from pydantic import (
     PrivateAttr,
     SerializeAsAny,
     SerializerFunctionWrapHandler,
+    StrictBool,
     TypeAdapter,
     ValidationError,
     model_serializer,
@@ -382,7 +383,7 @@ class TrainingStage(Stage):
         False, description="run Python code shipped in the model's hub repository (only for models you trust)"
     )
     loading: Loading | None = Field(None, description="how the input model is loaded: attention, dtype, quantization")
-    thinking: bool | None = Field(
+    thinking: StrictBool | None = Field(
         None,
         description="a thinking template's switch (Qwen 3's enable_thinking) wherever the stage renders a generation "
         "prompt; unset: the template's default. true on a template that does not think is refused",

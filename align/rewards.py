@@ -382,8 +382,9 @@ class RewardFailed(StageFailed):
 
 def answers_apart(fn: RewardFn, thinking: Any, raw: bool = False, health: bool = False) -> RewardFn:
     """`fn` given each completion's final answer as `completions` and its reasoning as `reasoning` (an empty string
-    where it has none), on a stage whose template thinks (`thinking`: align.families.Thinking); `raw`: the
-    completion as generated. `health`: this function (the stage's first) also logs, through TRL's `log_metric`, the
+    where it has none), on a stage whose template thinks (`thinking`: align.thinking.Thinking); `raw`: the
+    completion as generated, with the tag a generation prompt opened put back in front (TRL's `think_format_reward`
+    reads `<think>` there). `health`: this function (the stage's first) also logs, through TRL's `log_metric`, the
     share of completions whose reasoning never closed (`thinking/cut_rate`) and the mean reasoning length in
     characters (`thinking/reasoning_chars`)."""
     if thinking is None:
@@ -399,6 +400,9 @@ def answers_apart(fn: RewardFn, thinking: Any, raw: bool = False, health: bool =
             log("thinking/cut_rate", sum(cut for _, _, cut in parts) / len(parts))
             log("thinking/reasoning_chars", sum(len(r or "") for _, r, _ in parts) / len(parts))
         if raw:
+            if thinking.prompt_opens:  # the generation prompt opened the block: put its tag back, as written
+                completions = [[{**c[-1], "content": f"{thinking.opens}\n{c[-1]['content']}"}] if isinstance(c, list)
+                               else f"{thinking.opens}\n{c}" for c in completions]  # fmt: skip
             return fn(*args, completions=completions, **kwargs)
         answers = [[{**c[-1], "content": a}] if isinstance(c, list) else a
                    for c, (a, _, _) in zip(completions, parts, strict=True)]  # fmt: skip

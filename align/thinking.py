@@ -31,7 +31,7 @@ _TAG = re.compile(r"<[^<>\s]+>")
 class Thinking:
     """How a template writes reasoning, read from what it renders: the tags around it (`<think>`, `</think>`), the
     variable that switches it in the generation prompt (None: it has none), and whether the generation prompt itself
-    opens the block (then a completion holds only the closing tag)."""
+    opens the block under the stage's setting (then a completion holds only the closing tag)."""
 
     opens: str
     closes: str
@@ -44,9 +44,11 @@ class Thinking:
         return {} if thinking is None or self.switch is None else {self.switch: thinking}
 
 
-def thinking_of(tokenizer: PreTrainedTokenizerBase) -> Thinking | None:
+def thinking_of(tokenizer: PreTrainedTokenizerBase, setting: bool | None = None) -> Thinking | None:
     """The template's reasoning block, or None for a template that does not think: one that renders an assistant's
-    `reasoning_content` between two tags, or writes a reasoning block into its generation prompt under a switch."""
+    `reasoning_content` between two tags, or writes a reasoning block into its generation prompt under a switch.
+    `setting`: the stage's `thinking:`, which decides whether the generation prompt opens the block (Qwen 3.5's
+    thinking template opens it, and closes it empty under `enable_thinking: false`)."""
     user = [{"role": "user", "content": PROBE_USER}]
     try:
         turn = {"role": "assistant", "content": PROBE_ANSWER, "reasoning_content": _REASONING}
@@ -78,6 +80,8 @@ def thinking_of(tokenizer: PreTrainedTokenizerBase) -> Thinking | None:
     # A pair of tags (`<think>`, `</think>`); channel formats (gpt-oss's `<|channel|>analysis<|message|>`) are not.
     if opens is None or closes != "</" + opens[1:]:
         return None
+    if switch is not None and setting is not None:
+        plain = prompts[switch][0 if setting else 1]
     return Thinking(opens, closes, switch, plain.rstrip().endswith(opens))
 
 
@@ -101,10 +105,12 @@ def cut_thoughts_share(alarms: Any) -> float:
     return CUT_THOUGHTS if getattr(alarms, "cut_thoughts", None) is None else alarms.cut_thoughts
 
 
-def cut_thoughts_cause(share: float, of: str, limit: Any) -> str:
-    """What a high share of cut thoughts means and what fixes it (the alarm's and the verdict's words)."""
-    return (f"cut thoughts: {share:.0%} of {of} never closed their reasoning within max_completion_length={limit}, "
-            "so they have no answer to score: raise max_completion_length, or set thinking: false")  # fmt: skip
+def cut_thoughts_cause(share: float, of: str, limit: Any, switch: bool = True) -> str:
+    """What a high share of cut thoughts means and what fixes it (the alarm's and the verdict's words, after their
+    `cut thoughts: `); `switch`: the template has one (`thinking: false` is a fix)."""
+    fix = "raise max_completion_length" + (", or set thinking: false" if switch else "")
+    return (f"{share:.0%} of {of} never closed their reasoning within max_completion_length={limit}, so they have "
+            f"no answer to score: {fix}")  # fmt: skip
 
 
 def masks_without_thought(
@@ -155,4 +161,14 @@ def thinking_problem(stage: Any, thinking: Thinking | None) -> str | None:
     return None
 
 
-THINKING_HINT = "remove thinking:, or use a template that thinks and has a switch (chat_template: qwen3)"
+THINKING_HINT = "remove thinking: (the template decides), or use a template that thinks, with a switch for it"
+
+
+def refuse_unfollowable(stage: Any, tokenizer: Any, found: Any) -> None:
+    """A stage's `thinking:` its template cannot follow, among a plan's `found` problems (every training kind)."""
+    if tokenizer is None or getattr(stage, "thinking", None) is None:
+        return
+    problem = thinking_problem(stage, thinking_of(tokenizer) if tokenizer.chat_template else None)
+    if problem is not None:
+        found.add([problem])
+        found.hints.append(THINKING_HINT)

@@ -147,7 +147,7 @@ def test_thoughts_cut_by_max_completion_length_fire_the_alarm_and_the_verdict_na
     assert metrics["cut_thought_rate_before"] >= 0.8 and metrics["cut_thought_rate"] >= 0.8
     assert metrics["reasoning_length"] > 0
     verdict = summary["verdict"]
-    assert any(w.startswith("cut thoughts: ") and "% of answers for 1 logs never closed their reasoning" in w
+    assert any(w.startswith("cut thoughts: ") and "% of answers for 1 log never closed their reasoning" in w
                for w in verdict["warnings"]), verdict  # fmt: skip
     assert any(r.startswith("cut thoughts: ") and "% of held-out answers before training never closed their "
                "reasoning within max_completion_length=6" in r and "thinking: false" in r
@@ -190,7 +190,7 @@ def test_thinking_true_on_a_template_that_cannot_think_is_refused_in_sft(family_
     code, _, err = run_cli(write_yaml(tmp_path / "r.yaml", {"name": "t", "stages": [stage]}), "--output-dir",
                            tmp_path / "run")  # fmt: skip
     assert code == 2 and "stages.sft.thinking: true: the chat template does not think" in err, err
-    assert "hint: remove thinking:, or use a template that thinks" in err
+    assert "hint: remove thinking: (the template decides), or use a template that thinks" in err
 
 
 def thinking_copy(family_models: dict[str, Path], template: str, folder: Path) -> Path:
@@ -228,6 +228,7 @@ def test_the_eval_stage_keeps_reasoning_apart_and_judges_the_answer(family_model
     assert opened and all("reasoning" in line and line["thought_cut"] == (line["answer"] == "") for line in opened)
     models = summary["metrics"]["models"]
     assert models["opens"]["cut_thought_rate"] >= 0.5 and "reasoning_length" in models["opens"]
+    assert any(w.startswith("opens: cut thoughts: ") for w in summary["verdict"]["warnings"]), summary["verdict"]
     seen = [json.loads(line) for line in (tmp_path / "recorder.py.jsonl").read_text().splitlines()]
     judged = {line["answer"] for line in lines}
     assert {r["answer"] for r in seen[-len(lines) :]} <= judged  # the judge got the answers as written, apart

@@ -82,4 +82,11 @@ def eval_verdict(metrics: dict[str, Any]) -> dict[str, Any]:
     reasons = [f"{label}: {v['reasons'][0]}" + ("" if len(others) == 1 else f" ({v['status']})")
                for label, v in others]  # fmt: skip
     warnings = [f"{label}: {w}" for label, v in others for w in v["warnings"]]
+    # Any model (the baseline too) whose answers mostly never closed their reasoning: nothing was left to judge.
+    from align.thinking import CUT_THOUGHTS
+
+    warnings += [f"{label}: cut thoughts: {m['cut_thought_rate']:.0%} of its answers never closed their reasoning "
+                 "within generation.max_new_tokens, so they have no answer to judge: raise it, or set thinking: false"
+                 for label, m in metrics["models"].items()
+                 if (m.get("cut_thought_rate") or 0) >= CUT_THOUGHTS]  # fmt: skip
     return {"status": others[0][1]["status"], "reasons": reasons, "warnings": warnings}

@@ -279,36 +279,13 @@ class TrainingKind(Kind):
                 plan.effective = effective_settings(cls, stage.name, settings, parts.runtime, self.key_settings)
             except BadInput as exc:
                 found.absorb(exc)
-        if peft is not None and added and start.lora == "new":
-            # The rows of the tokens the template added start untrained: the embeddings and head train whole.
-            plan.prepared["train_embeddings"] = True
-            adapts = (adapts + "; " if adapts else "") + (f"and the embeddings and head whole (modules_to_save): the "
-                                                          f"template added {len(added)} tokens")  # fmt: skip
-        if adapts is not None:
-            plan.details["lora_adapts"] = adapts
-        if added:  # what the stage's chat template does to the tokenizer and model, before anything trains
-            plan.details["template_tokens"] = (f"adds {', '.join(added)} (the embeddings grow to {len(tokenizer)}); "
-                                               f"eos is {tokenizer.eos_token}")  # fmt: skip
-        if tokenizer is not None and getattr(tokenizer, "chat_template", None) and "chat_template" not in plan.details:
-            from align.families import describe_template
-            from align.models import DEFAULT_CHAT_TEMPLATE
+        from align.families import plan_family
+        from align.models import DEFAULT_CHAT_TEMPLATE
+        from align.thinking import refuse_unfollowable
 
-            # Every kind that renders conversations shows its template (sft adds whether it marks assistant turns).
-            default = tokenizer.chat_template == DEFAULT_CHAT_TEMPLATE
-            plan.details["chat_template"] = describe_template(stage, tokenizer, None, default)
-        if tokenizer is not None and getattr(stage, "thinking", None) is not None:
-            from align.thinking import THINKING_HINT, thinking_of, thinking_problem
-
-            problem = thinking_problem(stage, thinking_of(tokenizer) if tokenizer.chat_template else None)
-            if problem is not None:
-                found.add([problem])
-                found.hints.append(THINKING_HINT)
-        if config is not None:
-            from align.families import router_loss
-
-            router = router_loss(config, stage.train.get("router_aux_loss_coef"))
-            if router is not None:
-                plan.details["router_aux_loss"] = router
+        default = tokenizer is not None and tokenizer.chat_template == DEFAULT_CHAT_TEMPLATE
+        plan_family(stage, plan, added, adapts, default)
+        refuse_unfollowable(stage, tokenizer, found)
         if loading is not None:  # what the stage loads its model with, as the plan shows it
             plan.details["loading"] = ", ".join(f"{k}: {v}" for k, v in loading.model_dump().items() if v is not None)
         if data is not None and hasattr(data, "describe"):  # a mix: what each source gives

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, ClassVar, Literal
 
-from pydantic import Field, SerializerFunctionWrapHandler, model_serializer
+from pydantic import Field, SerializerFunctionWrapHandler, StrictBool, model_serializer
 
 from align.errors import BadInput, Problems
 from align.plan import PlanInputs, StagePlan
@@ -103,7 +103,7 @@ class EvalStage(Stage):
     allow_overlap: bool = Field(
         False, description="allow prompts that an earlier stage of this recipe trained on (refused by default)"
     )
-    thinking: bool | None = Field(
+    thinking: StrictBool | None = Field(
         None, description="the thinking switch of each model's template (one that thinks) when it answers; unset: "
         "the template's default. Judges score the answer after the reasoning"
     )  # fmt: skip
@@ -291,6 +291,9 @@ def plan_eval(
     }
     if stage.lm_eval is not None:
         details["lm_eval"] = ", ".join(stage.lm_eval.tasks)
+    if stage.thinking is not None:
+        details["thinking"] = (f"{'on' if stage.thinking else 'off'} for each model whose template thinks (unset: "
+                               "as it was trained); its reasoning kept apart, its answer judged")  # fmt: skip
     if data is not None:
         rows = eval_rows(data["test"], spec.format, stage.max_prompts)
         with_reference = sum(r.reference is not None for r in rows)
@@ -478,12 +481,14 @@ def answer_all(
     from align.thinking import thinking_of
 
     # A template that thinks: its switch as the stage sets it, and each answer's reasoning kept apart from it.
-    thinking = thinking_of(tokenizer) if fmt == "chat_template" and tokenizer.chat_template else None
+    # The stage's `thinking:`, else the setting the model was trained with (its align_prompts.json).
+    setting = stage.thinking if stage.thinking is not None else prompt_format.thinking
+    thinking = thinking_of(tokenizer, setting) if fmt == "chat_template" and tokenizer.chat_template else None
     # A different seed per model: sampled answers of two copies of one model must differ, or they would tie.
     answers = generate_batched(
         model, tokenizer, prompts, max_new_tokens=gen.max_new_tokens, temperature=gen.temperature, top_p=gen.top_p,
         num_samples=gen.num_samples, batch_size=gen.batch_size, seed=gen.seed + index, prompt_format=fmt,
-        template_kwargs=thinking.kwargs(stage.thinking) if thinking else None,
+        template_kwargs=thinking.kwargs(setting) if thinking else None,
     )  # fmt: skip
     answers = with_reasoning_apart(answers, thinking)
     del model

@@ -110,7 +110,7 @@ class OnlineKind(TrainingKind):
         from align.thinking import thinking_of
 
         tokenizer = inputs.tokenizer
-        thinking = thinking_of(tokenizer) if tokenizer is not None and tokenizer.chat_template else None
+        thinking = thinking_of(tokenizer, stage.thinking) if tokenizer is not None and tokenizer.chat_template else None
         parts = plan_online(stage, self.config_class(), inputs.data, inputs.start, inputs.recipe, thinking)
         plan_thinking(stage, tokenizer, thinking, inputs.data, parts)
         return parts
@@ -129,7 +129,7 @@ class OnlineKind(TrainingKind):
         ensure_chat_template(self.tokenizer)
         stage = self.stage
         # A template that thinks: rewards get the answer and the reasoning apart, and the health of thoughts is logged.
-        self.thinking = thinking_of(self.tokenizer) if self.tokenizer.chat_template else None
+        self.thinking = thinking_of(self.tokenizer, stage.thinking) if self.tokenizer.chat_template else None
         self.template_kwargs = self.thinking.kwargs(stage.thinking) if self.thinking else {}
         self.conversational = bool(len(self.data["train"])) and isinstance(self.data["train"][0]["prompt"], list)
         self.entries = list(stage.rewards)
@@ -328,8 +328,11 @@ class OnlineKind(TrainingKind):
                               "before training (a truncated answer is often scored alike)")  # fmt: skip
             cut = measured_before.extra.get("cut_thought_rate")
             if cut is not None and cut >= cut_thoughts_share(self.stage.alarms):
+                # First: thoughts cut before any answer explain a flat reward before the settings do.
                 limit = self.stage.train.get("max_completion_length", "its default")
-                causes.append(cut_thoughts_cause(cut, "held-out answers before training", limit))
+                switch = self.thinking is not None and self.thinking.switch is not None
+                cause = cut_thoughts_cause(cut, "held-out answers before training", limit, switch)
+                verdict = Verdict(verdict.status, [f"cut thoughts: {cause}", *verdict.reasons], verdict.warnings)
         verdict = Verdict(verdict.status, [*verdict.reasons, *causes], [*verdict.warnings, *self.health.fired])
         answers = (measured_before.texts, measured_after.texts)
         generations = generation_table(self.ctx, [show_prompt(p) for p in self.prompts], *answers)

@@ -457,7 +457,8 @@ def save_stage_model(
     # How this stage's prompts were formatted in training: align chat follows it, the card says it.
     from align.prompt_format import record_prompt_format
 
-    record_prompt_format(model_dir, stage.name, stage.kind, ctx.spec.format, ctx.data["train"])
+    record_prompt_format(model_dir, stage.name, stage.kind, ctx.spec.format, ctx.data["train"],
+                         getattr(stage, "thinking", None))  # fmt: skip
     return model_dir, saved
 
 

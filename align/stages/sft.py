@@ -75,6 +75,13 @@ class SFT(TrainingKind):
             return parts
         template = ensure_chat_template(tokenizer)
         loss = loss_flags(stage, fmt, tokenizer)
+        if fmt == "messages" and data is not None and carries_reasoning(data["train"]):
+            from align.thinking import thinking_of
+
+            if thinking_of(tokenizer) is None:
+                logger.warning("stages.%s.data: assistant turns carry reasoning (reasoning_content or thinking), but "
+                               "the chat template renders none: it is not trained (chat_template: a template that "
+                               "thinks, e.g. qwen3, renders it)", stage.name)  # fmt: skip
         parts.fixed.update({k: Setting(v, "align default (loss on answers only)") for k, v in config_flags(loss)})
         marks = None
         if fmt == "messages":
@@ -217,6 +224,12 @@ def loss_flags(stage: Stage, fmt: str, tokenizer: Any) -> dict[str, Any]:
         )
         return {"completion_only_loss": True}
     return {}
+
+
+def carries_reasoning(ds: Dataset, rows: int = 32) -> bool:
+    """Whether the first conversations' assistant turns carry reasoning (`reasoning_content` or `thinking`)."""
+    return any(m.get("reasoning_content") or m.get("thinking")
+               for row in ds.select(range(min(rows, len(ds)))) for m in row["messages"])  # fmt: skip
 
 
 def reasoning_named(ds: Dataset) -> Dataset:
