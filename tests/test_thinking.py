@@ -257,3 +257,38 @@ def test_chat_shows_the_reasoning_apart_and_switches_thinking(family_models, tmp
     assert "thinking: off; the reasoning is shown apart, on stderr" in capsys.readouterr().err
     assert chat([str(family_models["llama3"]), "--prompt", "red", "--thinking", "on"]) == 2
     assert "error: --thinking on: this model's chat template does not think" in capsys.readouterr().err
+
+
+def test_the_switch_decides_whether_the_generation_prompt_opened_the_block(family_models):
+    """Qwen 3.5's thinking template opens <think> in its generation prompt, and closes it empty under
+    `enable_thinking: false`: then an answer is an answer, not a thought cut short. `raw: true` gets the tag the
+    prompt opened back in front, so TRL's think_format_reward scores a well-formed completion 1."""
+    from trl.rewards import think_format_reward
+
+    from align.rewards import answers_apart
+    from align.thinking import split_reasoning, thinking_of
+
+    tokenizer = qwen3_tokenizer(family_models, "qwen3_5_think")
+    assert thinking_of(tokenizer).prompt_opens and thinking_of(tokenizer, True).prompt_opens
+    off = thinking_of(tokenizer, False)
+    assert not off.prompt_opens and split_reasoning("blue", off) == ("blue", None, False)
+    assert split_reasoning("blue", thinking_of(tokenizer)) == ("", "blue", True)
+    raw = answers_apart(think_format_reward, thinking_of(tokenizer), raw=True)
+    written = [[{"role": "assistant", "content": "I reason.\n</think>\n\nblue"}]]
+    assert raw(prompts=[[]], completions=written) == [1.0]
+    assert think_format_reward(completions=written) == [0.0]  # as generated, without the tag the prompt wrote
+
+
+def test_a_model_remembers_the_thinking_it_was_trained_with(family_models, tmp_path, capsys):
+    """align_prompts.json keeps a stage's `thinking:`; chat follows it unless --thinking says otherwise."""
+    import shutil
+
+    from align.chat import main as chat
+    from align.prompt_format import read_prompt_format, record_prompt_format
+
+    model = tmp_path / "model"
+    shutil.copytree(family_models["qwen3"], model)
+    record_prompt_format(model, "grpo", "grpo", "prompt_only", [{"prompt": [{"role": "user", "content": "x"}]}], False)
+    assert read_prompt_format(model).thinking is False
+    assert chat([str(model), "--prompt", "red", "--max-new-tokens", "2"]) == 0
+    assert "thinking: off (as trained)" in capsys.readouterr().err
