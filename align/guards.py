@@ -218,9 +218,10 @@ class HealthAlarms(TrainerCallback):
     - reward hacking (`fire`d by the online stage's monitor): the held-out reward up, a `monitor:` judge flat.
     """
 
-    def __init__(self, settings: Any, tracker: Any = None):
+    def __init__(self, settings: Any, tracker: Any = None, tool_calls: Any = None):
         self.settings = settings
         self.tracker = tracker
+        self.tool_calls = tool_calls  # align.tools.ToolCalls of a stage with tools (None: no tool alarms)
         self.rows: list[dict[str, float]] = []
         self.first: dict[str, float] = {}
         self.fired: list[str] = []
@@ -263,10 +264,29 @@ class HealthAlarms(TrainerCallback):
             of = f"answers for {len(recent)} log{'s' if len(recent) != 1 else ''}"
             self.fire("cut thoughts", cut_thoughts_cause(recent[-1]["thinking/cut_rate"], of,
                                                          args.max_completion_length), control)  # fmt: skip
+        if self.tool_calls is not None:
+            self.tool_alarms(recent, held, control)
         if getattr(args, "beta", 0) and held("kl", lambda v: v > s.kl):
             self.fire("KL", f"KL to the reference is {recent[-1]['kl']:.3g}, above {s.kl:g}, for {len(recent)} "
                        "logs: the policy is drifting far from where it started; lower the learning rate or raise "
                        "beta", control)  # fmt: skip
+
+    def tool_alarms(self, recent: list[dict[str, float]], held: Any, control: Any) -> None:
+        """A policy that stopped calling its tools (or never did), and tools that raise: from TRL's
+        `tools/call_frequency` and `tools/failure_frequency`, the tools named from align's own count."""
+        from align.tools import TOOL_CALLS, TOOL_FAILURES
+
+        s = self.settings
+        calls = TOOL_CALLS if s.tool_calls is None else s.tool_calls
+        failures = TOOL_FAILURES if s.tool_failures is None else s.tool_failures
+        logs = f"{len(recent)} log{'s' if len(recent) != 1 else ''}"
+        if held("tools/call_frequency", lambda v: v <= calls):
+            self.fire("tool calls collapsed", f"{recent[-1]['tools/call_frequency']:.0%} of answers called a tool "
+                      f"for {logs}: the policy does not call its tools; warm it up with sft on tool-call transcripts, "
+                      "or reward the answers that call", control)  # fmt: skip
+        if held("tools/failure_frequency", lambda v: v >= failures):
+            self.fire("tool failures", f"{recent[-1]['tools/failure_frequency']:.0%} of tool calls raised for {logs}: "
+                      f"{self.tool_calls.worst()}", control)  # fmt: skip
 
     def fire(self, key: str, message: str, control: Any) -> None:
         """Say an alarm once (log, tracker alert, the verdict's warnings); with `stop: true`, and `control` given

@@ -370,6 +370,8 @@ class TrainingStage(Stage):
     """The recipe keys of a stage that trains a model: what every training kind takes (each adds its own)."""
 
     makes: ClassVar[str | None] = "policy"
+    # Keys added after runs were fingerprinted: left out of the dump (and the fingerprint) while unset.
+    later_keys: ClassVar[tuple[str, ...]] = ("loading", "chat_template", "thinking")
     model: Annotated[str | ScratchModel | None, MODEL_REF] = Field(
         None, description="hub id, local directory, @<stage>, or {model_type: ...}; omitted: the previous stage"
     )
@@ -397,7 +399,7 @@ class TrainingStage(Stage):
 
     @model_serializer(mode="wrap")
     def _dump(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
-        return later_keys_left_out(handler(self), self, ("loading", "chat_template", "thinking"))
+        return later_keys_left_out(handler(self), self, self.later_keys)
 
     def problems(self, earlier: list[Stage]) -> list[str]:
         where = f"stages.{self.name}"

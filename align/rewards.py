@@ -225,13 +225,24 @@ def resolve_function(entry: RewardEntry, base_dir: Path, where: str, conversatio
             f"{where}.function: no reward named {name!r}" + (f" (did you mean '{guess}'?)" if guess else ""),
             hint=f"builtins: {', '.join(BUILTIN)}; trl.rewards: {', '.join(TRL_REWARDS)}; or FILE.py:NAME, module:NAME",
         )
+    found = load_callable(name, base_dir, f"{where}.function")
+    return found(**entry.args) if entry.args else found
+
+
+def load_callable(name: str, base_dir: Path, where: str) -> Callable[..., Any]:
+    """The function `FILE.py:NAME` (the recipe's folder, then the working directory) or `module:NAME` names; `where`
+    is the recipe key its errors name.
+
+    Raises:
+        BadInput: the file or module cannot be found or imported, or has no such function.
+    """
     source, _, attribute = name.rpartition(":")
     module = _load_file(source, base_dir, where) if source.endswith(".py") else _import(source, where)
     found = getattr(module, attribute, None)
     if not callable(found):
         names = [n for n in vars(module) if callable(getattr(module, n)) and not n.startswith("_")]
-        raise BadInput(f"{where}.function: {source} has no function {attribute!r} (it has: {', '.join(names) or '-'})")
-    return found(**entry.args) if entry.args else found
+        raise BadInput(f"{where}: {source} has no function {attribute!r} (it has: {', '.join(names) or '-'})")
+    return found
 
 
 def _trl_reward(name: str, entry: RewardEntry, where: str, conversational: bool) -> RewardFn:
@@ -259,13 +270,13 @@ def _load_file(source: str, base_dir: Path, where: str) -> Any:
     path = next((p for p in search_paths(source, base_dir) if p.is_file()), None)
     if path is None:
         places = " or ".join(str(p) for p in search_paths(source, base_dir))
-        raise BadInput(f"{where}.function: no file {source} (looked in {places})")
+        raise BadInput(f"{where}: no file {source} (looked in {places})")
     spec = importlib.util.spec_from_file_location(f"align_reward_{path.stem}", path)
     module = importlib.util.module_from_spec(spec)
     try:
         spec.loader.exec_module(module)
     except Exception as exc:  # the user's file: any error in it is theirs to see, in one line
-        raise BadInput(f"{where}.function: {path} fails to import: {type(exc).__name__}: {exc}") from None
+        raise BadInput(f"{where}: {path} fails to import: {type(exc).__name__}: {exc}") from None
     return module
 
 
@@ -273,7 +284,7 @@ def _import(module: str, where: str) -> Any:
     try:
         return importlib.import_module(module)
     except Exception as exc:
-        raise BadInput(f"{where}.function: cannot import {module}: {type(exc).__name__}: {exc}") from None
+        raise BadInput(f"{where}: cannot import {module}: {type(exc).__name__}: {exc}") from None
 
 
 def entries_identity(entries: Sequence[Any], base_dir: Path, outputs: Any) -> list[str]:

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import logging
 import math
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from pydantic import Field, SerializerFunctionWrapHandler, model_serializer
 
@@ -31,6 +31,7 @@ from align.rewards import (
 from align.stages.base import Figure, TrainingKind
 from align.stages.runner import generation_table, show_prompt
 from align.thinking import CUT_THOUGHTS, cut_thoughts_cause, cut_thoughts_share
+from align.tools import TOOL_CALLS, TOOL_FAILURES
 from align.values import HeldOut, Setting, StageParts, StartingPoint
 
 if TYPE_CHECKING:
@@ -63,10 +64,18 @@ class Alarms(Strict):
         None, ge=0.0, le=1.0, description="share of answers whose reasoning never closed (a thinking template's); "
         f"unset: {CUT_THOUGHTS}"
     )  # fmt: skip
+    tool_calls: float | None = Field(
+        None, ge=0.0, le=1.0, description=f"share of answers calling a tool at or below which calls have collapsed "
+        f"(with tools:); unset: {TOOL_CALLS}"
+    )  # fmt: skip
+    tool_failures: float | None = Field(
+        None, ge=0.0, le=1.0, description=f"share of tool calls that raised from which the alarm names the tools; "
+        f"unset: {TOOL_FAILURES}"
+    )  # fmt: skip
 
     @model_serializer(mode="wrap")
     def _dump(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
-        return later_keys_left_out(handler(self), self, ("cut_thoughts",))
+        return later_keys_left_out(handler(self), self, ("cut_thoughts", "tool_calls", "tool_failures"))
 
 
 class OnlineKeys(TrainingStage):
@@ -80,12 +89,23 @@ class OnlineKeys(TrainingStage):
     )
     alarms: Alarms = Field(default_factory=Alarms)
     measure: Measure = Field(default_factory=Measure)
+    tools: list[str] | None = Field(
+        None, description="functions the policy may call while it answers: FILE.py:NAME, module:NAME or a builtin "
+        "(calculator); each needs type hints and a docstring (grpo only: TRL's GRPOTrainer takes tools)"
+    )  # fmt: skip
+    max_tool_calls: int | None = Field(None, ge=1, description="tool-calling turns per answer at most (with tools:)")
+    later_keys: ClassVar[tuple[str, ...]] = (*TrainingStage.later_keys, "tools", "max_tool_calls")
 
     def problems(self, earlier: list[Stage]) -> list[str]:
         problems = super().problems(earlier)
         where = f"stages.{self.name}"
         if "reward_weights" in self.train:
             problems.append(f"{where}.train.reward_weights: each entry of `rewards:` has its own `weight`")
+        if "max_tool_calling_iterations" in self.train:
+            problems.append(f"{where}.train.max_tool_calling_iterations: set by align: use the stage's "
+                            "`max_tool_calls:`")  # fmt: skip
+        if self.max_tool_calls is not None and not self.tools:
+            problems.append(f"{where}.max_tool_calls: caps tool calls, and the stage has no `tools:`")
         for n, entry in enumerate(self.rewards):
             problems += reward_model_problems(entry.reward_model, f"{where}.rewards.{n}.reward_model", earlier)
         for n, judge in enumerate(self.monitor):
@@ -113,6 +133,8 @@ class OnlineKind(TrainingKind):
         thinking = thinking_of(tokenizer, stage.thinking) if tokenizer is not None and tokenizer.chat_template else None
         parts = plan_online(stage, self.config_class(), inputs.data, inputs.start, inputs.recipe, thinking)
         plan_thinking(stage, tokenizer, thinking, inputs.data, parts)
+        if stage.tools:
+            plan_tools(stage, tokenizer, inputs.data, inputs.recipe.base_dir, parts)
         return parts
 
     def input_identity(self, stage: Any, recipe: Any, outputs: Any) -> str:
@@ -128,9 +150,9 @@ class OnlineKind(TrainingKind):
 
         ensure_chat_template(self.tokenizer)
         stage = self.stage
-        # A template that thinks: rewards get the answer and the reasoning apart, and the health of thoughts is logged.
+        # A template that thinks: rewards get the answer and the reasoning apart, and the health of thoughts is logged
+        # (its switch, `self.template_kwargs`, is set for every kind by `bind`).
         self.thinking = thinking_of(self.tokenizer, stage.thinking) if self.tokenizer.chat_template else None
-        self.template_kwargs = self.thinking.kwargs(stage.thinking) if self.thinking else {}
         self.conversational = bool(len(self.data["train"])) and isinstance(self.data["train"][0]["prompt"], list)
         self.entries = list(stage.rewards)
         self.scorers = [self.scorer(e, f"stages.{stage.name}.rewards[{n}]") for n, e in enumerate(self.entries)]
@@ -142,6 +164,13 @@ class OnlineKind(TrainingKind):
         self.held_out = self.eval.select(range(min(stage.measure.prompts, len(self.eval))))
         self.prompts = [self.held_out[i]["prompt"] for i in range(min(self.stage.generations, len(self.held_out)))]
         self.before: HeldOut | None = None  # the held-out measure before training, which monitors compare with
+        from align.tools import ToolCalls, resolve_tools
+
+        # The policy's tools, each call counted (the failure alarm names the tools that raised).
+        self.tool_calls = ToolCalls()
+        where = f"stages.{stage.name}.tools"
+        self.tools = [self.tool_calls.counted(fn) for fn in resolve_tools(stage.tools or [], self.ctx.recipe.base_dir,
+                                                                          where)]  # fmt: skip
         self.extra = {"rewards": [{"reward": e.name, "weight": e.weight} for e in self.entries]}
         if stage.monitor:
             self.extra["monitor"] = [j.name for j in stage.monitor]
@@ -169,8 +198,9 @@ class OnlineKind(TrainingKind):
 
     def trainer(self, args: Any, callbacks: list[Any]) -> Any:
         self.use_reference(args)
+        tools = {"tools": self.tools} if self.tools else {}  # grpo's only: rloo refuses tools when planning
         return super().trainer(args, callbacks, reward_funcs=self.functions,
-                               reward_processing_classes=self.reward_tokenizers)  # fmt: skip
+                               reward_processing_classes=self.reward_tokenizers, **tools)  # fmt: skip
 
     def use_reference(self, args: Any) -> None:
         """With beta > 0 TRL loads its reference from the model's `_name_or_path`; a model built from scratch here,
@@ -194,7 +224,7 @@ class OnlineKind(TrainingKind):
     def guards(self) -> list[Any]:
         from align.guards import HealthAlarms
 
-        self.health = HealthAlarms(self.stage.alarms, self.ctx.tracker)
+        self.health = HealthAlarms(self.stage.alarms, self.ctx.tracker, self.tool_calls if self.tools else None)
         return [self.health, *([monitor_callback(self)] if self.monitors else [])]
 
     def measure(self, trainer: Any) -> HeldOut:
@@ -384,6 +414,47 @@ def plan_thinking(stage: Any, tokenizer: Any, thinking: Any, data: Any, parts: S
     parts.details["thinking"] = (f"{state}: reasoning in {thinking.opens} ... {thinking.closes}; rewards get the "
                                  "answer as completions and the reasoning as reasoning (raw: true for the whole "
                                  "completion)")  # fmt: skip
+
+
+def plan_tools(stage: Any, tokenizer: Any, data: Any, base_dir: Any, parts: StageParts) -> None:
+    """A grpo stage's tools: each imported and its schema built as TRL builds it, the template checked for tool calls
+    TRL can render and parse, `max_tool_calls` as TRL's `max_tool_calling_iterations`, and one prompt rendered with
+    the tools' schemas, as the policy reads it."""
+    from transformers.utils import get_json_schema
+
+    from align.errors import BadInput
+    from align.families import render
+    from align.tools import TEMPLATE_HINT, resolve_tools, template_problems
+
+    where = f"stages.{stage.name}"
+    try:
+        tools = resolve_tools(stage.tools, base_dir, f"{where}.tools")
+    except BadInput as exc:
+        parts.problems += exc.problems
+        parts.hints += [exc.hint] if exc.hint else []
+        return
+    schemas = [get_json_schema(fn) for fn in tools]
+    shown = []
+    for schema in schemas:
+        function = schema["function"]
+        arguments = ", ".join(f"{k}: {v.get('type', '?')}" for k, v in function["parameters"]["properties"].items())
+        shown.append(f"{function['name']}({arguments})")
+    parts.details["tools"] = ", ".join(shown)
+    if stage.max_tool_calls is not None:
+        parts.fixed["max_tool_calling_iterations"] = Setting(stage.max_tool_calls, "recipe (max_tool_calls:)")
+    if tokenizer is None:
+        return
+    bad = template_problems(tokenizer, f"{where}.tools")
+    if bad:
+        parts.problems += bad
+        parts.hints.append(TEMPLATE_HINT)
+        return
+    if data is not None and len(data["train"]) and isinstance(data["train"][0]["prompt"], list):
+        rendered = render(tokenizer, data["train"][0]["prompt"], prompt=True, tools=schemas)
+        parts.details["prompt_with_tools"] = repr(rendered)
+    elif data is not None and len(data["train"]):
+        parts.problems.append(f"{where}.tools: the prompts are strings, which TRL gives no tools: tools need "
+                              "message-list prompts")  # fmt: skip
 
 
 def monitor_callback(stage: OnlineKind) -> Any:

@@ -8,12 +8,20 @@ from __future__ import annotations
 
 from typing import ClassVar, Literal
 
+from align.recipe import Stage
 from align.stages.online_rl import OnlineKeys, OnlineKind
 
 
 class RLOOKeys(OnlineKeys):
     kind: Literal["rloo"]
     article: ClassVar[str] = "an"
+
+    def problems(self, earlier: list[Stage]) -> list[str]:
+        problems = super().problems(earlier)
+        if self.tools:
+            problems.append(f"stages.{self.name}.tools: TRL's RLOOTrainer takes no tools (its GRPOTrainer does): "
+                            "use kind: grpo for a policy that calls tools")  # fmt: skip
+        return problems
 
 
 class RLOO(OnlineKind):

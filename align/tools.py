@@ -1,0 +1,170 @@
+"""Tools a grpo policy may call while it answers (TRL's `GRPOTrainer(tools=...)`): the recipe's `tools:` entries
+resolved and checked, the template checked for tool calls TRL can render and parse, and each call counted.
+
+An entry is `FILE.py:NAME` (the recipe's folder, then the working directory), `module:NAME`, or a builtin
+(`calculator`). TRL builds each tool's JSON schema from its type hints and Google-style docstring, so a tool without
+them is refused before any stage trains, naming it. `max_tool_calls:` caps the turns (TRL's
+`max_tool_calling_iterations`, which the recipe may not set under `train:`).
+"""
+
+from __future__ import annotations
+
+import ast
+import functools
+import logging
+import operator
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+from align.errors import BadInput
+
+logger = logging.getLogger(__name__)
+
+_OPERATORS = {
+    ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul, ast.Div: operator.truediv,
+    ast.FloorDiv: operator.floordiv, ast.Mod: operator.mod, ast.Pow: operator.pow, ast.USub: operator.neg,
+    ast.UAdd: operator.pos,
+}  # fmt: skip
+
+
+def calculator(expression: str) -> str:
+    """Evaluate an arithmetic expression and return its value.
+
+    Args:
+        expression: The expression, with numbers, + - * / // % ** and parentheses, e.g. "(12 + 3) * 4".
+    """
+
+    def value(node: ast.AST) -> float | int:
+        if isinstance(node, ast.Constant) and isinstance(node.value, int | float) and not isinstance(node.value, bool):
+            return node.value
+        if isinstance(node, ast.BinOp) and type(node.op) in _OPERATORS:
+            left, right = value(node.left), value(node.right)
+            if isinstance(node.op, ast.Pow) and abs(right) > 64:
+                raise ValueError("exponent too large")
+            return _OPERATORS[type(node.op)](left, right)
+        if isinstance(node, ast.UnaryOp) and type(node.op) in _OPERATORS:
+            return _OPERATORS[type(node.op)](value(node.operand))
+        raise ValueError(f"not arithmetic: {ast.dump(node)[:60]}")
+
+    result = value(ast.parse(expression, mode="eval").body)
+    return str(int(result) if isinstance(result, float) and result.is_integer() else result)
+
+
+BUILTIN_TOOLS = {"calculator": calculator}
+# The tool alarms' thresholds where `alarms:` sets none: no answer calling a tool (calls collapsed), half the calls
+# raising.
+TOOL_CALLS, TOOL_FAILURES = 0.0, 0.5
+TOOL_HINT = (
+    "a tool needs a type hint on every argument and a Google-style docstring with an Args: section naming each "
+    "(TRL builds its JSON schema from them)"
+)
+
+
+def resolve_tools(entries: list[str], base_dir: Path, where: str) -> list[Any]:
+    """Each `tools:` entry's function, its schema built as TRL builds it.
+
+    Raises:
+        BadInput: every entry that cannot be found or imported, or has no schema (no docstring, a missing hint),
+            each naming `<where>[i]`.
+    """
+    from transformers.utils import get_json_schema
+
+    from align.rewards import load_callable
+
+    problems, hints, tools = [], [], []
+    for n, entry in enumerate(entries):
+        at = f"{where}[{n}]"
+        try:
+            if entry in BUILTIN_TOOLS:
+                fn = BUILTIN_TOOLS[entry]
+            elif ":" in entry:
+                fn = load_callable(entry, base_dir, at)
+            else:
+                raise BadInput(f"{at}: no tool named {entry!r}", hint=f"builtins: {', '.join(BUILTIN_TOOLS)}; or "
+                               "FILE.py:NAME, module:NAME")  # fmt: skip
+            try:
+                get_json_schema(fn)
+            except Exception as exc:  # transformers' TypeHintParsingException / DocstringParsingException
+                raise BadInput(f"{at}: {entry}: {str(exc).splitlines()[0]}", hint=TOOL_HINT) from None
+            tools.append(fn)
+        except BadInput as exc:
+            problems += exc.problems
+            hints += [exc.hint] if exc.hint else []
+    if problems:
+        raise BadInput(problems, hint="; ".join(dict.fromkeys(hints)) or None)
+    return tools
+
+
+def template_problems(tokenizer: Any, where: str) -> list[str]:
+    """Why TRL cannot run tool calls through this tokenizer's chat template: it renders no tool calls, TRL has no
+    parser for them (TRL sets one only for templates identical to those it ships), or it renders earlier turns
+    differently as the conversation grows and TRL has no training variant that does not."""
+    import copy
+
+    from trl.chat_template_utils import (
+        add_response_schema,
+        get_training_chat_template,
+        is_chat_template_prefix_preserving,
+        supports_tool_calling,
+    )
+
+    if not getattr(tokenizer, "chat_template", None) or not supports_tool_calling(tokenizer):
+        return [f"{where}: the chat template renders no tool calls"]
+    probe = copy.deepcopy(tokenizer)
+    if getattr(probe, "response_template", None) is None and getattr(probe, "response_schema", None) is None:
+        try:
+            add_response_schema(probe)
+        except Exception as exc:  # TRL's "Unrecognized chat template"
+            logger.debug("no response schema: %s", exc)
+    if getattr(probe, "response_template", None) is None and getattr(probe, "response_schema", None) is None:
+        return [f"{where}: TRL has no parser for this chat template's tool calls (it parses only templates identical "
+                "to those it ships)"]  # fmt: skip
+    if not is_chat_template_prefix_preserving(tokenizer):
+        try:
+            patched = get_training_chat_template(tokenizer)
+        except Exception:
+            patched = None
+        if patched is None:
+            return [f"{where}: the chat template renders earlier turns differently as the conversation grows, and "
+                    "TRL has no training variant of it"]  # fmt: skip
+    return []
+
+
+TEMPLATE_HINT = "a template TRL parses tool calls of: chat_template: qwen2_5 (or qwen3)"
+
+
+class ToolCalls:
+    """Each tool's calls and failures while the stage trains (TRL counts failures for all tools together): the
+    tool-failure alarm names the tools that raised."""
+
+    def __init__(self) -> None:
+        self.calls: Counter[str] = Counter()
+        self.failures: Counter[str] = Counter()
+        self.last_error: dict[str, str] = {}
+
+    def counted(self, fn: Any) -> Any:
+        """`fn` as TRL calls it, counted; an exception it raises still reaches TRL (which reports the call as
+        failed to the policy), after it is counted."""
+
+        @functools.wraps(fn)
+        def call(*args: Any, **kwargs: Any) -> Any:
+            self.calls[fn.__name__] += 1
+            try:
+                return fn(*args, **kwargs)
+            except Exception as exc:
+                self.failures[fn.__name__] += 1
+                self.last_error[fn.__name__] = f"{type(exc).__name__}: {exc}"
+                raise
+
+        return call
+
+    def worst(self) -> str:
+        """The tools that raised, most failures first, each with its share and last error."""
+        return (
+            "; ".join(
+                f"{name} raised in {n} of {self.calls[name]} calls (last: {self.last_error.get(name, '-')[:80]})"
+                for name, n in self.failures.most_common()
+            )
+            or "no tool raised in the calls counted so far"
+        )

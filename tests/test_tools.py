@@ -1,0 +1,159 @@
+"""Tools in grpo (TRL's `GRPOTrainer(tools=...)`): entries resolved and their schemas built before anything trains,
+the template checked for tool calls TRL can render and parse, each call counted, and the tool alarms."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.conftest import read_jsonl, write_yaml
+
+TOOLS = '''
+def add(a: int, b: int) -> int:
+    """Add two integers.
+
+    Args:
+        a: The first.
+        b: The second.
+    """
+    return a + b
+
+
+def undocumented(a: int) -> int:
+    return a
+'''
+
+
+def grpo_stage(family_models: dict[str, Path], model: str = "qwen2_5", **extra: Any) -> dict[str, Any]:
+    return {"name": "grpo", "kind": "grpo", "model": str(family_models[model]), "generations": 0,
+            "data": {"source": {"files": [str(family_models["prompts"])]}, "format": "prompt_only",
+                     "valid_fraction": 0.2},
+            "rewards": [{"function": "exact_match"}], "measure": {"prompts": 4, "samples": 2},
+            "tools": ["calculator", "tools.py:add"], "max_tool_calls": 2,
+            "train": {"max_steps": 2, "per_device_train_batch_size": 4, "num_generations": 4,
+                      "max_completion_length": 8, "logging_steps": 1}, **extra}  # fmt: skip
+
+
+def test_the_calculator_evaluates_arithmetic_and_nothing_else():
+    from align.tools import calculator
+
+    assert calculator("(12 + 3) * 4") == "60" and calculator("7 / 2") == "3.5" and calculator("-2 ** 3") == "-8"
+    for bad in ("__import__('os')", "2 ** 1000", "x + 1"):
+        with pytest.raises(ValueError):
+            calculator(bad)
+
+
+def test_the_plan_shows_each_tool_and_a_prompt_rendered_with_their_schemas(family_models, run_cli, tmp_path):
+    (tmp_path / "tools.py").write_text(TOOLS)
+    recipe = write_yaml(tmp_path / "r.yaml", {"name": "t", "stages": [grpo_stage(family_models)]})
+    code, out, err = run_cli(recipe, "--output-dir", tmp_path / "run", "--dry-run")
+    assert code == 0, err
+    assert "tools: calculator(expression: string), add(a: integer, b: integer)" in out
+    assert "max_tool_calling_iterations: 2  (recipe (max_tool_calls:))" in out
+    prompt = next(line for line in out.splitlines() if line.strip().startswith("prompt_with_tools:"))
+    assert "<tools>" in prompt and '"name": "add"' in prompt and prompt.rstrip().endswith("<|im_start|>assistant\\n'")
+
+
+def qwen2_5_one_newline_off(family_models: dict[str, Path], folder: Path) -> Path:
+    """The Qwen 2.5 fixture with one extra newline in its template: TRL parses tool calls only of templates
+    identical to those it ships."""
+    import shutil
+
+    shutil.copytree(family_models["qwen2_5"], folder)
+    config = json.loads((folder / "tokenizer_config.json").read_text())
+    template = config.pop("chat_template", None) or (folder / "chat_template.jinja").read_text()
+    (folder / "chat_template.jinja").write_text(template + "\n")
+    (folder / "tokenizer_config.json").write_text(json.dumps(config))
+    return folder
+
+
+@pytest.mark.parametrize(
+    ("change", "error"),
+    [
+        ({"tools": ["missing.py:add"]}, "stages.grpo.tools[0]: no file missing.py"),
+        (
+            {"tools": ["tools.py:undocumented"]},
+            "stages.grpo.tools[0]: tools.py:undocumented: Cannot generate JSON "
+            "schema for undocumented because it has no docstring!",
+        ),
+        ({"model": "gpt2"}, "stages.grpo.tools: the chat template renders no tool calls"),
+        ({"model": "edited"}, "stages.grpo.tools: TRL has no parser for this chat template's tool calls"),
+        ({"kind": "rloo"}, "stages.grpo.tools: TRL's RLOOTrainer takes no tools (its GRPOTrainer does)"),
+        (
+            {"train": {"max_tool_calling_iterations": 3}},
+            "stages.grpo.train.max_tool_calling_iterations: set by align: use the stage's `max_tool_calls:`",
+        ),
+        ({"tools": None}, "stages.grpo.max_tool_calls: caps tool calls, and the stage has no `tools:`"),
+    ],  # fmt: skip
+)
+def test_bad_tools_stop_before_stage_one(family_models, run_cli, tmp_path, change, error):
+    (tmp_path / "tools.py").write_text(TOOLS)
+    stage = grpo_stage(family_models)
+    for key, value in change.items():
+        if key == "model":
+            path = qwen2_5_one_newline_off(family_models, tmp_path / "m") if value == "edited" else family_models[value]
+            stage["model"] = str(path)
+        elif key == "train":
+            stage["train"].update(value)
+        else:
+            stage[key] = value
+    code, _, err = run_cli(write_yaml(tmp_path / "r.yaml", {"name": "t", "stages": [stage]}), "--output-dir",
+                           tmp_path / "run")  # fmt: skip
+    assert code == 2, err
+    assert error in err, err
+    assert not (tmp_path / "run" / "grpo").exists()
+
+
+def test_the_failure_alarm_names_the_tool_that_raises():
+    """A tool raising in half its calls: the alarm reads TRL's failure frequency and names the tool from align's own
+    count of its calls, with its last error."""
+    from types import SimpleNamespace
+
+    from align.guards import HealthAlarms
+    from align.stages.online_rl import Alarms
+    from align.tools import ToolCalls
+
+    def lookup(key: str) -> str:
+        """Look a key up.
+
+        Args:
+            key: The key.
+        """
+        if key.startswith("x"):
+            raise KeyError(key)
+        return key.upper()
+
+    calls = ToolCalls()
+    counted = calls.counted(lookup)
+    assert counted.__doc__ == lookup.__doc__ and counted.__name__ == "lookup"  # TRL's schema reads them
+    for key in ("a", "x1", "b", "x2"):
+        with contextlib.suppress(KeyError):
+            counted(key)
+    alarms = HealthAlarms(Alarms(window=1), None, calls)
+    state = SimpleNamespace(global_step=1)
+    logs = {"reward": 0.0, "tools/call_frequency": 1.0, "tools/failure_frequency": 0.5}
+    alarms.on_log(SimpleNamespace(max_completion_length=8, beta=0.0), state, None, logs=logs)
+    assert alarms.fired == ["tool failures: 50% of tool calls raised for 1 log: lookup raised in 2 of 4 calls (last: "
+                            "KeyError: 'x2')"]  # fmt: skip
+
+
+@pytest.mark.slow
+def test_grpo_with_tools_trains_and_a_policy_that_never_calls_fires_the_collapse_alarm(family_models, tmp_path):
+    """Qwen 2.5 (a template TRL parses tool calls of) with two tools through TRL's multi-turn loop: the stage trains,
+    TRL's tool metrics reach metrics.jsonl, and a policy that never calls (an untrained one) fires the alarm."""
+    from align.loader import load_recipe
+    from align.pipeline import run_pipeline
+
+    (tmp_path / "tools.py").write_text(TOOLS)
+    stage = grpo_stage(family_models, alarms={"window": 1})
+    recipe = load_recipe(write_yaml(tmp_path / "r.yaml", {"name": "tools", "seed": 0, "stages": [stage]}))
+    summary = run_pipeline(recipe, output_dir=tmp_path / "run", log_level="warning")[0]
+    assert summary["status"] == "completed"
+    rows = read_jsonl(tmp_path / "run" / "grpo" / "metrics.jsonl")
+    assert any("tools/call_frequency" in row for row in rows)
+    assert any(w.startswith("tool calls collapsed: 0% of answers called a tool for 1 log")
+               for w in summary["verdict"]["warnings"]), summary["verdict"]  # fmt: skip
