@@ -25,7 +25,8 @@ logger = logging.getLogger(__name__)
 
 
 # Fields a format may leave out: UltraFeedback-style message lists often carry the prompt inside them.
-OPTIONAL_FIELDS = {"preference_messages": ("prompt",)}
+# A conversation's `tools` (their schemas) is there only for tool-call transcripts.
+OPTIONAL_FIELDS = {"preference_messages": ("prompt",), "messages": ("tools",)}
 # Each row's index in the split it was read from, carried through the shuffled cuts so that a bad row is named by
 # the file's line (or the source's row), not by its place in a shuffled split. Removed before load_data returns.
 ROW = "__align_row__"
@@ -230,6 +231,10 @@ def _row_problem(fmt: str, row: dict[str, Any], names: dict[str, str] | None = N
             continue  # an optional field the source does not have
         value = row[field]
         column = (names or {}).get(field, f"column '{field}'")
+        if field == "tools":  # a conversation's tool schemas: a list, or the JSON text of one (Arrow's way)
+            if value is not None and not isinstance(value, str | list):
+                return f"{column} must be a list of tool schemas or its JSON text, got {type(value).__name__}", None
+            continue
         if field == "label":  # unpaired_preference: a desirable answer or not
             if not isinstance(value, bool):
                 return f"{column} must be true or false (true: a desirable answer), got {value!r}", None

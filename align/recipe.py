@@ -38,7 +38,8 @@ FORMATS = (
 FORMAT_FIELDS: dict[str, tuple[str, ...]] = {
     "text": ("text",),
     "prompt_completion": ("prompt", "completion"),
-    "messages": ("messages",),
+    # `tools` (optional): each conversation's tool schemas, a list or a JSON string, for tool-call transcripts.
+    "messages": ("messages", "tools"),
     "preference": ("prompt", "chosen", "rejected"),
     "preference_implicit": ("chosen", "rejected"),
     "preference_messages": ("prompt", "chosen", "rejected"),

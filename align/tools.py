@@ -168,3 +168,38 @@ class ToolCalls:
             )
             or "no tool raised in the calls counted so far"
         )
+
+
+def parsed_arguments(message: dict[str, Any]) -> dict[str, Any]:
+    """A message whose tool calls' arguments are dicts: JSON strings (how Arrow stores arguments of varying shape)
+    parsed back, so the template writes `{"a": 1}` and not a quoted string; empty fields Arrow filled in dropped."""
+    import json
+
+    message = {k: v for k, v in message.items() if v is not None}
+    calls = []
+    for call in message.get("tool_calls") or []:
+        function = dict(call.get("function") or call)
+        if isinstance(function.get("arguments"), str):
+            function["arguments"] = json.loads(function["arguments"])
+        calls.append({"type": "function", "function": function})
+    if calls:
+        message["tool_calls"] = calls
+    return message
+
+
+def transcript_masks(tokenizer: Any, messages: list[dict[str, Any]], tools: Any) -> tuple[list[int], list[int]]:
+    """(token ids, assistant mask) of a tool-call transcript: rendered with its tools' schemas (a `tools` column,
+    a list or JSON string) and arguments parsed, through the template's training variant. The mask covers the
+    assistant's turns, its tool calls included; tool results sit in tool turns, never trained."""
+    import json
+
+    from trl.chat_template_utils import get_training_chat_template, has_generation_markers
+
+    template = tokenizer.chat_template
+    if not has_generation_markers(template):
+        template = get_training_chat_template(tokenizer) or template
+    tools = json.loads(tools) if isinstance(tools, str) else tools
+    out = tokenizer.apply_chat_template([parsed_arguments(m) for m in messages], tools=tools or None, tokenize=True,
+                                        return_dict=True, return_assistant_tokens_mask=True,
+                                        chat_template=template)  # fmt: skip
+    return list(out["input_ids"]), list(out["assistant_masks"])

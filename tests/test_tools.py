@@ -157,3 +157,82 @@ def test_grpo_with_tools_trains_and_a_policy_that_never_calls_fires_the_collapse
     assert any("tools/call_frequency" in row for row in rows)
     assert any(w.startswith("tool calls collapsed: 0% of answers called a tool for 1 log")
                for w in summary["verdict"]["warnings"]), summary["verdict"]  # fmt: skip
+
+
+MULTIPLY = {"type": "function", "function": {"name": "multiply", "description": "Multiply two integers.",
+            "parameters": {"type": "object", "properties": {"a": {"type": "integer", "description": "The first."},
+                                                             "b": {"type": "integer", "description": "The second."}},
+                           "required": ["a", "b"]}}}  # fmt: skip
+
+
+def transcripts(n: int = 40) -> list[dict[str, Any]]:
+    """Tool-call transcripts as a data set stores them: arguments as JSON strings (Arrow holds no dicts of varying
+    shape), the tools' schemas as a JSON string column."""
+    import random
+
+    rng, rows = random.Random(0), []
+    for _ in range(n):
+        a, b = rng.randint(100, 999), rng.randint(100, 999)
+        call = {"type": "function", "function": {"name": "multiply", "arguments": json.dumps({"a": a, "b": b})}}
+        rows.append({"messages": [
+            {"role": "user", "content": f"What is {a} times {b}?"},
+            {"role": "assistant", "content": "", "tool_calls": [call]},
+            {"role": "tool", "name": "multiply", "content": str(a * b)},
+            {"role": "assistant", "content": f"The answer is {a * b}."},
+        ], "tools": json.dumps([MULTIPLY])})  # fmt: skip
+    return rows
+
+
+def test_sft_masks_of_a_transcript_train_the_calls_and_never_the_tool_results(family_models, tmp_path):
+    """The arguments stored as JSON text are written as JSON objects, the tools' schemas are in the prompt, the
+    assistant's calls and final answer are trained, and the tool's result (in its tool turn) never is."""
+    from types import SimpleNamespace
+
+    from datasets import Dataset
+
+    from align.models import load_tokenizer
+    from align.stages.sft import TRANSCRIPTS, loss_flags, masked_ids
+
+    tokenizer = load_tokenizer(str(family_models["qwen2_5"]))
+    rows = Dataset.from_list(transcripts(4))
+    loss = loss_flags(SimpleNamespace(train={}, name="sft"), "messages", tokenizer, rows)
+    assert loss == {TRANSCRIPTS: True}
+    ids, mask = masked_ids(rows[0], tokenizer, loss)
+    trained = tokenizer.decode([t for t, m in zip(ids, mask, strict=True) if m])
+    untrained = tokenizer.decode([t for t, m in zip(ids, mask, strict=True) if not m])
+    a, b = json.loads(rows[0]["messages"][1]["tool_calls"][0]["function"]["arguments"]).values()
+    assert f'{{"name": "multiply", "arguments": {{"a": {a}, "b": {b}}}}}' in trained
+    assert f"The answer is {a * b}.<|im_end|>" in trained
+    assert f"<tool_response>\n{a * b}\n</tool_response>" in untrained and "<tool_response>" not in trained
+    assert '"name": "multiply", "description": "Multiply two integers."' in untrained  # the schemas, in the prompt
+
+
+@pytest.mark.slow
+def test_sft_trains_on_tool_call_transcripts(family_models, tmp_path):
+    """An sft stage on transcripts with a `tools` column trains through TRL on align's tokenization: the labels of
+    the tool results are -100."""
+    import shutil
+
+    from align.loader import load_recipe
+    from align.pipeline import run_pipeline
+    from tests.conftest import captured_trainers
+
+    model = tmp_path / "qwen"  # more positions than the fixture's 256: the tools' schemas fill a long system turn
+    shutil.copytree(family_models["qwen2_5"], model)
+    config = json.loads((model / "config.json").read_text())
+    (model / "config.json").write_text(json.dumps({**config, "max_position_embeddings": 1024}))
+    data = tmp_path / "transcripts.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in transcripts()))
+    stage = {"name": "sft", "kind": "sft", "model": str(model), "generations": 0,
+             "data": {"source": {"files": [str(data)]}, "format": "messages", "valid_fraction": 0.2},
+             "train": {"max_steps": 2, "per_device_train_batch_size": 4, "logging_steps": 1}}  # fmt: skip
+    recipe = load_recipe(write_yaml(tmp_path / "r.yaml", {"name": "tt", "seed": 0, "stages": [stage]}))
+    with captured_trainers() as trainers:
+        summary = run_pipeline(recipe, output_dir=tmp_path / "run", log_level="warning")[0]
+    assert summary["status"] == "completed" and summary["loss_on"].startswith("assistant turns (their tool calls")
+    trainer = trainers["sft"]
+    row = trainer.train_dataset[0]
+    labels = row["labels"]  # TRL built them from align's assistant mask
+    tokenizer = trainer.processing_class
+    trained = tokenizer.decode([t for t in labels if t != -100])
+    assert "<tool_call>" in trained and "<tool_response>" not in trained

@@ -74,7 +74,7 @@ class SFT(TrainingKind):
             parts.details["loss_on"] = f"{UNKNOWN} (the chat template decides)" if fmt == "messages" else fmt
             return parts
         template = ensure_chat_template(tokenizer)
-        loss = loss_flags(stage, fmt, tokenizer)
+        loss = loss_flags(stage, fmt, tokenizer, data["train"] if data is not None else None)
         if fmt == "messages" and data is not None and carries_reasoning(data["train"]):
             from align.thinking import thinking_of
 
@@ -144,7 +144,8 @@ class SFT(TrainingKind):
         settings = self.planned.settings
         self.loss = {k: settings[k].value for k in CONFIG_FLAGS if k in settings}
         if not self.loss:  # the masks align makes itself, as the plan decided
-            self.loss = {k: True for k in loss_flags(self.stage, self.format, self.tokenizer) if k in ALIGN_MASKS}
+            flags = loss_flags(self.stage, self.format, self.tokenizer, self.data["train"])
+            self.loss = {k: True for k in flags if k in ALIGN_MASKS}
         self.train, self.eval = self.apply(self.data["train"], self.data["validation"])
         pack, pack_reason = choose_packing(self.stage, self.model)
         logger.info("%s", pack_reason)
@@ -191,14 +192,15 @@ class SFT(TrainingKind):
 CONFIG_FLAGS = ("assistant_only_loss", "completion_only_loss")
 DERIVED = "derived_masks"
 NO_THOUGHT = "empty_thought_untrained"
-ALIGN_MASKS = (DERIVED, NO_THOUGHT)
+TRANSCRIPTS = "tool_transcripts"  # conversations with tool calls: tokenized by align, their arguments parsed
+ALIGN_MASKS = (DERIVED, NO_THOUGHT, TRANSCRIPTS)
 
 
 def config_flags(loss: dict[str, Any]) -> list[tuple[str, Any]]:
     return [(k, v) for k, v in loss.items() if k in CONFIG_FLAGS]
 
 
-def loss_flags(stage: Stage, fmt: str, tokenizer: Any) -> dict[str, Any]:
+def loss_flags(stage: Stage, fmt: str, tokenizer: Any, rows: Dataset | None = None) -> dict[str, Any]:
     """Where the loss falls: completions (prompt_completion), assistant turns (messages), everything (text).
 
     Assistant turns are marked by the template's `{% generation %}` marks or TRL's training variant of it; where
@@ -212,6 +214,10 @@ def loss_flags(stage: Stage, fmt: str, tokenizer: Any) -> dict[str, Any]:
     from align.thinking import thinking_of
 
     if fmt == "messages" and stage.train.get("assistant_only_loss", True):
+        if rows is not None and carries_tool_calls(rows) and marks_assistant_turns(tokenizer):
+            # Tool-call arguments stored as JSON strings (Arrow holds no dicts of varying shape) are parsed back
+            # before rendering, which TRL's own tokenization would not do: align tokenizes these conversations.
+            return {TRANSCRIPTS: True}
         if getattr(stage, "thinking", None) is False and thinking_of(tokenizer) is not None:
             return {NO_THOUGHT: True}
         if marks_assistant_turns(tokenizer):
@@ -262,7 +268,7 @@ def apply_loss(loss: dict[str, Any], fmt: str, *splits: Dataset, tokenizer: Any 
     if fmt == "messages" and any(loss.get(k) for k in ALIGN_MASKS):
 
         def tokenized(row: dict[str, Any]) -> dict[str, Any]:
-            ids, mask = align_masks(row["messages"], tokenizer, loss)
+            ids, mask = align_masks(row, tokenizer, loss)
             return {"input_ids": ids, "assistant_masks": mask}
 
         return [ds.map(tokenized, remove_columns=ds.column_names) for ds in splits]
@@ -283,6 +289,8 @@ def describe_loss(loss: dict[str, Any], fmt: str) -> str:
         return "assistant turns (masks align derives from the template: it has no generation marks)"
     if loss.get(NO_THOUGHT):
         return "assistant turns, without the empty reasoning block (thinking: false)"
+    if loss.get(TRANSCRIPTS):
+        return "assistant turns (their tool calls included; tool results never)"
     if fmt == "prompt_completion" or loss.get("completion_only_loss"):
         return "completions" if loss.get("completion_only_loss", True) else "whole sequences"
     return "whole sequences"
@@ -419,7 +427,7 @@ def masked_ids(row: dict[str, Any], tokenizer: Any, loss: dict[str, Any]) -> tup
 
     eos = tokenizer.eos_token or ""
     if "messages" in row and any(loss.get(k) for k in ALIGN_MASKS):
-        return align_masks(row["messages"], tokenizer, loss)
+        return align_masks(row, tokenizer, loss)
     if "messages" in row:
         template = tokenizer.chat_template
         if loss.get("assistant_only_loss") and not has_generation_markers(template):
@@ -437,14 +445,27 @@ def masked_ids(row: dict[str, Any], tokenizer: Any, loss: dict[str, Any]) -> tup
     return ids, [1] * len(ids)
 
 
-def align_masks(messages: list[dict[str, Any]], tokenizer: Any, loss: dict[str, Any]) -> tuple[list[int], list[int]]:
+def align_masks(row: dict[str, Any], tokenizer: Any, loss: dict[str, Any]) -> tuple[list[int], list[int]]:
     """A conversation's ids and assistant mask where align makes them (`ALIGN_MASKS`), not TRL."""
     from align.families import derived_masks
     from align.thinking import masks_without_thought, thinking_of
 
+    if loss.get(TRANSCRIPTS):
+        from align.tools import transcript_masks
+
+        return transcript_masks(tokenizer, row["messages"], row.get("tools"))
     if loss.get(NO_THOUGHT):
-        return masks_without_thought(tokenizer, messages, thinking_of(tokenizer))
-    return derived_masks(tokenizer, messages)
+        return masks_without_thought(tokenizer, row["messages"], thinking_of(tokenizer))
+    return derived_masks(tokenizer, row["messages"])
+
+
+def carries_tool_calls(ds: Dataset, rows: int = 32) -> bool:
+    """Whether the first conversations call tools (an assistant turn's `tool_calls`, a `tool` turn or a `tools`
+    column)."""
+    if "tools" in ds.column_names:
+        return True
+    return any(m.get("tool_calls") or m["role"] == "tool"
+               for row in ds.select(range(min(rows, len(ds)))) for m in row["messages"])  # fmt: skip
 
 
 def render_example(row: dict[str, Any], tokenizer: Any, loss: dict[str, Any], max_length: int | None = None) -> str:
