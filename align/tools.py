@@ -10,10 +10,13 @@ them is refused before any stage trains, naming it. `max_tool_calls:` caps the t
 from __future__ import annotations
 
 import ast
+import copy
 import functools
 import logging
 import operator
+import sys
 from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -100,7 +103,6 @@ def template_problems(tokenizer: Any, where: str) -> list[str]:
     """Why TRL cannot run tool calls through this tokenizer's chat template: it renders no tool calls, TRL has no
     parser for them (TRL sets one only for templates identical to those it ships), or it renders earlier turns
     differently as the conversation grows and TRL has no training variant that does not."""
-    import copy
 
     from trl.chat_template_utils import (
         add_response_schema,
@@ -203,3 +205,109 @@ def transcript_masks(tokenizer: Any, messages: list[dict[str, Any]], tools: Any)
                                         return_dict=True, return_assistant_tokens_mask=True,
                                         chat_template=template)  # fmt: skip
     return list(out["input_ids"]), list(out["assistant_masks"])
+
+
+# --------------------------------------------------------------------------------------------------
+# Answering with tools, outside training (the held-out measure)
+
+
+@dataclass
+class ToolAnswer:
+    """One answer reached through tool calls: `messages`, the assistant and tool turns after the prompt (the
+    completion as TRL gives it to the rewards); `final`, the last turn's `Answer`; `calls` and `failures` (calls
+    that raised); `malformed`: the final turn opens a tool call that does not parse; `capped`: still calling when
+    `max_tool_calls` ran out."""
+
+    messages: list[dict[str, Any]]
+    final: Any
+    calls: int = 0
+    failures: int = 0
+    malformed: bool = False
+    capped: bool = False
+
+
+def answer_with_tools(
+    model: Any,
+    tokenizer: Any,
+    prompts: list[Any],
+    tools: list[Any],
+    max_calls: int | None,
+    *,
+    num_samples: int = 1,
+    template_kwargs: dict[str, Any] | None = None,
+    **generation: Any,
+) -> list[list[ToolAnswer]]:
+    """Each prompt answered `num_samples` times as TRL's tool loop answers it: the policy writes, its tool calls
+    are parsed (TRL's `parse_response`), run, and their results (or `{"error": ...}`) appended as tool turns, until
+    it answers without a call or `max_tool_calls` turns ran out. `generation`: `generate_batched`'s settings."""
+    from transformers.utils import get_json_schema
+    from trl.chat_template_utils import add_response_schema, parse_response
+
+    from align.evaluation.generation import generate_batched, prompt_ids
+
+    if getattr(tokenizer, "response_template", None) is None and getattr(tokenizer, "response_schema", None) is None:
+        tokenizer = add_response_schema(copy.deepcopy(tokenizer))
+    schemas = [get_json_schema(fn) for fn in tools]
+    by_name = {fn.__name__: fn for fn in tools}
+    kwargs = {**(template_kwargs or {}), "tools": schemas}
+    opener = "<tool_call>" if "<tool_call>" in str(tokenizer.chat_template) else None
+    first = generate_batched(model, tokenizer, list(prompts), num_samples=num_samples, template_kwargs=kwargs,
+                             prompt_format="chat_template", **generation)  # fmt: skip
+    states = [[{"prompt": list(p), "messages": [], "answer": a, "calls": 0, "failures": 0} for a in per]
+              for p, per in zip(prompts, first, strict=True)]  # fmt: skip
+    active = [s for per in states for s in per]
+    limit = sys.maxsize if max_calls is None else max_calls
+    turn = 0
+    while active:
+        waiting = []
+        for state in active:
+            conversation = state["prompt"] + state["messages"]
+            prefix = prompt_ids(tokenizer, conversation, "chat_template", kwargs)
+            parsed = parse_response(tokenizer, list(state["answer"].token_ids), prefix=prefix, tools=schemas)
+            calls = parsed.get("tool_calls") or []
+            message = {"role": "assistant", "content": parsed.get("content") or ""}
+            if not calls:
+                state["messages"].append(message)
+                state["malformed"] = bool(opener and opener in state["answer"].text)
+                continue
+            if turn >= limit:
+                state["messages"].append(message | {"tool_calls": calls})
+                state["capped"] = True
+                continue
+            state["messages"].append(message | {"tool_calls": calls})
+            for call in calls:
+                function = call.get("function", call)
+                state["calls"] += 1
+                try:
+                    result = by_name[function["name"]](**(function.get("arguments") or {}))
+                except Exception as exc:  # a tool that raises, or a name the policy made up: as TRL reports it
+                    state["failures"] += 1
+                    result = {"error": str(exc)}
+                state["messages"].append({"role": "tool", "name": function.get("name"), "content": str(result)})
+            waiting.append(state)
+        turn += 1
+        if not waiting:
+            break
+        answers = generate_batched(model, tokenizer, [s["prompt"] + s["messages"] for s in waiting],
+                                   template_kwargs=kwargs, prompt_format="chat_template",
+                                   **{**generation, "seed": generation.get("seed", 0) + turn})  # fmt: skip
+        for state, per in zip(waiting, answers, strict=True):
+            state["answer"] = per[0]
+        active = waiting
+    return [[ToolAnswer(s["messages"], s["answer"], s["calls"], s["failures"], s.get("malformed", False),
+                        s.get("capped", False)) for s in per] for per in states]  # fmt: skip
+
+
+def tool_figures(answers: list[ToolAnswer]) -> dict[str, float]:
+    """The health of tool use over answers: the share with at least one call, calls per answer, the share of calls
+    that raised, the share whose last turn opens a call that does not parse, and the share cut by
+    `max_tool_calls`."""
+    n = max(1, len(answers))
+    calls = sum(a.calls for a in answers)
+    return {
+        "tool_call_rate": sum(a.calls > 0 for a in answers) / n,
+        "calls_per_answer": calls / n,
+        "tool_failure_rate": sum(a.failures for a in answers) / calls if calls else 0.0,
+        "malformed_call_rate": sum(a.malformed for a in answers) / n,
+        "capped_rate": sum(a.capped for a in answers) / n,
+    }

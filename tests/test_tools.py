@@ -155,6 +155,9 @@ def test_grpo_with_tools_trains_and_a_policy_that_never_calls_fires_the_collapse
     assert summary["status"] == "completed"
     rows = read_jsonl(tmp_path / "run" / "grpo" / "metrics.jsonl")
     assert any("tools/call_frequency" in row for row in rows)
+    metrics = summary["metrics"]  # the held-out measure answered through the tools, before and after
+    for key in ("tool_call_rate", "calls_per_answer", "tool_failure_rate", "malformed_call_rate"):
+        assert isinstance(metrics[key], float) and isinstance(metrics[f"{key}_before"], float)
     assert any(w.startswith("tool calls collapsed: 0% of answers called a tool for 1 log")
                for w in summary["verdict"]["warnings"]), summary["verdict"]  # fmt: skip
 
@@ -236,3 +239,83 @@ def test_sft_trains_on_tool_call_transcripts(family_models, tmp_path):
     tokenizer = trainer.processing_class
     trained = tokenizer.decode([t for t in labels if t != -100])
     assert "<tool_call>" in trained and "<tool_response>" not in trained
+
+
+class ScriptedPolicy:
+    """A stand-in for a policy that has learned to call tools: it answers by a script read off the prompt (a call,
+    then the answer once a tool result is in the conversation), through `generate` as a model does, so that
+    align's tool loop runs end to end: rendering, TRL's parser, the tools, the tool turns."""
+
+    def __init__(self, tokenizer: Any, script: Any):
+        import torch
+
+        self.tokenizer, self.script = tokenizer, script
+        self.config = type("Config", (), {})()
+        self.training = False
+        self.weight = torch.zeros(1)
+
+    def parameters(self):
+        yield self.weight
+
+    def eval(self):
+        return self
+
+    def train(self, mode: bool = True):
+        return self
+
+    def generate(self, input_ids, attention_mask, **kwargs):
+        import torch
+
+        rows = []
+        for ids, mask in zip(input_ids, attention_mask, strict=True):
+            prompt = self.tokenizer.decode(ids[mask.bool()])
+            said = self.tokenizer(self.script(prompt) + "<|im_end|>", add_special_tokens=False)["input_ids"]
+            rows.append(torch.cat([ids, torch.tensor(said)]))
+        width = max(len(r) for r in rows)
+        pad = self.tokenizer.pad_token_id
+        return torch.stack([torch.cat([r, torch.full((width - len(r),), pad)]) for r in rows])
+
+
+def call(a: int, b: int) -> str:
+    return f'<tool_call>\n{{"name": "multiply", "arguments": {{"a": {a}, "b": {b}}}}}\n</tool_call>'
+
+
+def test_the_held_out_tool_loop_calls_runs_and_counts(family_models):
+    """Through align's loop: a call is parsed and run and its result fed back; a tool that raises is counted and
+    its error fed back; a call that does not parse is malformed; a policy that never stops calling is capped."""
+    from align.models import load_tokenizer
+    from align.tools import answer_with_tools, tool_figures
+
+    tokenizer = load_tokenizer(str(family_models["qwen2_5"]))
+
+    def multiply(a: int, b: int) -> int:
+        """Multiply two integers.
+
+        Args:
+            a: The first.
+            b: The second.
+        """
+        if a == 0:
+            raise ValueError("zero")
+        return a * b
+
+    def script(prompt: str) -> str:
+        if "<tool_response>" in prompt and "always" not in prompt:
+            return "The answer is " + prompt.rsplit("<tool_response>\n", 1)[1].split("\n", 1)[0] + "."
+        if "broken" in prompt:
+            return '<tool_call>\n{"name": "multiply", "argum'
+        return call(0 if "zero" in prompt else 3, 4)
+
+    prompts = [[{"role": "user", "content": text}] for text in ("three times four", "zero", "broken", "always")]
+    answers = answer_with_tools(ScriptedPolicy(tokenizer, script), tokenizer, prompts, [multiply], 2,
+                                max_new_tokens=64)  # fmt: skip
+    first, failed, broken, capped = (per[0] for per in answers)
+    assert [m["role"] for m in first.messages] == ["assistant", "tool", "assistant"]
+    assert first.messages[0]["tool_calls"][0]["function"]["arguments"] == {"a": 3, "b": 4}
+    assert first.messages[1]["content"] == "12" and first.final.text == "The answer is 12."
+    assert failed.failures == 1 and "zero" in failed.messages[1]["content"]
+    assert broken.calls == 0 and broken.malformed
+    assert capped.capped and capped.calls == 2
+    figures = tool_figures([first, failed, broken, capped])
+    assert figures == {"tool_call_rate": 0.75, "calls_per_answer": 1.0, "tool_failure_rate": 0.25,
+                       "malformed_call_rate": 0.25, "capped_rate": 0.25}  # fmt: skip

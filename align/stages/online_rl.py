@@ -31,7 +31,7 @@ from align.rewards import (
 from align.stages.base import Figure, TrainingKind
 from align.stages.runner import generation_table, show_prompt
 from align.thinking import CUT_THOUGHTS, cut_thoughts_cause, cut_thoughts_share
-from align.tools import TOOL_CALLS, TOOL_FAILURES
+from align.tools import TOOL_CALLS, TOOL_FAILURES, tool_figures
 from align.values import HeldOut, Setting, StageParts, StartingPoint
 
 if TYPE_CHECKING:
@@ -240,15 +240,26 @@ class OnlineKind(TrainingKind):
         from align.evaluation import generate_batched
 
         rows = self.held_out
-        answers = generate_batched(
-            model, self.tokenizer, list(rows["prompt"]), max_new_tokens=args.max_completion_length,
-            temperature=args.temperature or 1.0, top_p=args.top_p, num_samples=self.stage.measure.samples,
-            seed=self.ctx.seed, batch_size=args.per_device_eval_batch_size, template_kwargs=self.template_kwargs,
-        )  # fmt: skip
+        settings = dict(max_new_tokens=args.max_completion_length, temperature=args.temperature or 1.0,
+                        top_p=args.top_p, seed=self.ctx.seed, batch_size=args.per_device_eval_batch_size)  # fmt: skip
+        transcripts = None
+        if self.tools:  # answered through the tools, as TRL's loop answers while training
+            from align.tools import answer_with_tools
+
+            with_tools = answer_with_tools(model, self.tokenizer, list(rows["prompt"]), self.tools,
+                                           self.stage.max_tool_calls, num_samples=self.stage.measure.samples,
+                                           template_kwargs=self.template_kwargs, **settings)  # fmt: skip
+            answers = [[t.final for t in per] for per in with_tools]
+            transcripts = [t for per in with_tools for t in per]
+        else:
+            samples = self.stage.measure.samples
+            answers = generate_batched(model, self.tokenizer, list(rows["prompt"]), num_samples=samples,
+                                       template_kwargs=self.template_kwargs, **settings)  # fmt: skip
         flat = [(i, a) for i, per in enumerate(answers) for a in per]
-        per_function = {entry.name: self.score(scorer, flat, args) for entry, scorer in zip(self.entries, self.scorers,
-                                                                                            strict=True)}  # fmt: skip
-        monitors = {judge.name: _nanmean(self.score(scorer, flat, args))
+        turns = [t.messages for t in transcripts] if transcripts is not None else None
+        per_function = {entry.name: self.score(scorer, flat, args, turns)
+                        for entry, scorer in zip(self.entries, self.scorers, strict=True)}  # fmt: skip
+        monitors = {judge.name: _nanmean(self.score(scorer, flat, args, turns))
                     for judge, scorer in zip(self.stage.monitor, self.monitors, strict=True)}  # fmt: skip
         totals = [
             sum(
@@ -270,11 +281,16 @@ class OnlineKind(TrainingKind):
                 "length": sum(a.tokens for _, a in flat) / max(1, len(flat)),
                 "clipped": sum(not a.ended for _, a in flat) / max(1, len(flat)),
                 **thought_figures([a.text for _, a in flat], self.thinking),
+                **(tool_figures(transcripts) if transcripts is not None else {}),
             },
         )
 
-    def score(self, scorer: tuple[Any, Any], flat: list[tuple[int, Any]], args: Any) -> list[float]:
-        """One scorer's value for each held-out (prompt index, answer): NaN where a function had no opinion."""
+    def score(
+        self, scorer: tuple[Any, Any], flat: list[tuple[int, Any]], args: Any, turns: list[list[dict]] | None = None
+    ) -> list[float]:
+        """One scorer's value for each held-out (prompt index, answer): NaN where a function had no opinion.
+        `turns`: with tools, each answer's assistant and tool turns, which a function gets as its completion (as
+        TRL gives them); the rest score the final answer."""
         fn, tokenizer = scorer
         rows = self.held_out
         prompts = [rows[i]["prompt"] for i, _ in flat]
@@ -294,6 +310,8 @@ class OnlineKind(TrainingKind):
             return reward_model_scores(fn, tokenizer, prompts, texts, batch_size=args.per_device_eval_batch_size)
         columns = {k: [rows[i][k] for i, _ in flat] for k in rows.column_names if k != "prompt"}
         completions = [[{"role": "assistant", "content": a.text}] if self.conversational else a.text for _, a in flat]
+        if turns is not None:
+            completions = turns
         values = fn(prompts=prompts, completions=completions, completion_ids=[list(a.token_ids) for _, a in flat],
                     **columns)  # fmt: skip
         return [float("nan") if v is None else float(v) for v in values]
@@ -334,6 +352,9 @@ class OnlineKind(TrainingKind):
         }
         if self.thinking is not None:
             for key in ("cut_thought_rate", "reasoning_length"):
+                metrics[f"{key}_before"], metrics[key] = measured_before.extra[key], measured_after.extra[key]
+        if self.tools:
+            for key in ("tool_call_rate", "calls_per_answer", "tool_failure_rate", "malformed_call_rate"):
                 metrics[f"{key}_before"], metrics[key] = measured_before.extra[key], measured_after.extra[key]
         if measured_after.extra["monitor"]:
             metrics["monitor"] = {name: {"before": measured_before.extra["monitor"][name], "after": value}
