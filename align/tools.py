@@ -11,12 +11,12 @@ from __future__ import annotations
 
 import ast
 import copy
+import dataclasses
 import functools
 import logging
 import operator
 import sys
 from collections import Counter
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -97,6 +97,22 @@ def resolve_tools(entries: list[str], base_dir: Path, where: str) -> list[Any]:
     if problems:
         raise BadInput(problems, hint="; ".join(dict.fromkeys(hints)) or None)
     return tools
+
+
+def tools_identity(entries: list[str], base_dir: Path) -> list[str]:
+    """What pins the tools beyond their names: each `FILE.py:NAME` file's contents (its hash)."""
+    import hashlib
+
+    from align.recipe import search_paths
+
+    out = []
+    for entry in entries:
+        source = entry.rpartition(":")[0]
+        if source.endswith(".py"):
+            path = next((p for p in search_paths(source, base_dir) if p.is_file()), None)
+            digest = hashlib.sha256(path.read_bytes()).hexdigest() if path is not None else "missing"
+            out.append(f"{entry}:{digest}")
+    return out
 
 
 def template_problems(tokenizer: Any, where: str) -> list[str]:
@@ -211,21 +227,6 @@ def transcript_masks(tokenizer: Any, messages: list[dict[str, Any]], tools: Any)
 # Answering with tools, outside training (the held-out measure)
 
 
-@dataclass
-class ToolAnswer:
-    """One answer reached through tool calls: `messages`, the assistant and tool turns after the prompt (the
-    completion as TRL gives it to the rewards); `final`, the last turn's `Answer`; `calls` and `failures` (calls
-    that raised); `malformed`: the final turn opens a tool call that does not parse; `capped`: still calling when
-    `max_tool_calls` ran out."""
-
-    messages: list[dict[str, Any]]
-    final: Any
-    calls: int = 0
-    failures: int = 0
-    malformed: bool = False
-    capped: bool = False
-
-
 def answer_with_tools(
     model: Any,
     tokenizer: Any,
@@ -236,10 +237,11 @@ def answer_with_tools(
     num_samples: int = 1,
     template_kwargs: dict[str, Any] | None = None,
     **generation: Any,
-) -> list[list[ToolAnswer]]:
+) -> list[list[Any]]:
     """Each prompt answered `num_samples` times as TRL's tool loop answers it: the policy writes, its tool calls
     are parsed (TRL's `parse_response`), run, and their results (or `{"error": ...}`) appended as tool turns, until
-    it answers without a call or `max_tool_calls` turns ran out. `generation`: `generate_batched`'s settings."""
+    it answers without a call or `max_tool_calls` turns ran out. `generation`: `generate_batched`'s settings.
+    Returns `Answer`s whose `turns`, `tool_calls`, `tool_failures`, `malformed_call` and `capped` say how."""
     from transformers.utils import get_json_schema
     from trl.chat_template_utils import add_response_schema, parse_response
 
@@ -269,6 +271,8 @@ def answer_with_tools(
             if not calls:
                 state["messages"].append(message)
                 state["malformed"] = bool(opener and opener in state["answer"].text)
+                # The answer is the last turn as parsed, as TRL gives it to the rewards.
+                state["answer"] = dataclasses.replace(state["answer"], text=message["content"])
                 continue
             if turn >= limit:
                 state["messages"].append(message | {"tool_calls": calls})
@@ -294,20 +298,21 @@ def answer_with_tools(
         for state, per in zip(waiting, answers, strict=True):
             state["answer"] = per[0]
         active = waiting
-    return [[ToolAnswer(s["messages"], s["answer"], s["calls"], s["failures"], s.get("malformed", False),
-                        s.get("capped", False)) for s in per] for per in states]  # fmt: skip
+    return [[dataclasses.replace(s["answer"], turns=s["messages"], tool_calls=s["calls"], tool_failures=s["failures"],
+                                 malformed_call=s.get("malformed", False), capped=s.get("capped", False))
+             for s in per] for per in states]  # fmt: skip
 
 
-def tool_figures(answers: list[ToolAnswer]) -> dict[str, float]:
-    """The health of tool use over answers: the share with at least one call, calls per answer, the share of calls
-    that raised, the share whose last turn opens a call that does not parse, and the share cut by
-    `max_tool_calls`."""
+def tool_figures(answers: list[Any]) -> dict[str, float]:
+    """The health of tool use over answers (`Answer`s from `answer_with_tools`): the share with at least one call,
+    calls per answer, the share of calls that raised, the share whose last turn opens a call that does not parse,
+    and the share cut by `max_tool_calls`."""
     n = max(1, len(answers))
-    calls = sum(a.calls for a in answers)
+    calls = sum(a.tool_calls for a in answers)
     return {
-        "tool_call_rate": sum(a.calls > 0 for a in answers) / n,
+        "tool_call_rate": sum(a.tool_calls > 0 for a in answers) / n,
         "calls_per_answer": calls / n,
-        "tool_failure_rate": sum(a.failures for a in answers) / calls if calls else 0.0,
-        "malformed_call_rate": sum(a.malformed for a in answers) / n,
+        "tool_failure_rate": sum(a.tool_failures for a in answers) / calls if calls else 0.0,
+        "malformed_call_rate": sum(a.malformed_call for a in answers) / n,
         "capped_rate": sum(a.capped for a in answers) / n,
     }

@@ -310,12 +310,46 @@ def test_the_held_out_tool_loop_calls_runs_and_counts(family_models):
     answers = answer_with_tools(ScriptedPolicy(tokenizer, script), tokenizer, prompts, [multiply], 2,
                                 max_new_tokens=64)  # fmt: skip
     first, failed, broken, capped = (per[0] for per in answers)
-    assert [m["role"] for m in first.messages] == ["assistant", "tool", "assistant"]
-    assert first.messages[0]["tool_calls"][0]["function"]["arguments"] == {"a": 3, "b": 4}
-    assert first.messages[1]["content"] == "12" and first.final.text == "The answer is 12."
-    assert failed.failures == 1 and "zero" in failed.messages[1]["content"]
-    assert broken.calls == 0 and broken.malformed
-    assert capped.capped and capped.calls == 2
+    assert [m["role"] for m in first.turns] == ["assistant", "tool", "assistant"]
+    assert first.turns[0]["tool_calls"][0]["function"]["arguments"] == {"a": 3, "b": 4}
+    assert first.turns[1]["content"] == "12" and first.text == "The answer is 12."
+    assert failed.tool_failures == 1 and "zero" in failed.turns[1]["content"]
+    assert broken.tool_calls == 0 and broken.malformed_call
+    assert capped.capped and capped.tool_calls == 2
     figures = tool_figures([first, failed, broken, capped])
     assert figures == {"tool_call_rate": 0.75, "calls_per_answer": 1.0, "tool_failure_rate": 0.25,
                        "malformed_call_rate": 0.25, "capped_rate": 0.25}  # fmt: skip
+
+
+def eval_stage(family_models: dict[str, Path], models: dict[str, str], **extra: Any) -> dict[str, Any]:
+    return {"name": "eval", "kind": "eval", "models": models, "tools": ["tools.py:add"], "max_tool_calls": 2,
+            "data": {"source": {"files": {"test": [str(family_models["prompts"])]}}, "format": "prompt_only"},
+            "max_prompts": 4, "generation": {"max_new_tokens": 8, "batch_size": 4},
+            "judges": [{"function": "exact_match"}], **extra}  # fmt: skip
+
+
+def test_an_eval_with_tools_refuses_a_model_whose_template_cannot_call(family_models, run_cli, tmp_path):
+    (tmp_path / "tools.py").write_text(TOOLS)
+    models = {"qwen": str(family_models["qwen2_5"]), "gpt2": str(family_models["gpt2"])}
+    recipe = write_yaml(tmp_path / "r.yaml", {"name": "e", "stages": [eval_stage(family_models, models)]})
+    code, _, err = run_cli(recipe, "--output-dir", tmp_path / "run")
+    assert code == 2 and "stages.eval.tools: model gpt2's chat template renders no tool calls" in err, err
+    assert "qwen's" not in err
+
+
+@pytest.mark.slow
+def test_the_eval_stage_answers_through_the_tools(family_models, tmp_path):
+    """Every model answers through the tools (TRL's parser, align's loop): generations.jsonl keeps each answer's
+    turns and calls, the summary each model's tool figures, and the judges get the turns as TRL gives a reward."""
+    from align.loader import load_recipe
+    from align.pipeline import run_pipeline
+
+    (tmp_path / "tools.py").write_text(TOOLS)
+    stage = eval_stage(family_models, {"a": str(family_models["qwen2_5"]), "b": str(family_models["qwen3"])})
+    recipe = load_recipe(write_yaml(tmp_path / "r.yaml", {"name": "e", "stages": [stage]}))
+    summary = run_pipeline(recipe, output_dir=tmp_path / "run", log_level="warning")[0]
+    lines = read_jsonl(tmp_path / "run" / "eval" / "generations.jsonl")
+    assert lines and all(line["turns"] and line["turns"][-1]["role"] == "assistant" for line in lines)
+    assert all(line["answer"] == line["turns"][-1]["content"] for line in lines)
+    for model in summary["metrics"]["models"].values():
+        assert {"tool_call_rate", "calls_per_answer", "tool_failure_rate", "malformed_call_rate"} <= set(model)

@@ -33,6 +33,11 @@ class Answer:
         reasoning: a thinking template's reasoning, apart from `text` (then the answer after it); None where the
             answer has no reasoning block (`with_reasoning_apart`).
         thought_cut: the reasoning never closed (max_new_tokens cut it mid-thought): `text` is empty.
+        turns: an answer reached through tools (align/tools.py `answer_with_tools`): the assistant and tool turns
+            after the prompt, as TRL gives them to the rewards; `text` and `token_ids` are then the last turn's.
+        tool_calls, tool_failures: its calls, and those whose tool raised.
+        malformed_call: its last turn opens a tool call that does not parse.
+        capped: it was still calling when `max_tool_calls` ran out.
     """
 
     text: str
@@ -41,6 +46,11 @@ class Answer:
     prompt_truncated: bool = False
     reasoning: str | None = None
     thought_cut: bool = False
+    turns: list[dict[str, Any]] | None = None
+    tool_calls: int = 0
+    tool_failures: int = 0
+    malformed_call: bool = False
+    capped: bool = False
 
     @property
     def tokens(self) -> int:

@@ -6,17 +6,19 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from align.evaluation import Answer
 
 
 def _write_progress(path: Path, key: str, answers: list[list[Answer]]) -> None:
+    import dataclasses
+
     from align.files import write_text_atomic
 
-    data = {"key": key, "answers": [[[a.text, list(a.token_ids), a.ended, a.prompt_truncated, a.reasoning,
-                                      a.thought_cut] for a in per] for per in answers]}  # fmt: skip
+    data = {"key": key, "answers": [[{**dataclasses.asdict(a), "token_ids": list(a.token_ids)} for a in per]
+                                    for per in answers]}  # fmt: skip
     path.parent.mkdir(parents=True, exist_ok=True)
     write_text_atomic(path, json.dumps(data))
 
@@ -28,6 +30,11 @@ def _read_progress(path: Path, key: str) -> list[list[Answer]] | None:
     data = read_json(path)
     if not isinstance(data, dict) or data.get("key") != key:
         return None
-    # Files written before answers kept their reasoning apart hold four fields.
-    return [[Answer(text, tuple(ids), ended, truncated, *rest) for text, ids, ended, truncated, *rest in per]
-            for per in data["answers"]]  # fmt: skip
+
+    def answer(kept: Any) -> Answer:
+        if isinstance(kept, list):  # files written before answers had reasoning and tools: four fields in order
+            text, ids, ended, truncated = kept[:4]
+            return Answer(text, tuple(ids), ended, truncated)
+        return Answer(**{**kept, "token_ids": tuple(kept["token_ids"])})
+
+    return [[answer(kept) for kept in per] for per in data["answers"]]

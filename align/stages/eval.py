@@ -107,10 +107,15 @@ class EvalStage(Stage):
         None, description="the thinking switch of each model's template (one that thinks) when it answers; unset: "
         "the template's default. Judges score the answer after the reasoning"
     )  # fmt: skip
+    tools: list[str] | None = Field(
+        None, description="functions every model may call while it answers, as a grpo stage's tools: (each model's "
+        "template must render and TRL parse tool calls)"
+    )  # fmt: skip
+    max_tool_calls: int | None = Field(None, ge=1, description="tool-calling turns per answer at most (with tools:)")
 
     @model_serializer(mode="wrap")
     def _dump(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
-        return later_keys_left_out(handler(self), self, ("thinking",))
+        return later_keys_left_out(handler(self), self, ("thinking", "tools", "max_tool_calls"))
 
     def problems(self, earlier: list[Stage]) -> list[str]:
         """Its models, baseline and judges against the stages before it."""
@@ -242,6 +247,10 @@ def input_fingerprint(stage: Stage, recipe: Recipe, outputs: Any) -> str:
     functions = entries_identity([j for j in stage.judges if j.function is not None], recipe.base_dir, outputs)
     if functions:  # only where there are: the fingerprints of evals without function judges stay as they were
         identities["functions"] = functions
+    if stage.tools:  # an edited tool file answers again
+        from align.tools import tools_identity
+
+        identities["tools"] = tools_identity(stage.tools, recipe.base_dir)
     return hashlib.sha256(json.dumps(identities, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -267,10 +276,27 @@ def plan_eval(
     }
     settings["max_prompts"] = Setting(stage.max_prompts, "recipe" if "max_prompts" in stage.model_fields_set
                                       else "align default")  # fmt: skip
+    if stage.tools:
+        from align.tools import resolve_tools
+
+        try:
+            resolve_tools(stage.tools, recipe.base_dir, f"{where}.tools")
+            details_tools = ", ".join(stage.tools)
+        except BadInput as exc:
+            problems += exc.problems
+            hints += [exc.hint] if exc.hint else []
+            details_tools = None
     for label, ref in models.items():
         config = _planned_config(ref, plans, recipe)
         if stage.thinking is not None:
             problems += thinking_problems(stage, label, _planned_tokenizer(ref, plans))
+        if stage.tools:
+            from align.tools import TEMPLATE_HINT, template_problems
+
+            tokenizer = _planned_tokenizer(ref, plans)
+            bad = template_problems(tokenizer, f"{where}.tools") if tokenizer is not None else []
+            problems += [p.replace(": the chat template", f": model {label}'s chat template") for p in bad]
+            hints += [TEMPLATE_HINT] if bad else []
         limit = _positions(config)
         if limit is not None and stage.generation.max_new_tokens >= limit:
             problems.append(f"{where}.generation.max_new_tokens: {stage.generation.max_new_tokens} leaves no room for "
@@ -291,6 +317,10 @@ def plan_eval(
     }
     if stage.lm_eval is not None:
         details["lm_eval"] = ", ".join(stage.lm_eval.tasks)
+    if stage.tools and details_tools is not None:
+        details["tools"] = (
+            f"{details_tools}; each model answers through them (at most {stage.max_tool_calls or 'no limit of'} calls)"
+        )
     if stage.thinking is not None:
         details["thinking"] = (f"{'on' if stage.thinking else 'off'} for each model whose template thinks (unset: "
                                "as it was trained); its reasoning kept apart, its answer judged")  # fmt: skip
@@ -468,6 +498,8 @@ def answer_all(
              [show_prompt(r.prompt) for r in rows], index]  # fmt: skip
     if stage.thinking is not None:  # only where set: progress kept before the key existed still matches
         parts.append({"thinking": stage.thinking})
+    if stage.tools:
+        parts.append({"tools": stage.tools, "max_tool_calls": stage.max_tool_calls})
     key = hashlib.sha256(json.dumps(parts).encode()).hexdigest()
     progress = ctx.stage_dir / "progress" / f"{name}.json"
     kept = _read_progress(progress, key)
@@ -485,11 +517,18 @@ def answer_all(
     setting = stage.thinking if stage.thinking is not None else prompt_format.thinking
     thinking = thinking_of(tokenizer, setting) if fmt == "chat_template" and tokenizer.chat_template else None
     # A different seed per model: sampled answers of two copies of one model must differ, or they would tie.
-    answers = generate_batched(
-        model, tokenizer, prompts, max_new_tokens=gen.max_new_tokens, temperature=gen.temperature, top_p=gen.top_p,
-        num_samples=gen.num_samples, batch_size=gen.batch_size, seed=gen.seed + index, prompt_format=fmt,
-        template_kwargs=thinking.kwargs(setting) if thinking else None,
-    )  # fmt: skip
+    settings = dict(max_new_tokens=gen.max_new_tokens, temperature=gen.temperature, top_p=gen.top_p,
+                    batch_size=gen.batch_size, seed=gen.seed + index,
+                    template_kwargs=thinking.kwargs(setting) if thinking else None)  # fmt: skip
+    if stage.tools:  # every model answers through the same tools, as the grpo stage's loop does
+        from align.tools import answer_with_tools, resolve_tools
+
+        tools = resolve_tools(stage.tools, ctx.recipe.base_dir, f"stages.{stage.name}.tools")
+        answers = answer_with_tools(model, tokenizer, prompts, tools, stage.max_tool_calls,
+                                    num_samples=gen.num_samples, **settings)  # fmt: skip
+    else:
+        answers = generate_batched(model, tokenizer, prompts, num_samples=gen.num_samples, prompt_format=fmt,
+                                   **settings)  # fmt: skip
     answers = with_reasoning_apart(answers, thinking)
     del model
     _write_progress(progress, key, answers)
@@ -540,6 +579,8 @@ def function_scores(judge: Judge, ctx: StageContext, rows: list[EvalRow], flat: 
     reasoning = {"reasoning": [a.reasoning or "" for _, _, a in flat]} if any(
         a.reasoning is not None for _, _, a in flat) else {}  # fmt: skip
     completions = [[{"role": "assistant", "content": a.text}] if conversational else a.text for _, _, a in flat]
+    # An answer reached through tools: its assistant and tool turns, as TRL gives them to a reward.
+    completions = [a.turns if a.turns is not None else c for (_, _, a), c in zip(flat, completions, strict=True)]
     names = sorted({k for row in rows for k in row.columns})
     columns = {k: [rows[p].columns.get(k) for _, p, _ in flat] for k in names}
     values = fn(prompts=prompts, completions=completions, completion_ids=[list(a.token_ids) for _, _, a in flat],
@@ -604,6 +645,10 @@ def figures(
             entry.update({k: entry["win_rates"][judges[0]][k] for k in ("win_rate", "win_rate_ci", "lc_win_rate")})
         flat_answers = [a for samples in per for a in samples]
         entry.update(answer_statistics(flat_answers))
+        if any(a.turns is not None for a in flat_answers):
+            from align.tools import tool_figures
+
+            entry.update(tool_figures(flat_answers))
         if any(a.reasoning is not None or a.thought_cut for a in flat_answers):
             n = len(flat_answers)
             entry["cut_thought_rate"] = sum(a.thought_cut for a in flat_answers) / n
@@ -636,6 +681,9 @@ def write_generations(
                     # A thinking model's reasoning, apart from the answer judged (only where it thought).
                     **({"reasoning": answer.reasoning, "thought_cut": answer.thought_cut}
                        if answer.reasoning is not None or answer.thought_cut else {}),
+                    # An answer reached through tools: its calls, their results, and the count.
+                    **({"turns": answer.turns, "tool_calls": answer.tool_calls, "tool_failures": answer.tool_failures}
+                       if answer.turns is not None else {}),
                 })  # fmt: skip
     write_text_atomic(path, "".join(json.dumps(line) + "\n" for line in lines))
     return lines

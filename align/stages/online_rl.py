@@ -139,6 +139,10 @@ class OnlineKind(TrainingKind):
 
     def input_identity(self, stage: Any, recipe: Any, outputs: Any) -> str:
         pinned = entries_identity([*stage.rewards, *stage.monitor], recipe.base_dir, outputs)
+        if stage.tools:  # an edited tool file trains again
+            from align.tools import tools_identity
+
+            pinned += tools_identity(stage.tools, recipe.base_dir)
         return "|".join([self.model_identity(stage, recipe, outputs), *pinned])
 
     def plots(self, rows: list[dict[str, Any]], summary: dict[str, Any]) -> list[tuple[str, str, str]]:
@@ -246,17 +250,16 @@ class OnlineKind(TrainingKind):
         if self.tools:  # answered through the tools, as TRL's loop answers while training
             from align.tools import answer_with_tools
 
-            with_tools = answer_with_tools(model, self.tokenizer, list(rows["prompt"]), self.tools,
-                                           self.stage.max_tool_calls, num_samples=self.stage.measure.samples,
-                                           template_kwargs=self.template_kwargs, **settings)  # fmt: skip
-            answers = [[t.final for t in per] for per in with_tools]
-            transcripts = [t for per in with_tools for t in per]
+            answers = answer_with_tools(model, self.tokenizer, list(rows["prompt"]), self.tools,
+                                        self.stage.max_tool_calls, num_samples=self.stage.measure.samples,
+                                        template_kwargs=self.template_kwargs, **settings)  # fmt: skip
+            transcripts = [a for per in answers for a in per]
         else:
             samples = self.stage.measure.samples
             answers = generate_batched(model, self.tokenizer, list(rows["prompt"]), num_samples=samples,
                                        template_kwargs=self.template_kwargs, **settings)  # fmt: skip
         flat = [(i, a) for i, per in enumerate(answers) for a in per]
-        turns = [t.messages for t in transcripts] if transcripts is not None else None
+        turns = [a.turns for a in transcripts] if transcripts is not None else None
         per_function = {entry.name: self.score(scorer, flat, args, turns)
                         for entry, scorer in zip(self.entries, self.scorers, strict=True)}  # fmt: skip
         monitors = {judge.name: _nanmean(self.score(scorer, flat, args, turns))
