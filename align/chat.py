@@ -81,6 +81,13 @@ def build_parser(prog: str = "align chat") -> argparse.ArgumentParser:
     parser.add_argument("--max-new-tokens", type=_positive_int, default=256, help="per answer (default 256)")
     parser.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
     parser.add_argument(
+        "--tools",
+        action="append",
+        metavar="TOOL",
+        help="a tool the model may call: FILE.py (its public functions), FILE.py:NAME, module:NAME or calculator; "
+        "repeat it for more. Each call and its result are shown on stderr",
+    )
+    parser.add_argument(
         "--thinking",
         choices=("on", "off"),
         help="a thinking template's switch (Qwen 3's enable_thinking; default: the template's). The reasoning is "
@@ -122,10 +129,7 @@ class Conversation:
             BadInput: the chat template refuses the conversation (a system message it does not take).
         """
         if self.prompts.format == "chat_template":
-            messages = [{"role": "system", "content": self.system}] if self.system else []
-            for asked, answered in self.turns:
-                messages += [{"role": "user", "content": asked}, {"role": "assistant", "content": answered}]
-            messages.append({"role": "user", "content": user})
+            messages = self.messages(user)
             try:
                 return self.tokenizer.apply_chat_template(
                     messages, tokenize=False, add_generation_prompt=True, **self.template_kwargs
@@ -138,6 +142,13 @@ class Conversation:
             parts.append(self._as_prompt(asked) + answered + eos)
         parts.append(self._as_prompt(user))
         return "".join(parts)
+
+    def messages(self, user: str) -> list[dict[str, str]]:
+        """The conversation so far and `user`'s turn, as chat messages."""
+        messages = [{"role": "system", "content": self.system}] if self.system else []
+        for asked, answered in self.turns:
+            messages += [{"role": "user", "content": asked}, {"role": "assistant", "content": answered}]
+        return [*messages, {"role": "user", "content": user}]
 
     def _as_prompt(self, text: str) -> str:
         suffix = self.prompts.prompt_suffix
@@ -320,8 +331,13 @@ def chat(
         shown = asked or (f"{trained} (as trained)" if trained else "the template's default")
         print(f"thinking: {shown}; the reasoning is shown apart, on stderr", file=err)
 
-    def reply_to(text: str, stream: TextIO | None) -> tuple[str, bool]:
-        """The answer (streamed where the model does not think; a thinking model's reasoning shown apart first)."""
+    tools = chat_tools(getattr(args, "tools", None) or [], conversation)
+
+    def reply_to(text: str, stream: TextIO | None, user: str = "") -> tuple[str, bool]:
+        """The answer (streamed where the model does not think and calls no tools; a thinking model's reasoning
+        shown apart first; each tool call and its result on stderr)."""
+        if tools:
+            return answer_with_calls(model, tokenizer, conversation, user, tools, sampling, stream, err)
         if thinking is None:
             return answer(model, tokenizer, text, sampling, stream)
         from align.thinking import split_reasoning
@@ -335,7 +351,7 @@ def chat(
         return reply, cut
 
     if args.prompt is not None:
-        text, cut = reply_to(conversation.render(args.prompt), None)
+        text, cut = reply_to(conversation.render(args.prompt), None, args.prompt)
         if cut:
             print("note: the prompt was longer than the model's positions: its beginning was cut", file=err)
         print(text, file=out)
@@ -373,7 +389,7 @@ def chat(
                 continue
             out.write("model> ")
             out.flush()
-            reply, cut = reply_to(text, out)
+            reply, cut = reply_to(text, out, line)
             print(file=out)
             if not reply.strip():
                 print(f"({'an empty answer' if not reply else 'an answer of whitespace only'})", file=err)
@@ -385,6 +401,66 @@ def chat(
     except KeyboardInterrupt:  # Ctrl-C, at the prompt or while answering: the chat ends, cleanly
         print(file=out)
     return 0
+
+
+def chat_tools(entries: list[str], conversation: Conversation) -> list[Any]:
+    """The functions `--tools` names (a bare FILE.py: every public function it defines), checked as a recipe's
+    tools are.
+
+    Raises:
+        BadInput: a tool that cannot be had, or a model whose template cannot call tools.
+    """
+    if not entries:
+        return []
+    import inspect
+
+    from align.rewards import load_module
+    from align.tools import TEMPLATE_HINT, resolve_tools, template_problems
+
+    named = []
+    for entry in entries:
+        if entry.endswith(".py"):  # every public function the file defines
+            module = load_module(entry, Path.cwd(), f"--tools {entry}")
+            own = [
+                name for name, fn in vars(module).items() if inspect.isfunction(fn) and fn.__module__ == module.__name__
+            ]
+            named += [f"{entry}:{name}" for name in own if not name.startswith("_")]
+        else:
+            named.append(entry)
+    bad = template_problems(conversation.tokenizer, "--tools") if conversation.prompts.format == "chat_template" else [
+        "--tools: the model was trained on plain prompts, without a chat template"]  # fmt: skip
+    if bad:
+        raise BadInput(bad, hint=TEMPLATE_HINT)
+    return resolve_tools(named, Path.cwd(), "--tools")
+
+
+def answer_with_calls(
+    model: Any,
+    tokenizer: Any,
+    conversation: Conversation,
+    user: str,
+    tools: list[Any],
+    sampling: Sampling,
+    out: TextIO | None,
+    err: TextIO,
+) -> tuple[str, bool]:
+    """One answer through the tool loop (align/tools.py `answer_with_tools`): each call and its result shown on
+    `err` as it was made, the final answer written to `out`. Returns it and False (the conversation is not cut)."""
+    from align.tools import answer_with_tools
+
+    reply = answer_with_tools(model, tokenizer, [conversation.messages(user)], tools, None,
+                              max_new_tokens=new_tokens_limit(model, sampling.max_new_tokens),
+                              temperature=sampling.temperature, top_p=sampling.top_p)[0][0]  # fmt: skip
+    for turn in reply.turns or []:
+        for call in turn.get("tool_calls") or []:
+            function = call.get("function", call)
+            arguments = ", ".join(f"{k}={v!r}" for k, v in (function.get("arguments") or {}).items())
+            print(f"[call] {function.get('name')}({arguments})", file=err)
+        if turn["role"] == "tool":
+            print(f"[result] {turn['content']}", file=err)
+    if out is not None:
+        out.write(reply.text)
+    return reply.text, False
 
 
 def thinking_for(conversation: Conversation, asked: str | None) -> Any:

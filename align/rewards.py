@@ -237,7 +237,7 @@ def load_callable(name: str, base_dir: Path, where: str) -> Callable[..., Any]:
         BadInput: the file or module cannot be found or imported, or has no such function.
     """
     source, _, attribute = name.rpartition(":")
-    module = _load_file(source, base_dir, where) if source.endswith(".py") else _import(source, where)
+    module = load_module(source, base_dir, where) if source.endswith(".py") else _import(source, where)
     found = getattr(module, attribute, None)
     if not callable(found):
         names = [n for n in vars(module) if callable(getattr(module, n)) and not n.startswith("_")]
@@ -266,7 +266,9 @@ def _trl_reward(name: str, entry: RewardEntry, where: str, conversational: bool)
     return found
 
 
-def _load_file(source: str, base_dir: Path, where: str) -> Any:
+def load_module(source: str, base_dir: Path, where: str) -> Any:
+    """The Python file `source` (the recipe's folder, then the working directory), imported; `where` is the key its
+    errors name."""
     path = next((p for p in search_paths(source, base_dir) if p.is_file()), None)
     if path is None:
         places = " or ".join(str(p) for p in search_paths(source, base_dir))

@@ -353,3 +353,45 @@ def test_the_eval_stage_answers_through_the_tools(family_models, tmp_path):
     assert all(line["answer"] == line["turns"][-1]["content"] for line in lines)
     for model in summary["metrics"]["models"].values():
         assert {"tool_call_rate", "calls_per_answer", "tool_failure_rate", "malformed_call_rate"} <= set(model)
+
+
+MULTIPLY_FILE = '''
+def multiply(a: int, b: int) -> int:
+    """Multiply two integers.
+
+    Args:
+        a: The first.
+        b: The second.
+    """
+    return a * b
+
+
+def _helper():
+    return None
+'''
+
+
+def test_chat_runs_the_tool_loop_and_shows_each_call(family_models, tmp_path, capsys, monkeypatch):
+    """`align chat --tools FILE.py` (its public functions): each call and its result on stderr, the final answer
+    alone on stdout; a model whose template cannot call tools is bad input (exit 2)."""
+    import align.chat as chat_module
+    from align.models import load_tokenizer
+
+    (tmp_path / "mult.py").write_text(MULTIPLY_FILE)
+    tokenizer = load_tokenizer(str(family_models["qwen2_5"]))
+
+    def script(prompt: str) -> str:
+        if "<tool_response>" in prompt:
+            return "The answer is " + prompt.rsplit("<tool_response>\n", 1)[1].split("\n", 1)[0] + "."
+        return call(3, 4)
+
+    monkeypatch.setattr(chat_module, "load", lambda saved: (ScriptedPolicy(tokenizer, script), tokenizer))
+    code = chat_module.main([str(family_models["qwen2_5"]), "--prompt", "three times four", "--tools",
+                             str(tmp_path / "mult.py")])  # fmt: skip
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    assert out.strip() == "The answer is 12."
+    assert "[call] multiply(a=3, b=4)" in err and "[result] 12" in err
+    monkeypatch.undo()
+    assert chat_module.main([str(family_models["gpt2"]), "--prompt", "x", "--tools", "calculator"]) == 2
+    assert "error: --tools: the" in capsys.readouterr().err
