@@ -585,3 +585,71 @@ def test_other_families_match_the_bare_library(world, family_world, family, kind
     library = trainer.evaluate()["eval_loss"]
     assert math.isfinite(aligned)
     assert abs(aligned - library) <= TOLERANCE, f"{kind} on {family}: align {aligned:.7f}, bare {library:.7f}"
+
+
+TOOL_REWARDS = '''
+def near(prompts, completions, answer, **kwargs):
+    """Dense: the closer the last turn's length in characters to the answer's number, the higher."""
+    return [1.0 / (1 + abs(len(c[-1]["content"]) - int(a))) for c, a in zip(completions, answer)]
+
+
+def add(a: int, b: int) -> int:
+    """Add two integers.
+
+    Args:
+        a: The first.
+        b: The second.
+    """
+    return a + b
+'''
+
+
+@pytest.mark.slow
+def test_grpo_with_tools_matches_the_bare_trainer_reward_for_reward_and_weight_for_weight(world, family_models):
+    """align's grpo with `tools:` against `GRPOTrainer(tools=...)` on Qwen 2.5 (a template TRL parses tool calls of),
+    message-list prompts, the same reward and settings: the mean reward at every logged step and the final weights
+    agree (the tools' schemas are in every prompt on both sides; TRL's loop runs the calls on both)."""
+    import importlib.util
+
+    import trl
+    from datasets import load_dataset
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from align.loader import load_recipe
+    from align.pipeline import run_pipeline
+
+    root = world["root"] / "tools"
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "rewards.py").write_text(TOOL_REWARDS)
+    rows = [{"prompt": [{"role": "user", "content": f"What is {a} + {b}?"}], "answer": str(a + b)}
+            for a in range(6) for b in range(6)]  # fmt: skip
+    files = {"train": write_jsonl(root / "train.jsonl", rows[:28]),
+             "validation": write_jsonl(root / "valid.jsonl", rows[28:])}  # fmt: skip
+    settings = {**GRPO_SETTINGS, "max_completion_length": 8}
+    stage = {"name": "grpo", "kind": "grpo", "model": str(family_models["qwen2_5"]), "tools": ["rewards.py:add"],
+             "max_tool_calls": 2,
+             "data": {"source": {"files": {"train": [files["train"]], "validation": [files["validation"]]}},
+                      "format": "prompt_only", "splits": {"validation": "validation"}},
+             "rewards": [{"function": "rewards.py:near"}], "train": dict(settings)}  # fmt: skip
+    recipe = {"name": "tools_parity", "seed": SEED, "precision": "fp32", "tracking": {"wandb": {"mode": "disabled"}},
+              "stages": [stage]}  # fmt: skip
+    out = root / "runs"
+    run_pipeline(load_recipe(write_yaml(root / "r.yaml", recipe)), output_dir=out, log_level="warning")
+    logged = [json.loads(line) for line in (out / "grpo" / "metrics.jsonl").read_text().splitlines()]
+    aligned = {r["step"]: r["reward"] for r in logged if r["split"] == "train" and "reward" in r}
+
+    spec = importlib.util.spec_from_file_location("bare_tool_rewards", root / "rewards.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    config = trl.GRPOConfig(output_dir=str(root / "bare"), seed=SEED, report_to="none", max_tool_calling_iterations=2,
+                            **{**ALIGN_DEFAULTS, **settings, "disable_dropout": True})  # fmt: skip
+    trainer = trl.GRPOTrainer(
+        model=AutoModelForCausalLM.from_pretrained(family_models["qwen2_5"]), reward_funcs=[module.near],
+        args=config, train_dataset=load_dataset("json", data_files=files)["train"],
+        eval_dataset=load_dataset("json", data_files=files)["validation"], tools=[module.add],
+        processing_class=AutoTokenizer.from_pretrained(family_models["qwen2_5"]),
+    )  # fmt: skip
+    trainer.train()
+    bare = {r["step"]: r["reward"] for r in trainer.state.log_history if "reward" in r and "eval_reward" not in r}
+    assert_same_steps_and_weights(aligned, bare, settings["max_steps"], out / "grpo", trainer, "reward")
+    assert any("tools/call_frequency" in r for r in logged)
