@@ -133,12 +133,21 @@ def test_thoughts_cut_by_max_completion_length_fire_the_alarm_and_the_verdict_na
     fires while training; the summary counts every held-out answer cut; the verdict names the cause and the fix."""
     from align.loader import load_recipe
     from align.pipeline import run_pipeline
+    from align.rewards import exact_match as raw_exact_match
+    from tests.conftest import captured_trainers
 
     (tmp_path / "recorder.py").write_text(RECORDER)
     stage = grpo_stage(family_models, chat_template="qwen3_5_think", alarms={"window": 1})
     stage["rewards"].append({"function": "recorder.py:record", "weight": 0.0})
     recipe = load_recipe(write_yaml(tmp_path / "r.yaml", {"name": "cut", "seed": 0, "stages": [stage]}))
-    summary = run_pipeline(recipe, output_dir=tmp_path / "run", log_level="warning")[0]
+    with captured_trainers() as trainers:
+        summary = run_pipeline(recipe, output_dir=tmp_path / "run", log_level="warning")[0]
+    # The exact_match TRL called in this stage scores the answer after the reasoning: a right answer after a thought
+    # scores 1, where the completion as written (the prompt opened <think>) scores 0.
+    exact_match = trainers["grpo"].reward_funcs[0]
+    thought = [[{"role": "assistant", "content": "the last word is blue\n</think>\n\nblue"}]]
+    assert exact_match(prompts=[[]], completions=thought, answer=["blue"]) == [1.0]
+    assert raw_exact_match()(prompts=[[]], completions=thought, answer=["blue"]) == [0.0]
     seen = [json.loads(line) for line in (tmp_path / "recorder.py.jsonl").read_text().splitlines()]
     # A random policy closes a thought now and then (</think> is one of its 400 tokens): nearly every one is cut.
     cut = [r for r in seen if r["answer"] == ""]
