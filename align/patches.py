@@ -26,6 +26,8 @@ Hooks (each with the private code it touches, what it buys, and its fallback):
   several processes rather than a silently wrong run.
 - `experimental`: TRL's `trl.experimental` trainers and configs (ORPO, CPO for SimPO); the kinds built on them;
   else a refusal at preflight naming the TRL range that has them.
+- `environment_factory`: `GRPOTrainer`'s experimental `environment_factory` argument (a grpo stage's
+  `environment:`); else a refusal at preflight naming the installed TRL.
 """
 
 from __future__ import annotations
@@ -300,3 +302,27 @@ def train_after_evaluation(trainer: Any) -> None:
         )
     del model._is_accelerate_prepared
     models[:] = [m for m in models if m is not model]
+
+
+# --------------------------------------------------------------------------------------------------
+# TRL's experimental environments (a grpo stage's `environment:`)
+
+
+def environment_factory(trainer_class: type) -> str:
+    """The keyword `trainer_class` (TRL's GRPOTrainer) takes an environment factory by: TRL calls it experimental
+    and warns on each use; align pins the range it was written against and silences the warning (TRL's own switch).
+
+    Raises:
+        BadInput: the installed TRL's trainer takes no environment factory.
+    """
+    import os
+
+    import trl
+
+    from align.errors import BadInput
+
+    if "environment_factory" not in _parameters(trainer_class.__init__):
+        raise BadInput(f"TRL {trl.__version__}'s {trainer_class.__name__} takes no environment_factory (align uses it "
+                       f"from {EXPERIMENTAL_RANGE})")  # fmt: skip
+    os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
+    return "environment_factory"

@@ -316,3 +316,48 @@ def tool_figures(answers: list[Any]) -> dict[str, float]:
         "malformed_call_rate": sum(a.malformed_call for a in answers) / n,
         "capped_rate": sum(a.capped for a in answers) / n,
     }
+
+
+# --------------------------------------------------------------------------------------------------
+# Environments (TRL's `environment_factory`)
+
+
+def resolve_environment(entry: str, base_dir: Path, where: str) -> tuple[type, list[Any], bool]:
+    """A grpo stage's `environment: FILE.py:Class` (or `module:Class`): the class, one instance's tools (its public
+    methods, each with its schema built as TRL builds it) and whether it owns a reward (`get_reward`), found as TRL
+    finds them: on the class, an instance made once.
+
+    Raises:
+        BadInput: it cannot be had, has no `reset`, or a method has no schema (each named).
+    """
+    import inspect
+
+    from transformers.utils import get_json_schema
+
+    from align.rewards import load_callable
+
+    cls = load_callable(entry, base_dir, where)
+    members = dict(inspect.getmembers(cls, predicate=inspect.isfunction)) if isinstance(cls, type) else {}
+    if "reset" not in members:
+        raise BadInput(f"{where}: {entry} has no reset method: TRL resets an environment with each row's columns "
+                       "(reset(**row)) before every rollout",
+                       hint="add def reset(self, **row) -> str | None")  # fmt: skip
+    try:
+        instance = cls()
+    except Exception as exc:
+        raise BadInput(f"{where}: {entry}() raised {type(exc).__name__}: {exc} (TRL makes one per rollout, with no "
+                       "arguments)") from None  # fmt: skip
+    tools, problems = [], []
+    for name in members:
+        if name in ("reset", "get_reward") or name.startswith("_"):
+            continue
+        method = getattr(instance, name)
+        try:
+            get_json_schema(method)
+        except Exception as exc:
+            problems.append(f"{where}: {entry}.{name}: {str(exc).splitlines()[0]}")
+            continue
+        tools.append(method)
+    if problems:
+        raise BadInput(problems, hint=TOOL_HINT)
+    return cls, tools, "get_reward" in members

@@ -395,3 +395,82 @@ def test_chat_runs_the_tool_loop_and_shows_each_call(family_models, tmp_path, ca
     monkeypatch.undo()
     assert chat_module.main([str(family_models["gpt2"]), "--prompt", "x", "--tools", "calculator"]) == 2
     assert "error: --tools: the" in capsys.readouterr().err
+
+
+ENVIRONMENT = '''
+class Counter:
+    """Counts what the policy adds; the reward is how close it got to the row's answer."""
+
+    def __init__(self):
+        self.total, self.target = 0, 0
+
+    def reset(self, answer=None, **row):
+        self.total, self.target = 0, len(str(answer or ""))
+        return None
+
+    def add(self, n: int) -> int:
+        """Add n to the running total.
+
+        Args:
+            n: How much to add.
+        """
+        self.total += n
+        return self.total
+
+    def get_reward(self) -> float:
+        return 1.0 / (1 + abs(self.total - self.target))
+
+
+class NoReset:
+    def add(self, n: int) -> int:
+        """Add.
+
+        Args:
+            n: How much.
+        """
+        return n
+
+
+class Undocumented:
+    def reset(self, **row):
+        return None
+
+    def add(self, n: int) -> int:
+        return n
+'''
+
+
+@pytest.mark.parametrize(
+    ("change", "error"),
+    [
+        ({"environment": "env.py:NoReset"}, "stages.grpo.environment: env.py:NoReset has no reset method"),
+        ({"environment": "env.py:Undocumented"}, "stages.grpo.environment: env.py:Undocumented.add: Cannot generate"),
+        ({"kind": "rloo", "environment": "env.py:Counter"}, "stages.grpo.environment: TRL's RLOOTrainer takes no"),
+    ],  # fmt: skip
+)
+def test_bad_environments_stop_before_stage_one(family_models, run_cli, tmp_path, change, error):
+    (tmp_path / "tools.py").write_text(TOOLS)
+    (tmp_path / "env.py").write_text(ENVIRONMENT)
+    stage = {**grpo_stage(family_models), **change}
+    code, _, err = run_cli(write_yaml(tmp_path / "r.yaml", {"name": "t", "stages": [stage]}), "--output-dir",
+                           tmp_path / "run")  # fmt: skip
+    assert code == 2 and error in err, err
+
+
+@pytest.mark.slow
+def test_grpo_with_an_environment_trains_and_its_reward_is_shown_beside_the_rewards(family_models, run_cli, tmp_path):
+    """`environment: env.py:Counter` reaches TRL's environment_factory: the plan shows its tool and that its
+    get_reward is a reward TRL adds at weight 1; the stage trains, TRL logging the environment's reward."""
+    (tmp_path / "tools.py").write_text(TOOLS)
+    (tmp_path / "env.py").write_text(ENVIRONMENT)
+    stage = grpo_stage(family_models, environment="env.py:Counter", tools=None)
+    recipe = write_yaml(tmp_path / "r.yaml", {"name": "env", "seed": 0, "stages": [stage]})
+    code, out, err = run_cli(recipe, "--output-dir", tmp_path / "run", "--dry-run")
+    assert code == 0, err
+    assert "tools: add(n: integer)" in out
+    assert "environment: Counter: reset(**row) before each rollout; its methods are tools; get_reward() is a reward " \
+           "TRL adds at weight 1 (logged as Counter), beside rewards:" in out  # fmt: skip
+    code, _, err = run_cli(recipe, "--output-dir", tmp_path / "run")
+    assert code == 0, err
+    rows = read_jsonl(tmp_path / "run" / "grpo" / "metrics.jsonl")
+    assert any("rewards/Counter/mean" in row for row in rows), rows[0]

@@ -28,7 +28,7 @@ from align.rewards import (
     guarded,
     resolve_function,
 )
-from align.stages.base import Figure, TrainingKind
+from align.stages.base import Figure, TrainingKind, library_class
 from align.stages.runner import generation_table, show_prompt
 from align.thinking import CUT_THOUGHTS, cut_thoughts_cause, cut_thoughts_share
 from align.tools import TOOL_CALLS, TOOL_FAILURES, tool_figures
@@ -94,7 +94,11 @@ class OnlineKeys(TrainingStage):
         "(calculator); each needs type hints and a docstring (grpo only: TRL's GRPOTrainer takes tools)"
     )  # fmt: skip
     max_tool_calls: int | None = Field(None, ge=1, description="tool-calling turns per answer at most (with tools:)")
-    later_keys: ClassVar[tuple[str, ...]] = (*TrainingStage.later_keys, "tools", "max_tool_calls")
+    environment: str | None = Field(
+        None, description="FILE.py:Class or module:Class: TRL's environment_factory (grpo only). reset(**row) starts "
+        "each rollout, its public methods are tools, and its get_reward() (if any) a reward TRL adds at weight 1"
+    )  # fmt: skip
+    later_keys: ClassVar[tuple[str, ...]] = (*TrainingStage.later_keys, "tools", "max_tool_calls", "environment")
 
     def problems(self, earlier: list[Stage]) -> list[str]:
         problems = super().problems(earlier)
@@ -104,8 +108,8 @@ class OnlineKeys(TrainingStage):
         if "max_tool_calling_iterations" in self.train:
             problems.append(f"{where}.train.max_tool_calling_iterations: set by align: use the stage's "
                             "`max_tool_calls:`")  # fmt: skip
-        if self.max_tool_calls is not None and not self.tools:
-            problems.append(f"{where}.max_tool_calls: caps tool calls, and the stage has no `tools:`")
+        if self.max_tool_calls is not None and not self.tools and self.environment is None:
+            problems.append(f"{where}.max_tool_calls: caps tool calls, and the stage has no `tools:` or `environment:`")
         for n, entry in enumerate(self.rewards):
             problems += reward_model_problems(entry.reward_model, f"{where}.rewards.{n}.reward_model", earlier)
         for n, judge in enumerate(self.monitor):
@@ -133,7 +137,7 @@ class OnlineKind(TrainingKind):
         thinking = thinking_of(tokenizer, stage.thinking) if tokenizer is not None and tokenizer.chat_template else None
         parts = plan_online(stage, self.config_class(), inputs.data, inputs.start, inputs.recipe, thinking)
         plan_thinking(stage, tokenizer, thinking, inputs.data, parts)
-        if stage.tools:
+        if stage.tools or stage.environment:
             plan_tools(stage, tokenizer, inputs.data, inputs.recipe.base_dir, parts)
         return parts
 
@@ -202,7 +206,14 @@ class OnlineKind(TrainingKind):
 
     def trainer(self, args: Any, callbacks: list[Any]) -> Any:
         self.use_reference(args)
-        tools = {"tools": self.tools} if self.tools else {}  # grpo's only: rloo refuses tools when planning
+        tools: dict[str, Any] = {"tools": self.tools} if self.tools else {}  # grpo's only: rloo refuses them
+        if self.stage.environment:
+            from align.patches import environment_factory
+            from align.tools import resolve_environment
+
+            cls, _, _ = resolve_environment(self.stage.environment, self.ctx.recipe.base_dir,
+                                            f"stages.{self.stage.name}.environment")  # fmt: skip
+            tools[environment_factory(self.trainer_cls())] = cls
         return super().trainer(args, callbacks, reward_funcs=self.functions,
                                reward_processing_classes=self.reward_tokenizers, **tools)  # fmt: skip
 
@@ -452,7 +463,19 @@ def plan_tools(stage: Any, tokenizer: Any, data: Any, base_dir: Any, parts: Stag
 
     where = f"stages.{stage.name}"
     try:
-        tools = resolve_tools(stage.tools, base_dir, f"{where}.tools")
+        tools = resolve_tools(stage.tools or [], base_dir, f"{where}.tools")
+        if stage.environment:
+            from align.patches import environment_factory
+            from align.tools import resolve_environment
+
+            environment_factory(library_class("trl:GRPOTrainer"))  # the installed TRL takes environments
+            cls, methods, owns_reward = resolve_environment(stage.environment, base_dir, f"{where}.environment")
+            tools += methods
+            parts.details["environment"] = (
+                f"{cls.__name__}: reset(**row) before each rollout; its methods are tools"
+                + (f"; get_reward() is a reward TRL adds at weight 1 (logged as {cls.__name__}), beside rewards:"
+                   if owns_reward else "; no get_reward(): the rewards: alone score")
+            )  # fmt: skip
     except BadInput as exc:
         parts.problems += exc.problems
         parts.hints += [exc.hint] if exc.hint else []

@@ -18,9 +18,10 @@ class RLOOKeys(OnlineKeys):
 
     def problems(self, earlier: list[Stage]) -> list[str]:
         problems = super().problems(earlier)
-        if self.tools:
-            problems.append(f"stages.{self.name}.tools: TRL's RLOOTrainer takes no tools (its GRPOTrainer does): "
-                            "use kind: grpo for a policy that calls tools")  # fmt: skip
+        for key in ("tools", "environment"):
+            if getattr(self, key):
+                problems.append(f"stages.{self.name}.{key}: TRL's RLOOTrainer takes no {key.rstrip('s')}s (its "
+                                "GRPOTrainer does): use kind: grpo for a policy that calls tools")  # fmt: skip
         return problems
 
 
