@@ -245,7 +245,7 @@ def answer_with_tools(
     from transformers.utils import get_json_schema
     from trl.chat_template_utils import add_response_schema, parse_response
 
-    from align.evaluation.generation import generate_batched, prompt_ids
+    from align.evaluation.generation import as_messages, generate_batched, prompt_ids
 
     if getattr(tokenizer, "response_template", None) is None and getattr(tokenizer, "response_schema", None) is None:
         tokenizer = add_response_schema(copy.deepcopy(tokenizer))
@@ -255,8 +255,11 @@ def answer_with_tools(
     opener = "<tool_call>" if "<tool_call>" in str(tokenizer.chat_template) else None
     first = generate_batched(model, tokenizer, list(prompts), num_samples=num_samples, template_kwargs=kwargs,
                              prompt_format="chat_template", **generation)  # fmt: skip
-    states = [[{"prompt": list(p), "messages": [], "answer": a, "calls": 0, "failures": 0} for a in per]
-              for p, per in zip(prompts, first, strict=True)]  # fmt: skip
+    # Each answer's state; a string prompt is one user turn.
+    states = [
+        [{"prompt": as_messages(p), "messages": [], "answer": a, "calls": 0, "failures": 0} for a in per]
+        for p, per in zip(prompts, first, strict=True)
+    ]
     active = [s for per in states for s in per]
     limit = sys.maxsize if max_calls is None else max_calls
     turn = 0

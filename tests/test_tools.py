@@ -306,7 +306,8 @@ def test_the_held_out_tool_loop_calls_runs_and_counts(family_models):
             return '<tool_call>\n{"name": "multiply", "argum'
         return call(0 if "zero" in prompt else 3, 4)
 
-    prompts = [[{"role": "user", "content": text}] for text in ("three times four", "zero", "broken", "always")]
+    # A string prompt is one user turn (an eval's plain prompts).
+    prompts = ["three times four", *([{"role": "user", "content": t}] for t in ("zero", "broken", "always"))]
     answers = answer_with_tools(ScriptedPolicy(tokenizer, script), tokenizer, prompts, [multiply], 2,
                                 max_new_tokens=64)  # fmt: skip
     first, failed, broken, capped = (per[0] for per in answers)
