@@ -475,3 +475,60 @@ def test_grpo_with_an_environment_trains_and_its_reward_is_shown_beside_the_rewa
     assert code == 0, err
     rows = read_jsonl(tmp_path / "run" / "grpo" / "metrics.jsonl")
     assert any("rewards/Counter/mean" in row for row in rows), rows[0]
+
+
+SLOW_REWARD = '''
+import time
+
+
+def near(prompts, completions, answer, trainer_state=None, **kwargs):
+    """Dense, and slow after checkpoint-2 (0.3 s a training call) so that a run can be killed before it ends."""
+    if trainer_state is not None and trainer_state.global_step >= 2:
+        time.sleep(0.3)
+    return [1.0 / (1 + abs(len(c[-1]["content"]) - len(str(a)))) for c, a in zip(completions, answer)]
+'''
+
+
+@pytest.mark.slow
+def test_grpo_with_tools_killed_mid_stage_resumes_to_the_unbroken_runs_rewards_and_weights(
+    family_models, tmp_path, run_cli
+):
+    """SIGKILL to the whole process group after checkpoint-2 of a grpo stage with tools; run again, it resumes
+    from that checkpoint and ends with the rewards of every logged step, and the weights, of a run never stopped."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from safetensors.torch import load_file
+
+    (tmp_path / "tools.py").write_text(TOOLS + SLOW_REWARD)
+    stage = grpo_stage(family_models, rewards=[{"function": "tools.py:near"}], generations=0)
+    stage["train"].update(max_steps=6, save_steps=2, eval_steps=6)
+    path = write_yaml(tmp_path / "r.yaml", {"name": "resume", "seed": 0, "tracking": {"wandb": {"mode": "disabled"}},
+                                            "stages": [stage]})  # fmt: skip
+    code, _, err = run_cli(path, "--output-dir", tmp_path / "whole")
+    assert code == 0, err
+    cut = tmp_path / "cut"
+    command = [sys.executable, "-m", "align.run", str(path), "--output-dir", str(cut)]
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    state = cut / "grpo/checkpoints/checkpoint-2/trainer_state.json"
+    deadline = time.time() + 240
+    while not state.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    assert proc.poll() is None, "the run ended before it could be killed"
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.communicate(timeout=60)
+    code, _, err = run_cli(path, "--output-dir", cut)
+    assert code == 0 and "resuming from checkpoint-" in err, err
+
+    def rewards(run: Path) -> dict[int, float]:
+        rows = read_jsonl(run / "grpo" / "metrics.jsonl")
+        return {r["step"]: r["reward"] for r in rows if r["split"] == "train" and "reward" in r}
+
+    whole, resumed = rewards(tmp_path / "whole"), rewards(cut)
+    assert sorted(whole) == sorted(resumed) == list(range(1, 7))
+    assert all(abs(whole[s] - resumed[s]) <= 1e-6 for s in whole), (whole, resumed)
+    a, b = (load_file(str(run / "grpo" / "model" / "model.safetensors")) for run in (tmp_path / "whole", cut))
+    assert max(float((a[k] - b[k]).abs().max()) for k in a) <= 1e-5
