@@ -550,6 +550,9 @@ def main(argv: list[str] | None = None, prog: str = "align chat") -> int:
                 )
             if args.prompt is None:
                 raise BadInput("--compare answers one prompt: add --prompt TEXT")
+            if args.tools:
+                raise BadInput("--compare does not run tools yet: compare the models one at a time with --tools",
+                               hint=f"align chat {args.compare} --stage NAME --tools ... --prompt TEXT")  # fmt: skip
             return compare(args.compare, args)
         if args.model is None:
             raise BadInput("MODEL is missing: a model/ directory or a run directory (or --compare RUN_DIR)")

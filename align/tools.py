@@ -10,9 +10,11 @@ them is refused before any stage trains, naming it. `max_tool_calls:` caps the t
 from __future__ import annotations
 
 import ast
+import asyncio
 import copy
 import dataclasses
 import functools
+import inspect
 import logging
 import operator
 import sys
@@ -43,9 +45,12 @@ def calculator(expression: str) -> str:
             return node.value
         if isinstance(node, ast.BinOp) and type(node.op) in _OPERATORS:
             left, right = value(node.left), value(node.right)
-            if isinstance(node.op, ast.Pow) and abs(right) > 64:
-                raise ValueError("exponent too large")
-            return _OPERATORS[type(node.op)](left, right)
+            if isinstance(node.op, ast.Pow) and (abs(right) > 64 or abs(left) > 1e12):
+                raise ValueError("exponent or base too large")
+            result = _OPERATORS[type(node.op)](left, right)
+            if abs(result) > 1e100:  # each step bounded, so no expression runs for long
+                raise ValueError("result too large")
+            return result
         if isinstance(node, ast.UnaryOp) and type(node.op) in _OPERATORS:
             return _OPERATORS[type(node.op)](value(node.operand))
         raise ValueError(f"not arithmetic: {ast.dump(node)[:60]}")
@@ -90,6 +95,9 @@ def resolve_tools(entries: list[str], base_dir: Path, where: str) -> list[Any]:
                 get_json_schema(fn)
             except Exception as exc:  # transformers' TypeHintParsingException / DocstringParsingException
                 raise BadInput(f"{at}: {entry}: {str(exc).splitlines()[0]}", hint=TOOL_HINT) from None
+            if any(t.__name__ == fn.__name__ for t in tools):
+                raise BadInput(f"{at}: {entry}: a second tool named {fn.__name__!r}: TRL calls tools by name, so one "
+                               "would shadow the other", hint="rename one of them")  # fmt: skip
             tools.append(fn)
         except BadInput as exc:
             problems += exc.problems
@@ -165,17 +173,33 @@ class ToolCalls:
         """`fn` as TRL calls it, counted; an exception it raises still reaches TRL (which reports the call as
         failed to the policy), after it is counted."""
 
+        if inspect.iscoroutinefunction(fn):  # TRL awaits async tools on its event loop: the wrapper stays async
+
+            @functools.wraps(fn)
+            async def call_async(*args: Any, **kwargs: Any) -> Any:
+                self.calls[fn.__name__] += 1
+                try:
+                    return await fn(*args, **kwargs)
+                except Exception as exc:
+                    self.failed(fn.__name__, exc)
+                    raise
+
+            return call_async
+
         @functools.wraps(fn)
         def call(*args: Any, **kwargs: Any) -> Any:
             self.calls[fn.__name__] += 1
             try:
                 return fn(*args, **kwargs)
             except Exception as exc:
-                self.failures[fn.__name__] += 1
-                self.last_error[fn.__name__] = f"{type(exc).__name__}: {exc}"
+                self.failed(fn.__name__, exc)
                 raise
 
         return call
+
+    def failed(self, name: str, exc: Exception) -> None:
+        self.failures[name] += 1
+        self.last_error[name] = f"{type(exc).__name__}: {exc}"
 
     def worst(self) -> str:
         """The tools that raised, most failures first, each with its share and last error."""
@@ -287,6 +311,8 @@ def answer_with_tools(
                 state["calls"] += 1
                 try:
                     result = by_name[function["name"]](**(function.get("arguments") or {}))
+                    if inspect.isawaitable(result):  # an async tool, awaited as TRL awaits it
+                        result = asyncio.run(result)
                 except Exception as exc:  # a tool that raises, or a name the policy made up: as TRL reports it
                     state["failures"] += 1
                     result = {"error": str(exc)}
@@ -333,8 +359,6 @@ def resolve_environment(entry: str, base_dir: Path, where: str) -> tuple[type, l
     Raises:
         BadInput: it cannot be had, has no `reset`, or a method has no schema (each named).
     """
-    import inspect
-
     from transformers.utils import get_json_schema
 
     from align.rewards import load_callable

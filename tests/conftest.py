@@ -139,6 +139,8 @@ def family_models(tmp_path_factory) -> dict[str, Path]:
 
     root = tmp_path_factory.mktemp("families")
     built = {name: families.build(name, root / name) for name in families.FAMILIES}
+    # Qwen 2.5 with 1024 positions: a prompt with tools' schemas is longer than the fixtures' 256.
+    built["qwen2_5_wide"] = families.widened(built["qwen2_5"], root / "qwen2_5_wide", 1024)
     return {**built, **families.write_data(root / "data")}
 
 

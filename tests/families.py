@@ -180,3 +180,13 @@ def build(family_name: str, directory: Path) -> Path:
     model.save_pretrained(directory, safe_serialization=True)
     tokenizer.save_pretrained(directory)
     return directory
+
+
+def widened(model: Path, directory: Path, positions: int) -> Path:
+    """A copy of a built model with more positions (a rotary model's weights do not depend on them)."""
+    import shutil
+
+    shutil.copytree(model, directory)
+    config = json.loads((directory / "config.json").read_text())
+    (directory / "config.json").write_text(json.dumps({**config, "max_position_embeddings": positions}))
+    return directory

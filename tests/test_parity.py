@@ -626,7 +626,7 @@ def test_grpo_with_tools_matches_the_bare_trainer_reward_for_reward_and_weight_f
     files = {"train": write_jsonl(root / "train.jsonl", rows[:28]),
              "validation": write_jsonl(root / "valid.jsonl", rows[28:])}  # fmt: skip
     settings = {**GRPO_SETTINGS, "max_completion_length": 8}
-    stage = {"name": "grpo", "kind": "grpo", "model": str(family_models["qwen2_5"]), "tools": ["rewards.py:add"],
+    stage = {"name": "grpo", "kind": "grpo", "model": str(family_models["qwen2_5_wide"]), "tools": ["rewards.py:add"],
              "max_tool_calls": 2,
              "data": {"source": {"files": {"train": [files["train"]], "validation": [files["validation"]]}},
                       "format": "prompt_only", "splits": {"validation": "validation"}},
@@ -644,10 +644,10 @@ def test_grpo_with_tools_matches_the_bare_trainer_reward_for_reward_and_weight_f
     config = trl.GRPOConfig(output_dir=str(root / "bare"), seed=SEED, report_to="none", max_tool_calling_iterations=2,
                             **{**ALIGN_DEFAULTS, **settings, "disable_dropout": True})  # fmt: skip
     trainer = trl.GRPOTrainer(
-        model=AutoModelForCausalLM.from_pretrained(family_models["qwen2_5"]), reward_funcs=[module.near],
+        model=AutoModelForCausalLM.from_pretrained(family_models["qwen2_5_wide"]), reward_funcs=[module.near],
         args=config, train_dataset=load_dataset("json", data_files=files)["train"],
         eval_dataset=load_dataset("json", data_files=files)["validation"], tools=[module.add],
-        processing_class=AutoTokenizer.from_pretrained(family_models["qwen2_5"]),
+        processing_class=AutoTokenizer.from_pretrained(family_models["qwen2_5_wide"]),
     )  # fmt: skip
     trainer.train()
     bare = {r["step"]: r["reward"] for r in trainer.state.log_history if "reward" in r and "eval_reward" not in r}

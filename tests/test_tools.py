@@ -28,7 +28,24 @@ def undocumented(a: int) -> int:
 '''
 
 
-def grpo_stage(family_models: dict[str, Path], model: str = "qwen2_5", **extra: Any) -> dict[str, Any]:
+# A tool whose docstring alone fills the fixture's 256 positions.
+LONG_SCHEMA = (
+    '''
+
+def long_schema(text: str) -> str:
+    """'''
+    + "Describe the text at length. " * 60
+    + '''
+
+    Args:
+        text: The text.
+    """
+    return text
+'''
+)
+
+
+def grpo_stage(family_models: dict[str, Path], model: str = "qwen2_5_wide", **extra: Any) -> dict[str, Any]:
     return {"name": "grpo", "kind": "grpo", "model": str(family_models[model]), "generations": 0,
             "data": {"source": {"files": [str(family_models["prompts"])]}, "format": "prompt_only",
                      "valid_fraction": 0.2},
@@ -42,7 +59,7 @@ def test_the_calculator_evaluates_arithmetic_and_nothing_else():
     from align.tools import calculator
 
     assert calculator("(12 + 3) * 4") == "60" and calculator("7 / 2") == "3.5" and calculator("-2 ** 3") == "-8"
-    for bad in ("__import__('os')", "2 ** 1000", "x + 1"):
+    for bad in ("__import__('os')", "2 ** 1000", "x + 1", "(((10 ** 64) ** 64) ** 64) ** 64"):
         with pytest.raises(ValueError):
             calculator(bad)
 
@@ -88,10 +105,19 @@ def qwen2_5_one_newline_off(family_models: dict[str, Path], folder: Path) -> Pat
             "stages.grpo.train.max_tool_calling_iterations: set by align: use the stage's `max_tool_calls:`",
         ),
         ({"tools": None}, "stages.grpo.max_tool_calls: caps tool calls, and the stage has no `tools:`"),
+        (
+            {"tools": ["tools.py:add", "other.py:add"]},
+            "stages.grpo.tools[1]: other.py:add: a second tool named 'add': TRL calls tools by name",
+        ),
+        (
+            {"tools": ["tools.py:add", "tools.py:long_schema"]},
+            "stages.grpo.tools: a prompt with the tools' schemas is ",
+        ),
     ],  # fmt: skip
 )
 def test_bad_tools_stop_before_stage_one(family_models, run_cli, tmp_path, change, error):
-    (tmp_path / "tools.py").write_text(TOOLS)
+    (tmp_path / "tools.py").write_text(TOOLS + LONG_SCHEMA)
+    (tmp_path / "other.py").write_text(TOOLS.replace("Add two integers.", "Add, again."))
     stage = grpo_stage(family_models)
     for key, value in change.items():
         if key == "model":
@@ -106,6 +132,27 @@ def test_bad_tools_stop_before_stage_one(family_models, run_cli, tmp_path, chang
     assert code == 2, err
     assert error in err, err
     assert not (tmp_path / "run" / "grpo").exists()
+
+
+def test_an_async_tool_stays_async_when_counted_and_the_loop_awaits_it(family_models):
+    """TRL awaits async tools: align's counting wrapper must stay a coroutine function, and the held-out loop
+    awaits what it returns (a tool once answered `<coroutine object ...>`)."""
+    import asyncio
+    import inspect
+
+    from align.tools import ToolCalls
+
+    async def later(a: int) -> int:
+        """Return a later.
+
+        Args:
+            a: The number.
+        """
+        return a + 1
+
+    calls = ToolCalls()
+    counted = calls.counted(later)
+    assert inspect.iscoroutinefunction(counted) and asyncio.run(counted(1)) == 2 and calls.calls["later"] == 1
 
 
 def test_the_failure_alarm_names_the_tool_that_raises():
@@ -214,16 +261,12 @@ def test_sft_masks_of_a_transcript_train_the_calls_and_never_the_tool_results(fa
 def test_sft_trains_on_tool_call_transcripts(family_models, tmp_path):
     """An sft stage on transcripts with a `tools` column trains through TRL on align's tokenization: the labels of
     the tool results are -100."""
-    import shutil
 
     from align.loader import load_recipe
     from align.pipeline import run_pipeline
     from tests.conftest import captured_trainers
 
-    model = tmp_path / "qwen"  # more positions than the fixture's 256: the tools' schemas fill a long system turn
-    shutil.copytree(family_models["qwen2_5"], model)
-    config = json.loads((model / "config.json").read_text())
-    (model / "config.json").write_text(json.dumps({**config, "max_position_embeddings": 1024}))
+    model = family_models["qwen2_5_wide"]  # the tools' schemas fill a long system turn
     data = tmp_path / "transcripts.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in transcripts()))
     stage = {"name": "sft", "kind": "sft", "model": str(model), "generations": 0,
@@ -331,7 +374,7 @@ def eval_stage(family_models: dict[str, Path], models: dict[str, str], **extra: 
 
 def test_an_eval_with_tools_refuses_a_model_whose_template_cannot_call(family_models, run_cli, tmp_path):
     (tmp_path / "tools.py").write_text(TOOLS)
-    models = {"qwen": str(family_models["qwen2_5"]), "gpt2": str(family_models["gpt2"])}
+    models = {"qwen": str(family_models["qwen2_5_wide"]), "gpt2": str(family_models["gpt2"])}
     recipe = write_yaml(tmp_path / "r.yaml", {"name": "e", "stages": [eval_stage(family_models, models)]})
     code, _, err = run_cli(recipe, "--output-dir", tmp_path / "run")
     assert code == 2 and "stages.eval.tools: model gpt2's chat template renders no tool calls" in err, err
@@ -346,7 +389,7 @@ def test_the_eval_stage_answers_through_the_tools(family_models, tmp_path):
     from align.pipeline import run_pipeline
 
     (tmp_path / "tools.py").write_text(TOOLS)
-    stage = eval_stage(family_models, {"a": str(family_models["qwen2_5"]), "b": str(family_models["qwen3"])})
+    stage = eval_stage(family_models, {"a": str(family_models["qwen2_5_wide"]), "b": str(family_models["qwen3"])})
     recipe = load_recipe(write_yaml(tmp_path / "r.yaml", {"name": "e", "stages": [stage]}))
     summary = run_pipeline(recipe, output_dir=tmp_path / "run", log_level="warning")[0]
     lines = read_jsonl(tmp_path / "run" / "eval" / "generations.jsonl")
@@ -394,6 +437,8 @@ def test_chat_runs_the_tool_loop_and_shows_each_call(family_models, tmp_path, ca
     assert out.strip() == "The answer is 12."
     assert "[call] multiply(a=3, b=4)" in err and "[result] 12" in err
     monkeypatch.undo()
+    assert chat_module.main(["--compare", str(tmp_path), "--prompt", "x", "--tools", "calculator"]) == 2
+    assert "error: --compare does not run tools yet" in capsys.readouterr().err
     assert chat_module.main([str(family_models["gpt2"]), "--prompt", "x", "--tools", "calculator"]) == 2
     assert "error: --tools: the" in capsys.readouterr().err
 

@@ -276,6 +276,8 @@ def plan_eval(
     }
     settings["max_prompts"] = Setting(stage.max_prompts, "recipe" if "max_prompts" in stage.model_fields_set
                                       else "align default")  # fmt: skip
+    if stage.max_tool_calls is not None and not stage.tools:
+        problems.append(f"{where}.max_tool_calls: caps tool calls, and the stage has no `tools:`")
     if stage.tools:
         from align.tools import resolve_tools
 
@@ -291,12 +293,13 @@ def plan_eval(
         if stage.thinking is not None:
             problems += thinking_problems(stage, label, _planned_tokenizer(ref, plans))
         if stage.tools:
-            from align.tools import TEMPLATE_HINT, template_problems
+            from align.tools import template_problems
 
             tokenizer = _planned_tokenizer(ref, plans)
             bad = template_problems(tokenizer, f"{where}.tools") if tokenizer is not None else []
             problems += [p.replace(": the chat template", f": model {label}'s chat template") for p in bad]
-            hints += [TEMPLATE_HINT] if bad else []
+            hints += ["evaluate models whose template TRL parses tool calls of (trained with chat_template: qwen2_5, "
+                      "or a Qwen 2.5 / Qwen 3 release)"] if bad else []  # fmt: skip
         limit = _positions(config)
         if limit is not None and stage.generation.max_new_tokens >= limit:
             problems.append(f"{where}.generation.max_new_tokens: {stage.generation.max_new_tokens} leaves no room for "
@@ -318,9 +321,8 @@ def plan_eval(
     if stage.lm_eval is not None:
         details["lm_eval"] = ", ".join(stage.lm_eval.tasks)
     if stage.tools and details_tools is not None:
-        details["tools"] = (
-            f"{details_tools}; each model answers through them (at most {stage.max_tool_calls or 'no limit of'} calls)"
-        )
+        cap = f"at most {stage.max_tool_calls} tool-calling turns" if stage.max_tool_calls else "no cap on turns"
+        details["tools"] = f"{details_tools}; each model answers through them ({cap})"
     if stage.thinking is not None:
         details["thinking"] = (f"{'on' if stage.thinking else 'off'} for each model whose template thinks (unset: "
                                "as it was trained); its reasoning kept apart, its answer judged")  # fmt: skip

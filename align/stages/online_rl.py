@@ -138,7 +138,7 @@ class OnlineKind(TrainingKind):
         parts = plan_online(stage, self.config_class(), inputs.data, inputs.start, inputs.recipe, thinking)
         plan_thinking(stage, tokenizer, thinking, inputs.data, parts)
         if stage.tools or stage.environment:
-            plan_tools(stage, tokenizer, inputs.data, inputs.recipe.base_dir, parts)
+            plan_tools(stage, tokenizer, inputs.data, inputs.recipe.base_dir, parts, inputs.config)
         return parts
 
     def input_identity(self, stage: Any, recipe: Any, outputs: Any) -> str:
@@ -326,8 +326,13 @@ class OnlineKind(TrainingKind):
         completions = [[{"role": "assistant", "content": a.text}] if self.conversational else a.text for _, a in flat]
         if turns is not None:
             completions = turns
+        from transformers import TrainerState
+
+        # The keywords TRL gives a reward while training (a reward may require them): a fresh state, no logging.
+        extras = {"trainer_state": TrainerState(), "log_extra": lambda *a, **k: None,
+                  "log_metric": lambda *a, **k: None}  # fmt: skip
         values = fn(prompts=prompts, completions=completions, completion_ids=[list(a.token_ids) for _, a in flat],
-                    **columns)  # fmt: skip
+                    **columns, **extras)  # fmt: skip
         return [float("nan") if v is None else float(v) for v in values]
 
     def hacking(self, measured: dict[str, Any]) -> str | None:
@@ -451,10 +456,10 @@ def plan_thinking(stage: Any, tokenizer: Any, thinking: Any, data: Any, parts: S
                                  "completion)")  # fmt: skip
 
 
-def plan_tools(stage: Any, tokenizer: Any, data: Any, base_dir: Any, parts: StageParts) -> None:
+def plan_tools(stage: Any, tokenizer: Any, data: Any, base_dir: Any, parts: StageParts, config: Any = None) -> None:
     """A grpo stage's tools: each imported and its schema built as TRL builds it, the template checked for tool calls
-    TRL can render and parse, `max_tool_calls` as TRL's `max_tool_calling_iterations`, and one prompt rendered with
-    the tools' schemas, as the policy reads it."""
+    TRL can render and parse, `max_tool_calls` as TRL's `max_tool_calling_iterations`, one prompt rendered with the
+    tools' schemas, as the policy reads it, and that prompt checked against the model's positions."""
     from transformers.utils import get_json_schema
 
     from align.errors import BadInput
@@ -470,6 +475,11 @@ def plan_tools(stage: Any, tokenizer: Any, data: Any, base_dir: Any, parts: Stag
 
             environment_factory(library_class("trl:GRPOTrainer"))  # the installed TRL takes environments
             cls, methods, owns_reward = resolve_environment(stage.environment, base_dir, f"{where}.environment")
+            clash = sorted({m.__name__ for m in methods} & {t.__name__ for t in tools})
+            if clash:
+                raise BadInput(f"{where}.environment: {cls.__name__} has a method named as a tool "
+                               f"({', '.join(clash)}): TRL calls tools by name, so one would shadow the other",
+                               hint="rename one of them")  # fmt: skip
             tools += methods
             parts.details["environment"] = (
                 f"{cls.__name__}: reset(**row) before each rollout; its methods are tools"
@@ -499,6 +509,19 @@ def plan_tools(stage: Any, tokenizer: Any, data: Any, base_dir: Any, parts: Stag
     if data is not None and len(data["train"]) and isinstance(data["train"][0]["prompt"], list):
         rendered = render(tokenizer, data["train"][0]["prompt"], prompt=True, tools=schemas)
         parts.details["prompt_with_tools"] = repr(rendered)
+        from align.models import model_positions
+
+        # TRL's max_completion_length bounds the whole exchange: calls, tool results and the answer.
+        parts.details["tool_budget"] = (f"max_completion_length {stage.train.get('max_completion_length', 'default')} "
+                                        "tokens hold every call, tool result and the answer: TRL drops a result that "
+                                        "does not fit")  # fmt: skip
+        positions = model_positions(config) if config is not None else None
+        tokens = len(tokenizer(rendered, add_special_tokens=False)["input_ids"])
+        if positions is not None and tokens >= positions:
+            parts.problems.append(f"{where}.tools: a prompt with the tools' schemas is {tokens} tokens, and the "
+                                  f"model has {positions} positions: no room for an answer")  # fmt: skip
+            parts.hints.append("fewer or shorter tools (their docstrings are the schemas), or a model with more "
+                               "positions")  # fmt: skip
     elif data is not None and len(data["train"]):
         parts.problems.append(f"{where}.tools: the prompts are strings, which TRL gives no tools: tools need "
                               "message-list prompts")  # fmt: skip
