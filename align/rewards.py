@@ -402,7 +402,7 @@ def answers_apart(fn: RewardFn, thinking: Any, raw: bool = False, health: bool =
     characters (`thinking/reasoning_chars`)."""
     if thinking is None:
         return fn
-    from align.thinking import split_reasoning
+    from align.thinking import split_reasoning, thought_figures
 
     def reward(*args: Any, completions: list, **kwargs: Any) -> list:
         kwargs.pop("reasoning", None)  # a data column of that name is refused when planning; never passed twice
@@ -410,8 +410,9 @@ def answers_apart(fn: RewardFn, thinking: Any, raw: bool = False, health: bool =
         parts = [split_reasoning(text, thinking) for text in texts]
         log = kwargs.get("log_metric")
         if health and callable(log) and parts:
-            log("thinking/cut_rate", sum(cut for _, _, cut in parts) / len(parts))
-            log("thinking/reasoning_chars", sum(len(r or "") for _, r, _ in parts) / len(parts))
+            figures = thought_figures(parts)
+            log("thinking/cut_rate", figures["cut_thought_rate"])
+            log("thinking/reasoning_chars", figures["reasoning_length"])
         if raw:
             if thinking.prompt_opens:  # the generation prompt opened the block: put its tag back, as written
                 completions = [[{**c[-1], "content": f"{thinking.opens}\n{c[-1]['content']}"}] if isinstance(c, list)

@@ -172,3 +172,11 @@ def refuse_unfollowable(stage: Any, tokenizer: Any, found: Any) -> None:
     if problem is not None:
         found.add([problem])
         found.hints.append(THINKING_HINT)
+
+
+def thought_figures(parts: list[tuple[str, str | None, bool]]) -> dict[str, float]:
+    """Over completions split by `split_reasoning`: the share whose reasoning never closed (`cut_thought_rate`) and
+    the mean reasoning length in characters (`reasoning_length`)."""
+    n = max(1, len(parts))
+    return {"cut_thought_rate": sum(cut for _, _, cut in parts) / n,
+            "reasoning_length": sum(len(r or "") for _, r, _ in parts) / n}  # fmt: skip

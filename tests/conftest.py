@@ -186,3 +186,17 @@ def captured_trainers() -> Iterator[dict[str, Any]]:
 def trainers() -> Iterator[dict[str, Any]]:
     with captured_trainers() as seen:
         yield seen
+
+
+def kill_after(proc: Any, state: Path, timeout: float = 240) -> None:
+    """SIGKILL `proc`'s whole process group (as the out-of-memory killer or a lost node would) once `state` (a
+    checkpoint's trainer_state.json) exists; fails when the run ended first."""
+    import signal
+    import time
+
+    deadline = time.time() + timeout
+    while not state.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    assert proc.poll() is None, "the run ended before it could be stopped: make it longer"
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.communicate(timeout=60)

@@ -5,18 +5,15 @@ from __future__ import annotations
 
 import copy
 import json
-import os
 import re
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from tests.conftest import REPO, write_yaml
+from tests.conftest import REPO, kill_after, write_yaml
 
 ARITHMETIC = {"card": "arithmetic", "format": "prompt_completion", "columns": {"prompt": "prompt",
               "completion": "completion"}, "max_train_rows": 256, "max_eval_rows": 32}  # fmt: skip
@@ -265,13 +262,7 @@ def test_a_distill_stage_killed_mid_stage_resumes_to_the_unbroken_runs_weights(t
     assert whole.returncode == 0, err
 
     cut = start(tmp_path / "cut")
-    state = tmp_path / "cut/distill/checkpoints/checkpoint-4/trainer_state.json"
-    deadline = time.time() + 240
-    while not state.exists() and cut.poll() is None and time.time() < deadline:
-        time.sleep(0.02)
-    assert cut.poll() is None, "the run ended before it could be stopped"
-    os.killpg(cut.pid, signal.SIGKILL)
-    cut.communicate(timeout=60)
+    kill_after(cut, tmp_path / "cut/distill/checkpoints/checkpoint-4/trainer_state.json")
     assert json.loads((tmp_path / "cut/distill/summary.json").read_text())["status"] == "running"
 
     resumed = start(tmp_path / "cut")

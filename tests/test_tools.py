@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import read_jsonl, write_yaml
+from tests.conftest import kill_after, read_jsonl, write_yaml
 
 TOOLS = '''
 def add(a: int, b: int) -> int:
@@ -540,11 +540,8 @@ def test_grpo_with_tools_killed_mid_stage_resumes_to_the_unbroken_runs_rewards_a
 ):
     """SIGKILL to the whole process group after checkpoint-2 of a grpo stage with tools; run again, it resumes
     from that checkpoint and ends with the rewards of every logged step, and the weights, of a run never stopped."""
-    import os
-    import signal
     import subprocess
     import sys
-    import time
 
     from safetensors.torch import load_file
 
@@ -558,13 +555,7 @@ def test_grpo_with_tools_killed_mid_stage_resumes_to_the_unbroken_runs_rewards_a
     cut = tmp_path / "cut"
     command = [sys.executable, "-m", "align.run", str(path), "--output-dir", str(cut)]
     proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
-    state = cut / "grpo/checkpoints/checkpoint-2/trainer_state.json"
-    deadline = time.time() + 240
-    while not state.exists() and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.05)
-    assert proc.poll() is None, "the run ended before it could be killed"
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.communicate(timeout=60)
+    kill_after(proc, cut / "grpo/checkpoints/checkpoint-2/trainer_state.json")
     code, _, err = run_cli(path, "--output-dir", cut)
     assert code == 0 and "resuming from checkpoint-" in err, err
 

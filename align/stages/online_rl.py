@@ -410,16 +410,13 @@ class OnlineKind(TrainingKind):
 
 
 def thought_figures(texts: list[str], thinking: Any) -> dict[str, float]:
-    """The share of answers whose reasoning never closed and the mean reasoning length (characters), for a template
-    that thinks (none otherwise)."""
+    """A thinking template's cut-thought share and mean reasoning length over answers (none otherwise)."""
     if thinking is None:
         return {}
     from align.thinking import split_reasoning
+    from align.thinking import thought_figures as figures
 
-    parts = [split_reasoning(text, thinking) for text in texts]
-    n = max(1, len(parts))
-    return {"cut_thought_rate": sum(cut for _, _, cut in parts) / n,
-            "reasoning_length": sum(len(r or "") for _, r, _ in parts) / n}  # fmt: skip
+    return figures([split_reasoning(text, thinking) for text in texts])
 
 
 def plan_thinking(stage: Any, tokenizer: Any, thinking: Any, data: Any, parts: StageParts) -> None:
