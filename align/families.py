@@ -188,6 +188,66 @@ def template_tokens(template: str) -> tuple[list[str], list[str]]:
     return special, plain
 
 
+def parsed_arguments(message: dict[str, Any]) -> dict[str, Any]:
+    """A message whose tool calls' arguments are dicts: JSON strings (how Arrow stores arguments of varying shape)
+    parsed back, so the template writes `{"a": 1}` and not a quoted string; empty fields Arrow filled in dropped."""
+    import json
+
+    message = {k: v for k, v in message.items() if v is not None}
+    calls = []
+    for call in message.get("tool_calls") or []:
+        function = dict(call.get("function") or call)
+        if isinstance(function.get("arguments"), str):
+            function["arguments"] = json.loads(function["arguments"])
+        calls.append({"type": "function", "function": function})
+    if calls:
+        message["tool_calls"] = calls
+    return message
+
+
+def template_texts(template: str, ds: Any, rows: int = 256) -> list[str]:
+    """The first `rows` conversations of a split as the template writes them, its literal tokens taken out: text a
+    from-scratch tokenizer trains on beside the data's own (the plan), so that what the template writes in every
+    row (a default system prompt, the tool instructions, the tools' schemas, the call syntax) becomes a few tokens,
+    as in a released tokenizer, not hundreds of bytes. Rows without a conversation add nothing."""
+    import json
+
+    from transformers.utils.chat_template_utils import render_jinja_template
+
+    special, plain = template_tokens(template)
+    literal = re.compile("|".join(re.escape(t) for t in special + plain)) if special or plain else None
+    texts = []
+    for row in ds.select(range(min(rows, len(ds)))):
+        messages = row.get("messages") or (row.get("prompt") if isinstance(row.get("prompt"), list) else None)
+        if not messages:
+            continue
+        tools = row.get("tools")
+        tools = json.loads(tools) if isinstance(tools, str) else tools
+        try:
+            rendered, _ = render_jinja_template([[parsed_arguments(m) for m in messages]], tools=tools or None,
+                                                chat_template=template)  # fmt: skip
+        except Exception as exc:  # a row the template refuses is the data check's to report, not the tokenizer's
+            logger.debug("template_texts: a row did not render (%s)", exc)
+            continue
+        texts.append(literal.sub("\n", rendered[0]) if literal else rendered[0])
+    return texts
+
+
+_TRAINING_TEMPLATES: dict[str, str] = {}
+
+
+def training_template(tokenizer: Any) -> str:
+    """The tokenizer's template with generation marks: its own where it has them, else TRL's training variant, else
+    its own. Kept per template text: TRL's lookup renders probe conversations, too slow to repeat for every row."""
+    from trl.chat_template_utils import get_training_chat_template, has_generation_markers
+
+    template = tokenizer.chat_template
+    if template not in _TRAINING_TEMPLATES:
+        marked = template if has_generation_markers(template) else get_training_chat_template(tokenizer)
+        _TRAINING_TEMPLATES[template] = marked or template
+    return _TRAINING_TEMPLATES[template]
+
+
 def apply_template(tokenizer: PreTrainedTokenizerBase, template: str, model: Any = None) -> list[str]:
     """Give a tokenizer (and its model) a chat template, as TRL's `clone_chat_template` does without a source
     tokenizer to copy: the template's literal tokens become single tokens (turn markers special, thinking and tool

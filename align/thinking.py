@@ -11,7 +11,7 @@ import re
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from align.families import PROBE_ANSWER, PROBE_USER, render
+from align.families import PROBE_ANSWER, PROBE_USER, render, training_template
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -120,11 +120,7 @@ def masks_without_thought(
     message's `reasoning_content` or `thinking` dropped), with TRL's assistant masks, and the empty reasoning block
     the template still writes into an assistant turn moved to the prompt side of the mask: the model is not taught
     to write it, since the generation prompt writes it under `thinking: false`."""
-    from trl.chat_template_utils import get_training_chat_template, has_generation_markers
-
-    template = tokenizer.chat_template
-    if not has_generation_markers(template):
-        template = get_training_chat_template(tokenizer) or template
+    template = training_template(tokenizer)
     plain = [{k: v for k, v in m.items() if k not in ("reasoning_content", "thinking")} for m in messages]
     out = tokenizer.apply_chat_template(plain, tokenize=True, return_dict=True, return_assistant_tokens_mask=True,
                                         chat_template=template)  # fmt: skip

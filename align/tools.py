@@ -59,7 +59,17 @@ def calculator(expression: str) -> str:
     return str(int(result) if isinstance(result, float) and result.is_integer() else result)
 
 
-BUILTIN_TOOLS = {"calculator": calculator}
+def multiply(a: int, b: int) -> int:
+    """Multiply two integers.
+
+    Args:
+        a: The first factor.
+        b: The second factor.
+    """
+    return a * b
+
+
+BUILTIN_TOOLS = {"calculator": calculator, "multiply": multiply}
 # The tool alarms' thresholds where `alarms:` sets none: no answer calling a tool (calls collapsed), half the calls
 # raising.
 TOOL_CALLS, TOOL_FAILURES = 0.0, 0.5
@@ -212,34 +222,15 @@ class ToolCalls:
         )
 
 
-def parsed_arguments(message: dict[str, Any]) -> dict[str, Any]:
-    """A message whose tool calls' arguments are dicts: JSON strings (how Arrow stores arguments of varying shape)
-    parsed back, so the template writes `{"a": 1}` and not a quoted string; empty fields Arrow filled in dropped."""
-    import json
-
-    message = {k: v for k, v in message.items() if v is not None}
-    calls = []
-    for call in message.get("tool_calls") or []:
-        function = dict(call.get("function") or call)
-        if isinstance(function.get("arguments"), str):
-            function["arguments"] = json.loads(function["arguments"])
-        calls.append({"type": "function", "function": function})
-    if calls:
-        message["tool_calls"] = calls
-    return message
-
-
 def transcript_masks(tokenizer: Any, messages: list[dict[str, Any]], tools: Any) -> tuple[list[int], list[int]]:
     """(token ids, assistant mask) of a tool-call transcript: rendered with its tools' schemas (a `tools` column,
     a list or JSON string) and arguments parsed, through the template's training variant. The mask covers the
     assistant's turns, its tool calls included; tool results sit in tool turns, never trained."""
     import json
 
-    from trl.chat_template_utils import get_training_chat_template, has_generation_markers
+    from align.families import parsed_arguments, training_template
 
-    template = tokenizer.chat_template
-    if not has_generation_markers(template):
-        template = get_training_chat_template(tokenizer) or template
+    template = training_template(tokenizer)
     tools = json.loads(tools) if isinstance(tools, str) else tools
     out = tokenizer.apply_chat_template([parsed_arguments(m) for m in messages], tools=tools or None, tokenize=True,
                                         return_dict=True, return_assistant_tokens_mask=True,
@@ -292,7 +283,10 @@ def answer_with_tools(
         for state in active:
             conversation = state["prompt"] + state["messages"]
             prefix = prompt_ids(tokenizer, conversation, "chat_template", kwargs)
-            parsed = parse_response(tokenizer, list(state["answer"].token_ids), prefix=prefix, tools=schemas)
+            ids = list(state["answer"].token_ids)
+            # An answer that ends its turn at once has no ids (its end-of-turn is cut), and the parser gives `[]`
+            # for none, which TRL's parse_response cannot read; TRL's own loop skips empty answers as this does.
+            parsed = parse_response(tokenizer, ids, prefix=prefix, tools=schemas) if ids else {"content": ""}
             calls = parsed.get("tool_calls") or []
             message = {"role": "assistant", "content": parsed.get("content") or ""}
             if not calls:

@@ -325,7 +325,8 @@ def call(a: int, b: int) -> str:
 
 def test_the_held_out_tool_loop_calls_runs_and_counts(family_models):
     """Through align's loop: a call is parsed and run and its result fed back; a tool that raises is counted and
-    its error fed back; a call that does not parse is malformed; a policy that never stops calling is capped."""
+    its error fed back; a call that does not parse is malformed; a policy that never stops calling is capped; one
+    that ends its turn at once after a tool result answers "" (TRL 1.16's parse_response fails on no ids)."""
     from align.models import load_tokenizer
     from align.tools import answer_with_tools, tool_figures
 
@@ -343,6 +344,8 @@ def test_the_held_out_tool_loop_calls_runs_and_counts(family_models):
         return a * b
 
     def script(prompt: str) -> str:
+        if "<tool_response>" in prompt and "silent" in prompt:
+            return ""
         if "<tool_response>" in prompt and "always" not in prompt:
             return "The answer is " + prompt.rsplit("<tool_response>\n", 1)[1].split("\n", 1)[0] + "."
         if "broken" in prompt:
@@ -350,19 +353,20 @@ def test_the_held_out_tool_loop_calls_runs_and_counts(family_models):
         return call(0 if "zero" in prompt else 3, 4)
 
     # A string prompt is one user turn (an eval's plain prompts).
-    prompts = ["three times four", *([{"role": "user", "content": t}] for t in ("zero", "broken", "always"))]
+    prompts = ["three times four", *([{"role": "user", "content": t}] for t in ("zero", "broken", "always", "silent"))]
     answers = answer_with_tools(ScriptedPolicy(tokenizer, script), tokenizer, prompts, [multiply], 2,
                                 max_new_tokens=64)  # fmt: skip
-    first, failed, broken, capped = (per[0] for per in answers)
+    first, failed, broken, capped, silent = (per[0] for per in answers)
     assert [m["role"] for m in first.turns] == ["assistant", "tool", "assistant"]
     assert first.turns[0]["tool_calls"][0]["function"]["arguments"] == {"a": 3, "b": 4}
     assert first.turns[1]["content"] == "12" and first.text == "The answer is 12."
     assert failed.tool_failures == 1 and "zero" in failed.turns[1]["content"]
     assert broken.tool_calls == 0 and broken.malformed_call
     assert capped.capped and capped.tool_calls == 2
-    figures = tool_figures([first, failed, broken, capped])
-    assert figures == {"tool_call_rate": 0.75, "calls_per_answer": 1.0, "tool_failure_rate": 0.25,
-                       "malformed_call_rate": 0.25, "capped_rate": 0.25}  # fmt: skip
+    assert silent.text == "" and silent.tool_calls == 1 and [m["role"] for m in silent.turns][-1] == "assistant"
+    figures = tool_figures([first, failed, broken, capped, silent])
+    assert figures == {"tool_call_rate": 0.8, "calls_per_answer": 1.0, "tool_failure_rate": 0.2,
+                       "malformed_call_rate": 0.2, "capped_rate": 0.2}  # fmt: skip
 
 
 def eval_stage(family_models: dict[str, Path], models: dict[str, str], **extra: Any) -> dict[str, Any]:
@@ -568,3 +572,24 @@ def test_grpo_with_tools_killed_mid_stage_resumes_to_the_unbroken_runs_rewards_a
     assert all(abs(whole[s] - resumed[s]) <= 1e-6 for s in whole), (whole, resumed)
     a, b = (load_file(str(run / "grpo" / "model" / "model.safetensors")) for run in (tmp_path / "whole", cut))
     assert max(float((a[k] - b[k]).abs().max()) for k in a) <= 1e-5
+
+
+def test_the_builtin_multiplication_task_needs_its_tool_and_holds_each_pair_out_of_training():
+    """Every held-out pair is out of training in either order; each transcript calls the builtin `multiply` with
+    the question's numbers, and its answer is the tool's result; the `tools` column is that tool's schema."""
+    from transformers.utils import get_json_schema
+
+    from align.builtin import multiplication
+    from align.tools import resolve_tools
+
+    splits = multiplication()
+    pairs = {name: {tuple(sorted(json.loads(m[1]["tool_calls"][0]["function"]["arguments"]).values()))
+                    for m in rows["messages"]} for name, rows in splits.items()}  # fmt: skip
+    assert not pairs["train"] & (pairs["test"] | pairs["validation"]) and len(pairs["test"]) > 500
+    (tool,) = resolve_tools(["multiply"], Path("."), "tools")
+    for i in range(0, 8000, 997):
+        messages, answer = splits["train"]["messages"][i], splits["train"]["answer"][i]
+        a, b = json.loads(messages[1]["tool_calls"][0]["function"]["arguments"]).values()
+        assert messages[0]["content"] == f"What is {a} * {b}?" == splits["train"]["prompt"][i][0]["content"]
+        assert messages[2]["content"] == str(tool(a, b)) == answer == messages[3]["content"]
+    assert json.loads(splits["test"]["tools"][0]) == [get_json_schema(tool)]

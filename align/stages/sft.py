@@ -423,15 +423,13 @@ def render_labels(example: dict[str, Any], tokenizer: Any) -> str:
 
 def masked_ids(row: dict[str, Any], tokenizer: Any, loss: dict[str, Any]) -> tuple[list[int], list[int]]:
     """One row's token ids as TRL will tokenize it, and which of them carry a loss (1) — without a trainer."""
-    from trl.chat_template_utils import get_training_chat_template, has_generation_markers
+    from align.families import training_template
 
     eos = tokenizer.eos_token or ""
     if "messages" in row and any(loss.get(k) for k in ALIGN_MASKS):
         return align_masks(row, tokenizer, loss)
     if "messages" in row:
-        template = tokenizer.chat_template
-        if loss.get("assistant_only_loss") and not has_generation_markers(template):
-            template = get_training_chat_template(tokenizer)
+        template = training_template(tokenizer) if loss.get("assistant_only_loss") else tokenizer.chat_template
         out = tokenizer.apply_chat_template(
             row["messages"], tokenize=True, return_dict=True, return_assistant_tokens_mask=True, chat_template=template
         )
