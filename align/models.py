@@ -156,6 +156,31 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int) -> PreTrainedTokenize
     return tokenizer
 
 
+def as_reloaded(
+    tokenizer: PreTrainedTokenizerBase, config: PretrainedConfig, sample: list[str]
+) -> PreTrainedTokenizerBase:
+    """A from-scratch tokenizer as `AutoTokenizer` gives it back once saved beside `config`, where that differs.
+
+    transformers 5 rebuilds the tokenizer of some model types (qwen2, phi3, ...) from the saved vocabulary with the
+    type's own pre-tokenizer, whatever `tokenizer.json` holds: Qwen2's splits digits one by one, where the trained
+    byte-level one keeps " 876" whole. A stage that trained on the tokenizer as built would be read back by every
+    later stage (and every user) with other ids. Where the two tokenize `sample` alike (GPT-2's), it is kept as it is.
+    """
+    import tempfile
+
+    from transformers import AutoTokenizer
+
+    with tempfile.TemporaryDirectory() as folder:
+        tokenizer.save_pretrained(folder)
+        config.save_pretrained(folder)
+        reloaded = AutoTokenizer.from_pretrained(folder)
+    if all(tokenizer(t)["input_ids"] == reloaded(t)["input_ids"] for t in sample):
+        return tokenizer
+    logger.info("%s tokenizers reload with %s's own pre-tokenizer: the stage trains on the tokenizer as it reloads",
+                config.model_type, type(reloaded).__name__)  # fmt: skip
+    return reloaded
+
+
 def load_tokenizer(ref: str, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
     """A hub or local tokenizer, with a pad token set (to eos, else unk) where it has none."""
     from transformers import AutoTokenizer
@@ -209,8 +234,10 @@ def build_model(
         if planned is not None:
             tokenizer, config = planned
         elif texts is not None:
-            tokenizer = train_tokenizer(texts(), ref.vocab_size)
+            sample = list(texts())
+            tokenizer = train_tokenizer(sample, ref.vocab_size)
             config = scratch_config(ref, where, vocab_size=len(tokenizer))
+            tokenizer = as_reloaded(tokenizer, config, sample[:64])
         else:
             raise BadInput(f"{where}: a from-scratch model needs training text for its tokenizer")
         if reward_head:

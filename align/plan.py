@@ -291,7 +291,7 @@ def resolve_model(
         BadInput: the model cannot be found (for hub models only when `need_tokenizer`; otherwise its settings
             are shown as unknown).
     """
-    from align.models import hub_config, is_adapter_dir, load_tokenizer, scratch_config, train_tokenizer
+    from align.models import as_reloaded, hub_config, is_adapter_dir, load_tokenizer, scratch_config, train_tokenizer
 
     where = f"stages.{stage.name}.model"
     source = model_source(stage, recipe)
@@ -299,9 +299,16 @@ def resolve_model(
         if data is None:
             return f"scratch:{source.model_type}", "scratch", None, scratch_config(source, where)
         from align.data_rows import training_texts
+        from align.families import read_template, template_texts
 
-        tokenizer = train_tokenizer(training_texts(data["train"]), source.vocab_size)
+        texts = training_texts(data["train"])
+        if getattr(stage, "chat_template", None) not in (None, "own"):
+            # The text the stage's template writes around each row, so that it tokenizes as a released model's does.
+            texts += template_texts(read_template(stage.chat_template, f"stages.{stage.name}.chat_template"),
+                                    data["train"])  # fmt: skip
+        tokenizer = train_tokenizer(texts, source.vocab_size)
         config = scratch_config(source, where, vocab_size=len(tokenizer))
+        tokenizer = as_reloaded(tokenizer, config, texts[:64])
         label = f"scratch:{source.model_type} (tokenizer trained here: {len(tokenizer)} tokens)"
         if len(tokenizer) < source.vocab_size:
             # BPE stops merging when no pair occurs twice: a small corpus gives fewer tokens than asked.

@@ -397,3 +397,69 @@ def test_a_named_template_on_a_gpt2_base_trains_assistant_turns_stops_and_chats(
     assert end in (stops if isinstance(stops, list) else [stops])
     chat = Conversation(read_prompt_format(saved, True), tokenizer)
     assert chat.render("red blue").endswith("<|im_start|>user\nred blue<|im_end|>\n<|im_start|>assistant\n")
+
+
+def test_a_from_scratch_tokenizer_is_the_one_every_later_load_reads_back(tmp_path):
+    """transformers 5 rebuilds a saved qwen2 tokenizer with Qwen2's own pre-tokenizer (digits one by one), whatever
+    its tokenizer.json holds: the tokenizer a from-scratch stage trains on is the one AutoTokenizer reads back. For
+    GPT-2 the two agree and the trained one is kept."""
+    from transformers import AutoTokenizer
+
+    from align.models import build_model, train_tokenizer
+    from align.recipe import ScratchModel
+
+    texts = [f"What is {a} * {b}? It is {a * b}." for a in range(100, 400, 3) for b in (117, 530, 876)]
+    line = "What is 876 * 530? It is 464280."
+    for model_type, kind in (("qwen2", "Qwen2Tokenizer"), ("gpt2", "TokenizersBackend")):
+        spec = ScratchModel(model_type=model_type, vocab_size=600, num_hidden_layers=1, hidden_size=32,
+                            num_attention_heads=2, num_key_value_heads=2, intermediate_size=64)  # fmt: skip
+        if model_type == "gpt2":
+            spec = ScratchModel(model_type="gpt2", vocab_size=600, n_layer=1, n_embd=32, n_head=2)
+        model, tokenizer = build_model(spec, "m", texts=lambda: texts)
+        model.save_pretrained(tmp_path / model_type)
+        tokenizer.save_pretrained(tmp_path / model_type)
+        reloaded = AutoTokenizer.from_pretrained(tmp_path / model_type)
+        assert tokenizer(line)["input_ids"] == reloaded(line)["input_ids"], model_type
+        assert type(tokenizer).__name__ == kind, model_type
+    # The tokenizer as trained reads the line otherwise than the reloaded qwen2 one.
+    qwen2 = AutoTokenizer.from_pretrained(tmp_path / "qwen2")
+    assert train_tokenizer(texts, 600)(line)["input_ids"] != qwen2(line)["input_ids"]
+
+
+def test_a_from_scratch_tokenizer_learns_the_text_its_template_writes():
+    """With a named template, a from-scratch tokenizer trains on the rows as the template writes them too: Qwen
+    2.5's tool instructions and the schemas become word-sized tokens, not bytes, in every row."""
+    from datasets import Dataset
+
+    from align.builtin import multiplication
+    from align.data_rows import training_texts
+    from align.families import read_template, template_texts
+    from align.models import train_tokenizer
+
+    rows = Dataset.from_dict({k: v[:300] for k, v in multiplication()["train"].items() if k in ("messages", "tools")})
+    template = read_template("qwen2_5", "t")
+    (rendered,) = template_texts(template, rows, rows=1)
+    assert "# Tools" in rendered and '"name": "multiply"' in rendered and "<|im_start|>" not in rendered
+    plain = train_tokenizer(training_texts(rows), 1024)
+    taught = train_tokenizer(training_texts(rows) + template_texts(template, rows), 1024)
+    assert len(taught(rendered)["input_ids"]) < 0.6 * len(plain(rendered)["input_ids"])
+
+
+def test_the_plan_of_a_from_scratch_model_with_a_named_template_tokenizes_as_its_saved_model_will(run_cli, tmp_path):
+    """The plan's tokenizer for a from-scratch qwen2 with Qwen 2.5's template: trained on the rows as the template
+    writes them (a transcript with its tool instructions in about 260 tokens, not 500), and the tokenizer qwen2
+    reloads with (each digit a token)."""
+    stage = {"name": "sft", "kind": "sft", "chat_template": "qwen2_5",
+             "model": {"model_type": "qwen2", "vocab_size": 1024, "num_hidden_layers": 1, "hidden_size": 32,
+                       "num_attention_heads": 2, "num_key_value_heads": 2, "intermediate_size": 64,
+                       "max_position_embeddings": 512},
+             "data": {"card": "multiplication", "format": "messages", "columns": {"messages": "messages",
+                      "tools": "tools"}, "max_train_rows": 400, "max_eval_rows": 8},
+             "train": {"max_steps": 1}}  # fmt: skip
+    recipe = write_yaml(tmp_path / "r.yaml", {"name": "t", "stages": [stage]})
+    code, out, err = run_cli(recipe, "--output-dir", tmp_path / "run", "--dry-run")
+    assert code == 0, err
+    tokens = int(next(line for line in out.splitlines() if "train_tokens:" in line).split(":")[1])
+    assert 200 * 400 < tokens < 320 * 400, tokens
+    rendered = next(line for line in out.splitlines() if "rendered:" in line)
+    assert '"arguments": {"a": ' in rendered and "[[" in rendered
