@@ -253,6 +253,53 @@ def arithmetic() -> dict[str, Rows]:
     return splits
 
 
+# How many products `multiplication` draws (seeded), before its split by the numbers.
+MULTIPLICATION_ROWS = 10_000
+
+
+def multiplication() -> dict[str, Rows]:
+    """Products of two three-digit numbers: a task no small model does reliably in its head, and one any model
+    that calls align's builtin `multiply` tool does exactly, by copying the numbers into the call and the tool's
+    result into its answer (data_cards/multiplication.md says how far a from-scratch model gets).
+
+    Columns: `prompt` (one user turn, "What is 347 * 582?"), `answer` ("201954"), `messages` (the transcript an sft
+    stage learns the calling from: the user turn, the assistant's call with its arguments as a JSON string, the
+    tool's result, the assistant's answer) and `tools` (the tools' schemas as a JSON string, as a data set stores
+    them). 10,000 problems drawn with a fixed seed; split by construction from the two numbers alone (`_digits_place`
+    of the pair, in either order): one in ten in `test`, one in `validation`, the rest in `train`.
+    """
+    import json
+    import random
+
+    from transformers.utils import get_json_schema
+
+    from align.tools import multiply
+
+    schemas = json.dumps([get_json_schema(multiply)])
+    rng = random.Random(0)
+    seen: set[tuple[int, int]] = set()
+    splits: dict[str, Rows] = {s: {"prompt": [], "answer": [], "messages": [], "tools": []}
+                               for s in ("train", "validation", "test")}  # fmt: skip
+    while len(seen) < MULTIPLICATION_ROWS:
+        a, b = rng.randint(100, 999), rng.randint(100, 999)
+        if (a, b) in seen:
+            continue
+        seen.add((a, b))
+        place = _digits_place((a, b))
+        rows = splits["test" if place == 0 else "validation" if place == 1 else "train"]
+        question = [{"role": "user", "content": f"What is {a} * {b}?"}]
+        call = {"type": "function", "function": {"name": "multiply", "arguments": json.dumps({"a": a, "b": b})}}
+        rows["prompt"].append(question)
+        rows["answer"].append(str(a * b))
+        rows["messages"].append(question + [
+            {"role": "assistant", "content": "", "tool_calls": [call]},
+            {"role": "tool", "name": "multiply", "content": str(a * b)},
+            {"role": "assistant", "content": str(a * b)},
+        ])  # fmt: skip
+        rows["tools"].append(schemas)
+    return splits
+
+
 def _digits_place(digits: tuple[int, ...]) -> int:
     """0 to 9 from the digits alone, whatever their order (sha256 of the sorted digits): arithmetic's split."""
     return int(hashlib.sha256("+".join(map(str, sorted(digits))).encode()).hexdigest(), 16) % 10
@@ -264,6 +311,7 @@ BUILTINS: dict[str, Callable[[], Rows | dict[str, Rows]]] = {
     "python-docs-preferences": python_docs_preferences,
     "python-docs-feedback": python_docs_feedback,
     "arithmetic": arithmetic,
+    "multiplication": multiplication,
 }
 
 
