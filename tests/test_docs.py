@@ -17,6 +17,7 @@ import os
 import re
 import subprocess
 import sys
+import textwrap
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
@@ -28,7 +29,8 @@ from align import stages as registry
 from tests.conftest import REPO
 
 DOC_FILES = [REPO / "README.md", *sorted((REPO / "docs").rglob("*.md"))]
-FENCE = re.compile(r"^```(\w*)[^\n]*\n(.*?)^```", re.S | re.M)
+# A fence may be indented (a block inside a list item); its body is read dedented.
+FENCE = re.compile(r"^([ \t]*)```(\w*)[^\n]*\n(.*?)^\1```", re.S | re.M)
 RUNNABLE = re.compile(r"<!-- runnable(?:: (slow))? -->\s*\Z")
 
 
@@ -48,10 +50,11 @@ def blocks(language: str) -> list[Block]:
     found = []
     for path in DOC_FILES:
         text = path.read_text()
-        matches = [m for m in FENCE.finditer(text) if m.group(1) == language]
+        matches = [m for m in FENCE.finditer(text) if m.group(2) == language]
         for number, match in enumerate(matches, 1):
             line = text.count("\n", 0, match.start()) + 1
-            found.append(Block(str(path.relative_to(REPO)), number, line, match.group(2), text[: match.start()]))
+            body = textwrap.dedent(match.group(3))
+            found.append(Block(str(path.relative_to(REPO)), number, line, body, text[: match.start()]))
     return found
 
 
