@@ -73,6 +73,13 @@ def test_the_plan_shows_each_tool_and_a_prompt_rendered_with_their_schemas(famil
     assert "max_tool_calling_iterations: 2  (recipe (max_tool_calls:))" in out
     prompt = next(line for line in out.splitlines() if line.strip().startswith("prompt_with_tools:"))
     assert "<tools>" in prompt and '"name": "add"' in prompt and prompt.rstrip().endswith("<|im_start|>assistant\\n'")
+    # One exchange with its loss mask: the call and the answer trained, the tool's turn never.
+    exchange = next(line for line in out.splitlines() if line.strip().startswith("tool_exchange:"))
+    assert exchange.split(": ", 1)[1] == (
+        '\'[[<tool_call>\\n{"name": "calculator", "arguments": {"expression": "text"}}\\n</tool_call><|im_end|>]]\\n'
+        "<|im_start|>user\\n<tool_response>\\n(the tool\\'s result)\\n</tool_response><|im_end|>\\n"
+        "<|im_start|>assistant\\n[[(the answer)<|im_end|>]]\\n'"
+    ), exchange
 
 
 def qwen2_5_one_newline_off(family_models: dict[str, Path], folder: Path) -> Path:

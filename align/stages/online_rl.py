@@ -29,7 +29,7 @@ from align.rewards import (
     resolve_function,
 )
 from align.stages.base import Figure, TrainingKind, library_class
-from align.stages.runner import generation_table, show_prompt
+from align.stages.runner import generation_table, render_mask, show_prompt
 from align.thinking import CUT_THOUGHTS, cut_thoughts_cause, cut_thoughts_share
 from align.tools import TOOL_CALLS, TOOL_FAILURES, tool_figures
 from align.values import HeldOut, Setting, StageParts, StartingPoint
@@ -453,6 +453,41 @@ def plan_thinking(stage: Any, tokenizer: Any, thinking: Any, data: Any, parts: S
                                  "completion)")  # fmt: skip
 
 
+# A placeholder argument of each JSON-schema type, for the plan's example call.
+_PLACEHOLDERS: dict[str, Any] = {"integer": 2, "number": 2.5, "boolean": True, "string": "text", "array": [],
+                                 "object": {}}  # fmt: skip
+
+
+def tool_exchange(tokenizer: Any, prompt: list[dict[str, Any]], schema: dict[str, Any]) -> str | None:
+    """One tool-call exchange after `prompt`, as TRL's loop makes a completion of it, with the loss mask visible
+    (`[[ ]]`): the policy's call and its answer are trained; the tool's turn, which the loop writes in, never is.
+    The call is the first tool's, with a placeholder of each argument's type. None where the template's turns cannot
+    be placed (it is not prefix-preserving: the template check has said so)."""
+    from align.families import derived_masks, render
+
+    function = schema["function"]
+    arguments = {k: _PLACEHOLDERS.get(v.get("type"), "x") for k, v in function["parameters"]["properties"].items()}
+    call = {"type": "function", "function": {"name": function["name"], "arguments": arguments}}
+    messages = [*prompt, {"role": "assistant", "content": "", "tool_calls": [call]},
+                {"role": "tool", "name": function["name"], "content": "(the tool's result)"},
+                {"role": "assistant", "content": "(the answer)"}]  # fmt: skip
+    try:
+        ids, mask = derived_masks(tokenizer, messages)
+    except ValueError:
+        return None
+    # The policy stops at its end-of-turn token: whitespace the template writes after it is the loop's, untrained.
+    ended = False
+    for i, token in enumerate(ids):
+        if not mask[i]:
+            ended = False
+        elif ended:
+            mask[i] = 0
+        elif token == tokenizer.eos_token_id:
+            ended = True
+    start = len(tokenizer(render(tokenizer, list(prompt), prompt=True), add_special_tokens=False)["input_ids"])
+    return repr(render_mask(ids[start:], mask[start:], tokenizer))
+
+
 def plan_tools(stage: Any, tokenizer: Any, data: Any, base_dir: Any, parts: StageParts, config: Any = None) -> None:
     """A grpo stage's tools: each imported and its schema built as TRL builds it, the template checked for tool calls
     TRL can render and parse, `max_tool_calls` as TRL's `max_tool_calling_iterations`, one prompt rendered with the
@@ -506,6 +541,9 @@ def plan_tools(stage: Any, tokenizer: Any, data: Any, base_dir: Any, parts: Stag
     if data is not None and len(data["train"]) and isinstance(data["train"][0]["prompt"], list):
         rendered = render(tokenizer, data["train"][0]["prompt"], prompt=True, tools=schemas)
         parts.details["prompt_with_tools"] = repr(rendered)
+        exchange = tool_exchange(tokenizer, data["train"][0]["prompt"], schemas[0]) if schemas else None
+        if exchange is not None:
+            parts.details["tool_exchange"] = exchange
         from align.models import model_positions
 
         # TRL's max_completion_length bounds the whole exchange: calls, tool results and the answer.
