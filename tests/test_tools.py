@@ -527,6 +527,8 @@ def test_grpo_with_an_environment_trains_and_its_reward_is_shown_beside_the_rewa
     assert "tools: add(n: integer)" in out
     assert "environment: Counter: reset(**row) before each rollout; its methods are tools; get_reward() is a reward " \
            "TRL adds at weight 1 (logged as Counter), beside rewards:" in out  # fmt: skip
+    assert "reward_weights: [1.0]  (align (from rewards:): each entry's weight, in order; TRL appends 1.0 for " \
+           "Counter.get_reward())" in out  # fmt: skip
     code, _, err = run_cli(recipe, "--output-dir", tmp_path / "run")
     assert code == 0, err
     rows = read_jsonl(tmp_path / "run" / "grpo" / "metrics.jsonl")

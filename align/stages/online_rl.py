@@ -513,6 +513,11 @@ def plan_tools(stage: Any, tokenizer: Any, data: Any, base_dir: Any, parts: Stag
                                f"({', '.join(clash)}): TRL calls tools by name, so one would shadow the other",
                                hint="rename one of them")  # fmt: skip
             tools += methods
+            weights = parts.fixed.get("reward_weights")
+            if owns_reward and weights is not None:  # TRL takes the rewards:' weights and appends its own
+                parts.fixed["reward_weights"] = Setting(
+                    weights.value, f"{weights.source}; TRL appends 1.0 for {cls.__name__}.get_reward()"
+                )
             parts.details["environment"] = (
                 f"{cls.__name__}: reset(**row) before each rollout; its methods are tools"
                 + (f"; get_reward() is a reward TRL adds at weight 1 (logged as {cls.__name__}), beside rewards:"
