@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO
 
 from align.errors import AlignError, BadInput, print_error
+from align.tools import BUILTIN_TOOLS
 
 if TYPE_CHECKING:
     from align.prompt_format import PromptFormat
@@ -84,8 +85,8 @@ def build_parser(prog: str = "align chat") -> argparse.ArgumentParser:
         "--tools",
         action="append",
         metavar="TOOL",
-        help="a tool the model may call: FILE.py (its public functions), FILE.py:NAME, module:NAME or calculator; "
-        "repeat it for more. Each call and its result are shown on stderr",
+        help="a tool the model may call: FILE.py (its public functions), FILE.py:NAME, module:NAME or a builtin "
+        f"({', '.join(BUILTIN_TOOLS)}); repeat it for more. Each call and its result are shown on stderr",
     )
     parser.add_argument(
         "--thinking",

@@ -64,6 +64,10 @@ MANAGED_TRAIN_KEYS: dict[str, str] = {
     # TRL applies it only when it loads the model from a name; align loads the model itself, and TRL ignores it.
     "model_init_kwargs": "align loads the model: use the stage's `loading: {attn_implementation, dtype, quantization}`",
     "chat_template_path": "use the stage's `chat_template:` (a name TRL ships, a .jinja file, or own)",
+    # The Trainer would upload checkpoints while it trains, before align's verdict and model card exist.
+    "push_to_hub": "push a finished stage with `align push RUN_DIR --stage NAME --repo-id ID` (its card goes too)",
+    # align resumes each stage from its own last checkpoint; a path given here would be overridden in silence.
+    "resume_from_checkpoint": "run the same command again: align resumes each stage from its last checkpoint",
 }
 # The Trainer pickles its arguments into every checkpoint: a credential in `train:` would land on disk.
 CREDENTIAL_TRAIN_KEYS = {"hub_token": "HF_TOKEN"}

@@ -302,6 +302,9 @@ def test_the_key_reference_lists_every_key_align_schema_emits_and_no_other(schem
     assert ("dpo", "train.beta") in documented and ("sft", "train.beta") not in documented
     assert ("grpo", "rewards[].weight") in documented and ("recipe", "tracking.wandb.mode") in documented
     assert hooks().recipe_keys_page(schema) == page, "the docs build reads the same classes as `align schema`"
+    # A description's `<stage>` is text, not an HTML tag the browser would hide.
+    model = next(line for line in page.splitlines() if line.startswith("| `model` |"))
+    assert "@&lt;stage&gt;" in model and "<stage>" not in model, model
 
 
 def test_the_kinds_table_and_the_help_texts_follow_the_registry(capsys):

@@ -132,11 +132,15 @@ def test_yaml_exponent_without_dot_is_still_a_float(tmp_path):
 
 
 def test_settings_align_manages_are_refused_with_the_right_place(tmp_path):
-    problems = problems_of(tmp_path, tiny_lm_recipe(), "stages.lm.train.bf16=true", "stages.lm.train.output_dir=x")
+    problems = problems_of(tmp_path, tiny_lm_recipe(), "stages.lm.train.bf16=true", "stages.lm.train.output_dir=x",
+                           "stages.lm.train.push_to_hub=true", "stages.lm.train.resume_from_checkpoint=x")  # fmt: skip
     text = "\n".join(problems)
     # Given with --set, the problem names the --set that gave it (the file does not hold the value).
     assert "--set stages.lm.train.bf16=true: set by align: use the recipe's top-level `precision:`" in text
     assert "--set stages.lm.train.output_dir=x: set by align" in text
+    # Keys a TRL config carries over: the Trainer would upload mid-training, or resume where align does not.
+    assert "--set stages.lm.train.push_to_hub=true: set by align: push a finished stage with `align push" in text
+    assert "--set stages.lm.train.resume_from_checkpoint=x: set by align: run the same command again" in text
 
 
 def test_wrong_types_and_bad_values(tmp_path):

@@ -13,6 +13,7 @@ site is never older than the code it describes.
 from __future__ import annotations
 
 import contextlib
+import html
 import importlib
 import inspect
 import io
@@ -133,13 +134,16 @@ def _kinds_cell(kinds: tuple[str, ...]) -> str:
 
 
 def _cell(text: str) -> str:
-    return text.replace("|", "\\|").replace("\n", " ")
+    """Text for a table cell: outside code spans, `<...>` shown as text (not read as an HTML tag) and `|` escaped;
+    inside them as written (Python-Markdown keeps a code span's pipes in its cell)."""
+    parts = re.split(r"(`[^`]+`)", text.replace("\n", " "))
+    return "".join(p if p.startswith("`") else html.escape(p, quote=False).replace("|", "\\|") for p in parts)
 
 
 def _table(rows: list[KeyRow]) -> list[str]:
     lines = ["| key | kinds | type | default | description |", "|---|---|---|---|---|"]
     for row in rows:
-        default = f"`{_cell(row.default)}`" if row.default else ""
+        default = f"`{row.default.replace(chr(10), ' ')}`" if row.default else ""
         lines.append(f"| `{row.path}` | {_kinds_cell(row.kinds)} | {row.type} | {default} | {_cell(row.description)} |")
     return lines
 
