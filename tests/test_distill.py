@@ -245,30 +245,24 @@ def resume_recipe() -> dict[str, Any]:
 
 
 @pytest.mark.slow
-def test_a_distill_stage_killed_mid_stage_resumes_to_the_unbroken_runs_weights(tmp_path):
+def test_a_distill_stage_killed_mid_stage_resumes_to_the_unbroken_runs_weights(tmp_path, run_cli):
     """SIGKILL (the whole process group, as the out-of-memory killer would) once checkpoint-4 of the distill stage is
-    saved; the same command resumes from it and ends at the weights of a run that was never stopped."""
+    saved; the same command resumes from it and ends at the weights of a run that was never stopped. Only the run
+    that is killed is a process of its own; the other two run in this one, as the grpo-with-tools test does."""
     from safetensors.torch import load_file
 
     path = write_yaml(tmp_path / "r.yaml", resume_recipe())
+    code, _, err = run_cli(path, "--output-dir", tmp_path / "whole")
+    assert code == 0, err
 
-    def start(out: Path) -> subprocess.Popen:
-        command = [sys.executable, "-m", "align.run", str(path), "--output-dir", str(out)]
-        return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO,
-                                start_new_session=True)  # fmt: skip
-
-    whole = start(tmp_path / "whole")
-    _, err = whole.communicate(timeout=300)
-    assert whole.returncode == 0, err
-
-    cut = start(tmp_path / "cut")
+    command = [sys.executable, "-m", "align.run", str(path), "--output-dir", str(tmp_path / "cut")]
+    cut = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO,
+                           start_new_session=True)  # fmt: skip
     kill_after(cut, tmp_path / "cut/distill/checkpoints/checkpoint-4/trainer_state.json")
     assert json.loads((tmp_path / "cut/distill/summary.json").read_text())["status"] == "running"
 
-    resumed = start(tmp_path / "cut")
-    _, err = resumed.communicate(timeout=300)
-    assert resumed.returncode == 0, err
-    assert "resuming from checkpoint-" in err
+    code, _, err = run_cli(path, "--output-dir", tmp_path / "cut")
+    assert code == 0 and "resuming from checkpoint-" in err, err
     ends = [load_file(str(tmp_path / run / "distill/model/model.safetensors")) for run in ("whole", "cut")]
     worst = max(float((ends[0][k] - ends[1][k]).abs().max()) for k in ends[0])
     assert worst <= 1e-5, f"the resumed run's weights differ from the unbroken run's by {worst:.2e}"
@@ -283,19 +277,18 @@ SHORT = ["stages.teacher.train.max_steps=60", "stages.student.train.max_steps=15
 
 
 @pytest.mark.slow
-def test_the_shipped_recipe_runs_short_and_reports_the_kl_and_the_eval_beside_sft_only(tmp_path):
+def test_the_shipped_recipe_runs_short_and_reports_the_kl_and_the_eval_beside_sft_only(tmp_path, run_cli):
     out = tmp_path / "run"
-    command = [sys.executable, "-m", "align.run", str(REPO / "recipes" / "distill.yaml"), "--output-dir", str(out)]
-    done = subprocess.run([*command, *(x for s in SHORT for x in ("--set", s))], capture_output=True, text=True,
-                          cwd=tmp_path, timeout=600)  # fmt: skip
-    assert done.returncode == 0, done.stderr
+    code, stdout, err = run_cli(REPO / "recipes" / "distill.yaml", "--output-dir", out,
+                                *(x for s in SHORT for x in ("--set", s)))  # fmt: skip
+    assert code == 0, err
     distill = json.loads((out / "distill" / "summary.json").read_text())
     assert distill["verdict"]["status"] == "improved", distill["verdict"]
     assert distill["metrics"]["kl_to_teacher"] < distill["metrics"]["kl_to_teacher_before"]
     models = json.loads((out / "eval" / "summary.json").read_text())["metrics"]["models"]
     assert set(models) == {"sft_only", "student", "distill", "teacher"}
     assert all(isinstance(m["score_mean"]["exact_match"], float) for m in models.values())
-    assert re.search(r"distill +improved: kl_to_teacher ", done.stdout), done.stdout
+    assert re.search(r"distill +improved: kl_to_teacher ", stdout), stdout
 
 
 def test_a_kl_of_zero_before_training_is_named_as_the_cause_not_the_learning_rate():
