@@ -409,13 +409,16 @@ def test_a_from_scratch_tokenizer_is_the_one_every_later_load_reads_back(tmp_pat
     from align.recipe import ScratchModel
 
     texts = [f"What is {a} * {b}? It is {a * b}." for a in range(100, 400, 3) for b in (117, 530, 876)]
+    prose = [f"the {word} is here" for word in ("cat", "dog", "sun")] * 22  # 66, no digit: only the probe sees them
     line = "What is 876 * 530? It is 464280."
-    for model_type, kind in (("qwen2", "Qwen2Tokenizer"), ("gpt2", "TokenizersBackend")):
-        spec = ScratchModel(model_type=model_type, vocab_size=600, num_hidden_layers=1, hidden_size=32,
-                            num_attention_heads=2, num_key_value_heads=2, intermediate_size=64)  # fmt: skip
-        if model_type == "gpt2":
-            spec = ScratchModel(model_type="gpt2", vocab_size=600, n_layer=1, n_embd=32, n_head=2)
-        model, tokenizer = build_model(spec, "m", texts=lambda: texts)
+    specs = {
+        "qwen2": ("Qwen2Tokenizer", {"num_hidden_layers": 1, "hidden_size": 32, "num_attention_heads": 2,
+                                     "num_key_value_heads": 2, "intermediate_size": 64}),
+        "gpt2": ("TokenizersBackend", {"n_layer": 1, "n_embd": 32, "n_head": 2}),
+    }  # fmt: skip
+    for model_type, (kind, size) in specs.items():
+        spec = ScratchModel(model_type=model_type, vocab_size=600, **size)
+        model, tokenizer = build_model(spec, "m", texts=lambda: prose + texts)
         model.save_pretrained(tmp_path / model_type)
         tokenizer.save_pretrained(tmp_path / model_type)
         reloaded = AutoTokenizer.from_pretrained(tmp_path / model_type)
