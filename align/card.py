@@ -15,7 +15,7 @@ from typing import Any
 
 from align import stages as registry
 from align.files import read_json, write_text_atomic
-from align.prompt_format import read_prompt_format
+from align.prompt_format import read_prompt_format, tool_signature
 from align.secrets import redact, secret_values
 from align.values import same_decimals
 
@@ -311,6 +311,13 @@ def prompt_section(prompts: Any) -> str:
         lines.append("Give it text to continue; it knows no chat template.")
     else:
         lines.append("Render conversations with the tokenizer's chat template (`apply_chat_template`).")
+    if prompts.tools:
+        shown = "; ".join(f"`{tool_signature(schema)}`" for schema in prompts.tools)
+        lines += [
+            "",
+            f"Trained to call tools: {shown}. Pass their schemas as `apply_chat_template(..., tools=...)` "
+            "renders them (`align_prompts.json` holds them); `align chat` runs them where it can load them.",
+        ]
     return "\n".join(lines)
 
 

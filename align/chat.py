@@ -89,6 +89,12 @@ def build_parser(prog: str = "align chat") -> argparse.ArgumentParser:
         f"({', '.join(BUILTIN_TOOLS)}); repeat it for more. Each call and its result are shown on stderr",
     )
     parser.add_argument(
+        "--no-tools",
+        action="store_true",
+        help="chat without the tools the model was trained to call (by default chat runs them, as its "
+        "align_prompts.json records them)",
+    )
+    parser.add_argument(
         "--thinking",
         choices=("on", "off"),
         help="a thinking template's switch (Qwen 3's enable_thinking; default: the template's). The reasoning is "
@@ -332,7 +338,7 @@ def chat(
         shown = asked or (f"{trained} (as trained)" if trained else "the template's default")
         print(f"thinking: {shown}; the reasoning is shown apart, on stderr", file=err)
 
-    tools = chat_tools(getattr(args, "tools", None) or [], conversation)
+    tools = chat_tools(tool_entries(args, prompts, err), conversation)
 
     def reply_to(text: str, stream: TextIO | None, user: str = "") -> tuple[str, bool]:
         """The answer (streamed where the model does not think and calls no tools; a thinking model's reasoning
@@ -402,6 +408,21 @@ def chat(
     except KeyboardInterrupt:  # Ctrl-C, at the prompt or while answering: the chat ends, cleanly
         print(file=out)
     return 0
+
+
+def tool_entries(args: argparse.Namespace, prompts: Any, err: TextIO) -> list[str]:
+    """The tools to chat with: `--tools`, else those the model was trained to call where its record says how to
+    load them (a grpo stage's `tools:`), unless `--no-tools`; each choice said on stderr."""
+    asked = getattr(args, "tools", None) or []
+    if asked or getattr(args, "no_tools", False) or not prompts.tools:
+        return asked
+    names = ", ".join(prompts.tool_names())
+    if not prompts.tool_entries:  # an sft stage's transcripts: schemas only, no functions to run
+        print(f"tools: the model was trained to call {names}; pass --tools to run them (without, its calls are shown "
+              "as text)", file=err)  # fmt: skip
+        return []
+    print(f"tools: {names}, as the model was trained to call them (--no-tools to chat without)", file=err)
+    return list(prompts.tool_entries)
 
 
 def chat_tools(entries: list[str], conversation: Conversation) -> list[Any]:

@@ -40,6 +40,13 @@ class PromptFormat:
     example_prompt: str | None = None
     recorded: bool = True
     thinking: bool | None = None  # the stage's `thinking:` (None: the template's default), which chat and eval follow
+    # The tools the model was trained to call: their JSON schemas (a grpo stage's tools, an sft stage's transcripts'),
+    # and where a grpo stage's can be had again (`tools:` entries, a file's path made absolute) for chat to run.
+    tools: tuple[dict[str, Any], ...] | None = None
+    tool_entries: tuple[str, ...] | None = None
+
+    def tool_names(self) -> list[str]:
+        return [t.get("function", t).get("name", "?") for t in self.tools or ()]
 
     def describe(self) -> str:
         """One line for chat's banner and the model card."""
@@ -80,11 +87,18 @@ def _shared_whitespace_end(texts: list[str]) -> str:
 
 
 def record_prompt_format(
-    model_dir: Path, stage: str, kind: str, data_format: str, rows: Any, thinking: bool | None = None
+    model_dir: Path,
+    stage: str,
+    kind: str,
+    data_format: str,
+    rows: Any,
+    thinking: bool | None = None,
+    tools: dict[str, list] | None = None,
 ) -> PromptFormat:
     """Write `model_dir/align_prompts.json`: how this stage's training prompts were formatted (from its data
-    format and its first training rows), and its `thinking:` where it set one; `align chat`, the eval stage and the
-    model card follow it."""
+    format and its first training rows), its `thinking:` where it set one, and the tools it was trained to call
+    (`tools`: {"tools": schemas, "tool_entries": entries}, align/tools.py `trained_tools`); `align chat`, the eval
+    stage and the model card follow it."""
     sample = [rows[i] for i in range(min(32, len(rows)))] if rows is not None else []
     found = prompt_format_of(kind, data_format, sample)
     record = {
@@ -95,9 +109,28 @@ def record_prompt_format(
         "prompt_suffix": found.prompt_suffix,
         "example_prompt": found.example_prompt,
         **({"thinking": thinking} if thinking is not None else {}),
+        **(tools or {}),
     }
     write_text_atomic(model_dir / PROMPTS_FILE, json.dumps(record, indent=2) + "\n")
-    return PromptFormat(**{k: v for k, v in record.items()})
+    return _prompt_format(record)
+
+
+def tool_signature(schema: dict[str, Any]) -> str:
+    """`multiply(a: integer, b: integer)`, from a tool's JSON schema (as TRL and transformers build it)."""
+    function = schema.get("function", schema)
+    arguments = (function.get("parameters") or {}).get("properties") or {}
+    shown = ", ".join(f"{name}: {spec.get('type', '?')}" for name, spec in arguments.items())
+    return f"{function.get('name', '?')}({shown})"
+
+
+def _prompt_format(record: dict[str, Any]) -> PromptFormat:
+    fields = ("format", "data_format", "stage", "kind", "prompt_suffix", "example_prompt", "thinking", "tools",
+              "tool_entries")  # fmt: skip
+    found = {k: record[k] for k in fields if record.get(k) is not None}
+    for key in ("tools", "tool_entries"):  # tuples: the record is frozen
+        if key in found:
+            found[key] = tuple(found[key])
+    return PromptFormat(**found)
 
 
 def read_prompt_format(model_dir: Path, has_chat_template: bool | None = None) -> PromptFormat:
@@ -105,8 +138,7 @@ def read_prompt_format(model_dir: Path, has_chat_template: bool | None = None) -
     (a model from elsewhere), else plain text."""
     record = read_json(Path(model_dir) / PROMPTS_FILE)
     if isinstance(record, dict) and record.get("format") in ("plain", "chat_template"):
-        fields = ("format", "data_format", "stage", "kind", "prompt_suffix", "example_prompt", "thinking")
-        return PromptFormat(**{k: record[k] for k in fields if record.get(k) is not None})
+        return _prompt_format(record)
     return PromptFormat("chat_template" if has_chat_template else "plain", recorded=False)
 
 

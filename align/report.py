@@ -354,8 +354,11 @@ def did_it_help(run_dir: Path, entries: list[dict[str, Any]], summaries: dict[st
         out.append(verdict_block(summary.get("verdict")))
         tasks = sorted({f"{task}/{key}" for m in models.values() for task, figures in (m.get("lm_eval") or {}).items()
                         for key in (figures or {})})  # fmt: skip
+        # Answers through tools (an eval's `tools:`): how each model used them, beside its scores.
+        tool_columns = [k for k in TOOL_COLUMNS if any(k in m for m in models.values())]
         head = ["model", *(f"score: {html.escape(j)}" for j in judges), "win rate [95% CI]", "LC win rate",
-                "mean length", "repetition", "distinct-2", "eos rate", *map(html.escape, tasks), "verdict"]  # fmt: skip
+                "mean length", "repetition", "distinct-2", "eos rate", *(TOOL_COLUMNS[k] for k in tool_columns),
+                *map(html.escape, tasks), "verdict"]  # fmt: skip
         out.append("<table class='models'><tr>" + "".join(f"<th>{h}</th>" for h in head) + "</tr>")
         rows = []
         for label, m in models.items():
@@ -369,8 +372,9 @@ def did_it_help(run_dir: Path, entries: list[dict[str, Any]], summaries: dict[st
                 lc = "-" if lc is None else f"{lc:.2f}"
             lm_eval = m.get("lm_eval") or {}
             task_cells = [lm_eval.get(t.split("/", 1)[0], {}).get(t.split("/", 1)[1]) for t in tasks]
-            cells = [*(scores.get(j) for j in judges), win, lc, m.get("mean_length"),
-                     m.get("repetition"), m.get("distinct_2"), m.get("eos_rate"), *task_cells]  # fmt: skip
+            cells = [*(scores.get(j) for j in judges), win, lc, m.get("mean_length"), m.get("repetition"),
+                     m.get("distinct_2"), m.get("eos_rate"), *(m.get(k) for k in tool_columns),
+                     *task_cells]  # fmt: skip
             rows.append((label, m, cells))
         # Each column's numbers with one number of decimals (2.850 beside 2.990, as the verdict writes them; not
         # 2.85 beside 2.99, nor an eos rate of 1 beside 0.975).
@@ -398,6 +402,7 @@ def did_it_help(run_dir: Path, entries: list[dict[str, Any]], summaries: dict[st
             )
             out.append(f"<img class='win-rates' alt='{html.escape(alt)}' src='data:image/png;base64,{png}'>")
         rows = read_rows(run_dir / name / "generations.jsonl")  # a torn last line (a killed run) is skipped
+        out += transcripts_table(rows, list(models), str(judge))
         for candidate in [label for label in models if label != baseline]:
             worst = regressions(rows, str(baseline), candidate, 10, judge=judge)
             if not worst:
@@ -441,6 +446,40 @@ def did_it_help(run_dir: Path, entries: list[dict[str, Any]], summaries: dict[st
     if not evals and not lines:
         out.append("<p class='empty'>No stage has finished yet.</p>")
     return "\n".join(out)
+
+
+def transcripts_table(rows: list[dict[str, Any]], labels: list[str], judge: str, prompts: int = 5) -> list[str]:
+    """An eval that answered through tools: each model's transcript (calls, results, final answer) and score for
+    the first `prompts` prompts, sample 0; nothing for an eval without tools."""
+    from align.verdict import shown_answer
+
+    if not any(row.get("turns") for row in rows):
+        return []
+    chosen: dict[int, dict[str, Any]] = {}
+    for row in rows:
+        if row.get("sample", 0) == 0 and (row["prompt_index"] in chosen or len(chosen) < prompts):
+            chosen.setdefault(row["prompt_index"], {"prompt": row.get("prompt"), "models": {}})["models"][
+                row.get("model")] = row  # fmt: skip
+    width = 70 // max(1, len(labels))
+    out = [f"<h4>Transcripts: the first {len(chosen)} prompts, each model's calls (-&gt;), results (&lt;-) and final "
+           f"answer, with its {html.escape(judge)} score</h4><table class='generations'><colgroup><col style='width:"
+           f"30%'>" + "".join(f"<col style='width:{width}%'>" for _ in labels) + "</colgroup><tr><th>prompt</th>"
+           + "".join(f"<th>{html.escape(label)}</th>" for label in labels) + "</tr>"]  # fmt: skip
+    for entry in chosen.values():
+        cells = []
+        for label in labels:
+            row = entry["models"].get(label)
+            score = (row or {}).get("scores", {}).get(judge)
+            shown = "" if row is None else str(shown_answer(row) or "")
+            cells.append(f"<td>{_pre(shown)}{'' if score is None else f'{judge} {_fmt(score)}'}</td>")
+        out.append(f"<tr><td>{_pre(entry['prompt'])}</td>{''.join(cells)}</tr>")
+    out.append("</table>")
+    return out
+
+
+# An eval's tool figures (align/tools.py `tool_figures`) as the models table heads them.
+TOOL_COLUMNS = {"tool_call_rate": "answers calling a tool", "calls_per_answer": "calls per answer",
+                "tool_failure_rate": "calls failed", "malformed_call_rate": "malformed calls"}  # fmt: skip
 
 
 def _declares(entry: dict[str, Any], what: str) -> bool:

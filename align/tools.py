@@ -133,6 +133,40 @@ def tools_identity(entries: list[str], base_dir: Path) -> list[str]:
     return out
 
 
+def trained_tools(stage: Any, rows: Any, base_dir: Path) -> dict[str, list] | None:
+    """The tools a stage trained its model to call, for the model's `align_prompts.json`: a grpo stage's `tools:`
+    and environment methods (their schemas, and the entries chat can load again: a file's path made absolute; an
+    environment's methods need its reset, so they are not among them), or the schemas in an sft stage's
+    transcripts (the `tools` column of its first rows). None where it trained with none."""
+    import json
+
+    from transformers.utils import get_json_schema
+
+    from align.recipe import search_paths
+
+    entries = list(getattr(stage, "tools", None) or [])
+    functions = resolve_tools(entries, base_dir, f"stages.{stage.name}.tools") if entries else []
+    environment = getattr(stage, "environment", None)
+    if environment:
+        functions += resolve_environment(environment, base_dir, f"stages.{stage.name}.environment")[1]
+    schemas = [get_json_schema(fn) for fn in functions]
+    if not schemas and rows is not None and "tools" in getattr(rows, "column_names", ()):
+        seen: dict[str, Any] = {}
+        for value in rows.select(range(min(64, len(rows))))["tools"]:
+            for schema in (json.loads(value) if isinstance(value, str) else value) or []:
+                seen.setdefault(schema.get("function", schema).get("name"), schema)
+        schemas = list(seen.values())
+    if not schemas:
+        return None
+    loadable = []
+    for entry in entries:
+        source, _, name = entry.rpartition(":")
+        found = search_paths(source, base_dir) if source.endswith(".py") else []
+        path = next((p for p in found if p.is_file()), None)
+        loadable.append(f"{path.resolve()}:{name}" if path is not None else entry)
+    return {"tools": schemas, **({"tool_entries": loadable} if loadable else {})}
+
+
 def template_problems(tokenizer: Any, where: str) -> list[str]:
     """Why TRL cannot run tool calls through this tokenizer's chat template: it renders no tool calls, TRL has no
     parser for them (TRL sets one only for templates identical to those it ships), or it renders earlier turns
@@ -251,12 +285,21 @@ def answer_with_tools(
     *,
     num_samples: int = 1,
     template_kwargs: dict[str, Any] | None = None,
+    environment: type | None = None,
+    rows: list[dict[str, Any]] | None = None,
     **generation: Any,
 ) -> list[list[Any]]:
     """Each prompt answered `num_samples` times as TRL's tool loop answers it: the policy writes, its tool calls
     are parsed (TRL's `parse_response`), run, and their results (or `{"error": ...}`) appended as tool turns, until
     it answers without a call or `max_tool_calls` turns ran out. `generation`: `generate_batched`'s settings.
-    Returns `Answer`s whose `turns`, `tool_calls`, `tool_failures`, `malformed_call` and `capped` say how."""
+
+    With an `environment` (a grpo stage's class, TRL's `environment_factory`), each answer has an instance of its
+    own, reset with its prompt's row (`rows`, every column, as TRL passes them): what `reset` returns is appended to
+    the prompt's last turn, its public methods are tools beside `tools`, and its `get_reward()`, where it has one,
+    scores the answer once it is done (`environment_reward`).
+
+    Returns `Answer`s whose `turns`, `tool_calls`, `tool_failures`, `failed_tools`, `malformed_call`, `capped` and
+    `environment_reward` say how."""
     from transformers.utils import get_json_schema
     from trl.chat_template_utils import add_response_schema, parse_response
 
@@ -264,17 +307,34 @@ def answer_with_tools(
 
     if getattr(tokenizer, "response_template", None) is None and getattr(tokenizer, "response_schema", None) is None:
         tokenizer = add_response_schema(copy.deepcopy(tokenizer))
-    schemas = [get_json_schema(fn) for fn in tools]
-    by_name = {fn.__name__: fn for fn in tools}
-    kwargs = {**(template_kwargs or {}), "tools": schemas}
     opener = "<tool_call>" if "<tool_call>" in str(tokenizer.chat_template) else None
-    first = generate_batched(model, tokenizer, list(prompts), num_samples=num_samples, template_kwargs=kwargs,
-                             prompt_format="chat_template", **generation)  # fmt: skip
-    # Each answer's state; a string prompt is one user turn.
-    states = [
-        [{"prompt": as_messages(p), "messages": [], "answer": a, "calls": 0, "failures": 0} for a in per]
-        for p, per in zip(prompts, first, strict=True)
-    ]
+    # Each answer's state; a string prompt is one user turn. With an environment, one instance per answer, reset
+    # before the answer is begun (so each sample is generated from its own, possibly different, observation).
+    states = [[{"prompt": as_messages(p), "messages": [], "calls": 0, "failures": 0, "failed": Counter(),
+                "tools": {fn.__name__: fn for fn in tools}} for _ in range(num_samples)]
+              for p in prompts]  # fmt: skip
+    if environment is not None:
+        for state, row in ((s, row) for per, row in zip(states, rows or [{}] * len(prompts), strict=True) for s in per):
+            state["environment"] = instance = environment()
+            observation = _awaited(instance.reset(**row))
+            if observation is not None:  # appended to the last turn, as TRL appends it
+                last = state["prompt"][-1]
+                state["prompt"] = [*state["prompt"][:-1], {**last, "content": last["content"] + str(observation)}]
+            state["tools"].update({name: getattr(instance, name) for name in environment_tools(environment)})
+    schemas = [get_json_schema(fn) for fn in states[0][0]["tools"].values()] if states else []
+    kwargs = {**(template_kwargs or {}), "tools": schemas}
+    if environment is None:
+        first = generate_batched(model, tokenizer, list(prompts), num_samples=num_samples, template_kwargs=kwargs,
+                                 prompt_format="chat_template", **generation)  # fmt: skip
+        for per, answers in zip(states, first, strict=True):
+            for state, answer in zip(per, answers, strict=True):
+                state["answer"] = answer
+    else:  # each sample its own prompt
+        flat = [s for per in states for s in per]
+        first = generate_batched(model, tokenizer, [s["prompt"] for s in flat], template_kwargs=kwargs,
+                                 prompt_format="chat_template", **generation)  # fmt: skip
+        for state, (answer,) in zip(flat, first, strict=True):
+            state["answer"] = answer
     active = [s for per in states for s in per]
     limit = sys.maxsize if max_calls is None else max_calls
     turn = 0
@@ -304,11 +364,10 @@ def answer_with_tools(
                 function = call.get("function", call)
                 state["calls"] += 1
                 try:
-                    result = by_name[function["name"]](**(function.get("arguments") or {}))
-                    if inspect.isawaitable(result):  # an async tool, awaited as TRL awaits it
-                        result = asyncio.run(result)
+                    result = _awaited(state["tools"][function["name"]](**(function.get("arguments") or {})))
                 except Exception as exc:  # a tool that raises, or a name the policy made up: as TRL reports it
                     state["failures"] += 1
+                    state["failed"][str(function.get("name"))] += 1
                     result = {"error": str(exc)}
                 state["messages"].append({"role": "tool", "name": function.get("name"), "content": str(result)})
             waiting.append(state)
@@ -321,9 +380,27 @@ def answer_with_tools(
         for state, per in zip(waiting, answers, strict=True):
             state["answer"] = per[0]
         active = waiting
+    for state in (s for per in states for s in per):
+        instance = state.get("environment")
+        if instance is not None and hasattr(instance, "get_reward"):  # the rollout is done: the environment scores it
+            state["environment_reward"] = float(_awaited(instance.get_reward()))
     return [[dataclasses.replace(s["answer"], turns=s["messages"], tool_calls=s["calls"], tool_failures=s["failures"],
-                                 malformed_call=s.get("malformed", False), capped=s.get("capped", False))
+                                 failed_tools=dict(s["failed"]), malformed_call=s.get("malformed", False),
+                                 capped=s.get("capped", False), environment_reward=s.get("environment_reward"))
              for s in per] for per in states]  # fmt: skip
+
+
+def _awaited(value: Any) -> Any:
+    """`value`, or what it resolves to where it is awaitable (an async tool, reset or get_reward, awaited as TRL
+    awaits them)."""
+    return asyncio.run(value) if inspect.isawaitable(value) else value
+
+
+def environment_tools(cls: type) -> list[str]:
+    """The methods of an environment class that are tools, as TRL finds them: its public functions other than
+    `reset` and `get_reward`, listed on the class (an instance's properties are never evaluated)."""
+    return [name for name, _ in inspect.getmembers(cls, predicate=inspect.isfunction)
+            if name not in ("reset", "get_reward") and not name.startswith("_")]  # fmt: skip
 
 
 def tool_figures(answers: list[Any]) -> dict[str, float]:
@@ -369,9 +446,7 @@ def resolve_environment(entry: str, base_dir: Path, where: str) -> tuple[type, l
         raise BadInput(f"{where}: {entry}() raised {type(exc).__name__}: {exc} (TRL makes one per rollout, with no "
                        "arguments)") from None  # fmt: skip
     tools, problems = [], []
-    for name in members:
-        if name in ("reset", "get_reward") or name.startswith("_"):
-            continue
+    for name in environment_tools(cls):
         method = getattr(instance, name)
         try:
             get_json_schema(method)

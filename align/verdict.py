@@ -459,6 +459,28 @@ def greedy_answers(
 # The eval stage's side-by-side answers
 
 
+def shown_answer(row: dict[str, Any]) -> Any:
+    """A generations.jsonl row's answer as a person reads it: where it was reached through tools, its transcript,
+    each call (`-> multiply(a=3, b=4)`) and result (`<- 12`) on a line, the final answer last."""
+    turns = row.get("turns")
+    if not turns:
+        return row.get("answer")
+    lines = []
+    for turn in turns:
+        if turn.get("role") == "tool":
+            lines.append(f"<- {turn.get('content')}")
+            continue
+        if turn.get("content"):
+            lines.append(str(turn["content"]))
+        for call in turn.get("tool_calls") or []:
+            function = call.get("function", call)
+            arguments = function.get("arguments")
+            shown = (", ".join(f"{k}={v!r}" for k, v in arguments.items()) if isinstance(arguments, dict)
+                     else str(arguments or ""))  # fmt: skip
+            lines.append(f"-> {function.get('name')}({shown})")
+    return "\n".join(lines)
+
+
 def regressions(
     rows: Sequence[dict[str, Any]], baseline: str, candidate: str, n: int = 10, *, judge: str | None = None
 ) -> list[dict[str, Any]]:
@@ -490,7 +512,7 @@ def regressions(
         side["scores"].append(float(score))
         sample = row.get("sample", 0)
         if side["sample"] is None or sample < side["sample"]:
-            side["sample"], side["answer"] = sample, row.get("answer")
+            side["sample"], side["answer"] = sample, shown_answer(row)
     out = []
     for index, entry in by_prompt.items():
         sides = entry["models"]

@@ -368,12 +368,61 @@ def test_the_held_out_tool_loop_calls_runs_and_counts(family_models):
     assert first.turns[0]["tool_calls"][0]["function"]["arguments"] == {"a": 3, "b": 4}
     assert first.turns[1]["content"] == "12" and first.text == "The answer is 12."
     assert failed.tool_failures == 1 and "zero" in failed.turns[1]["content"]
+    assert failed.failed_tools == {"multiply": 1} and first.failed_tools == {}
     assert broken.tool_calls == 0 and broken.malformed_call
     assert capped.capped and capped.tool_calls == 2
     assert silent.text == "" and silent.tool_calls == 1 and [m["role"] for m in silent.turns][-1] == "assistant"
     figures = tool_figures([first, failed, broken, capped, silent])
     assert figures == {"tool_call_rate": 0.8, "calls_per_answer": 1.0, "tool_failure_rate": 0.2,
                        "malformed_call_rate": 0.2, "capped_rate": 0.2}  # fmt: skip
+
+
+class Vault:
+    """An environment for the held-out loop: the code is the row's, only `open_vault` reads it, and the reward is
+    whether it was read."""
+
+    def __init__(self) -> None:
+        self.code, self.opened = None, False
+
+    def reset(self, code: int | None = None, **row: Any) -> str:
+        self.code, self.opened = code, False
+        return " (the vault is locked)"
+
+    def open_vault(self) -> str:
+        """Open the vault and read its code."""
+        self.opened = True
+        return str(self.code)
+
+    def get_reward(self) -> float:
+        return float(self.opened)
+
+
+def test_the_held_out_tool_loop_answers_in_an_environment_reset_with_each_row(family_models):
+    """With an environment, as TRL's loop: one instance per answer, reset with its row's columns, what reset returns
+    appended to the prompt, its methods the tools, and get_reward() scoring each answer when it is done."""
+    from align.models import load_tokenizer
+    from align.tools import answer_with_tools
+
+    tokenizer = load_tokenizer(str(family_models["qwen2_5"]))
+    seen = []
+
+    def script(prompt: str) -> str:
+        seen.append(prompt)
+        if "<tool_response>" in prompt:
+            return "The code is " + prompt.rsplit("<tool_response>\n", 1)[1].split("\n", 1)[0] + "."
+        if "never" in prompt:
+            return "I will not open it."
+        return '<tool_call>\n{"name": "open_vault", "arguments": {}}\n</tool_call>'
+
+    prompts = [[{"role": "user", "content": "What is the code?"}], [{"role": "user", "content": "never mind"}]]
+    rows = [{"prompt": prompts[0], "code": 41}, {"prompt": prompts[1], "code": 42}]
+    answers = answer_with_tools(ScriptedPolicy(tokenizer, script), tokenizer, prompts, [], 2, num_samples=2,
+                                environment=Vault, rows=rows, max_new_tokens=64)  # fmt: skip
+    assert [[a.text for a in per] for per in answers] == [["The code is 41."] * 2, ["I will not open it."] * 2]
+    assert [[a.environment_reward for a in per] for per in answers] == [[1.0, 1.0], [0.0, 0.0]]
+    assert answers[0][0].turns[0]["tool_calls"][0]["function"]["name"] == "open_vault"
+    assert all("What is the code? (the vault is locked)" in p for p in seen if "code?" in p)
+    assert '"name": "open_vault"' in seen[0]  # the environment's method is in the tools' schemas
 
 
 def eval_stage(family_models: dict[str, Path], models: dict[str, str], **extra: Any) -> dict[str, Any]:
@@ -408,6 +457,26 @@ def test_the_eval_stage_answers_through_the_tools(family_models, tmp_path):
     assert all(line["answer"] == line["turns"][-1]["content"] for line in lines)
     for model in summary["metrics"]["models"].values():
         assert {"tool_call_rate", "calls_per_answer", "tool_failure_rate", "malformed_call_rate"} <= set(model)
+    report = (tmp_path / "run" / "report.html").read_text()
+    assert "<th>calls per answer</th>" in report and "Transcripts: the first 4 prompts" in report
+
+
+def test_a_transcript_reads_as_calls_results_and_the_final_answer():
+    """The report's (and the regressions') view of an answer reached through tools."""
+    from align.report import transcripts_table
+    from align.verdict import shown_answer
+
+    row = {"prompt_index": 0, "prompt": "user: What is 3 * 4?", "model": "grpo", "sample": 0, "answer": "12",
+           "scores": {"exact_match": 1.0}, "turns": [
+               {"role": "assistant", "content": "", "tool_calls": [
+                   {"type": "function", "function": {"name": "multiply", "arguments": {"a": 3, "b": 4}}}]},
+               {"role": "tool", "name": "multiply", "content": "12"},
+               {"role": "assistant", "content": "12"}]}  # fmt: skip
+    assert shown_answer(row) == "-> multiply(a=3, b=4)\n<- 12\n12"
+    assert shown_answer({"answer": "plain"}) == "plain"
+    table = "".join(transcripts_table([row], ["grpo"], "exact_match"))
+    assert "-&gt; multiply(a=3, b=4)\n&lt;- 12\n12" in table and "exact_match 1" in table, table
+    assert transcripts_table([{**row, "turns": None}], ["grpo"], "exact_match") == []
 
 
 MULTIPLY_FILE = '''
@@ -424,6 +493,33 @@ def multiply(a: int, b: int) -> int:
 def _helper():
     return None
 '''
+
+
+def test_the_eval_verdict_warns_of_each_models_tool_trouble_with_its_numbers():
+    """An eval's verdict names, per model (the baseline too), calls that failed (by tool), calls that did not parse,
+    answers cut by max_tool_calls and a model that never called; a model whose calls all went well has none."""
+    from align.evaluation.verdicts import eval_verdict
+
+    def model(**tools: Any) -> dict[str, Any]:
+        figures = {"tool_call_rate": 1.0, "calls_per_answer": 1.0, "tool_failure_rate": 0.0,
+                   "malformed_call_rate": 0.0, "capped_rate": 0.0, "failed_tools": {}, **tools}  # fmt: skip
+        return {**figures, "win_rate": 0.5, "verdict": {"status": "no_difference", "reasons": ["tie"], "warnings": []}}
+
+    metrics = {"baseline": "sft", "models": {
+        "sft": model(tool_call_rate=0.0, calls_per_answer=0.0),
+        "grpo": model(tool_failure_rate=0.5, failed_tools={"multiply": 3, "made_up": 1}, malformed_call_rate=0.25,
+                      capped_rate=0.1),
+        "fine": model(),
+    }}  # fmt: skip
+    warnings = eval_verdict(metrics)["warnings"]
+    assert warnings == [
+        "sft: no answer called a tool (tool_call_rate 0): it answered every prompt without them",
+        "grpo: 50% of its tool calls failed (multiply 3, made_up 1): the tool raised, or the name is no tool's; the "
+        "model was given the error as the result (generations.jsonl has each)",
+        "grpo: 25% of its answers open a tool call that does not parse: no tool ran, and the text was taken as the "
+        "answer",
+        "grpo: 10% of its answers were still calling tools when max_tool_calls ran out",
+    ], warnings
 
 
 def test_chat_runs_the_tool_loop_and_shows_each_call(family_models, tmp_path, capsys, monkeypatch):
@@ -454,6 +550,48 @@ def test_chat_runs_the_tool_loop_and_shows_each_call(family_models, tmp_path, ca
     assert "error: --tools: the" in capsys.readouterr().err
 
 
+def test_a_model_records_the_tools_it_was_trained_to_call_and_chat_runs_them(family_models, tmp_path, capsys,
+                                                                              monkeypatch):  # fmt: skip
+    """A grpo stage's tools are recorded with its model (schemas, and entries with a file's path made absolute);
+    chat runs them without --tools (saying so), --no-tools chats without; the card lists them."""
+    import shutil
+    from types import SimpleNamespace
+
+    import align.chat as chat_module
+    from align.card import prompt_section
+    from align.models import load_tokenizer
+    from align.prompt_format import read_prompt_format, record_prompt_format
+    from align.tools import trained_tools
+
+    (tmp_path / "mult.py").write_text(MULTIPLY_FILE)
+    stage = SimpleNamespace(name="grpo", tools=["mult.py:multiply", "calculator"], environment=None)
+    tools = trained_tools(stage, None, tmp_path)
+    assert tools["tool_entries"] == [f"{(tmp_path / 'mult.py').resolve()}:multiply", "calculator"]
+    model = shutil.copytree(family_models["qwen2_5"], tmp_path / "model")
+    record_prompt_format(model, "grpo", "grpo", "prompt_only", [{"prompt": [{"role": "user", "content": "x"}]}],
+                         tools=tools)  # fmt: skip
+    record = read_prompt_format(model)
+    assert record.tool_names() == ["multiply", "calculator"]
+    assert "Trained to call tools: `multiply(a: integer, b: integer)`; `calculator(expression: string)`" in \
+        prompt_section(record)  # fmt: skip
+    tokenizer = load_tokenizer(str(model))
+
+    def script(prompt: str) -> str:
+        if "<tool_response>" in prompt:
+            return "The answer is " + prompt.rsplit("<tool_response>\n", 1)[1].split("\n", 1)[0] + "."
+        return call(3, 4) if '"name": "multiply"' in prompt else "no tools here"
+
+    monkeypatch.setattr(chat_module, "load", lambda saved: (ScriptedPolicy(tokenizer, script), tokenizer))
+    monkeypatch.chdir(tmp_path.parent)  # the recorded path is absolute: chat runs from anywhere
+    assert chat_module.main([str(model), "--prompt", "three times four"]) == 0
+    out, err = capsys.readouterr()
+    assert "tools: multiply, calculator, as the model was trained to call them (--no-tools" in err
+    assert out.strip() == "The answer is 12." and "[call] multiply(a=3, b=4)" in err
+    assert chat_module.main([str(model), "--prompt", "three times four", "--no-tools"]) == 0
+    out, err = capsys.readouterr()
+    assert out.strip() == "no tools here" and "tools:" not in err
+
+
 ENVIRONMENT = '''
 class Counter:
     """Counts what the policy adds; the reward is how close it got to the row's answer."""
@@ -476,6 +614,19 @@ class Counter:
 
     def get_reward(self) -> float:
         return 1.0 / (1 + abs(self.total - self.target))
+
+
+class NoReward:
+    def reset(self, **row):
+        return None
+
+    def add(self, n: int) -> int:
+        """Add.
+
+        Args:
+            n: How much.
+        """
+        return n
 
 
 class NoReset:
@@ -529,10 +680,39 @@ def test_grpo_with_an_environment_trains_and_its_reward_is_shown_beside_the_rewa
            "TRL adds at weight 1 (logged as Counter), beside rewards:" in out  # fmt: skip
     assert "reward_weights: [1.0]  (align (from rewards:): each entry's weight, in order; TRL appends 1.0 for " \
            "Counter.get_reward())" in out  # fmt: skip
-    code, _, err = run_cli(recipe, "--output-dir", tmp_path / "run")
+    # Without rewards: the environment's get_reward() alone scores, in training and in the held-out measure.
+    alone = write_yaml(tmp_path / "alone.yaml", {"name": "env", "seed": 0, "stages": [{**stage, "rewards": []}]})
+    code, out, err = run_cli(alone, "--output-dir", tmp_path / "run", "--dry-run")
+    assert code == 0, err
+    assert "rewards: Counter.get_reward() (weight 1), the environment's own" in out
+    assert "get_reward() is the only reward (weight 1, logged as Counter)" in out
+    code, _, err = run_cli(alone, "--output-dir", tmp_path / "run")
     assert code == 0, err
     rows = read_jsonl(tmp_path / "run" / "grpo" / "metrics.jsonl")
     assert any("rewards/Counter/mean" in row for row in rows), rows[0]
+    summary = json.loads((tmp_path / "run" / "grpo" / "summary.json").read_text())
+    held_out = summary["metrics"]["rewards"]["Counter"]
+    # Counter's reward is 1 / (1 + |total - len(answer)|): in (0, 1], never the 0 of an environment left out; the
+    # held-out reward is it alone.
+    assert 0 < held_out["before"] <= 1 and 0 < held_out["after"] <= 1, held_out
+    assert summary["metrics"]["reward"] == pytest.approx(held_out["after"])
+
+
+@pytest.mark.parametrize(
+    ("change", "error"),
+    [
+        ({"rewards": [], "tools": ["tools.py:add"]}, "stages.grpo.rewards: nothing scores the answers"),
+        ({"rewards": [], "environment": "env.py:NoReward", "tools": None},
+         "stages.grpo.environment: NoReward has no get_reward() and the stage no rewards"),
+    ],
+)  # fmt: skip
+def test_a_stage_with_nothing_to_score_it_stops_before_stage_one(family_models, run_cli, tmp_path, change, error):
+    (tmp_path / "tools.py").write_text(TOOLS)
+    (tmp_path / "env.py").write_text(ENVIRONMENT)
+    stage = {**grpo_stage(family_models), **change}
+    code, _, err = run_cli(write_yaml(tmp_path / "r.yaml", {"name": "t", "stages": [stage]}), "--output-dir",
+                           tmp_path / "run")  # fmt: skip
+    assert code == 2 and error in err, err
 
 
 SLOW_REWARD = '''

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
 if TYPE_CHECKING:
@@ -36,8 +36,10 @@ class Answer:
         turns: an answer reached through tools (align/tools.py `answer_with_tools`): the assistant and tool turns
             after the prompt, as TRL gives them to the rewards; `text` and `token_ids` are then the last turn's.
         tool_calls, tool_failures: its calls, and those whose tool raised.
+        failed_tools: the tools that raised (or names the policy made up), each with its count.
         malformed_call: its last turn opens a tool call that does not parse.
         capped: it was still calling when `max_tool_calls` ran out.
+        environment_reward: what its environment's `get_reward()` gave it, where it was answered in one.
     """
 
     text: str
@@ -51,6 +53,8 @@ class Answer:
     tool_failures: int = 0
     malformed_call: bool = False
     capped: bool = False
+    failed_tools: dict[str, int] = field(default_factory=dict)
+    environment_reward: float | None = None
 
     @property
     def tokens(self) -> int:

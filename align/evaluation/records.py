@@ -52,6 +52,11 @@ def figures(
             from align.tools import tool_figures
 
             entry.update(tool_figures(flat_answers))
+            failed: dict[str, int] = {}
+            for answer in flat_answers:
+                for name, count in answer.failed_tools.items():
+                    failed[name] = failed.get(name, 0) + count
+            entry["failed_tools"] = dict(sorted(failed.items(), key=lambda item: -item[1]))
         if any(a.reasoning is not None or a.thought_cut for a in flat_answers):
             n = len(flat_answers)
             entry["cut_thought_rate"] = sum(a.thought_cut for a in flat_answers) / n

@@ -89,4 +89,27 @@ def eval_verdict(metrics: dict[str, Any]) -> dict[str, Any]:
                  "within generation.max_new_tokens, so they have no answer to judge: raise it, or set thinking: false"
                  for label, m in metrics["models"].items()
                  if (m.get("cut_thought_rate") or 0) >= CUT_THOUGHTS]  # fmt: skip
+    warnings += [f"{label}: {w}" for label, m in metrics["models"].items() for w in tool_warnings(m)]
     return {"status": others[0][1]["status"], "reasons": reasons, "warnings": warnings}
+
+
+def tool_warnings(model: dict[str, Any]) -> list[str]:
+    """What went wrong in a model's answers through tools (an eval stage's `tools:`), each with its numbers: no call
+    at all, calls that failed (by tool), calls that did not parse, answers still calling when the cap ran out."""
+    if "tool_call_rate" not in model:
+        return []
+    out = []
+    if model["tool_call_rate"] == 0:
+        out.append("no answer called a tool (tool_call_rate 0): it answered every prompt without them")
+    if model["tool_failure_rate"] > 0:
+        by_tool = ", ".join(f"{name} {count}" for name, count in (model.get("failed_tools") or {}).items())
+        out.append(
+            f"{model['tool_failure_rate']:.0%} of its tool calls failed ({by_tool}): the tool raised, or the "
+            "name is no tool's; the model was given the error as the result (generations.jsonl has each)"
+        )
+    if model["malformed_call_rate"] > 0:
+        out.append(f"{model['malformed_call_rate']:.0%} of its answers open a tool call that does not parse: no tool "
+                   "ran, and the text was taken as the answer")  # fmt: skip
+    if model["capped_rate"] > 0:
+        out.append(f"{model['capped_rate']:.0%} of its answers were still calling tools when max_tool_calls ran out")
+    return out

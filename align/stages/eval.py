@@ -323,6 +323,12 @@ def plan_eval(
     if stage.tools and details_tools is not None:
         cap = f"at most {stage.max_tool_calls} tool-calling turns" if stage.max_tool_calls else "no cap on turns"
         details["tools"] = f"{details_tools}; each model answers through them ({cap})"
+    elif not stage.tools:  # a model trained to call tools, answering here without them: say so, it may be meant
+        trained = {label: names for label, ref in models.items() if (names := _trained_tools(ref, recipe))}
+        if trained:
+            details["tools"] = "none: " + "; ".join(f"{label} was trained to call {', '.join(names)}"
+                                                    for label, names in trained.items()) + (
+                " and answers here without them (add tools: to evaluate it with them)")  # fmt: skip
     if stage.thinking is not None:
         details["thinking"] = (f"{'on' if stage.thinking else 'off'} for each model whose template thinks (unset: "
                                "as it was trained); its reasoning kept apart, its answer judged")  # fmt: skip
@@ -368,6 +374,20 @@ def _planned_tokenizer(ref: str, plans: dict[str, StagePlan]) -> Any:
         return load_tokenizer(ref)
     except Exception:  # not available offline: nothing to check before the stage
         return None
+
+
+def _trained_tools(ref: str, recipe: Recipe) -> list[str]:
+    """The tools a model was trained to call: an earlier grpo stage's `tools:` (and environment), or a saved model's
+    record (align_prompts.json); [] where none or not known before it trains (an sft stage's transcripts)."""
+    name = stage_ref(ref)
+    if name is not None:
+        earlier = next((s for s in recipe.stages if s.name == name), None)
+        found = list(getattr(earlier, "tools", None) or [])
+        environment = getattr(earlier, "environment", None)
+        return found + [environment.rpartition(":")[2]] if environment else found
+    from align.prompt_format import read_prompt_format
+
+    return read_prompt_format(Path(ref)).tool_names() if Path(ref).is_dir() else []
 
 
 def thinking_problems(stage: Stage, label: str, tokenizer: Any) -> list[str]:

@@ -81,7 +81,10 @@ class Alarms(Strict):
 class OnlineKeys(TrainingStage):
     """The recipe keys of an online RL stage: those of every training stage, its rewards, and its alarms."""
 
-    rewards: list[RewardEntry] = Field(min_length=1, description="what scores the answers; each has its weight")
+    rewards: list[RewardEntry] = Field(
+        default_factory=list, description="what scores the answers; each has its weight (at least one, unless a grpo "
+        "stage's environment: scores them with its get_reward())"
+    )  # fmt: skip
     monitor: list[Judge] = Field(
         default_factory=list,
         description="independent judges of the held-out answers, "
@@ -110,6 +113,9 @@ class OnlineKeys(TrainingStage):
                             "`max_tool_calls:`")  # fmt: skip
         if self.max_tool_calls is not None and not self.tools and self.environment is None:
             problems.append(f"{where}.max_tool_calls: caps tool calls, and the stage has no `tools:` or `environment:`")
+        if not self.rewards and self.environment is None:  # with one, the plan checks that it has get_reward()
+            problems.append(f"{where}.rewards: nothing scores the answers: give at least one entry, e.g. "
+                            "[{function: exact_match}]")  # fmt: skip
         for n, entry in enumerate(self.rewards):
             problems += reward_model_problems(entry.reward_model, f"{where}.rewards.{n}.reward_model", earlier)
         for n, judge in enumerate(self.monitor):
@@ -143,10 +149,11 @@ class OnlineKind(TrainingKind):
 
     def input_identity(self, stage: Any, recipe: Any, outputs: Any) -> str:
         pinned = entries_identity([*stage.rewards, *stage.monitor], recipe.base_dir, outputs)
-        if stage.tools:  # an edited tool file trains again
+        if stage.tools or stage.environment:  # an edited tool or environment file trains again
             from align.tools import tools_identity
 
-            pinned += tools_identity(stage.tools, recipe.base_dir)
+            pinned += tools_identity([*(stage.tools or []), *([stage.environment] if stage.environment else [])],
+                                     recipe.base_dir)  # fmt: skip
         return "|".join([self.model_identity(stage, recipe, outputs), *pinned])
 
     def plots(self, rows: list[dict[str, Any]], summary: dict[str, Any]) -> list[tuple[str, str, str]]:
@@ -179,6 +186,14 @@ class OnlineKind(TrainingKind):
         where = f"stages.{stage.name}.tools"
         self.tools = [self.tool_calls.counted(fn) for fn in resolve_tools(stage.tools or [], self.ctx.recipe.base_dir,
                                                                           where)]  # fmt: skip
+        # An environment (grpo's `environment:`): the held-out measure answers in it too, and its get_reward() scores.
+        self.environment, self.environment_rewards = None, False
+        if stage.environment:
+            from align.tools import resolve_environment
+
+            self.environment, _, self.environment_rewards = resolve_environment(
+                stage.environment, self.ctx.recipe.base_dir, f"stages.{stage.name}.environment"
+            )
         self.extra = {"rewards": [{"reward": e.name, "weight": e.weight} for e in self.entries]}
         if stage.monitor:
             self.extra["monitor"] = [j.name for j in stage.monitor]
@@ -188,7 +203,7 @@ class OnlineKind(TrainingKind):
         tokenizer, or (a `reference: rouge_l` monitor) the string "rouge_l"."""
         if entry.function is not None:
             fn = resolve_function(entry, self.ctx.recipe.base_dir, where, self.conversational)
-            first = entry is self.stage.rewards[0]  # one function logs the health of thoughts
+            first = bool(self.stage.rewards) and entry is self.stage.rewards[0]  # one logs the health of thoughts
             fn = answers_apart(fn, self.thinking, bool(getattr(entry, "raw", False)), health=first)
             return guarded(fn, entry.name), None
         if getattr(entry, "reference", None) is not None:
@@ -207,13 +222,10 @@ class OnlineKind(TrainingKind):
     def trainer(self, args: Any, callbacks: list[Any]) -> Any:
         self.use_reference(args)
         tools: dict[str, Any] = {"tools": self.tools} if self.tools else {}  # grpo's only: rloo refuses them
-        if self.stage.environment:
+        if self.environment is not None:
             from align.patches import environment_factory
-            from align.tools import resolve_environment
 
-            cls, _, _ = resolve_environment(self.stage.environment, self.ctx.recipe.base_dir,
-                                            f"stages.{self.stage.name}.environment")  # fmt: skip
-            tools[environment_factory(self.trainer_cls())] = cls
+            tools[environment_factory(self.trainer_cls())] = self.environment
         return super().trainer(args, callbacks, reward_funcs=self.functions,
                                reward_processing_classes=self.reward_tokenizers, **tools)  # fmt: skip
 
@@ -258,12 +270,13 @@ class OnlineKind(TrainingKind):
         settings = dict(max_new_tokens=args.max_completion_length, temperature=args.temperature or 1.0,
                         top_p=args.top_p, seed=self.ctx.seed, batch_size=args.per_device_eval_batch_size)  # fmt: skip
         transcripts = None
-        if self.tools:  # answered through the tools, as TRL's loop answers while training
+        if self.tools or self.environment:  # answered through the tools, as TRL's loop answers while training
             from align.tools import answer_with_tools
 
             answers = answer_with_tools(model, self.tokenizer, list(rows["prompt"]), self.tools,
                                         self.stage.max_tool_calls, num_samples=self.stage.measure.samples,
-                                        template_kwargs=self.template_kwargs, **settings)  # fmt: skip
+                                        template_kwargs=self.template_kwargs, environment=self.environment,
+                                        rows=[dict(row) for row in rows], **settings)  # fmt: skip
             transcripts = [a for per in answers for a in per]
         else:
             samples = self.stage.measure.samples
@@ -273,13 +286,16 @@ class OnlineKind(TrainingKind):
         turns = [a.turns for a in transcripts] if transcripts is not None else None
         per_function = {entry.name: self.score(scorer, flat, args, turns)
                         for entry, scorer in zip(self.entries, self.scorers, strict=True)}  # fmt: skip
+        weights = list(self.weights)
+        if self.environment is not None and self.environment_rewards:  # TRL's extra reward source, at weight 1
+            per_function[self.environment.__name__] = [
+                math.nan if a.environment_reward is None else a.environment_reward for _, a in flat
+            ]
+            weights.append(1.0)
         monitors = {judge.name: _nanmean(self.score(scorer, flat, args, turns))
                     for judge, scorer in zip(self.stage.monitor, self.monitors, strict=True)}  # fmt: skip
         totals = [
-            sum(
-                w * (0.0 if math.isnan(v[k]) else v[k])
-                for w, v in zip(self.weights, per_function.values(), strict=True)
-            )
+            sum(w * (0.0 if math.isnan(v[k]) else v[k]) for w, v in zip(weights, per_function.values(), strict=True))
             for k in range(len(flat))
         ]
         n = self.stage.measure.samples
@@ -496,6 +512,7 @@ def plan_tools(stage: Any, tokenizer: Any, data: Any, base_dir: Any, parts: Stag
 
     from align.errors import BadInput
     from align.families import render
+    from align.prompt_format import tool_signature
     from align.tools import TEMPLATE_HINT, resolve_tools, template_problems
 
     where = f"stages.{stage.name}"
@@ -513,6 +530,11 @@ def plan_tools(stage: Any, tokenizer: Any, data: Any, base_dir: Any, parts: Stag
                                f"({', '.join(clash)}): TRL calls tools by name, so one would shadow the other",
                                hint="rename one of them")  # fmt: skip
             tools += methods
+            if not owns_reward and not stage.rewards:
+                raise BadInput(f"{where}.environment: {cls.__name__} has no get_reward() and the stage no rewards: "
+                               "nothing would score the answers",
+                               hint="add rewards: [{function: ...}], or def get_reward(self) -> float to the "
+                               "environment")  # fmt: skip
             weights = parts.fixed.get("reward_weights")
             if owns_reward and weights is not None:  # TRL takes the rewards:' weights and appends its own
                 parts.fixed["reward_weights"] = Setting(
@@ -521,19 +543,17 @@ def plan_tools(stage: Any, tokenizer: Any, data: Any, base_dir: Any, parts: Stag
             parts.details["environment"] = (
                 f"{cls.__name__}: reset(**row) before each rollout; its methods are tools"
                 + (f"; get_reward() is a reward TRL adds at weight 1 (logged as {cls.__name__}), beside rewards:"
-                   if owns_reward else "; no get_reward(): the rewards: alone score")
+                   if owns_reward and stage.rewards else f"; get_reward() is the only reward (weight 1, logged as "
+                   f"{cls.__name__})" if owns_reward else "; no get_reward(): the rewards: alone score")
             )  # fmt: skip
+            if not stage.rewards:
+                parts.details["rewards"] = f"{cls.__name__}.get_reward() (weight 1), the environment's own"
     except BadInput as exc:
         parts.problems += exc.problems
         parts.hints += [exc.hint] if exc.hint else []
         return
     schemas = [get_json_schema(fn) for fn in tools]
-    shown = []
-    for schema in schemas:
-        function = schema["function"]
-        arguments = ", ".join(f"{k}: {v.get('type', '?')}" for k, v in function["parameters"]["properties"].items())
-        shown.append(f"{function['name']}({arguments})")
-    parts.details["tools"] = ", ".join(shown)
+    parts.details["tools"] = ", ".join(tool_signature(schema) for schema in schemas)
     if stage.max_tool_calls is not None:
         parts.fixed["max_tool_calling_iterations"] = Setting(stage.max_tool_calls, "recipe (max_tool_calls:)")
     if tokenizer is None:

@@ -456,9 +456,11 @@ def save_stage_model(
     saved = save_trained(trainer.model, tokenizer, model_dir, stage.merge, start.base)
     # How this stage's prompts were formatted in training: align chat follows it, the card says it.
     from align.prompt_format import record_prompt_format
+    from align.tools import trained_tools
 
     record_prompt_format(model_dir, stage.name, stage.kind, ctx.spec.format, ctx.data["train"],
-                         getattr(stage, "thinking", None))  # fmt: skip
+                         getattr(stage, "thinking", None), trained_tools(stage, ctx.data["train"],
+                                                                         ctx.recipe.base_dir))  # fmt: skip
     return model_dir, saved
 
 
