@@ -17,8 +17,9 @@ from collections.abc import Callable
 Rows = dict[str, list]
 
 # Bumped whenever what the builtin sets contain changes: it is part of a stage's fingerprint, so a run made with the
-# old contents is not taken as cached. 2: the held-out topics (`test` splits) and the reward split.
-BUILTIN_VERSION = 2
+# old contents is not taken as cached. 2: the held-out topics (`test` splits) and the reward split. 3: multiplication
+# calls `calculator`, answers with the equation and keeps the schema on one row in eight.
+BUILTIN_VERSION = 3
 # The held-out topics: at least this many prose paragraphs (instruction prompts) between them.
 HELD_OUT_PROMPTS = 110
 # Topics with more prose paragraphs than this are never held out: one of them alone would take a large share of
@@ -255,31 +256,37 @@ def arithmetic() -> dict[str, Rows]:
 
 # How many products `multiplication` draws (seeded), before its split by the numbers.
 MULTIPLICATION_ROWS = 10_000
+# One transcript in this many carries the tool's schema in its `tools` column (measured: see the function).
+SCHEMA_EVERY = 8
 
 
 def multiplication() -> dict[str, Rows]:
     """Products of two three-digit numbers: a task no small model does reliably in its head, and one any model
-    that calls align's builtin `multiply` tool does exactly, by copying the numbers into the call and the tool's
-    result into its answer (data_cards/multiplication.md says how far a from-scratch model gets).
+    that calls align's builtin `calculator` does exactly, by copying the question's expression into its call and
+    the tool's result into its answer (data_cards/multiplication.md has what a from-scratch model learns of it).
 
-    Columns: `prompt` (one user turn, "What is 347 * 582?"), `answer` ("201954"), `messages` (the transcript an sft
-    stage learns the calling from: the user turn, the assistant's call with its arguments as a JSON string, the
-    tool's result, the assistant's answer) and `tools` (the tools' schemas as a JSON string, as a data set stores
-    them). 10,000 problems drawn with a fixed seed; split by construction from the two numbers alone (`_digits_place`
-    of the pair, in either order): one in ten in `test`, one in `validation`, the rest in `train`.
+    Columns: `prompt` (one user turn, "What is 347 * 582?"), `answer` ("347 * 582 = 201954": the equation, as the
+    calculator returns it and the answer quotes it), `product` ("201954"), `messages` (the transcript an sft stage
+    learns the calling from: the user turn, the assistant's call with its arguments as a JSON string, the tool's
+    result, the assistant's answer) and `tools` (the calculator's schema as a JSON string, as a data set stores
+    them, on one transcript in SCHEMA_EVERY, else null: the schema and Qwen 2.5's tool instructions are 200 of a
+    transcript's 260 tokens, and a small model built from scratch learned to copy the numbers in a third of the steps
+    on such rows, measured; prompts for grpo and eval get the schema from `tools:` as always). 10,000 problems drawn
+    with a fixed seed; split by construction from the two numbers alone (`_digits_place` of the pair, in either
+    order): one in ten in `test`, one in `validation`, the rest in `train`.
     """
     import json
     import random
 
     from transformers.utils import get_json_schema
 
-    from align.tools import multiply
+    from align.tools import calculator
 
-    schemas = json.dumps([get_json_schema(multiply)])
+    schemas = json.dumps([get_json_schema(calculator)])
     rng = random.Random(0)
     seen: set[tuple[int, int]] = set()
-    splits: dict[str, Rows] = {s: {"prompt": [], "answer": [], "messages": [], "tools": []}
-                               for s in ("train", "validation", "test")}  # fmt: skip
+    columns = ("prompt", "answer", "product", "messages", "tools")
+    splits: dict[str, Rows] = {s: {c: [] for c in columns} for s in ("train", "validation", "test")}
     while len(seen) < MULTIPLICATION_ROWS:
         a, b = rng.randint(100, 999), rng.randint(100, 999)
         if (a, b) in seen:
@@ -288,15 +295,19 @@ def multiplication() -> dict[str, Rows]:
         place = _digits_place((a, b))
         rows = splits["test" if place == 0 else "validation" if place == 1 else "train"]
         question = [{"role": "user", "content": f"What is {a} * {b}?"}]
-        call = {"type": "function", "function": {"name": "multiply", "arguments": json.dumps({"a": a, "b": b})}}
+        expression = f"{a} * {b}"
+        result = calculator(expression)
+        call = {"type": "function", "function": {"name": "calculator",
+                                                 "arguments": json.dumps({"expression": expression})}}  # fmt: skip
         rows["prompt"].append(question)
-        rows["answer"].append(str(a * b))
+        rows["answer"].append(result)
+        rows["product"].append(str(a * b))
         rows["messages"].append(question + [
             {"role": "assistant", "content": "", "tool_calls": [call]},
-            {"role": "tool", "name": "multiply", "content": str(a * b)},
-            {"role": "assistant", "content": str(a * b)},
+            {"role": "tool", "name": "calculator", "content": result},
+            {"role": "assistant", "content": result},
         ])  # fmt: skip
-        rows["tools"].append(schemas)
+        rows["tools"].append(schemas if len(rows["tools"]) % SCHEMA_EVERY == 0 else None)
     return splits
 
 

@@ -34,7 +34,7 @@ _OPERATORS = {
 
 
 def calculator(expression: str) -> str:
-    """Evaluate an arithmetic expression and return its value.
+    """Evaluate an arithmetic expression; return it with its value.
 
     Args:
         expression: The expression, with numbers, + - * / // % ** and parentheses, e.g. "(12 + 3) * 4".
@@ -55,8 +55,11 @@ def calculator(expression: str) -> str:
             return _OPERATORS[type(node.op)](value(node.operand))
         raise ValueError(f"not arithmetic: {ast.dump(node)[:60]}")
 
+    expression = expression.strip()  # a model's " 7 / 2" would be an IndentationError to the parser
     result = value(ast.parse(expression, mode="eval").body)
-    return str(int(result) if isinstance(result, float) and result.is_integer() else result)
+    # The expression echoed ("(12 + 3) * 4 = 60"): an answer can quote the whole equation, and a reader (or a small
+    # model) sees which question the value answers.
+    return f"{expression} = {int(result) if isinstance(result, float) and result.is_integer() else result}"
 
 
 def multiply(a: int, b: int) -> int:

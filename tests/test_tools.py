@@ -58,7 +58,8 @@ def grpo_stage(family_models: dict[str, Path], model: str = "qwen2_5_wide", **ex
 def test_the_calculator_evaluates_arithmetic_and_nothing_else():
     from align.tools import calculator
 
-    assert calculator("(12 + 3) * 4") == "60" and calculator("7 / 2") == "3.5" and calculator("-2 ** 3") == "-8"
+    assert calculator("(12 + 3) * 4") == "(12 + 3) * 4 = 60" and calculator(" 7 / 2") == "7 / 2 = 3.5"
+    assert calculator("-2 ** 3") == "-2 ** 3 = -8"
     for bad in ("__import__('os')", "2 ** 1000", "x + 1", "(((10 ** 64) ** 64) ** 64) ** 64"):
         with pytest.raises(ValueError):
             calculator(bad)
@@ -764,21 +765,30 @@ def test_grpo_with_tools_killed_mid_stage_resumes_to_the_unbroken_runs_rewards_a
 
 
 def test_the_builtin_multiplication_task_needs_its_tool_and_holds_each_pair_out_of_training():
-    """Every held-out pair is out of training in either order; each transcript calls the builtin `multiply` with
-    the question's numbers, and its answer is the tool's result; the `tools` column is that tool's schema."""
+    """Every held-out pair is out of training in either order; each transcript calls the builtin `calculator` with
+    the question's expression, and its answer is the tool's result (the equation); the `tools` column is that tool's
+    schema on one row in eight, null on the others."""
     from transformers.utils import get_json_schema
 
-    from align.builtin import multiplication
+    from align.builtin import SCHEMA_EVERY, multiplication
     from align.tools import resolve_tools
 
     splits = multiplication()
-    pairs = {name: {tuple(sorted(json.loads(m[1]["tool_calls"][0]["function"]["arguments"]).values()))
-                    for m in rows["messages"]} for name, rows in splits.items()}  # fmt: skip
+
+    def pair(messages: list[dict[str, Any]]) -> tuple[int, ...]:
+        expression = json.loads(messages[1]["tool_calls"][0]["function"]["arguments"])["expression"]
+        return tuple(sorted(int(n) for n in expression.split(" * ")))
+
+    pairs = {name: {pair(m) for m in rows["messages"]} for name, rows in splits.items()}
     assert not pairs["train"] & (pairs["test"] | pairs["validation"]) and len(pairs["test"]) > 500
-    (tool,) = resolve_tools(["multiply"], Path("."), "tools")
+    (tool,) = resolve_tools(["calculator"], Path("."), "tools")
     for i in range(0, 8000, 997):
         messages, answer = splits["train"]["messages"][i], splits["train"]["answer"][i]
-        a, b = json.loads(messages[1]["tool_calls"][0]["function"]["arguments"]).values()
+        expression = json.loads(messages[1]["tool_calls"][0]["function"]["arguments"])["expression"]
+        a, b = map(int, expression.split(" * "))
         assert messages[0]["content"] == f"What is {a} * {b}?" == splits["train"]["prompt"][i][0]["content"]
-        assert messages[2]["content"] == str(tool(a, b)) == answer == messages[3]["content"]
-    assert json.loads(splits["test"]["tools"][0]) == [get_json_schema(tool)]
+        assert messages[2]["content"] == tool(expression) == answer == messages[3]["content"]
+        assert answer == f"{a} * {b} = {a * b}" and splits["train"]["product"][i] == str(a * b)
+    tools = splits["train"]["tools"]
+    assert json.loads(tools[0]) == [get_json_schema(tool)] and tools[1] is None
+    assert sum(t is not None for t in tools) == -(-len(tools) // SCHEMA_EVERY)
