@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import kill_after, read_jsonl, write_yaml
+from tests.conftest import REPO, kill_after, read_jsonl, write_yaml
 
 TOOLS = '''
 def add(a: int, b: int) -> int:
@@ -792,3 +792,71 @@ def test_the_builtin_multiplication_task_needs_its_tool_and_holds_each_pair_out_
     tools = splits["train"]["tools"]
     assert json.loads(tools[0]) == [get_json_schema(tool)] and tools[1] is None
     assert sum(t is not None for t in tools) == -(-len(tools) // SCHEMA_EVERY)
+
+
+# recipes/tools.yaml, short: fewer sft steps (enough for the call format), a few grpo steps, fewer eval prompts.
+SHORT_TOOLS = ["stages.sft.train.max_steps=80", "stages.sft.train.eval_steps=80", "stages.grpo.train.max_steps=4",
+               "stages.grpo.train.logging_steps=1", "stages.grpo.train.eval_steps=4", "stages.grpo.measure.prompts=4",
+               "stages.eval.max_prompts=24", "stages.in_its_head.max_prompts=24"]  # fmt: skip
+
+FLAKY = '''
+CALLS = []
+
+
+def calculator(expression: str) -> str:
+    """Evaluate an arithmetic expression; return it with its value.
+
+    Args:
+        expression: The expression, e.g. "3 * 4".
+    """
+    CALLS.append(expression)
+    if len(CALLS) % 2 == 0:
+        raise RuntimeError("the calculator is out of paper")
+    from align.tools import calculator as real
+
+    return real(expression)
+'''
+
+
+@pytest.mark.slow
+def test_the_shipped_tools_recipe_runs_short_and_a_real_policy_meets_a_tool_that_raises_in_half_its_calls(
+    tmp_path, run_cli
+):
+    """recipes/tools.yaml with --set for fewer steps: the policy built from scratch calls the calculator after its
+    sft (the recipe's full figures are in docs/tools.md); grpo logs TRL's tool figures; the eval gives both models'
+    tool figures and transcripts; the grpo model is recorded as trained with the calculator. Then that sft policy
+    trains with a calculator that raises in every other call: the failure frequency is in metrics.jsonl and the
+    alarm names the tool, with its error."""
+    out = tmp_path / "run"
+    code, stdout, err = run_cli(REPO / "recipes" / "tools.yaml", "--output-dir", out,
+                                *(x for s in SHORT_TOOLS for x in ("--set", s)))  # fmt: skip
+    assert code == 0, err
+    rows = read_jsonl(out / "grpo" / "metrics.jsonl")
+    logged = [r for r in rows if r["split"] == "train" and "tools/call_frequency" in r]
+    assert logged and all(r["tools/call_frequency"] > 0.5 for r in logged), logged
+    models = json.loads((out / "eval" / "summary.json").read_text())["metrics"]["models"]
+    assert set(models) == {"sft", "grpo"} and all(m["tool_call_rate"] > 0.5 for m in models.values()), models
+    head = json.loads((out / "in_its_head" / "summary.json").read_text())["metrics"]["models"]["grpo"]
+    assert head["score_mean"]["exact_match"] == 0.0 and "tool_call_rate" not in head
+    assert "Transcripts: the first 5 prompts" in (out / "report.html").read_text()
+    record = json.loads((out / "grpo" / "model" / "align_prompts.json").read_text())
+    assert record["tool_entries"] == ["calculator"] and record["tools"][0]["function"]["name"] == "calculator"
+
+    (tmp_path / "flaky.py").write_text(FLAKY)
+    stage = {"name": "grpo", "kind": "grpo", "model": str(out / "sft" / "model"), "generations": 0,
+             "data": {"card": "multiplication", "max_eval_rows": 8}, "tools": ["flaky.py:calculator"],
+             "max_tool_calls": 1, "rewards": [{"function": "exact_match"}], "measure": {"prompts": 4, "samples": 1},
+             "alarms": {"tool_failures": 0.3, "window": 2},
+             "train": {"max_steps": 3, "num_generations": 4, "per_device_train_batch_size": 16,
+                       "per_device_eval_batch_size": 8, "max_completion_length": 96, "logging_steps": 1,
+                       "eval_steps": 3, "gradient_checkpointing": False}}  # fmt: skip
+    recipe = write_yaml(tmp_path / "flaky.yaml", {"name": "flaky", "seed": 0, "stages": [stage]})
+    code, _, err = run_cli(recipe, "--output-dir", tmp_path / "flaky_run")
+    assert code == 0, err
+    rows = [r for r in read_jsonl(tmp_path / "flaky_run" / "grpo" / "metrics.jsonl")
+            if r["split"] == "train" and "tools/failure_frequency" in r]  # fmt: skip
+    assert rows and all(0.3 <= r["tools/failure_frequency"] <= 0.7 for r in rows), rows
+    summary = json.loads((tmp_path / "flaky_run" / "grpo" / "summary.json").read_text())
+    warnings = " ".join(summary["verdict"]["warnings"])
+    assert "tool failures" in warnings or "of tool calls raised" in warnings, warnings
+    assert "calculator raised in" in warnings and "RuntimeError: the calculator is out of paper" in warnings, warnings

@@ -321,14 +321,15 @@ def plan_eval(
     if stage.lm_eval is not None:
         details["lm_eval"] = ", ".join(stage.lm_eval.tasks)
     if stage.tools and details_tools is not None:
-        cap = f"at most {stage.max_tool_calls} tool-calling turns" if stage.max_tool_calls else "no cap on turns"
+        n = stage.max_tool_calls
+        cap = f"at most {n} tool-calling turn{'s' if n != 1 else ''}" if n else "no cap on turns"
         details["tools"] = f"{details_tools}; each model answers through them ({cap})"
     elif not stage.tools:  # a model trained to call tools, answering here without them: say so, it may be meant
         trained = {label: names for label, ref in models.items() if (names := _trained_tools(ref, recipe))}
         if trained:
             details["tools"] = "none: " + "; ".join(f"{label} was trained to call {', '.join(names)}"
                                                     for label, names in trained.items()) + (
-                " and answers here without them (add tools: to evaluate it with them)")  # fmt: skip
+                " and answers here without tools (add tools: to evaluate it with them)")  # fmt: skip
     if stage.thinking is not None:
         details["thinking"] = (f"{'on' if stage.thinking else 'off'} for each model whose template thinks (unset: "
                                "as it was trained); its reasoning kept apart, its answer judged")  # fmt: skip
