@@ -446,7 +446,13 @@ def chat_tools(entries: list[str], conversation: Conversation) -> list[Any]:
             own = [
                 name for name, fn in vars(module).items() if inspect.isfunction(fn) and fn.__module__ == module.__name__
             ]
-            named += [f"{entry}:{name}" for name in own if not name.startswith("_")]
+            public = [f"{entry}:{name}" for name in own if not name.startswith("_")]
+            if not public:
+                raise BadInput(
+                    f"--tools {entry}: the file defines no public function to call",
+                    hint="name one: --tools FILE.py:NAME (an environment class is not a chat tool)",
+                )
+            named += public
         else:
             named.append(entry)
     bad = template_problems(conversation.tokenizer, "--tools") if conversation.prompts.format == "chat_template" else [

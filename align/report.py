@@ -550,7 +550,10 @@ def build_report(run_dir: Path) -> Path:
             where = html.escape(str(summary.get("model_dir") or "-"))
             section.append(f"<p class='saved'>saved model: step {saved[0]} ({html.escape(saved[1])}), in {where}</p>")
             loss, loss_before = metrics.get("eval_loss"), metrics.get("eval_loss_before")
-            if isinstance(loss, int | float) and isinstance(loss_before, int | float) and loss > loss_before:
+            known = registry.kinds().get(str(kind))
+            surrogate = bool(known is not None and getattr(known, "surrogate_loss", False))  # grpo's: not a fit
+            if isinstance(loss, int | float) and isinstance(loss_before, int | float) and loss > loss_before \
+                    and not surrogate:  # fmt: skip
                 section.append(
                     f"<p class='warn'>The saved model's eval loss ({_fmt(loss)}) is higher than before this stage "
                     f"({_fmt(loss_before)}): training made it worse on this stage's eval set.</p>"

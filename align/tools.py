@@ -104,6 +104,12 @@ def resolve_tools(entries: list[str], base_dir: Path, where: str) -> list[Any]:
             else:
                 raise BadInput(f"{at}: no tool named {entry!r}", hint=f"builtins: {', '.join(BUILTIN_TOOLS)}; or "
                                "FILE.py:NAME, module:NAME")  # fmt: skip
+            if inspect.isclass(fn):  # its schema would be its constructor's: a tool with no arguments
+                raise BadInput(
+                    f"{at}: {entry} is a class, not a function: an environment (reset, methods as "
+                    "tools) goes under a grpo stage's `environment:`",
+                    hint="environment: " + entry,
+                )
             try:
                 get_json_schema(fn)
             except Exception as exc:  # transformers' TypeHintParsingException / DocstringParsingException
@@ -255,7 +261,8 @@ class ToolCalls:
                 f"{name} raised in {n} of {self.calls[name]} calls (last: {self.last_error.get(name, '-')[:80]})"
                 for name, n in self.failures.most_common()
             )
-            or "no tool raised in the calls counted so far"
+            or "none of the stage's tools: raised in the calls counted so far (an environment's methods are counted "
+            "by TRL alone)"
         )
 
 

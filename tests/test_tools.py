@@ -25,6 +25,11 @@ def add(a: int, b: int) -> int:
 
 def undocumented(a: int) -> int:
     return a
+
+
+class Shop:
+    def reset(self, **row):
+        return None
 '''
 
 
@@ -120,6 +125,11 @@ def qwen2_5_one_newline_off(family_models: dict[str, Path], folder: Path) -> Pat
         (
             {"tools": ["tools.py:add", "tools.py:long_schema"]},
             "stages.grpo.tools: a prompt with the tools' schemas is ",
+        ),
+        (
+            {"tools": ["tools.py:Shop"]},
+            "stages.grpo.tools[0]: tools.py:Shop is a class, not a function: an environment (reset, methods as tools) "
+            "goes under a grpo stage's `environment:`",
         ),
     ],  # fmt: skip
 )
@@ -462,6 +472,45 @@ def test_the_eval_stage_answers_through_the_tools(family_models, tmp_path):
     assert "<th>calls per answer</th>" in report and "Transcripts: the first 4 prompts" in report
 
 
+def test_one_model_evaluated_without_tools_says_its_score_and_the_calls_nothing_ran():
+    """An eval of a lone model (the tool recipe's `in_its_head`): the verdict gives its figure, and warns where its
+    answers are tool calls the eval (without tools:) never ran."""
+    from types import SimpleNamespace
+
+    from align.evaluation.generation import Answer
+    from align.evaluation.records import figures
+    from align.evaluation.verdicts import eval_verdict
+
+    stage = SimpleNamespace(tools=None, judges=[SimpleNamespace(name="exact_match")],
+                            generation=SimpleNamespace(seed=0))  # fmt: skip
+    call = Answer('<tool_call>\n{"name": "calculator"}\n</tool_call>', (1,), True)
+    answers = {"grpo": [[call], [Answer("7", (2,), True)]]}
+    scores = {"exact_match": {"grpo": [[0.0], [1.0]]}}
+    metrics = figures(stage, "grpo", {"grpo": "@grpo"}, [None, None], answers, scores, {})
+    assert metrics["models"]["grpo"]["unrun_tool_call_rate"] == 0.5
+    verdict = eval_verdict(metrics)
+    assert verdict["reasons"][0].startswith("only grpo was evaluated: mean exact_match 0.500 ["), verdict
+    assert verdict["warnings"] == ["grpo: 50% of its answers are a tool call (<tool_call>) that nothing ran: this "
+                                   "eval has no tools:, so the call is judged as the answer"]  # fmt: skip
+
+
+def test_a_grpo_stage_says_when_it_offers_none_of_the_tools_its_input_model_was_trained_to_call(
+    family_models, run_cli, tmp_path
+):
+    import shutil
+
+    from align.prompt_format import record_prompt_format
+
+    (tmp_path / "tools.py").write_text(TOOLS)
+    model = shutil.copytree(family_models["qwen2_5_wide"], tmp_path / "model")
+    record_prompt_format(model, "sft", "sft", "messages", [{"messages": [{"role": "user", "content": "x"}]}],
+                         tools={"tools": [{"type": "function", "function": {"name": "calculator"}}]})  # fmt: skip
+    stage = {**grpo_stage(family_models), "model": str(model), "tools": ["tools.py:add"]}
+    code, out, err = run_cli(write_yaml(tmp_path / "r.yaml", {"name": "t", "stages": [stage]}), "--dry-run")
+    assert code == 0, err
+    assert "input_tools: the input model was trained to call calculator, none of which this stage offers" in out
+
+
 def test_a_transcript_reads_as_calls_results_and_the_final_answer():
     """The report's (and the regressions') view of an answer reached through tools."""
     from align.report import transcripts_table
@@ -549,6 +598,10 @@ def test_chat_runs_the_tool_loop_and_shows_each_call(family_models, tmp_path, ca
     assert "error: --compare does not run tools yet" in capsys.readouterr().err
     assert chat_module.main([str(family_models["gpt2"]), "--prompt", "x", "--tools", "calculator"]) == 2
     assert "error: --tools: the" in capsys.readouterr().err
+    (tmp_path / "classes.py").write_text("class Shop:\n    pass\n")
+    assert chat_module.main([str(family_models["qwen2_5"]), "--prompt", "x", "--tools",
+                             str(tmp_path / "classes.py")]) == 2  # fmt: skip
+    assert "the file defines no public function to call" in capsys.readouterr().err
 
 
 def test_a_model_records_the_tools_it_was_trained_to_call_and_chat_runs_them(family_models, tmp_path, capsys,
@@ -697,6 +750,7 @@ def test_grpo_with_an_environment_trains_and_its_reward_is_shown_beside_the_rewa
     # held-out reward is it alone.
     assert 0 < held_out["before"] <= 1 and 0 < held_out["after"] <= 1, held_out
     assert summary["metrics"]["reward"] == pytest.approx(held_out["after"])
+    assert {"tool_call_rate", "calls_per_answer", "tool_failure_rate"} <= set(summary["metrics"])
 
 
 @pytest.mark.parametrize(
@@ -794,28 +848,32 @@ def test_the_builtin_multiplication_task_needs_its_tool_and_holds_each_pair_out_
     assert sum(t is not None for t in tools) == -(-len(tools) // SCHEMA_EVERY)
 
 
-# recipes/tools.yaml, short: fewer sft steps (enough for the call format), a few grpo steps, fewer eval prompts.
-SHORT_TOOLS = ["stages.sft.train.max_steps=80", "stages.sft.train.eval_steps=80", "stages.grpo.train.max_steps=4",
-               "stages.grpo.train.logging_steps=1", "stages.grpo.train.eval_steps=4", "stages.grpo.measure.prompts=4",
-               "stages.eval.max_prompts=24", "stages.in_its_head.max_prompts=24"]  # fmt: skip
+# recipes/tools.yaml, short: 150 sft steps (at 80 and at 110 the calls did not parse yet once the schema was in the
+# prompt; at 150 nearly all do, seed 0), a few grpo steps, fewer prompts everywhere. About two minutes: the cheapest
+# policy that calls tools is the one that learned to.
+SHORT_TOOLS = ["stages.sft.train.max_steps=150", "stages.sft.train.eval_steps=150", "stages.sft.data.max_eval_rows=16",
+               "stages.grpo.train.max_steps=3", "stages.grpo.train.logging_steps=1", "stages.grpo.train.eval_steps=3",
+               "stages.grpo.data.max_eval_rows=4", "stages.grpo.train.per_device_eval_batch_size=8",
+               "stages.grpo.measure.prompts=4", "stages.eval.max_prompts=24",
+               "stages.in_its_head.max_prompts=8"]  # fmt: skip
 
-FLAKY = '''
+FLAKY = """
+from align.tools import calculator as real
+
 CALLS = []
 
 
 def calculator(expression: str) -> str:
-    """Evaluate an arithmetic expression; return it with its value.
-
-    Args:
-        expression: The expression, e.g. "3 * 4".
-    """
     CALLS.append(expression)
     if len(CALLS) % 2 == 0:
         raise RuntimeError("the calculator is out of paper")
-    from align.tools import calculator as real
-
     return real(expression)
-'''
+
+
+# The builtin's docstring, so its schema in the prompt is the one the policy was trained on: a tiny model's calls
+# depend on the very words (with a shorter description it called no tool at all).
+calculator.__doc__ = real.__doc__
+"""
 
 
 @pytest.mark.slow
@@ -841,14 +899,17 @@ def test_the_shipped_tools_recipe_runs_short_and_a_real_policy_meets_a_tool_that
     assert "Transcripts: the first 5 prompts" in (out / "report.html").read_text()
     record = json.loads((out / "grpo" / "model" / "align_prompts.json").read_text())
     assert record["tool_entries"] == ["calculator"] and record["tools"][0]["function"]["name"] == "calculator"
+    # The sft model learned the calls from transcripts: their schemas are recorded, no function to run.
+    record = json.loads((out / "sft" / "model" / "align_prompts.json").read_text())
+    assert [t["function"]["name"] for t in record["tools"]] == ["calculator"] and "tool_entries" not in record
 
     (tmp_path / "flaky.py").write_text(FLAKY)
     stage = {"name": "grpo", "kind": "grpo", "model": str(out / "sft" / "model"), "generations": 0,
-             "data": {"card": "multiplication", "max_eval_rows": 8}, "tools": ["flaky.py:calculator"],
+             "data": {"card": "multiplication", "max_eval_rows": 4}, "tools": ["flaky.py:calculator"],
              "max_tool_calls": 1, "rewards": [{"function": "exact_match"}], "measure": {"prompts": 4, "samples": 1},
              "alarms": {"tool_failures": 0.3, "window": 2},
              "train": {"max_steps": 3, "num_generations": 4, "per_device_train_batch_size": 16,
-                       "per_device_eval_batch_size": 8, "max_completion_length": 96, "logging_steps": 1,
+                       "per_device_eval_batch_size": 4, "max_completion_length": 96, "logging_steps": 1,
                        "eval_steps": 3, "gradient_checkpointing": False}}  # fmt: skip
     recipe = write_yaml(tmp_path / "flaky.yaml", {"name": "flaky", "seed": 0, "stages": [stage]})
     code, _, err = run_cli(recipe, "--output-dir", tmp_path / "flaky_run")

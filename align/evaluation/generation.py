@@ -192,20 +192,26 @@ def generate_batched(
         )
 
     # 1. Render and tokenize every prompt; keep the end of those that do not fit.
-    encoded, truncated = [], []
+    encoded, truncated, longest = [], [], 0
     for index, prompt in enumerate(prompts):
         ids = prompt_ids(tokenizer, prompt, prompt_format, template_kwargs)
         if not ids:
             raise ValueError(f"prompt {index} renders to no tokens: there is nothing to answer")
         room = None if limit is None else limit - max_new_tokens
         truncated.append(room is not None and len(ids) > room)
+        longest = max(longest, len(ids))
         encoded.append(ids[-room:] if truncated[-1] else ids)
     if any(truncated):
         logger.warning(
-            "%d of %d prompts are longer than the model's positions allow with %d new tokens: their start was cut",
+            "%d of %d prompts are longer than the model's positions allow with %d new tokens: their start was cut "
+            "(where a system prompt or the tools' schemas are): the longest has %d tokens, the model %d positions; "
+            "ask for at most %d new tokens to keep it whole",
             sum(truncated),
             len(prompts),
             max_new_tokens,
+            longest,
+            limit,
+            max(1, limit - longest),
         )
 
     # 2. One row per prompt x sample (one per prompt when greedy), longest prompts first: rows of a batch then

@@ -48,6 +48,10 @@ def figures(
             entry.update({k: entry["win_rates"][judges[0]][k] for k in ("win_rate", "win_rate_ci", "lc_win_rate")})
         flat_answers = [a for samples in per for a in samples]
         entry.update(answer_statistics(flat_answers))
+        if not getattr(stage, "tools", None) and flat_answers:  # a tool call written where the eval runs none
+            unrun = sum("<tool_call>" in a.text for a in flat_answers) / len(flat_answers)
+            if unrun:
+                entry["unrun_tool_call_rate"] = unrun
         if any(a.turns is not None for a in flat_answers):
             from align.tools import tool_figures
 
@@ -90,8 +94,8 @@ def write_generations(
                     **({"reasoning": answer.reasoning, "thought_cut": answer.thought_cut}
                        if answer.reasoning is not None or answer.thought_cut else {}),
                     # An answer reached through tools: its calls, their results, and the count.
-                    **({"turns": answer.turns, "tool_calls": answer.tool_calls, "tool_failures": answer.tool_failures}
-                       if answer.turns is not None else {}),
+                    **({"turns": answer.turns, "tool_calls": answer.tool_calls, "tool_failures": answer.tool_failures,
+                        "failed_tools": answer.failed_tools} if answer.turns is not None else {}),
                 })  # fmt: skip
     write_text_atomic(path, "".join(json.dumps(line) + "\n" for line in lines))
     return lines

@@ -77,8 +77,15 @@ def eval_verdict(metrics: dict[str, Any]) -> dict[str, Any]:
     where any is better, else `no_difference`; one reason a model, worst first (`ranked_models`), so the headline
     that quotes the first never hides a model the baseline beat."""
     others = [(label, m["verdict"]) for label, m in ranked_models(metrics)]
-    if not others:
-        return {"status": "baseline", "reasons": ["only the baseline was evaluated"], "warnings": []}
+    if not others:  # one model: its own figures are the answer, with the warnings about it
+        label, model = next(iter(metrics["models"].items()), (None, {}))
+        judge = metrics.get("judge")
+        score, interval = (model.get("score_mean") or {}).get(judge), (model.get("score_ci") or {}).get(judge)
+        figure = (f": mean {judge} {score:.3f}" + (f" [{interval[0]:.3f}, {interval[1]:.3f}]" if interval else "")
+                  if isinstance(score, int | float) else "")  # fmt: skip
+        return {"status": "baseline", "reasons": [f"only {label} was evaluated{figure}" if label else
+                                                  "only the baseline was evaluated"],
+                "warnings": [f"{label}: {w}" for w in tool_warnings(model)] if label else []}  # fmt: skip
     reasons = [f"{label}: {v['reasons'][0]}" + ("" if len(others) == 1 else f" ({v['status']})")
                for label, v in others]  # fmt: skip
     warnings = [f"{label}: {w}" for label, v in others for w in v["warnings"]]
@@ -96,6 +103,11 @@ def eval_verdict(metrics: dict[str, Any]) -> dict[str, Any]:
 def tool_warnings(model: dict[str, Any]) -> list[str]:
     """What went wrong in a model's answers through tools (an eval stage's `tools:`), each with its numbers: no call
     at all, calls that failed (by tool), calls that did not parse, answers still calling when the cap ran out."""
+    if model.get("unrun_tool_call_rate"):  # answers written as tool calls where the eval runs none
+        return [
+            f"{model['unrun_tool_call_rate']:.0%} of its answers are a tool call (<tool_call>) that nothing ran: "
+            "this eval has no tools:, so the call is judged as the answer"
+        ]
     if "tool_call_rate" not in model:
         return []
     out = []

@@ -114,8 +114,10 @@ class OnlineKeys(TrainingStage):
         if self.max_tool_calls is not None and not self.tools and self.environment is None:
             problems.append(f"{where}.max_tool_calls: caps tool calls, and the stage has no `tools:` or `environment:`")
         if not self.rewards and self.environment is None:  # with one, the plan checks that it has get_reward()
-            problems.append(f"{where}.rewards: nothing scores the answers: give at least one entry, e.g. "
-                            "[{function: exact_match}]")  # fmt: skip
+            problems.append(
+                f"{where}.rewards: nothing scores the answers: give at least one entry, e.g. "
+                "[{function: exact_match}] (or, in grpo, an environment: whose class has get_reward())"
+            )
         for n, entry in enumerate(self.rewards):
             problems += reward_model_problems(entry.reward_model, f"{where}.rewards.{n}.reward_model", earlier)
         for n, judge in enumerate(self.monitor):
@@ -251,7 +253,9 @@ class OnlineKind(TrainingKind):
     def guards(self) -> list[Any]:
         from align.guards import HealthAlarms
 
-        self.health = HealthAlarms(self.stage.alarms, self.ctx.tracker, self.tool_calls if self.tools else None)
+        # The tool alarms watch TRL's figures, which count an environment's methods too (align names only `tools:`).
+        calls = self.tool_calls if self.tools or self.environment is not None else None
+        self.health = HealthAlarms(self.stage.alarms, self.ctx.tracker, calls)
         return [self.health, *([monitor_callback(self)] if self.monitors else [])]
 
     def measure(self, trainer: Any) -> HeldOut:
@@ -388,7 +392,7 @@ class OnlineKind(TrainingKind):
         if self.thinking is not None:
             for key in ("cut_thought_rate", "reasoning_length"):
                 metrics[f"{key}_before"], metrics[key] = measured_before.extra[key], measured_after.extra[key]
-        if self.tools:
+        if self.tools or self.environment is not None:
             for key in ("tool_call_rate", "calls_per_answer", "tool_failure_rate", "malformed_call_rate"):
                 metrics[f"{key}_before"], metrics[key] = measured_before.extra[key], measured_after.extra[key]
         if measured_after.extra["monitor"]:
@@ -554,6 +558,11 @@ def plan_tools(stage: Any, tokenizer: Any, data: Any, base_dir: Any, parts: Stag
         return
     schemas = [get_json_schema(fn) for fn in tools]
     parts.details["tools"] = ", ".join(tool_signature(schema) for schema in schemas)
+    trained = _input_tools(stage, base_dir)
+    if trained and not set(trained) & {fn.__name__ for fn in tools}:  # it will call tools it is not offered
+        parts.details["input_tools"] = (f"the input model was trained to call {', '.join(trained)}, none of which this "
+                                        "stage offers: its calls will fail until it learns the new names")  # fmt: skip
+        logger.warning("%s: %s", where, parts.details["input_tools"])
     if stage.max_tool_calls is not None:
         parts.fixed["max_tool_calling_iterations"] = Setting(stage.max_tool_calls, "recipe (max_tool_calls:)")
     if tokenizer is None:
@@ -699,6 +708,8 @@ def plan_online(
         rewards="; ".join(f"{e.name} (weight {e.weight:g})" for e in stage.rewards),
         reference="none (beta 0: no KL term)" if not value["beta"] else f"the input model (beta {value['beta']})",
         answers=f"{g} per prompt, up to {value['max_completion_length']} tokens each",
+        measure=f"at most {stage.measure.prompts} validation prompts x {stage.measure.samples} answers, sampled as "
+        "training samples, scored before and after training: the verdict's held-out reward",
     )
     if stage.monitor:
         parts.details["monitor"] = ", ".join(j.name for j in stage.monitor) + " (at each evaluation)"
@@ -718,6 +729,20 @@ def plan_online(
         parts.details["examples"] = [{"prompt": show_prompt(train[i]["prompt"])} for i in range(min(2, len(train)))]
         parts.count = lambda effective: batch_figures(effective, len(train) * g)
     return parts
+
+
+def _input_tools(stage: Any, base_dir: Any) -> list[str]:
+    """The tools a stage's input model records it was trained to call (a saved model's align_prompts.json); [] for
+    an earlier stage of the recipe or a hub model (not known before it runs)."""
+    from pathlib import Path
+
+    from align.prompt_format import read_prompt_format
+    from align.recipe import search_paths
+
+    if not isinstance(stage.model, str) or stage.model.startswith("@"):
+        return []
+    found = next((p for p in search_paths(stage.model, Path(base_dir)) if p.is_dir()), None)
+    return read_prompt_format(found).tool_names() if found is not None else []
 
 
 def online_plots(rows: list[dict[str, Any]]) -> list[tuple[str, str, str]]:

@@ -625,6 +625,12 @@ def generation_table(
 
 
 def show_prompt(prompt: Any) -> str:
+    """A prompt as a person reads it: a conversation one turn a line, an assistant's tool calls shown as calls."""
     if isinstance(prompt, list):
-        return "\n".join(f"{m['role']}: {m['content']}" for m in prompt)
+        lines = []
+        for m in prompt:
+            calls = [c.get("function", c) for c in m.get("tool_calls") or []]
+            shown = "; ".join(f"-> {f.get('name')}({f.get('arguments')})" for f in calls)
+            lines.append(f"{m['role']}: {m.get('content') or ''}{' ' if m.get('content') and shown else ''}{shown}")
+        return "\n".join(lines)
     return prompt

@@ -404,8 +404,10 @@ def eval_prompts(ds: Dataset, count: int) -> list[Any]:
     for row in ds.select(range(min(count, len(ds)))):
         if "prompt" in row:
             prompts.append(row["prompt"])
-        elif "messages" in row:
-            prompts.append(_before_last_assistant(row["messages"]))
+        elif "messages" in row:  # a transcript's tool-call arguments parsed, as training renders them
+            from align.families import parsed_arguments
+
+            prompts.append([parsed_arguments(m) for m in _before_last_assistant(row["messages"])])
         else:
             prompts.append(row["text"][:200])
     return prompts
