@@ -45,12 +45,13 @@ def main(argv: list[str] | None = None) -> int:
         proc = subprocess.run([sys.executable, str(HERE / script)], capture_output=True, text=True)
         spent.append(f"{script.removeprefix('bench_').removesuffix('.py')} {time.perf_counter() - script_started:.0f}")
         lines = [line for line in proc.stdout.splitlines() if line.strip()]
-        if lines:
-            results.append(lines[-1])
-        else:
+        # A script's figures: each line that ends in its verdict (one script may measure several cases), else its last.
+        found = [line for line in lines if line.rstrip().endswith((" ok", " MISSED"))] or lines[-1:]
+        if not found:
             reason = (proc.stderr.strip().splitlines() or ["no output"])[-1]
-            results.append(f"{script}: no result (exit {proc.returncode}: {reason}) MISSED")
-        print(results[-1], flush=True)
+            found = [f"{script}: no result (exit {proc.returncode}: {reason}) MISSED"]
+        results += found
+        print("\n".join(found), flush=True)
         ok = ok and proc.returncode == 0
     total = time.perf_counter() - started
     within = total <= 600

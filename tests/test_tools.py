@@ -708,6 +708,12 @@ class Undocumented:
         ({"environment": "env.py:NoReset"}, "stages.grpo.environment: env.py:NoReset has no reset method"),
         ({"environment": "env.py:Undocumented"}, "stages.grpo.environment: env.py:Undocumented.add: Cannot generate"),
         ({"kind": "rloo", "environment": "env.py:Counter"}, "stages.grpo.environment: TRL's RLOOTrainer takes no"),
+        # Nothing to score the answers: no rewards, and no environment or one without get_reward().
+        ({"rewards": [], "tools": ["tools.py:add"]}, "stages.grpo.rewards: nothing scores the answers"),
+        (
+            {"rewards": [], "environment": "env.py:NoReward", "tools": None},
+            "stages.grpo.environment: NoReward has no get_reward() and the stage no rewards",
+        ),
     ],  # fmt: skip
 )
 def test_bad_environments_stop_before_stage_one(family_models, run_cli, tmp_path, change, error):
@@ -751,23 +757,6 @@ def test_grpo_with_an_environment_trains_and_its_reward_is_shown_beside_the_rewa
     assert 0 < held_out["before"] <= 1 and 0 < held_out["after"] <= 1, held_out
     assert summary["metrics"]["reward"] == pytest.approx(held_out["after"])
     assert {"tool_call_rate", "calls_per_answer", "tool_failure_rate"} <= set(summary["metrics"])
-
-
-@pytest.mark.parametrize(
-    ("change", "error"),
-    [
-        ({"rewards": [], "tools": ["tools.py:add"]}, "stages.grpo.rewards: nothing scores the answers"),
-        ({"rewards": [], "environment": "env.py:NoReward", "tools": None},
-         "stages.grpo.environment: NoReward has no get_reward() and the stage no rewards"),
-    ],
-)  # fmt: skip
-def test_a_stage_with_nothing_to_score_it_stops_before_stage_one(family_models, run_cli, tmp_path, change, error):
-    (tmp_path / "tools.py").write_text(TOOLS)
-    (tmp_path / "env.py").write_text(ENVIRONMENT)
-    stage = {**grpo_stage(family_models), **change}
-    code, _, err = run_cli(write_yaml(tmp_path / "r.yaml", {"name": "t", "stages": [stage]}), "--output-dir",
-                           tmp_path / "run")  # fmt: skip
-    assert code == 2 and error in err, err
 
 
 SLOW_REWARD = '''
