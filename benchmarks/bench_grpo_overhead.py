@@ -30,8 +30,9 @@ TRAIN = {"max_steps": 12, "per_device_train_batch_size": 16, "per_device_eval_ba
          "gradient_checkpointing": False}  # fmt: skip
 # With tools: a Qwen-template policy that calls `calculator` (sft on the builtin transcripts first, untimed), answering
 # the multiplication prompts in at most one tool-calling turn; answers long enough to hold the call, result and answer.
-# 16 steps: the figure is a ratio of two ~20 s spans; at 8 steps two runs of one commit gave 0.92x and 1.13x.
-TOOLS_TRAIN = {**TRAIN, "max_steps": 16, "eval_steps": 16, "max_completion_length": 96,
+# A ratio of two ~10 s spans: two runs of one commit gave 0.92x and 1.13x (measured 2026-12-07), so one run's figure
+# is noisy; more steps would steady it at a minute more per run.
+TOOLS_TRAIN = {**TRAIN, "max_steps": 8, "eval_steps": 8, "max_completion_length": 96,
                "per_device_train_batch_size": 8, "per_device_eval_batch_size": 8, "num_generations": 4}  # fmt: skip
 TOOLS_MODEL = {"model_type": "qwen2", "vocab_size": 2048, "num_hidden_layers": 2, "hidden_size": 256,
                "intermediate_size": 512, "num_attention_heads": 8, "num_key_value_heads": 8,
