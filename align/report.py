@@ -550,8 +550,7 @@ def build_report(run_dir: Path) -> Path:
             where = html.escape(str(summary.get("model_dir") or "-"))
             section.append(f"<p class='saved'>saved model: step {saved[0]} ({html.escape(saved[1])}), in {where}</p>")
             loss, loss_before = metrics.get("eval_loss"), metrics.get("eval_loss_before")
-            known = registry.kinds().get(str(kind))
-            surrogate = bool(known is not None and getattr(known, "surrogate_loss", False))  # grpo's: not a fit
+            surrogate = _declares(entry, "surrogate_loss")  # grpo's loss is a policy-gradient surrogate, not a fit
             if isinstance(loss, int | float) and isinstance(loss_before, int | float) and loss > loss_before \
                     and not surrogate:  # fmt: skip
                 section.append(
