@@ -14,6 +14,14 @@ import yaml
 
 REPO = Path(__file__).resolve().parent.parent
 
+# Under pytest-xdist (pyproject.toml: `-n auto`), each worker's torch (and each process a test starts, which inherits
+# the variable) takes its share of the cores, not all of them each. Set before any test imports torch; a value the user
+# set is kept.
+if "PYTEST_XDIST_WORKER_COUNT" in os.environ:
+    os.environ.setdefault(
+        "OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"])))
+    )
+
 
 def pytest_configure(config: pytest.Config) -> None:
     """A plain `pytest` found on PATH outside the project's virtual environment (no torch there) runs the suite
@@ -142,6 +150,18 @@ def family_models(tmp_path_factory) -> dict[str, Path]:
     # Qwen 2.5 with 1024 positions: a prompt with tools' schemas is longer than the fixtures' 256.
     built["qwen2_5_wide"] = families.widened(built["qwen2_5"], root / "qwen2_5_wide", 1024)
     return {**built, **families.write_data(root / "data")}
+
+
+@pytest.fixture(scope="session")
+def caller(family_models) -> Path:
+    """Qwen 2.5's tiny model (1024 positions) taught to answer every prompt with `lookup(word="red")`, the tool of
+    `families.lookup_tool()` (tests/families.py: `caller`; about 5 s); sampled at temperature 0.5 it always calls."""
+    from tests import families
+
+    namespace: dict[str, Any] = {}
+    exec(families.lookup_tool(), namespace)
+    return families.caller(family_models["qwen2_5_wide"], family_models["qwen2_5_wide"].parent / "caller",
+                           namespace["lookup"], {"word": "red"})  # fmt: skip
 
 
 @pytest.fixture(scope="session", autouse=True)

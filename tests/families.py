@@ -190,3 +190,69 @@ def widened(model: Path, directory: Path, positions: int) -> Path:
     config = json.loads((directory / "config.json").read_text())
     (directory / "config.json").write_text(json.dumps({**config, "max_position_embeddings": positions}))
     return directory
+
+
+# A tool the `caller` below is taught to call; `lookup_tool(raises=True)` raises in every other call (the count lives
+# in the module a stage imports from the recipe's folder). One schema either way: the caller's calls follow its text.
+LOOKUP = '''
+CALLS = []
+
+
+def lookup(word: str) -> str:
+    """Look a word up in the dictionary.
+
+    Args:
+        word: The word to look up.
+    """
+    CALLS.append(word)
+    if {raises} and len(CALLS) % 2 == 0:
+        raise RuntimeError("the dictionary is out of pages")
+    return word.upper()
+'''
+
+
+def lookup_tool(raises: bool = False) -> str:
+    """The source of a module holding `lookup`, to write beside a recipe."""
+    return LOOKUP.format(raises=raises)
+
+
+def caller(model: Path, directory: Path, tool: Any, arguments: dict[str, Any], steps: int = 100) -> Path:
+    """A copy of a built model taught, in about 5 s, to answer every prompt with one call of `tool` (a Python function;
+    its schema in the prompt as TRL renders it) with `arguments`: a real policy that calls, for tests of what happens
+    to the calls (a tool that raises), where learning when to call is not the point. Only the assistant turn as the
+    family's template writes it is trained. 100 steps: sampled at temperature 0.5 every answer to 40 unseen prompts
+    was the call (at 1.0, 30 of 40 after 120 steps; measured 2026-12-07)."""
+    import shutil
+
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    shutil.copytree(model, directory)
+    tokenizer = AutoTokenizer.from_pretrained(directory)
+    call = {"type": "function", "function": {"name": tool.__name__, "arguments": arguments}}
+    rows = []
+    for row in prompts(n=40, seed=5):  # not the fixture's own prompts: the stage answers prompts it never saw
+        head = tokenizer.apply_chat_template(row["prompt"], tools=[tool], add_generation_prompt=True, tokenize=False)
+        answer = {"role": "assistant", "content": "", "tool_calls": [call]}
+        whole = tokenizer.apply_chat_template([*row["prompt"], answer], tools=[tool], tokenize=False)
+        assert whole.startswith(head), "the template is not prefix-preserving"
+        ids = tokenizer(head, add_special_tokens=False)["input_ids"]
+        target = tokenizer(whole[len(head) :].rstrip("\n"), add_special_tokens=False)["input_ids"]
+        rows.append((ids + target, [-100] * len(ids) + target))
+    torch.manual_seed(0)
+    policy = AutoModelForCausalLM.from_pretrained(directory)
+    optimizer = torch.optim.AdamW(policy.parameters(), lr=1e-2)
+    width = max(len(ids) for ids, _ in rows)
+    pad = tokenizer.pad_token_id
+    batch_ids = torch.tensor([ids + [pad] * (width - len(ids)) for ids, _ in rows])
+    labels = torch.tensor([lab + [-100] * (width - len(lab)) for _, lab in rows])
+    mask = (torch.arange(width) < torch.tensor([len(ids) for ids, _ in rows])[:, None]).long()
+    policy.train()
+    for step in range(steps):
+        picked = torch.arange(8) + 8 * (step % 5)
+        loss = policy(input_ids=batch_ids[picked], attention_mask=mask[picked], labels=labels[picked]).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    policy.save_pretrained(directory, safe_serialization=True)
+    return directory

@@ -19,6 +19,7 @@ from typing import Any
 
 import pytest
 
+from tests import families
 from tests.conftest import TINY_MODEL, write_yaml
 
 TOLERANCE = 1e-5
@@ -591,24 +592,15 @@ TOOL_REWARDS = '''
 def near(prompts, completions, answer, **kwargs):
     """Dense: the closer the last turn's length in characters to the answer's number, the higher."""
     return [1.0 / (1 + abs(len(c[-1]["content"]) - int(a))) for c, a in zip(completions, answer)]
-
-
-def add(a: int, b: int) -> int:
-    """Add two integers.
-
-    Args:
-        a: The first.
-        b: The second.
-    """
-    return a + b
 '''
 
 
 @pytest.mark.slow
-def test_grpo_with_tools_matches_the_bare_trainer_reward_for_reward_and_weight_for_weight(world, family_models):
+def test_grpo_with_tools_matches_the_bare_trainer_reward_for_reward_and_weight_for_weight(world, caller):
     """align's grpo with `tools:` against `GRPOTrainer(tools=...)` on Qwen 2.5 (a template TRL parses tool calls of),
     message-list prompts, the same reward and settings: the mean reward at every logged step and the final weights
-    agree (the tools' schemas are in every prompt on both sides; TRL's loop runs the calls on both)."""
+    agree. The policy calls its tool in every answer (the `caller` fixture), so TRL's loop runs the calls on both
+    sides, and the reward reads the answer written after the tool's result."""
     import importlib.util
 
     import trl
@@ -620,14 +612,13 @@ def test_grpo_with_tools_matches_the_bare_trainer_reward_for_reward_and_weight_f
 
     root = world["root"] / "tools"
     root.mkdir(parents=True, exist_ok=True)
-    (root / "rewards.py").write_text(TOOL_REWARDS)
-    rows = [{"prompt": [{"role": "user", "content": f"What is {a} + {b}?"}], "answer": str(a + b)}
-            for a in range(6) for b in range(6)]  # fmt: skip
+    (root / "rewards.py").write_text(TOOL_REWARDS + families.lookup_tool())
+    # The fixture's words, which the caller calls on; the reward's target lengths vary, so the groups' rewards do.
+    rows = [{**row, "answer": str(4 + i % 6)} for i, row in enumerate(families.prompts(n=36, seed=7))]
     files = {"train": write_jsonl(root / "train.jsonl", rows[:28]),
              "validation": write_jsonl(root / "valid.jsonl", rows[28:])}  # fmt: skip
-    settings = {**GRPO_SETTINGS, "max_completion_length": 8}
-    stage = {"name": "grpo", "kind": "grpo", "model": str(family_models["qwen2_5_wide"]), "tools": ["rewards.py:add"],
-             "max_tool_calls": 2,
+    settings = {**GRPO_SETTINGS, "max_completion_length": 48, "temperature": 0.5}  # where the caller always calls
+    stage = {"name": "grpo", "kind": "grpo", "model": str(caller), "tools": ["rewards.py:lookup"], "max_tool_calls": 1,
              "data": {"source": {"files": {"train": [files["train"]], "validation": [files["validation"]]}},
                       "format": "prompt_only", "splits": {"validation": "validation"}},
              "rewards": [{"function": "rewards.py:near"}], "train": dict(settings)}  # fmt: skip
@@ -641,15 +632,16 @@ def test_grpo_with_tools_matches_the_bare_trainer_reward_for_reward_and_weight_f
     spec = importlib.util.spec_from_file_location("bare_tool_rewards", root / "rewards.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    config = trl.GRPOConfig(output_dir=str(root / "bare"), seed=SEED, report_to="none", max_tool_calling_iterations=2,
+    config = trl.GRPOConfig(output_dir=str(root / "bare"), seed=SEED, report_to="none", max_tool_calling_iterations=1,
                             **{**ALIGN_DEFAULTS, **settings, "disable_dropout": True})  # fmt: skip
     trainer = trl.GRPOTrainer(
-        model=AutoModelForCausalLM.from_pretrained(family_models["qwen2_5_wide"]), reward_funcs=[module.near],
+        model=AutoModelForCausalLM.from_pretrained(caller), reward_funcs=[module.near],
         args=config, train_dataset=load_dataset("json", data_files=files)["train"],
-        eval_dataset=load_dataset("json", data_files=files)["validation"], tools=[module.add],
-        processing_class=AutoTokenizer.from_pretrained(family_models["qwen2_5_wide"]),
+        eval_dataset=load_dataset("json", data_files=files)["validation"], tools=[module.lookup],
+        processing_class=AutoTokenizer.from_pretrained(caller),
     )  # fmt: skip
     trainer.train()
     bare = {r["step"]: r["reward"] for r in trainer.state.log_history if "reward" in r and "eval_reward" not in r}
     assert_same_steps_and_weights(aligned, bare, settings["max_steps"], out / "grpo", trainer, "reward")
-    assert any("tools/call_frequency" in r for r in logged)
+    calls = [r["tools/call_frequency"] for r in logged if r["split"] == "train" and "tools/call_frequency" in r]
+    assert len(calls) == settings["max_steps"] and min(calls) >= 0.75, calls  # the tool ran at every step
