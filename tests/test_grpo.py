@@ -261,6 +261,9 @@ def test_the_eval_stage_judges_by_a_reward_function_on_prompt_only_rows_with_an_
                "judges": [{"function": "exact_match"}, {"function": "rewards.py:near"}]}]  # fmt: skip
     stages[0]["train"] = {**TRAIN, "max_steps": 1}
     path = write_yaml(folder / "judged.yaml", recipe(stages))
+    # The plan says what the judges read (it said "0 with a reference answer": only the reference judge reads one)
+    code, out, err = run_cli(path, "--dry-run", "--output-dir", folder / "judged")
+    assert code == 0 and "prompts: 20 (of 64 rows; the function judges get answer, topic)" in out, out
     code, out, err = run_cli(path, "--output-dir", folder / "judged")
     assert code == 0, err
     models = summary(folder / "judged", "eval")["metrics"]["models"]

@@ -523,21 +523,49 @@ def test_one_model_evaluated_without_tools_says_its_score_and_the_calls_nothing_
                                    "eval has no tools:, so the call is judged as the answer"]  # fmt: skip
 
 
-def test_a_grpo_stage_says_when_it_offers_none_of_the_tools_its_input_model_was_trained_to_call(
-    family_models, run_cli, tmp_path
+def _add_schema(**change: Any) -> dict[str, Any]:
+    from transformers.utils import get_json_schema
+
+    namespace: dict[str, Any] = {}
+    exec(TOOLS, namespace)
+    schema = get_json_schema(namespace["add"])
+    return {**schema, "function": {**schema["function"], **change}}
+
+
+@pytest.mark.parametrize(
+    ("change", "said"),
+    [
+        (None, "input_tools: the input model was trained to call calculator, none of which this stage offers"),
+        ({"description": "Sum two integers."},
+         "input_tools: add's description differs, from the schema the input model was trained on: its calls follow "
+         "the schema it learned, and a small model may stop calling"),
+        ({"description": "Sum.", "parameters": {"type": "object", "properties": {}}},
+         "input_tools: add's description and parameters differ, from the schema"),
+        ({}, None),  # the very schema it learned: nothing to say
+    ],
+    ids=["other_names", "description", "both", "same"],
+)  # fmt: skip
+def test_a_grpo_stage_says_when_its_tools_are_not_those_its_input_model_was_trained_to_call(
+    family_models, run_cli, tmp_path, change, said
 ):
+    """The input model's record (align_prompts.json) against the stage's `tools:`: none of the names it learned, or
+    a tool of the same name whose schema (the text in every prompt) is not the one it learned."""
     import shutil
 
     from align.prompt_format import record_prompt_format
 
     (tmp_path / "tools.py").write_text(TOOLS)
     model = shutil.copytree(family_models["qwen2_5_wide"], tmp_path / "model")
+    recorded = [{"type": "function", "function": {"name": "calculator"}}] if change is None else [_add_schema(**change)]
     record_prompt_format(model, "sft", "sft", "messages", [{"messages": [{"role": "user", "content": "x"}]}],
-                         tools={"tools": [{"type": "function", "function": {"name": "calculator"}}]})  # fmt: skip
+                         tools={"tools": recorded})  # fmt: skip
     stage = {**grpo_stage(family_models), "model": str(model), "tools": ["tools.py:add"]}
     code, out, err = run_cli(write_yaml(tmp_path / "r.yaml", {"name": "t", "stages": [stage]}), "--dry-run")
     assert code == 0, err
-    assert "input_tools: the input model was trained to call calculator, none of which this stage offers" in out
+    if said is None:
+        assert "input_tools:" not in out, out
+    else:
+        assert said in out, out
 
 
 def test_a_transcript_reads_as_calls_results_and_the_final_answer():

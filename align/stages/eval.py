@@ -336,7 +336,13 @@ def plan_eval(
     if data is not None:
         rows = eval_rows(data["test"], spec.format, stage.max_prompts)
         with_reference = sum(r.reference is not None for r in rows)
-        details["prompts"] = f"{len(rows)} (of {len(data['test'])} rows; {with_reference} with a reference answer)"
+        # What the judges read beside the answer: the reference judge a reference answer, a function judge the
+        # row's columns (exact_match its `answer`).
+        given = [f"{with_reference} with a reference answer"] if any(j.reference for j in stage.judges) else []
+        columns = sorted({k for r in rows for k in r.columns if k != "tools"})
+        if columns and any(j.function is not None for j in stage.judges):
+            given.append(f"the function judges get {', '.join(columns)}")
+        details["prompts"] = f"{len(rows)} (of {len(data['test'])} rows{''.join('; ' + g for g in given)})"
         problems += check_functions(
             stage.judges, [{"prompt": r.prompt, **r.columns} for r in rows[:2]], recipe.base_dir, f"{where}.judges"
         )

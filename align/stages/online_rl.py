@@ -562,6 +562,13 @@ def plan_tools(stage: Any, tokenizer: Any, data: Any, base_dir: Any, parts: Stag
     if trained and not set(trained) & {fn.__name__ for fn in tools}:  # it will call tools it is not offered
         parts.details["input_tools"] = (f"the input model was trained to call {', '.join(trained)}, none of which this "
                                         "stage offers: its calls will fail until it learns the new names")  # fmt: skip
+    elif changed := schema_changes(trained, schemas):
+        # A small policy's calls follow the very text it learned: a calculator whose docstring was shortened got no
+        # call at all from the recipe's sft model, where the builtin's got 88-94% (docs/tools.md).
+        parts.details["input_tools"] = (f"{'; '.join(changed)}, from the schema the input model was trained on: its "
+                                        "calls follow the schema it learned, and a small model may stop calling; "
+                                        "offer the same function, or expect to retrain the calls")  # fmt: skip
+    if "input_tools" in parts.details:
         logger.warning("%s: %s", where, parts.details["input_tools"])
     if stage.max_tool_calls is not None:
         parts.fixed["max_tool_calling_iterations"] = Setting(stage.max_tool_calls, "recipe (max_tool_calls:)")
@@ -731,18 +738,35 @@ def plan_online(
     return parts
 
 
-def _input_tools(stage: Any, base_dir: Any) -> list[str]:
-    """The tools a stage's input model records it was trained to call (a saved model's align_prompts.json); [] for
-    an earlier stage of the recipe or a hub model (not known before it runs)."""
+def schema_changes(trained: dict[str, dict[str, Any]], schemas: list[dict[str, Any]]) -> list[str]:
+    """What differs, tool by tool, between the schemas a stage offers and those of the same names its input model
+    was trained on: `calculator's description differs` (or parameters, or both)."""
+    changes = []
+    for schema in schemas:
+        offered = schema.get("function", schema)
+        before = trained.get(offered.get("name"))
+        if before is None:
+            continue
+        before = before.get("function", before)
+        parts = [key for key in ("description", "parameters") if before.get(key) != offered.get(key)]
+        if parts:
+            changes.append(f"{offered.get('name')}'s {' and '.join(parts)} differ{'s' if len(parts) == 1 else ''}")
+    return changes
+
+
+def _input_tools(stage: Any, base_dir: Any) -> dict[str, dict[str, Any]]:
+    """The tools a stage's input model records it was trained to call (a saved model's align_prompts.json), their
+    schemas by name; {} for an earlier stage of the recipe or a hub model (not known before it runs)."""
     from pathlib import Path
 
     from align.prompt_format import read_prompt_format
     from align.recipe import search_paths
 
     if not isinstance(stage.model, str) or stage.model.startswith("@"):
-        return []
+        return {}
     found = next((p for p in search_paths(stage.model, Path(base_dir)) if p.is_dir()), None)
-    return read_prompt_format(found).tool_names() if found is not None else []
+    recorded = read_prompt_format(found).tools or () if found is not None else ()
+    return {t.get("function", t).get("name", "?"): t for t in recorded}
 
 
 def online_plots(rows: list[dict[str, Any]]) -> list[tuple[str, str, str]]:
