@@ -1,15 +1,16 @@
 """Online RL overhead: align's grpo stage against bare TRL GRPOTrainer on identical work; per-step ratio <= 1.05.
 
 Two cases. Plain: the same saved model (the quickstart's GPT-2 shape), same prompts (the builtin arithmetic task
-written to JSONL), the same reward (align's `exact_match`) and `train:` settings and seed. With tools: a Qwen-template
-policy that calls align's builtin `calculator` (from a short sft on the multiplication transcripts), the multiplication
-prompts, `tools: [calculator]` and `max_tool_calls: 1` on align's side, `GRPOTrainer(tools=[calculator])` and
-`max_tool_calling_iterations=1` on the bare side. align runs the one-stage recipe as a user would
-(`python -m align.run`), with everything it adds to each step: the guarded reward wrapper, the health alarms, the
-metrics writer and the numeric guard. The figure is the Trainer's own `train_runtime` over its steps on each side:
-a step's cost. align's held-out measure before and after training is work bare TRL does not do, and is not in it
-(the whole process's ratio is printed beside it). 3 rounds in rotating order, medians. The mean reward of every
-logged step must match too, or the two sides did not do the same work.
+written to JSONL), the same reward (align's `exact_match`) and `train:` settings and seed. With tools: a policy that
+calls a tool in every answer (the tests' tiny Qwen 2.5 `caller`, tests/families.py, taught one `lookup` call in
+about 5 s), `tools: [tools.py:lookup]` and `max_tool_calls: 1` on align's side, `GRPOTrainer(tools=[lookup])` and
+`max_tool_calling_iterations=1` on the bare side, and a dense reward on the answer written after the tool's result.
+align runs the one-stage recipe as a user would (`python -m align.run`), with everything it adds to each step: the
+guarded reward wrapper, the counted tools, the health alarms, the metrics writer and the numeric guard. The figure
+is the Trainer's own `train_runtime` over its steps on each side: a step's cost. align's held-out measure before and
+after training is work bare TRL does not do, and is not in it (the whole process's ratio is printed beside it).
+Rounds in rotating order, medians. The mean reward of every logged step must match too, or the two sides did not do
+the same work.
 """
 
 from __future__ import annotations
@@ -28,22 +29,24 @@ ROUNDS = 3
 TRAIN = {"max_steps": 12, "per_device_train_batch_size": 16, "per_device_eval_batch_size": 16, "num_generations": 8,
          "max_completion_length": 8, "learning_rate": 1.0e-4, "logging_steps": 2, "eval_steps": 12,
          "gradient_checkpointing": False}  # fmt: skip
-# With tools: a Qwen-template policy that calls `calculator` (sft on the builtin transcripts first, untimed), answering
-# the multiplication prompts in at most one tool-calling turn; answers long enough to hold the call, result and answer.
-# A ratio of two ~10 s spans: two runs of one commit gave 0.92x and 1.13x (measured 2026-12-07), so one run's figure
-# is noisy; more steps would steady it at a minute more per run.
-TOOLS_TRAIN = {**TRAIN, "max_steps": 8, "eval_steps": 8, "max_completion_length": 96,
+# With tools: the policy's 2-layer, 32-wide model makes a step mostly TRL's tool loop and align's per-step work (the
+# worst case for a ratio); sampled at 0.5, where its calls parse every time. A ratio of two spans of a few seconds
+# each: more rounds than the plain case (one run of 8 steps and 3 rounds gave 0.92x and 1.13x on one commit).
+TOOLS_ROUNDS = 5
+TOOLS_TRAIN = {**TRAIN, "max_steps": 24, "eval_steps": 24, "max_completion_length": 48, "temperature": 0.5,
                "per_device_train_batch_size": 8, "per_device_eval_batch_size": 8, "num_generations": 4}  # fmt: skip
-TOOLS_MODEL = {"model_type": "qwen2", "vocab_size": 2048, "num_hidden_layers": 2, "hidden_size": 256,
-               "intermediate_size": 512, "num_attention_heads": 8, "num_key_value_heads": 8,
-               "max_position_embeddings": 512, "tie_word_embeddings": True}  # recipes/tools.yaml's  # fmt: skip
+NEAR = '''
+def near(prompts, completions, answer, **kwargs):
+    """Dense: the closer the answer after the tool's result is to the target length in characters, the higher."""
+    return [1.0 / (1 + abs(len(c[-1]["content"]) - int(a))) for c, a in zip(completions, answer)]
+'''
 
 
 def main() -> int:
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)
-        plain = compare(tmp / "plain", *arithmetic_case(tmp / "plain"), TRAIN, tools=None)
-        with_tools = compare(tmp / "tools", *tools_case(tmp / "tools"), TOOLS_TRAIN, tools=["calculator"])
+        plain = compare(tmp / "plain", *arithmetic_case(tmp / "plain"), TRAIN, ROUNDS)
+        with_tools = compare(tmp / "tools", *tools_case(tmp / "tools"), TOOLS_TRAIN, TOOLS_ROUNDS)
     ok = True
     cases = {"grpo overhead": plain, "grpo overhead with tools": with_tools}
     for name, (ratio, same, step, wall, extra) in cases.items():
@@ -59,14 +62,15 @@ def main() -> int:
 
 
 def arithmetic_case(tmp: Path) -> tuple[Path, Path, Path, dict[str, Any]]:
-    """The quickstart's GPT-2 shape on the builtin arithmetic prompts: (model, train file, validation file, data)."""
+    """The quickstart's GPT-2 shape on the builtin arithmetic prompts: (model, train file, validation file, what the
+    stage adds: its reward)."""
     from align.builtin import arithmetic
 
     splits = arithmetic()
     train_file, valid_file = prompt_files(tmp, splits)
     texts = [p + " " + a for p, a in zip(splits["train"]["prompt"], splits["train"]["answer"], strict=True)]
     model_dir = save_small_model(tmp / "model", texts)
-    return model_dir, train_file, valid_file, {}
+    return model_dir, train_file, valid_file, {"rewards": [{"function": "exact_match"}]}
 
 
 def prompt_files(tmp: Path, splits: dict[str, Any]) -> tuple[Path, Path]:
@@ -79,24 +83,21 @@ def prompt_files(tmp: Path, splits: dict[str, Any]) -> tuple[Path, Path]:
 
 
 def tools_case(tmp: Path) -> tuple[Path, Path, Path, dict[str, Any]]:
-    """A policy that calls tools: align's sft on the builtin multiplication transcripts (recipes/tools.yaml's Qwen 2
-    shape built from scratch, `chat_template: qwen2_5`), 150 steps, untimed; the multiplication prompts to answer
-    with `calculator`."""
-    from align.builtin import multiplication
+    """The tests' tiny Qwen 2.5 taught to call `lookup` in every answer (tests/families.py: `caller`), the fixture
+    prompts with a target length for the dense reward, and `tools.py` (the tool and the reward) beside the recipe."""
+    sys.path.insert(0, str(REPO))
+    from tests import families
 
-    train_file, valid_file = prompt_files(tmp, multiplication())
-    recipe = {"name": "tool_policy", "seed": 42, "tracking": {"wandb": {"mode": "disabled"}}, "stages": [{
-        "name": "sft", "kind": "sft", "model": TOOLS_MODEL, "chat_template": "qwen2_5",
-        "data": {"card": "multiplication", "format": "messages", "columns": {"messages": "messages", "tools": "tools"},
-                 "max_eval_rows": 16},
-        "train": {"max_steps": 150, "per_device_train_batch_size": 16, "learning_rate": 3.0e-3, "warmup_steps": 30,
-                  "lr_scheduler_type": "constant_with_warmup", "eval_steps": 150, "logging_steps": 50,
-                  "gradient_checkpointing": False},
-    }]}  # fmt: skip
-    recipe_path = tmp / "policy.yaml"
-    recipe_path.write_text(yaml.safe_dump(recipe, sort_keys=False))
-    timed(align_cmd(recipe_path, tmp / "policy"))
-    return tmp / "policy" / "sft" / "model", train_file, valid_file, {"max_tool_calls": 1}
+    tmp.mkdir()
+    namespace: dict[str, Any] = {}
+    exec(families.lookup_tool(), namespace)
+    built = families.widened(families.build("qwen2_5", tmp / "qwen2_5"), tmp / "qwen2_5_wide", 1024)
+    policy = families.caller(built, tmp / "policy", namespace["lookup"], {"word": "red"})
+    (tmp / "tools.py").write_text(families.lookup_tool() + NEAR)
+    rows = [{**row, "answer": str(4 + i % 6)} for i, row in enumerate(families.prompts(n=216, seed=7))]
+    train, valid = write_jsonl(tmp / "train.jsonl", rows[:200]), write_jsonl(tmp / "valid.jsonl", rows[200:])
+    return policy, train, valid, {"rewards": [{"function": "tools.py:near"}], "tools": ["tools.py:lookup"],
+                                  "max_tool_calls": 1}  # fmt: skip
 
 
 def compare(
@@ -106,9 +107,9 @@ def compare(
     valid_file: Path,
     stage_extra: dict[str, Any],
     train: dict[str, Any],
-    tools: list[str] | None,
+    rounds: int,
 ) -> tuple[float, bool, dict, dict, str]:
-    """align's one-stage grpo recipe against the bare trainer, ROUNDS each in alternating order: (per-step ratio,
+    """align's one-stage grpo recipe against the bare trainer, `rounds` each in alternating order: (per-step ratio,
     whether the logged rewards match, median seconds a step and whole process per side, the tool figures)."""
     recipe = {
         "name": "grpo_overhead", "seed": 42, "tracking": {"wandb": {"mode": "disabled"}},
@@ -116,21 +117,24 @@ def compare(
             "name": "grpo", "kind": "grpo", "model": str(model_dir), "generations": 0,
             "data": {"source": {"files": {"train": [str(train_file)], "validation": [str(valid_file)]}},
                      "format": "prompt_only", "splits": {"train": "train", "validation": "validation"}},
-            "rewards": [{"function": "exact_match"}], "measure": {"prompts": 2, "samples": 1},
-            **({"tools": tools} if tools else {}), **stage_extra, "train": train,
+            "measure": {"prompts": 2, "samples": 1}, **stage_extra, "train": train,
         }],
     }  # fmt: skip
     recipe_path = tmp / "recipe.yaml"
     recipe_path.write_text(yaml.safe_dump(recipe, sort_keys=False))
+    tools = stage_extra.get("tools")
     settings = {**train, **({"max_tool_calling_iterations": stage_extra["max_tool_calls"]} if tools else {})}
+    # The bare side takes the same entries, a file's resolved beside the recipe as align resolves it.
+    entries = [str(tmp / e) if ".py:" in e else e for e in [stage_extra["rewards"][0]["function"], *(tools or [])]]
     baseline = [sys.executable, str(REPO / "benchmarks/baseline_trl_grpo.py"), str(model_dir), str(train_file),
-                str(valid_file), str(tmp / "bare"), json.dumps(settings), ",".join(tools or [])]  # fmt: skip
+                str(valid_file), str(tmp / "bare"), json.dumps(settings), ",".join(entries[1:]),
+                entries[0]]  # fmt: skip
     sides = {"bare": (baseline, {"WANDB_MODE": "disabled"}), "align": (align_cmd(recipe_path, tmp / "align"), {})}
     per_step: dict[str, list[float]] = {side: [] for side in sides}
     whole: dict[str, list[float]] = {side: [] for side in sides}
     rewards: dict[str, list[float]] = {}
     extra = ""
-    for i in range(ROUNDS):
+    for i in range(rounds):
         for side in list(sides)[i % 2 :] + list(sides)[: i % 2]:  # the order alternates: a drift hits both
             cmd, env = sides[side]
             wall, proc = timed(cmd, env)
