@@ -47,6 +47,15 @@ def shipped_templates() -> dict[str, Path]:
     return {p.stem: p for p in sorted(folder.glob("*.jinja")) if not p.stem.endswith("_training")}
 
 
+def shipped_name(template: str | None) -> str | None:
+    """The name of the template TRL ships that `template` is, character for character (a model's own, or the one an
+    earlier stage's `chat_template:` gave it); None for any other."""
+    if not isinstance(template, str):
+        return None
+    return next((name for name, path in shipped_templates().items() if path.read_text(encoding="utf-8") == template),
+                None)  # fmt: skip
+
+
 def read_template(value: str, where: str) -> str:
     """The template text a stage's `chat_template:` names: a template TRL ships (by name) or a `.jinja` file.
 
@@ -400,7 +409,8 @@ def describe_template(stage: Any, tokenizer: PreTrainedTokenizerBase, marks: boo
     template does (end of turn, injected system prompt, pinned date)."""
     choice = getattr(stage, "chat_template", None) or "own"
     if choice == "own":
-        label = "align's default (### role: headers)" if default else "own"
+        same = shipped_name(getattr(tokenizer, "chat_template", None))
+        label = "align's default (### role: headers)" if default else f"own (TRL's {same})" if same else "own"
     else:
         label = f"{choice} (TRL {trl_version()}'s)" if not choice.endswith(".jinja") else choice
     if marks is not None:

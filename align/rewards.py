@@ -241,7 +241,9 @@ def load_callable(name: str, base_dir: Path, where: str) -> Callable[..., Any]:
     found = getattr(module, attribute, None)
     if not callable(found):
         names = [n for n in vars(module) if callable(getattr(module, n)) and not n.startswith("_")]
-        raise BadInput(f"{where}: {source} has no function {attribute!r} (it has: {', '.join(names) or '-'})")
+        near = closest(attribute, names)
+        raise BadInput(f"{where}: {source} has no function {attribute!r} (it has: {', '.join(names) or '-'})",
+                       hint=f"did you mean {source}:{near}?" if near else None)  # fmt: skip
     return found
 
 
@@ -272,7 +274,9 @@ def load_module(source: str, base_dir: Path, where: str) -> Any:
     path = next((p for p in search_paths(source, base_dir) if p.is_file()), None)
     if path is None:
         places = " or ".join(str(p) for p in search_paths(source, base_dir))
-        raise BadInput(f"{where}: no file {source} (looked in {places})")
+        raise BadInput(f"{where}: no file {source} (looked in {places})",
+                       hint="a file's path is read from the recipe's folder, then the working directory; give it "
+                       "from there, or absolute")  # fmt: skip
     spec = importlib.util.spec_from_file_location(f"align_reward_{path.stem}", path)
     module = importlib.util.module_from_spec(spec)
     try:

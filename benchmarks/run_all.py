@@ -23,6 +23,9 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "RESULTS.md"
+# The whole run on 2 idle cores: short enough to run every session. 600 s until grpo overhead measured a case with
+# tools (5 rounds of two processes, about 170 s more: the run of 2026-12-07 took 658 s).
+BUDGET = 720
 LIBRARIES = ("torch", "transformers", "trl", "datasets", "peft", "accelerate")
 SCRIPTS = [
     "bench_startup.py",
@@ -54,9 +57,9 @@ def main(argv: list[str] | None = None) -> int:
         print("\n".join(found), flush=True)
         ok = ok and proc.returncode == 0
     total = time.perf_counter() - started
-    within = total <= 600
+    within = total <= BUDGET
     verdict = "ok" if within else "MISSED"
-    print(f"all benchmarks: {total:.0f} s ({', '.join(spent)} s) (target <= 600 s on 2 cores) {verdict}")
+    print(f"all benchmarks: {total:.0f} s ({', '.join(spent)} s) (target <= {BUDGET} s on 2 cores) {verdict}")
     args.results.write_text(results_page(results, total, ok and within))
     print(f"wrote {args.results}")
     return 0 if ok and within else 1

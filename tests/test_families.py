@@ -108,6 +108,8 @@ def test_sft_plans_say_each_family_trains_assistant_turns_and_what_its_template_
         eot = families.FAMILIES["llama3" if name == "llama3_2" else name].eot
         assert f"end of turn {eot}" in plan
     assert "align's default (### role: headers)" in plans["sft_gpt2"]
+    # A model's own template that is one TRL ships is named (an earlier stage's `chat_template:` reads as one here).
+    assert "chat_template: own (TRL's qwen2_5); " in plans["sft_qwen2_5"], plans["sft_qwen2_5"]
     assert "(writes when the data has none: 'You are Qwen, created by Alibaba Cloud" in plans["sft_qwen2_5"]
     assert "(always writes: 'Cutting Knowledge Date: December 2023 Today Date: 26 Jul 2024')" in plans["sft_llama3_2"]
     assert "date pinned to 26 Jul 2024" in plans["sft_llama3_2"]

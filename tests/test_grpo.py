@@ -273,6 +273,10 @@ def test_the_eval_stage_judges_by_a_reward_function_on_prompt_only_rows_with_an_
         assert 0.0 < models[label]["score_mean"]["rewards.py:near"] <= 1.0, "near read the `answer` column"
     lines = [json.loads(line) for line in (folder / "judged" / "eval" / "generations.jsonl").read_text().splitlines()]
     assert {tuple(sorted(line["scores"])) for line in lines} == {("exact_match", "rewards.py:near")}
+    # Each line keeps what the judges read beside the answer: the row's expected answer, and its other columns.
+    assert all(set(line["columns"]) == {"answer", "topic"} for line in lines)
+    assert all(line["scores"]["exact_match"] == float(line["answer"].strip() == line["columns"]["answer"])
+               for line in lines if line["answer"].strip().isdigit())  # fmt: skip
 
 
 @pytest.mark.slow

@@ -107,6 +107,9 @@ def qwen2_5_one_newline_off(family_models: dict[str, Path], folder: Path) -> Pat
     ("change", "error"),
     [
         ({"tools": ["missing.py:add"]}, "stages.grpo.tools[0]: no file missing.py"),
+        ({"tools": ["missing.py:add"]}, "hint: a file's path is read from the recipe's folder, then the working"),
+        ({"tools": ["tools.py:ad"]}, "stages.grpo.tools[0]: tools.py has no function 'ad' (it has: add, "),
+        ({"tools": ["tools.py:ad"]}, "hint: did you mean tools.py:add?"),
         (
             {"tools": ["tools.py:undocumented"]},
             "stages.grpo.tools[0]: tools.py:undocumented: Cannot generate JSON "

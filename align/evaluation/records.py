@@ -76,6 +76,9 @@ def _mean(values: list[float]) -> float | None:
     return sum(values) / len(values) if values else None
 
 
+SHOWN_ELSEWHERE = ("tools", "completion", "chosen", "rejected")
+
+
 def write_generations(
     path: Path, rows: list[EvalRow], answers: dict[str, list], scores: dict[str, dict]
 ) -> list[dict[str, Any]]:
@@ -90,6 +93,10 @@ def write_generations(
                     "prompt_index": p, "prompt": show_prompt(row.prompt), "reference": row.reference,
                     "model": label, "sample": s, "answer": answer.text, "tokens": answer.tokens,
                     "ended": answer.ended, "scores": {j: scores[j][label][p][s] for j in scores},
+                    # What a function judge read beside the answer (exact_match's `answer`); not again what
+                    # `reference` holds, nor the tools' schemas (the stage's, in its plan).
+                    **({"columns": columns} if (columns := {k: v for k, v in row.columns.items()
+                                                            if k not in SHOWN_ELSEWHERE}) else {}),
                     # A thinking model's reasoning, apart from the answer judged (only where it thought).
                     **({"reasoning": answer.reasoning, "thought_cut": answer.thought_cut}
                        if answer.reasoning is not None or answer.thought_cut else {}),
@@ -97,7 +104,7 @@ def write_generations(
                     **({"turns": answer.turns, "tool_calls": answer.tool_calls, "tool_failures": answer.tool_failures,
                         "failed_tools": answer.failed_tools} if answer.turns is not None else {}),
                 })  # fmt: skip
-    write_text_atomic(path, "".join(json.dumps(line) + "\n" for line in lines))
+    write_text_atomic(path, "".join(json.dumps(line, default=str) + "\n" for line in lines))
     return lines
 
 
