@@ -339,7 +339,7 @@ def plan_eval(
         # What the judges read beside the answer: the reference judge a reference answer, a function judge the
         # row's columns (exact_match its `answer`).
         given = [f"{with_reference} with a reference answer"] if any(j.reference for j in stage.judges) else []
-        columns = sorted({k for r in rows for k in r.columns if k != "tools"})
+        columns = sorted({k for r in rows for k in r.columns})
         if columns and any(j.function is not None for j in stage.judges):
             given.append(f"the function judges get {', '.join(columns)}")
         details["prompts"] = f"{len(rows)} (of {len(data['test'])} rows{''.join('; ' + g for g in given)})"
