@@ -409,7 +409,7 @@ def describe_template(stage: Any, tokenizer: PreTrainedTokenizerBase, marks: boo
     template does (end of turn, injected system prompt, pinned date)."""
     choice = getattr(stage, "chat_template", None) or "own"
     if choice == "own":
-        same = shipped_name(getattr(tokenizer, "chat_template", None))
+        same = None if default else shipped_name(getattr(tokenizer, "chat_template", None))
         label = "align's default (### role: headers)" if default else f"own (TRL's {same})" if same else "own"
     else:
         label = f"{choice} (TRL {trl_version()}'s)" if not choice.endswith(".jinja") else choice
