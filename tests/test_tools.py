@@ -224,7 +224,7 @@ def test_a_tool_raising_in_half_its_calls_is_in_metrics_and_its_alarm_names_it(f
 
     (tmp_path / "flaky.py").write_text(FLAKY)
     stage = {**grpo_stage(family_models, tools=["flaky.py:lookup"], max_tool_calls=1, alarms={"window": 1}),
-             "model": str(caller)}  # fmt: skip
+             "model": str(caller), "generations": 2}  # fmt: skip
     # 8 answers a step; sampled at 0.5, where the tiny caller's calls parse every time (tests/families.py: `caller`).
     stage["train"].update(max_steps=2, max_completion_length=64, per_device_train_batch_size=8, temperature=0.5)
     recipe = load_recipe(write_yaml(tmp_path / "r.yaml", {"name": "flaky", "seed": 0, "stages": [stage]}))
@@ -236,6 +236,9 @@ def test_a_tool_raising_in_half_its_calls_is_in_metrics_and_its_alarm_names_it(f
     found = re.search(r"raised for 1 log: lookup raised in (\d+) of (\d+) calls \(last: RuntimeError: the dictionary "
                       r"is out of pages\)$", alarm[0] if len(alarm) == 1 else "")  # fmt: skip
     assert found and abs(2 * int(found[1]) - int(found[2])) <= 1, alarm  # every other call, counted by align
+    # The greedy answers before and after read as transcripts: the call, then what the tool returned or raised.
+    shown = [row["after"] for row in summary["generations"]]
+    assert shown and all(text.startswith("-> lookup(word='red')\n<- ") for text in shown), shown
 
 
 @pytest.mark.slow

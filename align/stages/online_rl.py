@@ -424,7 +424,11 @@ class OnlineKind(TrainingKind):
                 cause = cut_thoughts_cause(cut, "held-out answers before training", limit, switch)
                 verdict = Verdict(verdict.status, [f"cut thoughts: {cause}", *verdict.reasons], verdict.warnings)
         verdict = Verdict(verdict.status, [*verdict.reasons, *causes], [*verdict.warnings, *self.health.fired])
-        answers = (measured_before.texts, measured_after.texts)
+        from align.verdict import shown_answer
+
+        # An answer reached through tools reads as its transcript (each call and result, then the final answer).
+        answers = ([shown_answer({"answer": a.text, "turns": getattr(a, "turns", None)}) for a in measured.answers]
+                   for measured in (measured_before, measured_after))  # fmt: skip
         generations = generation_table(self.ctx, [show_prompt(p) for p in self.prompts], *answers)
         return metrics, {"generations": generations, "verdict": verdict}
 
