@@ -404,7 +404,11 @@ def did_it_help(run_dir: Path, entries: list[dict[str, Any]], summaries: dict[st
         rows = read_rows(run_dir / name / "generations.jsonl")  # a torn last line (a killed run) is skipped
         out += transcripts_table(rows, list(models), str(judge))
         for candidate in [label for label in models if label != baseline]:
-            worst = regressions(rows, str(baseline), candidate, 10, judge=judge)
+            compared = regressions(rows, str(baseline), candidate, 10**9, judge=judge)
+            worst = [r for r in compared if r["difference"] < 0][:10]  # ties are no regression
+            if compared and not worst:
+                out.append(f"<p>No prompt where {html.escape(candidate)} scored below {html.escape(str(baseline))} "
+                           f"by {html.escape(str(judge))}.</p>")  # fmt: skip
             if not worst:
                 continue
             out.append(
@@ -480,6 +484,14 @@ def transcripts_table(rows: list[dict[str, Any]], labels: list[str], judge: str,
 # An eval's tool figures (align/tools.py `tool_figures`) as the models table heads them.
 TOOL_COLUMNS = {"tool_call_rate": "answers calling a tool", "calls_per_answer": "calls per answer",
                 "tool_failure_rate": "calls failed", "malformed_call_rate": "malformed calls"}  # fmt: skip
+
+
+def answers_heading(online: bool) -> str:
+    """The heading of a stage's answers before and after: an online RL kind's come from its held-out measure, sampled
+    as training samples (through its tools, shown as transcripts)."""
+    if online:
+        return "Answers to held-out prompts, sampled as in training (one of each prompt's)"
+    return "Greedy answers to eval prompts"
 
 
 def _declares(entry: dict[str, Any], what: str) -> bool:
@@ -574,7 +586,8 @@ def build_report(run_dir: Path) -> Path:
         generations = summary.get("generations") or []
         if generations:
             section.append(
-                "<h3>Greedy answers to eval prompts</h3><table class='generations'><colgroup><col style='width:36%'>"
+                f"<h3>{html.escape(answers_heading(_declares(entry, 'surrogate_loss')))}</h3>"
+                "<table class='generations'><colgroup><col style='width:36%'>"
                 "<col style='width:32%'><col style='width:32%'></colgroup>"
                 "<tr><th>prompt</th><th>before</th><th>after</th></tr>"
             )

@@ -290,7 +290,9 @@ def _import(module: str, where: str) -> Any:
     try:
         return importlib.import_module(module)
     except Exception as exc:
-        raise BadInput(f"{where}: cannot import {module}: {type(exc).__name__}: {exc}") from None
+        hint = ("module:NAME names a module importable in this Python (pip install it); a file beside the recipe is "
+                "FILE.py:NAME") if isinstance(exc, ModuleNotFoundError) else None  # fmt: skip
+        raise BadInput(f"{where}: cannot import {module}: {type(exc).__name__}: {exc}", hint=hint) from None
 
 
 def entries_identity(entries: Sequence[Any], base_dir: Path, outputs: Any) -> list[str]:

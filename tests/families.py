@@ -216,12 +216,15 @@ def lookup_tool(raises: bool = False) -> str:
     return LOOKUP.format(raises=raises)
 
 
-def caller(model: Path, directory: Path, tool: Any, arguments: dict[str, Any], steps: int = 100) -> Path:
+def caller(
+    model: Path, directory: Path, tool: Any, arguments: dict[str, Any], steps: int = 100, reply: str | None = None
+) -> Path:
     """A copy of a built model taught, in about 5 s, to answer every prompt with one call of `tool` (a Python function;
     its schema in the prompt as TRL renders it) with `arguments`: a real policy that calls, for tests of what happens
     to the calls (a tool that raises), where learning when to call is not the point. Only the assistant turn as the
     family's template writes it is trained. 100 steps: sampled at temperature 0.5 every answer to 40 unseen prompts
-    was the call (at 1.0, 30 of 40 after 120 steps; measured 2026-12-07)."""
+    was the call (at 1.0, 30 of 40 after 120 steps; measured 2026-12-07). `reply`: that text instead of the call
+    (a call TRL cannot parse, say)."""
     import shutil
 
     import torch
@@ -233,7 +236,11 @@ def caller(model: Path, directory: Path, tool: Any, arguments: dict[str, Any], s
     rows = []
     for row in prompts(n=40, seed=5):  # not the fixture's own prompts: the stage answers prompts it never saw
         head = tokenizer.apply_chat_template(row["prompt"], tools=[tool], add_generation_prompt=True, tokenize=False)
-        answer = {"role": "assistant", "content": "", "tool_calls": [call]}
+        answer = (
+            {"role": "assistant", "content": "", "tool_calls": [call]}
+            if reply is None
+            else {"role": "assistant", "content": reply}
+        )
         whole = tokenizer.apply_chat_template([*row["prompt"], answer], tools=[tool], tokenize=False)
         assert whole.startswith(head), "the template is not prefix-preserving"
         ids = tokenizer(head, add_special_tokens=False)["input_ids"]

@@ -110,6 +110,7 @@ def qwen2_5_one_newline_off(family_models: dict[str, Path], folder: Path) -> Pat
         ({"tools": ["missing.py:add"]}, "hint: a file's path is read from the recipe's folder, then the working"),
         ({"tools": ["tools.py:ad"]}, "stages.grpo.tools[0]: tools.py has no function 'ad' (it has: add, "),
         ({"tools": ["tools.py:ad"]}, "hint: did you mean tools.py:add?"),
+        ({"tools": ["nosuchmod:add"]}, "hint: module:NAME names a module importable in this Python"),
         (
             {"tools": ["tools.py:undocumented"]},
             "stages.grpo.tools[0]: tools.py:undocumented: Cannot generate JSON "
@@ -239,6 +240,30 @@ def test_a_tool_raising_in_half_its_calls_is_in_metrics_and_its_alarm_names_it(f
     # The greedy answers before and after read as transcripts: the call, then what the tool returned or raised.
     shown = [row["after"] for row in summary["generations"]]
     assert shown and all(text.startswith("-> lookup(word='red')\n<- ") for text in shown), shown
+    report = (tmp_path / "run" / "report.html").read_text()
+    assert "Answers to held-out prompts, sampled as in training" in report and "Greedy answers" not in report
+
+
+@pytest.mark.slow
+def test_a_policy_whose_calls_do_not_parse_gets_the_malformed_warning_with_its_share(family_models, tmp_path):
+    """TRL takes a tool call it cannot parse as plain text, in silence: a policy that always opens one (taught to,
+    as the `caller` is taught a good one) gets a verdict warning with the share of held-out answers."""
+    from align.loader import load_recipe
+    from align.pipeline import run_pipeline
+
+    namespace: dict[str, Any] = {}
+    exec(STEADY, namespace)
+    broken = families.caller(family_models["qwen2_5_wide"], tmp_path / "broken", namespace["lookup"], {},
+                             reply='<tool_call>\n{"name": lookup, red}\n</tool_call>')  # fmt: skip
+    (tmp_path / "tools.py").write_text(STEADY)
+    stage = {**grpo_stage(family_models, tools=["tools.py:lookup"], max_tool_calls=1), "model": str(broken)}
+    stage["train"].update(max_steps=1, max_completion_length=48, temperature=0.5)
+    recipe = load_recipe(write_yaml(tmp_path / "r.yaml", {"name": "broken", "seed": 0, "stages": [stage]}))
+    summary = run_pipeline(recipe, output_dir=tmp_path / "run", log_level="warning")[0]
+    share = summary["metrics"]["malformed_call_rate"]
+    assert share >= 0.75 and summary["metrics"]["tool_call_rate"] == 0.0, summary["metrics"]
+    assert f"malformed tool calls: {share:.0%} of held-out answers after training open a tool call that does not " \
+           "parse" in " ".join(summary["verdict"]["warnings"]), summary["verdict"]  # fmt: skip
 
 
 @pytest.mark.slow
@@ -543,13 +568,20 @@ def _add_schema(**change: Any) -> dict[str, Any]:
     [
         (None, "input_tools: the input model was trained to call calculator, none of which this stage offers"),
         ({"description": "Sum two integers."},
-         "input_tools: add's description differs, from the schema the input model was trained on: its calls follow "
-         "the schema it learned, and a small model may stop calling"),
-        ({"description": "Sum.", "parameters": {"type": "object", "properties": {}}},
-         "input_tools: add's description and parameters differ, from the schema"),
+         "input_tools: not the schema the input model was trained on (add's description: 'Sum two integers.' "
+         "(trained) against 'Add two integers.' (offered)): its calls follow the schema it learned, and a small model "
+         "may stop calling"),
+        ({"parameters": {"type": "object", "properties": {"a": {"type": "integer", "description": "The first."},
+                                                          "c": {"type": "number", "description": "The third."}}}},
+         "(add's argument 'b' is new; add's argument 'c' is gone)"),
+        ({"parameters": {"type": "object", "properties": {"a": {"type": "number", "description": "The first."},
+                                                          "b": {"type": "integer", "description": "Another."}},
+                         "required": ["a", "b"]}},
+         "(add's argument 'a' was number, is integer; add's argument 'b': 'Another.' (trained) against 'The second.' "
+         "(offered))"),
         ({}, None),  # the very schema it learned: nothing to say
     ],
-    ids=["other_names", "description", "both", "same"],
+    ids=["other_names", "description", "arguments", "argument_type_and_text", "same"],
 )  # fmt: skip
 def test_a_grpo_stage_says_when_its_tools_are_not_those_its_input_model_was_trained_to_call(
     family_models, run_cli, tmp_path, change, said
@@ -933,6 +965,8 @@ def test_the_shipped_tools_recipe_runs_short_and_each_stage_says_how_its_models_
                                                   for m in models.values()), models  # fmt: skip
     head = json.loads((out / "in_its_head" / "summary.json").read_text())
     assert head["verdict"]["reasons"][0].startswith("only grpo was evaluated: mean exact_match 0.000")
+    # Its warnings (the point of that stage: calls nothing ran) are logged too, not only kept in summary.json.
+    assert all(f"verdict warning: {w}" in err for w in head["verdict"]["warnings"]), err
     assert "Transcripts: the first 5 prompts" in (out / "report.html").read_text()
     record = json.loads((out / "grpo" / "model" / "align_prompts.json").read_text())
     assert record["tool_entries"] == ["calculator"] and record["tools"][0]["function"]["name"] == "calculator"

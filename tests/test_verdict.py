@@ -391,13 +391,13 @@ def test_did_it_help_opens_the_report_with_models_intervals_verdicts_and_regress
     (png,) = re.findall(r"<img class='win-rates' alt='([^']*)' src='data:image/png;base64,([A-Za-z0-9+/=]+)'", top)
     assert png[0] == "Win rate against the baseline with 95% intervals: sft 0.50; dpo 0.31", "as the page writes them"
     assert matplotlib.image.imread(BytesIO(base64.b64decode(png[1])), format="png").shape[0] > 50
-    # Side by side, the largest regressions first, ten of them.
+    # Side by side, the largest regressions first: only prompts where dpo scored below (6 is a tie, 7 on better).
     regress = top.split("largest regressions first")[1].split("</table>")[0]
     shown = [int(p) for p in re.findall(r"question (\d+)\?", regress)]
-    assert shown == [0, 1, 2, 3, 4, 5, 6, 7, 8, 9]
+    assert shown == [0, 1, 2, 3, 4, 5]
     assert regress.index("&lt;sft answer 0&gt;") < regress.index("&lt;dpo answer 0&gt;")
     # Each score named by its model (an arrow between two models read as before -> after).
-    assert "&rarr;" not in regress and re.search(r"<td class='num'>sft [\d.]+<br>dpo [\d.]+<br>", regress), regress
+    assert "&rarr;" not in regress and re.search(r"<td class='num'>sft [\d.]+<br>dpo -?[\d.]+<br>", regress), regress
     # The stage verdicts, one line each, with the eval stage left out (its verdict is its own).
     lines = re.findall(r"<li><b>(\w+)</b> \((\w+)\): <span class='(\w+)'>", top)
     assert lines == [("sft", "sft", "improved"), ("dpo", "dpo", "did_not_learn")]
@@ -472,3 +472,17 @@ def test_a_models_card_carries_the_evals_verdict_on_that_model_not_on_the_whole_
         "- `eval`: **no_difference**: win rate 0.57 [0.45, 0.68] (no_difference)."
     ]
     assert later_evaluations(tmp_path, "orpo")[0].startswith("- `eval`: **worse**: win rate 0.00")
+
+
+def test_a_report_shows_no_regressions_where_every_prompt_is_a_tie(tmp_path):
+    """Ties are no regression: where the candidate never scored below the baseline the page says so, instead of
+    a table of ties (both models scored 0 on every prompt of a short tools run)."""
+    from align.report import build_report
+
+    run_dir = fabricated_run(tmp_path / "run")
+    path = run_dir / "eval" / "generations.jsonl"
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    path.write_text("".join(json.dumps({**r, "scores": {"reward_model": 0.0, "rouge_l": 0.0}}) + "\n" for r in rows))
+    top = build_report(run_dir).read_text().split("<h2 id='did-it-help'>Did it help?</h2>")[1].split("<h2>Stages")[0]
+    assert "largest regressions first" not in top
+    assert "No prompt where dpo scored below sft by reward_model." in top

@@ -339,7 +339,7 @@ def plan_eval(
         # What the judges read beside the answer: the reference judge a reference answer, a function judge the
         # row's columns (exact_match its `answer`).
         given = [f"{with_reference} with a reference answer"] if any(j.reference for j in stage.judges) else []
-        columns = sorted({k for r in rows for k in r.columns})
+        columns = sorted({k for r in rows for k in r.columns if k != "tools"})  # schemas: shown under tools:
         if columns and any(j.function is not None for j in stage.judges):
             given.append(f"the function judges get {', '.join(columns)}")
         details["prompts"] = f"{len(rows)} (of {len(data['test'])} rows{''.join('; ' + g for g in given)})"
@@ -509,6 +509,8 @@ def run(stage: Stage, ctx: StageContext) -> StageResult:
     metrics = figures(stage, baseline_of(stage, ctx.recipe), models, rows, answers, scores, lm_eval)
     lines = write_generations(ctx.stage_dir / "generations.jsonl", rows, answers, scores)
     verdict = eval_verdict(metrics)
+    for text in verdict.get("warnings") or []:  # the console table shows only the first reason
+        logger.warning("verdict warning: %s", text)
     report_to_tracker(ctx, metrics, lines)
     return StageResult(stage.name, stage.kind, "completed", None, label, metrics, {"verdict": verdict})
 

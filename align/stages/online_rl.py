@@ -423,7 +423,17 @@ class OnlineKind(TrainingKind):
                 switch = self.thinking is not None and self.thinking.switch is not None
                 cause = cut_thoughts_cause(cut, "held-out answers before training", limit, switch)
                 verdict = Verdict(verdict.status, [f"cut thoughts: {cause}", *verdict.reasons], verdict.warnings)
-        verdict = Verdict(verdict.status, [*verdict.reasons, *causes], [*verdict.warnings, *self.health.fired])
+        notes = []
+        if self.tools or self.environment is not None:  # what TRL's loop does in silence, seen in the held-out answers
+            after = measured_after.extra
+            if after["malformed_call_rate"] > 0:
+                notes.append(f"malformed tool calls: {after['malformed_call_rate']:.0%} of held-out answers after "
+                             "training open a tool call that does not parse: no tool ran, and the text was taken as "
+                             "the answer (TRL's loop does the same in training, in silence)")  # fmt: skip
+            if after["capped_rate"] > 0:
+                notes.append(f"capped: {after['capped_rate']:.0%} of held-out answers after training were still "
+                             "calling tools when max_tool_calls ran out")  # fmt: skip
+        verdict = Verdict(verdict.status, [*verdict.reasons, *causes], [*verdict.warnings, *self.health.fired, *notes])
         from align.verdict import shown_answer
 
         # An answer reached through tools reads as its transcript (each call and result, then the final answer).
@@ -569,8 +579,8 @@ def plan_tools(stage: Any, tokenizer: Any, data: Any, base_dir: Any, parts: Stag
     elif changed := schema_changes(trained, schemas):
         # A small policy's calls follow the very text it learned: a calculator whose docstring was shortened got no
         # call at all from the recipe's sft model, where the builtin's got 88-94% (docs/tools.md).
-        parts.details["input_tools"] = (f"{'; '.join(changed)}, from the schema the input model was trained on: its "
-                                        "calls follow the schema it learned, and a small model may stop calling; "
+        parts.details["input_tools"] = (f"not the schema the input model was trained on ({'; '.join(changed)}): "
+                                        "its calls follow the schema it learned, and a small model may stop calling; "
                                         "offer the same function, or expect to retrain the calls")  # fmt: skip
     if "input_tools" in parts.details:
         logger.warning("%s: %s", where, parts.details["input_tools"])
@@ -744,17 +754,38 @@ def plan_online(
 
 def schema_changes(trained: dict[str, dict[str, Any]], schemas: list[dict[str, Any]]) -> list[str]:
     """What differs, tool by tool, between the schemas a stage offers and those of the same names its input model
-    was trained on: `calculator's description differs` (or parameters, or both)."""
+    was trained on, said as text a person can check: `calculator's description: 'Evaluate ...' (trained) against
+    'Compute ...' (offered)`, an argument's description the same way, an argument added, dropped or retyped."""
+
+    def text(value: Any) -> str:
+        shown = str(value or "")
+        return repr(shown if len(shown) <= 60 else shown[:57] + "...")
+
     changes = []
     for schema in schemas:
         offered = schema.get("function", schema)
-        before = trained.get(offered.get("name"))
+        name = offered.get("name")
+        before = trained.get(name)
         if before is None:
             continue
         before = before.get("function", before)
-        parts = [key for key in ("description", "parameters") if before.get(key) != offered.get(key)]
-        if parts:
-            changes.append(f"{offered.get('name')}'s {' and '.join(parts)} differ{'s' if len(parts) == 1 else ''}")
+        found = []
+        if before.get("description") != offered.get("description"):
+            found.append(f"{name}'s description: {text(before.get('description'))} (trained) against "
+                         f"{text(offered.get('description'))} (offered)")  # fmt: skip
+        was = (before.get("parameters") or {}).get("properties") or {}
+        now = (offered.get("parameters") or {}).get("properties") or {}
+        found += [f"{name}'s argument {arg!r} is new" for arg in now if arg not in was]
+        found += [f"{name}'s argument {arg!r} is gone" for arg in was if arg not in now]
+        for arg in [a for a in now if a in was]:
+            if was[arg].get("type") != now[arg].get("type"):
+                found.append(f"{name}'s argument {arg!r} was {was[arg].get('type')}, is {now[arg].get('type')}")
+            if was[arg].get("description") != now[arg].get("description"):
+                found.append(f"{name}'s argument {arg!r}: {text(was[arg].get('description'))} (trained) against "
+                             f"{text(now[arg].get('description'))} (offered)")  # fmt: skip
+        if not found and before.get("parameters") != offered.get("parameters"):  # required, enums: said whole
+            found.append(f"{name}'s parameters differ")
+        changes += found
     return changes
 
 
