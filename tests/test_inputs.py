@@ -266,6 +266,13 @@ def test_small_validation_split_warns_once_with_the_fix(tmp_path, caplog):
         load_data(spec(source={"files": ["qa.csv"]}, valid_fraction=0.6), seed=0, base_dir=tmp_path)
     assert not [r for r in caplog.records if "validation split" in r.getMessage()]
 
+    # Few rows by the recipe's own `max_eval_rows`: said at INFO (a shipped recipe warned of its own choice).
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="align.data"):
+        load_data(spec(source={"files": ["qa.csv"]}, valid_fraction=0.6, max_eval_rows=4), seed=0, base_dir=tmp_path)
+    said = [r for r in caplog.records if "validation split" in r.getMessage()]
+    assert [r.levelname for r in said] == ["INFO"] and "(max_eval_rows: 4, the recipe's choice)" in said[0].getMessage()
+
 
 def test_prompts_and_answers_that_would_run_together_warn_with_counts(tmp_path, caplog):
     rows = [[f"What does q{i} refer to?", f"[[The instance {i}"] for i in range(30)]
