@@ -512,6 +512,16 @@ def test_an_eval_with_tools_refuses_a_model_whose_template_cannot_call(family_mo
     assert "qwen's" not in err
 
 
+def test_a_one_model_evals_plan_names_no_baseline_and_no_win_rate(family_models, run_cli, tmp_path):
+    """One model answering (the tools recipe's `in_its_head`): nothing to compare, so the plan shows no baseline
+    and no judge deciding a win rate (it showed the model as its own baseline)."""
+    (tmp_path / "tools.py").write_text(TOOLS)
+    stage = eval_stage(family_models, {"qwen": str(family_models["qwen2_5_wide"])})
+    code, out, err = run_cli(write_yaml(tmp_path / "r.yaml", {"name": "e", "stages": [stage]}), "--dry-run")
+    assert code == 0, err
+    assert "baseline: none (one model: its scores alone, no win rate)" in out and "decides the win rate" not in out
+
+
 @pytest.mark.slow
 def test_the_eval_stage_answers_through_the_tools(family_models, tmp_path):
     """Every model answers through the tools (TRL's parser, align's loop): generations.jsonl keeps each answer's

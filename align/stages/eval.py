@@ -318,6 +318,9 @@ def plan_eval(
         "judges": ", ".join(judges) or "-",
         "decides the win rate": stage.judges[0].name if stage.judges else "-",
     }
+    if len(models) == 1:  # nothing to compare: the model's scores are the answer (its verdict says them)
+        details["baseline"] = "none (one model: its scores alone, no win rate)"
+        del details["decides the win rate"]
     if stage.lm_eval is not None:
         details["lm_eval"] = ", ".join(stage.lm_eval.tasks)
     if stage.tools and details_tools is not None:
