@@ -23,6 +23,20 @@ if "PYTEST_XDIST_WORKER_COUNT" in os.environ:
     )
 
 
+@pytest.hookimpl(tryfirst=True)
+def pytest_cmdline_main(config: pytest.Config) -> None:
+    """One worker a core by default (pytest-xdist, the `test` extra's), each test file whole on one worker: its
+    module fixtures are built once, and test_distributed's launches, which share ports, run one after another.
+    `-n N` (`-n 0`: one process, for a debugger or `-x` in file order) and `--dist` given are kept; without xdist
+    (a pytest outside the venv) nothing is set, and `pytest_configure` runs the suite with the venv's Python."""
+    if not config.pluginmanager.hasplugin("xdist") or "PYTEST_XDIST_WORKER" in os.environ:
+        return
+    if config.option.numprocesses is None:
+        config.option.numprocesses = "auto"
+        if config.option.dist == "no":
+            config.option.dist = "loadfile"
+
+
 def pytest_configure(config: pytest.Config) -> None:
     """A plain `pytest` found on PATH outside the project's virtual environment (no torch there) runs the suite
     again with the venv's Python, where `.ci/run` and the README put one; without one, one line saying so instead

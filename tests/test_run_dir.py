@@ -198,6 +198,34 @@ def test_plain_pytest_collects_from_the_repository_root():
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
 
 
+def test_a_pytest_without_xdist_still_collects_the_suite():
+    """A pytest without pytest-xdist (one outside the venv, before conftest runs the suite with the venv's Python)
+    must get past the ini's options: `-n` in addopts once stopped it at `error: unrecognized arguments: -n`."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "pytest", "-p", "no:xdist", "--collect-only", "-q", "tests/test_recipes.py"],
+        cwd=REPO, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert proc.returncode == 0 and "unrecognized arguments" not in proc.stderr, proc.stdout[-2000:] + proc.stderr
+
+
+@pytest.mark.parametrize(
+    ("xdist", "given", "dist", "expected"),
+    [(True, None, "no", ("auto", "loadfile")), (True, 0, "no", (0, "no")), (True, None, "load", ("auto", "load")),
+     (False, None, "no", (None, "no"))],
+    ids=["default", "n0_kept", "dist_kept", "no_xdist"],
+)  # fmt: skip
+def test_the_suite_runs_one_worker_a_core_unless_told_otherwise(monkeypatch, xdist, given, dist, expected):
+    from types import SimpleNamespace
+
+    from tests import conftest
+
+    monkeypatch.delenv("PYTEST_XDIST_WORKER", raising=False)
+    config = SimpleNamespace(pluginmanager=SimpleNamespace(hasplugin=lambda name: xdist and name == "xdist"),
+                             option=SimpleNamespace(numprocesses=given, dist=dist))  # fmt: skip
+    conftest.pytest_cmdline_main(config)
+    assert (config.option.numprocesses, config.option.dist) == expected
+
+
 def test_a_pytest_outside_the_environment_says_so_in_one_line(monkeypatch):
     """A `pytest` found on PATH outside the virtual environment once failed with a ModuleNotFoundError per file."""
     import importlib.util
